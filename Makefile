@@ -1,0 +1,32 @@
+# Set-up and entry points. `make test` and `make demo` work on a fresh machine: they create .venv,
+# install pinned torch (the CPU build) and the package built in place, then run.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_PIN := torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo bench build clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN) pytest hypothesis ninja numpy
+	$(PY) -m pip install -q --no-build-isolation -e .
+	touch $(STAMP)
+
+build: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest tests -q
+
+demo: $(STAMP)
+	$(PY) -m torch_manualgrad demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench.py
+
+clean:
+	rm -rf build torch_manualgrad/_C*.so *.egg-info

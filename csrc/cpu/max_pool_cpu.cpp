@@ -1,0 +1,189 @@
+// max_pool_cpu.cpp — max-pool forward (output + argmax indices) and backward on the CPU; 1-d runs
+// as 2-d of height 1.
+// Forward scans each window in row-major order; a later value replaces the running maximum only if it
+// is strictly greater or NaN. So ties go to the first maximum and NaN wins — torch's rule, which makes
+// our indices torch's (flat within each (n, c) plane, as max_unpool expects).
+// Backward sends each output's gradient to its argmax only; overlapping windows add. Each (n, c)
+// plane belongs to one task, so no two tasks touch a pixel: deterministic without atomics.
+#include "../shape_checks.h"
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace manualgrad {
+namespace {
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// First in-bounds tap of a window starting at `start` (torch starts its argmax there).
+inline int64_t first_inside(int64_t start, int64_t dilation) {
+  return start >= 0 ? start : start + ceil_div(-start, dilation) * dilation;
+}
+
+// Per-thread scratch for one plane. Each input row is stored as `stride_w` phases, phase r holding
+// the padded row's columns r, r + stride, r + 2*stride, ...; then every window tap reads a contiguous
+// run of one phase, so the sweep over an output row is a plain, vectorisable loop. Columns outside the
+// input hold -inf: never strictly greater than anything, so padding can never become the argmax.
+template <typename scalar_t, typename index_t>
+struct PlaneScratch {
+  std::vector<scalar_t> phases;   // (H, stride_w, phase_len)
+  std::vector<scalar_t> best;     // (OW,) running maximum of the current output row
+  std::vector<index_t> best_index;
+  std::vector<index_t> first_col;  // (OW,) first in-bounds column of each window: torch's initial argmax
+  int64_t phase_len = 0;
+
+  explicit PlaneScratch(const Geometry& g) {
+    const Window2d& w = g.win;
+    const int64_t padded_w = (g.out_w - 1) * w.stride_w + (w.kernel_w - 1) * w.dilation_w + 1;
+    phase_len = (padded_w + w.stride_w - 1) / w.stride_w;
+    phases.resize(g.in_h * w.stride_w * phase_len);
+    best.resize(g.out_w);
+    best_index.resize(g.out_w);
+    first_col.resize(g.out_w);
+    for (int64_t ow = 0; ow < g.out_w; ++ow) first_col[ow] = first_inside(ow * w.stride_w - w.pad_w, w.dilation_w);
+  }
+};
+
+// The innermost sweep: one window tap across a whole output row. Kept branch-free so that it
+// vectorises; `index_at_zero + stride * ow` is the flat input index the tap reads for output ow.
+// Compiled for AVX-512, AVX2 and baseline x86-64 alike; the loader picks the best the CPU has.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MANUALGRAD_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MANUALGRAD_VECTOR_CLONES
+#endif
+
+template <typename scalar_t, typename index_t>
+MANUALGRAD_VECTOR_CLONES void sweep_tap(scalar_t* __restrict best, index_t* __restrict best_index, const scalar_t* __restrict values,
+                      int64_t count, index_t index_at_zero, index_t stride) {
+  for (int64_t ow = 0; ow < count; ++ow) {
+    const scalar_t v = values[ow];
+    const bool take = (v > best[ow]) | (v != v);  // strictly greater, or NaN
+    best[ow] = take ? v : best[ow];
+    best_index[ow] = take ? static_cast<index_t>(index_at_zero + stride * static_cast<index_t>(ow)) : best_index[ow];
+  }
+}
+
+// One (H, W) plane → its (OH, OW) maxima and their flat indices. Taps are applied in row-major
+// order for every output, which is what fixes the tie and NaN rules.
+template <typename scalar_t, typename index_t>
+void max_pool_plane(scalar_t* output, int64_t* indices, const scalar_t* input, const Geometry& g,
+                    PlaneScratch<scalar_t, index_t>& scratch) {
+  const Window2d& w = g.win;
+  const int64_t s = w.stride_w, len = scratch.phase_len;
+  const scalar_t minus_inf = -std::numeric_limits<scalar_t>::infinity();
+  for (int64_t ih = 0; ih < g.in_h; ++ih) {  // deinterleave: padded column c = s*k + r → phase r, slot k
+    const scalar_t* row = input + ih * g.in_w;
+    scalar_t* phase_rows = scratch.phases.data() + ih * s * len;
+    for (int64_t r = 0; r < s; ++r) {
+      scalar_t* dst = phase_rows + r * len;
+      // slot k holds input column s*k + r - pad_w; [lo, hi) are the slots inside the input
+      const int64_t first = r - w.pad_w;
+      const int64_t lo = std::min(len, first >= 0 ? 0 : ceil_div(-first, s));
+      const int64_t hi = std::max(lo, std::min(len, g.in_w - 1 - first >= 0 ? (g.in_w - 1 - first) / s + 1 : 0));
+      std::fill(dst, dst + lo, minus_inf);
+      for (int64_t k = lo; k < hi; ++k) dst[k] = row[s * k + first];
+      std::fill(dst + hi, dst + len, minus_inf);
+    }
+  }
+  scalar_t* best = scratch.best.data();
+  index_t* best_index = scratch.best_index.data();
+  for (int64_t oh = 0; oh < g.out_h; ++oh) {
+    const int64_t h_start = oh * w.stride_h - w.pad_h;
+    const index_t first_row_index = static_cast<index_t>(first_inside(h_start, w.dilation_h) * g.in_w);
+    for (int64_t ow = 0; ow < g.out_w; ++ow) {
+      best[ow] = minus_inf;
+      best_index[ow] = first_row_index + scratch.first_col[ow];
+    }
+    for (int64_t i = 0; i < w.kernel_h; ++i) {
+      const int64_t ih = h_start + i * w.dilation_h;
+      if (ih < 0 || ih >= g.in_h) continue;
+      for (int64_t j = 0; j < w.kernel_w; ++j) {
+        const int64_t c = j * w.dilation_w;  // padded column of output 0's tap j
+        const scalar_t* values = scratch.phases.data() + (ih * s + c % s) * len + c / s;
+        sweep_tap(best, best_index, values, g.out_w, static_cast<index_t>(ih * g.in_w + c - w.pad_w),
+                  static_cast<index_t>(s));
+      }
+    }
+    std::copy(best, best + g.out_w, output + oh * g.out_w);
+    std::copy(best_index, best_index + g.out_w, indices + oh * g.out_w);
+  }
+}
+
+template <typename scalar_t, typename index_t>
+void max_pool_planes(scalar_t* out, int64_t* idx, const scalar_t* in, const Geometry& g) {
+  const int64_t planes = g.batch * g.in_channels;
+  const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, out_plane * g.win.kernel_h * g.win.kernel_w));
+  at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
+    PlaneScratch<scalar_t, index_t> scratch(g);
+    for (int64_t p = begin; p < end; ++p)
+      max_pool_plane(out + p * out_plane, idx + p * out_plane, in + p * in_plane, g, scratch);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> max_pool_forward_cpu(const at::Tensor& input_, c10::IntArrayRef kernel_size,
+                                                        c10::IntArrayRef stride, c10::IntArrayRef padding,
+                                                        c10::IntArrayRef dilation, bool ceil_mode) {
+  const Geometry g = check_max_pool(input_, kernel_size, stride, padding, dilation, ceil_mode);
+  const at::Tensor input = input_.contiguous();                                       // (N, C, H, W)
+  at::Tensor output = at::empty(g.output_shape(g.in_channels), input.options());      // (N, C, OH, OW)
+  at::Tensor indices = at::empty(g.output_shape(g.in_channels), input.options().dtype(at::kLong));
+  if (output.numel() == 0) return {output, indices};
+  // 32-bit indices inside the sweep keep twice as many lanes per vector; planes past 2^31 use 64.
+  const bool small_plane = g.in_h * g.in_w < (int64_t{1} << 31);
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "max_pool_forward_cpu", [&] {
+    const scalar_t* in = input.data_ptr<scalar_t>();
+    scalar_t* out = output.data_ptr<scalar_t>();
+    int64_t* idx = indices.data_ptr<int64_t>();
+    if (small_plane) {
+      max_pool_planes<scalar_t, int32_t>(out, idx, in, g);
+    } else {
+      max_pool_planes<scalar_t, int64_t>(out, idx, in, g);
+    }
+  });
+  return {output, indices};
+}
+
+at::Tensor max_pool_backward_cpu(const at::Tensor& grad_output_, const at::Tensor& indices_,
+                                 c10::IntArrayRef input_size) {
+  check_max_pool_backward(grad_output_, indices_, input_size);
+  const at::Tensor grad_output = grad_output_.contiguous();  // (N, C, OH, OW)
+  const at::Tensor indices = indices_.contiguous();          // (N, C, OH, OW)
+  at::Tensor grad_input = at::zeros(input_size, grad_output.options());  // (N, C, H, W)
+  const int64_t planes = input_size[0] * input_size[1];
+  if (planes == 0) return grad_input;
+  const int64_t in_plane = grad_input.numel() / planes, out_plane = grad_output.numel() / planes;
+  AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "max_pool_backward_cpu", [&] {
+    const scalar_t* go = grad_output.data_ptr<scalar_t>();
+    const int64_t* idx = indices.data_ptr<int64_t>();
+    scalar_t* gi = grad_input.data_ptr<scalar_t>();
+    at::parallel_for(0, planes, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, out_plane)), [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const scalar_t* go_p = go + p * out_plane;
+        const int64_t* idx_p = idx + p * out_plane;
+        scalar_t* gi_p = gi + p * in_plane;
+        for (int64_t o = 0; o < out_plane; ++o) {
+          const int64_t i = idx_p[o];
+          TORCH_CHECK(i >= 0 && i < in_plane, "max_pool backward: index ", i, " of plane ", p,
+                      " is out of range for an input plane of ", in_plane, " elements (input_size=", input_size, ")");
+          gi_p[i] += go_p[o];
+        }
+      }
+    });
+  });
+  return grad_input;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(manualgrad, CPU, m) {
+  m.impl("max_pool_forward", &max_pool_forward_cpu);
+  m.impl("max_pool_backward", &max_pool_backward_cpu);
+}
+
+}  // namespace manualgrad

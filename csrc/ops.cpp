@@ -1,0 +1,25 @@
+// ops.cpp — the schemas of torch.ops.manualgrad.*: one op per layer and direction. Each device file
+// (cpu/*.cpp, cuda/*.cu) registers its own kernels for them; Python adds fake kernels and autograd.
+// Spatial rank comes from len(stride): 1 for conv1d/max_pool1d, 2 for conv2d/max_pool2d.
+#include <Python.h>
+#include <torch/library.h>
+
+// Importing torch_manualgrad._C loads this library, whose static initialisers register the ops.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "torch_manualgrad kernels (see torch.ops.manualgrad)", -1,
+                                      nullptr};
+  return PyModule_Create(&module);
+}
+
+TORCH_LIBRARY(manualgrad, m) {
+  m.def("conv_forward(Tensor input, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] dilation, "
+        "int groups) -> Tensor");
+  // Entries of output_mask that are false come back undefined (None in Python): only asked-for work is done.
+  m.def("conv_backward(Tensor grad_output, Tensor input, Tensor weight, int[] stride, int[] padding, "
+        "int[] dilation, int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // Returns the pooled output and the argmax of each window as a flat index within its (n, c) plane.
+  m.def("max_pool_forward(Tensor input, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
+        "bool ceil_mode) -> (Tensor, Tensor)");
+  // Sends each output gradient to its argmax; needs no window geometry, only the indices.
+  m.def("max_pool_backward(Tensor grad_output, Tensor indices, int[] input_size) -> Tensor");
+}

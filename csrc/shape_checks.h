@@ -1,0 +1,235 @@
+// shape_checks.h — the one place that checks the arguments of every op and computes output sizes.
+// Used by the CPU and CUDA kernels, forward and backward alike; kernels call these first and then
+// trust their inputs. Every message names the argument and its value, as torch's own checks do.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+namespace manualgrad {
+
+// A conv or pool problem in 2-d terms: a 1-d problem is a 2-d one of height 1 (kernel, stride and
+// dilation 1, no padding along h), so one kernel serves both.
+struct Window2d {
+  int64_t kernel_h = 1, kernel_w = 1;
+  int64_t stride_h = 1, stride_w = 1;
+  int64_t pad_h = 0, pad_w = 0;
+  int64_t dilation_h = 1, dilation_w = 1;
+};
+
+struct Geometry {
+  int64_t batch = 0;
+  int64_t in_channels = 0, out_channels = 0, groups = 1;
+  int64_t in_h = 1, in_w = 1;
+  int64_t out_h = 1, out_w = 1;
+  Window2d win;
+  int64_t spatial_dims = 2;  // 1 or 2: the caller's view, for output shapes
+
+  // The output's full shape in the caller's dimensionality: (N, C, L) or (N, C, H, W).
+  std::vector<int64_t> output_shape(int64_t channels) const {
+    if (spatial_dims == 1) return {batch, channels, out_w};
+    return {batch, channels, out_h, out_w};
+  }
+};
+
+inline const char* op_label(const char* kind, int64_t spatial_dims) {
+  const bool is_conv = kind[0] == 'c';
+  if (spatial_dims == 1) return is_conv ? "conv1d" : "max_pool1d";
+  return is_conv ? "conv2d" : "max_pool2d";
+}
+
+inline int64_t spatial_dims_of(c10::IntArrayRef stride, const char* kind) {
+  const auto d = static_cast<int64_t>(stride.size());
+  TORCH_CHECK(d == 1 || d == 2, kind, ": expected stride to have 1 or 2 entries (one per spatial dimension), but got stride=", stride);
+  return d;
+}
+
+inline void check_length(const char* op, const char* name, c10::IntArrayRef v, int64_t d) {
+  TORCH_CHECK(static_cast<int64_t>(v.size()) == d, op, ": expected ", name, " to have ", d,
+              " entries (one per spatial dimension), but got ", name, "=", v);
+}
+
+inline void check_all_positive(const char* op, const char* name, c10::IntArrayRef v) {
+  for (auto x : v) TORCH_CHECK(x > 0, op, ": expected ", name, " to be positive, but got ", name, "=", v);
+}
+
+inline void check_all_non_negative(const char* op, const char* name, c10::IntArrayRef v) {
+  for (auto x : v) TORCH_CHECK(x >= 0, op, ": expected ", name, " to be non-negative, but got ", name, "=", v);
+}
+
+inline void check_floating(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": expected a floating-point ", name, ", but got ", name,
+              " of dtype ", t.scalar_type());
+}
+
+inline void check_same_device_and_dtype(const char* op, const char* name, const at::Tensor& t,
+                                        const at::Tensor& input) {
+  TORCH_CHECK(t.device() == input.device(), op, ": expected input and ", name,
+              " to be on the same device, but got input on ", input.device(), " and ", name, " on ", t.device());
+  TORCH_CHECK(t.scalar_type() == input.scalar_type(), op, ": expected input and ", name,
+              " to have the same dtype, but got input ", input.scalar_type(), " and ", name, " ", t.scalar_type());
+}
+
+// Batched input (N, C, *spatial) with non-empty channel and spatial dimensions (N may be 0).
+inline void check_input_dims(const char* op, const at::Tensor& input, int64_t d) {
+  TORCH_CHECK(input.dim() == d + 2, op, ": expected input to be ", d + 2, "-D (N, C, ",
+              d == 1 ? "L" : "H, W", "), but got input of shape ", input.sizes());
+  for (int64_t i = 1; i < input.dim(); ++i)
+    TORCH_CHECK(input.size(i) > 0, op, ": expected input to have non-zero channel and spatial sizes, but got input of shape ",
+                input.sizes());
+}
+
+inline Window2d make_window(c10::IntArrayRef kernel, c10::IntArrayRef stride, c10::IntArrayRef padding,
+                            c10::IntArrayRef dilation) {
+  Window2d w;
+  const bool two_d = stride.size() == 2;
+  w.kernel_w = kernel.back();
+  w.stride_w = stride.back();
+  w.pad_w = padding.back();
+  w.dilation_w = dilation.back();
+  if (two_d) {
+    w.kernel_h = kernel[0];
+    w.stride_h = stride[0];
+    w.pad_h = padding[0];
+    w.dilation_h = dilation[0];
+  }
+  return w;
+}
+
+// Output size of a convolution along one dimension; the caller has checked the kernel fits.
+inline int64_t conv_output_size(int64_t in, int64_t kernel, int64_t stride, int64_t pad, int64_t dilation) {
+  return (in + 2 * pad - dilation * (kernel - 1) - 1) / stride + 1;
+}
+
+// Output size of a max-pool along one dimension, torch's rule: with ceil_mode the last window may hang
+// over the end, but it must start inside the input or the left padding.
+inline int64_t pool_output_size(int64_t in, int64_t kernel, int64_t stride, int64_t pad, int64_t dilation,
+                                 bool ceil_mode) {
+  const int64_t span = in + 2 * pad - dilation * (kernel - 1) - 1;
+  if (span < 0) return 0;  // the caller reports this as too small an input
+  int64_t out = (span + (ceil_mode ? stride - 1 : 0)) / stride + 1;
+  if (ceil_mode && (out - 1) * stride >= in + pad) --out;
+  return out;
+}
+
+// Checks a convolution's arguments and returns its geometry.
+inline Geometry check_conv(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
+                           int64_t groups) {
+  const int64_t d = spatial_dims_of(stride, "conv");
+  const char* op = op_label("conv", d);
+  check_length(op, "padding", padding, d);
+  check_length(op, "dilation", dilation, d);
+  check_floating(op, "input", input);
+  check_same_device_and_dtype(op, "weight", weight, input);
+  if (bias.has_value() && bias->defined()) check_same_device_and_dtype(op, "bias", *bias, input);
+  check_all_positive(op, "stride", stride);
+  check_all_non_negative(op, "padding", padding);
+  check_all_positive(op, "dilation", dilation);
+  TORCH_CHECK(groups > 0, op, ": expected groups to be positive, but got groups=", groups);
+  check_input_dims(op, input, d);
+  TORCH_CHECK(weight.dim() == d + 2, op, ": expected weight to be ", d + 2, "-D (out_channels, in_channels/groups, ",
+              d == 1 ? "kL" : "kH, kW", "), but got weight of shape ", weight.sizes());
+  for (int64_t i = 0; i < weight.dim(); ++i)
+    TORCH_CHECK(weight.size(i) > 0, op, ": expected weight to have non-zero sizes, but got weight of shape ", weight.sizes());
+  TORCH_CHECK(weight.size(0) % groups == 0, op, ": out_channels (weight.size(0)=", weight.size(0),
+              ") must be divisible by groups=", groups);
+  TORCH_CHECK(input.size(1) == weight.size(1) * groups, op, ": expected input of shape ", input.sizes(), " to have ",
+              weight.size(1) * groups, " channels (weight of shape ", weight.sizes(), " with groups=", groups,
+              "), but got ", input.size(1), " channels");
+  if (bias.has_value() && bias->defined())
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": expected bias of shape [", weight.size(0),
+                "], but got bias of shape ", bias->sizes());
+
+  for (int64_t i = 0; i < d; ++i) {
+    const int64_t padded = input.size(2 + i) + 2 * padding[i];
+    const int64_t dilated_kernel = dilation[i] * (weight.size(2 + i) - 1) + 1;
+    TORCH_CHECK(dilated_kernel <= padded, op, ": kernel size (with dilation) ", dilated_kernel,
+                " is larger than the padded input size ", padded, " in spatial dimension ", i,
+                " (input of shape ", input.sizes(), ", weight of shape ", weight.sizes(), ", padding=", padding,
+                ", dilation=", dilation, ")");
+  }
+
+  Geometry g;
+  g.spatial_dims = d;
+  g.batch = input.size(0);
+  g.in_channels = input.size(1);
+  g.out_channels = weight.size(0);
+  g.groups = groups;
+  c10::IntArrayRef kernel = weight.sizes().slice(2);
+  g.win = make_window(kernel, stride, padding, dilation);
+  const auto& w = g.win;
+  g.in_w = input.size(-1);
+  g.in_h = d == 2 ? input.size(2) : 1;
+  g.out_h = conv_output_size(g.in_h, w.kernel_h, w.stride_h, w.pad_h, w.dilation_h);
+  g.out_w = conv_output_size(g.in_w, w.kernel_w, w.stride_w, w.pad_w, w.dilation_w);
+  return g;
+}
+
+inline void check_conv_grad_output(const at::Tensor& grad_output, const at::Tensor& input, const Geometry& g) {
+  const char* op = op_label("conv", g.spatial_dims);
+  check_same_device_and_dtype(op, "grad_output", grad_output, input);
+  const auto expected = g.output_shape(g.out_channels);
+  TORCH_CHECK(grad_output.sizes() == c10::IntArrayRef(expected), op, ": expected grad_output of shape ",
+              c10::IntArrayRef(expected), ", but got grad_output of shape ", grad_output.sizes());
+}
+
+// Checks a max-pool's arguments and returns its geometry (in_channels = channels; groups unused).
+inline Geometry check_max_pool(const at::Tensor& input, c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
+                               c10::IntArrayRef padding, c10::IntArrayRef dilation, bool ceil_mode) {
+  const int64_t d = spatial_dims_of(stride, "max_pool");
+  const char* op = op_label("pool", d);
+  check_length(op, "kernel_size", kernel_size, d);
+  check_length(op, "padding", padding, d);
+  check_length(op, "dilation", dilation, d);
+  check_floating(op, "input", input);
+  check_all_positive(op, "kernel_size", kernel_size);
+  check_all_positive(op, "stride", stride);
+  check_all_non_negative(op, "padding", padding);
+  check_all_positive(op, "dilation", dilation);
+  for (int64_t i = 0; i < d; ++i)
+    TORCH_CHECK(padding[i] <= kernel_size[i] / 2, op,
+                ": pad should be at most half of kernel size, but got padding=", padding, " and kernel_size=", kernel_size);
+  check_input_dims(op, input, d);
+
+  Geometry g;
+  g.spatial_dims = d;
+  g.batch = input.size(0);
+  g.in_channels = g.out_channels = input.size(1);
+  g.win = make_window(kernel_size, stride, padding, dilation);
+  const auto& w = g.win;
+  g.in_w = input.size(-1);
+  g.in_h = d == 2 ? input.size(2) : 1;
+  g.out_h = pool_output_size(g.in_h, w.kernel_h, w.stride_h, w.pad_h, w.dilation_h, ceil_mode);
+  g.out_w = pool_output_size(g.in_w, w.kernel_w, w.stride_w, w.pad_w, w.dilation_w, ceil_mode);
+  TORCH_CHECK(g.out_h >= 1 && g.out_w >= 1, op, ": input of shape ", input.sizes(), " is too small for kernel_size=",
+              kernel_size, ", stride=", stride, ", padding=", padding, ", dilation=", dilation,
+              ": the output size would be ", (d == 2 ? g.out_h : g.out_w), (d == 2 ? "x" : ""),
+              (d == 2 ? std::to_string(g.out_w) : std::string()));
+  return g;
+}
+
+// The backward of max-pool needs only the output gradient, the argmax indices and the input's shape.
+inline void check_max_pool_backward(const at::Tensor& grad_output, const at::Tensor& indices,
+                                    c10::IntArrayRef input_size) {
+  const int64_t n = static_cast<int64_t>(input_size.size());
+  TORCH_CHECK(n == 3 || n == 4, "max_pool backward: expected input_size to have 3 or 4 entries (N, C, *spatial), but got input_size=",
+              input_size);
+  const char* op = op_label("pool", n - 2);
+  for (auto s : input_size)
+    TORCH_CHECK(s >= 0, op, ": expected input_size to be non-negative, but got input_size=", input_size);
+  check_floating(op, "grad_output", grad_output);
+  TORCH_CHECK(indices.scalar_type() == at::kLong, op, ": expected indices of dtype Long (int64), but got indices of dtype ",
+              indices.scalar_type());
+  TORCH_CHECK(indices.device() == grad_output.device(), op,
+              ": expected grad_output and indices to be on the same device, but got grad_output on ",
+              grad_output.device(), " and indices on ", indices.device());
+  TORCH_CHECK(grad_output.sizes() == indices.sizes(), op, ": expected grad_output and indices to have the same shape, but got grad_output of shape ",
+              grad_output.sizes(), " and indices of shape ", indices.sizes());
+  TORCH_CHECK(grad_output.dim() == n && grad_output.size(0) == input_size[0] && grad_output.size(1) == input_size[1],
+              op, ": expected grad_output of shape [", input_size[0], ", ", input_size[1],
+              ", ...] to match input_size=", input_size, ", but got grad_output of shape ", grad_output.sizes());
+}
+
+}  // namespace manualgrad

@@ -1,0 +1,58 @@
+"""Builds torch_manualgrad._C: the C++ (and, when available, CUDA) kernels behind torch.ops.manualgrad.
+
+TORCH_MANUALGRAD_CUDA=auto|1|0 chooses the CUDA build: auto (default) builds it when torch is a CUDA
+build and nvcc is found (no GPU needs to be visible); 1 insists on it; 0 builds the CPU-only extension.
+"""
+import glob
+import os
+
+import torch
+from setuptools import setup
+from torch.utils import cpp_extension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def use_cuda() -> bool:
+    choice = os.environ.get("TORCH_MANUALGRAD_CUDA", "auto").strip().lower()
+    if choice not in ("auto", "1", "0", "on", "off", "true", "false"):
+        raise ValueError(f"TORCH_MANUALGRAD_CUDA must be auto, 1 or 0, but got TORCH_MANUALGRAD_CUDA={choice!r}")
+    usable = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if choice in ("1", "on", "true"):
+        if not usable:
+            raise RuntimeError(
+                "TORCH_MANUALGRAD_CUDA=1 but CUDA cannot be built here: "
+                f"torch.version.cuda={torch.version.cuda!r}, CUDA_HOME={cpp_extension.CUDA_HOME!r}"
+            )
+        return True
+    return usable and choice == "auto"
+
+
+def sources(pattern: str) -> list[str]:
+    return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+
+
+def extension():
+    cxx_flags = ["-O3", "-fopenmp"]
+    cpp_sources = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
+    cuda_sources = sources("csrc/cuda/*.cu")
+    if use_cuda() and cuda_sources:
+        return cpp_extension.CUDAExtension(
+            "torch_manualgrad._C",
+            cpp_sources + cuda_sources,
+            define_macros=[("WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+            extra_link_args=["-fopenmp"],
+        )
+    return cpp_extension.CppExtension(
+        "torch_manualgrad._C",
+        cpp_sources,
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=["-fopenmp"],
+    )
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)

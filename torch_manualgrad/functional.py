@@ -1,0 +1,115 @@
+"""The functional API: conv1d, conv2d, max_pool1d, max_pool2d with torch.nn.functional's signatures.
+
+Here the Python-level arguments are normalised (ints to tuples, 'same'/'valid' padding, unbatched
+input); everything else — shape checks, the arithmetic — happens in the registered ops.
+Call path: here → autograd.py → _ops.py → csrc kernels.
+"""
+import torch
+
+from .autograd import ConvFunction, MaxPoolFunction
+
+__all__ = ["conv1d", "conv2d", "max_pool1d", "max_pool2d"]
+
+
+def _expand(value, dims, name, op):
+    """An int or a 1-/dims-long sequence of ints → a dims-long list, as torch accepts them."""
+    if isinstance(value, bool) or not isinstance(value, (int, tuple, list, torch.Size)):
+        raise TypeError(f"{op}: expected {name} to be an int or a tuple of {dims} ints, but got {name}={value!r}")
+    values = [value] if isinstance(value, int) else list(value)
+    if len(values) == 1:
+        values = values * dims
+    if len(values) != dims or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise RuntimeError(f"{op}: expected {name} to be a single int or a tuple of {dims} ints, but got {name}={value!r}")
+    return values
+
+
+def _check_devices(op, input, weight, bias):
+    # The dispatcher chooses a kernel from the tensors' devices before our C++ checks can run, so
+    # tensors on different devices are caught here; every other check lives in csrc/shape_checks.h.
+    for name, t in (("input", input), ("weight", weight), ("bias", bias)):
+        if name == "bias" and t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: expected {name} to be a Tensor, but got {name} of type {type(t).__name__}")
+        if t.device != input.device:
+            raise RuntimeError(
+                f"{op}: expected input and {name} to be on the same device, but got input on {input.device} "
+                f"and {name} on {t.device}"
+            )
+
+
+def _batched(op, input, dims):
+    if input.dim() not in (dims + 1, dims + 2):
+        raise RuntimeError(
+            f"{op}: expected input to be {dims + 1}-D (unbatched) or {dims + 2}-D (batched), "
+            f"but got input of shape {list(input.shape)}"
+        )
+    unbatched = input.dim() == dims + 1
+    return (input.unsqueeze(0) if unbatched else input), unbatched
+
+
+def _conv(dims, op, input, weight, bias, stride, padding, dilation, groups):
+    _check_devices(op, input, weight, bias)
+    stride = _expand(stride, dims, "stride", op)
+    dilation = _expand(dilation, dims, "dilation", op)
+    input, unbatched = _batched(op, input, dims)
+    if isinstance(padding, str):
+        input, padding = _string_padding(op, padding, input, weight, stride, dilation, dims)
+    else:
+        padding = _expand(padding, dims, "padding", op)
+    output = ConvFunction.apply(input, weight, bias, stride, padding, dilation, groups)
+    return output.squeeze(0) if unbatched else output
+
+
+def _string_padding(op, padding, input, weight, stride, dilation, dims):
+    """'valid' is no padding; 'same' pads so that output size = input size (stride 1 only). An even
+    kernel needs one more zero on the right than on the left: like torch, that extra column is padded
+    onto the input and the rest is passed to the kernel as symmetric padding."""
+    if padding == "valid":
+        return input, [0] * dims
+    if padding != "same":
+        raise ValueError(f"{op}: invalid padding string {padding!r}, should be one of {{'valid', 'same'}}")
+    if any(s != 1 for s in stride):
+        raise RuntimeError(f"{op}: padding='same' is not supported for strided convolutions (got stride={stride})")
+    if weight.dim() != dims + 2:
+        raise RuntimeError(f"{op}: expected weight to be {dims + 2}-D, but got weight of shape {list(weight.shape)}")
+    total = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
+    left = [t // 2 for t in total]
+    extra = [t - 2 * l for t, l in zip(total, left)]
+    if any(extra):
+        input = torch.nn.functional.pad(input, [v for e in reversed(extra) for v in (0, e)])
+    return input, left
+
+
+def conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """torch.nn.functional.conv1d computed by our kernels."""
+    return _conv(1, "conv1d", input, weight, bias, stride, padding, dilation, groups)
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """torch.nn.functional.conv2d computed by our kernels."""
+    return _conv(2, "conv2d", input, weight, bias, stride, padding, dilation, groups)
+
+
+def _max_pool(dims, op, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices):
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"{op}: expected input to be a Tensor, but got input of type {type(input).__name__}")
+    kernel_size = _expand(kernel_size, dims, "kernel_size", op)
+    stride = kernel_size if stride is None or (not isinstance(stride, int) and len(stride) == 0) else _expand(stride, dims, "stride", op)
+    padding = _expand(padding, dims, "padding", op)
+    dilation = _expand(dilation, dims, "dilation", op)
+    input, unbatched = _batched(op, input, dims)
+    output, indices = MaxPoolFunction.apply(input, kernel_size, stride, padding, dilation, bool(ceil_mode))
+    if unbatched:
+        output, indices = output.squeeze(0), indices.squeeze(0)
+    return (output, indices) if return_indices else output
+
+
+def max_pool1d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    """torch.nn.functional.max_pool1d computed by our kernels."""
+    return _max_pool(1, "max_pool1d", input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
+
+
+def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    """torch.nn.functional.max_pool2d computed by our kernels."""
+    return _max_pool(2, "max_pool2d", input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)

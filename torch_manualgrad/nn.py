@@ -1,0 +1,57 @@
+"""Drop-in modules: Conv1d, Conv2d, MaxPool1d, MaxPool2d, subclasses of their torch.nn namesakes.
+
+They keep torch.nn's constructor, parameters, state_dict and repr (isinstance(m, torch.nn.Conv2d) is
+still true); only the computation is replaced by torch_manualgrad.functional.
+"""
+import torch
+
+from . import functional
+
+__all__ = ["Conv1d", "Conv2d", "MaxPool1d", "MaxPool2d"]
+
+
+class _OurConv:
+    """Replaces torch.nn's _conv_forward; padding modes other than zeros pad first, as torch.nn does."""
+
+    _functional = None
+
+    def _conv_forward(self, input, weight, bias):
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            input = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        return type(self)._functional(input, weight, bias, self.stride, padding, self.dilation, self.groups)
+
+
+class _OurMaxPool:
+    _functional = None
+
+    def forward(self, input):
+        return type(self)._functional(
+            input, self.kernel_size, self.stride, self.padding, self.dilation,
+            ceil_mode=self.ceil_mode, return_indices=self.return_indices,
+        )
+
+
+class Conv1d(_OurConv, torch.nn.Conv1d):
+    """torch.nn.Conv1d computed by our kernels."""
+
+    _functional = staticmethod(functional.conv1d)
+
+
+class Conv2d(_OurConv, torch.nn.Conv2d):
+    """torch.nn.Conv2d computed by our kernels."""
+
+    _functional = staticmethod(functional.conv2d)
+
+
+class MaxPool1d(_OurMaxPool, torch.nn.MaxPool1d):
+    """torch.nn.MaxPool1d computed by our kernels."""
+
+    _functional = staticmethod(functional.max_pool1d)
+
+
+class MaxPool2d(_OurMaxPool, torch.nn.MaxPool2d):
+    """torch.nn.MaxPool2d computed by our kernels."""
+
+    _functional = staticmethod(functional.max_pool2d)
