@@ -33,6 +33,8 @@ struct Geometry {
   }
 };
 
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 inline const char* op_label(const char* kind, int64_t spatial_dims) {
   const bool is_conv = kind[0] == 'c';
   if (spatial_dims == 1) return is_conv ? "conv1d" : "max_pool1d";

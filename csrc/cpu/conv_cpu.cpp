@@ -22,14 +22,14 @@ namespace {
 
 constexpr int64_t kMinTasks = 8;               // spread a small batch over tiles so all cores work
 constexpr int64_t kMinTileColumns = 256;       // ...but keep each GEMM wide enough to run fast
+constexpr int64_t kBlockColumns = 512;         // small images are grouped until a GEMM is this wide
+constexpr int64_t kMinBlocks = 4;              // ...as long as the batch still makes this many tasks
 constexpr int64_t kMaxColumnElems = 1 << 22;   // one task's column workspace (4M elements)
 constexpr int64_t kMaxPartialElems = 1 << 24;  // all partial weight gradients together
 constexpr int64_t kMaxSlots = 8;
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Cuts `extent` items into `count` pieces of `size` (the last may be shorter), aiming for `wanted`
-// pieces of at least `min_size` items, and at least `forced` pieces. Depends on shapes only.
+// Cuts `extent` items into pieces of `size` (the last may be shorter): `wanted` pieces of at least
+// `min_size` items if possible, and never fewer than `forced`. Depends on shapes only.
 struct Split {
   int64_t size, count;
 };
@@ -40,8 +40,72 @@ Split split(int64_t extent, int64_t wanted, int64_t min_size, int64_t forced) {
   return {size, ceil_div(extent, size)};
 }
 
-// Output positions [p0, p1) of one image, walked one output row at a time: f(oh, ow0, ow1, offset)
-// where offset is the first position's column in a [*, p1 - p0] buffer.
+// The per-group matrices: weight viewed as (out_channels, in_channels/groups * KH * KW).
+struct GroupDims {
+  int64_t groups, out_per_group, in_per_group, taps, k_per_group, positions;
+  explicit GroupDims(const Geometry& g)
+      : groups(g.groups),
+        out_per_group(g.out_channels / g.groups),
+        in_per_group(g.in_channels / g.groups),
+        taps(g.win.kernel_h * g.win.kernel_w),
+        k_per_group(g.in_channels / g.groups * g.win.kernel_h * g.win.kernel_w),
+        positions(g.out_h * g.out_w) {}
+};
+
+// One task's share of the batch: images [n0, n0 + images) and, in each, output positions [p0, p1).
+// Large images are cut into position tiles (images == 1); small ones are grouped, whole, so that
+// one GEMM covers several of them. Its columns are (rows, images * (p1 - p0)), image k at k*(p1-p0).
+struct Block {
+  int64_t n0, images, p0, p1;
+  int64_t width() const { return images * (p1 - p0); }
+};
+
+struct Blocking {
+  int64_t images, tile, tiles_per_image, count;
+  Block operator[](int64_t t) const {
+    const int64_t n0 = (t / tiles_per_image) * images;
+    const int64_t p0 = (t % tiles_per_image) * tile;
+    return {n0, images, p0, p0 + tile};
+  }
+};
+
+// allow_tiles=false keeps every image whole (col2im into an image must stay within one task).
+Blocking make_blocking(const Geometry& g, bool allow_tiles) {
+  const GroupDims d(g);
+  const int64_t rows = g.in_channels * d.taps;
+  int64_t images = std::min(ceil_div(kBlockColumns, d.positions), std::max<int64_t>(1, g.batch / kMinBlocks));
+  images = std::max<int64_t>(1, std::min(images, kMaxColumnElems / std::max<int64_t>(1, rows * d.positions)));
+  // A block holds a whole number of images; the last block's may be fewer (see clamp_block).
+  Blocking b{images, d.positions, 1, ceil_div(g.batch, images)};
+  if (images == 1 && allow_tiles) {
+    const Split tiles = split(d.positions, ceil_div(kMinTasks, g.batch), kMinTileColumns,
+                              ceil_div(rows * d.positions, kMaxColumnElems));
+    b.tile = tiles.size;
+    b.tiles_per_image = tiles.count;
+    b.count = g.batch * tiles.count;
+  }
+  return b;
+}
+
+Block clamp_block(Block blk, const Geometry& g) {
+  blk.images = std::min(blk.images, g.batch - blk.n0);
+  blk.p1 = std::min(blk.p1, g.out_h * g.out_w);
+  return blk;
+}
+
+// Runs f(begin, end) over [0, count) on ATen's thread pool, one task at a time per grain. The guard
+// is set inside, on each worker thread: the ATen calls there are plain arithmetic, and must neither
+// record autograd history nor see the inputs' requires_grad (thread-local state is not inherited).
+template <typename F>
+void parallel_tasks(int64_t count, const F& f) {
+  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    f(begin, end);
+  });
+}
+
+// Output positions [p0, p1) of one image, walked one output row at a time: f(oh, ow0, ow1, at)
+// where `at` is the first position's column in a buffer whose column 0 is position p0.
 template <typename F>
 void for_each_row_segment(const Geometry& g, int64_t p0, int64_t p1, const F& f) {
   for (int64_t p = p0; p < p1;) {
@@ -54,22 +118,22 @@ void for_each_row_segment(const Geometry& g, int64_t p0, int64_t p1, const F& f)
 
 // The output columns ow in [ow0, ow1) whose input column ow*stride + offset lies inside [0, size).
 inline std::pair<int64_t, int64_t> inside(int64_t ow0, int64_t ow1, int64_t offset, int64_t stride, int64_t size) {
-  const int64_t lo = offset >= 0 ? 0 : ceil_div(-offset, stride);
-  const int64_t hi = size - 1 - offset >= 0 ? (size - 1 - offset) / stride + 1 : 0;
-  return {std::max(lo, ow0), std::max(std::min(hi, ow1), std::max(lo, ow0))};
+  const int64_t lo = std::min(ow1, std::max(ow0, offset >= 0 ? 0 : ceil_div(-offset, stride)));
+  const int64_t hi = std::min(ow1, size - 1 - offset >= 0 ? (size - 1 - offset) / stride + 1 : 0);
+  return {lo, std::max(lo, hi)};
 }
 
-// columns (channels*KH*KW, p1-p0) ← for each kernel tap (c, i, j), the input pixel it sees at output
-// positions p0..p1-1 of one image (channels, H, W); zero where the tap falls in the padding.
+// columns (channels*KH*KW rows, row stride ld) ← for each kernel tap (c, i, j), the input pixel it
+// sees at output positions p0..p1-1 of one image (channels, H, W); zero where it falls in the padding.
 template <typename scalar_t>
-void im2col(scalar_t* columns, const scalar_t* image, int64_t channels, const Geometry& g, int64_t p0, int64_t p1) {
+void im2col(scalar_t* columns, int64_t ld, const scalar_t* image, int64_t channels, const Geometry& g, int64_t p0,
+            int64_t p1) {
   const Window2d& w = g.win;
-  const int64_t width = p1 - p0;
   for (int64_t c = 0; c < channels; ++c) {
     const scalar_t* plane = image + c * g.in_h * g.in_w;
     for (int64_t i = 0; i < w.kernel_h; ++i) {
       for (int64_t j = 0; j < w.kernel_w; ++j) {
-        scalar_t* row = columns + ((c * w.kernel_h + i) * w.kernel_w + j) * width;
+        scalar_t* row = columns + ((c * w.kernel_h + i) * w.kernel_w + j) * ld;
         const int64_t col_offset = j * w.dilation_w - w.pad_w;
         for_each_row_segment(g, p0, p1, [&](int64_t oh, int64_t ow0, int64_t ow1, int64_t at) {
           scalar_t* dst = row + at - ow0;  // dst[ow] is output column ow
@@ -93,20 +157,19 @@ void im2col(scalar_t* columns, const scalar_t* image, int64_t channels, const Ge
   }
 }
 
-// The mirror of im2col: image (channels, H, W) = sum of every column entry into the pixel it came
-// from. Pixels covered by several placements add up, always in the same order.
+// The mirror of im2col: image (channels, H, W) = the sum of every column entry (row stride ld) into
+// the pixel it came from. Pixels covered by several placements add up, always in the same order.
 template <typename scalar_t>
-void col2im(scalar_t* image, const scalar_t* columns, int64_t channels, const Geometry& g) {
+void col2im(scalar_t* image, const scalar_t* columns, int64_t ld, int64_t channels, const Geometry& g) {
   const Window2d& w = g.win;
-  const int64_t width = g.out_h * g.out_w;
   std::fill(image, image + channels * g.in_h * g.in_w, scalar_t(0));
   for (int64_t c = 0; c < channels; ++c) {
     scalar_t* plane = image + c * g.in_h * g.in_w;
     for (int64_t i = 0; i < w.kernel_h; ++i) {
       for (int64_t j = 0; j < w.kernel_w; ++j) {
-        const scalar_t* row = columns + ((c * w.kernel_h + i) * w.kernel_w + j) * width;
+        const scalar_t* row = columns + ((c * w.kernel_h + i) * w.kernel_w + j) * ld;
         const int64_t col_offset = j * w.dilation_w - w.pad_w;
-        for_each_row_segment(g, 0, width, [&](int64_t oh, int64_t ow0, int64_t ow1, int64_t at) {
+        for_each_row_segment(g, 0, g.out_h * g.out_w, [&](int64_t oh, int64_t ow0, int64_t ow1, int64_t at) {
           const int64_t ih = oh * w.stride_h - w.pad_h + i * w.dilation_h;
           if (ih < 0 || ih >= g.in_h) return;
           const scalar_t* src = row + at - ow0;
@@ -125,43 +188,43 @@ bool is_pointwise(const Geometry& g) {
   return w.kernel_h == 1 && w.kernel_w == 1 && w.stride_h == 1 && w.stride_w == 1 && w.pad_h == 0 && w.pad_w == 0;
 }
 
-// The per-group matrices: weight viewed as (out_channels, in_channels/groups * KH * KW).
-struct GroupDims {
-  int64_t groups, out_per_group, in_per_group, taps, k_per_group, positions;
-  explicit GroupDims(const Geometry& g)
-      : groups(g.groups),
-        out_per_group(g.out_channels / g.groups),
-        in_per_group(g.in_channels / g.groups),
-        taps(g.win.kernel_h * g.win.kernel_w),
-        k_per_group(g.in_channels / g.groups * g.win.kernel_h * g.win.kernel_w),
-        positions(g.out_h * g.out_w) {}
-};
+// t (N, C, P) → the block's (C, images * (p1 - p0)) matrix: a view when the block is one image,
+// a gathered copy when it spans several.
+at::Tensor block_matrix(const at::Tensor& t, const Block& blk) {
+  const int64_t channels = t.size(1), positions = t.numel() / std::max<int64_t>(1, t.size(0) * channels);
+  if (blk.images == 1) return t[blk.n0].view({channels, positions}).narrow(1, blk.p0, blk.p1 - blk.p0);
+  return t.narrow(0, blk.n0, blk.images).view({blk.images, channels, positions}).permute({1, 0, 2}).reshape(
+      {channels, blk.width()});
+}
 
-// The columns of image n for positions [p0, p1): (in_channels*KH*KW, p1-p0), either a view of the
-// image itself (pointwise) or im2col written into the front of `workspace`.
-at::Tensor image_columns(const at::Tensor& input, int64_t n, const Geometry& g, int64_t p0, int64_t p1,
-                         const at::Tensor& workspace) {
-  const GroupDims d(g);
-  if (is_pointwise(g)) return input[n].view({g.in_channels, d.positions}).narrow(1, p0, p1 - p0);
-  const int64_t rows = g.in_channels * d.taps;
-  at::Tensor columns = workspace.narrow(0, 0, rows * (p1 - p0)).view({rows, p1 - p0});
+// The inverse of block_matrix for writing results: matrix (C, images * P) → t[n0 : n0 + images].
+void scatter_block(at::Tensor& t, int64_t c0, const at::Tensor& matrix, const Block& blk) {
+  const int64_t positions = t.numel() / std::max<int64_t>(1, t.size(0) * t.size(1));
+  t.narrow(0, blk.n0, blk.images)
+      .view({blk.images, t.size(1), positions})
+      .narrow(1, c0, matrix.size(0))
+      .permute({1, 0, 2})
+      .copy_(matrix.view({matrix.size(0), blk.images, positions}));
+}
+
+// The block's columns (in_channels*KH*KW, width): the images themselves when pointwise, otherwise
+// im2col written into the front of `workspace`.
+at::Tensor block_columns(const at::Tensor& input, const Block& blk, const Geometry& g, const at::Tensor& workspace) {
+  if (is_pointwise(g)) return block_matrix(input, blk);
+  const int64_t rows = g.in_channels * g.win.kernel_h * g.win.kernel_w, tile = blk.p1 - blk.p0;
+  at::Tensor columns = workspace.narrow(0, 0, rows * blk.width()).view({rows, blk.width()});
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "im2col", [&] {
-    im2col(columns.data_ptr<scalar_t>(), input[n].data_ptr<scalar_t>(), g.in_channels, g, p0, p1);
+    for (int64_t k = 0; k < blk.images; ++k)
+      im2col(columns.data_ptr<scalar_t>() + k * tile, blk.width(), input[blk.n0 + k].data_ptr<scalar_t>(),
+             g.in_channels, g, blk.p0, blk.p1);
   });
   return columns;
 }
 
-// Room for one tile's columns (nothing for pointwise convolutions, which need none).
-at::Tensor column_workspace(const at::Tensor& input, const Geometry& g, int64_t tile) {
-  const int64_t elems = is_pointwise(g) ? 0 : g.in_channels * g.win.kernel_h * g.win.kernel_w * tile;
-  return at::empty({elems}, input.options());
-}
-
-// Forward and weight-gradient tasks: (image, tile of output positions).
-Split position_tiles(const Geometry& g) {
-  const GroupDims d(g);
-  return split(d.positions, ceil_div(kMinTasks, g.batch), kMinTileColumns,
-               ceil_div(g.in_channels * d.taps * d.positions, kMaxColumnElems));
+// Room for one block's columns (none for pointwise convolutions).
+at::Tensor column_workspace(const at::Tensor& input, const Geometry& g, const Blocking& b) {
+  const int64_t width = b.images * b.tile;
+  return at::empty({is_pointwise(g) ? 0 : g.in_channels * g.win.kernel_h * g.win.kernel_w * width}, input.options());
 }
 
 at::Tensor conv_forward_cpu(const at::Tensor& input_, const at::Tensor& weight_, const std::optional<at::Tensor>& bias,
@@ -177,14 +240,14 @@ at::Tensor conv_forward_cpu(const at::Tensor& input_, const at::Tensor& weight_,
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor bias_column = has_bias ? bias->contiguous().view({g.out_channels, 1}) : at::Tensor();
 
-  const Split tiles = position_tiles(g);
-  at::parallel_for(0, g.batch * tiles.count, 1, [&](int64_t begin, int64_t end) {
-    const at::Tensor workspace = column_workspace(input, g, tiles.size);
+  const Blocking blocking = make_blocking(g, /*allow_tiles=*/true);
+  parallel_tasks(blocking.count, [&](int64_t begin, int64_t end) {
+    const at::Tensor workspace = column_workspace(input, g, blocking);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / tiles.count, p0 = (task % tiles.count) * tiles.size;
-      const int64_t p1 = std::min(d.positions, p0 + tiles.size);
-      const at::Tensor columns = image_columns(input, n, g, p0, p1, workspace);
-      const at::Tensor out = output[n].view({g.out_channels, d.positions}).narrow(1, p0, p1 - p0);
+      const Block blk = clamp_block(blocking[task], g);
+      const at::Tensor columns = block_columns(input, blk, g, workspace);  // (C_in*KH*KW, width)
+      // One image: write straight into the output; several: into a (C_out, width) matrix, then scatter.
+      at::Tensor out = blk.images == 1 ? block_matrix(output, blk) : at::empty({g.out_channels, blk.width()}, output.options());
       for (int64_t grp = 0; grp < d.groups; ++grp) {
         at::Tensor out_g = out.narrow(0, grp * d.out_per_group, d.out_per_group);
         const at::Tensor weight_g = weight.narrow(0, grp * d.out_per_group, d.out_per_group);
@@ -196,58 +259,63 @@ at::Tensor conv_forward_cpu(const at::Tensor& input_, const at::Tensor& weight_,
           at::mm_out(out_g, weight_g, columns_g);
         }
       }
+      if (blk.images > 1) scatter_block(output, 0, out, blk);
     }
   });
   return output;
 }
 
-// grad_input[n] for a block of one group's input channels: grad_columns = weight^T @ grad_output,
-// then col2im. Blocks own disjoint channels, so they run in parallel without sharing a pixel.
+// grad_input for a block of whole images and a block of one group's input channels:
+// grad_columns = weight^T @ grad_output, then col2im. Tasks own disjoint (image, channel) planes,
+// so they run in parallel without ever sharing a pixel.
 void conv_backward_input_cpu(at::Tensor& grad_input, const at::Tensor& grad_output, const at::Tensor& weight,
                              const Geometry& g) {
   const GroupDims d(g);
-  const Split blocks = split(d.in_per_group, ceil_div(kMinTasks, g.batch * d.groups), 1,
-                             ceil_div(d.k_per_group * d.positions, kMaxColumnElems));
-  const int64_t per_image = d.groups * blocks.count;
-  at::parallel_for(0, g.batch * per_image, 1, [&](int64_t begin, int64_t end) {
+  const Blocking blocking = make_blocking(g, /*allow_tiles=*/false);
+  const Split channels = split(d.in_per_group, ceil_div(kMinTasks, blocking.count * d.groups), 1,
+                               ceil_div(d.k_per_group * blocking.images * d.positions, kMaxColumnElems));
+  const int64_t per_block = d.groups * channels.count;
+  parallel_tasks(blocking.count * per_block, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / per_image, grp = (task % per_image) / blocks.count;
-      const int64_t c0 = (task % blocks.count) * blocks.size;
-      const int64_t cb = std::min(d.in_per_group, c0 + blocks.size) - c0;
-      const at::Tensor weight_block =  // (C_out/g, cb*KH*KW): this block's taps of this group's filters
+      const Block blk = clamp_block(blocking[task / per_block], g);
+      const int64_t grp = (task % per_block) / channels.count;
+      const int64_t c0 = (task % channels.count) * channels.size;
+      const int64_t cb = std::min(d.in_per_group, c0 + channels.size) - c0;
+      const int64_t first_channel = grp * d.in_per_group + c0;
+      const at::Tensor weight_block =  // (C_out/g, cb*KH*KW): these channels' taps of this group's filters
           weight.narrow(0, grp * d.out_per_group, d.out_per_group).narrow(1, c0 * d.taps, cb * d.taps);
-      const at::Tensor grad_out_g =  // (C_out/g, OH*OW)
-          grad_output[n].view({g.out_channels, d.positions}).narrow(0, grp * d.out_per_group, d.out_per_group);
-      at::Tensor grad_image = grad_input[n].view({g.in_channels, g.in_h * g.in_w}).narrow(0, grp * d.in_per_group + c0, cb);
+      const at::Tensor grad_out_g =  // (C_out/g, width)
+          block_matrix(grad_output, blk).narrow(0, grp * d.out_per_group, d.out_per_group);
+      const at::Tensor grad_columns = at::mm(weight_block.t(), grad_out_g);  // (cb*KH*KW, width)
       if (is_pointwise(g)) {
-        at::mm_out(grad_image, weight_block.t(), grad_out_g);
+        scatter_block(grad_input, first_channel, grad_columns, blk);
         continue;
       }
-      const at::Tensor grad_columns = at::mm(weight_block.t(), grad_out_g);  // (cb*KH*KW, OH*OW)
       AT_DISPATCH_FLOATING_TYPES(grad_input.scalar_type(), "col2im", [&] {
-        col2im(grad_image.data_ptr<scalar_t>(), grad_columns.data_ptr<scalar_t>(), cb, g);
+        for (int64_t k = 0; k < blk.images; ++k)
+          col2im(grad_input[blk.n0 + k][first_channel].data_ptr<scalar_t>(),
+                 grad_columns.data_ptr<scalar_t>() + k * d.positions, blk.width(), cb, g);
       });
     }
   });
 }
 
-// grad_weight = sum over (image, tile) tasks of grad_output_tile @ columns_tile^T. Task t adds into
-// partial slot t % slots, in task order; then the slots are added in slot order.
+// grad_weight = the sum over blocks of grad_output_block @ columns_block^T. Block t adds into partial
+// slot t % slots, in block order; then the slots are added in slot order.
 void conv_backward_weight_cpu(at::Tensor& grad_weight, const at::Tensor& grad_output, const at::Tensor& input,
                               const Geometry& g) {
   const GroupDims d(g);
-  const Split tiles = position_tiles(g);
-  const int64_t tasks = g.batch * tiles.count;
-  const int64_t slots = std::max<int64_t>(1, std::min({tasks, kMaxSlots, kMaxPartialElems / grad_weight.numel()}));
+  const Blocking blocking = make_blocking(g, /*allow_tiles=*/true);
+  const int64_t slots =
+      std::max<int64_t>(1, std::min({blocking.count, kMaxSlots, kMaxPartialElems / grad_weight.numel()}));
   at::Tensor partial = at::zeros({slots, g.out_channels, d.k_per_group}, grad_weight.options());
-  at::parallel_for(0, slots, 1, [&](int64_t begin, int64_t end) {
-    const at::Tensor workspace = column_workspace(input, g, tiles.size);
+  parallel_tasks(slots, [&](int64_t begin, int64_t end) {
+    const at::Tensor workspace = column_workspace(input, g, blocking);
     for (int64_t slot = begin; slot < end; ++slot) {
-      for (int64_t task = slot; task < tasks; task += slots) {
-        const int64_t n = task / tiles.count, p0 = (task % tiles.count) * tiles.size;
-        const int64_t p1 = std::min(d.positions, p0 + tiles.size);
-        const at::Tensor columns = image_columns(input, n, g, p0, p1, workspace);
-        const at::Tensor grad_out = grad_output[n].view({g.out_channels, d.positions}).narrow(1, p0, p1 - p0);
+      for (int64_t task = slot; task < blocking.count; task += slots) {
+        const Block blk = clamp_block(blocking[task], g);
+        const at::Tensor columns = block_columns(input, blk, g, workspace);  // (C_in*KH*KW, width)
+        const at::Tensor grad_out = block_matrix(grad_output, blk);          // (C_out, width)
         for (int64_t grp = 0; grp < d.groups; ++grp) {
           partial[slot]
               .narrow(0, grp * d.out_per_group, d.out_per_group)

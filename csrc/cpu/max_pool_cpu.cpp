@@ -17,12 +17,17 @@
 namespace manualgrad {
 namespace {
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // First in-bounds tap of a window starting at `start` (torch starts its argmax there).
 inline int64_t first_inside(int64_t start, int64_t dilation) {
   return start >= 0 ? start : start + ceil_div(-start, dilation) * dilation;
 }
+
+// Compiled for AVX-512, AVX2 and baseline x86-64 alike; the loader picks the best the CPU has.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MANUALGRAD_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MANUALGRAD_VECTOR_CLONES
+#endif
 
 // Per-thread scratch for one plane. Each input row is stored as `stride_w` phases, phase r holding
 // the padded row's columns r, r + stride, r + 2*stride, ...; then every window tap reads a contiguous
@@ -31,6 +36,7 @@ inline int64_t first_inside(int64_t start, int64_t dilation) {
 template <typename scalar_t, typename index_t>
 struct PlaneScratch {
   std::vector<scalar_t> phases;   // (H, stride_w, phase_len)
+  std::vector<scalar_t> padded_row;  // (stride_w * phase_len,) one input row with its padding
   std::vector<scalar_t> best;     // (OW,) running maximum of the current output row
   std::vector<index_t> best_index;
   std::vector<index_t> first_col;  // (OW,) first in-bounds column of each window: torch's initial argmax
@@ -41,6 +47,7 @@ struct PlaneScratch {
     const int64_t padded_w = (g.out_w - 1) * w.stride_w + (w.kernel_w - 1) * w.dilation_w + 1;
     phase_len = (padded_w + w.stride_w - 1) / w.stride_w;
     phases.resize(g.in_h * w.stride_w * phase_len);
+    padded_row.resize(std::max(w.stride_w * phase_len, g.in_w + w.pad_w));
     best.resize(g.out_w);
     best_index.resize(g.out_w);
     first_col.resize(g.out_w);
@@ -50,13 +57,6 @@ struct PlaneScratch {
 
 // The innermost sweep: one window tap across a whole output row. Kept branch-free so that it
 // vectorises; `index_at_zero + stride * ow` is the flat input index the tap reads for output ow.
-// Compiled for AVX-512, AVX2 and baseline x86-64 alike; the loader picks the best the CPU has.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MANUALGRAD_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define MANUALGRAD_VECTOR_CLONES
-#endif
-
 template <typename scalar_t, typename index_t>
 MANUALGRAD_VECTOR_CLONES void sweep_tap(scalar_t* __restrict best, index_t* __restrict best_index, const scalar_t* __restrict values,
                       int64_t count, index_t index_at_zero, index_t stride) {
@@ -68,6 +68,23 @@ MANUALGRAD_VECTOR_CLONES void sweep_tap(scalar_t* __restrict best, index_t* __re
   }
 }
 
+// phases[r * len + k] = padded[s * k + r]: phase r of a padded row, as contiguous runs.
+template <typename scalar_t>
+MANUALGRAD_VECTOR_CLONES void deinterleave(scalar_t* __restrict phases, const scalar_t* __restrict padded, int64_t s,
+                                           int64_t len) {
+  if (s == 1) {
+    std::copy(padded, padded + len, phases);
+  } else if (s == 2) {  // the common stride, spelled out so that it vectorises
+    for (int64_t k = 0; k < len; ++k) {
+      phases[k] = padded[2 * k];
+      phases[len + k] = padded[2 * k + 1];
+    }
+  } else {
+    for (int64_t r = 0; r < s; ++r)
+      for (int64_t k = 0; k < len; ++k) phases[r * len + k] = padded[s * k + r];
+  }
+}
+
 // One (H, W) plane → its (OH, OW) maxima and their flat indices. Taps are applied in row-major
 // order for every output, which is what fixes the tie and NaN rules.
 template <typename scalar_t, typename index_t>
@@ -76,28 +93,26 @@ void max_pool_plane(scalar_t* output, int64_t* indices, const scalar_t* input, c
   const Window2d& w = g.win;
   const int64_t s = w.stride_w, len = scratch.phase_len;
   const scalar_t minus_inf = -std::numeric_limits<scalar_t>::infinity();
-  for (int64_t ih = 0; ih < g.in_h; ++ih) {  // deinterleave: padded column c = s*k + r → phase r, slot k
-    const scalar_t* row = input + ih * g.in_w;
-    scalar_t* phase_rows = scratch.phases.data() + ih * s * len;
-    for (int64_t r = 0; r < s; ++r) {
-      scalar_t* dst = phase_rows + r * len;
-      // slot k holds input column s*k + r - pad_w; [lo, hi) are the slots inside the input
-      const int64_t first = r - w.pad_w;
-      const int64_t lo = std::min(len, first >= 0 ? 0 : ceil_div(-first, s));
-      const int64_t hi = std::max(lo, std::min(len, g.in_w - 1 - first >= 0 ? (g.in_w - 1 - first) / s + 1 : 0));
-      std::fill(dst, dst + lo, minus_inf);
-      for (int64_t k = lo; k < hi; ++k) dst[k] = row[s * k + first];
-      std::fill(dst + hi, dst + len, minus_inf);
-    }
+  for (int64_t ih = 0; ih < g.in_h; ++ih) {
+    // The padded row: input columns shifted right by pad_w, -inf around them.
+    scalar_t* padded = scratch.padded_row.data();
+    const int64_t right = std::min<int64_t>(g.in_w, s * len - w.pad_w);
+    std::fill(padded, padded + w.pad_w, minus_inf);
+    std::copy(input + ih * g.in_w, input + ih * g.in_w + right, padded + w.pad_w);
+    std::fill(padded + w.pad_w + right, padded + s * len, minus_inf);
+    deinterleave(scratch.phases.data() + ih * s * len, padded, s, len);
   }
   scalar_t* best = scratch.best.data();
   index_t* best_index = scratch.best_index.data();
   for (int64_t oh = 0; oh < g.out_h; ++oh) {
     const int64_t h_start = oh * w.stride_h - w.pad_h;
-    const index_t first_row_index = static_cast<index_t>(first_inside(h_start, w.dilation_h) * g.in_w);
+    const int64_t first_row = first_inside(h_start, w.dilation_h);
     for (int64_t ow = 0; ow < g.out_w; ++ow) {
       best[ow] = minus_inf;
-      best_index[ow] = first_row_index + scratch.first_col[ow];
+      // A window whose taps all fall in the padding has no argmax: -1, torch's "none" (its output is
+      // -inf and its gradient goes nowhere).
+      const bool empty = first_row >= g.in_h || scratch.first_col[ow] >= g.in_w;
+      best_index[ow] = empty ? index_t(-1) : static_cast<index_t>(first_row * g.in_w + scratch.first_col[ow]);
     }
     for (int64_t i = 0; i < w.kernel_h; ++i) {
       const int64_t ih = h_start + i * w.dilation_h;
@@ -154,9 +169,9 @@ at::Tensor max_pool_backward_cpu(const at::Tensor& grad_output_, const at::Tenso
   check_max_pool_backward(grad_output_, indices_, input_size);
   const at::Tensor grad_output = grad_output_.contiguous();  // (N, C, OH, OW)
   const at::Tensor indices = indices_.contiguous();          // (N, C, OH, OW)
-  at::Tensor grad_input = at::zeros(input_size, grad_output.options());  // (N, C, H, W)
+  at::Tensor grad_input = at::empty(input_size, grad_output.options());  // (N, C, H, W)
   const int64_t planes = input_size[0] * input_size[1];
-  if (planes == 0) return grad_input;
+  if (grad_input.numel() == 0) return grad_input;
   const int64_t in_plane = grad_input.numel() / planes, out_plane = grad_output.numel() / planes;
   AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "max_pool_backward_cpu", [&] {
     const scalar_t* go = grad_output.data_ptr<scalar_t>();
@@ -167,8 +182,10 @@ at::Tensor max_pool_backward_cpu(const at::Tensor& grad_output_, const at::Tenso
         const scalar_t* go_p = go + p * out_plane;
         const int64_t* idx_p = idx + p * out_plane;
         scalar_t* gi_p = gi + p * in_plane;
+        std::fill(gi_p, gi_p + in_plane, scalar_t(0));  // zeroed here, while the plane is in cache
         for (int64_t o = 0; o < out_plane; ++o) {
           const int64_t i = idx_p[o];
+          if (i == -1) continue;  // an empty window (all padding) sends its gradient nowhere
           TORCH_CHECK(i >= 0 && i < in_plane, "max_pool backward: index ", i, " of plane ", p,
                       " is out of range for an input plane of ", in_plane, " elements (input_size=", input_size, ")");
           gi_p[i] += go_p[o];

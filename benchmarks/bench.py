@@ -1,0 +1,366 @@
+"""Benchmark of torch_manualgrad's conv and max-pool ops against torch's built-ins, printed as a markdown table.
+
+Both implementations run in the same process, on the same tensors, one right
+after the other, so the ratio column compares like with like on whatever
+machine runs it.  For every case we time
+
+* the forward pass alone, under ``torch.no_grad()`` (inference), and
+* forward + backward: the forward with input, weight and bias requiring grad,
+  then ``torch.autograd.grad`` with a fixed random output gradient.
+
+Each time is the median of up to ``--repeat`` runs after ``--warmup`` runs,
+stopping early once ``--budget`` seconds have gone into one measurement (but
+never with fewer than 3 runs), so a slow case cannot blow up the whole run.
+Torch's and our runs alternate within a measurement, so slow drift of the
+machine affects both columns alike.  Even so, on a small shared machine
+ratios within about +-10-15% of 1 are noise: run torch against itself (the
+same script with tmg.functional swapped for torch.nn.functional) to see how
+much.
+
+Work per case, used for the throughput columns:
+
+* conv: FLOPs = 2 * N * C_out * prod(out spatial) * (C_in / groups) * prod(kernel)
+  for the forward; forward + backward counts 3x that (grad_input and
+  grad_weight each cost one forward's worth; grad_bias is negligible).
+* max-pool: the minimum bytes moved.  Forward reads the input and writes the
+  output plus its int64 indices; backward reads grad_output plus the indices
+  and writes grad_input.  The forward+backward figure is the sum of the two.
+
+Before timing, the outputs and gradients of the two implementations are
+compared once; the ``agrees`` column says whether they matched (a fast wrong
+kernel is not a result).
+
+Usage (from the repository root, with the package built)::
+
+    python benchmarks/bench.py                 # full CPU run, batch 8
+    python benchmarks/bench.py --only conv --threads 1
+    python benchmarks/bench.py --quick         # smoke test: batch 1, one run each
+    python benchmarks/bench.py --device cuda   # same table on a GPU (synchronizes around each run)
+"""
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import torch_manualgrad as tmg
+except ImportError:
+    # Running from a source checkout that was built in place but not installed.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import torch_manualgrad as tmg
+
+
+# ---------------------------------------------------------------------------
+# The cases
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Case:
+    name: str
+    family: str            # "conv" or "pool"
+    op: str                # function name, the same in torch.nn.functional and tmg.functional
+    input_shape: tuple     # (C, *spatial); the batch size is prepended at run time
+    weight_shape: tuple = None   # conv only: (C_out, C_in / groups, *kernel)
+    kwargs: dict = field(default_factory=dict)
+
+    def describe(self):
+        c, *spatial = self.input_shape
+        size = "×".join(map(str, spatial))
+        k = self.kwargs
+        if self.family == "conv":
+            c_out, _, *kernel = self.weight_shape
+            text = f"{c}→{c_out} @{size} k{'×'.join(map(str, kernel))}"
+            if _not_one(k.get("stride", 1)):
+                text += f"/{_fmt(k['stride'])}"
+            if _not_zero(k.get("padding", 0)):
+                text += f" p{_fmt(k['padding'])}"
+            if k.get("groups", 1) != 1:
+                text += f" g{k['groups']}"
+        else:
+            text = f"{c}ch @{size} k{_fmt(k['kernel_size'])}"
+            if "stride" in k:
+                text += f"/{_fmt(k['stride'])}"
+            if _not_zero(k.get("padding", 0)):
+                text += f" p{_fmt(k['padding'])}"
+        return text
+
+
+def _fmt(v):
+    return "×".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
+
+
+def _not_one(v):
+    return any(x != 1 for x in (v if isinstance(v, (tuple, list)) else [v]))
+
+
+def _not_zero(v):
+    return any(x != 0 for x in (v if isinstance(v, (tuple, list)) else [v]))
+
+
+CASES = [
+    # ResNet-style 3x3 convolutions: each stage does about the same FLOPs.
+    Case("conv3x3 64", "conv", "conv2d", (64, 56, 56), (64, 64, 3, 3), dict(padding=1)),
+    Case("conv3x3/2 128", "conv", "conv2d", (128, 56, 56), (128, 128, 3, 3), dict(stride=2, padding=1)),
+    Case("conv3x3 256", "conv", "conv2d", (256, 14, 14), (256, 256, 3, 3), dict(padding=1)),
+    Case("conv3x3 512", "conv", "conv2d", (512, 7, 7), (512, 512, 3, 3), dict(padding=1)),
+    # The stem: few input channels, a big kernel, a big image.
+    Case("stem 7x7/2", "conv", "conv2d", (3, 224, 224), (64, 3, 7, 7), dict(stride=2, padding=3)),
+    # Pointwise: a plain matrix multiply in disguise.
+    Case("conv1x1 64→256", "conv", "conv2d", (64, 56, 56), (256, 64, 1, 1), {}),
+    # Depthwise (MobileNet-style): groups == channels, very little work per byte.
+    Case("depthwise 3x3", "conv", "conv2d", (144, 56, 56), (144, 1, 3, 3), dict(padding=1, groups=144)),
+    Case("conv1d k3", "conv", "conv1d", (256, 1024), (256, 256, 3), dict(padding=1)),
+    # Max pooling: memory-bound, so judged in GB/s.
+    Case("maxpool 3x3/2", "pool", "max_pool2d", (64, 112, 112), None, dict(kernel_size=3, stride=2, padding=1)),
+    Case("maxpool 2x2/2", "pool", "max_pool2d", (128, 64, 64), None, dict(kernel_size=2, stride=2)),
+    Case("maxpool1d 3/2", "pool", "max_pool1d", (128, 8192), None, dict(kernel_size=3, stride=2, padding=1)),
+]
+
+
+# ---------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------
+
+def synchronize(device):
+    """Wait for queued GPU work, so the clock measures the kernels rather than their launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fns, device, warmup, repeat, budget_s, min_runs):
+    """Median milliseconds of each function in ``fns`` (a dict label -> callable).
+
+    The functions are timed in alternation, one run of each per round, so
+    that drift in the machine (frequency, other load) hits both sides alike.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples = {label: [] for label in fns}
+    spent = 0.0
+    rounds = 0
+    while rounds < repeat and (spent < budget_s or rounds < min_runs):
+        for label, fn in fns.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            elapsed = time.perf_counter() - start
+            samples[label].append(elapsed)
+            spent += elapsed
+        rounds += 1
+    return {label: statistics.median(times) * 1e3 for label, times in samples.items()}
+
+
+# ---------------------------------------------------------------------------
+# One case
+# ---------------------------------------------------------------------------
+
+def make_tensors(case, batch, device, dtype):
+    """The leaf tensors of a case: (input, weight, bias) for conv, (input,) for pool."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((batch, *case.input_shape), generator=gen, dtype=dtype).to(device)
+    if case.family == "pool":
+        return (x,)
+    fan_in = math.prod(case.weight_shape[1:])
+    w = (torch.randn(case.weight_shape, generator=gen, dtype=dtype) / math.sqrt(fan_in)).to(device)
+    b = torch.randn(case.weight_shape[0], generator=gen, dtype=dtype).to(device)
+    return (x, w, b)
+
+
+def call(functional, case, tensors):
+    """Run the case's op from one functional module (torch's or ours)."""
+    fn = getattr(functional, case.op)
+    if case.family == "conv":
+        x, w, b = tensors
+        return fn(x, w, b, **case.kwargs)
+    (x,) = tensors
+    return fn(x, **case.kwargs)
+
+
+def forward_and_grads(functional, case, tensors, grad_out):
+    leaves = [t.detach().requires_grad_(True) for t in tensors]
+    out = call(functional, case, leaves)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    return out.detach(), grads
+
+
+def agree(a, b):
+    """Loose float32 agreement, scaled by the magnitude of the reference values."""
+    if a.shape != b.shape:
+        return False
+    scale = b.abs().max().item() if b.numel() else 0.0
+    return torch.allclose(a, b, rtol=1e-3, atol=1e-4 * max(scale, 1.0))
+
+
+def work(case, tensors, out):
+    """(forward work, forward+backward work, unit) for the throughput columns."""
+    if case.family == "conv":
+        w = tensors[1]
+        # Every output element is a dot product of length (C_in/groups)*prod(kernel): one
+        # multiply and one add per term.
+        fwd = 2 * out.numel() * math.prod(w.shape[1:])
+        return fwd, 3 * fwd, "FLOP"
+    x = tensors[0]
+    size = x.element_size()
+    index_size = 8  # int64
+    fwd = x.numel() * size + out.numel() * (size + index_size)
+    bwd = out.numel() * (size + index_size) + x.numel() * size
+    return fwd, fwd + bwd, "B"
+
+
+def run_case(case, args, device):
+    tensors = make_tensors(case, args.batch, device, torch.float32)
+    leaves = [t.detach().requires_grad_(True) for t in tensors]
+
+    with torch.no_grad():
+        torch_out = call(F, case, tensors)
+    gen = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(torch_out.shape, generator=gen).to(device)
+
+    # Check ours against torch once before timing anything.
+    out_t, grads_t = forward_and_grads(F, case, tensors, grad_out)
+    out_m, grads_m = forward_and_grads(tmg.functional, case, tensors, grad_out)
+    agrees = agree(out_m, out_t) and all(agree(gm, gt) for gm, gt in zip(grads_m, grads_t))
+    del out_t, grads_t, out_m, grads_m
+
+    def forward(functional):
+        def run():
+            with torch.no_grad():
+                call(functional, case, tensors)
+        return run
+
+    def forward_backward(functional):
+        def run():
+            out = call(functional, case, leaves)
+            torch.autograd.grad(out, leaves, grad_out)
+        return run
+
+    timing = dict(warmup=args.warmup, repeat=args.repeat, budget_s=args.budget, min_runs=args.min_runs)
+    ms = {}
+    for kind, make in (("fwd", forward), ("fb", forward_backward)):
+        medians = median_ms({"torch": make(F), "ours": make(tmg.functional)}, device, **timing)
+        for label, value in medians.items():
+            ms[label, kind] = value
+    fwd_work, fb_work, unit = work(case, tensors, torch_out)
+    return dict(case=case, ms=ms, work=(fwd_work, fb_work, unit), agrees=agrees)
+
+
+# ---------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------
+
+def human(amount, unit):
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if amount >= scale:
+            return f"{amount / scale:.2f} {prefix}{unit}"
+    return f"{amount:.0f} {unit}"
+
+
+def rate(amount, ms):
+    """Throughput in G<unit>/s for `amount` units done in `ms` milliseconds."""
+    return amount / (ms * 1e-3) / 1e9
+
+
+def table(results):
+    header = [
+        "case", "shape (N=batch)", "work fwd", "torch fwd ms", "ours fwd ms", "ours/torch fwd",
+        "torch f+b ms", "ours f+b ms", "ours/torch f+b",
+        "torch fwd / f+b", "ours fwd / f+b", "agrees",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    for r in results:
+        case, ms = r["case"], r["ms"]
+        fwd_work, fb_work, unit = r["work"]
+        per_s = "GFLOP/s" if unit == "FLOP" else "GB/s"
+
+        def rates(who):
+            return f"{rate(fwd_work, ms[who, 'fwd']):.1f} / {rate(fb_work, ms[who, 'fb']):.1f} {per_s}"
+
+        row = [
+            case.name, case.describe(), human(fwd_work, unit),
+            f"{ms['torch', 'fwd']:.3f}", f"{ms['ours', 'fwd']:.3f}", f"{ms['ours', 'fwd'] / ms['torch', 'fwd']:.2f}",
+            f"{ms['torch', 'fb']:.3f}", f"{ms['ours', 'fb']:.3f}", f"{ms['ours', 'fb'] / ms['torch', 'fb']:.2f}",
+            rates("torch"), rates("ours"), "yes" if r["agrees"] else "**NO**",
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def describe_machine(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ---------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own choice)")
+    p.add_argument("--only", choices=["conv", "pool"], default=None, help="run only one family of cases")
+    p.add_argument("--batch", type=int, default=None, help="batch size N (default 8; 1 with --quick)")
+    p.add_argument("--repeat", type=int, default=None, help="most timed runs per measurement (default 15; 1 with --quick)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 2; 0 with --quick)")
+    p.add_argument("--budget", type=float, default=2.0,
+                   help="seconds (both sides together) after which a measurement stops repeating, "
+                        "once it has 3 runs (default 2.0)")
+    p.add_argument("--quick", action="store_true", help="smoke test: batch 1, a single run per measurement")
+    args = p.parse_args(argv)
+    quick = args.quick
+    if args.batch is None:
+        args.batch = 1 if quick else 8
+    if args.repeat is None:
+        args.repeat = 1 if quick else 15
+    if args.warmup is None:
+        args.warmup = 0 if quick else 2
+    args.min_runs = min(3, args.repeat)
+    if args.batch < 1 or args.repeat < 1 or args.warmup < 0:
+        p.error("--batch and --repeat must be at least 1, --warmup at least 0")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda asked for, but torch sees no CUDA device")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    cases = [c for c in CASES if args.only in (None, c.family)]
+    print(
+        f"torch_manualgrad vs torch {torch.__version__} on {device} ({describe_machine(device)}), "
+        f"threads {torch.get_num_threads()}, batch {args.batch}, float32, "
+        f"median of up to {args.repeat} runs after {args.warmup} warm-up\n"
+    )
+    started = time.perf_counter()
+    results = []
+    for case in cases:
+        results.append(run_case(case, args, device))
+        print(f"  done: {case.name}", file=sys.stderr, flush=True)
+    print(table(results))
+    print(f"\nratio < 1 means ours is faster.  Total benchmark time {time.perf_counter() - started:.1f} s.")
+    return 0 if all(r["agrees"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

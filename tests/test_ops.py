@@ -1,0 +1,113 @@
+"""The registered torch.ops.manualgrad ops called directly: values vs torch, output_mask, and torch.library.opcheck."""
+import itertools
+
+import pytest
+import torch
+import torch_manualgrad  # noqa: F401  (importing it registers torch.ops.manualgrad.*)
+from common import ntuple, tiny_conv_samples, tiny_pool_samples, tolerances
+
+CONV_CASES = tiny_conv_samples()
+POOL_CASES = tiny_pool_samples()
+
+
+def conv_op_args(case, x, w, b):
+    return (
+        x,
+        w,
+        b,
+        list(ntuple(case.stride, case.dim)),
+        list(case.symmetric_padding()),
+        list(ntuple(case.dilation, case.dim)),
+        case.groups,
+    )
+
+
+def pool_op_args(case, x):
+    kernel, stride, padding, dilation = case.tuples()
+    return (x, list(kernel), list(stride), list(padding), list(dilation), case.ceil_mode)
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+def test_conv_ops_match_torch(case, device, dtype):
+    x, w, b = case.make_tensors(device, dtype, requires_grad=True)
+    expected = case.torch_fn()(x, w, b, **case.kwargs())
+    out = torch.ops.manualgrad.conv_forward(*conv_op_args(case, x.detach(), w.detach(), None if b is None else b.detach()))
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected.detach(), **tolerances(dtype))
+
+    grad_output = case.make_grad_output(device, dtype)
+    gx, gw = torch.autograd.grad(expected, [x, w], grad_output)
+    gb = grad_output.sum(dim=[0] + list(range(2, grad_output.dim())))
+    stride, padding, dilation = (list(a) for a in conv_op_args(case, x, w, b)[3:6])
+    for mask in itertools.product([False, True], repeat=3):
+        result = torch.ops.manualgrad.conv_backward(
+            grad_output, x.detach(), w.detach(), stride, padding, dilation, case.groups, list(mask)
+        )
+        assert len(result) == 3
+        for wanted, got, ref, name in zip(mask, result, (gx, gw, gb), ("grad_input", "grad_weight", "grad_bias")):
+            if not wanted:
+                assert got is None, f"{name} was not asked for in output_mask={mask}"
+            else:
+                assert got is not None, f"{name} missing for output_mask={mask}"
+                assert got.shape == ref.shape and got.dtype == dtype
+                torch.testing.assert_close(got, ref, **tolerances(dtype))
+
+
+@pytest.mark.parametrize("case", POOL_CASES, ids=str)
+def test_max_pool_ops_match_torch(case, device, dtype):
+    x = case.make_input(device, dtype, values="ties", requires_grad=True)
+    ref_out, ref_idx = case.torch_fn()(x, **case.kwargs(return_indices=True))
+    out, idx = torch.ops.manualgrad.max_pool_forward(*pool_op_args(case, x.detach()))
+    torch.testing.assert_close(out, ref_out.detach(), rtol=0, atol=0)
+    assert torch.equal(idx, ref_idx)
+    grad_output = case.make_grad_output(device, dtype)
+    (ref_grad,) = torch.autograd.grad(ref_out, x, grad_output)
+    grad = torch.ops.manualgrad.max_pool_backward(grad_output, idx, list(x.shape))
+    assert grad.shape == x.shape and grad.dtype == dtype
+    torch.testing.assert_close(grad, ref_grad, **tolerances(dtype))
+
+
+def test_ops_are_registered():
+    for name in ("conv_forward", "conv_backward", "max_pool_forward", "max_pool_backward"):
+        assert hasattr(torch.ops.manualgrad, name), name
+
+
+@pytest.mark.parametrize("case", CONV_CASES[::2], ids=str)
+def test_conv_forward_opcheck(case, device):
+    x, w, b = case.make_tensors(device, torch.float64)
+    torch.library.opcheck(torch.ops.manualgrad.conv_forward.default, conv_op_args(case, x, w, b))
+
+
+@pytest.mark.parametrize("case", CONV_CASES[::2], ids=str)
+def test_conv_backward_opcheck(case, device):
+    x, w, b = case.make_tensors(device, torch.float64)
+    stride, padding, dilation = (list(a) for a in conv_op_args(case, x, w, b)[3:6])
+    grad_output = case.make_grad_output(device, torch.float64)
+    for mask in ([True, True, True], [True, False, False], [False, True, True]):
+        torch.library.opcheck(
+            torch.ops.manualgrad.conv_backward.default, (grad_output, x, w, stride, padding, dilation, case.groups, mask)
+        )
+
+
+@pytest.mark.parametrize("case", POOL_CASES[::2], ids=str)
+def test_max_pool_opcheck(case, device):
+    x = case.make_input(device, torch.float64, values="distinct")
+    torch.library.opcheck(torch.ops.manualgrad.max_pool_forward.default, pool_op_args(case, x))
+    out, idx = torch.ops.manualgrad.max_pool_forward(*pool_op_args(case, x))
+    grad_output = case.make_grad_output(device, torch.float64)
+    torch.library.opcheck(torch.ops.manualgrad.max_pool_backward.default, (grad_output, idx, list(x.shape)))
+
+
+def test_functional_works_under_torch_compile(device):
+    """The fake (meta) implementations let the ops be traced; results equal eager."""
+    from torch_manualgrad import functional as tf
+
+    def model(x, w):
+        return tf.max_pool2d(torch.relu(tf.conv2d(x, w, padding="same")), 2)
+
+    x = torch.randn(2, 3, 8, 8, device=device)
+    w = torch.randn(4, 3, 3, 3, device=device)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, w), model(x, w), rtol=1e-5, atol=1e-5)
+    meta = model(x.to("meta"), w.to("meta"))
+    assert meta.shape == (2, 4, 4, 4) and meta.device.type == "meta"
