@@ -10,6 +10,7 @@
 // each task runs its BLAS calls single-threaded inside at::parallel_for, and partial weight gradients
 // are summed in a fixed order — so results are bit-identical on every run and every thread count.
 #include "../shape_checks.h"
+#include "depthwise_cpu.h"
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -240,6 +241,10 @@ at::Tensor conv_forward_cpu(const at::Tensor& input_, const at::Tensor& weight_,
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor bias_column = has_bias ? bias->contiguous().view({g.out_channels, 1}) : at::Tensor();
 
+  if (is_depthwise(g)) {
+    depthwise_forward_cpu(output, input, weight, has_bias ? bias->contiguous() : at::Tensor(), g);
+    return output;
+  }
   const Blocking blocking = make_blocking(g, /*allow_tiles=*/true);
   parallel_tasks(blocking.count, [&](int64_t begin, int64_t end) {
     const at::Tensor workspace = column_workspace(input, g, blocking);
@@ -360,11 +365,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
   if (output_mask[0]) {
     grad_input = at::empty(input_.sizes(), input_.options());  // (N, C_in, H, W)
     const at::Tensor weight = weight_.contiguous().view({g.out_channels, GroupDims(g).k_per_group});
-    if (g.batch > 0) conv_backward_input_cpu(grad_input, grad_output, weight, g);
+    if (g.batch > 0 && is_depthwise(g)) {
+      depthwise_backward_input_cpu(grad_input, grad_output, weight, g);
+    } else if (g.batch > 0) {
+      conv_backward_input_cpu(grad_input, grad_output, weight, g);
+    }
   }
   if (output_mask[1]) {
     grad_weight = at::zeros(weight_.sizes(), weight_.options());  // (C_out, C_in/g, KH, KW)
-    if (g.batch > 0) conv_backward_weight_cpu(grad_weight, grad_output, input_.contiguous(), g);
+    if (g.batch > 0 && is_depthwise(g)) {
+      depthwise_backward_weight_cpu(grad_weight, grad_output, input_.contiguous(), g);
+    } else if (g.batch > 0) {
+      conv_backward_weight_cpu(grad_weight, grad_output, input_.contiguous(), g);
+    }
   }
   if (output_mask[2]) {
     grad_bias = at::empty({g.out_channels}, grad_output.options());

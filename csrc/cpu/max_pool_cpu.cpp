@@ -6,6 +6,7 @@
 // Backward sends each output's gradient to its argmax only; overlapping windows add. Each (n, c)
 // plane belongs to one task, so no two tasks touch a pixel: deterministic without atomics.
 #include "../shape_checks.h"
+#include "vectorize.h"
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -21,13 +22,6 @@ namespace {
 inline int64_t first_inside(int64_t start, int64_t dilation) {
   return start >= 0 ? start : start + ceil_div(-start, dilation) * dilation;
 }
-
-// Compiled for AVX-512, AVX2 and baseline x86-64 alike; the loader picks the best the CPU has.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MANUALGRAD_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define MANUALGRAD_VECTOR_CLONES
-#endif
 
 // Per-thread scratch for one plane. Each input row is stored as `stride_w` phases, phase r holding
 // the padded row's columns r, r + stride, r + 2*stride, ...; then every window tap reads a contiguous

@@ -1,0 +1,22 @@
+// depthwise_cpu.h — the direct (no im2col) CPU path for depthwise convolutions, called by conv_cpu.cpp.
+#pragma once
+
+#include "../shape_checks.h"
+
+namespace manualgrad {
+
+// Depthwise: every group has one input channel (groups == in_channels), with any channel multiplier.
+// There a GEMM would be (multiplier × KH*KW) @ (KH*KW × positions): too thin to pay for im2col.
+inline bool is_depthwise(const Geometry& g) { return g.groups == g.in_channels && g.groups > 1; }
+
+// output (N, C_out, OH, OW) = depthwise conv of input (N, C_in, H, W) with weight (C_out, 1, KH, KW) + bias
+void depthwise_forward_cpu(at::Tensor& output, const at::Tensor& input, const at::Tensor& weight,
+                           const at::Tensor& bias, const Geometry& g);
+// grad_input (N, C_in, H, W) from grad_output (N, C_out, OH, OW) and weight (C_out, 1, KH, KW)
+void depthwise_backward_input_cpu(at::Tensor& grad_input, const at::Tensor& grad_output, const at::Tensor& weight,
+                                  const Geometry& g);
+// grad_weight (C_out, 1, KH, KW) from grad_output (N, C_out, OH, OW) and input (N, C_in, H, W)
+void depthwise_backward_weight_cpu(at::Tensor& grad_weight, const at::Tensor& grad_output, const at::Tensor& input,
+                                   const Geometry& g);
+
+}  // namespace manualgrad
