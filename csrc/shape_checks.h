@@ -33,7 +33,8 @@ struct Geometry {
   }
 };
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// ceil(a / b) for a >= 0, b > 0, without the overflow of (a + b - 1) / b.
+inline int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
 
 inline const char* op_label(const char* kind, int64_t spatial_dims) {
   const bool is_conv = kind[0] == 'c';
@@ -60,9 +61,11 @@ inline void check_all_non_negative(const char* op, const char* name, c10::IntArr
   for (auto x : v) TORCH_CHECK(x >= 0, op, ": expected ", name, " to be non-negative, but got ", name, "=", v);
 }
 
+// The kernels are written for float32 and float64 (half types come with a later issue).
 inline void check_floating(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": expected a floating-point ", name, ", but got ", name,
-              " of dtype ", t.scalar_type());
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, op, ": expected a floating-point ", name,
+              " of dtype float32 or float64, but got ", name, " of dtype ", dtype);
 }
 
 inline void check_same_device_and_dtype(const char* op, const char* name, const at::Tensor& t,
@@ -99,6 +102,22 @@ inline Window2d make_window(c10::IntArrayRef kernel, c10::IntArrayRef stride, c1
   return w;
 }
 
+// The extent of a dilated kernel, dilation*(kernel-1)+1, and of a padded input, size+2*pad; both checked
+// for int64 overflow, so absurd arguments are reported instead of wrapping into a plausible geometry.
+inline int64_t dilated_extent(const char* op, int64_t kernel, int64_t dilation) {
+  int64_t span = 0;
+  TORCH_CHECK(!__builtin_mul_overflow(dilation, kernel - 1, &span) && span < INT64_MAX, op,
+              ": kernel size ", kernel, " with dilation ", dilation, " overflows int64");
+  return span + 1;
+}
+
+inline int64_t padded_extent(const char* op, int64_t size, int64_t pad) {
+  int64_t padded = 0;
+  TORCH_CHECK(pad <= INT64_MAX / 2 && !__builtin_add_overflow(size, 2 * pad, &padded), op, ": padding ", pad,
+              " on an input of size ", size, " overflows int64");
+  return padded;
+}
+
 // Output size of a convolution along one dimension; the caller has checked the kernel fits.
 inline int64_t conv_output_size(int64_t in, int64_t kernel, int64_t stride, int64_t pad, int64_t dilation) {
   return (in + 2 * pad - dilation * (kernel - 1) - 1) / stride + 1;
@@ -108,9 +127,12 @@ inline int64_t conv_output_size(int64_t in, int64_t kernel, int64_t stride, int6
 // over the end, but it must start inside the input or the left padding.
 inline int64_t pool_output_size(int64_t in, int64_t kernel, int64_t stride, int64_t pad, int64_t dilation,
                                  bool ceil_mode) {
+  // Rounds the windows' span down (or up, with ceil_mode) towards -inf, as torch's div_rtn: with
+  // ceil_mode a negative span of less than one stride still leaves a window hanging over the end.
   const int64_t span = in + 2 * pad - dilation * (kernel - 1) - 1;
-  if (span < 0) return 0;  // the caller reports this as too small an input
-  int64_t out = (span + (ceil_mode ? stride - 1 : 0)) / stride + 1;
+  const int64_t down = span >= 0 ? span / stride : -ceil_div(-span, stride);
+  const int64_t windows = ceil_mode && down * stride != span ? down + 1 : down;
+  int64_t out = windows + 1;
   if (ceil_mode && (out - 1) * stride >= in + pad) --out;
   return out;
 }
@@ -145,8 +167,8 @@ inline Geometry check_conv(const at::Tensor& input, const at::Tensor& weight, co
                 "], but got bias of shape ", bias->sizes());
 
   for (int64_t i = 0; i < d; ++i) {
-    const int64_t padded = input.size(2 + i) + 2 * padding[i];
-    const int64_t dilated_kernel = dilation[i] * (weight.size(2 + i) - 1) + 1;
+    const int64_t padded = padded_extent(op, input.size(2 + i), padding[i]);
+    const int64_t dilated_kernel = dilated_extent(op, weight.size(2 + i), dilation[i]);
     TORCH_CHECK(dilated_kernel <= padded, op, ": kernel size (with dilation) ", dilated_kernel,
                 " is larger than the padded input size ", padded, " in spatial dimension ", i,
                 " (input of shape ", input.sizes(), ", weight of shape ", weight.sizes(), ", padding=", padding,
@@ -194,6 +216,10 @@ inline Geometry check_max_pool(const at::Tensor& input, c10::IntArrayRef kernel_
     TORCH_CHECK(padding[i] <= kernel_size[i] / 2, op,
                 ": pad should be at most half of kernel size, but got padding=", padding, " and kernel_size=", kernel_size);
   check_input_dims(op, input, d);
+  for (int64_t i = 0; i < d; ++i) {  // overflow checks; with pad <= kernel/2 the span below is at most the input size
+    padded_extent(op, input.size(2 + i), padding[i]);
+    dilated_extent(op, kernel_size[i], dilation[i]);
+  }
 
   Geometry g;
   g.spatial_dims = d;
@@ -219,8 +245,10 @@ inline void check_max_pool_backward(const at::Tensor& grad_output, const at::Ten
   TORCH_CHECK(n == 3 || n == 4, "max_pool backward: expected input_size to have 3 or 4 entries (N, C, *spatial), but got input_size=",
               input_size);
   const char* op = op_label("pool", n - 2);
-  for (auto s : input_size)
-    TORCH_CHECK(s >= 0, op, ": expected input_size to be non-negative, but got input_size=", input_size);
+  TORCH_CHECK(input_size[0] >= 0, op, ": expected input_size to have a non-negative batch, but got input_size=", input_size);
+  for (int64_t i = 1; i < n; ++i)
+    TORCH_CHECK(input_size[i] > 0, op, ": expected input_size to have positive channel and spatial sizes, but got input_size=",
+                input_size);
   check_floating(op, "grad_output", grad_output);
   TORCH_CHECK(indices.scalar_type() == at::kLong, op, ": expected indices of dtype Long (int64), but got indices of dtype ",
               indices.scalar_type());

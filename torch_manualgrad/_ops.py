@@ -17,7 +17,7 @@ def conv_output_size(size, kernel, stride, padding, dilation):
 
 def pool_output_size(size, kernel, stride, padding, dilation, ceil_mode):
     span = size + 2 * padding - dilation * (kernel - 1) - 1
-    out = (span + (stride - 1 if ceil_mode else 0)) // stride + 1
+    out = (span + (stride - 1 if ceil_mode else 0)) // stride + 1  # // rounds towards -inf, as torch's
     if ceil_mode and (out - 1) * stride >= size + padding:
         out -= 1
     return out

@@ -95,7 +95,10 @@ def _max_pool(dims, op, input, kernel_size, stride, padding, dilation, ceil_mode
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{op}: expected input to be a Tensor, but got input of type {type(input).__name__}")
     kernel_size = _expand(kernel_size, dims, "kernel_size", op)
-    stride = kernel_size if stride is None or (not isinstance(stride, int) and len(stride) == 0) else _expand(stride, dims, "stride", op)
+    if stride is None or (isinstance(stride, (tuple, list, torch.Size)) and len(stride) == 0):
+        stride = kernel_size  # torch's default: windows side by side
+    else:
+        stride = _expand(stride, dims, "stride", op)
     padding = _expand(padding, dims, "padding", op)
     dilation = _expand(dilation, dims, "dilation", op)
     input, unbatched = _batched(op, input, dims)

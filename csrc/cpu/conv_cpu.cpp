@@ -94,14 +94,17 @@ Block clamp_block(Block blk, const Geometry& g) {
   return blk;
 }
 
-// Runs f(begin, end) over [0, count) on ATen's thread pool, one task at a time per grain. The guard
-// is set inside, on each worker thread: the ATen calls there are plain arithmetic, and must neither
-// record autograd history nor see the inputs' requires_grad (thread-local state is not inherited).
+// Runs f(begin, end) over tasks [0, count) on ATen's thread pool. Two things make each task's BLAS
+// calls single-threaded, whatever the thread count: there are always at least two tasks (a single task
+// would run inline, outside any parallel region, and BLAS would then split it over all threads, with
+// a thread-count-dependent rounding), and inside a parallel region BLAS runs on the calling thread.
+// The guard is set on each worker thread, since thread-local state is not inherited: the ATen calls
+// there are plain arithmetic and must not record autograd history.
 template <typename F>
 void parallel_tasks(int64_t count, const F& f) {
-  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, std::max<int64_t>(count, 2), 1, [&](int64_t begin, int64_t end) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    f(begin, end);
+    if (begin < count) f(begin, std::min(end, count));
   });
 }
 
@@ -189,13 +192,18 @@ bool is_pointwise(const Geometry& g) {
   return w.kernel_h == 1 && w.kernel_w == 1 && w.stride_h == 1 && w.stride_w == 1 && w.pad_h == 0 && w.pad_w == 0;
 }
 
-// t (N, C, P) → the block's (C, images * (p1 - p0)) matrix: a view when the block is one image,
-// a gathered copy when it spans several.
-at::Tensor block_matrix(const at::Tensor& t, const Block& blk) {
-  const int64_t channels = t.size(1), positions = t.numel() / std::max<int64_t>(1, t.size(0) * channels);
-  if (blk.images == 1) return t[blk.n0].view({channels, positions}).narrow(1, blk.p0, blk.p1 - blk.p0);
-  return t.narrow(0, blk.n0, blk.images).view({blk.images, channels, positions}).permute({1, 0, 2}).reshape(
-      {channels, blk.width()});
+// Channels [c0, c0 + channels) of t (N, C, P) → the block's (channels, images * (p1 - p0)) matrix: a
+// view when the block is one image, a gathered copy when it spans several.
+at::Tensor block_matrix(const at::Tensor& t, const Block& blk, int64_t c0 = 0, int64_t channels = -1) {
+  const int64_t all = t.size(1), positions = t.numel() / std::max<int64_t>(1, t.size(0) * all);
+  if (channels < 0) channels = all;
+  if (blk.images == 1)
+    return t[blk.n0].view({all, positions}).narrow(0, c0, channels).narrow(1, blk.p0, blk.p1 - blk.p0);
+  return t.narrow(0, blk.n0, blk.images)
+      .view({blk.images, all, positions})
+      .narrow(1, c0, channels)
+      .permute({1, 0, 2})
+      .reshape({channels, blk.width()});
 }
 
 // The inverse of block_matrix for writing results: matrix (C, images * P) → t[n0 : n0 + images].
@@ -239,12 +247,12 @@ at::Tensor conv_forward_cpu(const at::Tensor& input_, const at::Tensor& weight_,
   at::Tensor output = at::empty(g.output_shape(g.out_channels), input.options());        // (N, C_out, OH, OW)
   if (g.batch == 0) return output;
   const bool has_bias = bias.has_value() && bias->defined();
-  const at::Tensor bias_column = has_bias ? bias->contiguous().view({g.out_channels, 1}) : at::Tensor();
-
+  const at::Tensor bias_ = has_bias ? bias->contiguous() : at::Tensor();  // (C_out,)
   if (is_depthwise(g)) {
-    depthwise_forward_cpu(output, input, weight, has_bias ? bias->contiguous() : at::Tensor(), g);
+    depthwise_forward_cpu(output, input, weight, bias_, g);
     return output;
   }
+  const at::Tensor bias_column = has_bias ? bias_.view({g.out_channels, 1}) : at::Tensor();
   const Blocking blocking = make_blocking(g, /*allow_tiles=*/true);
   parallel_tasks(blocking.count, [&](int64_t begin, int64_t end) {
     const at::Tensor workspace = column_workspace(input, g, blocking);
@@ -290,7 +298,7 @@ void conv_backward_input_cpu(at::Tensor& grad_input, const at::Tensor& grad_outp
       const at::Tensor weight_block =  // (C_out/g, cb*KH*KW): these channels' taps of this group's filters
           weight.narrow(0, grp * d.out_per_group, d.out_per_group).narrow(1, c0 * d.taps, cb * d.taps);
       const at::Tensor grad_out_g =  // (C_out/g, width)
-          block_matrix(grad_output, blk).narrow(0, grp * d.out_per_group, d.out_per_group);
+          block_matrix(grad_output, blk, grp * d.out_per_group, d.out_per_group);
       const at::Tensor grad_columns = at::mm(weight_block.t(), grad_out_g);  // (cb*KH*KW, width)
       if (is_pointwise(g)) {
         scatter_block(grad_input, first_channel, grad_columns, blk);

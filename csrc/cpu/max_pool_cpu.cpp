@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -27,21 +28,27 @@ inline int64_t first_inside(int64_t start, int64_t dilation) {
 // the padded row's columns r, r + stride, r + 2*stride, ...; then every window tap reads a contiguous
 // run of one phase, so the sweep over an output row is a plain, vectorisable loop. Columns outside the
 // input hold -inf: never strictly greater than anything, so padding can never become the argmax.
+// Only the kernel columns [tap_lo, tap_hi) that reach the input for some output are kept, so a huge
+// kernel over a small input costs no more than the input itself.
 template <typename scalar_t, typename index_t>
 struct PlaneScratch {
-  std::vector<scalar_t> phases;   // (H, stride_w, phase_len)
-  std::vector<scalar_t> padded_row;  // (stride_w * phase_len,) one input row with its padding
-  std::vector<scalar_t> best;     // (OW,) running maximum of the current output row
+  std::vector<scalar_t> phases;      // (H, stride_w, phase_len)
+  std::vector<scalar_t> padded_row;  // (stride_w * phase_len,) padded columns [base, base + stride_w*phase_len)
+  std::vector<scalar_t> best;        // (OW,) running maximum of the current output row
   std::vector<index_t> best_index;
-  std::vector<index_t> first_col;  // (OW,) first in-bounds column of each window: torch's initial argmax
-  int64_t phase_len = 0;
+  std::vector<int64_t> first_col;  // (OW,) first in-bounds column of each window: torch's initial argmax
+  int64_t tap_lo = 0, tap_hi = 0, base = 0, phase_len = 0;
 
   explicit PlaneScratch(const Geometry& g) {
     const Window2d& w = g.win;
-    const int64_t padded_w = (g.out_w - 1) * w.stride_w + (w.kernel_w - 1) * w.dilation_w + 1;
-    phase_len = (padded_w + w.stride_w - 1) / w.stride_w;
+    const int64_t reach = (g.out_w - 1) * w.stride_w;  // how far right the last output's window starts
+    tap_lo = w.pad_w - reach <= 0 ? 0 : ceil_div(w.pad_w - reach, w.dilation_w);
+    tap_hi = std::max(tap_lo, std::min(w.kernel_w, (g.in_w - 1 + w.pad_w) / w.dilation_w + 1));
+    base = tap_lo * w.dilation_w;
+    const int64_t span = tap_hi > tap_lo ? reach + (tap_hi - 1 - tap_lo) * w.dilation_w + 1 : 0;
+    phase_len = ceil_div(span, w.stride_w);
     phases.resize(g.in_h * w.stride_w * phase_len);
-    padded_row.resize(std::max(w.stride_w * phase_len, g.in_w + w.pad_w));
+    padded_row.resize(w.stride_w * phase_len);
     best.resize(g.out_w);
     best_index.resize(g.out_w);
     first_col.resize(g.out_w);
@@ -87,14 +94,17 @@ void max_pool_plane(scalar_t* output, int64_t* indices, const scalar_t* input, c
   const Window2d& w = g.win;
   const int64_t s = w.stride_w, len = scratch.phase_len;
   const scalar_t minus_inf = -std::numeric_limits<scalar_t>::infinity();
+  const int64_t row_len = s * len;
+  const int64_t left = std::clamp<int64_t>(w.pad_w - scratch.base, 0, row_len);  // first slot inside the input
+  const int64_t right = std::clamp<int64_t>(w.pad_w - scratch.base + g.in_w, left, row_len);
   for (int64_t ih = 0; ih < g.in_h; ++ih) {
-    // The padded row: input columns shifted right by pad_w, -inf around them.
+    // The padded row: slot t holds input column t + base - pad_w, or -inf outside the input.
     scalar_t* padded = scratch.padded_row.data();
-    const int64_t right = std::min<int64_t>(g.in_w, s * len - w.pad_w);
-    std::fill(padded, padded + w.pad_w, minus_inf);
-    std::copy(input + ih * g.in_w, input + ih * g.in_w + right, padded + w.pad_w);
-    std::fill(padded + w.pad_w + right, padded + s * len, minus_inf);
-    deinterleave(scratch.phases.data() + ih * s * len, padded, s, len);
+    const scalar_t* row = input + ih * g.in_w + (scratch.base - w.pad_w);
+    std::fill(padded, padded + left, minus_inf);
+    std::copy(row + left, row + right, padded + left);
+    std::fill(padded + right, padded + row_len, minus_inf);
+    deinterleave(scratch.phases.data() + ih * row_len, padded, s, len);
   }
   scalar_t* best = scratch.best.data();
   index_t* best_index = scratch.best_index.data();
@@ -108,13 +118,15 @@ void max_pool_plane(scalar_t* output, int64_t* indices, const scalar_t* input, c
       const bool empty = first_row >= g.in_h || scratch.first_col[ow] >= g.in_w;
       best_index[ow] = empty ? index_t(-1) : static_cast<index_t>(first_row * g.in_w + scratch.first_col[ow]);
     }
-    for (int64_t i = 0; i < w.kernel_h; ++i) {
+    // only the kernel rows that land inside the input
+    const int64_t i_lo = h_start >= 0 ? 0 : ceil_div(-h_start, w.dilation_h);
+    const int64_t i_hi = h_start > g.in_h - 1 ? 0 : std::min(w.kernel_h, (g.in_h - 1 - h_start) / w.dilation_h + 1);
+    for (int64_t i = i_lo; i < i_hi; ++i) {
       const int64_t ih = h_start + i * w.dilation_h;
-      if (ih < 0 || ih >= g.in_h) continue;
-      for (int64_t j = 0; j < w.kernel_w; ++j) {
-        const int64_t c = j * w.dilation_w;  // padded column of output 0's tap j
+      for (int64_t j = scratch.tap_lo; j < scratch.tap_hi; ++j) {
+        const int64_t c = j * w.dilation_w - scratch.base;  // slot of output 0's tap j in the padded row
         const scalar_t* values = scratch.phases.data() + (ih * s + c % s) * len + c / s;
-        sweep_tap(best, best_index, values, g.out_w, static_cast<index_t>(ih * g.in_w + c - w.pad_w),
+        sweep_tap(best, best_index, values, g.out_w, static_cast<index_t>(ih * g.in_w + j * w.dilation_w - w.pad_w),
                   static_cast<index_t>(s));
       }
     }
@@ -127,7 +139,7 @@ template <typename scalar_t, typename index_t>
 void max_pool_planes(scalar_t* out, int64_t* idx, const scalar_t* in, const Geometry& g) {
   const int64_t planes = g.batch * g.in_channels;
   const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, out_plane * g.win.kernel_h * g.win.kernel_w));
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, out_plane));
   at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
     PlaneScratch<scalar_t, index_t> scratch(g);
     for (int64_t p = begin; p < end; ++p)
@@ -144,7 +156,8 @@ std::tuple<at::Tensor, at::Tensor> max_pool_forward_cpu(const at::Tensor& input_
   at::Tensor indices = at::empty(g.output_shape(g.in_channels), input.options().dtype(at::kLong));
   if (output.numel() == 0) return {output, indices};
   // 32-bit indices inside the sweep keep twice as many lanes per vector; planes past 2^31 use 64.
-  const bool small_plane = g.in_h * g.in_w < (int64_t{1} << 31);
+  // (every index a sweep forms, even for padding lanes, lies within a plane plus one output row's reach)
+  const bool small_plane = g.in_h * g.in_w + g.out_w * g.win.stride_w + g.in_w < (int64_t{1} << 31);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "max_pool_forward_cpu", [&] {
     const scalar_t* in = input.data_ptr<scalar_t>();
     scalar_t* out = output.data_ptr<scalar_t>();

@@ -1,0 +1,80 @@
+"""Edge cases found in review: ceil_mode windows hanging past a tiny input, int64-overflowing arguments,
+huge pool kernels over small inputs, unsupported dtypes, and thread-count determinism at batch 1."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torch_manualgrad as tmg
+
+ops = torch.ops.manualgrad
+
+
+@pytest.mark.parametrize("length,kernel,stride,dilation", [(3, 3, 3, 2), (4, 3, 4, 2), (2, 2, 3, 2)])
+def test_ceil_mode_window_hanging_past_a_small_input_matches_torch(length, kernel, stride, dilation):
+    x = torch.randn(2, 3, length, dtype=torch.float64)
+    out, idx = tmg.functional.max_pool1d(x, kernel, stride, 0, dilation, ceil_mode=True, return_indices=True)
+    ref, ref_idx = F.max_pool1d(x, kernel, stride, 0, dilation, ceil_mode=True, return_indices=True)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert torch.equal(idx, ref_idx)
+    fake = ops.max_pool_forward(x.to("meta"), [kernel], [stride], [0], [dilation], True)[0]
+    assert fake.shape == out.shape
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: ops.conv_forward(torch.randn(1, 4, 32), torch.randn(4, 1, 9), None, [1], [0], [2**61 + 1], 4),
+        lambda: ops.conv_forward(torch.randn(1, 4, 32), torch.randn(4, 4, 9), None, [1], [0], [2**61 + 1], 1),
+        lambda: ops.conv_forward(torch.randn(1, 4, 32), torch.randn(4, 4, 3), None, [1], [2**63 - 1], [1], 1),
+        lambda: ops.max_pool_forward(torch.randn(1, 4, 32), [9], [1], [0], [2**61 + 1], False),
+    ],
+)
+def test_arguments_that_overflow_int64_are_rejected(call):
+    with pytest.raises(RuntimeError, match=r"overflows int64"):
+        call()
+
+
+def test_huge_pool_kernel_over_a_small_input_is_one_global_window_per_output():
+    x = torch.randn(2, 3, 16)
+    out, idx = ops.max_pool_forward(x, [2**62], [1], [2**61], [1], False)
+    assert out.shape == (2, 3, 17)
+    torch.testing.assert_close(out, x.amax(-1, keepdim=True).expand_as(out), rtol=0, atol=0)
+    assert torch.equal(idx, x.argmax(-1, keepdim=True).expand_as(idx))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_types_get_a_clear_error(dtype):
+    with pytest.raises(RuntimeError, match=r"float32 or float64.*input of dtype"):
+        tmg.functional.conv2d(torch.randn(1, 1, 4, 4, dtype=dtype), torch.randn(1, 1, 2, 2, dtype=dtype))
+    with pytest.raises(RuntimeError, match=r"float32 or float64.*input of dtype"):
+        tmg.functional.max_pool2d(torch.randn(1, 1, 4, 4, dtype=dtype), 2)
+
+
+def test_max_pool_backward_rejects_a_zero_spatial_input_size():
+    grad, idx = torch.ones(1, 1, 1, 2), torch.zeros(1, 1, 1, 2, dtype=torch.long)
+    with pytest.raises(RuntimeError, match=r"input_size=\[1, 1, 0, 4\]"):
+        ops.max_pool_backward(grad, idx, [1, 1, 0, 4])
+
+
+def test_float_pool_stride_is_a_type_error_naming_stride():
+    with pytest.raises(TypeError, match=r"stride=2\.0"):
+        tmg.functional.max_pool2d(torch.randn(1, 1, 4, 4), 2, stride=2.0)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1024, 20, 3), (1, 512, 16, 22, 3), (1, 256, 256, 22, 1)])
+def test_batch_one_is_bit_identical_across_thread_counts(shape, restore_num_threads):
+    """A batch of one is a single task for some layers; it must still not let BLAS split it by thread count."""
+    n, cin, cout, size, k = shape
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, cin, size, size, generator=gen)
+    w = torch.randn(cout, cin, k, k, generator=gen)
+    go = torch.randn(n, cout, size, size, generator=gen)
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        y = ops.conv_forward(x, w, None, [1, 1], [k // 2, k // 2], [1, 1], 1)
+        gi, gw, _ = ops.conv_backward(go, x, w, [1, 1], [k // 2, k // 2], [1, 1], 1, [True, True, False])
+        results.append((y, gi, gw))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
