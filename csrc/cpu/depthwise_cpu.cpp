@@ -74,10 +74,21 @@ struct PaddedPlane {
   }
 };
 
+// Every (output row, kernel tap) pair of one plane, in a fixed order: f(row, window, tap) where
+// row = oh*OW is the output row's offset, window the offset in the padded plane of that row's first
+// window tap, and tap = i*KW + j the weight's tap.
+template <typename F>
+void for_each_tap_row(const Geometry& g, const PaddedPlane& pad, const F& f) {
+  const Window2d& w = g.win;
+  for (int64_t oh = 0; oh < g.out_h; ++oh)
+    for (int64_t i = 0; i < w.kernel_h; ++i)
+      for (int64_t j = 0; j < w.kernel_w; ++j)
+        f(oh * g.out_w, (oh * w.stride_h + i * w.dilation_h) * pad.w + j * w.dilation_w, i * w.kernel_w + j);
+}
+
 template <typename scalar_t>
 void forward_kernel(scalar_t* out, const scalar_t* in, const scalar_t* weight, const scalar_t* bias, const Geometry& g) {
-  const Window2d& w = g.win;
-  const int64_t multiplier = g.out_channels / g.in_channels, taps = w.kernel_h * w.kernel_w;
+  const int64_t multiplier = g.out_channels / g.in_channels, taps = g.win.kernel_h * g.win.kernel_w;
   const int64_t out_plane = g.out_h * g.out_w;
   const PaddedPlane pad(g);
   at::parallel_for(0, g.batch * g.in_channels, 1, [&](int64_t begin, int64_t end) {
@@ -85,16 +96,12 @@ void forward_kernel(scalar_t* out, const scalar_t* in, const scalar_t* weight, c
     for (int64_t task = begin; task < end; ++task) {  // task = (n, c)
       const int64_t n = task / g.in_channels, c = task % g.in_channels;
       pad.fill(padded.data(), in + task * g.in_h * g.in_w, g);
-      for (int64_t k = 0; k < multiplier; ++k) {
-        const int64_t oc = c * multiplier + k;
-        scalar_t* out_plane_ptr = out + (n * g.out_channels + oc) * out_plane;
-        std::fill(out_plane_ptr, out_plane_ptr + out_plane, bias ? bias[oc] : scalar_t(0));
-        for (int64_t oh = 0; oh < g.out_h; ++oh)
-          for (int64_t i = 0; i < w.kernel_h; ++i)
-            for (int64_t j = 0; j < w.kernel_w; ++j)
-              axpy_row(out_plane_ptr + oh * g.out_w,
-                       padded.data() + (oh * w.stride_h + i * w.dilation_h) * pad.w + j * w.dilation_w,
-                       weight[oc * taps + i * w.kernel_w + j], g.out_w, w.stride_w);
+      for (int64_t oc = c * multiplier; oc < (c + 1) * multiplier; ++oc) {
+        scalar_t* o = out + (n * g.out_channels + oc) * out_plane;
+        std::fill(o, o + out_plane, bias ? bias[oc] : scalar_t(0));
+        for_each_tap_row(g, pad, [&](int64_t row, int64_t window, int64_t tap) {
+          axpy_row(o + row, padded.data() + window, weight[oc * taps + tap], g.out_w, g.win.stride_w);
+        });
       }
     }
   });
@@ -102,8 +109,7 @@ void forward_kernel(scalar_t* out, const scalar_t* in, const scalar_t* weight, c
 
 template <typename scalar_t>
 void backward_input_kernel(scalar_t* grad_in, const scalar_t* grad_out, const scalar_t* weight, const Geometry& g) {
-  const Window2d& w = g.win;
-  const int64_t multiplier = g.out_channels / g.in_channels, taps = w.kernel_h * w.kernel_w;
+  const int64_t multiplier = g.out_channels / g.in_channels, taps = g.win.kernel_h * g.win.kernel_w;
   const int64_t out_plane = g.out_h * g.out_w;
   const PaddedPlane pad(g);
   at::parallel_for(0, g.batch * g.in_channels, 1, [&](int64_t begin, int64_t end) {
@@ -111,14 +117,11 @@ void backward_input_kernel(scalar_t* grad_in, const scalar_t* grad_out, const sc
     for (int64_t task = begin; task < end; ++task) {  // task = (n, c)
       const int64_t n = task / g.in_channels, c = task % g.in_channels;
       std::fill(padded.begin(), padded.end(), scalar_t(0));
-      for (int64_t k = 0; k < multiplier; ++k) {
-        const int64_t oc = c * multiplier + k;
+      for (int64_t oc = c * multiplier; oc < (c + 1) * multiplier; ++oc) {
         const scalar_t* go = grad_out + (n * g.out_channels + oc) * out_plane;
-        for (int64_t oh = 0; oh < g.out_h; ++oh)
-          for (int64_t i = 0; i < w.kernel_h; ++i)
-            for (int64_t j = 0; j < w.kernel_w; ++j)
-              scatter_row(padded.data() + (oh * w.stride_h + i * w.dilation_h) * pad.w + j * w.dilation_w,
-                          go + oh * g.out_w, weight[oc * taps + i * w.kernel_w + j], g.out_w, w.stride_w);
+        for_each_tap_row(g, pad, [&](int64_t row, int64_t window, int64_t tap) {
+          scatter_row(padded.data() + window, go + row, weight[oc * taps + tap], g.out_w, g.win.stride_w);
+        });
       }
       pad.crop(grad_in + task * g.in_h * g.in_w, padded.data(), g);
     }
@@ -127,8 +130,7 @@ void backward_input_kernel(scalar_t* grad_in, const scalar_t* grad_out, const sc
 
 template <typename scalar_t>
 void backward_weight_kernel(scalar_t* grad_weight, const scalar_t* grad_out, const scalar_t* in, const Geometry& g) {
-  const Window2d& w = g.win;
-  const int64_t multiplier = g.out_channels / g.in_channels, taps = w.kernel_h * w.kernel_w;
+  const int64_t multiplier = g.out_channels / g.in_channels, taps = g.win.kernel_h * g.win.kernel_w;
   const int64_t out_plane = g.out_h * g.out_w;
   const PaddedPlane pad(g);
   at::parallel_for(0, g.out_channels, 1, [&](int64_t begin, int64_t end) {
@@ -139,12 +141,9 @@ void backward_weight_kernel(scalar_t* grad_weight, const scalar_t* grad_out, con
       for (int64_t n = 0; n < g.batch; ++n) {
         pad.fill(padded.data(), in + (n * g.in_channels + c) * g.in_h * g.in_w, g);
         const scalar_t* go = grad_out + (n * g.out_channels + oc) * out_plane;
-        for (int64_t oh = 0; oh < g.out_h; ++oh)
-          for (int64_t i = 0; i < w.kernel_h; ++i)
-            for (int64_t j = 0; j < w.kernel_w; ++j)
-              dot_row(acc.data() + (i * w.kernel_w + j) * g.out_w, go + oh * g.out_w,
-                      padded.data() + (oh * w.stride_h + i * w.dilation_h) * pad.w + j * w.dilation_w, g.out_w,
-                      w.stride_w);
+        for_each_tap_row(g, pad, [&](int64_t row, int64_t window, int64_t tap) {
+          dot_row(acc.data() + tap * g.out_w, go + row, padded.data() + window, g.out_w, g.win.stride_w);
+        });
       }
       for (int64_t t = 0; t < taps; ++t) {
         scalar_t sum = 0;
