@@ -20,6 +20,8 @@ TORCH_LIBRARY(manualgrad, m) {
   // Returns the pooled output and the argmax of each window as a flat index within its (n, c) plane.
   m.def("max_pool_forward(Tensor input, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
         "bool ceil_mode) -> (Tensor, Tensor)");
-  // Sends each output gradient to its argmax; needs no window geometry, only the indices.
-  m.def("max_pool_backward(Tensor grad_output, Tensor indices, int[] input_size) -> Tensor");
+  // Sends each output gradient to its argmax. The window geometry lets a device gather, for each
+  // input element, from just the windows that cover it (deterministic, no atomics).
+  m.def("max_pool_backward(Tensor grad_output, Tensor indices, int[] input_size, int[] kernel_size, int[] stride, "
+        "int[] padding, int[] dilation) -> Tensor");
 }

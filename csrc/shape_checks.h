@@ -61,11 +61,14 @@ inline void check_all_non_negative(const char* op, const char* name, c10::IntArr
   for (auto x : v) TORCH_CHECK(x >= 0, op, ": expected ", name, " to be non-negative, but got ", name, "=", v);
 }
 
-// The kernels are written for float32 and float64 (half types come with a later issue).
+// The CPU kernels take float32 and float64; the CUDA kernels also float16 and bfloat16 (accumulating
+// in float32).
 inline void check_floating(const char* op, const char* name, const at::Tensor& t) {
   const auto dtype = t.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, op, ": expected a floating-point ", name,
-              " of dtype float32 or float64, but got ", name, " of dtype ", dtype);
+  const bool half = dtype == at::kHalf || dtype == at::kBFloat16;
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || (half && t.is_cuda()), op, ": expected a floating-point ",
+              name, " of dtype float32 or float64 (or float16/bfloat16 on CUDA), but got ", name, " of dtype ", dtype,
+              " on ", t.device());
 }
 
 inline void check_same_device_and_dtype(const char* op, const char* name, const at::Tensor& t,
@@ -238,17 +241,30 @@ inline Geometry check_max_pool(const at::Tensor& input, c10::IntArrayRef kernel_
   return g;
 }
 
-// The backward of max-pool needs only the output gradient, the argmax indices and the input's shape.
-inline void check_max_pool_backward(const at::Tensor& grad_output, const at::Tensor& indices,
-                                    c10::IntArrayRef input_size) {
-  const int64_t n = static_cast<int64_t>(input_size.size());
-  TORCH_CHECK(n == 3 || n == 4, "max_pool backward: expected input_size to have 3 or 4 entries (N, C, *spatial), but got input_size=",
-              input_size);
-  const char* op = op_label("pool", n - 2);
+// The backward of max-pool needs the output gradient, the argmax indices, the input's shape, and the
+// window geometry (a gather over the windows covering each input element needs to know them).
+inline Geometry check_max_pool_backward(const at::Tensor& grad_output, const at::Tensor& indices,
+                                        c10::IntArrayRef input_size, c10::IntArrayRef kernel_size,
+                                        c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation) {
+  const int64_t d = spatial_dims_of(stride, "max_pool backward");
+  const char* op = op_label("pool", d);
+  TORCH_CHECK(static_cast<int64_t>(input_size.size()) == d + 2, op, ": expected input_size to have ", d + 2,
+              " entries (N, C, *spatial), but got input_size=", input_size);
+  check_length(op, "kernel_size", kernel_size, d);
+  check_length(op, "padding", padding, d);
+  check_length(op, "dilation", dilation, d);
+  check_all_positive(op, "kernel_size", kernel_size);
+  check_all_positive(op, "stride", stride);
+  check_all_non_negative(op, "padding", padding);
+  check_all_positive(op, "dilation", dilation);
   TORCH_CHECK(input_size[0] >= 0, op, ": expected input_size to have a non-negative batch, but got input_size=", input_size);
-  for (int64_t i = 1; i < n; ++i)
+  for (int64_t i = 1; i < d + 2; ++i)
     TORCH_CHECK(input_size[i] > 0, op, ": expected input_size to have positive channel and spatial sizes, but got input_size=",
                 input_size);
+  for (int64_t i = 0; i < d; ++i) {
+    padded_extent(op, input_size[2 + i], padding[i]);
+    dilated_extent(op, kernel_size[i], dilation[i]);
+  }
   check_floating(op, "grad_output", grad_output);
   TORCH_CHECK(indices.scalar_type() == at::kLong, op, ": expected indices of dtype Long (int64), but got indices of dtype ",
               indices.scalar_type());
@@ -257,9 +273,19 @@ inline void check_max_pool_backward(const at::Tensor& grad_output, const at::Ten
               grad_output.device(), " and indices on ", indices.device());
   TORCH_CHECK(grad_output.sizes() == indices.sizes(), op, ": expected grad_output and indices to have the same shape, but got grad_output of shape ",
               grad_output.sizes(), " and indices of shape ", indices.sizes());
-  TORCH_CHECK(grad_output.dim() == n && grad_output.size(0) == input_size[0] && grad_output.size(1) == input_size[1],
+  TORCH_CHECK(grad_output.dim() == d + 2 && grad_output.size(0) == input_size[0] && grad_output.size(1) == input_size[1],
               op, ": expected grad_output of shape [", input_size[0], ", ", input_size[1],
               ", ...] to match input_size=", input_size, ", but got grad_output of shape ", grad_output.sizes());
+  Geometry g;
+  g.spatial_dims = d;
+  g.batch = input_size[0];
+  g.in_channels = g.out_channels = input_size[1];
+  g.win = make_window(kernel_size, stride, padding, dilation);
+  g.in_w = input_size.back();
+  g.in_h = d == 2 ? input_size[2] : 1;
+  g.out_w = grad_output.size(-1);
+  g.out_h = d == 2 ? grad_output.size(2) : 1;
+  return g;
 }
 
 }  // namespace manualgrad

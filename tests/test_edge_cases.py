@@ -54,7 +54,7 @@ def test_half_types_get_a_clear_error(dtype):
 def test_max_pool_backward_rejects_a_zero_spatial_input_size():
     grad, idx = torch.ones(1, 1, 1, 2), torch.zeros(1, 1, 1, 2, dtype=torch.long)
     with pytest.raises(RuntimeError, match=r"input_size=\[1, 1, 0, 4\]"):
-        ops.max_pool_backward(grad, idx, [1, 1, 0, 4])
+        ops.max_pool_backward(grad, idx, [1, 1, 0, 4], [2, 2], [2, 2], [0, 0], [1, 1])
 
 
 def test_float_pool_stride_is_a_type_error_naming_stride():

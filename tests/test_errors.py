@@ -259,23 +259,23 @@ OP_CASES = {
         [r"floating", INT64],
     ),
     "pool-backward-indices-dtype": (
-        lambda: ops.max_pool_backward(r(1, 2, 3, 3), torch.zeros(1, 2, 3, 3, dtype=torch.int32), [1, 2, 6, 6]),
+        lambda: ops.max_pool_backward(r(1, 2, 3, 3), torch.zeros(1, 2, 3, 3, dtype=torch.int32), [1, 2, 6, 6], [2, 2], [2, 2], [0, 0], [1, 1]),
         [r"indices", INT32],
     ),
     "pool-backward-indices-shape": (
-        lambda: ops.max_pool_backward(r(1, 2, 3, 3), torch.zeros(1, 2, 3, 2, dtype=torch.long), [1, 2, 6, 6]),
+        lambda: ops.max_pool_backward(r(1, 2, 3, 3), torch.zeros(1, 2, 3, 2, dtype=torch.long), [1, 2, 6, 6], [2, 2], [2, 2], [0, 0], [1, 1]),
         [r"indices", r"\[1, 2, 3, 2\]"],
     ),
     "pool-backward-input-size-wrong-length": (
-        lambda: ops.max_pool_backward(r(1, 2, 3, 3), torch.zeros(1, 2, 3, 3, dtype=torch.long), [1, 2, 36]),
+        lambda: ops.max_pool_backward(r(1, 2, 3, 3), torch.zeros(1, 2, 3, 3, dtype=torch.long), [1, 2, 36], [2, 2], [2, 2], [0, 0], [1, 1]),
         [r"input_size", r"\[1, 2, 36\]"],
     ),
     "pool-backward-integer-grad": (
-        lambda: ops.max_pool_backward(r(1, 2, 3, 3).long(), torch.zeros(1, 2, 3, 3, dtype=torch.long), [1, 2, 6, 6]),
+        lambda: ops.max_pool_backward(r(1, 2, 3, 3).long(), torch.zeros(1, 2, 3, 3, dtype=torch.long), [1, 2, 6, 6], [2, 2], [2, 2], [0, 0], [1, 1]),
         [r"floating|dtype", INT64],
     ),
     "pool-backward-input-size-batch-mismatch": (
-        lambda: ops.max_pool_backward(r(1, 2, 3, 3), torch.zeros(1, 2, 3, 3, dtype=torch.long), [2, 2, 6, 6]),
+        lambda: ops.max_pool_backward(r(1, 2, 3, 3), torch.zeros(1, 2, 3, 3, dtype=torch.long), [2, 2, 6, 6], [2, 2], [2, 2], [0, 0], [1, 1]),
         [r"input_size|grad_output", r"\[2, 2, 6, 6\]|\[1, 2, 3, 3\]"],
     ),
 }
@@ -294,7 +294,7 @@ def test_op_errors_mixed_devices():
     expect_error(lambda: conv_bwd(go=r(1, 3, 3, 3).cuda()), r"device", r"cuda", r"cpu")
     expect_error(lambda: tf.conv2d(X2(), W2().cuda()), r"device", r"cuda", r"cpu")
     expect_error(
-        lambda: ops.max_pool_backward(r(1, 2, 3, 3).cuda(), torch.zeros(1, 2, 3, 3, dtype=torch.long), [1, 2, 6, 6]),
+        lambda: ops.max_pool_backward(r(1, 2, 3, 3).cuda(), torch.zeros(1, 2, 3, 3, dtype=torch.long), [1, 2, 6, 6], [2, 2], [2, 2], [0, 0], [1, 1]),
         r"device", r"cuda", r"cpu",
     )
 
@@ -319,7 +319,7 @@ def test_max_pool_backward_rejects_out_of_range_indices(name, device):
         torch.set_default_device("{device}")
         {MALFORMED_INDICES[name]}
         try:
-            torch.ops.manualgrad.max_pool_backward(torch.randn(1, 2, 3, 3), idx, [1, 2, 6, 6])
+            torch.ops.manualgrad.max_pool_backward(torch.randn(1, 2, 3, 3), idx, [1, 2, 6, 6], [2, 2], [2, 2], [0, 0], [1, 1])
             torch.cuda.synchronize() if "{device}" == "cuda" else None
         except RuntimeError as exc:
             print("RAISED", "indices" in str(exc) or "index" in str(exc), str(exc).replace(chr(10), " "))

@@ -62,7 +62,7 @@ def test_max_pool_ops_match_torch(case, device, dtype):
     assert torch.equal(idx, ref_idx)
     grad_output = case.make_grad_output(device, dtype)
     (ref_grad,) = torch.autograd.grad(ref_out, x, grad_output)
-    grad = torch.ops.manualgrad.max_pool_backward(grad_output, idx, list(x.shape))
+    grad = torch.ops.manualgrad.max_pool_backward(grad_output, idx, list(x.shape), *pool_op_args(case, x)[1:5])
     assert grad.shape == x.shape and grad.dtype == dtype
     torch.testing.assert_close(grad, ref_grad, **tolerances(dtype))
 
@@ -95,7 +95,7 @@ def test_max_pool_opcheck(case, device):
     torch.library.opcheck(torch.ops.manualgrad.max_pool_forward.default, pool_op_args(case, x))
     out, idx = torch.ops.manualgrad.max_pool_forward(*pool_op_args(case, x))
     grad_output = case.make_grad_output(device, torch.float64)
-    torch.library.opcheck(torch.ops.manualgrad.max_pool_backward.default, (grad_output, idx, list(x.shape)))
+    torch.library.opcheck(torch.ops.manualgrad.max_pool_backward.default, (grad_output, idx, list(x.shape), *pool_op_args(case, x)[1:5]))
 
 
 def test_functional_works_under_torch_compile(device):

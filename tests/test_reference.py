@@ -98,7 +98,9 @@ def test_max_pool_matches_reference(case, values, reference, device):
     expected_grad = reference.max_pool_backward(grad_output, expected_idx, tuple(x.shape))
     (grad,) = torch.autograd.grad(out, x, grad_output)
     torch.testing.assert_close(grad, expected_grad, **EXACT)
-    op_grad = torch.ops.manualgrad.max_pool_backward(grad_output, idx, list(x.shape))
+    op_grad = torch.ops.manualgrad.max_pool_backward(
+        grad_output, idx, list(x.shape), list(kernel), list(stride), list(padding), list(dilation)
+    )
     torch.testing.assert_close(op_grad, expected_grad, **EXACT)
 
 

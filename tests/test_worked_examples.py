@@ -134,7 +134,7 @@ def test_max_pool_into_fc_op(device):
     x = t([[POOL_INPUT]], device)
     out, idx = torch.ops.manualgrad.max_pool_forward(x, [2, 2], [2, 2], [0, 0], [1, 1], False)
     assert idx.tolist() == [[[[1, 6], [8, 11]]]]
-    grad = torch.ops.manualgrad.max_pool_backward(t([[[[8.0, -3.0], [7.0, 10.0]]]], device), idx, list(x.shape))
+    grad = torch.ops.manualgrad.max_pool_backward(t([[[[8.0, -3.0], [7.0, 10.0]]]], device), idx, list(x.shape), [2, 2], [2, 2], [0, 0], [1, 1])
     expected = [[0.0, 8.0, 0.0, 0.0], [0.0, 0.0, -3.0, 0.0], [7.0, 0.0, 0.0, 10.0], [0.0, 0.0, 0.0, 0.0]]
     torch.testing.assert_close(grad, t([[expected]], device), rtol=0, atol=0)
 

@@ -52,5 +52,5 @@ def _max_pool_forward_fake(input, kernel_size, stride, padding, dilation, ceil_m
 
 
 @torch.library.register_fake("manualgrad::max_pool_backward")
-def _max_pool_backward_fake(grad_output, indices, input_size):
+def _max_pool_backward_fake(grad_output, indices, input_size, kernel_size, stride, padding, dilation):
     return grad_output.new_empty(input_size)

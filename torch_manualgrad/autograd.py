@@ -44,16 +44,17 @@ class MaxPoolFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input = inputs[0]
+        input, kernel_size, stride, padding, dilation, _ceil_mode = inputs
         _, indices = output
-        # Backward needs only where each maximum came from and the input's shape, not the input.
+        # Backward needs only where each maximum came from, the input's shape and the windows, not the input.
         ctx.save_for_backward(indices)
         ctx.input_size = list(input.shape)
+        ctx.geometry = (kernel_size, stride, padding, dilation)
         ctx.mark_non_differentiable(indices)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output, _grad_indices):
         (indices,) = ctx.saved_tensors
-        grad_input = ops.max_pool_backward(grad_output, indices, ctx.input_size)
+        grad_input = ops.max_pool_backward(grad_output, indices, ctx.input_size, *ctx.geometry)
         return grad_input, None, None, None, None, None

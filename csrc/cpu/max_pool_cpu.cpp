@@ -171,9 +171,12 @@ std::tuple<at::Tensor, at::Tensor> max_pool_forward_cpu(const at::Tensor& input_
   return {output, indices};
 }
 
-at::Tensor max_pool_backward_cpu(const at::Tensor& grad_output_, const at::Tensor& indices_,
-                                 c10::IntArrayRef input_size) {
-  check_max_pool_backward(grad_output_, indices_, input_size);
+// The CPU needs no window geometry: each plane's task scatters its outputs' gradients by index, in
+// order, and owns every pixel it writes.
+at::Tensor max_pool_backward_cpu(const at::Tensor& grad_output_, const at::Tensor& indices_, c10::IntArrayRef input_size,
+                                 c10::IntArrayRef kernel_size, c10::IntArrayRef stride, c10::IntArrayRef padding,
+                                 c10::IntArrayRef dilation) {
+  check_max_pool_backward(grad_output_, indices_, input_size, kernel_size, stride, padding, dilation);
   const at::Tensor grad_output = grad_output_.contiguous();  // (N, C, OH, OW)
   const at::Tensor indices = indices_.contiguous();          // (N, C, OH, OW)
   at::Tensor grad_input = at::empty(input_size, grad_output.options());  // (N, C, H, W)
