@@ -7,6 +7,13 @@
 
 #include <vector>
 
+// Small helpers here are shared with CUDA kernels.
+#if defined(__CUDACC__)
+#define MANUALGRAD_HOST_DEVICE __host__ __device__
+#else
+#define MANUALGRAD_HOST_DEVICE
+#endif
+
 namespace manualgrad {
 
 // A conv or pool problem in 2-d terms: a 1-d problem is a 2-d one of height 1 (kernel, stride and
@@ -34,7 +41,7 @@ struct Geometry {
 };
 
 // ceil(a / b) for a >= 0, b > 0, without the overflow of (a + b - 1) / b.
-inline int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
+inline MANUALGRAD_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
 
 inline const char* op_label(const char* kind, int64_t spatial_dims) {
   const bool is_conv = kind[0] == 'c';
@@ -138,6 +145,24 @@ inline int64_t pool_output_size(int64_t in, int64_t kernel, int64_t stride, int6
   int64_t out = windows + 1;
   if (ceil_mode && (out - 1) * stride >= in + pad) --out;
   return out;
+}
+
+// The per-group matrices: weight viewed as (out_channels, in_channels/groups * KH * KW).
+struct GroupDims {
+  int64_t groups, out_per_group, in_per_group, taps, k_per_group, positions;
+  explicit GroupDims(const Geometry& g)
+      : groups(g.groups),
+        out_per_group(g.out_channels / g.groups),
+        in_per_group(g.in_channels / g.groups),
+        taps(g.win.kernel_h * g.win.kernel_w),
+        k_per_group(g.in_channels / g.groups * g.win.kernel_h * g.win.kernel_w),
+        positions(g.out_h * g.out_w) {}
+};
+
+// A 1×1, stride-1, unpadded convolution is a plain matrix product on the image itself: no im2col.
+inline bool is_pointwise(const Geometry& g) {
+  const Window2d& w = g.win;
+  return w.kernel_h == 1 && w.kernel_w == 1 && w.stride_h == 1 && w.stride_w == 1 && w.pad_h == 0 && w.pad_w == 0;
 }
 
 // Checks a convolution's arguments and returns its geometry.

@@ -41,18 +41,6 @@ Split split(int64_t extent, int64_t wanted, int64_t min_size, int64_t forced) {
   return {size, ceil_div(extent, size)};
 }
 
-// The per-group matrices: weight viewed as (out_channels, in_channels/groups * KH * KW).
-struct GroupDims {
-  int64_t groups, out_per_group, in_per_group, taps, k_per_group, positions;
-  explicit GroupDims(const Geometry& g)
-      : groups(g.groups),
-        out_per_group(g.out_channels / g.groups),
-        in_per_group(g.in_channels / g.groups),
-        taps(g.win.kernel_h * g.win.kernel_w),
-        k_per_group(g.in_channels / g.groups * g.win.kernel_h * g.win.kernel_w),
-        positions(g.out_h * g.out_w) {}
-};
-
 // One task's share of the batch: images [n0, n0 + images) and, in each, output positions [p0, p1).
 // Large images are cut into position tiles (images == 1); small ones are grouped, whole, so that
 // one GEMM covers several of them. Its columns are (rows, images * (p1 - p0)), image k at k*(p1-p0).
@@ -184,12 +172,6 @@ void col2im(scalar_t* image, const scalar_t* columns, int64_t ld, int64_t channe
       }
     }
   }
-}
-
-// A 1×1, stride-1, unpadded convolution is a plain matrix product on the image itself: no im2col.
-bool is_pointwise(const Geometry& g) {
-  const Window2d& w = g.win;
-  return w.kernel_h == 1 && w.kernel_w == 1 && w.stride_h == 1 && w.stride_w == 1 && w.pad_h == 0 && w.pad_w == 0;
 }
 
 // Channels [c0, c0 + channels) of t (N, C, P) → the block's (channels, images * (p1 - p0)) matrix: a

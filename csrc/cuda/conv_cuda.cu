@@ -1,0 +1,199 @@
+// conv_cuda.cu — convolution forward and backward on CUDA; the mirror of cpu/conv_cpu.cpp.
+//   forward:      columns = im2col(input chunk);  output[n, g] = weight[g] @ columns[n, g] (+ bias)
+//   grad_weight:  sum over the chunk's images of grad_output[n, g] @ columns[n, g]^T, as one GEMM per
+//                 chunk over (images × positions), chunks added in order
+//   grad_input:   grad_columns = weight^T @ grad_output, then col2im as a gather: one thread per input
+//                 element sums the column entries that came from it
+//   grad_bias:    the sum of grad_output over batch and positions
+// Matrix products are ATen's (at::bmm / baddbmm_ → cuBLAS). Nothing is accumulated with atomics, so
+// results are bit-identical from run to run. Images are processed in chunks whose columns stay under
+// kMaxColumnElems, so the workspace is bounded whatever the batch.
+#include "../shape_checks.h"
+#include "windows.cuh"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+namespace manualgrad {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxColumnElems = int64_t{1} << 26;  // one chunk's columns: 64M elements
+
+inline unsigned grid_for(int64_t n) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(n, kThreads), int64_t{1} << 20)));
+}
+
+// columns[k*image_stride + r*row_stride + l] ← for image k of the chunk, kernel tap r = (c, i, j) and
+// output position l, the input pixel that tap sees there (0 in the padding). One thread per entry.
+template <typename scalar_t>
+__global__ void im2col_kernel(scalar_t* __restrict__ columns, const scalar_t* __restrict__ input, int64_t images,
+                              int64_t channels, Geometry g, int64_t row_stride, int64_t image_stride) {
+  const Window2d w = g.win;
+  const int64_t taps = w.kernel_h * w.kernel_w, positions = g.out_h * g.out_w, rows = channels * taps;
+  const int64_t total = images * rows * positions;
+  for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < total; e += int64_t{blockDim.x} * gridDim.x) {
+    const int64_t l = e % positions, r = (e / positions) % rows, k = e / (positions * rows);
+    const int64_t c = r / taps, i = (r % taps) / w.kernel_w, j = r % w.kernel_w;
+    const int64_t ih = (l / g.out_w) * w.stride_h - w.pad_h + i * w.dilation_h;
+    const int64_t iw = (l % g.out_w) * w.stride_w - w.pad_w + j * w.dilation_w;
+    const bool inside = ih >= 0 && ih < g.in_h && iw >= 0 && iw < g.in_w;
+    columns[k * image_stride + r * row_stride + l] =
+        inside ? input[((k * channels + c) * g.in_h + ih) * g.in_w + iw] : scalar_t(0);
+  }
+}
+
+// The mirror of im2col as a gather: grad_input[k, c, ih, iw] = the sum of the column entries, laid out
+// (images, channels*KH*KW, OH*OW), of every placement that saw pixel (ih, iw). One thread per pixel,
+// taps visited in a fixed order: no atomics, deterministic.
+template <typename scalar_t>
+__global__ void col2im_kernel(scalar_t* __restrict__ grad_input, const scalar_t* __restrict__ columns, int64_t images,
+                              int64_t channels, Geometry g) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Window2d w = g.win;
+  const int64_t positions = g.out_h * g.out_w, total = images * channels * g.in_h * g.in_w;
+  for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < total; e += int64_t{blockDim.x} * gridDim.x) {
+    const int64_t iw = e % g.in_w, ih = (e / g.in_w) % g.in_h, kc = e / (g.in_w * g.in_h);  // kc = k*channels + c
+    acc_t sum = 0;
+    for_each_covering_window(g, ih, iw, [&](int64_t i, int64_t j, int64_t o) {
+      const int64_t row = kc * w.kernel_h * w.kernel_w + i * w.kernel_w + j;
+      sum += static_cast<acc_t>(columns[row * positions + o]);
+    });
+    grad_input[e] = static_cast<scalar_t>(sum);
+  }
+}
+
+// im2col for images [n0, n0 + images) into columns with the given strides (see im2col_kernel).
+void im2col_cuda(at::Tensor& columns, const at::Tensor& input, int64_t n0, int64_t images, const Geometry& g,
+                 int64_t row_stride, int64_t image_stride) {
+  const int64_t total = images * g.in_channels * g.win.kernel_h * g.win.kernel_w * g.out_h * g.out_w;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "im2col_cuda", [&] {
+    im2col_kernel<scalar_t><<<grid_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        columns.data_ptr<scalar_t>(), input[n0].data_ptr<scalar_t>(), images, g.in_channels, g, row_stride,
+        image_stride);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void col2im_cuda(at::Tensor& grad_input, const at::Tensor& columns, int64_t n0, int64_t images, const Geometry& g) {
+  const int64_t total = images * g.in_channels * g.in_h * g.in_w;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, columns.scalar_type(), "col2im_cuda", [&] {
+    col2im_kernel<scalar_t><<<grid_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        grad_input[n0].data_ptr<scalar_t>(), columns.data_ptr<scalar_t>(), images, g.in_channels, g);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// Images per chunk: as many as keep the chunk's columns under kMaxColumnElems (at least one).
+int64_t chunk_images(const Geometry& g) {
+  const int64_t per_image = g.in_channels * g.win.kernel_h * g.win.kernel_w * g.out_h * g.out_w;
+  return std::max<int64_t>(1, std::min(g.batch, kMaxColumnElems / std::max<int64_t>(1, per_image)));
+}
+
+// m (G, R, C) repeated for each of `images` images as one (images*G, R, C) batch: a stride-0 view when
+// G == 1, a copy otherwise (the weight is small beside the columns).
+at::Tensor per_image(const at::Tensor& m, int64_t images) {
+  if (m.size(0) == 1) return m.expand({images, m.size(1), m.size(2)});
+  return m.unsqueeze(0).expand({images, m.size(0), m.size(1), m.size(2)}).reshape({-1, m.size(1), m.size(2)});
+}
+
+at::Tensor conv_forward_cuda(const at::Tensor& input_, const at::Tensor& weight_, const std::optional<at::Tensor>& bias,
+                             c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
+                             int64_t groups) {
+  const Geometry g = check_conv(input_, weight_, bias, stride, padding, dilation, groups);
+  const c10::cuda::CUDAGuard device_guard(input_.device());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // inner ATen calls are plain arithmetic
+  const at::Tensor input = input_.contiguous();  // (N, C_in, H, W)
+  const GroupDims d(g);
+  const at::Tensor weight = weight_.contiguous().view({d.groups, d.out_per_group, d.k_per_group});  // (G, C_out/G, K/G)
+  at::Tensor output = at::empty(g.output_shape(g.out_channels), input.options());  // (N, C_out, OH, OW)
+  if (g.batch == 0) return output;
+  const int64_t chunk = chunk_images(g);
+  at::Tensor columns;  // (chunk, C_in*KH*KW, OH*OW)
+  if (!is_pointwise(g)) columns = at::empty({chunk, g.in_channels * d.taps, d.positions}, input.options());
+  for (int64_t n0 = 0; n0 < g.batch; n0 += chunk) {
+    const int64_t images = std::min(chunk, g.batch - n0);
+    at::Tensor cols;
+    if (is_pointwise(g)) {
+      cols = input.narrow(0, n0, images).view({images * d.groups, d.k_per_group, d.positions});
+    } else {
+      at::Tensor part = columns.narrow(0, 0, images);
+      im2col_cuda(part, input, n0, images, g, d.positions, g.in_channels * d.taps * d.positions);
+      cols = part.view({images * d.groups, d.k_per_group, d.positions});
+    }
+    at::Tensor out = output.narrow(0, n0, images).view({images * d.groups, d.out_per_group, d.positions});
+    at::bmm_out(out, per_image(weight, images), cols);
+  }
+  if (bias.has_value() && bias->defined()) {
+    std::vector<int64_t> shape(output.dim(), 1);
+    shape[1] = g.out_channels;
+    output.add_(bias->view(shape));
+  }
+  return output;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cuda(
+    const at::Tensor& grad_output_, const at::Tensor& input_, const at::Tensor& weight_, c10::IntArrayRef stride,
+    c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups, std::array<bool, 3> output_mask) {
+  const Geometry g = check_conv(input_, weight_, std::nullopt, stride, padding, dilation, groups);
+  check_conv_grad_output(grad_output_, input_, g);
+  const c10::cuda::CUDAGuard device_guard(input_.device());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const GroupDims d(g);
+  const at::Tensor grad_output = grad_output_.contiguous();  // (N, C_out, OH, OW)
+  const at::Tensor input = input_.contiguous();              // (N, C_in, H, W)
+  const at::Tensor weight = weight_.contiguous().view({d.groups, d.out_per_group, d.k_per_group});
+  at::Tensor grad_input, grad_weight, grad_bias;
+  if (output_mask[0]) grad_input = at::empty(input.sizes(), input.options());
+  if (output_mask[1]) grad_weight = at::zeros(weight_.sizes(), weight_.options());  // stays 0 for batch 0
+  const int64_t chunk = chunk_images(g);
+  const at::Tensor weight_t = weight.transpose(1, 2);  // (G, K/G, C_out/G)
+  for (int64_t n0 = 0; n0 < g.batch && (output_mask[0] || output_mask[1]); n0 += chunk) {
+    const int64_t images = std::min(chunk, g.batch - n0);
+    const at::Tensor grad_out = grad_output.narrow(0, n0, images);  // (images, C_out, OH, OW)
+    if (output_mask[0]) {
+      const at::Tensor go = grad_out.view({images * d.groups, d.out_per_group, d.positions});
+      if (is_pointwise(g)) {
+        at::Tensor gi = grad_input.narrow(0, n0, images).view({images * d.groups, d.k_per_group, d.positions});
+        at::bmm_out(gi, per_image(weight_t, images), go);
+      } else {
+        const at::Tensor grad_columns = at::bmm(per_image(weight_t, images), go);  // (images*G, K/G, OH*OW)
+        col2im_cuda(grad_input, grad_columns, n0, images, g);
+      }
+    }
+    if (output_mask[1]) {
+      // One GEMM per group over all the chunk's placements: columns laid out (C_in*KH*KW, images, OH*OW)
+      at::Tensor cols;
+      if (is_pointwise(g)) {
+        cols = input.narrow(0, n0, images).view({images, g.in_channels, d.positions}).transpose(0, 1).reshape(
+            {d.groups, d.k_per_group, images * d.positions});
+      } else {
+        cols = at::empty({g.in_channels * d.taps, images, d.positions}, input.options());
+        im2col_cuda(cols, input, n0, images, g, images * d.positions, d.positions);
+        cols = cols.view({d.groups, d.k_per_group, images * d.positions});
+      }
+      const at::Tensor go = grad_out.view({images, g.out_channels, d.positions}).transpose(0, 1).reshape(
+          {d.groups, d.out_per_group, images * d.positions});
+      grad_weight.view({d.groups, d.out_per_group, d.k_per_group}).baddbmm_(go, cols.transpose(1, 2));
+    }
+  }
+  if (output_mask[2]) {
+    std::vector<int64_t> dims = {0};
+    for (int64_t i = 2; i < grad_output.dim(); ++i) dims.push_back(i);
+    const auto dtype = grad_output.scalar_type();  // half types are summed in float32
+    grad_bias = grad_output.sum(dims, /*keepdim=*/false, at::toOpMathType(dtype)).to(dtype);
+  }
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(manualgrad, CUDA, m) {
+  m.impl("conv_forward", &conv_forward_cuda);
+  m.impl("conv_backward", &conv_backward_cuda);
+}
+
+}  // namespace manualgrad

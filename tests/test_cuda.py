@@ -1,0 +1,142 @@
+"""CUDA-only checks (skipped cleanly without a GPU): our CUDA kernels against our CPU kernels, half types
+against torch on the GPU, bit-identical repeated backward passes, a second GPU, and mixed-device errors."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torch_manualgrad as tmg
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+CONVS = [  # (N, C_in, C_out, size, kernel, stride, padding, dilation, groups)
+    (2, 3, 8, (11, 9), (3, 3), 1, 1, 1, 1),
+    (3, 8, 6, (10, 10), (3, 2), 2, (1, 0), (2, 1), 2),
+    (2, 6, 12, (9, 9), (3, 3), 1, 1, 1, 6),  # depthwise, multiplier 2
+    (4, 16, 32, (7, 7), (1, 1), 1, 0, 1, 1),  # pointwise
+    (2, 4, 4, (33,), (5,), 2, 2, 2, 1),  # 1-d
+]
+POOLS = [  # (N, C, size, kernel, stride, padding, dilation, ceil_mode)
+    (2, 3, (11, 9), 3, 2, 1, 1, False),
+    (2, 3, (12, 12), 3, 1, 1, 1, True),  # overlapping windows: the gather adds several outputs
+    (1, 2, (10, 7), (2, 3), (1, 2), (1, 0), (2, 1), True),
+    (2, 4, (40,), 4, 3, 2, 1, True),
+]
+
+
+def conv_fn(size):
+    return tmg.functional.conv1d if len(size) == 1 else tmg.functional.conv2d
+
+
+def pool_fn(size, ours=True):
+    if ours:
+        return tmg.functional.max_pool1d if len(size) == 1 else tmg.functional.max_pool2d
+    return F.max_pool1d if len(size) == 1 else F.max_pool2d
+
+
+def conv_tensors(case, dtype, device):
+    n, cin, cout, size, kernel, *_, groups = case
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, cin, *size, generator=gen, dtype=torch.float64)
+    w = torch.randn(cout, cin // groups, *kernel, generator=gen, dtype=torch.float64)
+    b = torch.randn(cout, generator=gen, dtype=torch.float64)
+    return [t.to(device, dtype).requires_grad_() for t in (x, w, b)]
+
+
+def conv_run(case, dtype, device):
+    x, w, b = conv_tensors(case, dtype, device)
+    _, _, _, size, _, stride, padding, dilation, groups = case
+    y = conv_fn(size)(x, w, b, stride, padding, dilation, groups)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device, dtype)
+    return (y, *torch.autograd.grad(y, (x, w, b), gy))
+
+
+def pool_run(case, dtype, device, ours=True):
+    n, c, size, kernel, stride, padding, dilation, ceil_mode = case
+    x = torch.randperm(n * c * int(torch.tensor(size).prod()), generator=torch.Generator().manual_seed(0))
+    x = x.reshape(n, c, *size).to(device, dtype).requires_grad_()
+    y, idx = pool_fn(size, ours)(x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device, dtype)
+    return y, idx, torch.autograd.grad(y, x, gy)[0]
+
+
+@pytest.mark.parametrize("case", CONVS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_conv_matches_our_cpu_kernels(case, dtype):
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    torch.backends.cuda.matmul.allow_tf32 = False  # cuBLAS in full float32, like the CPU
+    for a, b in zip(conv_run(case, dtype, "cuda"), conv_run(case, dtype, "cpu")):
+        torch.testing.assert_close(a.cpu(), b, **tol)
+
+
+@pytest.mark.parametrize("case", POOLS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_max_pool_matches_our_cpu_kernels(case, dtype):
+    gpu, cpu = pool_run(case, dtype, "cuda"), pool_run(case, dtype, "cpu")
+    torch.testing.assert_close(gpu[0].cpu(), cpu[0], rtol=0, atol=0)
+    assert torch.equal(gpu[1].cpu(), cpu[1])
+    torch.testing.assert_close(gpu[2].cpu(), cpu[2], rtol=1e-12, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_half_types_match_torch(dtype):
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.float16 else dict(rtol=2e-2, atol=2e-2)
+    for case in CONVS:
+        x, w, b = conv_tensors(case, dtype, "cuda")
+        _, _, _, size, _, stride, padding, dilation, groups = case
+        ours = conv_fn(size)(x, w, b, stride, padding, dilation, groups)
+        ref = (F.conv1d if len(size) == 1 else F.conv2d)(x, w, b, stride, padding, dilation, groups)
+        assert ours.dtype == dtype
+        torch.testing.assert_close(ours.float(), ref.float(), **tol)
+    for case in POOLS:
+        ours, theirs = pool_run(case, dtype, "cuda"), pool_run(case, dtype, "cuda", ours=False)
+        torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=0)
+        assert torch.equal(ours[1], theirs[1])
+        torch.testing.assert_close(ours[2].float(), theirs[2].float(), **tol)
+
+
+def test_cuda_backward_is_bit_identical_across_runs():
+    for case in CONVS:
+        first, second = conv_run(case, torch.float32, "cuda"), conv_run(case, torch.float32, "cuda")
+        assert all(torch.equal(a, b) for a, b in zip(first, second)), case
+    for case in POOLS:
+        first, second = pool_run(case, torch.float32, "cuda"), pool_run(case, torch.float32, "cuda")
+        assert all(torch.equal(a, b) for a, b in zip(first, second)), case
+
+
+def test_cuda_gradcheck():
+    x = torch.randn(2, 4, 7, 6, dtype=torch.float64, device="cuda", requires_grad=True)
+    w = torch.randn(6, 2, 3, 2, dtype=torch.float64, device="cuda", requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, device="cuda", requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: tmg.functional.conv2d(x, w, b, (2, 1), 1, (1, 2), 2), (x, w, b))
+    p = torch.randperm(2 * 4 * 7 * 6, device="cuda").reshape(2, 4, 7, 6).double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda p: tmg.functional.max_pool2d(p, 3, 1, 1, ceil_mode=True), (p,))
+
+
+def test_cuda_weight_on_cpu_is_a_clear_error():
+    with pytest.raises(RuntimeError, match=r"device"):
+        tmg.functional.conv2d(torch.randn(1, 2, 5, 5, device="cuda"), torch.randn(3, 2, 3, 3))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+def test_second_gpu():
+    case = CONVS[1]
+    with torch.cuda.device(0):
+        got = conv_run(case, torch.float64, "cuda:1")
+    for a, b in zip(got, conv_run(case, torch.float64, "cpu")):
+        assert a.device == torch.device("cuda:1")
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-9)
+    pool = pool_run(POOLS[0], torch.float64, "cuda:1")
+    assert torch.equal(pool[1].cpu(), pool_run(POOLS[0], torch.float64, "cpu")[1])
+
+
+def test_cuda_convert_model():
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Conv2d(8, 4, 3)
+    ).cuda().double()
+
+
+    ours = tmg.convert(copy.deepcopy(model))
+    x = torch.randn(2, 3, 12, 12, device="cuda", dtype=torch.float64)
+    torch.testing.assert_close(ours(x), model(x), rtol=1e-9, atol=1e-9)
