@@ -17,13 +17,17 @@ echo "build exit $build in $(( $(date +%s) - start )) s"
 
 "$PY" -m pytest tests -q -p no:cacheprovider > "$OUT/tests.log" 2>&1
 tests=$?
-"$PY" benchmarks/bench.py --device cuda --batch 32 > "$OUT/bench_cuda.txt" 2>&1
-bench=$?
+bench=0
+for precision in float32 tf32 bfloat16; do
+  "$PY" benchmarks/bench.py --device cuda --batch 32 --precision $precision > "$OUT/bench_cuda_$precision.txt" 2>&1 || bench=1
+done
 
 echo "== failures (if any)"
 grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40
-echo "== benchmark (cuda, batch 32)"
-grep "^|" "$OUT/bench_cuda.txt"
+for precision in float32 tf32 bfloat16; do
+  echo "== benchmark (cuda, batch 32, $precision)"
+  grep "^|" "$OUT/bench_cuda_$precision.txt" || tail -5 "$OUT/bench_cuda_$precision.txt"
+done
 echo "== summary"
 echo "build: exit $build; tests: exit $tests: $(tail -1 "$OUT/tests.log"); bench: exit $bench"
 [ $tests = 0 ] && [ $bench = 0 ]
