@@ -227,19 +227,26 @@ inline void check_conv_grad_output(const at::Tensor& grad_output, const at::Tens
               c10::IntArrayRef(expected), ", but got grad_output of shape ", grad_output.sizes());
 }
 
+// The window arguments of a max-pool, forward or backward: one entry per spatial dimension, all positive
+// but the padding, which is non-negative.
+inline void check_pool_window(const char* op, int64_t d, c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
+                              c10::IntArrayRef padding, c10::IntArrayRef dilation) {
+  check_length(op, "kernel_size", kernel_size, d);
+  check_length(op, "padding", padding, d);
+  check_length(op, "dilation", dilation, d);
+  check_all_positive(op, "kernel_size", kernel_size);
+  check_all_positive(op, "stride", stride);
+  check_all_non_negative(op, "padding", padding);
+  check_all_positive(op, "dilation", dilation);
+}
+
 // Checks a max-pool's arguments and returns its geometry (in_channels = channels; groups unused).
 inline Geometry check_max_pool(const at::Tensor& input, c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
                                c10::IntArrayRef padding, c10::IntArrayRef dilation, bool ceil_mode) {
   const int64_t d = spatial_dims_of(stride, "max_pool");
   const char* op = op_label("pool", d);
-  check_length(op, "kernel_size", kernel_size, d);
-  check_length(op, "padding", padding, d);
-  check_length(op, "dilation", dilation, d);
+  check_pool_window(op, d, kernel_size, stride, padding, dilation);
   check_floating(op, "input", input);
-  check_all_positive(op, "kernel_size", kernel_size);
-  check_all_positive(op, "stride", stride);
-  check_all_non_negative(op, "padding", padding);
-  check_all_positive(op, "dilation", dilation);
   for (int64_t i = 0; i < d; ++i)
     TORCH_CHECK(padding[i] <= kernel_size[i] / 2, op,
                 ": pad should be at most half of kernel size, but got padding=", padding, " and kernel_size=", kernel_size);
@@ -275,13 +282,7 @@ inline Geometry check_max_pool_backward(const at::Tensor& grad_output, const at:
   const char* op = op_label("pool", d);
   TORCH_CHECK(static_cast<int64_t>(input_size.size()) == d + 2, op, ": expected input_size to have ", d + 2,
               " entries (N, C, *spatial), but got input_size=", input_size);
-  check_length(op, "kernel_size", kernel_size, d);
-  check_length(op, "padding", padding, d);
-  check_length(op, "dilation", dilation, d);
-  check_all_positive(op, "kernel_size", kernel_size);
-  check_all_positive(op, "stride", stride);
-  check_all_non_negative(op, "padding", padding);
-  check_all_positive(op, "dilation", dilation);
+  check_pool_window(op, d, kernel_size, stride, padding, dilation);
   TORCH_CHECK(input_size[0] >= 0, op, ": expected input_size to have a non-negative batch, but got input_size=", input_size);
   for (int64_t i = 1; i < d + 2; ++i)
     TORCH_CHECK(input_size[i] > 0, op, ": expected input_size to have positive channel and spatial sizes, but got input_size=",
