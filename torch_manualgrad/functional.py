@@ -48,6 +48,16 @@ def _batched(op, input, dims):
     return (input.unsqueeze(0) if unbatched else input), unbatched
 
 
+def _channels_last(t):
+    """A 4-d tensor laid out channels-last (and not also plainly contiguous, as when C or H*W is 1)."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _like(output, input):
+    # The ops return contiguous tensors; like torch, a channels-last input gets a channels-last output.
+    return output.contiguous(memory_format=torch.channels_last) if _channels_last(input) else output
+
+
 def _conv(dims, op, input, weight, bias, stride, padding, dilation, groups):
     _check_devices(op, input, weight, bias)
     stride = _expand(stride, dims, "stride", op)
@@ -57,7 +67,7 @@ def _conv(dims, op, input, weight, bias, stride, padding, dilation, groups):
         input, padding = _string_padding(op, padding, input, weight, stride, dilation, dims)
     else:
         padding = _expand(padding, dims, "padding", op)
-    output = ConvFunction.apply(input, weight, bias, stride, padding, dilation, groups)
+    output = _like(ConvFunction.apply(input, weight, bias, stride, padding, dilation, groups), input)
     return output.squeeze(0) if unbatched else output
 
 
@@ -103,6 +113,7 @@ def _max_pool(dims, op, input, kernel_size, stride, padding, dilation, ceil_mode
     dilation = _expand(dilation, dims, "dilation", op)
     input, unbatched = _batched(op, input, dims)
     output, indices = MaxPoolFunction.apply(input, kernel_size, stride, padding, dilation, bool(ceil_mode))
+    output, indices = _like(output, input), _like(indices, input)
     if unbatched:
         output, indices = output.squeeze(0), indices.squeeze(0)
     return (output, indices) if return_indices else output

@@ -1,0 +1,151 @@
+"""PyTorch features a model builder relies on, with our layers swapped in: torch.compile (no graph break),
+torch.export (our ops in the graph), channels-last memory format, opcheck on strided inputs,
+torch.use_deterministic_algorithms, and DistributedDataParallel on the gloo backend."""
+import copy
+import os
+import socket
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import torch_manualgrad as tmg
+from common import LAYOUTS, randn_tensor, make_generator
+
+ops = torch.ops.manualgrad
+
+
+def cnn():
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(8, 4, 2, padding="same"), torch.nn.ReLU(), torch.nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True),
+        torch.nn.Flatten(), torch.nn.Linear(4 * 5 * 5, 5),
+    )
+
+
+def test_compile_fullgraph_matches_eager(device):
+    torch.manual_seed(0)
+    model = tmg.convert(cnn()).to(device)
+    compiled = torch.compile(copy.deepcopy(model), fullgraph=True)
+    x = torch.randn(2, 3, 16, 16, device=device)
+    eager_out, compiled_out = model(x), compiled(x)
+    torch.testing.assert_close(compiled_out, eager_out, rtol=1e-5, atol=1e-5)
+    eager_out.sum().backward()
+    compiled_out.sum().backward()
+    for p, q in zip(model.parameters(), compiled.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_export_contains_our_ops_and_matches_eager(device):
+    torch.manual_seed(0)
+    model = tmg.convert(cnn()).to(device).eval()
+    x = torch.randn(2, 3, 16, 16, device=device)
+    program = torch.export.export(model, (x,))
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert {"manualgrad.conv_forward.default", "manualgrad.max_pool_forward.default"} <= targets, targets
+    assert not any("convolution" in t or "max_pool2d" in t for t in targets), targets
+    torch.testing.assert_close(program.module()(x), model(x), rtol=1e-6, atol=1e-6)
+
+
+def test_channels_last_in_channels_last_out(device):
+    x = torch.randn(2, 3, 9, 8, device=device).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(5, 3, 3, 3, device=device)
+    ours, theirs = tmg.functional.conv2d(x, w, padding=1), F.conv2d(x, w, padding=1)
+    assert ours.is_contiguous(memory_format=torch.channels_last) and not ours.is_contiguous()
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    out, idx = tmg.functional.max_pool2d(x, 3, 2, 1, return_indices=True)
+    ref, ref_idx = F.max_pool2d(x, 3, 2, 1, return_indices=True)
+    assert out.stride() == ref.stride() and idx.stride() == ref_idx.stride()
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert torch.equal(idx, ref_idx)
+    (grad,) = torch.autograd.grad((ours.sum() + out.sum()), x)
+    (ref_grad,) = torch.autograd.grad((theirs.sum() + ref.sum()), x)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_opcheck_on_strided_inputs(layout, device):
+    gen = make_generator(0)
+    x = randn_tensor((2, 4, 7, 6), device, torch.float64, gen, layout)
+    w = randn_tensor((6, 2, 3, 2), device, torch.float64, gen, layout)
+    b = torch.randn(6, device=device, dtype=torch.float64)
+    geometry = ([2, 1], [1, 0], [1, 2], 2)
+    torch.library.opcheck(ops.conv_forward.default, (x, w, b, *geometry))
+    go = randn_tensor(tuple(ops.conv_forward(x, w, b, *geometry).shape), device, torch.float64, gen, layout)
+    torch.library.opcheck(ops.conv_backward.default, (go, x, w, *geometry, [True, True, True]))
+    pool = ([3, 2], [2, 1], [1, 1], [1, 1], True)
+    torch.library.opcheck(ops.max_pool_forward.default, (x, *pool))
+    out, idx = ops.max_pool_forward(x, *pool)
+    gp = randn_tensor(tuple(out.shape), device, torch.float64, gen, layout)
+    torch.library.opcheck(ops.max_pool_backward.default, (gp, idx, list(x.shape), *pool[:4]))
+
+
+def test_silent_under_deterministic_algorithms(device):
+    torch.manual_seed(0)
+    model = tmg.convert(cnn()).to(device)
+    x = torch.randn(2, 3, 16, 16, device=device)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model(x).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+# --- DistributedDataParallel, gloo, 2 processes on this machine ---------------------------------------
+
+STEPS, BATCH = 3, 8
+
+
+def _data():
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(STEPS, BATCH, 3, 16, 16, generator=gen), torch.randint(0, 5, (STEPS, BATCH), generator=gen)
+
+
+def _train(model, inputs, labels):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x, y in zip(inputs, labels):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def _ddp_worker(rank, world, port, initial, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = tmg.convert(cnn())
+        model.load_state_dict(initial)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        inputs, labels = _data()
+        half = BATCH // world  # each process trains on its share of every batch
+        _train(ddp, inputs[:, rank * half:(rank + 1) * half], labels[:, rank * half:(rank + 1) * half])
+        if rank == 0:
+            torch.save(model.state_dict(), out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_gloo_two_processes_matches_single_process(tmp_path):
+    torch.manual_seed(0)
+    initial = cnn().state_dict()
+    out_path = str(tmp_path / "ddp.pt")
+    mp.spawn(_ddp_worker, args=(2, _free_port(), initial, out_path), nprocs=2, join=True)
+    single = tmg.convert(cnn())
+    single.load_state_dict(initial)
+    _train(single, *_data())  # the mean loss over the whole batch = DDP's average of the two halves' gradients
+    trained = torch.load(out_path)
+    for name, value in single.state_dict().items():
+        torch.testing.assert_close(trained[name], value, rtol=1e-5, atol=1e-6, msg=name)
