@@ -54,3 +54,68 @@ def _max_pool_forward_fake(input, kernel_size, stride, padding, dilation, ceil_m
 @torch.library.register_fake("manualgrad::max_pool_backward")
 def _max_pool_backward_fake(grad_output, indices, input_size, kernel_size, stride, padding, dilation):
     return grad_output.new_empty(input_size)
+
+
+# --- vmap rules (torch.func.vmap) -----------------------------------------------------------------
+# A vmapped batch dimension is folded into the ops' own batch dimension N where the arithmetic allows
+# (conv with a shared weight, max-pool); a batched weight becomes groups; everything else runs one
+# slice at a time.
+
+
+def _front(t, dim, size):
+    """t with its vmapped dimension first (broadcast to `size` if it has none)."""
+    if dim is None:
+        return t.unsqueeze(0).expand(size, *t.shape)
+    return t.movedim(dim, 0)
+
+
+def _fold(t):
+    """(B, N, ...) → (B*N, ...)."""
+    return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
+
+
+def _unfold(t, size):
+    return t.reshape(size, t.shape[0] // size, *t.shape[1:])
+
+
+@torch.library.register_vmap("manualgrad::conv_forward")
+def _conv_forward_vmap(info, in_dims, input, weight, bias, stride, padding, dilation, groups):
+    size = info.batch_size
+    input_dim, weight_dim, bias_dim = in_dims[:3]
+    if weight_dim is None and bias_dim is None:
+        # a shared weight: the vmapped images are just more images
+        out = ops.conv_forward(_fold(_front(input, input_dim, size)), weight, bias, stride, padding, dilation, groups)
+        return _unfold(out, size), 0
+    # a weight per vmapped slice: put the slices side by side as groups of one convolution
+    x = _front(input, input_dim, size)  # (B, N, C, *spatial)
+    x = x.transpose(0, 1).reshape(x.shape[1], size * x.shape[2], *x.shape[3:])  # (N, B*C, *spatial)
+    w = _fold(_front(weight, weight_dim, size))  # (B*C_out, C/g, *kernel)
+    b = None if bias is None else _fold(_front(bias, bias_dim, size).unsqueeze(-1)).squeeze(-1)
+    out = ops.conv_forward(x, w, b, stride, padding, dilation, groups * size)  # (N, B*C_out, *spatial)
+    return out.reshape(out.shape[0], size, out.shape[1] // size, *out.shape[2:]), 1
+
+
+@torch.library.register_vmap("manualgrad::max_pool_forward")
+def _max_pool_forward_vmap(info, in_dims, input, kernel_size, stride, padding, dilation, ceil_mode):
+    size = info.batch_size
+    out, idx = ops.max_pool_forward(_fold(_front(input, in_dims[0], size)), kernel_size, stride, padding, dilation, ceil_mode)
+    return (_unfold(out, size), _unfold(idx, size)), (0, 0)
+
+
+@torch.library.register_vmap("manualgrad::max_pool_backward")
+def _max_pool_backward_vmap(info, in_dims, grad_output, indices, input_size, kernel_size, stride, padding, dilation):
+    size = info.batch_size
+    go = _fold(_front(grad_output, in_dims[0], size))
+    idx = _fold(_front(indices, in_dims[1], size))
+    grad = ops.max_pool_backward(go, idx, [size * input_size[0], *input_size[1:]], kernel_size, stride, padding, dilation)
+    return _unfold(grad, size), 0
+
+
+@torch.library.register_vmap("manualgrad::conv_backward")
+def _conv_backward_vmap(info, in_dims, grad_output, input, weight, stride, padding, dilation, groups, output_mask):
+    # Several arguments may carry their own slice, so this one goes slice by slice.
+    size = info.batch_size
+    tensors = [_front(t, d, size) for t, d in zip((grad_output, input, weight), in_dims[:3])]
+    slices = [ops.conv_backward(*(t[b] for t in tensors), stride, padding, dilation, groups, output_mask) for b in range(size)]
+    outs = tuple(None if slices[0][k] is None else torch.stack([s[k] for s in slices]) for k in range(3))
+    return outs, tuple(None if o is None else 0 for o in outs)

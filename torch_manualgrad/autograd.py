@@ -15,6 +15,8 @@ from ._ops import ops
 class ConvFunction(torch.autograd.Function):
     """output = conv(input, weight) + bias; backward gives (grad_input, grad_weight, grad_bias)."""
 
+    generate_vmap_rule = True  # under torch.func.vmap, the ops' own vmap rules apply (_ops.py)
+
     @staticmethod
     def forward(input, weight, bias, stride, padding, dilation, groups):
         return ops.conv_forward(input, weight, bias, stride, padding, dilation, groups)
@@ -46,6 +48,8 @@ class ConvBackwardFunction(torch.autograd.Function):
       d/d input       = the input gradient of conv(input, gg_weight) at grad_output
       d/d weight      = the weight gradient of conv(gg_input, weight) at grad_output
     """
+
+    generate_vmap_rule = True  # under torch.func.vmap, the ops' own vmap rules apply (_ops.py)
 
     @staticmethod
     def forward(grad_output, input, weight, geometry, wanted):
@@ -83,6 +87,8 @@ class ConvBackwardFunction(torch.autograd.Function):
 class MaxPoolFunction(torch.autograd.Function):
     """(output, indices) = max_pool(input); the gradient goes only to each window's argmax."""
 
+    generate_vmap_rule = True  # under torch.func.vmap, the ops' own vmap rules apply (_ops.py)
+
     @staticmethod
     def forward(input, kernel_size, stride, padding, dilation, ceil_mode):
         return ops.max_pool_forward(input, kernel_size, stride, padding, dilation, ceil_mode)
@@ -107,6 +113,8 @@ class MaxPoolFunction(torch.autograd.Function):
 class MaxPoolBackwardFunction(torch.autograd.Function):
     """grad_input = max_pool_backward(grad_output, indices): linear in grad_output, so its own gradient
     is the incoming gradient read back at each output's argmax (zero for a window with no argmax)."""
+
+    generate_vmap_rule = True  # under torch.func.vmap, the ops' own vmap rules apply (_ops.py)
 
     @staticmethod
     def forward(grad_output, indices, input_size, geometry):

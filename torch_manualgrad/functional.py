@@ -50,7 +50,12 @@ def _batched(op, input, dims):
 
 def _channels_last(t):
     """A 4-d tensor laid out channels-last (and not also plainly contiguous, as when C or H*W is 1)."""
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    if t.dim() != 4 or t.is_contiguous():
+        return False
+    try:
+        return t.is_contiguous(memory_format=torch.channels_last)
+    except RuntimeError:  # inside torch.func.vmap layouts cannot be queried; keep the ops' contiguous output
+        return False
 
 
 def _like(output, input):

@@ -1,0 +1,68 @@
+"""torch.func with our ops: vmap over inputs, over weights and over both; grad; per-sample gradients
+(vmap of grad) and jacrev; all against torch.nn.functional."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import grad, jacrev, vmap
+
+import torch_manualgrad as tmg
+
+TOL = dict(rtol=1e-9, atol=1e-9)
+
+
+def tensors(device, *shapes):
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(s, generator=gen, dtype=torch.float64).to(device) for s in shapes]
+
+
+@pytest.mark.parametrize("dims", [(0, None, None), (None, 0, 0), (0, 0, 0), (1, 0, None)])
+def test_vmap_conv2d(dims, device):
+    x_shape = {0: (4, 2, 3, 7, 6), None: (2, 3, 7, 6), 1: (2, 4, 3, 7, 6)}[dims[0]]
+    w_shape = (4, 6, 1, 3, 2) if dims[1] == 0 else (6, 1, 3, 2)
+    b_shape = (4, 6) if dims[2] == 0 else (6,)
+    x, w, b = tensors(device, x_shape, w_shape, b_shape)
+    ours = vmap(lambda x, w, b: tmg.functional.conv2d(x, w, b, (2, 1), 1, (1, 2), 3), in_dims=dims)(x, w, b)
+    theirs = vmap(lambda x, w, b: F.conv2d(x, w, b, (2, 1), 1, (1, 2), 3), in_dims=dims)(x, w, b)
+    torch.testing.assert_close(ours, theirs, **TOL)
+
+
+def test_vmap_conv1d_and_max_pools(device):
+    (x1,) = tensors(device, (3, 2, 4, 11))
+    w1 = tensors(device, (5, 4, 3))[0]
+    torch.testing.assert_close(
+        vmap(lambda x: tmg.functional.conv1d(x, w1, None, 2, 1))(x1), vmap(lambda x: F.conv1d(x, w1, None, 2, 1))(x1), **TOL
+    )
+    torch.testing.assert_close(
+        vmap(lambda x: tmg.functional.max_pool1d(x, 3, 2, 1, ceil_mode=True))(x1),
+        vmap(lambda x: F.max_pool1d(x, 3, 2, 1, ceil_mode=True))(x1), **TOL,
+    )
+    (x2,) = tensors(device, (3, 2, 4, 9, 8))
+    ours = vmap(lambda x: tmg.functional.max_pool2d(x, 3, 2, 1, return_indices=True))(x2)
+    theirs = vmap(lambda x: F.max_pool2d(x, 3, 2, 1, return_indices=True))(x2)
+    torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=0)
+    assert torch.equal(ours[1], theirs[1])
+
+
+def loss(conv, pool):
+    def f(w, b, x):
+        return pool(torch.tanh(conv(x, w, b, 1, 1)), 2, 2).square().sum()
+    return f
+
+
+def test_grad_and_per_sample_grads(device):
+    w, b, x = tensors(device, (4, 3, 3, 3), (4,), (5, 2, 3, 8, 8))
+    ours, theirs = loss(tmg.functional.conv2d, tmg.functional.max_pool2d), loss(F.conv2d, F.max_pool2d)
+    for a, c in zip(grad(ours, argnums=(0, 1))(w, b, x[0]), grad(theirs, argnums=(0, 1))(w, b, x[0])):
+        torch.testing.assert_close(a, c, **TOL)
+    per_sample = vmap(grad(ours, argnums=(0, 1)), in_dims=(None, None, 0))(w, b, x)
+    expected = vmap(grad(theirs, argnums=(0, 1)), in_dims=(None, None, 0))(w, b, x)
+    for a, c in zip(per_sample, expected):
+        assert a.shape[0] == 5
+        torch.testing.assert_close(a, c, **TOL)
+
+
+def test_jacrev(device):
+    w, x = tensors(device, (2, 3, 2, 2), (1, 3, 4, 4))
+    ours = jacrev(lambda x: tmg.functional.max_pool2d(tmg.functional.conv2d(x, w, None, 1, 1), 2))(x)
+    theirs = jacrev(lambda x: F.max_pool2d(F.conv2d(x, w, None, 1, 1), 2))(x)
+    torch.testing.assert_close(ours, theirs, **TOL)
