@@ -68,14 +68,14 @@ inline void check_all_non_negative(const char* op, const char* name, c10::IntArr
   for (auto x : v) TORCH_CHECK(x >= 0, op, ": expected ", name, " to be non-negative, but got ", name, "=", v);
 }
 
-// The CPU kernels take float32 and float64; the CUDA kernels also float16 and bfloat16 (accumulating
-// in float32).
+// float16 and bfloat16: the CUDA kernels accumulate them in float32; the CPU computes them in float32.
+inline bool is_reduced_precision(at::ScalarType dtype) { return dtype == at::kHalf || dtype == at::kBFloat16; }
+
 inline void check_floating(const char* op, const char* name, const at::Tensor& t) {
   const auto dtype = t.scalar_type();
-  const bool half = dtype == at::kHalf || dtype == at::kBFloat16;
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || (half && t.is_cuda()), op, ": expected a floating-point ",
-              name, " of dtype float32 or float64 (or float16/bfloat16 on CUDA), but got ", name, " of dtype ", dtype,
-              " on ", t.device());
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || is_reduced_precision(dtype), op,
+              ": expected a floating-point ", name, " of dtype float32, float64, float16 or bfloat16, but got ", name,
+              " of dtype ", dtype);
 }
 
 inline void check_same_device_and_dtype(const char* op, const char* name, const at::Tensor& t,

@@ -63,8 +63,24 @@ def _like(output, input):
     return output.contiguous(memory_format=torch.channels_last) if _channels_last(input) else output
 
 
+def _autocast(input, weight, bias):
+    """Inside torch.autocast, a convolution runs in the autocast dtype, as torch's does: float32 tensors
+    are cast (float64 ones are left alone, as autocast leaves them); the casts are differentiable, so
+    gradients reach float32 parameters as float32."""
+    device_type = input.device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return input, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        return t if t is None or t.dtype == torch.float64 or not t.is_floating_point() else t.to(dtype)
+
+    return cast(input), cast(weight), cast(bias)
+
+
 def _conv(dims, op, input, weight, bias, stride, padding, dilation, groups):
     _check_devices(op, input, weight, bias)
+    input, weight, bias = _autocast(input, weight, bias)
     stride = _expand(stride, dims, "stride", op)
     dilation = _expand(dilation, dims, "dilation", op)
     input, unbatched = _batched(op, input, dims)

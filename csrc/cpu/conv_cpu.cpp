@@ -223,6 +223,11 @@ at::Tensor conv_forward_cpu(const at::Tensor& input_, const at::Tensor& weight_,
                             int64_t groups) {
   const Geometry g = check_conv(input_, weight_, bias, stride, padding, dilation, groups);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // inner ATen calls are plain arithmetic
+  if (is_reduced_precision(input_.scalar_type())) {  // computed in float32, rounded once at the end
+    const auto f = [](const at::Tensor& t) { return t.to(at::kFloat); };
+    const std::optional<at::Tensor> bias_f = bias.has_value() && bias->defined() ? std::optional(f(*bias)) : std::nullopt;
+    return conv_forward_cpu(f(input_), f(weight_), bias_f, stride, padding, dilation, groups).to(input_.scalar_type());
+  }
   const at::Tensor input = input_.contiguous();  // (N, C_in, H, W)
   const GroupDims d(g);
   const at::Tensor weight = weight_.contiguous().view({g.out_channels, d.k_per_group});  // (C_out, K/g)
@@ -350,6 +355,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
   const Geometry g = check_conv(input_, weight_, std::nullopt, stride, padding, dilation, groups);
   check_conv_grad_output(grad_output_, input_, g);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  if (is_reduced_precision(input_.scalar_type())) {  // computed in float32, rounded once at the end
+    const auto f = [](const at::Tensor& t) { return t.to(at::kFloat); };
+    auto grads = conv_backward_cpu(f(grad_output_), f(input_), f(weight_), stride, padding, dilation, groups, output_mask);
+    const auto back = [&](const at::Tensor& t) { return t.defined() ? t.to(input_.scalar_type()) : t; };
+    return {back(std::get<0>(grads)), back(std::get<1>(grads)), back(std::get<2>(grads))};
+  }
   const at::Tensor grad_output = grad_output_.contiguous();  // (N, C_out, OH, OW)
   at::Tensor grad_input, grad_weight, grad_bias;
   if (output_mask[0]) {

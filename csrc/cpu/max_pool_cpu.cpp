@@ -151,6 +151,10 @@ std::tuple<at::Tensor, at::Tensor> max_pool_forward_cpu(const at::Tensor& input_
                                                         c10::IntArrayRef stride, c10::IntArrayRef padding,
                                                         c10::IntArrayRef dilation, bool ceil_mode) {
   const Geometry g = check_max_pool(input_, kernel_size, stride, padding, dilation, ceil_mode);
+  if (is_reduced_precision(input_.scalar_type())) {  // exact: float32 holds every half value, and a max is one of them
+    auto [output, indices] = max_pool_forward_cpu(input_.to(at::kFloat), kernel_size, stride, padding, dilation, ceil_mode);
+    return {output.to(input_.scalar_type()), indices};
+  }
   const at::Tensor input = input_.contiguous();                                       // (N, C, H, W)
   at::Tensor output = at::empty(g.output_shape(g.in_channels), input.options());      // (N, C, OH, OW)
   at::Tensor indices = at::empty(g.output_shape(g.in_channels), input.options().dtype(at::kLong));
@@ -177,6 +181,9 @@ at::Tensor max_pool_backward_cpu(const at::Tensor& grad_output_, const at::Tenso
                                  c10::IntArrayRef kernel_size, c10::IntArrayRef stride, c10::IntArrayRef padding,
                                  c10::IntArrayRef dilation) {
   check_max_pool_backward(grad_output_, indices_, input_size, kernel_size, stride, padding, dilation);
+  if (is_reduced_precision(grad_output_.scalar_type()))  // overlapping windows are added in float32
+    return max_pool_backward_cpu(grad_output_.to(at::kFloat), indices_, input_size, kernel_size, stride, padding, dilation)
+        .to(grad_output_.scalar_type());
   const at::Tensor grad_output = grad_output_.contiguous();  // (N, C, OH, OW)
   const at::Tensor indices = indices_.contiguous();          // (N, C, OH, OW)
   at::Tensor grad_input = at::empty(input_size, grad_output.options());  // (N, C, H, W)

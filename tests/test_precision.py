@@ -1,0 +1,76 @@
+"""float16 and bfloat16 (accumulated in float32) against torch within tolerances of the dtype's own
+precision, and torch.autocast: our conv runs in the autocast dtype where torch's does, max-pool keeps its
+input's dtype, and gradients reach float32 parameters as float32."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torch_manualgrad as tmg
+
+HALF_TYPES = [torch.float16, torch.bfloat16]
+# about two units in the last place of the dtype, relative to values of order 1-10
+TOL = {torch.float16: dict(rtol=4e-3, atol=2e-2), torch.bfloat16: dict(rtol=3e-2, atol=1e-1)}
+
+
+def leaves(device, dtype, *shapes):
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(s, generator=gen).to(device, dtype).requires_grad_() for s in shapes]
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES)
+@pytest.mark.parametrize("groups,stride", [(1, 1), (2, 2), (6, 1)])
+def test_half_conv_matches_float32_rounded(dtype, groups, stride, device):
+    x, w, b = leaves(device, dtype, (2, 6, 9, 8), (6, 6 // groups, 3, 3), (6,))
+    y = tmg.functional.conv2d(x, w, b, stride, 1, 1, groups)
+    assert y.dtype == dtype
+    # exact math in float32 on the same (already rounded) inputs, then one rounding: the best a kernel can do
+    ref = F.conv2d(x.float(), w.float(), b.float(), stride, 1, 1, groups)
+    torch.testing.assert_close(y.float(), ref, **TOL[dtype])
+    go = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    grads = torch.autograd.grad(y, (x, w, b), go)
+    xf, wf, bf = (t.detach().float().requires_grad_() for t in (x, w, b))
+    ref_grads = torch.autograd.grad(F.conv2d(xf, wf, bf, stride, 1, 1, groups), (xf, wf, bf), go.float())
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.float(), r, rtol=TOL[dtype]["rtol"], atol=TOL[dtype]["atol"] * 10)
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES)
+def test_half_max_pool_matches_torch_exactly(dtype, device):
+    (x,) = leaves(device, dtype, (2, 3, 9, 8))
+    out, idx = tmg.functional.max_pool2d(x, 3, 2, 1, return_indices=True)
+    ref, ref_idx = F.max_pool2d(x, 3, 2, 1, return_indices=True)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert torch.equal(idx, ref_idx)
+    go = torch.randn(out.shape).to(device, dtype)
+    grad = torch.autograd.grad(out, x, go)[0]
+    assert grad.dtype == dtype
+    # overlapping windows add in float32 here, so compare with float32 sums rounded once, and with torch's
+    xf = x.detach().float().requires_grad_()
+    exact = torch.autograd.grad(F.max_pool2d(xf, 3, 2, 1), xf, go.float())[0]
+    torch.testing.assert_close(grad, exact.to(dtype), rtol=0, atol=0)
+    torch.testing.assert_close(grad.float(), torch.autograd.grad(ref, x, go)[0].float(), **TOL[dtype])
+
+
+def test_autocast_follows_torch(device):
+    torch.manual_seed(0)
+    theirs = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.MaxPool2d(2), torch.nn.Conv2d(4, 2, 3)).to(device)
+    ours = tmg.convert(copy.deepcopy(theirs))
+    x = torch.randn(2, 3, 10, 10, device=device)
+    with torch.autocast(device_type=device):
+        lower = torch.get_autocast_dtype(device)
+        y_ours, y_theirs = ours(x), theirs(x)
+        assert y_ours.dtype == y_theirs.dtype == lower
+        # max-pool keeps the dtype it is given, as torch's does
+        assert tmg.functional.max_pool2d(x, 2).dtype == F.max_pool2d(x, 2).dtype == torch.float32
+        assert ours[0](x).dtype == lower
+        assert ours[1](ours[0](x)).dtype == lower
+    torch.testing.assert_close(y_ours.float(), y_theirs.float(), **TOL[lower])
+    y_ours.float().sum().backward()
+    y_theirs.float().sum().backward()
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        assert p.grad.dtype == torch.float32
+        torch.testing.assert_close(p.grad, q.grad, rtol=5e-2, atol=5e-1)
