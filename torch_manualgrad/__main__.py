@@ -1,20 +1,34 @@
-"""python -m torch_manualgrad demo: a short end-to-end run of the package (see demo.py)."""
+"""python -m torch_manualgrad (also the console script torch-manualgrad): demo, verify, check, explain, bench.
+
+Each subcommand lives in its own module with add_parser(subparsers) and run(args) -> exit code.
+"""
 import argparse
+import importlib
 import sys
+
+SUBCOMMANDS = {
+    "demo": "torch_manualgrad.demo",
+    "verify": "torch_manualgrad.verify",
+    "check": "torch_manualgrad.check",
+    "explain": "torch_manualgrad.explain",
+    "bench": "torch_manualgrad.bench",
+}
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="torch_manualgrad", description=__doc__)
+    parser = argparse.ArgumentParser(prog="torch-manualgrad", description="Hand-written conv and max-pool for PyTorch.")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="train a small CNN with torch.nn and with our layers side by side")
-    demo.add_argument("--steps", type=int, default=20)
-    demo.add_argument("--device", default="cpu")
+    modules = {}
+    for name, module_name in SUBCOMMANDS.items():
+        try:
+            modules[name] = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue  # not written yet
+        modules[name].add_parser(commands)
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        from .demo import run
-
-        return run(steps=args.steps, device=args.device)
-    return 2
+    return modules[args.command].run(args)
 
 
 if __name__ == "__main__":
