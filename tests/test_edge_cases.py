@@ -78,3 +78,15 @@ def test_batch_one_is_bit_identical_across_thread_counts(shape, restore_num_thre
         results.append((y, gi, gw))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_empty_windows_are_index_minus_one_in_ops_and_reference():
+    from torch_manualgrad import reference
+
+    x = torch.randn(1, 2, 2, dtype=torch.float64)  # kernel 2, dilation 3, padding 1: taps at -1 and 2, both outside
+    out, idx = ops.max_pool_forward(x, [2], [1], [1], [3], False)
+    ref_out, ref_idx = reference.max_pool_forward(x, (2,), (1,), (1,), (3,), False)
+    assert torch.equal(idx, ref_idx) and (idx == -1).all()
+    assert torch.isneginf(out).all() and torch.equal(out, ref_out)
+    go = torch.ones_like(out)
+    assert torch.equal(ops.max_pool_backward(go, idx, [1, 2, 2], [2], [1], [1], [3]), reference.max_pool_backward(go, idx, (1, 2, 2)))

@@ -251,12 +251,10 @@ def max_pool_forward(input, kernel_size, stride, padding, dilation, ceil_mode):
     One degenerate case needs a word.  With dilation, a window can straddle
     the input without any of its taps landing on it (kernel 2, dilation 3,
     padding 1 on a length-2 input: taps at -1 and 2).  Such a window has no
-    candidate at all.  torch still emits it, with value -inf and, as index,
-    the flattened coordinates of the first tap past the left padding in each
-    dimension -- a position outside the plane, or in 2-d possibly the flat
-    index of some unrelated element.  We reproduce that value and index so
-    the forward matches torch everywhere; ``max_pool_backward`` refuses
-    indices outside the plane rather than copy torch's out-of-bounds write.
+    candidate at all: its value is -inf (as in torch) and its index is -1,
+    "none", and ``max_pool_backward`` sends its gradient nowhere.  (torch
+    reports a position outside the plane there instead, and its backward
+    then writes outside the gradient.)
     """
     dims = len(kernel_size)
     if not (len(stride) == len(padding) == len(dilation) == dims and input.dim() == dims + 2):
@@ -282,14 +280,13 @@ def max_pool_forward(input, kernel_size, stride, padding, dilation, ceil_mode):
                 # Where this window starts in unpadded coordinates (may be negative).
                 start = [oi * s - p for oi, s, p in zip(o, stride, padding)]
                 # The default winner, before any value is looked at: in each
-                # dimension, the first tap that is past the left padding.  When
-                # the window holds any input at all this is its first in-bounds
-                # position in scan order; when it holds none it is torch's
-                # out-of-range index for the degenerate case described above.
+                # dimension, the first tap that is past the left padding -- the
+                # window's first in-bounds position in scan order, if it has one.
                 first = [st + d * _ceil_div(-st, d) if st < 0 else st
                          for st, d in zip(start, dilation)]
+                empty = any(f >= length for f, length in zip(first, spatial))
                 best_value = -math.inf
-                best_index = _flat_index(first, spatial)
+                best_index = -1 if empty else _flat_index(first, spatial)
                 for taps in _placements(kernel_size):
                     coord = tuple(st + t * d for st, t, d in zip(start, taps, dilation))
                     if not all(0 <= x < length for x, length in zip(coord, spatial)):
@@ -312,8 +309,8 @@ def max_pool_backward(grad_output, indices, input_shape):
     else.  When windows overlap the same input can win several of them; its
     gradient is then the *sum* of theirs, hence ``+=`` rather than ``=``.
 
-    An index outside the plane can only come from a window that held no input
-    (see ``max_pool_forward``); it has no input to send its gradient to, and
+    Index -1 marks a window that held no input (see ``max_pool_forward``): its
+    gradient goes nowhere.  Any other index outside the plane is malformed, and
     we raise ``IndexError`` instead of guessing.
     """
     n_batch, channels, *spatial = input_shape
@@ -326,6 +323,8 @@ def max_pool_backward(grad_output, indices, input_shape):
         for c in range(channels):
             for o in _placements(out_size):
                 index = int(indices[(n, c) + o])
+                if index == -1:
+                    continue
                 if not 0 <= index < plane:
                     raise IndexError(f"max-pool index {index} lies outside a plane of {plane} elements")
                 grad_flat[n, c, index] += grad_output[(n, c) + o]
