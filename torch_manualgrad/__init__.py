@@ -8,6 +8,7 @@ Call path: functional → autograd (torch.autograd.Function) → _ops (torch.ops
 """
 from . import _ops, functional, nn, reference  # noqa: F401
 from .convert import convert, revert
+from .verify import VerifyResult, verify
 
 __version__ = "0.1.0"
-__all__ = ["functional", "nn", "reference", "convert", "revert"]
+__all__ = ["functional", "nn", "reference", "convert", "revert", "verify", "VerifyResult"]
