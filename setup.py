@@ -42,17 +42,35 @@ def extension():
             cpp_sources + cuda_sources,
             define_macros=[("WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=["-fopenmp", "-lstdc++"],
         )
     return cpp_extension.CppExtension(
         "torch_manualgrad._C",
         cpp_sources,
         extra_compile_args={"cxx": cxx_flags},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=["-fopenmp", "-lstdc++"],
     )
+
+
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's BuildExtension, linking the C++ runtime dynamically whatever the Python's own flags say.
+
+    Some Pythons (seen on a GPU machine's) link extensions with -static-libstdc++. A private copy of
+    libstdc++ inside our extension then has an uninitialised locale, and the first error message our
+    checks format (an ostream << int64) crashes the process instead of raising.
+    """
+
+    STATIC_RUNTIME = ("-static-libstdc++", "-static-libgcc")
+
+    def build_extensions(self):
+        for attr in ("linker_so", "linker_so_cxx", "compiler_so", "compiler_so_cxx"):
+            command = getattr(self.compiler, attr, None)
+            if isinstance(command, list):
+                setattr(self.compiler, attr, [a for a in command if a not in self.STATIC_RUNTIME])
+        super().build_extensions()
 
 
 setup(
     ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -165,6 +165,11 @@ inline bool is_pointwise(const Geometry& g) {
   return w.kernel_h == 1 && w.kernel_w == 1 && w.stride_h == 1 && w.stride_w == 1 && w.pad_h == 0 && w.pad_w == 0;
 }
 
+// Depthwise: every group has one input channel (groups == in_channels), with any channel multiplier.
+// There a GEMM would be (multiplier × KH*KW) @ (KH*KW × positions): too thin to pay for im2col, so
+// both devices have direct kernels for it.
+inline bool is_depthwise(const Geometry& g) { return g.groups == g.in_channels && g.groups > 1; }
+
 // Checks a convolution's arguments and returns its geometry.
 inline Geometry check_conv(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,

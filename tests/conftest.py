@@ -22,6 +22,11 @@ settings.register_profile("ci", max_examples=30, derandomize=True, **_common)
 settings.register_profile("dev", max_examples=200, **_common)
 settings.load_profile(os.environ.get("TMG_HYPOTHESIS_PROFILE", "ci"))
 
+# On a GPU, torch's convolutions (the oracle) may use TF32 by default (cuDNN's allow_tf32 is on),
+# which carries about 3 significant digits: float32 comparisons need full float32 on both sides.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "reference: compares against the loop-level torch_manualgrad.reference oracle")

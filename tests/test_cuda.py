@@ -14,6 +14,11 @@ CONVS = [  # (N, C_in, C_out, size, kernel, stride, padding, dilation, groups)
     (2, 3, 8, (11, 9), (3, 3), 1, 1, 1, 1),
     (3, 8, 6, (10, 10), (3, 2), 2, (1, 0), (2, 1), 2),
     (2, 6, 12, (9, 9), (3, 3), 1, 1, 1, 6),  # depthwise, multiplier 2
+    (8, 4, 4, (20, 21), (5, 5), 2, 3, (1, 2), 4),  # depthwise 5x5: many placements, cut into slices
+    (3, 5, 5, (12, 12), (7, 7), 1, 3, 1, 5),  # depthwise 7x7
+    (2, 3, 6, (10, 11), (4, 4), 1, 2, 1, 3),  # depthwise 4x4: no direct weight-gradient kernel, GEMM path
+    (2, 4, 8, (50,), (3,), 1, 1, 1, 4),  # depthwise 1-d
+    (2, 3, 4, (9, 9), (2, 2), 3, 0, 1, 1),  # stride over the kernel: pixels no window sees
     (4, 16, 32, (7, 7), (1, 1), 1, 0, 1, 1),  # pointwise
     (2, 4, 4, (33,), (5,), 2, 2, 2, 1),  # 1-d
 ]
@@ -22,6 +27,7 @@ POOLS = [  # (N, C, size, kernel, stride, padding, dilation, ceil_mode)
     (2, 3, (12, 12), 3, 1, 1, 1, True),  # overlapping windows: the gather adds several outputs
     (1, 2, (10, 7), (2, 3), (1, 2), (1, 0), (2, 1), True),
     (2, 4, (40,), 4, 3, 2, 1, True),
+    (2, 3, (9, 9), 2, 3, 0, 1, False),  # stride over the kernel: pixels no window sees
 ]
 
 
@@ -140,3 +146,23 @@ def test_cuda_convert_model():
     ours = tmg.convert(copy.deepcopy(model))
     x = torch.randn(2, 3, 12, 12, device="cuda", dtype=torch.float64)
     torch.testing.assert_close(ours(x), model(x), rtol=1e-9, atol=1e-9)
+
+
+def test_cuda_huge_geometry_takes_the_64_bit_path():
+    """Sizes past 2**28 switch the kernels to 64-bit index arithmetic; the results still match the CPU."""
+    x = torch.randn(2, 3, 16, dtype=torch.float64)
+    cpu = torch.ops.manualgrad.max_pool_forward(x, [2**40], [1], [2**39], [1], False)
+    gpu = torch.ops.manualgrad.max_pool_forward(x.cuda(), [2**40], [1], [2**39], [1], False)
+    for a, b in zip(gpu, cpu):
+        assert torch.equal(a.cpu(), b)
+    # conv1d: dilation and padding 2**40, stride 2**41 — one output position whose middle tap sees x[..., 0]
+    w = torch.randn(4, 3, 3, dtype=torch.float64)
+    args = ([2**41], [2**40], [2**40], 1)
+    y_cpu = torch.ops.manualgrad.conv_forward(x, w, None, *args)
+    y_gpu = torch.ops.manualgrad.conv_forward(x.cuda(), w.cuda(), None, *args)
+    torch.testing.assert_close(y_gpu.cpu(), y_cpu)
+    torch.testing.assert_close(y_cpu[..., 0], x[..., 0] @ w[:, :, 1].T)
+    go = torch.randn_like(y_cpu)
+    for a, b in zip(torch.ops.manualgrad.conv_backward(go.cuda(), x.cuda(), w.cuda(), *args, [True, True, True]),
+                    torch.ops.manualgrad.conv_backward(go, x, w, *args, [True, True, True])):
+        torch.testing.assert_close(a.cpu(), b)

@@ -52,7 +52,7 @@ def _max_pool_forward_fake(input, kernel_size, stride, padding, dilation, ceil_m
 
 
 @torch.library.register_fake("manualgrad::max_pool_backward")
-def _max_pool_backward_fake(grad_output, indices, input_size, kernel_size, stride, padding, dilation):
+def _max_pool_backward_fake(grad_output, indices, input_size, kernel_size, stride, padding, dilation, check_indices=True):
     return grad_output.new_empty(input_size)
 
 
@@ -103,11 +103,15 @@ def _max_pool_forward_vmap(info, in_dims, input, kernel_size, stride, padding, d
 
 
 @torch.library.register_vmap("manualgrad::max_pool_backward")
-def _max_pool_backward_vmap(info, in_dims, grad_output, indices, input_size, kernel_size, stride, padding, dilation):
+def _max_pool_backward_vmap(
+    info, in_dims, grad_output, indices, input_size, kernel_size, stride, padding, dilation, check_indices=True
+):
     size = info.batch_size
     go = _fold(_front(grad_output, in_dims[0], size))
     idx = _fold(_front(indices, in_dims[1], size))
-    grad = ops.max_pool_backward(go, idx, [size * input_size[0], *input_size[1:]], kernel_size, stride, padding, dilation)
+    grad = ops.max_pool_backward(
+        go, idx, [size * input_size[0], *input_size[1:]], kernel_size, stride, padding, dilation, check_indices
+    )
     return _unfold(grad, size), 0
 
 

@@ -118,7 +118,9 @@ class MaxPoolBackwardFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(grad_output, indices, input_size, geometry):
-        return ops.max_pool_backward(grad_output, indices, input_size, *geometry)
+        # The indices are the forward's own, saved by autograd (which refuses them if modified in place),
+        # so the CUDA kernel may skip checking them.
+        return ops.max_pool_backward(grad_output, indices, input_size, *geometry, check_indices=False)
 
     @staticmethod
     def setup_context(ctx, inputs, output):

@@ -5,10 +5,6 @@
 
 namespace manualgrad {
 
-// Depthwise: every group has one input channel (groups == in_channels), with any channel multiplier.
-// There a GEMM would be (multiplier × KH*KW) @ (KH*KW × positions): too thin to pay for im2col.
-inline bool is_depthwise(const Geometry& g) { return g.groups == g.in_channels && g.groups > 1; }
-
 // output (N, C_out, OH, OW) = depthwise conv of input (N, C_in, H, W) with weight (C_out, 1, KH, KW) + bias
 void depthwise_forward_cpu(at::Tensor& output, const at::Tensor& input, const at::Tensor& weight,
                            const at::Tensor& bias, const Geometry& g);

@@ -176,13 +176,15 @@ std::tuple<at::Tensor, at::Tensor> max_pool_forward_cpu(const at::Tensor& input_
 }
 
 // The CPU needs no window geometry: each plane's task scatters its outputs' gradients by index, in
-// order, and owns every pixel it writes.
+// order, and owns every pixel it writes. It checks every index as it goes, at no extra cost, so it
+// ignores check_indices.
 at::Tensor max_pool_backward_cpu(const at::Tensor& grad_output_, const at::Tensor& indices_, c10::IntArrayRef input_size,
                                  c10::IntArrayRef kernel_size, c10::IntArrayRef stride, c10::IntArrayRef padding,
-                                 c10::IntArrayRef dilation) {
+                                 c10::IntArrayRef dilation, bool check_indices) {
   check_max_pool_backward(grad_output_, indices_, input_size, kernel_size, stride, padding, dilation);
   if (is_reduced_precision(grad_output_.scalar_type()))  // overlapping windows are added in float32
-    return max_pool_backward_cpu(grad_output_.to(at::kFloat), indices_, input_size, kernel_size, stride, padding, dilation)
+    return max_pool_backward_cpu(grad_output_.to(at::kFloat), indices_, input_size, kernel_size, stride, padding, dilation,
+                                 check_indices)
         .to(grad_output_.scalar_type());
   const at::Tensor grad_output = grad_output_.contiguous();  // (N, C, OH, OW)
   const at::Tensor indices = indices_.contiguous();          // (N, C, OH, OW)

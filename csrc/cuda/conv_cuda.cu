@@ -9,58 +9,60 @@
 // results are bit-identical from run to run. Images are processed in chunks whose columns stay under
 // kMaxColumnElems, so the workspace is bounded whatever the batch.
 #include "../shape_checks.h"
+#include "depthwise_cuda.h"
 #include "windows.cuh"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 namespace manualgrad {
 namespace {
 
-constexpr int kThreads = 256;
 constexpr int64_t kMaxColumnElems = int64_t{1} << 26;  // one chunk's columns: 64M elements
 
-inline unsigned grid_for(int64_t n) {
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(n, kThreads), int64_t{1} << 20)));
-}
-
 // columns[k*image_stride + r*row_stride + l] ← for image k of the chunk, kernel tap r = (c, i, j) and
-// output position l, the input pixel that tap sees there (0 in the padding). One thread per entry.
-template <typename scalar_t>
-__global__ void im2col_kernel(scalar_t* __restrict__ columns, const scalar_t* __restrict__ input, int64_t images,
-                              int64_t channels, Geometry g, int64_t row_stride, int64_t image_stride) {
-  const Window2d w = g.win;
-  const int64_t taps = w.kernel_h * w.kernel_w, positions = g.out_h * g.out_w, rows = channels * taps;
-  const int64_t total = images * rows * positions;
+// output position l, the input pixel that tap sees there (0 in the padding). One thread per (image,
+// channel, position) writes that position's KH*KW taps: the index arithmetic is paid once per
+// position rather than once per entry, and neighbouring threads write neighbouring l (coalesced).
+template <typename scalar_t, typename index_t>
+__global__ void im2col_kernel(scalar_t* __restrict__ columns, const scalar_t* __restrict__ input, int64_t total,
+                              index_t channels, Geo<index_t> g, index_t row_stride, index_t image_stride) {
+  const index_t positions = g.out_h * g.out_w, taps = g.kernel_h * g.kernel_w;
   for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < total; e += int64_t{blockDim.x} * gridDim.x) {
-    const int64_t l = e % positions, r = (e / positions) % rows, k = e / (positions * rows);
-    const int64_t c = r / taps, i = (r % taps) / w.kernel_w, j = r % w.kernel_w;
-    const int64_t ih = (l / g.out_w) * w.stride_h - w.pad_h + i * w.dilation_h;
-    const int64_t iw = (l % g.out_w) * w.stride_w - w.pad_w + j * w.dilation_w;
-    const bool inside = ih >= 0 && ih < g.in_h && iw >= 0 && iw < g.in_w;
-    columns[k * image_stride + r * row_stride + l] =
-        inside ? input[((k * channels + c) * g.in_h + ih) * g.in_w + iw] : scalar_t(0);
+    const index_t x = static_cast<index_t>(e);
+    const index_t l = x % positions, kc = x / positions, c = kc % channels, k = kc / channels;
+    const index_t h0 = (l / g.out_w) * g.stride_h - g.pad_h, w0 = (l % g.out_w) * g.stride_w - g.pad_w;
+    const scalar_t* plane = input + kc * g.in_h * g.in_w;  // kc = k*channels + c: this image's channel c
+    scalar_t* out = columns + k * image_stride + c * taps * row_stride + l;
+    for (index_t i = 0; i < g.kernel_h; ++i) {
+      const index_t ih = h0 + i * g.dilation_h;
+      const bool row_inside = ih >= 0 && ih < g.in_h;
+      for (index_t j = 0; j < g.kernel_w; ++j) {
+        const index_t iw = w0 + j * g.dilation_w;
+        *out = row_inside && iw >= 0 && iw < g.in_w ? plane[ih * g.in_w + iw] : scalar_t(0);
+        out += row_stride;
+      }
+    }
   }
 }
 
 // The mirror of im2col as a gather: grad_input[k, c, ih, iw] = the sum of the column entries, laid out
 // (images, channels*KH*KW, OH*OW), of every placement that saw pixel (ih, iw). One thread per pixel,
-// taps visited in a fixed order: no atomics, deterministic.
-template <typename scalar_t>
-__global__ void col2im_kernel(scalar_t* __restrict__ grad_input, const scalar_t* __restrict__ columns, int64_t images,
-                              int64_t channels, Geometry g) {
+// windows visited in a fixed order: no atomics, deterministic.
+template <typename scalar_t, typename index_t>
+__global__ void col2im_kernel(scalar_t* __restrict__ grad_input, const scalar_t* __restrict__ columns, int64_t total,
+                              Geo<index_t> g) {
   using acc_t = at::opmath_type<scalar_t>;
-  const Window2d w = g.win;
-  const int64_t positions = g.out_h * g.out_w, total = images * channels * g.in_h * g.in_w;
+  const index_t positions = g.out_h * g.out_w, taps = g.kernel_h * g.kernel_w;
   for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < total; e += int64_t{blockDim.x} * gridDim.x) {
-    const int64_t iw = e % g.in_w, ih = (e / g.in_w) % g.in_h, kc = e / (g.in_w * g.in_h);  // kc = k*channels + c
+    const index_t x = static_cast<index_t>(e);
+    const index_t iw = x % g.in_w, rest = x / g.in_w, ih = rest % g.in_h, kc = rest / g.in_h;  // kc = k*channels + c
+    const scalar_t* rows = columns + kc * taps * positions;
     acc_t sum = 0;
-    for_each_covering_window(g, ih, iw, [&](int64_t i, int64_t j, int64_t o) {
-      const int64_t row = kc * w.kernel_h * w.kernel_w + i * w.kernel_w + j;
-      sum += static_cast<acc_t>(columns[row * positions + o]);
+    for_each_covering_window(g, ih, iw, [&](index_t i, index_t j, index_t o) {
+      sum += static_cast<acc_t>(rows[(i * g.kernel_w + j) * positions + o]);
     });
     grad_input[e] = static_cast<scalar_t>(sum);
   }
@@ -69,21 +71,27 @@ __global__ void col2im_kernel(scalar_t* __restrict__ grad_input, const scalar_t*
 // im2col for images [n0, n0 + images) into columns with the given strides (see im2col_kernel).
 void im2col_cuda(at::Tensor& columns, const at::Tensor& input, int64_t n0, int64_t images, const Geometry& g,
                  int64_t row_stride, int64_t image_stride) {
-  const int64_t total = images * g.in_channels * g.win.kernel_h * g.win.kernel_w * g.out_h * g.out_w;
+  const int64_t total = images * g.in_channels * g.out_h * g.out_w;
+  const at::Tensor chunk = input.narrow(0, n0, images);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "im2col_cuda", [&] {
-    im2col_kernel<scalar_t><<<grid_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        columns.data_ptr<scalar_t>(), input[n0].data_ptr<scalar_t>(), images, g.in_channels, g, row_stride,
-        image_stride);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    MANUALGRAD_DISPATCH_INDEX(fits_int32(g, {chunk.numel(), columns.numel()}), [&] {
+      im2col_kernel<scalar_t, index_t><<<grid_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          columns.data_ptr<scalar_t>(), chunk.data_ptr<scalar_t>(), total, static_cast<index_t>(g.in_channels),
+          Geo<index_t>(g), static_cast<index_t>(row_stride), static_cast<index_t>(image_stride));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
 }
 
 void col2im_cuda(at::Tensor& grad_input, const at::Tensor& columns, int64_t n0, int64_t images, const Geometry& g) {
-  const int64_t total = images * g.in_channels * g.in_h * g.in_w;
+  const at::Tensor chunk = grad_input.narrow(0, n0, images);
+  const int64_t total = chunk.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, columns.scalar_type(), "col2im_cuda", [&] {
-    col2im_kernel<scalar_t><<<grid_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        grad_input[n0].data_ptr<scalar_t>(), columns.data_ptr<scalar_t>(), images, g.in_channels, g);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    MANUALGRAD_DISPATCH_INDEX(fits_int32(g, {total, columns.numel()}), [&] {
+      col2im_kernel<scalar_t, index_t><<<grid_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          chunk.data_ptr<scalar_t>(), columns.data_ptr<scalar_t>(), total, Geo<index_t>(g));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
 }
 
@@ -111,6 +119,11 @@ at::Tensor conv_forward_cuda(const at::Tensor& input_, const at::Tensor& weight_
   const at::Tensor weight = weight_.contiguous().view({d.groups, d.out_per_group, d.k_per_group});  // (G, C_out/G, K/G)
   at::Tensor output = at::empty(g.output_shape(g.out_channels), input.options());  // (N, C_out, OH, OW)
   if (g.batch == 0) return output;
+  if (is_depthwise(g)) {
+    const bool has_bias = bias.has_value() && bias->defined();
+    depthwise_forward_cuda(output, input, weight_.contiguous(), has_bias ? bias->contiguous() : at::Tensor(), g);
+    return output;
+  }
   const int64_t chunk = chunk_images(g);
   at::Tensor columns;  // (chunk, C_in*KH*KW, OH*OW)
   if (!is_pointwise(g)) columns = at::empty({chunk, g.in_channels * d.taps, d.positions}, input.options());
@@ -149,12 +162,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cuda(
   at::Tensor grad_input, grad_weight, grad_bias;
   if (output_mask[0]) grad_input = at::empty(input.sizes(), input.options());
   if (output_mask[1]) grad_weight = at::zeros(weight_.sizes(), weight_.options());  // stays 0 for batch 0
+  // Depthwise layers take the direct kernels (depthwise_cuda.cu), where they apply, and skip the GEMMs.
+  const bool depthwise = g.batch > 0 && is_depthwise(g);
+  std::array<bool, 3> todo = output_mask;
+  if (depthwise && todo[0]) {
+    depthwise_backward_input_cuda(grad_input, grad_output, weight_.contiguous(), g);
+    todo[0] = false;
+  }
+  if (depthwise && todo[1] && depthwise_weight_grad_supported(g)) {
+    depthwise_backward_weight_cuda(grad_weight, grad_output, input, g);
+    todo[1] = false;
+  }
   const int64_t chunk = chunk_images(g);
   const at::Tensor weight_t = weight.transpose(1, 2);  // (G, K/G, C_out/G)
-  for (int64_t n0 = 0; n0 < g.batch && (output_mask[0] || output_mask[1]); n0 += chunk) {
+  for (int64_t n0 = 0; n0 < g.batch && (todo[0] || todo[1]); n0 += chunk) {
     const int64_t images = std::min(chunk, g.batch - n0);
     const at::Tensor grad_out = grad_output.narrow(0, n0, images);  // (images, C_out, OH, OW)
-    if (output_mask[0]) {
+    if (todo[0]) {
       const at::Tensor go = grad_out.view({images * d.groups, d.out_per_group, d.positions});
       if (is_pointwise(g)) {
         at::Tensor gi = grad_input.narrow(0, n0, images).view({images * d.groups, d.k_per_group, d.positions});
@@ -164,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cuda(
         col2im_cuda(grad_input, grad_columns, n0, images, g);
       }
     }
-    if (output_mask[1]) {
+    if (todo[1]) {
       // One GEMM per group over all the chunk's placements: columns laid out (C_in*KH*KW, images, OH*OW)
       at::Tensor cols;
       if (is_pointwise(g)) {

@@ -1,32 +1,96 @@
-// windows.cuh — the gather walk shared by the CUDA backward kernels (col2im, max-pool backward): for
-// one input pixel, every (kernel tap, output position) pair whose window placed that tap on it.
+// windows.cuh — what the CUDA kernels share: the launch shape, the choice of 32- or 64-bit index
+// arithmetic, and the gather walk of the backward kernels (col2im, max-pool and depthwise backward).
 #pragma once
 
 #include "../shape_checks.h"
 
+#include <ATen/cuda/CUDAContext.h>
+
+#include <initializer_list>
+#include <limits>
+
 namespace manualgrad {
 
-// Calls f(i, j, o) for each kernel tap (i, j) and output position o = oh*OW + ow whose window puts tap
-// (i, j) on input pixel (ih, iw), taps in row-major order (a fixed order: the sums are deterministic).
-// Tap i reaches the pixel from the window starting at ih + pad_h - i*dilation_h, which must be a
-// multiple of the stride and the start of an output row in [0, OH); taps that cannot are skipped
-// without being visited, so a huge kernel costs only the taps that land.
-template <typename F>
-__device__ inline void for_each_covering_window(const Geometry& g, int64_t ih, int64_t iw, const F& f) {
+constexpr int kThreads = 256;
+
+// A grid-stride launch: enough blocks to fill the GPU, each thread looping over the rest.
+inline unsigned grid_for(int64_t n) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(n, kThreads), int64_t{1} << 20)));
+}
+
+// The geometry in the index type the kernel computes with. 64-bit division costs several times
+// 32-bit, and index arithmetic is most of what a memory-bound kernel executes, so kernels run in
+// int32 whenever every size and every tensor they touch allow it (see fits_int32).
+template <typename index_t>
+struct Geo {
+  index_t in_h, in_w, out_h, out_w;
+  index_t kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
+  explicit Geo(const Geometry& g)
+      : in_h(g.in_h), in_w(g.in_w), out_h(g.out_h), out_w(g.out_w),
+        kernel_h(g.win.kernel_h), kernel_w(g.win.kernel_w), stride_h(g.win.stride_h), stride_w(g.win.stride_w),
+        pad_h(g.win.pad_h), pad_w(g.win.pad_w), dilation_h(g.win.dilation_h), dilation_w(g.win.dilation_w) {}
+};
+
+// True when int32 arithmetic cannot overflow: every length, stride, padding and dilated kernel extent
+// under 2^28 (so sums of a few of them stay under 2^31), and every tensor under 2^31 elements.
+inline bool fits_int32(const Geometry& g, std::initializer_list<int64_t> numels) {
+  constexpr int64_t kSize = int64_t{1} << 28;
   const Window2d& w = g.win;
-  const int64_t h0 = ih + w.pad_h, w0 = iw + w.pad_w;
-  const int64_t reach_h = (g.out_h - 1) * w.stride_h, reach_w = (g.out_w - 1) * w.stride_w;
-  const int64_t i_lo = h0 > reach_h ? ceil_div(h0 - reach_h, w.dilation_h) : 0;
-  const int64_t i_hi = std::min(w.kernel_h - 1, h0 / w.dilation_h);
-  const int64_t j_lo = w0 > reach_w ? ceil_div(w0 - reach_w, w.dilation_w) : 0;
-  const int64_t j_hi = std::min(w.kernel_w - 1, w0 / w.dilation_w);
-  for (int64_t i = i_lo; i <= i_hi; ++i) {
-    const int64_t h = h0 - i * w.dilation_h;
-    if (h % w.stride_h != 0) continue;
-    for (int64_t j = j_lo; j <= j_hi; ++j) {
-      const int64_t v = w0 - j * w.dilation_w;
-      if (v % w.stride_w != 0) continue;
-      f(i, j, (h / w.stride_h) * g.out_w + v / w.stride_w);
+  for (int64_t v : {g.in_h, g.in_w, g.out_h, g.out_w, w.stride_h, w.stride_w, w.pad_h, w.pad_w, w.dilation_h, w.dilation_w})
+    if (v >= kSize) return false;
+  if (w.kernel_h >= kSize / w.dilation_h || w.kernel_w >= kSize / w.dilation_w) return false;
+  for (int64_t n : numels)
+    if (n > std::numeric_limits<int32_t>::max()) return false;
+  return true;
+}
+
+// Calls body.template operator()<index_t>() with int32_t or int64_t as fits_int32 decides.
+#define MANUALGRAD_DISPATCH_INDEX(use_int32, ...) \
+  [&] {                                          \
+    if (use_int32) {                             \
+      using index_t = int32_t;                   \
+      __VA_ARGS__();                             \
+    } else {                                     \
+      using index_t = int64_t;                   \
+      __VA_ARGS__();                             \
+    }                                            \
+  }()
+
+// The outputs o in [lo, hi] along one axis whose window reaches padded coordinate p (= input
+// coordinate + padding), i.e. p = o*stride + t*dilation for a tap t in [0, kernel).
+template <typename index_t>
+__device__ inline void covering_range(index_t p, index_t kernel, index_t stride, index_t dilation, index_t outputs,
+                                      index_t& lo, index_t& hi) {
+  const index_t span = p - (kernel - 1) * dilation;
+  lo = span <= 0 ? 0 : span / stride + (span % stride != 0);
+  hi = p / stride < outputs - 1 ? p / stride : outputs - 1;
+}
+
+// The tap of output o that lands on padded coordinate p, or -1 when p falls between two taps of a
+// dilated window.
+template <typename index_t>
+__device__ inline index_t tap_at(index_t p, index_t o, index_t stride, index_t dilation) {
+  const index_t d = p - o * stride;
+  if (dilation == 1) return d;
+  return d % dilation == 0 ? d / dilation : -1;
+}
+
+// Calls f(i, j, o) for each output position o = oh*OW + ow whose window puts its tap (i, j) on input
+// pixel (ih, iw), in increasing o: a fixed order, so sums over the calls are deterministic. Only the
+// windows that can reach the pixel are visited, so a huge kernel costs no more than a small one.
+template <typename index_t, typename F>
+__device__ inline void for_each_covering_window(const Geo<index_t>& g, index_t ih, index_t iw, const F& f) {
+  const index_t ph = ih + g.pad_h, pw = iw + g.pad_w;
+  index_t oh_lo, oh_hi, ow_lo, ow_hi;
+  covering_range(ph, g.kernel_h, g.stride_h, g.dilation_h, g.out_h, oh_lo, oh_hi);
+  covering_range(pw, g.kernel_w, g.stride_w, g.dilation_w, g.out_w, ow_lo, ow_hi);
+  for (index_t oh = oh_lo; oh <= oh_hi; ++oh) {
+    const index_t i = tap_at(ph, oh, g.stride_h, g.dilation_h);
+    if (i < 0) continue;
+    for (index_t ow = ow_lo; ow <= ow_hi; ++ow) {
+      const index_t j = tap_at(pw, ow, g.stride_w, g.dilation_w);
+      if (j < 0) continue;
+      f(i, j, oh * g.out_w + ow);
     }
   }
 }

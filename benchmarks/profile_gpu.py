@@ -1,0 +1,66 @@
+"""Kernel-by-kernel GPU time of one forward+backward per benchmark case, ours beside torch's (torch.profiler).
+
+Separates the time the kernels take from the host time around them: python benchmarks/profile_gpu.py
+[--batch 32] [--precision float32|tf32|bfloat16] [--only conv|pool] [--case NAME].
+"""
+import argparse
+import os
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench  # noqa: E402  (the benchmark's cases and helpers)
+import torch_manualgrad as tmg  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+
+def kernel_table(case, functional, tensors, grad_out, steps=5):
+    leaves = [t.detach().requires_grad_(True) for t in tensors]
+
+    def step():
+        out = bench.call(functional, case, leaves)
+        torch.autograd.grad(out, leaves, grad_out)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    rows = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0 and e.count >= steps and not e.key.startswith(("cuda", "Memcpy")):
+            rows[e.key] = (t / steps, e.count // steps)
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--precision", default="float32", choices=sorted(bench.PRECISIONS))
+    p.add_argument("--only", choices=["conv", "pool"])
+    p.add_argument("--case")
+    args = p.parse_args()
+    dtype = bench.set_precision(args.precision)
+    for case in bench.GPU_CASES:
+        if (args.only and case.family != args.only) or (args.case and case.name != args.case):
+            continue
+        tensors = bench.make_tensors(case, case.batch or args.batch, torch.device("cuda"), dtype)
+        with torch.no_grad():
+            out = bench.call(F, case, tensors)
+        grad_out = torch.randn_like(out)
+        print(f"\n### {case.name} ({args.precision}) — GPU µs per forward+backward")
+        for who, functional in (("torch", F), ("ours", tmg.functional)):
+            rows = kernel_table(case, functional, tensors, grad_out)
+            total = sum(t for t, _ in rows.values())
+            print(f"  {who}: {total:8.1f} µs in kernels")
+            for name, (t, n) in sorted(rows.items(), key=lambda kv: -kv[1][0])[:8]:
+                print(f"      {t:8.1f} µs  x{n}  {name[:110]}")
+
+
+if __name__ == "__main__":
+    main()
