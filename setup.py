@@ -42,35 +42,36 @@ def extension():
             cpp_sources + cuda_sources,
             define_macros=[("WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
-            extra_link_args=["-fopenmp", "-lstdc++"],
+            extra_link_args=["-fopenmp", *shared_libstdcxx()],
         )
     return cpp_extension.CppExtension(
         "torch_manualgrad._C",
         cpp_sources,
         extra_compile_args={"cxx": cxx_flags},
-        extra_link_args=["-fopenmp", "-lstdc++"],
+        extra_link_args=["-fopenmp", *shared_libstdcxx()],
     )
 
 
-class BuildExtension(cpp_extension.BuildExtension):
-    """torch's BuildExtension, linking the C++ runtime dynamically whatever the Python's own flags say.
+def shared_libstdcxx() -> list[str]:
+    """The libstdc++ shared library this process (torch) has loaded, as a link input, on Linux.
 
-    Some Pythons (seen on a GPU machine's) link extensions with -static-libstdc++. A private copy of
-    libstdc++ inside our extension then has an uninitialised locale, and the first error message our
-    checks format (an ostream << int64) crashes the process instead of raising.
+    On one GPU machine's image the link took a static libstdc++ instead (the extension listed no
+    libstdc++ among its needed libraries), and that private copy, its locale never set up, crashed the
+    process at the first error message our checks formatted. Naming torch's own libstdc++.so.6 makes
+    the extension share it; the driver's later -lstdc++ then finds nothing left to pull in.
     """
-
-    STATIC_RUNTIME = ("-static-libstdc++", "-static-libgcc")
-
-    def build_extensions(self):
-        for attr in ("linker_so", "linker_so_cxx", "compiler_so", "compiler_so_cxx"):
-            command = getattr(self.compiler, attr, None)
-            if isinstance(command, list):
-                setattr(self.compiler, attr, [a for a in command if a not in self.STATIC_RUNTIME])
-        super().build_extensions()
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if os.path.basename(path).startswith("libstdc++.so") and os.path.isfile(path):
+                    return [path]
+    except OSError:
+        pass
+    return []
 
 
 setup(
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

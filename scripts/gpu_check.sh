@@ -3,52 +3,77 @@
 # CUDA kernels, run the whole test suite (CUDA variants included), then the GPU benchmark in float32,
 # TF32 and bfloat16 and a kernel-by-kernel profile; a short summary last.
 # Usage: scripts/gpu_check.sh [python]   (default python3; logs land in $OUT, or /tmp/gpu_check)
-# Environment: TEST_TIMEOUT (s, default 400), TEST_WORKERS (pytest-xdist workers, default 12),
+# Environment: STAGES (default "build tests bench profile", run in that order), TEST_TIMEOUT (s, default
+# 400), TEST_WORKERS (pytest-xdist workers, default 12), PRECISIONS (default "float32 tf32 bfloat16"),
 # BENCH_BUDGET (s per measurement, default 1.0), TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:-python3}
 OUT=${OUT:-/tmp/gpu_check}
+STAGES=${STAGES:-build tests bench profile}
+PRECISIONS=${PRECISIONS:-float32 tf32 bfloat16}
 mkdir -p "$OUT"
+build=skipped tests=skipped bench=skipped
 
-"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.get_device_name(0))"
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader || true
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
-start=$(date +%s)
-TORCH_MANUALGRAD_CUDA=1 "$PY" -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
-build=$?
-echo "build exit $build in $(( $(date +%s) - start )) s"
-[ $build = 0 ] || { tail -40 "$OUT/build.log"; exit 1; }
-# The C++ runtime must be the shared one (see setup.py), or the first error message crashes.
-ldd torch_manualgrad/_C*.so | grep -E "libstdc\+\+" || echo "WARNING: libstdc++ is not linked dynamically"
-"$PY" -c "
+build() {
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader || true
+  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+  local start=$(date +%s)
+  TORCH_MANUALGRAD_CUDA=1 "$PY" -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
+  build=$?
+  echo "build exit $build in $(( $(date +%s) - start )) s"
+  [ $build = 0 ] || { tail -40 "$OUT/build.log"; exit 1; }
+  # The C++ runtime must be the shared one (see setup.py), or the first error message crashes.
+  ldd torch_manualgrad/_C*.so | grep -E "libstdc\+\+" || echo "WARNING: libstdc++ is not linked dynamically"
+  "$PY" -c "
 import torch, torch_manualgrad
 try:
     torch.ops.manualgrad.conv_forward(torch.randn(1, 2, 5, 5, device='cuda'), torch.randn(3, 2, 3, 3, device='cuda'), None, [1, 1], [0, 0], [1, 1], 0)
 except RuntimeError as e:
     print('an error from our C++ checks raises:', str(e).splitlines()[0])
 "
+}
 
-# pytest-xdist spreads the suite over the CPU cores when it is installed; the GPU is shared by the workers.
-workers=$("$PY" -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-12}" || echo "")
-start=$(date +%s)
-# SIGINT at the limit makes pytest stop and still print its summary of failures.
-timeout -s INT -k 30 ${TEST_TIMEOUT:-400} "$PY" -m pytest tests -q -rfE -p no:cacheprovider -p no:benchmark $workers > "$OUT/tests.log" 2>&1
-tests=$?
-echo "tests exit $tests in $(( $(date +%s) - start )) s"
+run_tests() {
+  # pytest-xdist spreads the suite over the CPU cores when it is installed; the GPU is shared by the workers.
+  local workers=$("$PY" -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-12}" || echo "")
+  local start=$(date +%s)
+  # SIGINT at the limit makes pytest stop and still print its summary of failures.
+  timeout -s INT -k 30 ${TEST_TIMEOUT:-400} "$PY" -m pytest tests -q -rfE --durations=15 -p no:cacheprovider \
+    -p no:benchmark $workers > "$OUT/tests.log" 2>&1
+  tests=$?
+  echo "tests exit $tests in $(( $(date +%s) - start )) s"
+}
 
-bench=0
-for precision in float32 tf32 bfloat16; do
-  "$PY" benchmarks/bench.py --device cuda --batch 32 --precision $precision --budget ${BENCH_BUDGET:-1.0} > "$OUT/bench_cuda_$precision.txt" 2>&1 || bench=1
+run_bench() {
+  bench=0
+  for precision in $PRECISIONS; do
+    "$PY" benchmarks/bench.py --device cuda --batch 32 --precision $precision --budget ${BENCH_BUDGET:-1.0} \
+      > "$OUT/bench_cuda_$precision.txt" 2>&1 || bench=1
+  done
+}
+
+for stage in $STAGES; do
+  case $stage in
+    build) build ;;
+    tests) run_tests ;;
+    bench) run_bench ;;
+    profile) "$PY" benchmarks/profile_gpu.py --precision float32 > "$OUT/profile_float32.txt" 2>&1 || bench=1 ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
 done
-"$PY" benchmarks/profile_gpu.py --precision float32 > "$OUT/profile_float32.txt" 2>&1 || bench=1
 
-echo "== failures (if any)"
-grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | cut -c1-200 | head -40
-for precision in float32 tf32 bfloat16; do
+if [ -f "$OUT/tests.log" ]; then
+  echo "== failures (if any)"
+  grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | cut -c1-200 | head -40
+fi
+for precision in $PRECISIONS; do
+  [ -f "$OUT/bench_cuda_$precision.txt" ] || continue
   echo "== benchmark (cuda, batch 32, $precision)"
   grep "^|" "$OUT/bench_cuda_$precision.txt" | cut -d'|' -f2,5-12 || tail -5 "$OUT/bench_cuda_$precision.txt"
 done
 echo "== summary"
-echo "build: exit $build; tests: exit $tests: $(tail -1 "$OUT/tests.log"); bench: exit $bench"
-[ $tests = 0 ] && [ $bench = 0 ]
+echo "build: $build; tests: $tests: $( [ -f "$OUT/tests.log" ] && tail -1 "$OUT/tests.log"); bench: $bench"
+[ "$tests" != 0 ] && [ "$tests" != skipped ] && exit 1
+[ "$bench" != 0 ] && [ "$bench" != skipped ] && exit 1
+exit 0

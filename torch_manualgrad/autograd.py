@@ -102,9 +102,14 @@ class MaxPoolFunction(torch.autograd.Function):
         ctx.input_size = list(input.shape)
         ctx.geometry = (kernel_size, stride, padding, dilation)
         ctx.mark_non_differentiable(indices)
+        # The indices never receive a gradient: without this autograd would fill an int64 tensor of
+        # zeros for them on every backward pass.
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, grad_output, _grad_indices):
+        if grad_output is None:  # only the indices were used
+            return None, None, None, None, None, None
         (indices,) = ctx.saved_tensors
         grad_input = MaxPoolBackwardFunction.apply(grad_output, indices, ctx.input_size, ctx.geometry)
         return grad_input, None, None, None, None, None

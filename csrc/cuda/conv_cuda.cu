@@ -33,7 +33,8 @@ __global__ void im2col_kernel(scalar_t* __restrict__ columns, const scalar_t* __
   for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < total; e += int64_t{blockDim.x} * gridDim.x) {
     const index_t x = static_cast<index_t>(e);
     const index_t l = x % positions, kc = x / positions, c = kc % channels, k = kc / channels;
-    const index_t h0 = (l / g.out_w) * g.stride_h - g.pad_h, w0 = (l % g.out_w) * g.stride_w - g.pad_w;
+    const index_t oh = g.by_out_w.div(l), ow = l - oh * g.out_w;
+    const index_t h0 = oh * g.stride_h - g.pad_h, w0 = ow * g.stride_w - g.pad_w;
     const scalar_t* plane = input + kc * g.in_h * g.in_w;  // kc = k*channels + c: this image's channel c
     scalar_t* out = columns + k * image_stride + c * taps * row_stride + l;
     for (index_t i = 0; i < g.kernel_h; ++i) {
@@ -58,7 +59,8 @@ __global__ void col2im_kernel(scalar_t* __restrict__ grad_input, const scalar_t*
   const index_t positions = g.out_h * g.out_w, taps = g.kernel_h * g.kernel_w;
   for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < total; e += int64_t{blockDim.x} * gridDim.x) {
     const index_t x = static_cast<index_t>(e);
-    const index_t iw = x % g.in_w, rest = x / g.in_w, ih = rest % g.in_h, kc = rest / g.in_h;  // kc = k*channels + c
+    const index_t rest = g.by_in_w.div(x), iw = x - rest * g.in_w;
+    const index_t kc = g.by_in_h.div(rest), ih = rest - kc * g.in_h;  // kc = k*channels + c
     const scalar_t* rows = columns + kc * taps * positions;
     acc_t sum = 0;
     for_each_covering_window(g, ih, iw, [&](index_t i, index_t j, index_t o) {

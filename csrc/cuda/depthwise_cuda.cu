@@ -26,7 +26,8 @@ __global__ void depthwise_forward_kernel(scalar_t* __restrict__ output, const sc
   const index_t taps = g.kernel_h * g.kernel_w, in_channels = out_channels / multiplier;
   for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < total; e += int64_t{blockDim.x} * gridDim.x) {
     const index_t x = static_cast<index_t>(e);
-    const index_t ow = x % g.out_w, r1 = x / g.out_w, oh = r1 % g.out_h, r2 = r1 / g.out_h;
+    const index_t r1 = g.by_out_w.div(x), ow = x - r1 * g.out_w;
+    const index_t r2 = g.by_out_h.div(r1), oh = r1 - r2 * g.out_h;
     const index_t oc = r2 % out_channels, n = r2 / out_channels;
     const scalar_t* plane = input + (n * in_channels + oc / multiplier) * g.in_h * g.in_w;
     const scalar_t* w = weight + oc * taps;
@@ -54,7 +55,8 @@ __global__ void depthwise_backward_input_kernel(scalar_t* __restrict__ grad_inpu
   const index_t taps = g.kernel_h * g.kernel_w, out_plane = g.out_h * g.out_w;
   for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < total; e += int64_t{blockDim.x} * gridDim.x) {
     const index_t x = static_cast<index_t>(e);
-    const index_t iw = x % g.in_w, r1 = x / g.in_w, ih = r1 % g.in_h, nc = r1 / g.in_h;  // nc = n*C_in + c
+    const index_t r1 = g.by_in_w.div(x), iw = x - r1 * g.in_w;
+    const index_t nc = g.by_in_h.div(r1), ih = r1 - nc * g.in_h;  // nc = n*C_in + c
     acc_t sum = 0;
     for (index_t q = 0; q < multiplier; ++q) {
       const index_t oc = (nc % in_channels) * multiplier + q;

@@ -5,9 +5,11 @@
 #include "../shape_checks.h"
 
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/detail/IntegerDivider.cuh>
 
 #include <initializer_list>
 #include <limits>
+#include <type_traits>
 
 namespace manualgrad {
 
@@ -18,6 +20,19 @@ inline unsigned grid_for(int64_t n) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(n, kThreads), int64_t{1} << 20)));
 }
 
+// Division of a non-negative index by a size fixed for the whole launch. GPUs have no integer divide
+// instruction, and in these memory-bound kernels the index arithmetic was the bottleneck: for int32,
+// ATen's IntDivider turns each division into a multiply-high and a shift with a magic number computed
+// once on the host; int64 divides plainly.
+template <typename index_t>
+struct Divider {
+  using unsigned_t = std::make_unsigned_t<index_t>;
+  at::cuda::detail::IntDivider<unsigned_t> d;
+  explicit Divider(int64_t divisor) : d(static_cast<unsigned_t>(divisor)) {}
+  __device__ index_t div(index_t n) const { return static_cast<index_t>(d.div(static_cast<unsigned_t>(n))); }
+  __device__ index_t mod(index_t n) const { return static_cast<index_t>(d.mod(static_cast<unsigned_t>(n))); }
+};
+
 // The geometry in the index type the kernel computes with. 64-bit division costs several times
 // 32-bit, and index arithmetic is most of what a memory-bound kernel executes, so kernels run in
 // int32 whenever every size and every tensor they touch allow it (see fits_int32).
@@ -25,10 +40,13 @@ template <typename index_t>
 struct Geo {
   index_t in_h, in_w, out_h, out_w;
   index_t kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
+  Divider<index_t> by_in_h, by_in_w, by_out_h, by_out_w, by_stride_h, by_stride_w;
   explicit Geo(const Geometry& g)
       : in_h(g.in_h), in_w(g.in_w), out_h(g.out_h), out_w(g.out_w),
         kernel_h(g.win.kernel_h), kernel_w(g.win.kernel_w), stride_h(g.win.stride_h), stride_w(g.win.stride_w),
-        pad_h(g.win.pad_h), pad_w(g.win.pad_w), dilation_h(g.win.dilation_h), dilation_w(g.win.dilation_w) {}
+        pad_h(g.win.pad_h), pad_w(g.win.pad_w), dilation_h(g.win.dilation_h), dilation_w(g.win.dilation_w),
+        by_in_h(g.in_h), by_in_w(g.in_w), by_out_h(g.out_h), by_out_w(g.out_w),
+        by_stride_h(g.win.stride_h), by_stride_w(g.win.stride_w) {}
 };
 
 // True when int32 arithmetic cannot overflow: every length, stride, padding and dilated kernel extent
@@ -59,11 +77,17 @@ inline bool fits_int32(const Geometry& g, std::initializer_list<int64_t> numels)
 // The outputs o in [lo, hi] along one axis whose window reaches padded coordinate p (= input
 // coordinate + padding), i.e. p = o*stride + t*dilation for a tap t in [0, kernel).
 template <typename index_t>
-__device__ inline void covering_range(index_t p, index_t kernel, index_t stride, index_t dilation, index_t outputs,
-                                      index_t& lo, index_t& hi) {
+__device__ inline void covering_range(index_t p, index_t kernel, index_t stride, const Divider<index_t>& by_stride,
+                                      index_t dilation, index_t outputs, index_t& lo, index_t& hi) {
   const index_t span = p - (kernel - 1) * dilation;
-  lo = span <= 0 ? 0 : span / stride + (span % stride != 0);
-  hi = p / stride < outputs - 1 ? p / stride : outputs - 1;
+  if (span <= 0) {
+    lo = 0;
+  } else {
+    const index_t q = by_stride.div(span);
+    lo = q + (q * stride != span);
+  }
+  const index_t last = by_stride.div(p);
+  hi = last < outputs - 1 ? last : outputs - 1;
 }
 
 // The tap of output o that lands on padded coordinate p, or -1 when p falls between two taps of a
@@ -82,8 +106,8 @@ template <typename index_t, typename F>
 __device__ inline void for_each_covering_window(const Geo<index_t>& g, index_t ih, index_t iw, const F& f) {
   const index_t ph = ih + g.pad_h, pw = iw + g.pad_w;
   index_t oh_lo, oh_hi, ow_lo, ow_hi;
-  covering_range(ph, g.kernel_h, g.stride_h, g.dilation_h, g.out_h, oh_lo, oh_hi);
-  covering_range(pw, g.kernel_w, g.stride_w, g.dilation_w, g.out_w, ow_lo, ow_hi);
+  covering_range(ph, g.kernel_h, g.stride_h, g.by_stride_h, g.dilation_h, g.out_h, oh_lo, oh_hi);
+  covering_range(pw, g.kernel_w, g.stride_w, g.by_stride_w, g.dilation_w, g.out_w, ow_lo, ow_hi);
   for (index_t oh = oh_lo; oh <= oh_hi; ++oh) {
     const index_t i = tap_at(ph, oh, g.stride_h, g.dilation_h);
     if (i < 0) continue;
