@@ -50,6 +50,38 @@ def test_export_contains_our_ops_and_matches_eager(device):
     torch.testing.assert_close(program.module()(x), model(x), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_inference_calls_match_recorded_calls(mode, device):
+    """Without autograd (torch.no_grad, torch.inference_mode) the functions call the ops directly; the
+    results are the same as when autograd records the call, and nothing is recorded."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 9, 8, device=device, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, device=device, requires_grad=True)
+    b = torch.randn(4, device=device, requires_grad=True)
+    recorded = [tmg.functional.conv2d(x, w, b, padding=1), *tmg.functional.max_pool2d(x, 3, 2, 1, return_indices=True)]
+    assert recorded[0].grad_fn is not None and recorded[1].grad_fn is not None
+    with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
+        direct = [tmg.functional.conv2d(x, w, b, padding=1), *tmg.functional.max_pool2d(x, 3, 2, 1, return_indices=True)]
+    for r, d in zip(recorded, direct):
+        assert d.grad_fn is None and not d.requires_grad
+        assert torch.equal(r.detach(), d)
+
+
+def test_backward_with_and_without_create_graph_agree(device):
+    """A plain backward calls the backward ops directly; create_graph=True goes through the
+    differentiable backward Functions. Both give the same gradients."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 9, 8, device=device, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, device=device, dtype=torch.float64, requires_grad=True)
+    y = tmg.functional.max_pool2d(tmg.functional.conv2d(x, w, padding=1), 3, 2, 1)
+    g = torch.randn_like(y)
+    plain = torch.autograd.grad(y, (x, w), g, retain_graph=True)
+    graphed = torch.autograd.grad(y, (x, w), g, create_graph=True)
+    assert all(t.grad_fn is not None for t in graphed)
+    for p, q in zip(plain, graphed):
+        assert torch.equal(p, q.detach())
+
+
 def test_channels_last_in_channels_last_out(device):
     x = torch.randn(2, 3, 9, 8, device=device).contiguous(memory_format=torch.channels_last).requires_grad_()
     w = torch.randn(5, 3, 3, 3, device=device)

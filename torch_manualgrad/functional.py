@@ -2,10 +2,12 @@
 
 Here the Python-level arguments are normalised (ints to tuples, 'same'/'valid' padding, unbatched
 input); everything else — shape checks, the arithmetic — happens in the registered ops.
-Call path: here → autograd.py → _ops.py → csrc kernels.
+Call path: here → autograd.py → _ops.py → csrc kernels; calls that autograd need not record
+(inference, torch.no_grad) go from here straight to _ops.py.
 """
 import torch
 
+from ._ops import ops
 from .autograd import ConvFunction, MaxPoolFunction
 
 __all__ = ["conv1d", "conv2d", "max_pool1d", "max_pool2d"]
@@ -58,6 +60,12 @@ def _channels_last(t):
         return False
 
 
+def _needs_autograd(*tensors):
+    """Whether autograd must record this call; when not (inference, torch.no_grad), the op is called
+    directly, saving the autograd.Function's Python overhead."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _like(output, input):
     # The ops return contiguous tensors; like torch, a channels-last input gets a channels-last output.
     return output.contiguous(memory_format=torch.channels_last) if _channels_last(input) else output
@@ -88,7 +96,11 @@ def _conv(dims, op, input, weight, bias, stride, padding, dilation, groups):
         input, padding = _string_padding(op, padding, input, weight, stride, dilation, dims)
     else:
         padding = _expand(padding, dims, "padding", op)
-    output = _like(ConvFunction.apply(input, weight, bias, stride, padding, dilation, groups), input)
+    if _needs_autograd(input, weight, bias):
+        output = ConvFunction.apply(input, weight, bias, stride, padding, dilation, groups)
+    else:
+        output = ops.conv_forward(input, weight, bias, stride, padding, dilation, groups)
+    output = _like(output, input)
     return output.squeeze(0) if unbatched else output
 
 
@@ -133,7 +145,10 @@ def _max_pool(dims, op, input, kernel_size, stride, padding, dilation, ceil_mode
     padding = _expand(padding, dims, "padding", op)
     dilation = _expand(dilation, dims, "dilation", op)
     input, unbatched = _batched(op, input, dims)
-    output, indices = MaxPoolFunction.apply(input, kernel_size, stride, padding, dilation, bool(ceil_mode))
+    if _needs_autograd(input):
+        output, indices = MaxPoolFunction.apply(input, kernel_size, stride, padding, dilation, bool(ceil_mode))
+    else:
+        output, indices = ops.max_pool_forward(input, kernel_size, stride, padding, dilation, bool(ceil_mode))
     output, indices = _like(output, input), _like(indices, input)
     if unbatched:
         output, indices = output.squeeze(0), indices.squeeze(0)
