@@ -28,6 +28,9 @@ POOLS = [  # (N, C, size, kernel, stride, padding, dilation, ceil_mode)
     (1, 2, (10, 7), (2, 3), (1, 2), (1, 0), (2, 1), True),
     (2, 4, (40,), 4, 3, 2, 1, True),
     (2, 3, (9, 9), 2, 3, 0, 1, False),  # stride over the kernel: pixels no window sees
+    (2, 3, (8, 8), 2, 2, 0, 1, False),  # windows side by side, tiling the input exactly
+    (2, 3, (9, 9), 2, 2, 0, 1, True),  # side by side, the last window hanging over the edge
+    (1, 2, (10, 10), 2, 3, 0, 2, False),  # dilated windows that do not overlap, with gaps between taps
 ]
 
 
