@@ -18,8 +18,10 @@ TORCH_LIBRARY(manualgrad, m) {
   m.def("conv_backward(Tensor grad_output, Tensor input, Tensor weight, int[] stride, int[] padding, "
         "int[] dilation, int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   // Returns the pooled output and the argmax of each window as a flat index within its (n, c) plane.
+  // With compute_indices=False (inference, where nothing will go backward) the indices are neither
+  // computed nor written, a third of a float32 forward's bytes, and an empty int64 tensor comes back.
   m.def("max_pool_forward(Tensor input, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
-        "bool ceil_mode) -> (Tensor, Tensor)");
+        "bool ceil_mode, bool compute_indices=True) -> (Tensor, Tensor)");
   // Sends each output gradient to its argmax. The window geometry lets a device gather, for each
   // input element, from just the windows that cover it (deterministic, no atomics). Indices out of
   // range for the input plane are an error; on CUDA finding them costs a pass and a host sync, which

@@ -67,6 +67,22 @@ def test_max_pool_ops_match_torch(case, device, dtype):
     torch.testing.assert_close(grad, ref_grad, **tolerances(dtype))
 
 
+@pytest.mark.parametrize("case", POOL_CASES[::2], ids=str)
+def test_max_pool_forward_without_indices(case, device, dtype):
+    """compute_indices=False gives the same maxima (ties and NaN included) and an empty int64 tensor."""
+    x = case.make_input(device, dtype, values="ties")
+    if x.numel() > 2:
+        x.view(-1)[1] = float("nan")
+    args = pool_op_args(case, x)
+    out, _ = torch.ops.manualgrad.max_pool_forward(*args)
+    out_only, none = torch.ops.manualgrad.max_pool_forward(*args, compute_indices=False)
+    torch.testing.assert_close(out_only, out, rtol=0, atol=0, equal_nan=True)
+    assert none.numel() == 0 and none.dtype == torch.long and none.device == x.device
+    # opcheck compares outputs without equal_nan, so it gets NaN-free input
+    clean = pool_op_args(case, case.make_input(device, dtype, values="distinct"))
+    torch.library.opcheck(torch.ops.manualgrad.max_pool_forward.default, (*clean, False))
+
+
 def test_ops_are_registered():
     for name in ("conv_forward", "conv_backward", "max_pool_forward", "max_pool_backward"):
         assert hasattr(torch.ops.manualgrad, name), name

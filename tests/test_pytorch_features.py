@@ -65,6 +65,17 @@ def test_inference_calls_match_recorded_calls(mode, device):
     for r, d in zip(recorded, direct):
         assert d.grad_fn is None and not d.requires_grad
         assert torch.equal(r.detach(), d)
+    # without return_indices no indices are computed at all; the values are unchanged, in every layout
+    x_cl = x.detach().contiguous(memory_format=torch.channels_last)
+    with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
+        pooled = [tmg.functional.max_pool2d(x, 3, 2, 1), tmg.functional.max_pool2d(x_cl, 2),
+                  tmg.functional.max_pool1d(x[0], 3, 2, 1), tmg.functional.max_pool2d(x[0], 2, ceil_mode=True)]
+    expected = [F.max_pool2d(x, 3, 2, 1), F.max_pool2d(x_cl, 2), F.max_pool1d(x[0], 3, 2, 1),
+                F.max_pool2d(x[0], 2, ceil_mode=True)]
+    for p, e in zip(pooled, expected):
+        assert p.shape == e.shape
+        torch.testing.assert_close(p, e.detach(), rtol=0, atol=0)
+    assert pooled[1].is_contiguous(memory_format=torch.channels_last)
 
 
 def test_backward_with_and_without_create_graph_agree(device):

@@ -42,13 +42,13 @@ def _conv_backward_fake(grad_output, input, weight, stride, padding, dilation, g
 
 
 @torch.library.register_fake("manualgrad::max_pool_forward")
-def _max_pool_forward_fake(input, kernel_size, stride, padding, dilation, ceil_mode):
+def _max_pool_forward_fake(input, kernel_size, stride, padding, dilation, ceil_mode, compute_indices=True):
     spatial = [
         pool_output_size(input.shape[2 + i], kernel_size[i], stride[i], padding[i], dilation[i], ceil_mode)
         for i in range(len(stride))
     ]
     shape = (input.shape[0], input.shape[1], *spatial)
-    return input.new_empty(shape), input.new_empty(shape, dtype=torch.long)
+    return input.new_empty(shape), input.new_empty(shape if compute_indices else (0,), dtype=torch.long)
 
 
 @torch.library.register_fake("manualgrad::max_pool_backward")
@@ -96,9 +96,12 @@ def _conv_forward_vmap(info, in_dims, input, weight, bias, stride, padding, dila
 
 
 @torch.library.register_vmap("manualgrad::max_pool_forward")
-def _max_pool_forward_vmap(info, in_dims, input, kernel_size, stride, padding, dilation, ceil_mode):
+def _max_pool_forward_vmap(info, in_dims, input, kernel_size, stride, padding, dilation, ceil_mode, compute_indices=True):
     size = info.batch_size
-    out, idx = ops.max_pool_forward(_fold(_front(input, in_dims[0], size)), kernel_size, stride, padding, dilation, ceil_mode)
+    x = _fold(_front(input, in_dims[0], size))
+    out, idx = ops.max_pool_forward(x, kernel_size, stride, padding, dilation, ceil_mode, compute_indices)
+    if not compute_indices:  # the empty placeholder has no batch dimension
+        return (_unfold(out, size), idx), (0, None)
     return (_unfold(out, size), _unfold(idx, size)), (0, 0)
 
 

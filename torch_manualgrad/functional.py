@@ -147,12 +147,16 @@ def _max_pool(dims, op, input, kernel_size, stride, padding, dilation, ceil_mode
     input, unbatched = _batched(op, input, dims)
     if _needs_autograd(input):
         output, indices = MaxPoolFunction.apply(input, kernel_size, stride, padding, dilation, bool(ceil_mode))
-    else:
-        output, indices = ops.max_pool_forward(input, kernel_size, stride, padding, dilation, bool(ceil_mode))
-    output, indices = _like(output, input), _like(indices, input)
-    if unbatched:
-        output, indices = output.squeeze(0), indices.squeeze(0)
-    return (output, indices) if return_indices else output
+    else:  # nothing will go backward: the indices are computed only if the caller wants them
+        output, indices = ops.max_pool_forward(
+            input, kernel_size, stride, padding, dilation, bool(ceil_mode), compute_indices=bool(return_indices)
+        )
+    output = _like(output, input)
+    output = output.squeeze(0) if unbatched else output
+    if not return_indices:
+        return output
+    indices = _like(indices, input)
+    return output, (indices.squeeze(0) if unbatched else indices)
 
 
 def max_pool1d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):

@@ -69,6 +69,16 @@ MANUALGRAD_VECTOR_CLONES void sweep_tap(scalar_t* __restrict best, index_t* __re
   }
 }
 
+// The same sweep when no indices are wanted: the running maximum alone.
+template <typename scalar_t>
+MANUALGRAD_VECTOR_CLONES void sweep_tap_values(scalar_t* __restrict best, const scalar_t* __restrict values,
+                                               int64_t count) {
+  for (int64_t ow = 0; ow < count; ++ow) {
+    const scalar_t v = values[ow];
+    best[ow] = (v > best[ow]) | (v != v) ? v : best[ow];
+  }
+}
+
 // phases[r * len + k] = padded[s * k + r]: phase r of a padded row, as contiguous runs.
 template <typename scalar_t>
 MANUALGRAD_VECTOR_CLONES void deinterleave(scalar_t* __restrict phases, const scalar_t* __restrict padded, int64_t s,
@@ -86,8 +96,8 @@ MANUALGRAD_VECTOR_CLONES void deinterleave(scalar_t* __restrict phases, const sc
   }
 }
 
-// One (H, W) plane → its (OH, OW) maxima and their flat indices. Taps are applied in row-major
-// order for every output, which is what fixes the tie and NaN rules.
+// One (H, W) plane → its (OH, OW) maxima and, unless `indices` is null, their flat indices. Taps are
+// applied in row-major order for every output, which is what fixes the tie and NaN rules.
 template <typename scalar_t, typename index_t>
 void max_pool_plane(scalar_t* output, int64_t* indices, const scalar_t* input, const Geometry& g,
                     PlaneScratch<scalar_t, index_t>& scratch) {
@@ -126,12 +136,16 @@ void max_pool_plane(scalar_t* output, int64_t* indices, const scalar_t* input, c
       for (int64_t j = scratch.tap_lo; j < scratch.tap_hi; ++j) {
         const int64_t c = j * w.dilation_w - scratch.base;  // slot of output 0's tap j in the padded row
         const scalar_t* values = scratch.phases.data() + (ih * s + c % s) * len + c / s;
-        sweep_tap(best, best_index, values, g.out_w, static_cast<index_t>(ih * g.in_w + j * w.dilation_w - w.pad_w),
-                  static_cast<index_t>(s));
+        if (indices == nullptr) {
+          sweep_tap_values(best, values, g.out_w);
+        } else {
+          sweep_tap(best, best_index, values, g.out_w, static_cast<index_t>(ih * g.in_w + j * w.dilation_w - w.pad_w),
+                    static_cast<index_t>(s));
+        }
       }
     }
     std::copy(best, best + g.out_w, output + oh * g.out_w);
-    std::copy(best_index, best_index + g.out_w, indices + oh * g.out_w);
+    if (indices != nullptr) std::copy(best_index, best_index + g.out_w, indices + oh * g.out_w);
   }
 }
 
@@ -143,21 +157,23 @@ void max_pool_planes(scalar_t* out, int64_t* idx, const scalar_t* in, const Geom
   at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
     PlaneScratch<scalar_t, index_t> scratch(g);
     for (int64_t p = begin; p < end; ++p)
-      max_pool_plane(out + p * out_plane, idx + p * out_plane, in + p * in_plane, g, scratch);
+      max_pool_plane(out + p * out_plane, idx == nullptr ? nullptr : idx + p * out_plane, in + p * in_plane, g, scratch);
   });
 }
 
 std::tuple<at::Tensor, at::Tensor> max_pool_forward_cpu(const at::Tensor& input_, c10::IntArrayRef kernel_size,
                                                         c10::IntArrayRef stride, c10::IntArrayRef padding,
-                                                        c10::IntArrayRef dilation, bool ceil_mode) {
+                                                        c10::IntArrayRef dilation, bool ceil_mode, bool compute_indices) {
   const Geometry g = check_max_pool(input_, kernel_size, stride, padding, dilation, ceil_mode);
   if (is_reduced_precision(input_.scalar_type())) {  // exact: float32 holds every half value, and a max is one of them
-    auto [output, indices] = max_pool_forward_cpu(input_.to(at::kFloat), kernel_size, stride, padding, dilation, ceil_mode);
+    auto [output, indices] =
+        max_pool_forward_cpu(input_.to(at::kFloat), kernel_size, stride, padding, dilation, ceil_mode, compute_indices);
     return {output.to(input_.scalar_type()), indices};
   }
   const at::Tensor input = input_.contiguous();                                       // (N, C, H, W)
   at::Tensor output = at::empty(g.output_shape(g.in_channels), input.options());      // (N, C, OH, OW)
-  at::Tensor indices = at::empty(g.output_shape(g.in_channels), input.options().dtype(at::kLong));
+  at::Tensor indices = compute_indices ? at::empty(g.output_shape(g.in_channels), input.options().dtype(at::kLong))
+                                       : at::empty({0}, input.options().dtype(at::kLong));
   if (output.numel() == 0) return {output, indices};
   // 32-bit indices inside the sweep keep twice as many lanes per vector; planes past 2^31 use 64.
   // (every index a sweep forms, even for padding lanes, lies within a plane plus one output row's reach)
@@ -165,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool_forward_cpu(const at::Tensor& input_
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "max_pool_forward_cpu", [&] {
     const scalar_t* in = input.data_ptr<scalar_t>();
     scalar_t* out = output.data_ptr<scalar_t>();
-    int64_t* idx = indices.data_ptr<int64_t>();
+    int64_t* idx = compute_indices ? indices.data_ptr<int64_t>() : nullptr;
     if (small_plane) {
       max_pool_planes<scalar_t, int32_t>(out, idx, in, g);
     } else {

@@ -63,7 +63,7 @@ __global__ void max_pool_forward_kernel(scalar_t* __restrict__ output, int64_t* 
       }
     }
     output[e] = static_cast<scalar_t>(best);
-    indices[e] = best_index;
+    if (indices != nullptr) indices[e] = best_index;  // null: compute_indices=False
   }
 }
 
@@ -89,18 +89,21 @@ __global__ void max_pool_backward_kernel(scalar_t* __restrict__ grad_input, cons
 
 std::tuple<at::Tensor, at::Tensor> max_pool_forward_cuda(const at::Tensor& input_, c10::IntArrayRef kernel_size,
                                                          c10::IntArrayRef stride, c10::IntArrayRef padding,
-                                                         c10::IntArrayRef dilation, bool ceil_mode) {
+                                                         c10::IntArrayRef dilation, bool ceil_mode,
+                                                         bool compute_indices) {
   const Geometry g = check_max_pool(input_, kernel_size, stride, padding, dilation, ceil_mode);
   const c10::cuda::CUDAGuard device_guard(input_.device());
   const at::Tensor input = input_.contiguous();                                   // (N, C, H, W)
   at::Tensor output = at::empty(g.output_shape(g.in_channels), input.options());  // (N, C, OH, OW)
-  at::Tensor indices = at::empty(g.output_shape(g.in_channels), input.options().dtype(at::kLong));
+  at::Tensor indices = compute_indices ? at::empty(g.output_shape(g.in_channels), input.options().dtype(at::kLong))
+                                       : at::empty({0}, input.options().dtype(at::kLong));
   if (output.numel() == 0) return {output, indices};
   const int64_t total = output.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "max_pool_forward_cuda", [&] {
     MANUALGRAD_DISPATCH_INDEX(fits_int32(g, {input.numel(), total}), [&] {
       max_pool_forward_kernel<scalar_t, index_t><<<grid_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          output.data_ptr<scalar_t>(), indices.data_ptr<int64_t>(), input.data_ptr<scalar_t>(), total, Geo<index_t>(g));
+          output.data_ptr<scalar_t>(), compute_indices ? indices.data_ptr<int64_t>() : nullptr,
+          input.data_ptr<scalar_t>(), total, Geo<index_t>(g));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
