@@ -24,9 +24,10 @@ Work per case, used for the throughput columns:
 * conv: FLOPs = 2 * N * C_out * prod(out spatial) * (C_in / groups) * prod(kernel)
   for the forward; forward + backward counts 3x that (grad_input and
   grad_weight each cost one forward's worth; grad_bias is negligible).
-* max-pool: the minimum bytes moved.  Forward reads the input and writes the
-  output plus its int64 indices; backward reads grad_output plus the indices
-  and writes grad_input.  The forward+backward figure is the sum of the two.
+* max-pool: the minimum bytes moved.  The forward (inference, no indices
+  asked for) reads the input and writes the output.  Forward+backward: the
+  forward also writes the int64 indices; backward reads grad_output plus the
+  indices and writes grad_input.
 
 Before timing, the outputs and gradients of the two implementations are
 compared once; the ``agrees`` column says whether they matched (a fast wrong
@@ -260,9 +261,11 @@ def work(case, tensors, out):
     x = tensors[0]
     size = x.element_size()
     index_size = 8  # int64
-    fwd = x.numel() * size + out.numel() * (size + index_size)
+    # Inference needs no indices; training writes them in the forward and reads them back.
+    fwd = x.numel() * size + out.numel() * size
+    train_fwd = fwd + out.numel() * index_size
     bwd = out.numel() * (size + index_size) + x.numel() * size
-    return fwd, fwd + bwd, "B"
+    return fwd, train_fwd + bwd, "B"
 
 
 def run_case(case, args, device):
