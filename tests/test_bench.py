@@ -15,3 +15,17 @@ def test_bench_quick_runs_and_agrees():
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "agrees" not in line]
     assert len(rows) >= 11, proc.stdout
     assert all(line.rstrip().endswith("| yes |") for line in rows), proc.stdout
+
+
+def test_profile_script_runs_on_the_cpu():
+    """benchmarks/profile_gpu.py (the per-kernel view used on GPUs) also runs with --device cpu, where it
+    lists our registered ops beside torch's."""
+    for case, op in (("maxpool 3x3/2", "manualgrad::max_pool_backward"), ("conv3x3 512", "manualgrad::conv_backward")):
+        proc = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "benchmarks", "profile_gpu.py"), "--device", "cpu", "--batch", "1",
+             "--case", case],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert f"### {case}" in proc.stdout and "  torch:" in proc.stdout and "  ours:" in proc.stdout, proc.stdout
+        assert op in proc.stdout, proc.stdout
