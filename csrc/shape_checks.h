@@ -307,6 +307,9 @@ inline Geometry check_max_pool_backward(const at::Tensor& grad_output, const at:
   TORCH_CHECK(grad_output.dim() == d + 2 && grad_output.size(0) == input_size[0] && grad_output.size(1) == input_size[1],
               op, ": expected grad_output of shape [", input_size[0], ", ", input_size[1],
               ", ...] to match input_size=", input_size, ", but got grad_output of shape ", grad_output.sizes());
+  for (int64_t i = 2; i < d + 2; ++i)  // a forward never produces an empty window grid
+    TORCH_CHECK(grad_output.size(i) > 0, op, ": expected grad_output to have positive spatial sizes, but got grad_output of shape ",
+                grad_output.sizes());
   Geometry g;
   g.spatial_dims = d;
   g.batch = input_size[0];

@@ -6,6 +6,7 @@ Call path: here → autograd.py → _ops.py → csrc kernels; calls that autogra
 (inference, torch.no_grad) go from here straight to _ops.py.
 """
 import torch
+from torch.autograd import forward_ad
 
 from ._ops import ops
 from .autograd import ConvFunction, MaxPoolFunction
@@ -61,9 +62,14 @@ def _channels_last(t):
 
 
 def _needs_autograd(*tensors):
-    """Whether autograd must record this call; when not (inference, torch.no_grad), the op is called
-    directly, saving the autograd.Function's Python overhead."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    """Whether autograd must see this call; when not (inference, torch.no_grad), the op is called
+    directly, saving the autograd.Function's Python overhead. Forward-mode AD counts too: a dual
+    tensor (torch.func.jvp, forward_ad.make_dual) need not require grad, and the op alone would drop its
+    tangent, where the Function reports that it has no forward-mode formula."""
+    tensors = [t for t in tensors if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return True
+    return forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _like(output, input):

@@ -155,7 +155,7 @@ void depthwise_forward_cuda(at::Tensor& output, const at::Tensor& input, const a
   const c10::cuda::CUDAGuard device_guard(input.device());
   const int64_t total = output.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "depthwise_forward_cuda", [&] {
-    MANUALGRAD_DISPATCH_INDEX(fits_int32(g, {input.numel(), total}), [&] {
+    MANUALGRAD_DISPATCH_INDEX(fits_int32(g, {input.numel(), total, weight.numel()}), [&] {
       depthwise_forward_kernel<scalar_t, index_t><<<grid_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
           output.data_ptr<scalar_t>(), input.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
           bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, total, static_cast<index_t>(g.out_channels),
@@ -170,7 +170,7 @@ void depthwise_backward_input_cuda(at::Tensor& grad_input, const at::Tensor& gra
   const c10::cuda::CUDAGuard device_guard(grad_output.device());
   const int64_t total = grad_input.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(), "depthwise_backward_input_cuda", [&] {
-    MANUALGRAD_DISPATCH_INDEX(fits_int32(g, {total, grad_output.numel()}), [&] {
+    MANUALGRAD_DISPATCH_INDEX(fits_int32(g, {total, grad_output.numel(), weight.numel()}), [&] {
       depthwise_backward_input_kernel<scalar_t, index_t>
           <<<grid_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
               grad_input.data_ptr<scalar_t>(), grad_output.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), total,
