@@ -2,8 +2,6 @@
 torch.export (our ops in the graph), channels-last memory format, opcheck on strided inputs,
 torch.use_deterministic_algorithms, and DistributedDataParallel on the gloo backend."""
 import copy
-import os
-import socket
 import warnings
 
 import pytest
@@ -158,10 +156,10 @@ def _train(model, inputs, labels):
         opt.step()
 
 
-def _ddp_worker(rank, world, port, initial, out_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _ddp_worker(rank, world, rendezvous, initial, out_path):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a file rendezvous: no fixed port that another process could take between choosing and binding it
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         model = tmg.convert(cnn())
         model.load_state_dict(initial)
@@ -171,21 +169,19 @@ def _ddp_worker(rank, world, port, initial, out_path):
         _train(ddp, inputs[:, rank * half:(rank + 1) * half], labels[:, rank * half:(rank + 1) * half])
         if rank == 0:
             torch.save(model.state_dict(), out_path)
+        # Both ranks tear down together: a rank that destroyed its group while the other was still
+        # busy sometimes aborted in gloo ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ddp_gloo_two_processes_matches_single_process(tmp_path):
     torch.manual_seed(0)
     initial = cnn().state_dict()
     out_path = str(tmp_path / "ddp.pt")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), initial, out_path), nprocs=2, join=True)
+    rendezvous = str(tmp_path / "rendezvous")
+    mp.spawn(_ddp_worker, args=(2, rendezvous, initial, out_path), nprocs=2, join=True)
     single = tmg.convert(cnn())
     single.load_state_dict(initial)
     _train(single, *_data())  # the mean loss over the whole batch = DDP's average of the two halves' gradients
