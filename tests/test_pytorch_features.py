@@ -2,6 +2,7 @@
 torch.export (our ops in the graph), channels-last memory format, opcheck on strided inputs,
 torch.use_deterministic_algorithms, and DistributedDataParallel on the gloo backend."""
 import copy
+import os
 import warnings
 
 import pytest
@@ -174,6 +175,9 @@ def _ddp_worker(rank, world, rendezvous, initial, out_path):
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Reached only on success. Leave without C++ static destructors: the rare abort above was never
+    # caught in the act, and exit-time teardown of gloo's threads is the other place it could come from.
+    os._exit(0)
 
 
 def test_ddp_gloo_two_processes_matches_single_process(tmp_path):
