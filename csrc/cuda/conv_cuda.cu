@@ -59,8 +59,8 @@ __global__ void col2im_kernel(scalar_t* __restrict__ grad_input, const scalar_t*
   const index_t positions = g.out_h * g.out_w, taps = g.kernel_h * g.kernel_w;
   for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < total; e += int64_t{blockDim.x} * gridDim.x) {
     const index_t x = static_cast<index_t>(e);
-    const index_t rest = g.by_in_w.div(x), iw = x - rest * g.in_w;
-    const index_t kc = g.by_in_h.div(rest), ih = rest - kc * g.in_h;  // kc = k*channels + c
+    index_t ih, iw;
+    const index_t kc = g.split_input(x, ih, iw);  // kc = k*channels + c
     const scalar_t* rows = columns + kc * taps * positions;
     acc_t sum = 0;
     for_each_covering_window(g, ih, iw, [&](index_t i, index_t j, index_t o) {

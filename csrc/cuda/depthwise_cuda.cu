@@ -10,7 +10,6 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
 #include <type_traits>
@@ -26,9 +25,9 @@ __global__ void depthwise_forward_kernel(scalar_t* __restrict__ output, const sc
   const index_t taps = g.kernel_h * g.kernel_w, in_channels = out_channels / multiplier;
   for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < total; e += int64_t{blockDim.x} * gridDim.x) {
     const index_t x = static_cast<index_t>(e);
-    const index_t r1 = g.by_out_w.div(x), ow = x - r1 * g.out_w;
-    const index_t r2 = g.by_out_h.div(r1), oh = r1 - r2 * g.out_h;
-    const index_t oc = r2 % out_channels, n = r2 / out_channels;
+    index_t oh, ow;
+    const index_t n_oc = g.split_output(x, oh, ow);  // n*C_out + oc
+    const index_t oc = n_oc % out_channels, n = n_oc / out_channels;
     const scalar_t* plane = input + (n * in_channels + oc / multiplier) * g.in_h * g.in_w;
     const scalar_t* w = weight + oc * taps;
     const index_t h0 = oh * g.stride_h - g.pad_h, w0 = ow * g.stride_w - g.pad_w;
@@ -55,8 +54,8 @@ __global__ void depthwise_backward_input_kernel(scalar_t* __restrict__ grad_inpu
   const index_t taps = g.kernel_h * g.kernel_w, out_plane = g.out_h * g.out_w;
   for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < total; e += int64_t{blockDim.x} * gridDim.x) {
     const index_t x = static_cast<index_t>(e);
-    const index_t r1 = g.by_in_w.div(x), iw = x - r1 * g.in_w;
-    const index_t nc = g.by_in_h.div(r1), ih = r1 - nc * g.in_h;  // nc = n*C_in + c
+    index_t ih, iw;
+    const index_t nc = g.split_input(x, ih, iw);  // n*C_in + c
     acc_t sum = 0;
     for (index_t q = 0; q < multiplier; ++q) {
       const index_t oc = (nc % in_channels) * multiplier + q;
@@ -152,7 +151,6 @@ bool dispatch_window(int64_t kh, int64_t kw, const Body& body) {
 
 void depthwise_forward_cuda(at::Tensor& output, const at::Tensor& input, const at::Tensor& weight,
                             const at::Tensor& bias, const Geometry& g) {
-  const c10::cuda::CUDAGuard device_guard(input.device());
   const int64_t total = output.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "depthwise_forward_cuda", [&] {
     MANUALGRAD_DISPATCH_INDEX(fits_int32(g, {input.numel(), total, weight.numel()}), [&] {
@@ -167,7 +165,6 @@ void depthwise_forward_cuda(at::Tensor& output, const at::Tensor& input, const a
 
 void depthwise_backward_input_cuda(at::Tensor& grad_input, const at::Tensor& grad_output, const at::Tensor& weight,
                                    const Geometry& g) {
-  const c10::cuda::CUDAGuard device_guard(grad_output.device());
   const int64_t total = grad_input.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(), "depthwise_backward_input_cuda", [&] {
     MANUALGRAD_DISPATCH_INDEX(fits_int32(g, {total, grad_output.numel(), weight.numel()}), [&] {
@@ -187,7 +184,6 @@ bool depthwise_weight_grad_supported(const Geometry& g) {
 
 void depthwise_backward_weight_cuda(at::Tensor& grad_weight, const at::Tensor& grad_output, const at::Tensor& input,
                                     const Geometry& g) {
-  const c10::cuda::CUDAGuard device_guard(grad_output.device());
   const int64_t taps = g.win.kernel_h * g.win.kernel_w, placements = g.batch * g.out_h * g.out_w;
   // About four blocks per multiprocessor in all, each with at least a block's worth of placements.
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;

@@ -1,5 +1,6 @@
 // depthwise_cuda.h — the direct (no im2col) CUDA path for depthwise convolutions, called by
 // conv_cuda.cu; the mirror of cpu/depthwise_cpu.h.
+// The caller has checked the arguments and holds the device guard; tensors are contiguous.
 #pragma once
 
 #include "../shape_checks.h"

@@ -40,8 +40,8 @@ __global__ void max_pool_forward_kernel(scalar_t* __restrict__ output, int64_t* 
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < total; e += int64_t{blockDim.x} * gridDim.x) {
     const index_t x = static_cast<index_t>(e);
-    const index_t rest = g.by_out_w.div(x), ow = x - rest * g.out_w;
-    const index_t p = g.by_out_h.div(rest), oh = rest - p * g.out_h;
+    index_t oh, ow;
+    const index_t p = g.split_output(x, oh, ow);
     const index_t h_start = oh * g.stride_h - g.pad_h, w_start = ow * g.stride_w - g.pad_w;
     index_t i_lo, i_hi, j_lo, j_hi;
     taps_inside(h_start, g.kernel_h, g.dilation_h, g.in_h, i_lo, i_hi);
@@ -73,8 +73,8 @@ __global__ void max_pool_backward_kernel(scalar_t* __restrict__ grad_input, cons
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < total; e += int64_t{blockDim.x} * gridDim.x) {
     const index_t x = static_cast<index_t>(e);
-    const index_t rest = g.by_in_w.div(x), iw = x - rest * g.in_w;
-    const index_t p = g.by_in_h.div(rest), ih = rest - p * g.in_h;
+    index_t ih, iw;
+    const index_t p = g.split_input(x, ih, iw);
     const int64_t flat = ih * g.in_w + iw;
     const int64_t plane = static_cast<int64_t>(p) * g.out_h * g.out_w;
     const int64_t* idx = indices + plane;

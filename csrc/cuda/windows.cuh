@@ -60,6 +60,21 @@ struct Geo {
         by_in_h(g.in_h), by_in_w(g.in_w), by_out_h(g.out_h), by_out_w(g.out_w),
         by_stride_h(g.win.stride_h), by_stride_w(g.win.stride_w),
         step_h(covering_step(g.win.stride_h, g.win.dilation_h)), step_w(covering_step(g.win.stride_w, g.win.dilation_w)) {}
+
+  // A flat index into (planes, in_h, in_w) → its plane, with (ih, iw); split_output likewise for
+  // (planes, out_h, out_w). What a plane is (an image's channel, a column block) is the caller's.
+  __device__ index_t split_input(index_t x, index_t& ih, index_t& iw) const {
+    const index_t rest = by_in_w.div(x), plane = by_in_h.div(rest);
+    iw = x - rest * in_w;
+    ih = rest - plane * in_h;
+    return plane;
+  }
+  __device__ index_t split_output(index_t x, index_t& oh, index_t& ow) const {
+    const index_t rest = by_out_w.div(x), plane = by_out_h.div(rest);
+    ow = x - rest * out_w;
+    oh = rest - plane * out_h;
+    return plane;
+  }
 };
 
 // True when int32 arithmetic cannot overflow: every length, stride, padding and dilated kernel extent
