@@ -33,6 +33,9 @@ POOLS = [  # (N, C, size, kernel, stride, padding, dilation, ceil_mode)
     (2, 3, (8, 8), 2, 2, 0, 1, False),  # windows side by side, tiling the input exactly
     (2, 3, (9, 9), 2, 2, 0, 1, True),  # side by side, the last window hanging over the edge
     (1, 2, (10, 10), 2, 3, 0, 2, False),  # dilated windows that do not overlap, with gaps between taps
+    (2, 3, (13, 12), 5, 1, 2, 1, False),  # YOLO's SPP pool: 2x2-pixel cells share 36 windows
+    (2, 3, (30,), 3, 1, 1, 1, False),  # 1-d at stride 1: cells of 1 x 2 pixels
+    (2, 2, (23, 23), 5, 5, 1, 1, True),  # stride 5: past the largest cell, the per-pixel gather
 ]
 
 

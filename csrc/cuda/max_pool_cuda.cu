@@ -3,9 +3,12 @@
 // Forward: one thread per output element scans its window in row-major order; a later value wins only
 // if strictly greater or NaN, so ties go to the first maximum and NaN wins — torch's rule and torch's
 // indices. A window entirely in the padding gets index -1, as on the CPU.
-// Backward: a gather, one thread per input element, summing the gradients of the outputs whose window
-// covers it and whose argmax it is, in a fixed order: no atomics, deterministic.
+// Backward: a gather, summing for each input pixel the gradients of the outputs whose window covers it
+// and whose argmax it is, in a fixed order: no atomics, deterministic. Undilated windows at strides up
+// to 4 take one thread per cell of a few pixels that share their windows (max_pool_cells.h, code also
+// tested on the host); others one thread per pixel.
 #include "../shape_checks.h"
+#include "max_pool_cells.h"
 #include "windows.cuh"
 
 #include <ATen/Dispatch.h>
@@ -80,10 +83,66 @@ __global__ void max_pool_backward_kernel(scalar_t* __restrict__ grad_input, cons
     const int64_t* idx = indices + plane;
     const scalar_t* go = grad_output + plane;
     acc_t sum = 0;
+    // Both loads are issued before either is used: loading the gradient only once the index matched
+    // made each window two dependent trips to memory.
     for_each_covering_window(g, ih, iw, [&](index_t, index_t, index_t o) {
-      if (idx[o] == flat) sum += static_cast<acc_t>(go[o]);
+      const int64_t arg = idx[o];
+      const acc_t delta = static_cast<acc_t>(go[o]);
+      sum += arg == flat ? delta : acc_t(0);
     });
     grad_input[e] = static_cast<scalar_t>(sum);
+  }
+}
+
+// One thread per cell of one plane (see max_pool_cells.h); `total` = planes * cells_h * cells_w.
+template <int TILE, typename scalar_t, typename index_t>
+__global__ void max_pool_backward_cells_kernel(scalar_t* __restrict__ grad_input,
+                                               const scalar_t* __restrict__ grad_output,
+                                               const int64_t* __restrict__ indices, int64_t total, CellGeo<index_t> g,
+                                               Divider<index_t> by_cells_w, Divider<index_t> by_cells_h) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t in_plane = static_cast<int64_t>(g.in_h) * g.in_w, out_plane = static_cast<int64_t>(g.out_h) * g.out_w;
+  for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < total; e += int64_t{blockDim.x} * gridDim.x) {
+    const index_t x = static_cast<index_t>(e);
+    const index_t rest = by_cells_w.div(x), plane = by_cells_h.div(rest);
+    const index_t cw = x - rest * g.cells_w + g.first_w, ch = rest - plane * g.cells_h + g.first_h;
+    max_pool_backward_cell<TILE, TILE, acc_t>(grad_input + plane * in_plane, grad_output + plane * out_plane,
+                                              indices + plane * out_plane, g, ch, cw);
+  }
+}
+
+template <typename scalar_t, typename index_t>
+void launch_max_pool_backward(at::Tensor& grad_input, const at::Tensor& grad_output, const at::Tensor& indices,
+                              const Geometry& geometry) {
+  const Window2d& w = geometry.win;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  scalar_t* gi = grad_input.data_ptr<scalar_t>();
+  const scalar_t* go = grad_output.data_ptr<scalar_t>();
+  const int64_t* idx = indices.data_ptr<int64_t>();
+  const CellShape shape =
+      max_pool_cell_shape(geometry.in_h, geometry.in_w, w.stride_h, w.stride_w, w.dilation_h, w.dilation_w);
+  if (shape.tile == 0) {
+    const int64_t total = grad_input.numel();
+    max_pool_backward_kernel<scalar_t, index_t><<<grid_for(total), kThreads, 0, stream>>>(gi, go, idx, total,
+                                                                                          Geo<index_t>(geometry));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  const CellGeo<index_t> g(geometry.in_h, geometry.in_w, geometry.out_h, geometry.out_w, w.kernel_h, w.kernel_w,
+                           w.stride_h, w.stride_w, w.pad_h, w.pad_w, w.dilation_h, w.dilation_w, shape.starts_h,
+                           shape.starts_w);
+  const int64_t total = geometry.batch * geometry.in_channels * int64_t{g.cells_h} * g.cells_w;
+  const Divider<index_t> by_cells_w(g.cells_w), by_cells_h(g.cells_h);
+  const auto launch = [&](auto kernel) {
+    kernel<<<grid_for(total), kThreads, 0, stream>>>(gi, go, idx, total, g, by_cells_w, by_cells_h);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (shape.tile == 1) {
+    launch(max_pool_backward_cells_kernel<1, scalar_t, index_t>);
+  } else if (shape.tile == 2) {
+    launch(max_pool_backward_cells_kernel<2, scalar_t, index_t>);
+  } else {
+    launch(max_pool_backward_cells_kernel<4, scalar_t, index_t>);
   }
 }
 
@@ -130,14 +189,9 @@ at::Tensor max_pool_backward_cuda(const at::Tensor& grad_output_, const at::Tens
     TORCH_CHECK(lo >= -1 && hi < in_plane, op_label("pool", g.spatial_dims), ": indices out of range for an input plane of ",
                 in_plane, " elements: found ", lo < -1 ? lo : hi, " (input_size=", input_size, ")");
   }
-  const int64_t total = grad_input.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(), "max_pool_backward_cuda", [&] {
-    MANUALGRAD_DISPATCH_INDEX(fits_int32(g, {total, grad_output.numel()}), [&] {
-      max_pool_backward_kernel<scalar_t, index_t><<<grid_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          grad_input.data_ptr<scalar_t>(), grad_output.data_ptr<scalar_t>(), indices.data_ptr<int64_t>(), total,
-          Geo<index_t>(g));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    MANUALGRAD_DISPATCH_INDEX(fits_int32(g, {grad_input.numel(), grad_output.numel()}),
+                              [&] { launch_max_pool_backward<scalar_t, index_t>(grad_input, grad_output, indices, g); });
   });
   return grad_input;
 }
