@@ -3,16 +3,11 @@
 // trust their inputs. Every message names the argument and its value, as torch's own checks do.
 #pragma once
 
+#include "host_device.h"  // small helpers here are shared with CUDA kernels
+
 #include <ATen/ATen.h>
 
 #include <vector>
-
-// Small helpers here are shared with CUDA kernels.
-#if defined(__CUDACC__)
-#define MANUALGRAD_HOST_DEVICE __host__ __device__
-#else
-#define MANUALGRAD_HOST_DEVICE
-#endif
 
 namespace manualgrad {
 

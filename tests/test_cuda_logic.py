@@ -1,7 +1,9 @@
 """The CUDA kernels' index logic, run on the CPU: code written for host and device alike
-(csrc/cuda/max_pool_cells.h) is compiled here with the host compiler (tests/cpp/max_pool_cells_host.cpp)
-and checked against torch, so it is tested on every machine, with or without a GPU."""
+(csrc/cuda/window_walk.h, csrc/cuda/max_pool_threads.h) is compiled here with the host compiler
+(tests/cpp/cuda_logic_host.cpp) and checked against brute force and torch, so it is tested on every
+machine, with or without a GPU."""
 import ctypes
+import math
 import os
 import shutil
 import subprocess
@@ -19,12 +21,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def cells(tmp_path_factory):
-    """The host build of the max-pool backward's per-cell code, loaded with ctypes."""
+    """The host build of the CUDA kernels' index logic, loaded with ctypes."""
     compiler = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
     compiler = compiler.split()[0]
     assert shutil.which(compiler), f"no C++ compiler ({compiler}); the extension's build needs one too"
-    library = str(tmp_path_factory.mktemp("cells") / "max_pool_cells_host.so")
-    source = os.path.join(ROOT, "tests", "cpp", "max_pool_cells_host.cpp")
+    library = str(tmp_path_factory.mktemp("cuda_logic") / "cuda_logic_host.so")
+    source = os.path.join(ROOT, "tests", "cpp", "cuda_logic_host.cpp")
     subprocess.run([compiler, "-std=c++17", "-O1", "-Wall", "-Werror", "-shared", "-fPIC", "-o", library, source], check=True)
     lib = ctypes.CDLL(library)
     lib.max_pool_backward_cells.restype = ctypes.c_int
@@ -32,7 +34,81 @@ def cells(tmp_path_factory):
     lib.max_pool_backward_cells.argtypes += [ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
     lib.max_pool_cell_shape.restype = None
     lib.max_pool_cell_shape.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    for name in ("max_pool_forward_outputs", "max_pool_backward_pixels"):
+        getattr(lib, name).restype = None
+        getattr(lib, name).argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    lib.walk_covering_windows.restype = ctypes.c_int64
+    lib.walk_covering_windows.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     return lib
+
+
+# --------------------------------------------------------------------------------------------------
+# The gather walk (col2im, depthwise grad-input, max-pool's per-pixel gather)
+# --------------------------------------------------------------------------------------------------
+
+
+def walk(lib, sizes, wide_index):
+    """(pixel, i, j, o) for every window tap the walk visits, pixels in row-major order."""
+    sizes = torch.tensor(sizes, dtype=torch.int64)
+    capacity = int(sizes[0] * sizes[1] * sizes[4] * sizes[5])  # a pixel meets each tap at most once
+    visits = torch.empty(max(capacity, 1), 4, dtype=torch.int64)
+    count = lib.walk_covering_windows(sizes.data_ptr(), visits.data_ptr(), capacity, int(wide_index))
+    assert count >= 0, "more visits than window taps"
+    return visits[:count]
+
+
+def brute_force_walk(sizes):
+    """The same from the definition: every (output, tap) pair, kept where the tap lands inside the input,
+    ordered by pixel and then by output."""
+    in_h, in_w, out_h, out_w, kh, kw, sh, sw, ph, pw, dh, dw = sizes
+    oh, ow, i, j = torch.meshgrid(*(torch.arange(n) for n in (out_h, out_w, kh, kw)), indexing="ij")
+    h, w = oh * sh - ph + i * dh, ow * sw - pw + j * dw
+    inside = (h >= 0) & (h < in_h) & (w >= 0) & (w < in_w)
+    pixel, o = (h * in_w + w)[inside], (oh * out_w + ow)[inside]
+    rows = torch.stack([pixel, i[inside], j[inside], o], dim=1)
+    return rows[torch.argsort(pixel * out_h * out_w + o)]
+
+
+@st.composite
+def walk_sizes(draw):
+    """A window grid along each axis as a conv or a pool (ceil_mode's overhanging last window) makes it."""
+    axes = []
+    for _ in range(2):
+        size, kernel, stride = draw(st.integers(1, 12)), draw(st.integers(1, 5)), draw(st.integers(1, 4))
+        dilation, pad = draw(st.integers(1, 7)), draw(st.integers(0, 6))
+        out = (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
+        if out < 1:
+            pad, out = dilation * (kernel - 1), (size + dilation * (kernel - 1) - 1) // stride + 1
+        out += draw(st.integers(0, 1))
+        axes.append((size, out, kernel, stride, pad, dilation))
+    (a, b) = axes
+    return [a[0], b[0], a[1], b[1], a[2], b[2], a[3], b[3], a[4], b[4], a[5], b[5]]
+
+
+@given(sizes=walk_sizes(), wide=st.booleans())
+def test_walk_visits_exactly_the_covering_taps(cells, sizes, wide):
+    assert torch.equal(walk(cells, sizes, wide), brute_force_walk(sizes))
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [  # in_h, in_w, out_h, out_w, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w
+        [9, 60, 1, 22, 1, 3, 1, 3, 0, 8, 1, 8],  # dilation well over the stride: steps between windows
+        [30, 31, 13, 14, 3, 2, 2, 3, 6, 4, 6, 4],
+        [12, 12, 4, 6, 4, 4, 6, 4, 5, 6, 4, 6],  # stride and dilation share a factor (step = d / gcd)
+        [7, 7, 7, 7, 7, 7, 1, 1, 3, 3, 1, 1],  # windows as large as the input
+        [5, 5, 3, 3, 2, 2, 3, 3, 0, 0, 1, 1],  # stride over the kernel: pixels no window sees
+    ],
+    ids=str,
+)
+def test_walk_visits_exactly_the_covering_taps_curated(cells, sizes):
+    for wide in (False, True):
+        assert torch.equal(walk(cells, sizes, wide), brute_force_walk(sizes))
+
+
+# --------------------------------------------------------------------------------------------------
+# The max-pool threads: forward, per-pixel backward, per-cell backward
+# --------------------------------------------------------------------------------------------------
 
 
 def sizes_2d(case):
@@ -54,30 +130,68 @@ def launcher_shape(lib, case):
     return tuple(out.tolist())
 
 
+def planes(case):
+    in_h, in_w = sizes_2d(case)[:2].tolist()
+    return math.prod(case.input_shape) // (in_h * in_w)
+
+
+def host_forward(lib, x, case, wide_index):
+    """(output, indices) from the forward kernel's per-output code, every output in turn."""
+    sizes, x = sizes_2d(case), x.contiguous()
+    output = torch.full(case.output_shape, 7.0, dtype=torch.float64)
+    indices = torch.full(case.output_shape, -7, dtype=torch.int64)
+    lib.max_pool_forward_outputs(output.data_ptr(), indices.data_ptr(), x.data_ptr(), planes(case), sizes.data_ptr(), int(wide_index))
+    return output, indices
+
+
+def pixels_backward(lib, grad_output, indices, case, wide_index):
+    """grad_input from the per-pixel backward code, every pixel in turn."""
+    sizes, grad_output, indices = sizes_2d(case), grad_output.contiguous(), indices.contiguous()
+    grad_input = torch.full(case.input_shape, float("nan"), dtype=torch.float64)
+    lib.max_pool_backward_pixels(
+        grad_input.data_ptr(), grad_output.data_ptr(), indices.data_ptr(), planes(case), sizes.data_ptr(), int(wide_index)
+    )
+    return grad_input
+
+
 def cells_backward(lib, grad_output, indices, case, shape, wide_index, reverse=False):
     """grad_input from the per-cell code with cells of shape (tile, starts_h, starts_w), every cell of
     every plane in turn (as the CUDA threads would), first to last or last to first; shape (0, 0, 0): the
     launcher's choice."""
-    sizes = sizes_2d(case)
-    in_h, in_w = sizes[:2].tolist()
-    grad_output = grad_output.contiguous().to(torch.float64)
-    indices = indices.contiguous()
+    sizes, grad_output, indices = sizes_2d(case), grad_output.contiguous(), indices.contiguous()
     grad_input = torch.full(case.input_shape, float("nan"), dtype=torch.float64)  # every pixel must be written
-    planes = grad_input.numel() // (in_h * in_w) if grad_input.numel() else 0
     status = lib.max_pool_backward_cells(
-        grad_input.data_ptr(), grad_output.data_ptr(), indices.data_ptr(), planes, sizes.data_ptr(), *shape, int(wide_index),
-        int(reverse),
+        grad_input.data_ptr(), grad_output.data_ptr(), indices.data_ptr(), planes(case), sizes.data_ptr(), *shape,
+        int(wide_index), int(reverse),
     )
     assert status == 0, f"cells {shape} cannot serve {case}"
     return grad_input
 
 
-def torch_backward(case, values, seed):
+def torch_pool(case, values, seed):
+    """torch's max-pool in float64: input, output, indices, a grad_output and the grad_input it gives."""
     x = case.make_input("cpu", torch.float64, values=values, seed=seed, requires_grad=True)
     y, indices = case.torch_fn()(x, **case.kwargs(return_indices=True))
     grad_output = case.make_grad_output("cpu", torch.float64, seed=seed + 1)
     (grad_input,) = torch.autograd.grad(y, x, grad_output)
-    return grad_output, indices, grad_input
+    return x.detach(), y.detach(), indices, grad_output, grad_input
+
+
+VALUES = ["distinct", "ties", "nan"]  # ties: the first maximum wins; NaN: always the maximum
+
+
+@given(case=pool_cases(), values=st.sampled_from(VALUES), wide=st.booleans())
+def test_forward_matches_torch(cells, case, values, wide):
+    x, y, indices, _, _ = torch_pool(case, values, seed=2)
+    got, got_indices = host_forward(cells, x, case, wide)
+    torch.testing.assert_close(got, y, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(got_indices, indices)
+
+
+@given(case=pool_cases(), values=st.sampled_from(VALUES), wide=st.booleans())
+def test_backward_pixels_match_torch(cells, case, values, wide):
+    _, _, indices, grad_output, expected = torch_pool(case, values, seed=4)
+    torch.testing.assert_close(pixels_backward(cells, grad_output, indices, case, wide), expected, rtol=0, atol=0)
 
 
 def cell_shapes(case):
@@ -91,38 +205,47 @@ def cell_shapes(case):
     ]
 
 
-@given(case=pool_cases(), values=st.sampled_from(["distinct", "ties", "nan"]), wide=st.booleans())
+@given(case=pool_cases(), values=st.sampled_from(VALUES), wide=st.booleans())
 def test_cells_match_torch(cells, case, values, wide):
     """Every cell shape that fits, dilated windows included (the launcher gives those to the per-pixel
     gather, but the cell code is correct for them too)."""
-    grad_output, indices, expected = torch_backward(case, values, seed=3)
+    _, _, indices, grad_output, expected = torch_pool(case, values, seed=3)
     for shape in cell_shapes(case):
         for reverse in (False, True):  # a pixel written by two cells differs in one of the orders
             got = cells_backward(cells, grad_output, indices, case, shape, wide, reverse)
             torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=lambda m: f"cells {shape}: {m}")
 
 
-CURATED = [  # the benchmark's shapes, scaled down, and the corners of the cell grid
+CURATED = [  # the benchmark's shapes, scaled down, and the corners of the window and cell grids
     PoolCase(2, 2, 3, (16, 16), 3, 2, 1),  # ResNet's stem pool: 4 windows reach each 2x2 cell
     PoolCase(2, 2, 3, (12, 12), 2, 2, 0),  # windows tiling the input: one window per cell
     PoolCase(2, 2, 3, (11, 11), 2, 2, 0, ceil_mode=True),  # the last window hangs over the edge
-    PoolCase(2, 2, 3, (9, 9), 3, 1, 1),  # stride 1: a cell is a pixel
+    PoolCase(2, 2, 3, (9, 9), 3, 1, 1),  # stride 1: cells of 2x2 pixels, 16 windows each
     PoolCase(2, 2, 2, (9, 10), 2, 3, 0),  # stride over the kernel: pixels no window sees get 0
     PoolCase(2, 2, 2, (13, 14), 4, 4, 2, ceil_mode=True),  # padding fills a whole cell
     PoolCase(2, 1, 2, (5, 3), (3, 2), (3, 4), (1, 1)),  # cells wider than the input (aliasing slots)
     PoolCase(2, 1, 2, (4, 1), (2, 1), (2, 3), 0),  # a one-pixel-wide input
     PoolCase(1, 2, 3, (20,), 3, 2, 1),  # 1-d: cells 1 x 2
     PoolCase(2, 2, 2, (17, 17), 5, 4, 2, ceil_mode=True),
+    PoolCase(2, 2, 2, (23, 23), 5, 5, 1, ceil_mode=True),  # stride 5: the per-pixel gather
+    PoolCase(2, 2, 2, (30, 31), (3, 2), (2, 3), (1, 1), (6, 4)),  # dilated: the per-pixel gather steps
+    PoolCase(1, 2, 2, (60,), 3, 3, 1, 8),  # dilation well over the stride
 ]
 
 
 @pytest.mark.parametrize("case", CURATED, ids=str)
-@pytest.mark.parametrize("values", ["distinct", "ties", "nan"])
-def test_cells_match_torch_curated(cells, case, values):
-    grad_output, indices, expected = torch_backward(case, values, seed=5)
+@pytest.mark.parametrize("values", VALUES)
+def test_threads_match_torch_curated(cells, case, values):
+    """Forward, and the backward the launcher picks (cells or per-pixel) with the per-pixel code beside."""
+    x, y, indices, grad_output, expected = torch_pool(case, values, seed=5)
     for wide, reverse in [(False, False), (True, True)]:
-        got = cells_backward(cells, grad_output, indices, case, (0, 0, 0), wide, reverse)  # the launcher's cells
-        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        got, got_indices = host_forward(cells, x, case, wide)
+        torch.testing.assert_close(got, y, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(got_indices, indices)
+        torch.testing.assert_close(pixels_backward(cells, grad_output, indices, case, wide), expected, rtol=0, atol=0)
+        if launcher_shape(cells, case)[0] > 0:
+            got = cells_backward(cells, grad_output, indices, case, (0, 0, 0), wide, reverse)
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def test_cell_shape_choice(cells):

@@ -1,14 +1,11 @@
 // max_pool_cuda.cu — max-pool forward (output + argmax indices) and backward on CUDA; the mirror of
-// cpu/max_pool_cpu.cpp.
-// Forward: one thread per output element scans its window in row-major order; a later value wins only
-// if strictly greater or NaN, so ties go to the first maximum and NaN wins — torch's rule and torch's
-// indices. A window entirely in the padding gets index -1, as on the CPU.
+// cpu/max_pool_cpu.cpp. What each thread computes is in max_pool_threads.h (tested on the host too).
+// Forward: one thread per output element, its window's maximum and torch's index of it.
 // Backward: a gather, summing for each input pixel the gradients of the outputs whose window covers it
 // and whose argmax it is, in a fixed order: no atomics, deterministic. Undilated windows at strides up
-// to 4 take one thread per cell of a few pixels that share their windows (max_pool_cells.h, code also
-// tested on the host); others one thread per pixel.
+// to 4 take one thread per cell of a few pixels that share their windows; others one thread per pixel.
 #include "../shape_checks.h"
-#include "max_pool_cells.h"
+#include "max_pool_threads.h"
 #include "windows.cuh"
 
 #include <ATen/Dispatch.h>
@@ -16,26 +13,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <limits>
-
 namespace manualgrad {
 namespace {
-
-// The taps [lo, hi) of a window starting at `start` that land inside [0, size).
-// (Undilated windows, the usual case, need no division.)
-template <typename index_t>
-__device__ inline void taps_inside(index_t start, index_t kernel, index_t dilation, index_t size, index_t& lo,
-                                   index_t& hi) {
-  if (dilation == 1) {
-    lo = start >= 0 ? 0 : -start;
-    const index_t reach = size - start;
-    hi = reach < kernel ? reach : kernel;  // may be <= lo: no tap inside
-    return;
-  }
-  lo = start >= 0 ? 0 : -start / dilation + (-start % dilation != 0);
-  const index_t reach = start > size - 1 ? 0 : (size - 1 - start) / dilation + 1;
-  hi = reach < kernel ? reach : kernel;
-}
 
 template <typename scalar_t, typename index_t>
 __global__ void max_pool_forward_kernel(scalar_t* __restrict__ output, int64_t* __restrict__ indices,
@@ -45,26 +24,8 @@ __global__ void max_pool_forward_kernel(scalar_t* __restrict__ output, int64_t* 
     const index_t x = static_cast<index_t>(e);
     index_t oh, ow;
     const index_t p = g.split_output(x, oh, ow);
-    const index_t h_start = oh * g.stride_h - g.pad_h, w_start = ow * g.stride_w - g.pad_w;
-    index_t i_lo, i_hi, j_lo, j_hi;
-    taps_inside(h_start, g.kernel_h, g.dilation_h, g.in_h, i_lo, i_hi);
-    taps_inside(w_start, g.kernel_w, g.dilation_w, g.in_w, j_lo, j_hi);
-    const scalar_t* plane = input + static_cast<int64_t>(p) * g.in_h * g.in_w;
-    acc_t best = -std::numeric_limits<acc_t>::infinity();
-    index_t best_index = (i_lo < i_hi && j_lo < j_hi)
-                             ? (h_start + i_lo * g.dilation_h) * g.in_w + (w_start + j_lo * g.dilation_w)
-                             : -1;
-    for (index_t i = i_lo; i < i_hi; ++i) {
-      const index_t row = (h_start + i * g.dilation_h) * g.in_w;
-      for (index_t j = j_lo; j < j_hi; ++j) {
-        const index_t at = row + w_start + j * g.dilation_w;
-        const acc_t v = static_cast<acc_t>(plane[at]);
-        if (v > best || v != v) {  // strictly greater, or NaN
-          best = v;
-          best_index = at;
-        }
-      }
-    }
+    index_t best_index;
+    const acc_t best = max_pool_window<acc_t>(input + static_cast<int64_t>(p) * g.in_h * g.in_w, g, oh, ow, best_index);
     output[e] = static_cast<scalar_t>(best);
     if (indices != nullptr) indices[e] = best_index;  // null: compute_indices=False
   }
@@ -78,23 +39,13 @@ __global__ void max_pool_backward_kernel(scalar_t* __restrict__ grad_input, cons
     const index_t x = static_cast<index_t>(e);
     index_t ih, iw;
     const index_t p = g.split_input(x, ih, iw);
-    const int64_t flat = ih * g.in_w + iw;
     const int64_t plane = static_cast<int64_t>(p) * g.out_h * g.out_w;
-    const int64_t* idx = indices + plane;
-    const scalar_t* go = grad_output + plane;
-    acc_t sum = 0;
-    // Both loads are issued before either is used: loading the gradient only once the index matched
-    // made each window two dependent trips to memory.
-    for_each_covering_window(g, ih, iw, [&](index_t, index_t, index_t o) {
-      const int64_t arg = idx[o];
-      const acc_t delta = static_cast<acc_t>(go[o]);
-      sum += arg == flat ? delta : acc_t(0);
-    });
+    const acc_t sum = max_pool_backward_pixel<acc_t>(grad_output + plane, indices + plane, g, ih, iw);
     grad_input[e] = static_cast<scalar_t>(sum);
   }
 }
 
-// One thread per cell of one plane (see max_pool_cells.h); `total` = planes * cells_h * cells_w.
+// One thread per cell of one plane (see max_pool_threads.h); `total` = planes * cells_h * cells_w.
 template <int TILE, typename scalar_t, typename index_t>
 __global__ void max_pool_backward_cells_kernel(scalar_t* __restrict__ grad_input,
                                                const scalar_t* __restrict__ grad_output,

@@ -1,15 +1,15 @@
 // windows.cuh — what the CUDA kernels share: the launch shape, the choice of 32- or 64-bit index
-// arithmetic, and the gather walk of the backward kernels (col2im, max-pool and depthwise backward).
+// arithmetic, and the geometry the kernels compute with (the gather walk over it: window_walk.h).
 #pragma once
 
 #include "../shape_checks.h"
+#include "window_walk.h"
 
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/detail/IntegerDivider.cuh>
 
 #include <initializer_list>
 #include <limits>
-#include <numeric>
 #include <type_traits>
 
 namespace manualgrad {
@@ -30,8 +30,8 @@ struct Divider {
   using unsigned_t = std::make_unsigned_t<index_t>;
   at::cuda::detail::IntDivider<unsigned_t> d;
   explicit Divider(int64_t divisor) : d(static_cast<unsigned_t>(check_positive(divisor))) {}
-  __device__ index_t div(index_t n) const { return static_cast<index_t>(d.div(static_cast<unsigned_t>(n))); }
-  __device__ index_t mod(index_t n) const { return static_cast<index_t>(d.mod(static_cast<unsigned_t>(n))); }
+  MANUALGRAD_HOST_DEVICE index_t div(index_t n) const { return static_cast<index_t>(d.div(static_cast<unsigned_t>(n))); }
+  MANUALGRAD_HOST_DEVICE index_t mod(index_t n) const { return static_cast<index_t>(d.mod(static_cast<unsigned_t>(n))); }
 
  private:
   static int64_t check_positive(int64_t divisor) {  // IntDivider would divide by it on the host
@@ -39,10 +39,6 @@ struct Divider {
     return divisor;
   }
 };
-
-// Along one axis, consecutive outputs whose windows have a tap on the same pixel are this many apart:
-// o and o' both reach it iff (o' - o) * stride is a multiple of dilation.
-inline int64_t covering_step(int64_t stride, int64_t dilation) { return dilation / std::gcd(stride, dilation); }
 
 // The geometry in the index type the kernel computes with. 64-bit division costs several times
 // 32-bit, and index arithmetic is most of what a memory-bound kernel executes, so kernels run in
@@ -101,62 +97,5 @@ inline bool fits_int32(const Geometry& g, std::initializer_list<int64_t> numels)
       __VA_ARGS__();                             \
     }                                            \
   }()
-
-// The outputs o in [lo, hi] along one axis whose window reaches padded coordinate p (= input
-// coordinate + padding), i.e. p = o*stride + t*dilation for a tap t in [0, kernel).
-template <typename index_t>
-__device__ inline void covering_range(index_t p, index_t kernel, index_t stride, const Divider<index_t>& by_stride,
-                                      index_t dilation, index_t outputs, index_t& lo, index_t& hi) {
-  const index_t span = p - (kernel - 1) * dilation;
-  if (span <= 0) {
-    lo = 0;
-  } else {
-    const index_t q = by_stride.div(span);
-    lo = q + (q * stride != span);
-  }
-  const index_t last = by_stride.div(p);
-  hi = last < outputs - 1 ? last : outputs - 1;
-}
-
-// The tap of output o that lands on padded coordinate p, or -1 when p falls between two taps of a
-// dilated window.
-// Moves o to the first output in [o, hi] whose window has a tap on padded coordinate p, and returns
-// whether there is one. The outputs that reach p recur every `step` outputs (covering_step), so
-// `step` consecutive candidates hold the first of them or show there is none.
-template <typename index_t>
-__device__ inline bool first_covering(index_t p, index_t stride, index_t dilation, index_t step, index_t hi,
-                                      index_t& o) {
-  if (dilation == 1) return o <= hi;
-  for (index_t k = 0; k < step && o <= hi; ++k, ++o)
-    if ((p - o * stride) % dilation == 0) return true;
-  return false;
-}
-
-// The tap of output o that lands on padded coordinate p (o found by first_covering and its steps).
-template <typename index_t>
-__device__ inline index_t tap_at(index_t p, index_t o, index_t stride, index_t dilation) {
-  const index_t d = p - o * stride;
-  return dilation == 1 ? d : d / dilation;
-}
-
-// Calls f(i, j, o) for each output position o = oh*OW + ow whose window puts its tap (i, j) on input
-// pixel (ih, iw), in increasing o: a fixed order, so sums over the calls are deterministic. Only the
-// windows that reach the pixel are visited (at most KH*KW of them), so neither a huge kernel nor a
-// large dilation costs more than the taps that land.
-template <typename index_t, typename F>
-__device__ inline void for_each_covering_window(const Geo<index_t>& g, index_t ih, index_t iw, const F& f) {
-  const index_t ph = ih + g.pad_h, pw = iw + g.pad_w;
-  index_t oh_lo, oh_hi, ow_lo, ow_hi;
-  covering_range(ph, g.kernel_h, g.stride_h, g.by_stride_h, g.dilation_h, g.out_h, oh_lo, oh_hi);
-  covering_range(pw, g.kernel_w, g.stride_w, g.by_stride_w, g.dilation_w, g.out_w, ow_lo, ow_hi);
-  if (!first_covering(ph, g.stride_h, g.dilation_h, g.step_h, oh_hi, oh_lo)) return;
-  if (!first_covering(pw, g.stride_w, g.dilation_w, g.step_w, ow_hi, ow_lo)) return;
-  for (index_t oh = oh_lo; oh <= oh_hi; oh += g.step_h) {
-    const index_t i = tap_at(ph, oh, g.stride_h, g.dilation_h);
-    for (index_t ow = ow_lo; ow <= ow_hi; ow += g.step_w) {
-      f(i, tap_at(pw, ow, g.stride_w, g.dilation_w), oh * g.out_w + ow);
-    }
-  }
-}
 
 }  // namespace manualgrad

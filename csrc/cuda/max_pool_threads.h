@@ -1,31 +1,92 @@
-// max_pool_cells.h — what one thread of the CUDA max-pool backward does for undilated windows: gather the
-// gradient of one cell of input pixels. Plain C++ that also compiles for the host, so that
-// tests/test_cuda_logic.py runs this exact code on the CPU against torch (a machine with no GPU can test it).
+// max_pool_threads.h — what one thread of the CUDA max-pool kernels computes: the forward's window
+// maximum, and the backward's gather over one cell of input pixels. Plain C++ that also compiles for the
+// host, so that tests/test_cuda_logic.py runs this exact code on the CPU against torch (a machine with no
+// GPU can test it). max_pool_cuda.cu holds the kernels around them.
 //
-// The cells tile the padded input (coordinates + padding) along the stride grid: a cell spans `starts_h`
-// window starts down and `starts_w` across, i.e. starts_h*stride_h rows by starts_w*stride_w columns, and
-// cell (ch, cw) begins where window (ch*starts_h, cw*starts_w) begins. Along each axis the windows that
-// reach the cell are o in [c*starts - reach, c*starts + starts - 1], reach = (kernel-1)*dilation / stride,
-// no division needed. A thread per cell loads each of those windows' (index, gradient) once for all the
-// cell's pixels: for 3x3 windows at stride 2 (a cell of 2x2 pixels), 4 loads for 4 pixels where a thread
-// per pixel makes 9; 2x2 at stride 2, 1 for 4; 3x3 at stride 1 with 2x2 starts, 16 for 4. Each pixel's sum
-// still takes its terms in increasing output order, as the per-pixel gather does: the same result, and
-// deterministic.
+// Forward: one thread per output scans its window in row-major order; a later value wins only if
+// strictly greater or NaN, so ties go to the first maximum and NaN wins — torch's rule and torch's
+// indices. A window entirely in the padding gets index -1, as on the CPU.
+//
+// Backward: a gather, summing for each input pixel the gradients of the outputs whose window covers it
+// and whose argmax it is, in increasing output order: no atomics, deterministic. Undilated windows at
+// strides up to 4 go by cells of pixels that share their windows. The cells tile the padded input
+// (coordinates + padding) along the stride grid: a cell spans `starts_h` window starts down and
+// `starts_w` across, i.e. starts_h*stride_h rows by starts_w*stride_w columns, and cell (ch, cw) begins
+// where window (ch*starts_h, cw*starts_w) begins. Along each axis the windows that reach the cell are o in
+// [c*starts - reach, c*starts + starts - 1], reach = (kernel-1)*dilation / stride, no division needed. A
+// thread per cell loads each of those windows' (index, gradient) once for all the cell's pixels: for 3x3
+// windows at stride 2 (a cell of 2x2 pixels), 4 loads for 4 pixels where a thread per pixel makes 9; 2x2
+// at stride 2, 1 for 4; 3x3 at stride 1 with 2x2 starts, 16 for 4. Other launches (dilated, strides over
+// 4) take one thread per pixel, walking only the windows with a tap on it (window_walk.h).
 #pragma once
 
+#include "../host_device.h"
+#include "window_walk.h"
+
+#include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define MANUALGRAD_HOST_DEVICE __host__ __device__
-#define MANUALGRAD_UNROLL _Pragma("unroll")
-#define MANUALGRAD_UNROLL_BY_4 _Pragma("unroll 4")
-#else
-#define MANUALGRAD_HOST_DEVICE
-#define MANUALGRAD_UNROLL
-#define MANUALGRAD_UNROLL_BY_4
-#endif
-
 namespace manualgrad {
+
+// The taps [lo, hi) of a window starting at `start` that land inside [0, size).
+// (Undilated windows, the usual case, need no division.)
+template <typename index_t>
+MANUALGRAD_HOST_DEVICE inline void taps_inside(index_t start, index_t kernel, index_t dilation, index_t size,
+                                               index_t& lo, index_t& hi) {
+  if (dilation == 1) {
+    lo = start >= 0 ? 0 : -start;
+    const index_t reach = size - start;
+    hi = reach < kernel ? reach : kernel;  // may be <= lo: no tap inside
+    return;
+  }
+  lo = start >= 0 ? 0 : -start / dilation + (-start % dilation != 0);
+  const index_t reach = start > size - 1 ? 0 : (size - 1 - start) / dilation + 1;
+  hi = reach < kernel ? reach : kernel;
+}
+
+// The maximum of output (oh, ow)'s window over one (in_h, in_w) plane, and its flat index in the plane
+// (-1 for a window wholly in the padding, whose maximum is -inf). G: the kernels' Geo (windows.cuh) or
+// the test's host stand-in.
+template <typename acc_t, typename scalar_t, typename index_t, typename G>
+MANUALGRAD_HOST_DEVICE inline acc_t max_pool_window(const scalar_t* plane, const G& g, index_t oh, index_t ow,
+                                                    index_t& best_index) {
+  const index_t h_start = oh * g.stride_h - g.pad_h, w_start = ow * g.stride_w - g.pad_w;
+  index_t i_lo, i_hi, j_lo, j_hi;
+  taps_inside(h_start, g.kernel_h, g.dilation_h, g.in_h, i_lo, i_hi);
+  taps_inside(w_start, g.kernel_w, g.dilation_w, g.in_w, j_lo, j_hi);
+  acc_t best = -INFINITY;
+  best_index = i_lo < i_hi && j_lo < j_hi ? (h_start + i_lo * g.dilation_h) * g.in_w + (w_start + j_lo * g.dilation_w)
+                                          : index_t(-1);
+  for (index_t i = i_lo; i < i_hi; ++i) {
+    const index_t row = (h_start + i * g.dilation_h) * g.in_w;
+    for (index_t j = j_lo; j < j_hi; ++j) {
+      const index_t at = row + w_start + j * g.dilation_w;
+      const acc_t v = static_cast<acc_t>(plane[at]);
+      if (v > best || v != v) {  // strictly greater, or NaN
+        best = v;
+        best_index = at;
+      }
+    }
+  }
+  return best;
+}
+
+// Backward, one pixel (ih, iw) of one plane: the sum of the gradients of the outputs whose window covers
+// it and whose argmax it is, in increasing output order. For the launches the cells below do not serve.
+template <typename acc_t, typename scalar_t, typename index_t, typename G>
+MANUALGRAD_HOST_DEVICE inline acc_t max_pool_backward_pixel(const scalar_t* grad_output, const int64_t* indices,
+                                                            const G& g, index_t ih, index_t iw) {
+  const int64_t flat = static_cast<int64_t>(ih) * g.in_w + iw;
+  acc_t sum = 0;
+  // Both loads are issued before either is used: loading the gradient only once the index matched
+  // made each window two dependent trips to memory.
+  for_each_covering_window(g, ih, iw, [&](index_t, index_t, index_t o) {
+    const int64_t arg = indices[o];
+    const acc_t delta = static_cast<acc_t>(grad_output[o]);
+    sum += arg == flat ? delta : acc_t(0);
+  });
+  return sum;
+}
 
 template <typename index_t>
 struct CellGeo {

@@ -1,0 +1,74 @@
+// window_walk.h — the gather walk of the CUDA backward kernels (col2im, depthwise grad-input, max-pool's
+// per-pixel gather): for one input pixel, the windows that have a tap on it. Plain C++ that also compiles
+// for the host, so tests/test_cuda_logic.py checks this exact code against a brute-force enumeration.
+// G is the kernels' Geo (windows.cuh) or the test's host stand-in: the window's sizes per axis and
+// dividers by the strides.
+#pragma once
+
+#include "../host_device.h"
+
+#include <cstdint>
+#include <numeric>
+
+namespace manualgrad {
+
+// Along one axis, consecutive outputs whose windows have a tap on the same pixel are this many apart:
+// o and o' both reach it iff (o' - o) * stride is a multiple of dilation.
+inline int64_t covering_step(int64_t stride, int64_t dilation) { return dilation / std::gcd(stride, dilation); }
+
+// The outputs o in [lo, hi] along one axis whose window reaches padded coordinate p (= input
+// coordinate + padding), i.e. p = o*stride + t*dilation for a tap t in [0, kernel).
+template <typename index_t, typename Div>
+MANUALGRAD_HOST_DEVICE inline void covering_range(index_t p, index_t kernel, index_t stride, const Div& by_stride,
+                                                  index_t dilation, index_t outputs, index_t& lo, index_t& hi) {
+  const index_t span = p - (kernel - 1) * dilation;
+  if (span <= 0) {
+    lo = 0;
+  } else {
+    const index_t q = by_stride.div(span);
+    lo = q + (q * stride != span);
+  }
+  const index_t last = by_stride.div(p);
+  hi = last < outputs - 1 ? last : outputs - 1;
+}
+
+// Moves o to the first output in [o, hi] whose window has a tap on padded coordinate p, and returns
+// whether there is one. The outputs that reach p recur every `step` outputs (covering_step), so
+// `step` consecutive candidates hold the first of them or show there is none.
+template <typename index_t>
+MANUALGRAD_HOST_DEVICE inline bool first_covering(index_t p, index_t stride, index_t dilation, index_t step, index_t hi,
+                                                  index_t& o) {
+  if (dilation == 1) return o <= hi;
+  for (index_t k = 0; k < step && o <= hi; ++k, ++o)
+    if ((p - o * stride) % dilation == 0) return true;
+  return false;
+}
+
+// The tap of output o that lands on padded coordinate p (o found by first_covering and its steps).
+template <typename index_t>
+MANUALGRAD_HOST_DEVICE inline index_t tap_at(index_t p, index_t o, index_t stride, index_t dilation) {
+  const index_t d = p - o * stride;
+  return dilation == 1 ? d : d / dilation;
+}
+
+// Calls f(i, j, o) for each output position o = oh*OW + ow whose window puts its tap (i, j) on input
+// pixel (ih, iw), in increasing o: a fixed order, so sums over the calls are deterministic. Only the
+// windows that reach the pixel are visited (at most KH*KW of them), so neither a huge kernel nor a
+// large dilation costs more than the taps that land.
+template <typename index_t, typename G, typename F>
+MANUALGRAD_HOST_DEVICE inline void for_each_covering_window(const G& g, index_t ih, index_t iw, const F& f) {
+  const index_t ph = ih + g.pad_h, pw = iw + g.pad_w;
+  index_t oh_lo, oh_hi, ow_lo, ow_hi;
+  covering_range(ph, g.kernel_h, g.stride_h, g.by_stride_h, g.dilation_h, g.out_h, oh_lo, oh_hi);
+  covering_range(pw, g.kernel_w, g.stride_w, g.by_stride_w, g.dilation_w, g.out_w, ow_lo, ow_hi);
+  if (!first_covering(ph, g.stride_h, g.dilation_h, g.step_h, oh_hi, oh_lo)) return;
+  if (!first_covering(pw, g.stride_w, g.dilation_w, g.step_w, ow_hi, ow_lo)) return;
+  for (index_t oh = oh_lo; oh <= oh_hi; oh += g.step_h) {
+    const index_t i = tap_at(ph, oh, g.stride_h, g.dilation_h);
+    for (index_t ow = ow_lo; ow <= ow_hi; ow += g.step_w) {
+      f(i, tap_at(pw, ow, g.stride_w, g.dilation_w), oh * g.out_w + ow);
+    }
+  }
+}
+
+}  // namespace manualgrad

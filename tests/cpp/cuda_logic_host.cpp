@@ -1,0 +1,153 @@
+// cuda_logic_host.cpp — a host build of the CUDA kernels' index logic for tests/test_cuda_logic.py:
+// the gather walk (csrc/cuda/window_walk.h) and what each max-pool thread computes
+// (csrc/cuda/max_pool_threads.h), run for every output, pixel or cell in turn as the kernels' threads
+// would, behind C entry points that ctypes can call.
+#include "../../csrc/cuda/max_pool_threads.h"
+#include "../../csrc/cuda/window_walk.h"
+
+namespace {
+
+// The host stand-in for the kernels' Geo (csrc/cuda/windows.cuh): the same fields, plain division.
+template <typename index_t>
+struct PlainDivider {
+  index_t d;
+  index_t div(index_t n) const { return n / d; }
+};
+
+template <typename index_t>
+struct HostGeo {
+  index_t in_h, in_w, out_h, out_w, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
+  PlainDivider<index_t> by_stride_h, by_stride_w;
+  index_t step_h, step_w;
+  explicit HostGeo(const int64_t* s)
+      : in_h(s[0]), in_w(s[1]), out_h(s[2]), out_w(s[3]), kernel_h(s[4]), kernel_w(s[5]), stride_h(s[6]),
+        stride_w(s[7]), pad_h(s[8]), pad_w(s[9]), dilation_h(s[10]), dilation_w(s[11]),
+        by_stride_h{static_cast<index_t>(s[6])}, by_stride_w{static_cast<index_t>(s[7])},
+        step_h(manualgrad::covering_step(s[6], s[10])), step_w(manualgrad::covering_step(s[7], s[11])) {}
+};
+
+// Every pixel of one plane in turn, each visit as (pixel, i, j, o); returns the number of visits, or -1
+// past `capacity` visits.
+template <typename index_t>
+int64_t walk_plane(const int64_t* sizes, int64_t* visits, int64_t capacity) {
+  const HostGeo<index_t> g(sizes);
+  int64_t count = 0;
+  for (index_t ih = 0; ih < g.in_h; ++ih)
+    for (index_t iw = 0; iw < g.in_w; ++iw)
+      manualgrad::for_each_covering_window(g, ih, iw, [&](index_t i, index_t j, index_t o) {
+        if (count < capacity) {
+          int64_t* v = visits + 4 * count;
+          v[0] = int64_t{ih} * g.in_w + iw;
+          v[1] = i;
+          v[2] = j;
+          v[3] = o;
+        }
+        ++count;
+      });
+  return count <= capacity ? count : -1;
+}
+
+template <typename index_t>
+void forward_planes(double* output, int64_t* indices, const double* input, int64_t planes, const int64_t* sizes) {
+  const HostGeo<index_t> g(sizes);
+  const int64_t in_plane = int64_t{g.in_h} * g.in_w, out_plane = int64_t{g.out_h} * g.out_w;
+  for (int64_t p = 0; p < planes; ++p)
+    for (index_t oh = 0; oh < g.out_h; ++oh)
+      for (index_t ow = 0; ow < g.out_w; ++ow) {
+        index_t best_index;
+        const int64_t o = p * out_plane + int64_t{oh} * g.out_w + ow;
+        output[o] = manualgrad::max_pool_window<double>(input + p * in_plane, g, oh, ow, best_index);
+        indices[o] = best_index;
+      }
+}
+
+template <typename index_t>
+void backward_pixels(double* grad_input, const double* grad_output, const int64_t* indices, int64_t planes,
+                     const int64_t* sizes) {
+  const HostGeo<index_t> g(sizes);
+  const int64_t in_plane = int64_t{g.in_h} * g.in_w, out_plane = int64_t{g.out_h} * g.out_w;
+  for (int64_t p = 0; p < planes; ++p)
+    for (index_t ih = 0; ih < g.in_h; ++ih)
+      for (index_t iw = 0; iw < g.in_w; ++iw)
+        grad_input[p * in_plane + int64_t{ih} * g.in_w + iw] = manualgrad::max_pool_backward_pixel<double>(
+            grad_output + p * out_plane, indices + p * out_plane, g, ih, iw);
+}
+
+// Cells in increasing order, or (reverse) decreasing: a cell writing a pixel that is another's shows up in
+// one order or the other, as the race it would be on the GPU.
+template <int TILE, typename index_t>
+void run_cells(double* grad_input, const double* grad_output, const int64_t* indices, int64_t planes,
+               const manualgrad::CellGeo<index_t>& g, bool reverse) {
+  const int64_t in_plane = int64_t{g.in_h} * g.in_w, out_plane = int64_t{g.out_h} * g.out_w;
+  const int64_t cells = int64_t{g.cells_h} * g.cells_w;
+  for (int64_t p = 0; p < planes; ++p)
+    for (int64_t k = 0; k < cells; ++k) {
+      const int64_t c = reverse ? cells - 1 - k : k;
+      const index_t ch = static_cast<index_t>(g.first_h + c / g.cells_w), cw = static_cast<index_t>(g.first_w + c % g.cells_w);
+      manualgrad::max_pool_backward_cell<TILE, TILE, double>(grad_input + p * in_plane, grad_output + p * out_plane,
+                                                             indices + p * out_plane, g, ch, cw);
+    }
+}
+
+template <typename index_t>
+int run_tile(manualgrad::CellShape shape, double* grad_input, const double* grad_output, const int64_t* indices,
+             int64_t planes, const int64_t* s, bool reverse) {
+  const manualgrad::CellGeo<index_t> g(s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], s[9], s[10], s[11],
+                                       shape.starts_h, shape.starts_w);
+  if (g.cell_h > shape.tile || g.cell_w > shape.tile) return 2;  // a cell would not fit the tile
+  switch (shape.tile) {
+    case 1: run_cells<1>(grad_input, grad_output, indices, planes, g, reverse); return 0;
+    case 2: run_cells<2>(grad_input, grad_output, indices, planes, g, reverse); return 0;
+    case 4: run_cells<4>(grad_input, grad_output, indices, planes, g, reverse); return 0;
+    default: return 1;
+  }
+}
+
+}  // namespace
+
+// Every entry takes the window geometry as `sizes`: in_h, in_w, out_h, out_w, kernel_h, kernel_w,
+// stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w; and computes in int64 if wide_index, else int32.
+extern "C" {
+
+// Fills visits (capacity rows of 4) with what the gather walk visits for each pixel of a
+// plane, pixels in row-major order.
+int64_t walk_covering_windows(const int64_t* sizes, int64_t* visits, int64_t capacity, int wide_index) {
+  return wide_index ? walk_plane<int64_t>(sizes, visits, capacity) : walk_plane<int32_t>(sizes, visits, capacity);
+}
+
+// The max-pool forward kernel's threads, every output of every plane: maxima and their indices.
+void max_pool_forward_outputs(double* output, int64_t* indices, const double* input, int64_t planes,
+                              const int64_t* sizes, int wide_index) {
+  wide_index ? forward_planes<int64_t>(output, indices, input, planes, sizes)
+             : forward_planes<int32_t>(output, indices, input, planes, sizes);
+}
+
+// The per-pixel backward kernel's threads, every pixel of every plane.
+void max_pool_backward_pixels(double* grad_input, const double* grad_output, const int64_t* indices, int64_t planes,
+                              const int64_t* sizes, int wide_index) {
+  wide_index ? backward_pixels<int64_t>(grad_input, grad_output, indices, planes, sizes)
+             : backward_pixels<int32_t>(grad_input, grad_output, indices, planes, sizes);
+}
+
+// The per-cell backward kernel's threads, cells of (tile, starts_h, starts_w); tile 0 takes the shape the
+// CUDA launcher would choose. reverse runs the cells last to first. Returns 0, or non-zero when the tile
+// cannot hold the cells.
+int max_pool_backward_cells(double* grad_input, const double* grad_output, const int64_t* indices, int64_t planes,
+                            const int64_t* sizes, int tile, int64_t starts_h, int64_t starts_w, int wide_index,
+                            int reverse) {
+  const manualgrad::CellShape shape =
+      tile == 0 ? manualgrad::max_pool_cell_shape(sizes[0], sizes[1], sizes[6], sizes[7], sizes[10], sizes[11])
+                : manualgrad::CellShape{tile, starts_h, starts_w};
+  return wide_index ? run_tile<int64_t>(shape, grad_input, grad_output, indices, planes, sizes, reverse != 0)
+                    : run_tile<int32_t>(shape, grad_input, grad_output, indices, planes, sizes, reverse != 0);
+}
+
+// The launcher's choice, as (tile, starts_h, starts_w) in out[0..2].
+void max_pool_cell_shape(const int64_t* sizes, int64_t* out) {
+  const manualgrad::CellShape shape =
+      manualgrad::max_pool_cell_shape(sizes[0], sizes[1], sizes[6], sizes[7], sizes[10], sizes[11]);
+  out[0] = shape.tile;
+  out[1] = shape.starts_h;
+  out[2] = shape.starts_w;
+}
+}
