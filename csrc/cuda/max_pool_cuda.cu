@@ -62,27 +62,40 @@ __global__ void max_pool_backward_cells_kernel(scalar_t* __restrict__ grad_input
   }
 }
 
+// The backward's cells (see max_pool_threads.h), or tile 0 where one thread per pixel serves better.
+CellShape backward_cells(const Geometry& g) {
+  return max_pool_cell_shape(g.in_h, g.in_w, g.win.stride_h, g.win.stride_w, g.win.dilation_h, g.win.dilation_w);
+}
+
+template <typename index_t>
+CellGeo<index_t> cell_geo(const Geometry& g, const CellShape& shape) {
+  const Window2d& w = g.win;
+  return CellGeo<index_t>(g.in_h, g.in_w, g.out_h, g.out_w, w.kernel_h, w.kernel_w, w.stride_h, w.stride_w, w.pad_h,
+                          w.pad_w, w.dilation_h, w.dilation_w, shape.starts_h, shape.starts_w);
+}
+
+// How many threads' worth of work the backward launches: one per cell, or one per input pixel. (Cells
+// can outnumber pixels, by a row and a column of cells that padding half fills.)
+int64_t backward_work(const Geometry& g, const CellShape& shape) {
+  if (shape.tile == 0) return g.batch * g.in_channels * g.in_h * g.in_w;
+  const CellGeo<int64_t> cells = cell_geo<int64_t>(g, shape);
+  return g.batch * g.in_channels * cells.cells_h * cells.cells_w;
+}
+
 template <typename scalar_t, typename index_t>
 void launch_max_pool_backward(at::Tensor& grad_input, const at::Tensor& grad_output, const at::Tensor& indices,
-                              const Geometry& geometry) {
-  const Window2d& w = geometry.win;
+                              const Geometry& geometry, const CellShape& shape, int64_t total) {
   const auto stream = at::cuda::getCurrentCUDAStream();
   scalar_t* gi = grad_input.data_ptr<scalar_t>();
   const scalar_t* go = grad_output.data_ptr<scalar_t>();
   const int64_t* idx = indices.data_ptr<int64_t>();
-  const CellShape shape =
-      max_pool_cell_shape(geometry.in_h, geometry.in_w, w.stride_h, w.stride_w, w.dilation_h, w.dilation_w);
   if (shape.tile == 0) {
-    const int64_t total = grad_input.numel();
     max_pool_backward_kernel<scalar_t, index_t><<<grid_for(total), kThreads, 0, stream>>>(gi, go, idx, total,
                                                                                           Geo<index_t>(geometry));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
-  const CellGeo<index_t> g(geometry.in_h, geometry.in_w, geometry.out_h, geometry.out_w, w.kernel_h, w.kernel_w,
-                           w.stride_h, w.stride_w, w.pad_h, w.pad_w, w.dilation_h, w.dilation_w, shape.starts_h,
-                           shape.starts_w);
-  const int64_t total = geometry.batch * geometry.in_channels * int64_t{g.cells_h} * g.cells_w;
+  const CellGeo<index_t> g = cell_geo<index_t>(geometry, shape);
   const Divider<index_t> by_cells_w(g.cells_w), by_cells_h(g.cells_h);
   const auto launch = [&](auto kernel) {
     kernel<<<grid_for(total), kThreads, 0, stream>>>(gi, go, idx, total, g, by_cells_w, by_cells_h);
@@ -140,9 +153,12 @@ at::Tensor max_pool_backward_cuda(const at::Tensor& grad_output_, const at::Tens
     TORCH_CHECK(lo >= -1 && hi < in_plane, op_label("pool", g.spatial_dims), ": indices out of range for an input plane of ",
                 in_plane, " elements: found ", lo < -1 ? lo : hi, " (input_size=", input_size, ")");
   }
+  const CellShape shape = backward_cells(g);
+  const int64_t total = backward_work(g, shape);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(), "max_pool_backward_cuda", [&] {
-    MANUALGRAD_DISPATCH_INDEX(fits_int32(g, {grad_input.numel(), grad_output.numel()}),
-                              [&] { launch_max_pool_backward<scalar_t, index_t>(grad_input, grad_output, indices, g); });
+    MANUALGRAD_DISPATCH_INDEX(fits_int32(g, {grad_input.numel(), grad_output.numel(), total}), [&] {
+      launch_max_pool_backward<scalar_t, index_t>(grad_input, grad_output, indices, g, shape, total);
+    });
   });
   return grad_input;
 }
