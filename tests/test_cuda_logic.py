@@ -3,6 +3,7 @@
 (tests/cpp/cuda_logic_host.cpp) and checked against brute force and torch, so it is tested on every
 machine, with or without a GPU."""
 import ctypes
+import dataclasses
 import math
 import os
 import shutil
@@ -111,8 +112,27 @@ def test_walk_visits_exactly_the_covering_taps_curated(cells, sizes):
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class RawGeometry:
+    """A backward launch given by its 12 sizes (see sizes_2d) and plane count, as a raw call of the op may
+    make it: padding over half the kernel, a grad_output larger or smaller than a forward's."""
+
+    sizes: list
+    planes: int
+
+    @property
+    def input_shape(self):
+        return (self.planes, *self.sizes[:2])
+
+    @property
+    def output_shape(self):
+        return (self.planes, *self.sizes[2:4])
+
+
 def sizes_2d(case):
     """in_h, in_w, out_h, out_w, kernel, stride, padding, dilation (h, w each), as the kernels see them."""
+    if isinstance(case, RawGeometry):
+        return torch.tensor(case.sizes, dtype=torch.int64)
     k, s, p, d = case.tuples()
     if case.dim == 1:  # 1-d runs as 2-d of height 1, as in the kernels
         k, s, p, d = (1, *k), (1, *s), (0, *p), (1, *d)
@@ -131,6 +151,8 @@ def launcher_shape(lib, case):
 
 
 def planes(case):
+    if isinstance(case, RawGeometry):
+        return case.planes
     in_h, in_w = sizes_2d(case)[:2].tolist()
     return math.prod(case.input_shape) // (in_h * in_w)
 
@@ -246,6 +268,61 @@ def test_threads_match_torch_curated(cells, case, values):
         if launcher_shape(cells, case)[0] > 0:
             got = cells_backward(cells, grad_output, indices, case, (0, 0, 0), wide, reverse)
             torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@st.composite
+def raw_geometries(draw):
+    """Backward launches beyond a forward's: padding up to 7 whatever the kernel, grad_output one window
+    shorter or longer than the formula's along an axis (windows wholly in the padding included)."""
+    sizes = {}
+    for axis in "hw":
+        size, kernel, stride = draw(st.integers(1, 12)), draw(st.integers(1, 6)), draw(st.integers(1, 4))
+        pad, dilation = draw(st.integers(0, 7)), draw(st.integers(1, 3))
+        out = max(1, (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1 + draw(st.integers(-1, 1)))
+        sizes[axis] = (size, out, kernel, stride, pad, dilation)
+    h, w = sizes["h"], sizes["w"]
+    return RawGeometry([v for pair in zip(h, w) for v in pair], draw(st.integers(1, 3)))
+
+
+def in_window_indices(geometry, gen):
+    """For each output, the flat index of a random tap of its window that lies inside the input (-1 when
+    none does, or for one output in 8: "no argmax", which sends its gradient nowhere)."""
+    in_h, in_w, out_h, out_w, kh, kw, sh, sw, ph, pw, dh, dw = geometry.sizes
+
+    def taps(size, out, kernel, stride, pad, dilation):  # (planes, out) random inside coordinates, or -1
+        coords = torch.arange(out)[:, None] * stride - pad + torch.arange(kernel)[None, :] * dilation  # (out, kernel)
+        inside = (coords >= 0) & (coords < size)
+        scores = torch.rand(geometry.planes, out, kernel, generator=gen).masked_fill(~inside, -1.0)
+        choice = coords.expand(geometry.planes, out, kernel).gather(2, scores.argmax(2, keepdim=True))[..., 0]
+        return torch.where(inside.any(1), choice, torch.full_like(choice, -1))
+
+    rows = taps(in_h, out_h, kh, sh, ph, dh)[:, :, None]
+    cols = taps(in_w, out_w, kw, sw, pw, dw)[:, None, :]
+    none = (rows < 0) | (cols < 0) | (torch.rand(geometry.planes, out_h, out_w, generator=gen) < 0.125)
+    return torch.where(none, torch.full_like(rows * cols, -1), rows * in_w + cols)
+
+
+def scatter_backward(geometry, grad_output, indices):
+    """The definition: each output's gradient added at its index (none for -1)."""
+    grad_input = torch.zeros(geometry.planes, math.prod(geometry.input_shape[1:]), dtype=torch.float64)
+    keep = indices.flatten(1) >= 0
+    grad_input.scatter_add_(1, indices.flatten(1).clamp(min=0), torch.where(keep, grad_output.flatten(1), 0.0))
+    return grad_input.view(geometry.input_shape)
+
+
+@given(geometry=raw_geometries(), seed=st.integers(0, 2**16), wide=st.booleans())
+def test_backward_of_any_geometry_matches_scatter(cells, geometry, seed, wide):
+    """The per-pixel and every fitting per-cell backward against the definition, for indices anywhere in
+    their windows. Integer gradients make every sum exact, whatever its order."""
+    gen = torch.Generator().manual_seed(seed)
+    indices = in_window_indices(geometry, gen)
+    grad_output = torch.randint(-8, 9, geometry.output_shape, generator=gen).to(torch.float64)
+    expected = scatter_backward(geometry, grad_output, indices)
+    assert torch.equal(pixels_backward(cells, grad_output, indices, geometry, wide), expected)
+    for shape in cell_shapes(geometry):
+        for reverse in (False, True):
+            got = cells_backward(cells, grad_output, indices, geometry, shape, wide, reverse)
+            assert torch.equal(got, expected), f"cells {shape}"
 
 
 def test_cell_shape_choice(cells):

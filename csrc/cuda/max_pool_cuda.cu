@@ -74,8 +74,8 @@ CellGeo<index_t> cell_geo(const Geometry& g, const CellShape& shape) {
                           w.pad_w, w.dilation_h, w.dilation_w, shape.starts_h, shape.starts_w);
 }
 
-// How many threads' worth of work the backward launches: one per cell, or one per input pixel. (Cells
-// can outnumber pixels, by a row and a column of cells that padding half fills.)
+// How many threads' worth of work the backward launches: one per cell, or one per input pixel. (Never
+// more cells than pixels, as each cell holds one at least; fits_int32 is given the count all the same.)
 int64_t backward_work(const Geometry& g, const CellShape& shape) {
   if (shape.tile == 0) return g.batch * g.in_channels * g.in_h * g.in_w;
   const CellGeo<int64_t> cells = cell_geo<int64_t>(g, shape);
