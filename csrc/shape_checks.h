@@ -7,6 +7,8 @@
 
 #include <ATen/ATen.h>
 
+#include <sstream>
+#include <string>
 #include <vector>
 
 namespace manualgrad {
@@ -315,6 +317,42 @@ inline Geometry check_max_pool_backward(const at::Tensor& grad_output, const at:
   g.out_w = grad_output.size(-1);
   g.out_h = d == 2 ? grad_output.size(2) : 1;
   return g;
+}
+
+// Whether `index`, a flat index into an (in_h, in_w) plane, is one the forward could have given output
+// (oh, ow): a tap of its window that lies in the plane, or -1 (a window with no tap in the plane, whose
+// gradient goes nowhere). Any other index would make the backward device-dependent (the CPU scatters
+// to wherever it points, CUDA gathers only within windows), so max_pool_backward refuses it when asked
+// to check its indices.
+MANUALGRAD_HOST_DEVICE inline bool index_from_window(int64_t index, int64_t oh, int64_t ow, int64_t in_h, int64_t in_w,
+                                                     const Window2d& w) {
+  if (index == -1) return true;
+  if (index < 0 || index >= in_h * in_w) return false;
+  const int64_t h = index / in_w, x = index - h * in_w;
+  const int64_t dh = h - (oh * w.stride_h - w.pad_h), dw = x - (ow * w.stride_w - w.pad_w);
+  return dh >= 0 && dw >= 0 && dh % w.dilation_h == 0 && dw % w.dilation_w == 0 && dh / w.dilation_h < w.kernel_h &&
+         dw / w.dilation_w < w.kernel_w;
+}
+
+// The error for indices' element `position` (flat, in (N, C, OH, OW) order), which index_from_window refused.
+[[noreturn]] inline void fail_foreign_index(const Geometry& g, int64_t position, int64_t index,
+                                            c10::IntArrayRef input_size) {
+  const int64_t ow = position % g.out_w, oh = position / g.out_w % g.out_h, plane = position / (g.out_w * g.out_h);
+  const int64_t n = plane / g.in_channels, c = plane % g.in_channels;
+  const Window2d& w = g.win;
+  const bool two = g.spatial_dims == 2;
+  std::ostringstream where, window;
+  where << "[" << n << ", " << c << ", " << (two ? std::to_string(oh) + ", " : "") << ow << "]";
+  if (two) {
+    window << "kernel_size=[" << w.kernel_h << ", " << w.kernel_w << "], stride=[" << w.stride_h << ", " << w.stride_w
+           << "], padding=[" << w.pad_h << ", " << w.pad_w << "], dilation=[" << w.dilation_h << ", " << w.dilation_w << "]";
+  } else {
+    window << "kernel_size=[" << w.kernel_w << "], stride=[" << w.stride_w << "], padding=[" << w.pad_w
+           << "], dilation=[" << w.dilation_w << "]";
+  }
+  TORCH_CHECK(false, op_label("pool", g.spatial_dims), " backward: indices", where.str(), " = ", index,
+              " is not a position in that output's window (input_size=", input_size, ", ", window.str(),
+              "); indices must come from the forward with the same arguments, -1 marking a window with no input");
 }
 
 }  // namespace manualgrad

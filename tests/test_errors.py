@@ -339,3 +339,40 @@ def test_errors_leave_no_state_behind(on_device):
         tf.conv2d(X2(), W2(), stride=0)
     x, w = X2(), W2()
     torch.testing.assert_close(tf.conv2d(x, w), torch.nn.functional.conv2d(x, w), rtol=1e-4, atol=1e-5)
+
+
+def test_max_pool_backward_rejects_an_index_outside_its_window(device):
+    """An index inside the plane but outside its own output's window (which no forward gives) is refused
+    on every device: the CPU's scatter would send its gradient there, CUDA's gather would drop it."""
+    x = torch.randn(1, 2, 4, 4, device=device, dtype=torch.float64)
+    geometry = ([3, 3], [2, 2], [1, 1], [1, 1])
+    _, idx = ops.max_pool_forward(x, *geometry, False)
+    go = torch.arange(1.0, 9.0, device=device, dtype=torch.float64).reshape(1, 2, 2, 2)
+    own = ops.max_pool_backward(go, idx, [1, 2, 4, 4], *geometry)  # the forward's own indices pass
+    bad = idx.clone()
+    bad[0, 1, 0, 0] = 10  # pixel (2, 2): in the plane, but window (0, 0) spans rows and columns -1..1
+    expect_error(
+        lambda: ops.max_pool_backward(go, bad, [1, 2, 4, 4], *geometry),
+        r"max_pool2d backward: indices\[0, 1, 0, 0\] = 10 is not a position in that output's window",
+        r"input_size=\[1, 2, 4, 4\]",
+        r"kernel_size=\[3, 3\], stride=\[2, 2\], padding=\[1, 1\], dilation=\[1, 1\]",
+    )
+    # -1 marks "no argmax": that output's gradient goes nowhere
+    dropped = idx.clone()
+    dropped[0, 0, 1, 1] = -1
+    got = ops.max_pool_backward(go, dropped, [1, 2, 4, 4], *geometry)
+    expected = own.clone()
+    expected.view(1, 2, 16)[0, 0, idx[0, 0, 1, 1]] -= go[0, 0, 1, 1]
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_max_pool1d_backward_names_the_foreign_index(device):
+    x = torch.randn(2, 3, 9, device=device)
+    _, idx = ops.max_pool_forward(x, [2], [2], [0], [2], False)  # dilated: taps 0 and 2 of each window
+    bad = idx.clone()
+    bad[1, 2, 1] = 3  # window 1 taps 2 and 4; 3 falls between them
+    expect_error(
+        lambda: ops.max_pool_backward(torch.ones_like(x[..., :4]), bad, [2, 3, 9], [2], [2], [0], [2]),
+        r"max_pool1d backward: indices\[1, 2, 1\] = 3 is not a position in that output's window",
+        r"kernel_size=\[2\], stride=\[2\], padding=\[0\], dilation=\[2\]",
+    )

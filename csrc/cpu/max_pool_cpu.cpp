@@ -191,13 +191,14 @@ std::tuple<at::Tensor, at::Tensor> max_pool_forward_cpu(const at::Tensor& input_
   return {output, indices};
 }
 
-// The CPU needs no window geometry: each plane's task scatters its outputs' gradients by index, in
-// order, and owns every pixel it writes. It checks every index as it goes, at no extra cost, so it
-// ignores check_indices.
+// The CPU scatters: each plane's task sends its outputs' gradients by index, in order, and owns every
+// pixel it writes. Every index is checked to lie in the plane as it goes, at no extra cost; with
+// check_indices, also to lie in its own output's window (a division per output), as the CUDA kernel
+// checks, so that no index gives different gradients on the two devices.
 at::Tensor max_pool_backward_cpu(const at::Tensor& grad_output_, const at::Tensor& indices_, c10::IntArrayRef input_size,
                                  c10::IntArrayRef kernel_size, c10::IntArrayRef stride, c10::IntArrayRef padding,
                                  c10::IntArrayRef dilation, bool check_indices) {
-  check_max_pool_backward(grad_output_, indices_, input_size, kernel_size, stride, padding, dilation);
+  const Geometry g = check_max_pool_backward(grad_output_, indices_, input_size, kernel_size, stride, padding, dilation);
   if (is_reduced_precision(grad_output_.scalar_type()))  // overlapping windows are added in float32
     return max_pool_backward_cpu(grad_output_.to(at::kFloat), indices_, input_size, kernel_size, stride, padding, dilation,
                                  check_indices)
@@ -220,6 +221,8 @@ at::Tensor max_pool_backward_cpu(const at::Tensor& grad_output_, const at::Tenso
         std::fill(gi_p, gi_p + in_plane, scalar_t(0));  // zeroed here, while the plane is in cache
         for (int64_t o = 0; o < out_plane; ++o) {
           const int64_t i = idx_p[o];
+          if (check_indices && !index_from_window(i, o / g.out_w, o % g.out_w, g.in_h, g.in_w, g.win))
+            fail_foreign_index(g, p * out_plane + o, i, input_size);
           if (i == -1) continue;  // an empty window (all padding) sends its gradient nowhere
           TORCH_CHECK(i >= 0 && i < in_plane, "max_pool backward: index ", i, " of plane ", p,
                       " is out of range for an input plane of ", in_plane, " elements (input_size=", input_size, ")");

@@ -13,6 +13,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <limits>
+
 namespace manualgrad {
 namespace {
 
@@ -60,6 +62,29 @@ __global__ void max_pool_backward_cells_kernel(scalar_t* __restrict__ grad_input
     max_pool_backward_cell<TILE, TILE, acc_t>(grad_input + plane * in_plane, grad_output + plane * out_plane,
                                               indices + plane * out_plane, g, ch, cw);
   }
+}
+
+// Sets *first to the smallest position whose index index_from_window refuses (atomicMin: the result does
+// not depend on the threads' order).
+__global__ void first_foreign_index_kernel(unsigned long long* first, const int64_t* __restrict__ indices,
+                                           int64_t total, int64_t out_h, int64_t out_w, int64_t in_h, int64_t in_w,
+                                           Window2d w) {
+  for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < total; e += int64_t{blockDim.x} * gridDim.x) {
+    const int64_t o = e % (out_h * out_w);
+    if (!index_from_window(indices[e], o / out_w, o % out_w, in_h, in_w, w))
+      atomicMin(first, static_cast<unsigned long long>(e));
+  }
+}
+
+void check_indices_cuda(const at::Tensor& indices, const Geometry& g, c10::IntArrayRef input_size) {
+  const int64_t total = indices.numel();
+  at::Tensor first = at::full({1}, std::numeric_limits<int64_t>::max(), indices.options());
+  first_foreign_index_kernel<<<grid_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<unsigned long long*>(first.data_ptr<int64_t>()), indices.data_ptr<int64_t>(), total, g.out_h,
+      g.out_w, g.in_h, g.in_w, g.win);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t position = first.item<int64_t>();  // the host sync
+  if (position < total) fail_foreign_index(g, position, indices.view(-1)[position].item<int64_t>(), input_size);
 }
 
 // The backward's cells (see max_pool_threads.h), or tile 0 where one thread per pixel serves better.
@@ -143,16 +168,10 @@ at::Tensor max_pool_backward_cuda(const at::Tensor& grad_output_, const at::Tens
   const at::Tensor indices = indices_.contiguous();          // (N, C, OH, OW)
   at::Tensor grad_input = at::empty(input_size, grad_output.options());  // (N, C, H, W)
   if (grad_input.numel() == 0) return grad_input;
-  // A gather silently skips an index that no window could have produced, so indices from a direct
-  // call are checked first: one reduction and one host sync, skipped for autograd's own call.
-  const int64_t in_plane = g.in_h * g.in_w;
-  if (check_indices && indices.numel() > 0) {
-    const auto [low, high] = at::aminmax(indices);
-    const at::Tensor range = at::stack({low, high}).cpu();
-    const int64_t lo = range[0].item<int64_t>(), hi = range[1].item<int64_t>();
-    TORCH_CHECK(lo >= -1 && hi < in_plane, op_label("pool", g.spatial_dims), ": indices out of range for an input plane of ",
-                in_plane, " elements: found ", lo < -1 ? lo : hi, " (input_size=", input_size, ")");
-  }
+  // A gather looks for each pixel's gradient only in the windows over it, so an index outside its own
+  // window would silently be dropped (where the CPU's scatter would send it). Indices from a direct call
+  // are therefore checked first, at a kernel and a host sync; autograd's own call skips it.
+  if (check_indices && indices.numel() > 0) check_indices_cuda(indices, g, input_size);
   const CellShape shape = backward_cells(g);
   const int64_t total = backward_work(g, shape);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(), "max_pool_backward_cuda", [&] {
