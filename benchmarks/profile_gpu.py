@@ -63,12 +63,17 @@ def main(argv=None):
             out = bench.call(F, case, tensors)
         grad_out = torch.randn_like(out)
         print(f"\n### {case.name} ({args.precision}) — {device.type.upper()} µs per forward+backward")
-        for who, functional in (("torch", F), ("ours", tmg.functional)):
+        runs = [("torch", F, "1"), ("ours", tmg.functional, "1")]
+        if case.family == "pool" and device.type == "cuda":  # the backward without cells, for comparison
+            runs.append(("ours, per-pixel backward", tmg.functional, "0"))
+        for who, functional, cells in runs:
+            os.environ["TORCH_MANUALGRAD_POOL_CELLS"] = cells
             rows = kernel_table(case, functional, tensors, grad_out, device)
             total = sum(t for t, _ in rows.values())
             print(f"  {who}: {total:8.1f} µs in {where}")
             for name, (t, n) in sorted(rows.items(), key=lambda kv: -kv[1][0])[:8]:
                 print(f"      {t:8.1f} µs  x{n}  {name[:110]}")
+        os.environ.pop("TORCH_MANUALGRAD_POOL_CELLS", None)
 
 
 if __name__ == "__main__":

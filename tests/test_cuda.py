@@ -93,6 +93,16 @@ def test_cuda_max_pool_matches_our_cpu_kernels(case, dtype):
     torch.testing.assert_close(gpu[2].cpu(), cpu[2], rtol=1e-12, atol=1e-6)
 
 
+@pytest.mark.parametrize("case", POOLS, ids=str)
+def test_cuda_max_pool_per_pixel_backward_matches_cells(case, monkeypatch):
+    """TORCH_MANUALGRAD_POOL_CELLS=0 sends every backward to the per-pixel gather: both paths must agree
+    bit for bit (the same sums, in the same order)."""
+    cells = pool_run(case, torch.float64, "cuda")
+    monkeypatch.setenv("TORCH_MANUALGRAD_POOL_CELLS", "0")
+    pixels = pool_run(case, torch.float64, "cuda")
+    assert torch.equal(cells[2], pixels[2])
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_half_types_match_torch(dtype):
     tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.float16 else dict(rtol=2e-2, atol=2e-2)
