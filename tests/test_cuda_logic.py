@@ -99,6 +99,8 @@ def test_walk_visits_exactly_the_covering_taps(cells, sizes, wide):
         [12, 12, 4, 6, 4, 4, 6, 4, 5, 6, 4, 6],  # stride and dilation share a factor (step = d / gcd)
         [7, 7, 7, 7, 7, 7, 1, 1, 3, 3, 1, 1],  # windows as large as the input
         [5, 5, 3, 3, 2, 2, 3, 3, 0, 0, 1, 1],  # stride over the kernel: pixels no window sees
+        [1, 300, 1, 300, 1, 3, 1, 1, 0, 64, 1, 64],  # WaveNet-like: stride 1, dilation 64 (a tap scan)
+        [1, 200, 1, 67, 1, 2, 1, 3, 0, 32, 1, 32],  # dilation over the stride, coprime: both scans long
     ],
     ids=str,
 )

@@ -16,6 +16,10 @@ namespace manualgrad {
 // o and o' both reach it iff (o' - o) * stride is a multiple of dilation.
 inline int64_t covering_step(int64_t stride, int64_t dilation) { return dilation / std::gcd(stride, dilation); }
 
+// ...and their taps on it are this many apart: t and t' both land on it iff (t - t') * dilation is a
+// multiple of stride.
+inline int64_t covering_tap_step(int64_t stride, int64_t dilation) { return stride / std::gcd(stride, dilation); }
+
 // The outputs o in [lo, hi] along one axis whose window reaches padded coordinate p (= input
 // coordinate + padding), i.e. p = o*stride + t*dilation for a tap t in [0, kernel).
 template <typename index_t, typename Div>
@@ -33,12 +37,28 @@ MANUALGRAD_HOST_DEVICE inline void covering_range(index_t p, index_t kernel, ind
 }
 
 // Moves o to the first output in [o, hi] whose window has a tap on padded coordinate p, and returns
-// whether there is one. The outputs that reach p recur every `step` outputs (covering_step), so
-// `step` consecutive candidates hold the first of them or show there is none.
+// whether there is one; o starts at the first output whose window reaches p (covering_range). The
+// outputs that have a tap on p recur every `step` outputs, and their taps every `tap_step` taps, so
+// whichever is shorter, `step` consecutive outputs or `tap_step` consecutive taps, holds the first of
+// them or shows there is none. (Scanning outputs alone cost up to `dilation` candidates at stride 1,
+// where a tap scan finds it at once.)
 template <typename index_t>
-MANUALGRAD_HOST_DEVICE inline bool first_covering(index_t p, index_t stride, index_t dilation, index_t step, index_t hi,
-                                                  index_t& o) {
+MANUALGRAD_HOST_DEVICE inline bool first_covering(index_t p, index_t stride, index_t dilation, index_t step,
+                                                  index_t tap_step, index_t hi, index_t& o) {
   if (dilation == 1) return o <= hi;
+  if (o > hi) return false;
+  if (tap_step < step) {
+    // Larger taps belong to earlier outputs: from the largest tap output o could use, downwards.
+    const index_t top = (p - o * stride) / dilation;
+    for (index_t t = top; t >= 0 && t > top - tap_step; --t) {
+      const index_t rest = p - t * dilation;
+      if (rest % stride == 0) {
+        o = rest / stride;
+        return o <= hi;
+      }
+    }
+    return false;
+  }
   for (index_t k = 0; k < step && o <= hi; ++k, ++o)
     if ((p - o * stride) % dilation == 0) return true;
   return false;
@@ -53,16 +73,17 @@ MANUALGRAD_HOST_DEVICE inline index_t tap_at(index_t p, index_t o, index_t strid
 
 // Calls f(i, j, o) for each output position o = oh*OW + ow whose window puts its tap (i, j) on input
 // pixel (ih, iw), in increasing o: a fixed order, so sums over the calls are deterministic. Only the
-// windows that reach the pixel are visited (at most KH*KW of them), so neither a huge kernel nor a
-// large dilation costs more than the taps that land.
+// windows that have a tap on the pixel are visited (at most KH*KW of them), after a search for the
+// first of them of at most min(step, tap_step) candidates per axis, so neither a huge kernel nor a
+// large dilation costs much more than the taps that land.
 template <typename index_t, typename G, typename F>
 MANUALGRAD_HOST_DEVICE inline void for_each_covering_window(const G& g, index_t ih, index_t iw, const F& f) {
   const index_t ph = ih + g.pad_h, pw = iw + g.pad_w;
   index_t oh_lo, oh_hi, ow_lo, ow_hi;
   covering_range(ph, g.kernel_h, g.stride_h, g.by_stride_h, g.dilation_h, g.out_h, oh_lo, oh_hi);
   covering_range(pw, g.kernel_w, g.stride_w, g.by_stride_w, g.dilation_w, g.out_w, ow_lo, ow_hi);
-  if (!first_covering(ph, g.stride_h, g.dilation_h, g.step_h, oh_hi, oh_lo)) return;
-  if (!first_covering(pw, g.stride_w, g.dilation_w, g.step_w, ow_hi, ow_lo)) return;
+  if (!first_covering(ph, g.stride_h, g.dilation_h, g.step_h, g.tap_step_h, oh_hi, oh_lo)) return;
+  if (!first_covering(pw, g.stride_w, g.dilation_w, g.step_w, g.tap_step_w, ow_hi, ow_lo)) return;
   for (index_t oh = oh_lo; oh <= oh_hi; oh += g.step_h) {
     const index_t i = tap_at(ph, oh, g.stride_h, g.dilation_h);
     for (index_t ow = ow_lo; ow <= ow_hi; ow += g.step_w) {

@@ -48,14 +48,17 @@ struct Geo {
   index_t in_h, in_w, out_h, out_w;
   index_t kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
   Divider<index_t> by_in_h, by_in_w, by_out_h, by_out_w, by_stride_h, by_stride_w;
-  index_t step_h, step_w;  // covering_step along each axis
+  index_t step_h, step_w;          // covering_step along each axis
+  index_t tap_step_h, tap_step_w;  // covering_tap_step along each axis
   explicit Geo(const Geometry& g)
       : in_h(g.in_h), in_w(g.in_w), out_h(g.out_h), out_w(g.out_w),
         kernel_h(g.win.kernel_h), kernel_w(g.win.kernel_w), stride_h(g.win.stride_h), stride_w(g.win.stride_w),
         pad_h(g.win.pad_h), pad_w(g.win.pad_w), dilation_h(g.win.dilation_h), dilation_w(g.win.dilation_w),
         by_in_h(g.in_h), by_in_w(g.in_w), by_out_h(g.out_h), by_out_w(g.out_w),
         by_stride_h(g.win.stride_h), by_stride_w(g.win.stride_w),
-        step_h(covering_step(g.win.stride_h, g.win.dilation_h)), step_w(covering_step(g.win.stride_w, g.win.dilation_w)) {}
+        step_h(covering_step(g.win.stride_h, g.win.dilation_h)), step_w(covering_step(g.win.stride_w, g.win.dilation_w)),
+        tap_step_h(covering_tap_step(g.win.stride_h, g.win.dilation_h)),
+        tap_step_w(covering_tap_step(g.win.stride_w, g.win.dilation_w)) {}
 
   // A flat index into (planes, in_h, in_w) → its plane, with (ih, iw); split_output likewise for
   // (planes, out_h, out_w). What a plane is (an image's channel, a column block) is the caller's.

@@ -18,12 +18,13 @@ template <typename index_t>
 struct HostGeo {
   index_t in_h, in_w, out_h, out_w, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
   PlainDivider<index_t> by_stride_h, by_stride_w;
-  index_t step_h, step_w;
+  index_t step_h, step_w, tap_step_h, tap_step_w;
   explicit HostGeo(const int64_t* s)
       : in_h(s[0]), in_w(s[1]), out_h(s[2]), out_w(s[3]), kernel_h(s[4]), kernel_w(s[5]), stride_h(s[6]),
         stride_w(s[7]), pad_h(s[8]), pad_w(s[9]), dilation_h(s[10]), dilation_w(s[11]),
         by_stride_h{static_cast<index_t>(s[6])}, by_stride_w{static_cast<index_t>(s[7])},
-        step_h(manualgrad::covering_step(s[6], s[10])), step_w(manualgrad::covering_step(s[7], s[11])) {}
+        step_h(manualgrad::covering_step(s[6], s[10])), step_w(manualgrad::covering_step(s[7], s[11])),
+        tap_step_h(manualgrad::covering_tap_step(s[6], s[10])), tap_step_w(manualgrad::covering_tap_step(s[7], s[11])) {}
 };
 
 // Every pixel of one plane in turn, each visit as (pixel, i, j, o); returns the number of visits, or -1
