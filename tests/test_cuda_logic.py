@@ -109,6 +109,18 @@ def test_walk_visits_exactly_the_covering_taps_curated(cells, sizes):
         assert torch.equal(walk(cells, sizes, wide), brute_force_walk(sizes))
 
 
+def test_walk_examples_of_the_tutorial(cells):
+    """docs/tutorial.md section 6: which (output, tap) pairs reach one input element."""
+
+    def reaching(length, kernel, stride, padding, dilation, element):
+        out = (length + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+        visits = walk(cells, [1, length, 1, out, 1, kernel, 1, stride, 0, padding, 1, dilation], False)
+        return [(o, tap) for pixel, _, tap, o in visits.tolist() if pixel == element]
+
+    assert reaching(7, 3, 2, 1, 1, element=3) == [(1, 2), (2, 0)]  # tap 2 of output 1, tap 0 of output 2
+    assert reaching(7, 3, 1, 2, 2, element=2) == [(0, 2), (2, 1), (4, 0)]  # outputs 1 and 3 step over it
+
+
 # --------------------------------------------------------------------------------------------------
 # The max-pool threads: forward, per-pixel backward, per-cell backward
 # --------------------------------------------------------------------------------------------------
