@@ -23,9 +23,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def cells(tmp_path_factory):
     """The host build of the CUDA kernels' index logic, loaded with ctypes."""
-    compiler = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
-    compiler = compiler.split()[0]
-    assert shutil.which(compiler), f"no C++ compiler ({compiler}); the extension's build needs one too"
+    candidates = [os.environ.get("CXX"), sysconfig.get_config_var("CXX"), "c++", "g++"]
+    found = [c.split()[0] for c in candidates if c and shutil.which(c.split()[0])]
+    assert found, f"no C++ compiler among {candidates}; the extension's build needs one too"
+    compiler = found[0]
     library = str(tmp_path_factory.mktemp("cuda_logic") / "cuda_logic_host.so")
     source = os.path.join(ROOT, "tests", "cpp", "cuda_logic_host.cpp")
     subprocess.run([compiler, "-std=c++17", "-O1", "-Wall", "-Werror", "-shared", "-fPIC", "-o", library, source], check=True)
