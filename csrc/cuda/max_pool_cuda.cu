@@ -58,9 +58,8 @@ __global__ void max_pool_backward_cells_kernel(scalar_t* __restrict__ grad_input
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t in_plane = static_cast<int64_t>(g.in_h) * g.in_w, out_plane = static_cast<int64_t>(g.out_h) * g.out_w;
   for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < total; e += int64_t{blockDim.x} * gridDim.x) {
-    const index_t x = static_cast<index_t>(e);
-    const index_t rest = by_cells_w.div(x), plane = by_cells_h.div(rest);
-    const index_t cw = x - rest * g.cells_w + g.first_w, ch = rest - plane * g.cells_h + g.first_h;
+    index_t ch, cw;
+    const index_t plane = cell_of_thread(static_cast<index_t>(e), g, by_cells_w, by_cells_h, ch, cw);
     max_pool_backward_cell<TILE, TILE, acc_t>(grad_input + plane * in_plane, grad_output + plane * out_plane,
                                               indices + plane * out_plane, g, ch, cw);
   }

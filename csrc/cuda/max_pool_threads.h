@@ -161,6 +161,17 @@ MANUALGRAD_HOST_DEVICE inline void max_pool_backward_cell(scalar_t* grad_input, 
   }
 }
 
+// Thread x of a per-cell launch (x < planes * cells_h * cells_w) → its plane and cell (ch, cw), cells
+// row-major within a plane. Div: the kernels' Divider (windows.cuh) or the test's plain division.
+template <typename index_t, typename Div>
+MANUALGRAD_HOST_DEVICE inline index_t cell_of_thread(index_t x, const CellGeo<index_t>& g, const Div& by_cells_w,
+                                                     const Div& by_cells_h, index_t& ch, index_t& cw) {
+  const index_t rest = by_cells_w.div(x), plane = by_cells_h.div(rest);
+  cw = x - rest * g.cells_w + g.first_w;
+  ch = rest - plane * g.cells_h + g.first_h;
+  return plane;
+}
+
 // How a launch is cut into cells: the square register tile (1, 2 or 4 pixels a side) and the window
 // starts per cell along each axis. Stride 1 takes 2 starts per cell where the axis has room, so 2x2
 // pixels share their windows; larger strides take 1. A tile of 0 means the per-pixel gather serves

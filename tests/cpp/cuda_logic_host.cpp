@@ -74,20 +74,22 @@ void backward_pixels(double* grad_input, const double* grad_output, const int64_
             grad_output + p * out_plane, indices + p * out_plane, g, ih, iw);
 }
 
-// Cells in increasing order, or (reverse) decreasing: a cell writing a pixel that is another's shows up in
-// one order or the other, as the race it would be on the GPU.
+// Every thread of a per-cell launch, decoded to its cell as the kernel does, in increasing order or
+// (reverse) decreasing: a cell writing a pixel that is another's shows up in one order or the other, as
+// the race it would be on the GPU.
 template <int TILE, typename index_t>
 void run_cells(double* grad_input, const double* grad_output, const int64_t* indices, int64_t planes,
                const manualgrad::CellGeo<index_t>& g, bool reverse) {
   const int64_t in_plane = int64_t{g.in_h} * g.in_w, out_plane = int64_t{g.out_h} * g.out_w;
-  const int64_t cells = int64_t{g.cells_h} * g.cells_w;
-  for (int64_t p = 0; p < planes; ++p)
-    for (int64_t k = 0; k < cells; ++k) {
-      const int64_t c = reverse ? cells - 1 - k : k;
-      const index_t ch = static_cast<index_t>(g.first_h + c / g.cells_w), cw = static_cast<index_t>(g.first_w + c % g.cells_w);
-      manualgrad::max_pool_backward_cell<TILE, TILE, double>(grad_input + p * in_plane, grad_output + p * out_plane,
-                                                             indices + p * out_plane, g, ch, cw);
-    }
+  const int64_t total = planes * g.cells_h * g.cells_w;
+  const PlainDivider<index_t> by_cells_w{g.cells_w}, by_cells_h{g.cells_h};
+  for (int64_t k = 0; k < total; ++k) {
+    index_t ch, cw;
+    const int64_t p = manualgrad::cell_of_thread(static_cast<index_t>(reverse ? total - 1 - k : k), g, by_cells_w,
+                                                 by_cells_h, ch, cw);
+    manualgrad::max_pool_backward_cell<TILE, TILE, double>(grad_input + p * in_plane, grad_output + p * out_plane,
+                                                           indices + p * out_plane, g, ch, cw);
+  }
 }
 
 template <typename index_t>
