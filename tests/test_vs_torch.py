@@ -150,6 +150,29 @@ def test_max_pool_without_indices_returns_tensor(case, seed, device):
     torch.testing.assert_close(out, case.torch_fn()(x, **case.kwargs(return_indices=False)), rtol=0, atol=0)
 
 
+@given(case=pool_cases(dims=(1,)), seed=seeds, values=st.sampled_from(["normal", "ties", "nan"]))
+def test_max_pool1d_inference_matches_torch(case, seed, values, device, dtype):
+    """Without indices a 1-d plane takes its own path (maxima straight from the input row)."""
+    x = case.make_input(device, dtype, values=values, seed=seed)
+    with torch.no_grad():
+        out = case.tmg_fn()(x, **case.kwargs(return_indices=False))
+    torch.testing.assert_close(out, case.torch_fn()(x, **case.kwargs(return_indices=False)), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("kernel, stride, padding, dilation, ceil_mode", [
+    (3, 1, 1, 1, False), (3, 2, 1, 1, False), (2, 2, 0, 1, True), (5, 3, 2, 2, True), (4, 1, 2, 3, False), (1, 4, 0, 1, True)
+], ids=str)
+def test_max_pool1d_inference_on_long_rows(kernel, stride, padding, dilation, ceil_mode, device):
+    """Rows long enough for the vectorised sweeps, with NaNs and ties sprinkled in."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randint(0, 50, (2, 3, 1001), generator=gen).float()
+    x[torch.rand(x.shape, generator=gen) < 0.01] = float("nan")
+    x = x.to(device)
+    args = (kernel, stride, padding, dilation, ceil_mode)
+    out = tmg.functional.max_pool1d(x, *args)
+    torch.testing.assert_close(out, F.max_pool1d(x, *args), rtol=0, atol=0, equal_nan=True)
+
+
 @given(case=pool_cases(), seed=seeds, values=st.sampled_from(["distinct", "ties"]))
 def test_max_unpool_accepts_our_indices(case, seed, values, device):
     x = case.make_input(device, torch.float64, values=values, seed=seed)

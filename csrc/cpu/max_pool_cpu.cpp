@@ -149,11 +149,59 @@ void max_pool_plane(scalar_t* output, int64_t* indices, const scalar_t* input, c
   }
 }
 
+// best[i] = the larger of best[i] and values[i * stride] (NaN wins): one tap across a run of outputs,
+// read straight from the input. Strides 1 and 2 are spelled out so that they vectorise.
+template <typename scalar_t>
+MANUALGRAD_VECTOR_CLONES void sweep_strided_values(scalar_t* __restrict best, const scalar_t* __restrict values,
+                                                   int64_t stride, int64_t count) {
+  const auto take = [](scalar_t v, scalar_t b) { return (v > b) | (v != v) ? v : b; };
+  if (stride == 1) {
+    for (int64_t i = 0; i < count; ++i) best[i] = take(values[i], best[i]);
+  } else if (stride == 2) {
+    for (int64_t i = 0; i < count; ++i) best[i] = take(values[2 * i], best[i]);
+  } else {
+    for (int64_t i = 0; i < count; ++i) best[i] = take(values[i * stride], best[i]);
+  }
+}
+
+// A plane of one row (1-d pooling) when no indices are wanted: the maxima computed in the output itself,
+// with none of the scratch copies that make the 2-d sweep vectorise (a long row reads contiguously as
+// it is). Outputs whose window lies inside the row take one sweep per tap; the few at its ends, one by one.
+template <typename scalar_t>
+void max_pool_row_values(scalar_t* out, const scalar_t* in, const Geometry& g) {
+  const Window2d& w = g.win;
+  const int64_t s = w.stride_w, d = w.dilation_w, pad = w.pad_w, span = (w.kernel_w - 1) * d;
+  // windows [ow*s - pad, ow*s - pad + span] inside [0, in_w) for ow in [lo, hi)
+  const int64_t lo = std::min(g.out_w, ceil_div(pad, s));
+  const int64_t hi = std::max(lo, std::min(g.out_w, g.in_w - 1 - span + pad >= 0 ? (g.in_w - 1 - span + pad) / s + 1 : 0));
+  const scalar_t minus_inf = -std::numeric_limits<scalar_t>::infinity();
+  const auto edge = [&](int64_t ow) {
+    scalar_t best = minus_inf;
+    for (int64_t j = 0; j < w.kernel_w; ++j) {
+      const int64_t x = ow * s - pad + j * d;
+      if (x >= 0 && x < g.in_w && ((in[x] > best) | (in[x] != in[x]))) best = in[x];
+    }
+    out[ow] = best;
+  };
+  for (int64_t ow = 0; ow < lo; ++ow) edge(ow);
+  for (int64_t ow = hi; ow < g.out_w; ++ow) edge(ow);
+  if (hi == lo) return;
+  const scalar_t* first = in + lo * s - pad;
+  for (int64_t ow = lo; ow < hi; ++ow) out[ow] = first[(ow - lo) * s];
+  for (int64_t j = 1; j < w.kernel_w; ++j) sweep_strided_values(out + lo, first + j * d, s, hi - lo);
+}
+
 template <typename scalar_t, typename index_t>
 void max_pool_planes(scalar_t* out, int64_t* idx, const scalar_t* in, const Geometry& g) {
   const int64_t planes = g.batch * g.in_channels;
   const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, out_plane));
+  if (idx == nullptr && g.in_h == 1) {
+    at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) max_pool_row_values(out + p * out_plane, in + p * in_plane, g);
+    });
+    return;
+  }
   at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
     PlaneScratch<scalar_t, index_t> scratch(g);
     for (int64_t p = begin; p < end; ++p)
