@@ -173,6 +173,15 @@ def test_max_pool1d_inference_on_long_rows(kernel, stride, padding, dilation, ce
     torch.testing.assert_close(out, F.max_pool1d(x, *args), rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("kernel, stride, padding", [((2, 3), 1, (1, 1)), ((3, 2), (1, 2), (1, 0))], ids=str)
+def test_max_pool2d_inference_on_a_one_row_input(kernel, stride, padding, device):
+    """A 2-d input of height 1 is not a 1-d pool: padding can give it several output rows."""
+    x = torch.randn(2, 3, 1, 9, generator=torch.Generator().manual_seed(3)).to(device)
+    with torch.no_grad():
+        out = tmg.functional.max_pool2d(x, kernel, stride, padding)
+    torch.testing.assert_close(out, F.max_pool2d(x, kernel, stride, padding), rtol=0, atol=0)
+
+
 @given(case=pool_cases(), seed=seeds, values=st.sampled_from(["distinct", "ties"]))
 def test_max_unpool_accepts_our_indices(case, seed, values, device):
     x = case.make_input(device, torch.float64, values=values, seed=seed)

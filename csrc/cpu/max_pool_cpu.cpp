@@ -196,7 +196,7 @@ void max_pool_planes(scalar_t* out, int64_t* idx, const scalar_t* in, const Geom
   const int64_t planes = g.batch * g.in_channels;
   const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, out_plane));
-  if (idx == nullptr && g.in_h == 1) {
+  if (idx == nullptr && g.spatial_dims == 1) {  // (a 2-d plane of one row may still have several output rows)
     at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) max_pool_row_values(out + p * out_plane, in + p * in_plane, g);
     });
