@@ -3,9 +3,10 @@
 # CUDA kernels, run the whole test suite (CUDA variants included), then the GPU benchmark in float32,
 # TF32 and bfloat16 and a kernel-by-kernel profile; a short summary last.
 # Usage: scripts/gpu_check.sh [python]   (default python3; logs land in $OUT, or /tmp/gpu_check)
-# Environment: STAGES (default "build tests bench profile", run in that order), TEST_TIMEOUT (s, default
-# 400), TEST_WORKERS (pytest-xdist workers, default 12), PRECISIONS (default "float32 tf32 bfloat16"),
-# BENCH_BUDGET (s per measurement, default 1.0), TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS.
+# Environment: STAGES (default "build tests bench profile", run in that order), TEST_TIMEOUT (s, for the
+# CUDA tests, default 400), CPU_TEST_TIMEOUT (s, for the CPU-only rest, default 300), TEST_WORKERS
+# (pytest-xdist workers, default 12), PRECISIONS (default "float32 tf32 bfloat16"), BENCH_BUDGET (s per
+# measurement, default 1.0), TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:-python3}
@@ -40,11 +41,19 @@ run_tests() {
   local start=$(date +%s)
   # One thread per worker: 16 workers each running 16 OpenMP threads made CPU gradchecks take minutes.
   [ -n "$workers" ] && export OMP_NUM_THREADS=1
+  # The CUDA tests first (the CUDA variants of every test, test_cuda.py, and the host-built CUDA logic),
+  # then the CPU-only rest, which CI runs anyway: a time limit cuts the less useful half.
   # SIGINT at the limit makes pytest stop and still print its summary of failures.
   timeout -s INT -k 30 ${TEST_TIMEOUT:-400} "$PY" -m pytest tests -q -rfE --durations=15 -p no:cacheprovider \
-    -p no:benchmark $workers > "$OUT/tests.log" 2>&1
+    -p no:benchmark $workers -k cuda > "$OUT/tests.log" 2>&1
   tests=$?
-  echo "tests exit $tests in $(( $(date +%s) - start )) s"
+  echo "CUDA tests exit $tests in $(( $(date +%s) - start )) s: $(tail -1 "$OUT/tests.log")"
+  start=$(date +%s)
+  timeout -s INT -k 30 ${CPU_TEST_TIMEOUT:-300} "$PY" -m pytest tests -q -rfE -p no:cacheprovider \
+    -p no:benchmark $workers -k "not cuda" > "$OUT/tests_cpu.log" 2>&1
+  local cpu=$?
+  echo "CPU tests exit $cpu in $(( $(date +%s) - start )) s: $(tail -1 "$OUT/tests_cpu.log")"
+  [ $tests = 0 ] && tests=$cpu
 }
 
 run_bench() {
@@ -67,7 +76,7 @@ done
 
 if [ -f "$OUT/tests.log" ]; then
   echo "== failures (if any)"
-  grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | cut -c1-200 | head -40
+  cat "$OUT/tests.log" "$OUT/tests_cpu.log" 2>/dev/null | grep -E "^(FAILED|ERROR)" | cut -c1-200 | head -40
 fi
 for precision in $PRECISIONS; do
   [ -f "$OUT/bench_cuda_$precision.txt" ] || continue
@@ -75,7 +84,7 @@ for precision in $PRECISIONS; do
   grep "^|" "$OUT/bench_cuda_$precision.txt" | cut -d'|' -f2,5-12 || tail -5 "$OUT/bench_cuda_$precision.txt"
 done
 echo "== summary"
-echo "build: $build; tests: $tests: $( [ -f "$OUT/tests.log" ] && tail -1 "$OUT/tests.log"); bench: $bench"
+echo "build: $build; tests: $tests: CUDA $( [ -f "$OUT/tests.log" ] && tail -1 "$OUT/tests.log"), CPU $( [ -f "$OUT/tests_cpu.log" ] && tail -1 "$OUT/tests_cpu.log"); bench: $bench"
 [ "$tests" != 0 ] && [ "$tests" != skipped ] && exit 1
 [ "$bench" != 0 ] && [ "$bench" != skipped ] && exit 1
 exit 0
