@@ -66,6 +66,7 @@ def main(argv=None):
         runs = [("torch", F, "1"), ("ours", tmg.functional, "1")]
         if case.family == "pool" and device.type == "cuda":  # the backward without cells, for comparison
             runs.append(("ours, per-pixel backward", tmg.functional, "0"))
+        user_setting = os.environ.get("TORCH_MANUALGRAD_POOL_CELLS")
         for who, functional, cells in runs:
             os.environ["TORCH_MANUALGRAD_POOL_CELLS"] = cells
             rows = kernel_table(case, functional, tensors, grad_out, device)
@@ -73,7 +74,10 @@ def main(argv=None):
             print(f"  {who}: {total:8.1f} µs in {where}")
             for name, (t, n) in sorted(rows.items(), key=lambda kv: -kv[1][0])[:8]:
                 print(f"      {t:8.1f} µs  x{n}  {name[:110]}")
-        os.environ.pop("TORCH_MANUALGRAD_POOL_CELLS", None)
+        if user_setting is None:
+            os.environ.pop("TORCH_MANUALGRAD_POOL_CELLS", None)
+        else:
+            os.environ["TORCH_MANUALGRAD_POOL_CELLS"] = user_setting
 
 
 if __name__ == "__main__":

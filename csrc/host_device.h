@@ -1,6 +1,7 @@
 // host_device.h — markers for code that nvcc compiles for the GPU and the host compiler for the CPU:
 // shape_checks.h's small helpers, and the CUDA kernels' index logic (cuda/window_walk.h,
-// cuda/max_pool_threads.h), which tests/test_cuda_logic.py builds with g++ and checks on any machine.
+// cuda/max_pool_threads.h), which tests/test_cuda_logic.py builds with the host compiler and checks on
+// any machine.
 #pragma once
 
 #if defined(__CUDACC__)

@@ -376,3 +376,19 @@ def test_max_pool1d_backward_names_the_foreign_index(device):
         r"max_pool1d backward: indices\[1, 2, 1\] = 3 is not a position in that output's window",
         r"kernel_size=\[2\], stride=\[2\], padding=\[0\], dilation=\[2\]",
     )
+
+
+def test_max_pool_backward_accepts_every_tap_of_a_window(device):
+    """The window check refuses nothing a forward could give: here each output's index is the last tap of
+    its window that lies in the input (the far corner; in the last row and column, where ceil_mode lets
+    the window hang over the edge, one short of it)."""
+    from torch_manualgrad import reference
+
+    size, kernel, stride, padding = 7, 3, 2, 1
+    out = -(-(size + 2 * padding - kernel) // stride) + 1  # ceil_mode: 4, the last window over the edge
+    last = [min(o * stride - padding + kernel - 1, size - 1) for o in range(out)]
+    idx = torch.tensor([[h * size + w for w in last] for h in last]).view(1, 1, out, out).to(device)
+    go = torch.arange(1.0, 1.0 + out * out, dtype=torch.float64).view(1, 1, out, out).to(device)
+    got = ops.max_pool_backward(go, idx, [1, 1, size, size], [kernel] * 2, [stride] * 2, [padding] * 2, [1, 1])
+    expected = reference.max_pool_backward(go.cpu(), idx.cpu(), (1, 1, size, size))
+    torch.testing.assert_close(got.cpu(), expected, rtol=0, atol=0)

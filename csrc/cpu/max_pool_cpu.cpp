@@ -175,11 +175,14 @@ void max_pool_row_values(scalar_t* out, const scalar_t* in, const Geometry& g) {
   const int64_t lo = std::min(g.out_w, ceil_div(pad, s));
   const int64_t hi = std::max(lo, std::min(g.out_w, g.in_w - 1 - span + pad >= 0 ? (g.in_w - 1 - span + pad) / s + 1 : 0));
   const scalar_t minus_inf = -std::numeric_limits<scalar_t>::infinity();
-  const auto edge = [&](int64_t ow) {
+  const auto edge = [&](int64_t ow) {  // only the taps inside the row: a kernel may dwarf it
+    const int64_t start = ow * s - pad;
+    const int64_t j_lo = start >= 0 ? 0 : ceil_div(-start, d);
+    const int64_t j_hi = start > g.in_w - 1 ? 0 : std::min(w.kernel_w, (g.in_w - 1 - start) / d + 1);
     scalar_t best = minus_inf;
-    for (int64_t j = 0; j < w.kernel_w; ++j) {
-      const int64_t x = ow * s - pad + j * d;
-      if (x >= 0 && x < g.in_w && ((in[x] > best) | (in[x] != in[x]))) best = in[x];
+    for (int64_t j = j_lo; j < j_hi; ++j) {
+      const scalar_t v = in[start + j * d];
+      if ((v > best) | (v != v)) best = v;
     }
     out[ow] = best;
   };
@@ -239,10 +242,26 @@ std::tuple<at::Tensor, at::Tensor> max_pool_forward_cpu(const at::Tensor& input_
   return {output, indices};
 }
 
+// The first element of indices (in (N, C, OH, OW) order) that index_from_window refuses, or -1: the same
+// element whatever the thread count, and the one the CUDA check names.
+int64_t first_foreign_index(const int64_t* indices, int64_t total, const Geometry& g) {
+  const int64_t out_plane = g.out_h * g.out_w;
+  return at::parallel_reduce(
+      0, total, 16384, int64_t{-1},
+      [&](int64_t begin, int64_t end, int64_t) {
+        for (int64_t e = begin; e < end; ++e) {
+          const int64_t o = e % out_plane;
+          if (!index_from_window(indices[e], o / g.out_w, o % g.out_w, g.in_h, g.in_w, g.win)) return e;
+        }
+        return int64_t{-1};
+      },
+      [](int64_t a, int64_t b) { return a < 0 ? b : b < 0 ? a : std::min(a, b); });
+}
+
 // The CPU scatters: each plane's task sends its outputs' gradients by index, in order, and owns every
 // pixel it writes. Every index is checked to lie in the plane as it goes, at no extra cost; with
-// check_indices, also to lie in its own output's window (a division per output), as the CUDA kernel
-// checks, so that no index gives different gradients on the two devices.
+// check_indices, all are first checked to lie in their own output's window (a pass with a division per
+// output), as on CUDA, so that no index gives different gradients on the two devices.
 at::Tensor max_pool_backward_cpu(const at::Tensor& grad_output_, const at::Tensor& indices_, c10::IntArrayRef input_size,
                                  c10::IntArrayRef kernel_size, c10::IntArrayRef stride, c10::IntArrayRef padding,
                                  c10::IntArrayRef dilation, bool check_indices) {
@@ -257,6 +276,10 @@ at::Tensor max_pool_backward_cpu(const at::Tensor& grad_output_, const at::Tenso
   const int64_t planes = input_size[0] * input_size[1];
   if (grad_input.numel() == 0) return grad_input;
   const int64_t in_plane = grad_input.numel() / planes, out_plane = grad_output.numel() / planes;
+  if (check_indices) {
+    const int64_t bad = first_foreign_index(indices.data_ptr<int64_t>(), indices.numel(), g);
+    if (bad >= 0) fail_foreign_index(g, bad, indices.data_ptr<int64_t>()[bad], input_size);
+  }
   AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "max_pool_backward_cpu", [&] {
     const scalar_t* go = grad_output.data_ptr<scalar_t>();
     const int64_t* idx = indices.data_ptr<int64_t>();
@@ -269,8 +292,6 @@ at::Tensor max_pool_backward_cpu(const at::Tensor& grad_output_, const at::Tenso
         std::fill(gi_p, gi_p + in_plane, scalar_t(0));  // zeroed here, while the plane is in cache
         for (int64_t o = 0; o < out_plane; ++o) {
           const int64_t i = idx_p[o];
-          if (check_indices && !index_from_window(i, o / g.out_w, o % g.out_w, g.in_h, g.in_w, g.win))
-            fail_foreign_index(g, p * out_plane + o, i, input_size);
           if (i == -1) continue;  // an empty window (all padding) sends its gradient nowhere
           TORCH_CHECK(i >= 0 && i < in_plane, "max_pool backward: index ", i, " of plane ", p,
                       " is out of range for an input plane of ", in_plane, " elements (input_size=", input_size, ")");
