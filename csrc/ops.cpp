@@ -23,9 +23,10 @@ TORCH_LIBRARY(manualgrad, m) {
   m.def("max_pool_forward(Tensor input, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
         "bool ceil_mode, bool compute_indices=True) -> (Tensor, Tensor)");
   // Sends each output gradient to its argmax. The window geometry lets a device gather, for each
-  // input element, from just the windows that cover it (deterministic, no atomics). Indices out of
-  // range for the input plane are an error; on CUDA finding them costs a pass and a host sync, which
-  // check_indices=False skips for indices known to come from max_pool_forward (autograd's own call).
+  // input element, from just the windows that cover it (deterministic, no atomics). An index that is
+  // not -1 nor a tap of its own output's window inside the plane is an error; finding one costs a pass
+  // (and on CUDA a host sync), which check_indices=False skips for indices known to come from
+  // max_pool_forward (autograd's own call). The CPU checks the plane's bounds either way.
   m.def("max_pool_backward(Tensor grad_output, Tensor indices, int[] input_size, int[] kernel_size, int[] stride, "
         "int[] padding, int[] dilation, bool check_indices=True) -> Tensor");
 }
