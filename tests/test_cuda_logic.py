@@ -1,5 +1,5 @@
 """The CUDA kernels' index logic, run on the CPU: code written for host and device alike
-(csrc/cuda/window_walk.h, csrc/cuda/max_pool_threads.h) is compiled here with the host compiler
+(csrc/cuda/window_walk.h, csrc/cuda/max_pool_threads.h, csrc/cuda/depthwise_threads.h) is compiled here with the host compiler
 (tests/cpp/cuda_logic_host.cpp) and checked against brute force and torch, so it is tested on every
 machine, with or without a GPU."""
 import ctypes
@@ -40,6 +40,9 @@ def cells(tmp_path_factory):
     for name in ("max_pool_forward_outputs", "max_pool_backward_pixels"):
         getattr(lib, name).restype = None
         getattr(lib, name).argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    lib.depthwise_forward_outputs.restype = ctypes.c_int
+    lib.depthwise_forward_outputs.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
+    lib.depthwise_forward_outputs.argtypes += [ctypes.c_int, ctypes.c_int]
     lib.walk_covering_windows.restype = ctypes.c_int64
     lib.walk_covering_windows.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     return lib
@@ -363,3 +366,42 @@ def test_cell_shape_choice(cells):
     assert shape((20,), 3, 1) == (2, 1, 2)
     assert shape((1, 1), 1, 1) == (1, 1, 1)
     assert shape((20, 20), 3, 2, (2, 1))[0] == 0  # dilated: the per-pixel gather steps over misses
+
+
+
+# --------------------------------------------------------------------------------------------------
+# The depthwise forward's threads
+# --------------------------------------------------------------------------------------------------
+
+UNROLLED_WINDOWS = [(3, 3), (5, 5), (7, 7), (1, 3), (1, 5), (1, 7)]  # depthwise_cuda.cu's dispatch_window
+
+
+def host_depthwise(lib, x, weight, bias, stride, padding, dilation, unrolled, wide_index):
+    """The depthwise forward kernel's per-output code over every output; and whether it ran unrolled."""
+    n, cin, h, w = x.shape
+    cout, _, kh, kw = weight.shape
+    (sh, sw), (ph, pw), (dh, dw) = [(v, v) if isinstance(v, int) else v for v in (stride, padding, dilation)]
+    out_h, out_w = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in ((h, kh, sh, ph, dh), (w, kw, sw, pw, dw))]
+    sizes = torch.tensor([h, w, out_h, out_w, kh, kw, sh, sw, ph, pw, dh, dw], dtype=torch.int64)
+    out = torch.full((n, cout, out_h, out_w), float("nan"), dtype=torch.float64)
+    ran_unrolled = lib.depthwise_forward_outputs(
+        out.data_ptr(), x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), n, cin, cout,
+        sizes.data_ptr(), int(unrolled), int(wide_index),
+    )
+    return out, bool(ran_unrolled)
+
+
+@pytest.mark.parametrize("kernel", UNROLLED_WINDOWS + [(2, 2), (4, 3)], ids=str)
+@pytest.mark.parametrize("stride, padding, dilation", [(1, 1, 1), (2, 2, 1), ((1, 2), (3, 0), (2, 1))], ids=str)
+@pytest.mark.parametrize("multiplier", [1, 2])
+def test_depthwise_forward_matches_torch(cells, kernel, stride, padding, dilation, multiplier):
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 3, 11, 12, generator=gen, dtype=torch.float64)
+    weight = torch.randn(3 * multiplier, 1, *kernel, generator=gen, dtype=torch.float64)
+    bias = torch.randn(3 * multiplier, generator=gen, dtype=torch.float64)
+    for b in (bias, None):
+        expected = torch.nn.functional.conv2d(x, weight, b, stride, padding, dilation, groups=3)
+        for unrolled, wide in [(True, False), (False, True)]:
+            got, ran_unrolled = host_depthwise(cells, x, weight, b, stride, padding, dilation, unrolled, wide)
+            assert ran_unrolled == (unrolled and kernel in UNROLLED_WINDOWS)
+            torch.testing.assert_close(got, expected)

@@ -1,11 +1,13 @@
 // depthwise_cuda.cu — depthwise convolution (groups == in_channels) on CUDA without im2col; the
 // mirror of cpu/depthwise_cpu.cpp. Output channel oc reads input channel oc / multiplier.
-//   forward:      one thread per output element, a dot product over the KH*KW taps (+ bias)
+//   forward:      one thread per output element, a dot product over the KH*KW taps (+ bias), unrolled
+//                 for the common windows (depthwise_threads.h, also tested on the host)
 //   grad_input:   one thread per input element, gathering weight × delta from every window over it
 //   grad_weight:  per output channel, the sum over all placements of input slice × delta: blocks cut
 //                 the placements into fixed slices, each thread keeps one sum per tap in registers,
 //                 and the slices' sums are added in a fixed order — deterministic, no atomics.
 #include "depthwise_cuda.h"
+#include "depthwise_threads.h"
 #include "windows.cuh"
 
 #include <ATen/Dispatch.h>
@@ -17,31 +19,22 @@
 namespace manualgrad {
 namespace {
 
-template <typename scalar_t, typename index_t>
+// One thread per output element; KH, KW > 0 for the common windows (unrolled), 0 for any other.
+template <typename scalar_t, typename index_t, int KH, int KW>
 __global__ void depthwise_forward_kernel(scalar_t* __restrict__ output, const scalar_t* __restrict__ input,
                                          const scalar_t* __restrict__ weight, const scalar_t* __restrict__ bias,
-                                         int64_t total, index_t out_channels, index_t multiplier, Geo<index_t> g) {
+                                         int64_t total, index_t out_channels, index_t multiplier, Geo<index_t> g,
+                                         Divider<index_t> by_out_channels, Divider<index_t> by_multiplier) {
   using acc_t = at::opmath_type<scalar_t>;
   const index_t taps = g.kernel_h * g.kernel_w, in_channels = out_channels / multiplier;
   for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < total; e += int64_t{blockDim.x} * gridDim.x) {
     const index_t x = static_cast<index_t>(e);
     index_t oh, ow;
     const index_t n_oc = g.split_output(x, oh, ow);  // n*C_out + oc
-    const index_t oc = n_oc % out_channels, n = n_oc / out_channels;
-    const scalar_t* plane = input + (n * in_channels + oc / multiplier) * g.in_h * g.in_w;
-    const scalar_t* w = weight + oc * taps;
-    const index_t h0 = oh * g.stride_h - g.pad_h, w0 = ow * g.stride_w - g.pad_w;
-    acc_t sum = bias != nullptr ? static_cast<acc_t>(bias[oc]) : acc_t(0);
-    for (index_t i = 0; i < g.kernel_h; ++i) {
-      const index_t ih = h0 + i * g.dilation_h;
-      if (ih < 0 || ih >= g.in_h) continue;
-      for (index_t j = 0; j < g.kernel_w; ++j) {
-        const index_t iw = w0 + j * g.dilation_w;
-        if (iw >= 0 && iw < g.in_w)
-          sum += static_cast<acc_t>(w[i * g.kernel_w + j]) * static_cast<acc_t>(plane[ih * g.in_w + iw]);
-      }
-    }
-    output[e] = static_cast<scalar_t>(sum);
+    const index_t n = by_out_channels.div(n_oc), oc = n_oc - n * out_channels;
+    const scalar_t* plane = input + (n * in_channels + by_multiplier.div(oc)) * g.in_h * g.in_w;
+    const acc_t start = bias != nullptr ? static_cast<acc_t>(bias[oc]) : acc_t(0);
+    output[e] = static_cast<scalar_t>(depthwise_output<KH, KW>(plane, weight + oc * taps, g, oh, ow, start));
   }
 }
 
@@ -134,8 +127,8 @@ __global__ void depthwise_weight_finish_kernel(scalar_t* __restrict__ grad_weigh
 template <int N>
 using Int = std::integral_constant<int, N>;
 
-// Calls body(Int<KH>, Int<KW>) for the window sizes that have a weight-gradient kernel; returns false
-// for the others.
+// Calls body(Int<KH>, Int<KW>) for the window sizes that have unrolled kernels (the forward's and the
+// weight gradient's); returns false for the others.
 template <typename Body>
 bool dispatch_window(int64_t kh, int64_t kw, const Body& body) {
   if (kh == 3 && kw == 3) return body(Int<3>(), Int<3>()), true;
@@ -151,14 +144,20 @@ bool dispatch_window(int64_t kh, int64_t kw, const Body& body) {
 
 void depthwise_forward_cuda(at::Tensor& output, const at::Tensor& input, const at::Tensor& weight,
                             const at::Tensor& bias, const Geometry& g) {
-  const int64_t total = output.numel();
+  const int64_t total = output.numel(), multiplier = g.out_channels / g.in_channels;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "depthwise_forward_cuda", [&] {
     MANUALGRAD_DISPATCH_INDEX(fits_int32(g, {input.numel(), total, weight.numel()}), [&] {
-      depthwise_forward_kernel<scalar_t, index_t><<<grid_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          output.data_ptr<scalar_t>(), input.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
-          bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, total, static_cast<index_t>(g.out_channels),
-          static_cast<index_t>(g.out_channels / g.in_channels), Geo<index_t>(g));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const auto launch = [&](auto kh, auto kw) {
+        constexpr int KH = decltype(kh)::value, KW = decltype(kw)::value;
+        depthwise_forward_kernel<scalar_t, index_t, KH, KW>
+            <<<grid_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+                output.data_ptr<scalar_t>(), input.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+                bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, total, static_cast<index_t>(g.out_channels),
+                static_cast<index_t>(multiplier), Geo<index_t>(g), Divider<index_t>(g.out_channels),
+                Divider<index_t>(multiplier));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (!dispatch_window(g.win.kernel_h, g.win.kernel_w, launch)) launch(Int<0>(), Int<0>());
     });
   });
 }

@@ -1,11 +1,18 @@
 // cuda_logic_host.cpp — a host build of the CUDA kernels' index logic for tests/test_cuda_logic.py:
 // the gather walk (csrc/cuda/window_walk.h) and what each max-pool thread computes
-// (csrc/cuda/max_pool_threads.h), run for every output, pixel or cell in turn as the kernels' threads
-// would, behind C entry points that ctypes can call.
+// (csrc/cuda/max_pool_threads.h) and each depthwise forward thread (csrc/cuda/depthwise_threads.h),
+// run for every output, pixel or cell in turn as the kernels' threads would, behind C entry points that
+// ctypes can call.
+#include "../../csrc/cuda/depthwise_threads.h"
 #include "../../csrc/cuda/max_pool_threads.h"
 #include "../../csrc/cuda/window_walk.h"
 
+#include <type_traits>
+
 namespace {
+
+template <int N>
+using Int = std::integral_constant<int, N>;
 
 // The host stand-in for the kernels' Geo (csrc/cuda/windows.cuh): the same fields, plain division.
 template <typename index_t>
@@ -74,6 +81,22 @@ void backward_pixels(double* grad_input, const double* grad_output, const int64_
             grad_output + p * out_plane, indices + p * out_plane, g, ih, iw);
 }
 
+template <int KH, int KW, typename index_t>
+void depthwise_planes(double* output, const double* input, const double* weight, const double* bias, int64_t batch,
+                      int64_t in_channels, int64_t out_channels, const int64_t* sizes) {
+  const HostGeo<index_t> g(sizes);
+  const int64_t multiplier = out_channels / in_channels, taps = int64_t{g.kernel_h} * g.kernel_w;
+  const int64_t in_plane = int64_t{g.in_h} * g.in_w, out_plane = int64_t{g.out_h} * g.out_w;
+  for (int64_t n = 0; n < batch; ++n)
+    for (int64_t oc = 0; oc < out_channels; ++oc)
+      for (index_t oh = 0; oh < g.out_h; ++oh)
+        for (index_t ow = 0; ow < g.out_w; ++ow) {
+          const double start = bias != nullptr ? bias[oc] : 0.0;
+          output[(n * out_channels + oc) * out_plane + int64_t{oh} * g.out_w + ow] = manualgrad::depthwise_output<KH, KW>(
+              input + (n * in_channels + oc / multiplier) * in_plane, weight + oc * taps, g, oh, ow, start);
+        }
+}
+
 // Every thread of a per-cell launch, decoded to its cell as the kernel does, in increasing order or
 // (reverse) decreasing: a cell writing a pixel that is another's shows up in one order or the other, as
 // the race it would be on the GPU.
@@ -123,6 +146,27 @@ void max_pool_forward_outputs(double* output, int64_t* indices, const double* in
                               const int64_t* sizes, int wide_index) {
   wide_index ? forward_planes<int64_t>(output, indices, input, planes, sizes)
              : forward_planes<int32_t>(output, indices, input, planes, sizes);
+}
+
+// The depthwise forward kernel's threads, every output: unrolled for the window (kernel_h, kernel_w) when
+// unrolled is set and it is one the kernel unrolls, else with the sizes read at run time. Returns
+// whether an unrolled version ran.
+int depthwise_forward_outputs(double* output, const double* input, const double* weight, const double* bias,
+                              int64_t batch, int64_t in_channels, int64_t out_channels, const int64_t* sizes,
+                              int unrolled, int wide_index) {
+  const auto run = [&](auto kh, auto kw) {
+    constexpr int KH = decltype(kh)::value, KW = decltype(kw)::value;
+    wide_index ? depthwise_planes<KH, KW, int64_t>(output, input, weight, bias, batch, in_channels, out_channels, sizes)
+               : depthwise_planes<KH, KW, int32_t>(output, input, weight, bias, batch, in_channels, out_channels, sizes);
+  };
+  const int64_t kh = sizes[4], kw = sizes[5];
+  if (unrolled && kh == 3 && kw == 3) return run(Int<3>(), Int<3>()), 1;
+  if (unrolled && kh == 5 && kw == 5) return run(Int<5>(), Int<5>()), 1;
+  if (unrolled && kh == 7 && kw == 7) return run(Int<7>(), Int<7>()), 1;
+  if (unrolled && kh == 1 && kw == 3) return run(Int<1>(), Int<3>()), 1;
+  if (unrolled && kh == 1 && kw == 5) return run(Int<1>(), Int<5>()), 1;
+  if (unrolled && kh == 1 && kw == 7) return run(Int<1>(), Int<7>()), 1;
+  return run(Int<0>(), Int<0>()), 0;
 }
 
 // The per-pixel backward kernel's threads, every pixel of every plane.
