@@ -43,6 +43,9 @@ def cells(tmp_path_factory):
     lib.depthwise_forward_outputs.restype = ctypes.c_int
     lib.depthwise_forward_outputs.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
     lib.depthwise_forward_outputs.argtypes += [ctypes.c_int, ctypes.c_int]
+    lib.depthwise_backward_input_pixels.restype = ctypes.c_int
+    lib.depthwise_backward_input_pixels.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
+    lib.depthwise_backward_input_pixels.argtypes += [ctypes.c_int, ctypes.c_int]
     lib.walk_covering_windows.restype = ctypes.c_int64
     lib.walk_covering_windows.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     return lib
@@ -376,14 +379,21 @@ def test_cell_shape_choice(cells):
 UNROLLED_WINDOWS = [(3, 3), (5, 5), (7, 7), (1, 3), (1, 5), (1, 7)]  # depthwise_cuda.cu's dispatch_window
 
 
-def host_depthwise(lib, x, weight, bias, stride, padding, dilation, unrolled, wide_index):
-    """The depthwise forward kernel's per-output code over every output; and whether it ran unrolled."""
-    n, cin, h, w = x.shape
-    cout, _, kh, kw = weight.shape
+def depthwise_sizes(x, weight, stride, padding, dilation):
+    """The 12 sizes the kernels take (see sizes_2d) for a 2-d depthwise convolution."""
+    _, _, h, w = x.shape
+    _, _, kh, kw = weight.shape
     (sh, sw), (ph, pw), (dh, dw) = [(v, v) if isinstance(v, int) else v for v in (stride, padding, dilation)]
     out_h, out_w = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in ((h, kh, sh, ph, dh), (w, kw, sw, pw, dw))]
-    sizes = torch.tensor([h, w, out_h, out_w, kh, kw, sh, sw, ph, pw, dh, dw], dtype=torch.int64)
-    out = torch.full((n, cout, out_h, out_w), float("nan"), dtype=torch.float64)
+    return torch.tensor([h, w, out_h, out_w, kh, kw, sh, sw, ph, pw, dh, dw], dtype=torch.int64)
+
+
+def host_depthwise(lib, x, weight, bias, stride, padding, dilation, unrolled, wide_index):
+    """The depthwise forward kernel's per-output code over every output; and whether it ran unrolled."""
+    n, cin = x.shape[:2]
+    cout = weight.shape[0]
+    sizes = depthwise_sizes(x, weight, stride, padding, dilation)
+    out = torch.full((n, cout, *sizes[2:4].tolist()), float("nan"), dtype=torch.float64)
     ran_unrolled = lib.depthwise_forward_outputs(
         out.data_ptr(), x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), n, cin, cout,
         sizes.data_ptr(), int(unrolled), int(wide_index),
@@ -405,3 +415,37 @@ def test_depthwise_forward_matches_torch(cells, kernel, stride, padding, dilatio
             got, ran_unrolled = host_depthwise(cells, x, weight, b, stride, padding, dilation, unrolled, wide)
             assert ran_unrolled == (unrolled and kernel in UNROLLED_WINDOWS)
             torch.testing.assert_close(got, expected)
+
+
+def host_depthwise_input_grad(lib, grad_output, x, weight, stride, padding, dilation, unrolled, wide_index):
+    """The depthwise input-gradient kernel's per-element code over every input element; and whether it
+    ran unrolled."""
+    n, cin = x.shape[:2]
+    sizes = depthwise_sizes(x, weight, stride, padding, dilation)
+    grad_input = torch.full(x.shape, float("nan"), dtype=torch.float64)
+    grad_output = grad_output.contiguous()
+    ran_unrolled = lib.depthwise_backward_input_pixels(
+        grad_input.data_ptr(), grad_output.data_ptr(), weight.data_ptr(), n, cin, weight.shape[0], sizes.data_ptr(),
+        int(unrolled), int(wide_index),
+    )
+    return grad_input, bool(ran_unrolled)
+
+
+@pytest.mark.parametrize("kernel", UNROLLED_WINDOWS + [(2, 2), (4, 3)], ids=str)
+@pytest.mark.parametrize("stride, padding, dilation", [(1, 1, 1), (2, 2, 1), ((1, 2), (3, 0), (2, 1)), (3, 4, 2)], ids=str)
+@pytest.mark.parametrize("multiplier", [1, 2])
+def test_depthwise_input_gradient_matches_torch(cells, kernel, stride, padding, dilation, multiplier):
+    """Unrolled and walking versions against torch's, and bit-identical to each other (the same terms in
+    the same order)."""
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(2, 3, 11, 12, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3 * multiplier, 1, *kernel, generator=gen, dtype=torch.float64)
+    y = torch.nn.functional.conv2d(x, weight, None, stride, padding, dilation, groups=3)
+    grad_output = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    (expected,) = torch.autograd.grad(y, x, grad_output)
+    walked, ran_unrolled = host_depthwise_input_grad(cells, grad_output, x, weight, stride, padding, dilation, False, True)
+    assert not ran_unrolled
+    torch.testing.assert_close(walked, expected)
+    unrolled, ran_unrolled = host_depthwise_input_grad(cells, grad_output, x, weight, stride, padding, dilation, True, False)
+    assert ran_unrolled == (kernel in UNROLLED_WINDOWS)
+    assert torch.equal(unrolled, walked)

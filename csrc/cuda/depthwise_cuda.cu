@@ -2,7 +2,8 @@
 // mirror of cpu/depthwise_cpu.cpp. Output channel oc reads input channel oc / multiplier.
 //   forward:      one thread per output element, a dot product over the KH*KW taps (+ bias), unrolled
 //                 for the common windows (depthwise_threads.h, also tested on the host)
-//   grad_input:   one thread per input element, gathering weight × delta from every window over it
+//   grad_input:   one thread per input element, gathering weight × delta from every window over it,
+//                 unrolled for the common windows
 //   grad_weight:  per output channel, the sum over all placements of input slice × delta: blocks cut
 //                 the placements into fixed slices, each thread keeps one sum per tap in registers,
 //                 and the slices' sums are added in a fixed order — deterministic, no atomics.
@@ -38,25 +39,26 @@ __global__ void depthwise_forward_kernel(scalar_t* __restrict__ output, const sc
   }
 }
 
-template <typename scalar_t, typename index_t>
+// One thread per input element, gathering from each of its channel's `multiplier` output channels in
+// turn; KH, KW > 0 for the common windows (unrolled), 0 for any other.
+template <typename scalar_t, typename index_t, int KH, int KW>
 __global__ void depthwise_backward_input_kernel(scalar_t* __restrict__ grad_input,
                                                 const scalar_t* __restrict__ grad_output,
                                                 const scalar_t* __restrict__ weight, int64_t total,
-                                                index_t in_channels, index_t multiplier, Geo<index_t> g) {
+                                                index_t in_channels, index_t multiplier, Geo<index_t> g,
+                                                Divider<index_t> by_in_channels) {
   using acc_t = at::opmath_type<scalar_t>;
   const index_t taps = g.kernel_h * g.kernel_w, out_plane = g.out_h * g.out_w;
   for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < total; e += int64_t{blockDim.x} * gridDim.x) {
     const index_t x = static_cast<index_t>(e);
     index_t ih, iw;
     const index_t nc = g.split_input(x, ih, iw);  // n*C_in + c
+    const index_t c = nc - by_in_channels.div(nc) * in_channels;
     acc_t sum = 0;
     for (index_t q = 0; q < multiplier; ++q) {
-      const index_t oc = (nc % in_channels) * multiplier + q;
+      const index_t oc = c * multiplier + q;
       const scalar_t* go = grad_output + (nc * multiplier + q) * out_plane;  // (n, oc) = n*C_out + c*m + q
-      const scalar_t* w = weight + oc * taps;
-      for_each_covering_window(g, ih, iw, [&](index_t i, index_t j, index_t o) {
-        sum += static_cast<acc_t>(w[i * g.kernel_w + j]) * static_cast<acc_t>(go[o]);
-      });
+      sum = depthwise_input_gradient<KH, KW>(go, weight + oc * taps, g, ih, iw, sum);
     }
     grad_input[e] = static_cast<scalar_t>(sum);
   }
@@ -127,8 +129,8 @@ __global__ void depthwise_weight_finish_kernel(scalar_t* __restrict__ grad_weigh
 template <int N>
 using Int = std::integral_constant<int, N>;
 
-// Calls body(Int<KH>, Int<KW>) for the window sizes that have unrolled kernels (the forward's and the
-// weight gradient's); returns false for the others.
+// Calls body(Int<KH>, Int<KW>) for the window sizes that have unrolled kernels (forward, input and
+// weight gradients); returns false for the others.
 template <typename Body>
 bool dispatch_window(int64_t kh, int64_t kw, const Body& body) {
   if (kh == 3 && kw == 3) return body(Int<3>(), Int<3>()), true;
@@ -167,12 +169,16 @@ void depthwise_backward_input_cuda(at::Tensor& grad_input, const at::Tensor& gra
   const int64_t total = grad_input.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(), "depthwise_backward_input_cuda", [&] {
     MANUALGRAD_DISPATCH_INDEX(fits_int32(g, {total, grad_output.numel(), weight.numel()}), [&] {
-      depthwise_backward_input_kernel<scalar_t, index_t>
-          <<<grid_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-              grad_input.data_ptr<scalar_t>(), grad_output.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), total,
-              static_cast<index_t>(g.in_channels), static_cast<index_t>(g.out_channels / g.in_channels),
-              Geo<index_t>(g));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const auto launch = [&](auto kh, auto kw) {
+        constexpr int KH = decltype(kh)::value, KW = decltype(kw)::value;
+        depthwise_backward_input_kernel<scalar_t, index_t, KH, KW>
+            <<<grid_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+                grad_input.data_ptr<scalar_t>(), grad_output.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), total,
+                static_cast<index_t>(g.in_channels), static_cast<index_t>(g.out_channels / g.in_channels),
+                Geo<index_t>(g), Divider<index_t>(g.in_channels));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (!dispatch_window(g.win.kernel_h, g.win.kernel_w, launch)) launch(Int<0>(), Int<0>());
     });
   });
 }

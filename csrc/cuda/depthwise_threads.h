@@ -1,9 +1,11 @@
-// depthwise_threads.h — what one thread of the CUDA depthwise forward computes: one output's dot product
-// over its window. Plain C++ that also compiles for the host, so that tests/test_cuda_logic.py runs this
-// exact code on the CPU against torch. depthwise_cuda.cu holds the kernels around it.
+// depthwise_threads.h — what one thread of the CUDA depthwise forward and input-gradient kernels
+// computes: one output's dot product over its window, and one input element's gather of weight × delta
+// from the windows over it. Plain C++ that also compiles for the host, so that tests/test_cuda_logic.py
+// runs this exact code on the CPU against torch. depthwise_cuda.cu holds the kernels around it.
 #pragma once
 
 #include "../host_device.h"
+#include "window_walk.h"
 
 #include <cstdint>
 
@@ -11,16 +13,16 @@ namespace manualgrad {
 
 // sum + the dot product of output (oh, ow)'s window over one (in_h, in_w) input plane with the
 // channel's weights w, taps in the padding skipped, in row-major tap order. KH, KW > 0 (the common
-// windows) fixes the window's size at compile time, so that the loops unroll and all of the window's
-// loads are issued before the first is used; 0 takes the sizes from g. G: the kernels' Geo
+// windows) fixes the window's size at compile time, so that the loops unroll and the window's loads
+// are issued ahead of the multiply-adds (in two batches for 3x3, by the SASS); 0 takes the sizes from g. G: the kernels' Geo
 // (windows.cuh) or the test's host stand-in.
 template <int KH, int KW, typename acc_t, typename scalar_t, typename index_t, typename G>
 MANUALGRAD_HOST_DEVICE inline acc_t depthwise_output(const scalar_t* plane, const scalar_t* w, const G& g, index_t oh,
                                                      index_t ow, acc_t sum) {
   const index_t h0 = oh * g.stride_h - g.pad_h, w0 = ow * g.stride_w - g.pad_w;
   if constexpr (KH > 0 && KW > 0) {
-    // Every load first, then the sums: left interleaved, the compiler kept only two or three loads in
-    // flight ahead of the multiply-adds that wait for them.
+    // Every load first, then the sums: written interleaved, the compiler kept only two or three loads
+    // in flight ahead of the multiply-adds that wait for them.
     acc_t values[KH * KW], weights[KH * KW];
     bool inside[KH * KW];
     MANUALGRAD_UNROLL
@@ -49,6 +51,56 @@ MANUALGRAD_HOST_DEVICE inline acc_t depthwise_output(const scalar_t* plane, cons
           sum += static_cast<acc_t>(w[i * g.kernel_w + j]) * static_cast<acc_t>(plane[ih * g.in_w + iw]);
       }
     }
+    return sum;
+  }
+}
+
+// sum + the gradient that input element (ih, iw) of one plane receives from one output channel: over
+// every window with a tap (i, j) on it, weight w[i, j] times that output's delta in grad_output (one
+// (out_h, out_w) plane), in increasing output order (as the walk of window_walk.h visits them). KH, KW > 0
+// unrolls the taps, from the last (the earliest output) to the first, with none of the walk's loop and
+// range arithmetic left; 0 walks the covering windows with sizes from g.
+template <int KH, int KW, typename acc_t, typename scalar_t, typename index_t, typename G>
+MANUALGRAD_HOST_DEVICE inline acc_t depthwise_input_gradient(const scalar_t* grad_output, const scalar_t* w, const G& g,
+                                                             index_t ih, index_t iw, acc_t sum) {
+  if constexpr (KH > 0 && KW > 0) {
+    const index_t ph = ih + g.pad_h, pw = iw + g.pad_w;  // padded coordinates
+    // Along each axis, tap t lands on the element for output o = (p - t*dilation) / stride when that
+    // divides exactly and o is an output.
+    index_t oh[KH], ow[KW];
+    MANUALGRAD_UNROLL
+    for (int a = 0; a < KH; ++a) {
+      const index_t rest = ph - (KH - 1 - a) * g.dilation_h;
+      const index_t o = rest >= 0 ? g.by_stride_h.div(rest) : index_t(-1);
+      oh[a] = rest >= 0 && o * g.stride_h == rest && o < g.out_h ? o : index_t(-1);
+    }
+    MANUALGRAD_UNROLL
+    for (int b = 0; b < KW; ++b) {
+      const index_t rest = pw - (KW - 1 - b) * g.dilation_w;
+      const index_t o = rest >= 0 ? g.by_stride_w.div(rest) : index_t(-1);
+      ow[b] = rest >= 0 && o * g.stride_w == rest && o < g.out_w ? o : index_t(-1);
+    }
+    acc_t deltas[KH * KW], weights[KH * KW];
+    MANUALGRAD_UNROLL
+    for (int a = 0; a < KH; ++a) {
+      MANUALGRAD_UNROLL
+      for (int b = 0; b < KW; ++b) {
+        const bool hit = oh[a] >= 0 && ow[b] >= 0;
+        deltas[a * KW + b] = hit ? static_cast<acc_t>(grad_output[oh[a] * g.out_w + ow[b]]) : acc_t(0);
+        weights[a * KW + b] = static_cast<acc_t>(w[(KH - 1 - a) * KW + (KW - 1 - b)]);
+      }
+    }
+    MANUALGRAD_UNROLL
+    for (int a = 0; a < KH; ++a) {
+      MANUALGRAD_UNROLL
+      for (int b = 0; b < KW; ++b)
+        if (oh[a] >= 0 && ow[b] >= 0) sum += weights[a * KW + b] * deltas[a * KW + b];
+    }
+    return sum;
+  } else {
+    for_each_covering_window(g, ih, iw, [&](index_t i, index_t j, index_t o) {
+      sum += static_cast<acc_t>(w[i * g.kernel_w + j]) * static_cast<acc_t>(grad_output[o]);
+    });
     return sum;
   }
 }

@@ -55,18 +55,25 @@ int64_t walk_plane(const int64_t* sizes, int64_t* visits, int64_t capacity) {
   return count <= capacity ? count : -1;
 }
 
+// f(plane, row, col) for every element of `planes` planes of rows x cols, in order: the threads of a
+// one-thread-per-element kernel.
+template <typename index_t, typename F>
+void for_each_element(int64_t planes, index_t rows, index_t cols, const F& f) {
+  for (int64_t p = 0; p < planes; ++p)
+    for (index_t r = 0; r < rows; ++r)
+      for (index_t c = 0; c < cols; ++c) f(p, r, c);
+}
+
 template <typename index_t>
 void forward_planes(double* output, int64_t* indices, const double* input, int64_t planes, const int64_t* sizes) {
   const HostGeo<index_t> g(sizes);
   const int64_t in_plane = int64_t{g.in_h} * g.in_w, out_plane = int64_t{g.out_h} * g.out_w;
-  for (int64_t p = 0; p < planes; ++p)
-    for (index_t oh = 0; oh < g.out_h; ++oh)
-      for (index_t ow = 0; ow < g.out_w; ++ow) {
-        index_t best_index;
-        const int64_t o = p * out_plane + int64_t{oh} * g.out_w + ow;
-        output[o] = manualgrad::max_pool_window<double>(input + p * in_plane, g, oh, ow, best_index);
-        indices[o] = best_index;
-      }
+  for_each_element(planes, g.out_h, g.out_w, [&](int64_t p, index_t oh, index_t ow) {
+    index_t best_index;
+    const int64_t o = p * out_plane + int64_t{oh} * g.out_w + ow;
+    output[o] = manualgrad::max_pool_window<double>(input + p * in_plane, g, oh, ow, best_index);
+    indices[o] = best_index;
+  });
 }
 
 template <typename index_t>
@@ -74,11 +81,10 @@ void backward_pixels(double* grad_input, const double* grad_output, const int64_
                      const int64_t* sizes) {
   const HostGeo<index_t> g(sizes);
   const int64_t in_plane = int64_t{g.in_h} * g.in_w, out_plane = int64_t{g.out_h} * g.out_w;
-  for (int64_t p = 0; p < planes; ++p)
-    for (index_t ih = 0; ih < g.in_h; ++ih)
-      for (index_t iw = 0; iw < g.in_w; ++iw)
-        grad_input[p * in_plane + int64_t{ih} * g.in_w + iw] = manualgrad::max_pool_backward_pixel<double>(
-            grad_output + p * out_plane, indices + p * out_plane, g, ih, iw);
+  for_each_element(planes, g.in_h, g.in_w, [&](int64_t p, index_t ih, index_t iw) {
+    grad_input[p * in_plane + int64_t{ih} * g.in_w + iw] = manualgrad::max_pool_backward_pixel<double>(
+        grad_output + p * out_plane, indices + p * out_plane, g, ih, iw);
+  });
 }
 
 template <int KH, int KW, typename index_t>
@@ -87,14 +93,43 @@ void depthwise_planes(double* output, const double* input, const double* weight,
   const HostGeo<index_t> g(sizes);
   const int64_t multiplier = out_channels / in_channels, taps = int64_t{g.kernel_h} * g.kernel_w;
   const int64_t in_plane = int64_t{g.in_h} * g.in_w, out_plane = int64_t{g.out_h} * g.out_w;
-  for (int64_t n = 0; n < batch; ++n)
-    for (int64_t oc = 0; oc < out_channels; ++oc)
-      for (index_t oh = 0; oh < g.out_h; ++oh)
-        for (index_t ow = 0; ow < g.out_w; ++ow) {
-          const double start = bias != nullptr ? bias[oc] : 0.0;
-          output[(n * out_channels + oc) * out_plane + int64_t{oh} * g.out_w + ow] = manualgrad::depthwise_output<KH, KW>(
-              input + (n * in_channels + oc / multiplier) * in_plane, weight + oc * taps, g, oh, ow, start);
-        }
+  for_each_element(batch * out_channels, g.out_h, g.out_w, [&](int64_t n_oc, index_t oh, index_t ow) {
+    const int64_t n = n_oc / out_channels, oc = n_oc % out_channels;
+    output[n_oc * out_plane + int64_t{oh} * g.out_w + ow] = manualgrad::depthwise_output<KH, KW>(
+        input + (n * in_channels + oc / multiplier) * in_plane, weight + oc * taps, g, oh, ow,
+        bias != nullptr ? bias[oc] : 0.0);
+  });
+}
+
+template <int KH, int KW, typename index_t>
+void depthwise_input_pixels(double* grad_input, const double* grad_output, const double* weight, int64_t batch,
+                            int64_t in_channels, int64_t out_channels, const int64_t* sizes) {
+  const HostGeo<index_t> g(sizes);
+  const int64_t multiplier = out_channels / in_channels, taps = int64_t{g.kernel_h} * g.kernel_w;
+  const int64_t in_plane = int64_t{g.in_h} * g.in_w, out_plane = int64_t{g.out_h} * g.out_w;
+  for_each_element(batch * in_channels, g.in_h, g.in_w, [&](int64_t nc, index_t ih, index_t iw) {
+    double sum = 0;
+    for (int64_t q = 0; q < multiplier; ++q) {
+      const int64_t oc = nc % in_channels * multiplier + q;
+      sum = manualgrad::depthwise_input_gradient<KH, KW>(grad_output + (nc * multiplier + q) * out_plane,
+                                                         weight + oc * taps, g, ih, iw, sum);
+    }
+    grad_input[nc * in_plane + int64_t{ih} * g.in_w + iw] = sum;
+  });
+}
+
+// Runs body(Int<KH>, Int<KW>) unrolled for the windows depthwise_cuda.cu unrolls (when `unrolled`), else
+// with Int<0>; returns whether it ran unrolled.
+template <typename Body>
+int with_window(const int64_t* sizes, int unrolled, const Body& body) {
+  const int64_t kh = sizes[4], kw = sizes[5];
+  if (unrolled && kh == 3 && kw == 3) return body(Int<3>(), Int<3>()), 1;
+  if (unrolled && kh == 5 && kw == 5) return body(Int<5>(), Int<5>()), 1;
+  if (unrolled && kh == 7 && kw == 7) return body(Int<7>(), Int<7>()), 1;
+  if (unrolled && kh == 1 && kw == 3) return body(Int<1>(), Int<3>()), 1;
+  if (unrolled && kh == 1 && kw == 5) return body(Int<1>(), Int<5>()), 1;
+  if (unrolled && kh == 1 && kw == 7) return body(Int<1>(), Int<7>()), 1;
+  return body(Int<0>(), Int<0>()), 0;
 }
 
 // Every thread of a per-cell launch, decoded to its cell as the kernel does, in increasing order or
@@ -154,19 +189,23 @@ void max_pool_forward_outputs(double* output, int64_t* indices, const double* in
 int depthwise_forward_outputs(double* output, const double* input, const double* weight, const double* bias,
                               int64_t batch, int64_t in_channels, int64_t out_channels, const int64_t* sizes,
                               int unrolled, int wide_index) {
-  const auto run = [&](auto kh, auto kw) {
+  return with_window(sizes, unrolled, [&](auto kh, auto kw) {
     constexpr int KH = decltype(kh)::value, KW = decltype(kw)::value;
     wide_index ? depthwise_planes<KH, KW, int64_t>(output, input, weight, bias, batch, in_channels, out_channels, sizes)
                : depthwise_planes<KH, KW, int32_t>(output, input, weight, bias, batch, in_channels, out_channels, sizes);
-  };
-  const int64_t kh = sizes[4], kw = sizes[5];
-  if (unrolled && kh == 3 && kw == 3) return run(Int<3>(), Int<3>()), 1;
-  if (unrolled && kh == 5 && kw == 5) return run(Int<5>(), Int<5>()), 1;
-  if (unrolled && kh == 7 && kw == 7) return run(Int<7>(), Int<7>()), 1;
-  if (unrolled && kh == 1 && kw == 3) return run(Int<1>(), Int<3>()), 1;
-  if (unrolled && kh == 1 && kw == 5) return run(Int<1>(), Int<5>()), 1;
-  if (unrolled && kh == 1 && kw == 7) return run(Int<1>(), Int<7>()), 1;
-  return run(Int<0>(), Int<0>()), 0;
+  });
+}
+
+// The depthwise input-gradient kernel's threads, every input element; unrolled as above.
+int depthwise_backward_input_pixels(double* grad_input, const double* grad_output, const double* weight, int64_t batch,
+                                    int64_t in_channels, int64_t out_channels, const int64_t* sizes, int unrolled,
+                                    int wide_index) {
+  return with_window(sizes, unrolled, [&](auto kh, auto kw) {
+    constexpr int KH = decltype(kh)::value, KW = decltype(kw)::value;
+    wide_index
+        ? depthwise_input_pixels<KH, KW, int64_t>(grad_input, grad_output, weight, batch, in_channels, out_channels, sizes)
+        : depthwise_input_pixels<KH, KW, int32_t>(grad_input, grad_output, weight, batch, in_channels, out_channels, sizes);
+  });
 }
 
 // The per-pixel backward kernel's threads, every pixel of every plane.
