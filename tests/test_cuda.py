@@ -18,6 +18,7 @@ CONVS = [  # (N, C_in, C_out, size, kernel, stride, padding, dilation, groups)
     (3, 5, 5, (12, 12), (7, 7), 1, 3, 1, 5),  # depthwise 7x7
     (2, 3, 6, (10, 11), (4, 4), 1, 2, 1, 3),  # depthwise 4x4: no direct weight-gradient kernel, GEMM path
     (2, 4, 8, (50,), (3,), 1, 1, 1, 4),  # depthwise 1-d
+    (2, 4, 8, (41,), (5,), 2, 2, 2, 4),  # depthwise 1-d 1x5 (unrolled), strided and dilated
     (2, 3, 4, (9, 9), (2, 2), 3, 0, 1, 1),  # stride over the kernel: pixels no window sees
     (2, 3, 4, (60,), (3,), 3, 8, 8, 1),  # dilation well over the stride: col2im steps between windows
     (1, 2, 3, (30, 31), (3, 2), (2, 3), (6, 4), (6, 4), 1),
