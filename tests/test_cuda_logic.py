@@ -4,6 +4,7 @@
 machine, with or without a GPU."""
 import ctypes
 import dataclasses
+import itertools
 import math
 import os
 import shlex
@@ -411,7 +412,7 @@ def test_depthwise_forward_matches_torch(cells, kernel, stride, padding, dilatio
     bias = torch.randn(3 * multiplier, generator=gen, dtype=torch.float64)
     for b in (bias, None):
         expected = torch.nn.functional.conv2d(x, weight, b, stride, padding, dilation, groups=3)
-        for unrolled, wide in [(True, False), (False, True)]:
+        for unrolled, wide in itertools.product((True, False), (False, True)):
             got, ran_unrolled = host_depthwise(cells, x, weight, b, stride, padding, dilation, unrolled, wide)
             assert ran_unrolled == (unrolled and kernel in UNROLLED_WINDOWS)
             torch.testing.assert_close(got, expected)
@@ -449,3 +450,29 @@ def test_depthwise_input_gradient_matches_torch(cells, kernel, stride, padding, 
     unrolled, ran_unrolled = host_depthwise_input_grad(cells, grad_output, x, weight, stride, padding, dilation, True, False)
     assert ran_unrolled == (kernel in UNROLLED_WINDOWS)
     assert torch.equal(unrolled, walked)
+
+
+@pytest.mark.parametrize(
+    "shape, kernel, stride, padding, dilation",
+    [
+        ((2, 3, 1, 30), (1, 3), 1, (0, 1), 1),  # 1-d as the kernels see it: height 1
+        ((2, 3, 1, 30), (1, 5), (1, 2), (0, 2), (1, 2)),
+        ((2, 3, 1, 30), (1, 7), (1, 3), (0, 4), (1, 1)),
+        ((2, 3, 5, 5), (5, 5), 1, 0, 1),  # a single output per plane
+        ((2, 3, 3, 3), (3, 3), 4, 3, 1),  # padding and stride over the kernel
+    ],
+    ids=str,
+)
+def test_depthwise_threads_on_edge_geometries(cells, shape, kernel, stride, padding, dilation):
+    gen = torch.Generator().manual_seed(17)
+    x = torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, 1, *kernel, generator=gen, dtype=torch.float64)
+    bias = torch.randn(6, generator=gen, dtype=torch.float64)
+    y = torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups=3)
+    grad_output = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    (expected_grad,) = torch.autograd.grad(y, x, grad_output)
+    for unrolled, wide in itertools.product((True, False), (False, True)):
+        out, _ = host_depthwise(cells, x.detach(), weight, bias, stride, padding, dilation, unrolled, wide)
+        torch.testing.assert_close(out, y.detach())
+        grad, _ = host_depthwise_input_grad(cells, grad_output, x, weight, stride, padding, dilation, unrolled, wide)
+        torch.testing.assert_close(grad, expected_grad)

@@ -32,8 +32,9 @@ __global__ void depthwise_forward_kernel(scalar_t* __restrict__ output, const sc
     const index_t x = static_cast<index_t>(e);
     index_t oh, ow;
     const index_t n_oc = g.split_output(x, oh, ow);  // n*C_out + oc
-    const index_t n = by_out_channels.div(n_oc), oc = n_oc - n * out_channels;
-    const scalar_t* plane = input + (n * in_channels + by_multiplier.div(oc)) * g.in_h * g.in_w;
+    index_t oc;
+    const index_t in_plane = depthwise_input_plane(n_oc, out_channels, in_channels, by_out_channels, by_multiplier, oc);
+    const scalar_t* plane = input + in_plane * g.in_h * g.in_w;
     const acc_t start = bias != nullptr ? static_cast<acc_t>(bias[oc]) : acc_t(0);
     output[e] = static_cast<scalar_t>(depthwise_output<KH, KW>(plane, weight + oc * taps, g, oh, ow, start));
   }
@@ -53,7 +54,7 @@ __global__ void depthwise_backward_input_kernel(scalar_t* __restrict__ grad_inpu
     const index_t x = static_cast<index_t>(e);
     index_t ih, iw;
     const index_t nc = g.split_input(x, ih, iw);  // n*C_in + c
-    const index_t c = nc - by_in_channels.div(nc) * in_channels;
+    const index_t c = depthwise_channel(nc, in_channels, by_in_channels);
     acc_t sum = 0;
     for (index_t q = 0; q < multiplier; ++q) {
       const index_t oc = c * multiplier + q;

@@ -11,6 +11,25 @@
 
 namespace manualgrad {
 
+// Which planes a thread works on. Output channel oc reads input channel oc / multiplier. For the
+// output plane n*C_out + oc: returns the input plane n*C_in + oc / multiplier, and sets oc. Div: the
+// kernels' Divider (windows.cuh) or the test's plain division.
+template <typename index_t, typename Div>
+MANUALGRAD_HOST_DEVICE inline index_t depthwise_input_plane(index_t n_oc, index_t out_channels, index_t in_channels,
+                                                            const Div& by_out_channels, const Div& by_multiplier,
+                                                            index_t& oc) {
+  const index_t n = by_out_channels.div(n_oc);
+  oc = n_oc - n * out_channels;
+  return n * in_channels + by_multiplier.div(oc);
+}
+
+// For the input plane n*C_in + c: its channel c (whose output channels are c*multiplier + q, q <
+// multiplier, in output planes nc*multiplier + q).
+template <typename index_t, typename Div>
+MANUALGRAD_HOST_DEVICE inline index_t depthwise_channel(index_t nc, index_t in_channels, const Div& by_in_channels) {
+  return nc - by_in_channels.div(nc) * in_channels;
+}
+
 // sum + the dot product of output (oh, ow)'s window over one (in_h, in_w) input plane with the
 // channel's weights w, taps in the padding skipped, in row-major tap order. KH, KW > 0 (the common
 // windows) fixes the window's size at compile time, so that the loops unroll and the window's loads

@@ -93,11 +93,15 @@ void depthwise_planes(double* output, const double* input, const double* weight,
   const HostGeo<index_t> g(sizes);
   const int64_t multiplier = out_channels / in_channels, taps = int64_t{g.kernel_h} * g.kernel_w;
   const int64_t in_plane = int64_t{g.in_h} * g.in_w, out_plane = int64_t{g.out_h} * g.out_w;
+  const PlainDivider<index_t> by_out_channels{static_cast<index_t>(out_channels)},
+      by_multiplier{static_cast<index_t>(multiplier)};
   for_each_element(batch * out_channels, g.out_h, g.out_w, [&](int64_t n_oc, index_t oh, index_t ow) {
-    const int64_t n = n_oc / out_channels, oc = n_oc % out_channels;
+    index_t oc;
+    const int64_t plane = manualgrad::depthwise_input_plane(static_cast<index_t>(n_oc), static_cast<index_t>(out_channels),
+                                                            static_cast<index_t>(in_channels), by_out_channels,
+                                                            by_multiplier, oc);
     output[n_oc * out_plane + int64_t{oh} * g.out_w + ow] = manualgrad::depthwise_output<KH, KW>(
-        input + (n * in_channels + oc / multiplier) * in_plane, weight + oc * taps, g, oh, ow,
-        bias != nullptr ? bias[oc] : 0.0);
+        input + plane * in_plane, weight + oc * taps, g, oh, ow, bias != nullptr ? bias[oc] : 0.0);
   });
 }
 
@@ -107,10 +111,13 @@ void depthwise_input_pixels(double* grad_input, const double* grad_output, const
   const HostGeo<index_t> g(sizes);
   const int64_t multiplier = out_channels / in_channels, taps = int64_t{g.kernel_h} * g.kernel_w;
   const int64_t in_plane = int64_t{g.in_h} * g.in_w, out_plane = int64_t{g.out_h} * g.out_w;
+  const PlainDivider<index_t> by_in_channels{static_cast<index_t>(in_channels)};
   for_each_element(batch * in_channels, g.in_h, g.in_w, [&](int64_t nc, index_t ih, index_t iw) {
+    const int64_t c = manualgrad::depthwise_channel(static_cast<index_t>(nc), static_cast<index_t>(in_channels),
+                                                    by_in_channels);
     double sum = 0;
     for (int64_t q = 0; q < multiplier; ++q) {
-      const int64_t oc = nc % in_channels * multiplier + q;
+      const int64_t oc = c * multiplier + q;
       sum = manualgrad::depthwise_input_gradient<KH, KW>(grad_output + (nc * multiplier + q) * out_plane,
                                                          weight + oc * taps, g, ih, iw, sum);
     }
