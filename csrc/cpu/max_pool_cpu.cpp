@@ -6,6 +6,7 @@
 // Backward sends each output's gradient to its argmax only; overlapping windows add. Each (n, c)
 // plane belongs to one task, so no two tasks touch a pixel: deterministic without atomics.
 #include "../shape_checks.h"
+#include "../window_taps.h"
 #include "vectorize.h"
 
 #include <ATen/Parallel.h>
@@ -129,8 +130,8 @@ void max_pool_plane(scalar_t* output, int64_t* indices, const scalar_t* input, c
       best_index[ow] = empty ? index_t(-1) : static_cast<index_t>(first_row * g.in_w + scratch.first_col[ow]);
     }
     // only the kernel rows that land inside the input
-    const int64_t i_lo = h_start >= 0 ? 0 : ceil_div(-h_start, w.dilation_h);
-    const int64_t i_hi = h_start > g.in_h - 1 ? 0 : std::min(w.kernel_h, (g.in_h - 1 - h_start) / w.dilation_h + 1);
+    int64_t i_lo, i_hi;
+    taps_inside(h_start, w.kernel_h, w.dilation_h, g.in_h, i_lo, i_hi);
     for (int64_t i = i_lo; i < i_hi; ++i) {
       const int64_t ih = h_start + i * w.dilation_h;
       for (int64_t j = scratch.tap_lo; j < scratch.tap_hi; ++j) {
@@ -177,8 +178,8 @@ void max_pool_row_values(scalar_t* out, const scalar_t* in, const Geometry& g) {
   const scalar_t minus_inf = -std::numeric_limits<scalar_t>::infinity();
   const auto edge = [&](int64_t ow) {  // only the taps inside the row: a kernel may dwarf it
     const int64_t start = ow * s - pad;
-    const int64_t j_lo = start >= 0 ? 0 : ceil_div(-start, d);
-    const int64_t j_hi = start > g.in_w - 1 ? 0 : std::min(w.kernel_w, (g.in_w - 1 - start) / d + 1);
+    int64_t j_lo, j_hi;
+    taps_inside(start, w.kernel_w, d, g.in_w, j_lo, j_hi);
     scalar_t best = minus_inf;
     for (int64_t j = j_lo; j < j_hi; ++j) {
       const scalar_t v = in[start + j * d];

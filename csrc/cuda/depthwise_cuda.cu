@@ -15,7 +15,6 @@
 #include <ATen/OpMathType.h>
 
 #include <algorithm>
-#include <type_traits>
 
 namespace manualgrad {
 namespace {
@@ -125,22 +124,6 @@ __global__ void depthwise_weight_finish_kernel(scalar_t* __restrict__ grad_weigh
     for (int64_t s = 0; s < splits; ++s) v += partial[(oc * splits + s) * taps + t];
     grad_weight[e] = static_cast<scalar_t>(v);
   }
-}
-
-template <int N>
-using Int = std::integral_constant<int, N>;
-
-// Calls body(Int<KH>, Int<KW>) for the window sizes that have unrolled kernels (forward, input and
-// weight gradients); returns false for the others.
-template <typename Body>
-bool dispatch_window(int64_t kh, int64_t kw, const Body& body) {
-  if (kh == 3 && kw == 3) return body(Int<3>(), Int<3>()), true;
-  if (kh == 5 && kw == 5) return body(Int<5>(), Int<5>()), true;
-  if (kh == 7 && kw == 7) return body(Int<7>(), Int<7>()), true;
-  if (kh == 1 && kw == 3) return body(Int<1>(), Int<3>()), true;
-  if (kh == 1 && kw == 5) return body(Int<1>(), Int<5>()), true;
-  if (kh == 1 && kw == 7) return body(Int<1>(), Int<7>()), true;
-  return false;
 }
 
 }  // namespace

@@ -11,6 +11,19 @@
 
 namespace manualgrad {
 
+// Calls body(Int<KH>, Int<KW>) for the window sizes that have unrolled kernels (forward, input and
+// weight gradients); returns false for the others.
+template <typename Body>
+inline bool dispatch_window(int64_t kh, int64_t kw, const Body& body) {
+  if (kh == 3 && kw == 3) return body(Int<3>(), Int<3>()), true;
+  if (kh == 5 && kw == 5) return body(Int<5>(), Int<5>()), true;
+  if (kh == 7 && kw == 7) return body(Int<7>(), Int<7>()), true;
+  if (kh == 1 && kw == 3) return body(Int<1>(), Int<3>()), true;
+  if (kh == 1 && kw == 5) return body(Int<1>(), Int<5>()), true;
+  if (kh == 1 && kw == 7) return body(Int<1>(), Int<7>()), true;
+  return false;
+}
+
 // Which planes a thread works on. Output channel oc reads input channel oc / multiplier. For the
 // output plane n*C_out + oc: returns the input plane n*C_in + oc / multiplier, and sets oc. Div: the
 // kernels' Divider (windows.cuh) or the test's plain division.

@@ -128,17 +128,12 @@ void launch_max_pool_backward(at::Tensor& grad_input, const at::Tensor& grad_out
   }
   const CellGeo<index_t> g = cell_geo<index_t>(geometry, shape);
   const Divider<index_t> by_cells_w(g.cells_w), by_cells_h(g.cells_h);
-  const auto launch = [&](auto kernel) {
-    kernel<<<grid_for(total), kThreads, 0, stream>>>(gi, go, idx, total, g, by_cells_w, by_cells_h);
+  const bool launched = dispatch_tile(shape.tile, [&](auto tile) {
+    max_pool_backward_cells_kernel<decltype(tile)::value, scalar_t, index_t>
+        <<<grid_for(total), kThreads, 0, stream>>>(gi, go, idx, total, g, by_cells_w, by_cells_h);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
-  if (shape.tile == 1) {
-    launch(max_pool_backward_cells_kernel<1, scalar_t, index_t>);
-  } else if (shape.tile == 2) {
-    launch(max_pool_backward_cells_kernel<2, scalar_t, index_t>);
-  } else {
-    launch(max_pool_backward_cells_kernel<4, scalar_t, index_t>);
-  }
+  });
+  TORCH_INTERNAL_ASSERT(launched, "max_pool_backward_cuda: no kernel for cells of tile ", shape.tile);
 }
 
 std::tuple<at::Tensor, at::Tensor> max_pool_forward_cuda(const at::Tensor& input_, c10::IntArrayRef kernel_size,

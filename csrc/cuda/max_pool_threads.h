@@ -21,28 +21,13 @@
 #pragma once
 
 #include "../host_device.h"
+#include "../window_taps.h"
 #include "window_walk.h"
 
 #include <cmath>
 #include <cstdint>
 
 namespace manualgrad {
-
-// The taps [lo, hi) of a window starting at `start` that land inside [0, size).
-// (Undilated windows, the usual case, need no division.)
-template <typename index_t>
-MANUALGRAD_HOST_DEVICE inline void taps_inside(index_t start, index_t kernel, index_t dilation, index_t size,
-                                               index_t& lo, index_t& hi) {
-  if (dilation == 1) {
-    lo = start >= 0 ? 0 : -start;
-    const index_t reach = size - start;
-    hi = reach < kernel ? reach : kernel;  // may be <= lo: no tap inside
-    return;
-  }
-  lo = start >= 0 ? 0 : -start / dilation + (-start % dilation != 0);
-  const index_t reach = start > size - 1 ? 0 : (size - 1 - start) / dilation + 1;
-  hi = reach < kernel ? reach : kernel;
-}
 
 // The maximum of output (oh, ow)'s window over one (in_h, in_w) plane, and its flat index in the plane
 // (-1 for a window wholly in the padding, whose maximum is -inf). G: the kernels' Geo (windows.cuh) or
@@ -170,6 +155,15 @@ MANUALGRAD_HOST_DEVICE inline index_t cell_of_thread(index_t x, const CellGeo<in
   cw = x - rest * g.cells_w + g.first_w;
   ch = rest - plane * g.cells_h + g.first_h;
   return plane;
+}
+
+// Calls body(Int<TILE>) for a CellShape's tile (1, 2 or 4); returns false for any other (0: no cells).
+template <typename Body>
+inline bool dispatch_tile(int tile, const Body& body) {
+  if (tile == 1) return body(Int<1>()), true;
+  if (tile == 2) return body(Int<2>()), true;
+  if (tile == 4) return body(Int<4>()), true;
+  return false;
 }
 
 // How a launch is cut into cells: the square register tile (1, 2 or 4 pixels a side) and the window

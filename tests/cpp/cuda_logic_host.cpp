@@ -7,12 +7,9 @@
 #include "../../csrc/cuda/max_pool_threads.h"
 #include "../../csrc/cuda/window_walk.h"
 
-#include <type_traits>
-
 namespace {
 
-template <int N>
-using Int = std::integral_constant<int, N>;
+using manualgrad::Int;
 
 // The host stand-in for the kernels' Geo (csrc/cuda/windows.cuh): the same fields, plain division.
 template <typename index_t>
@@ -129,13 +126,7 @@ void depthwise_input_pixels(double* grad_input, const double* grad_output, const
 // with Int<0>; returns whether it ran unrolled.
 template <typename Body>
 int with_window(const int64_t* sizes, int unrolled, const Body& body) {
-  const int64_t kh = sizes[4], kw = sizes[5];
-  if (unrolled && kh == 3 && kw == 3) return body(Int<3>(), Int<3>()), 1;
-  if (unrolled && kh == 5 && kw == 5) return body(Int<5>(), Int<5>()), 1;
-  if (unrolled && kh == 7 && kw == 7) return body(Int<7>(), Int<7>()), 1;
-  if (unrolled && kh == 1 && kw == 3) return body(Int<1>(), Int<3>()), 1;
-  if (unrolled && kh == 1 && kw == 5) return body(Int<1>(), Int<5>()), 1;
-  if (unrolled && kh == 1 && kw == 7) return body(Int<1>(), Int<7>()), 1;
+  if (unrolled && manualgrad::dispatch_window(sizes[4], sizes[5], body)) return 1;
   return body(Int<0>(), Int<0>()), 0;
 }
 
@@ -163,12 +154,10 @@ int run_tile(manualgrad::CellShape shape, double* grad_input, const double* grad
   const manualgrad::CellGeo<index_t> g(s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], s[9], s[10], s[11],
                                        shape.starts_h, shape.starts_w);
   if (g.cell_h > shape.tile || g.cell_w > shape.tile) return 2;  // a cell would not fit the tile
-  switch (shape.tile) {
-    case 1: run_cells<1>(grad_input, grad_output, indices, planes, g, reverse); return 0;
-    case 2: run_cells<2>(grad_input, grad_output, indices, planes, g, reverse); return 0;
-    case 4: run_cells<4>(grad_input, grad_output, indices, planes, g, reverse); return 0;
-    default: return 1;
-  }
+  const bool ran = manualgrad::dispatch_tile(shape.tile, [&](auto tile) {
+    run_cells<decltype(tile)::value>(grad_input, grad_output, indices, planes, g, reverse);
+  });
+  return ran ? 0 : 1;
 }
 
 }  // namespace
