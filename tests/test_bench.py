@@ -29,3 +29,19 @@ def test_profile_script_runs_on_the_cpu():
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         assert f"### {case}" in proc.stdout and "  torch:" in proc.stdout and "  ours:" in proc.stdout, proc.stdout
         assert op in proc.stdout, proc.stdout
+
+
+def test_host_overhead_script_runs_on_the_cpu():
+    """benchmarks/host_overhead.py gives a row of four positive timings per case and profiles our ops."""
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "host_overhead.py"), "--device", "cpu", "--calls", "5",
+         "--samples", "2", "--top", "40"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [line.strip("| ").split(" | ") for line in proc.stdout.splitlines()
+            if line.startswith("| ") and "torch fwd" not in line]
+    assert [row[0] for row in rows] == ["max_pool2d 3x3/1", "conv2d 3x3"], proc.stdout
+    assert all(float(v) > 0 for row in rows for v in row[1:]), proc.stdout
+    for op in ("manualgrad.max_pool_backward", "manualgrad.conv_backward"):
+        assert op in proc.stdout, proc.stdout
