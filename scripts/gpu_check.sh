@@ -3,10 +3,11 @@
 # CUDA kernels, run the whole test suite (CUDA variants included), then the GPU benchmark in float32,
 # TF32 and bfloat16, a kernel-by-kernel profile and the host time per call; a short summary last.
 # Usage: scripts/gpu_check.sh [python]   (default python3; logs land in $OUT, or /tmp/gpu_check)
-# Environment: STAGES (default "build tests bench profile", run in that order), TEST_TIMEOUT (s, for the
-# CUDA tests, default 400), CPU_TEST_TIMEOUT (s, for the CPU-only rest, default 300; 0 skips it), TEST_WORKERS
-# (pytest-xdist workers, default 12), PRECISIONS (default "float32 tf32 bfloat16"), BENCH_BUDGET (s per
-# measurement, default 1.0), TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS.
+# Environment: STAGES (default "build tests bench profile", run in that order; "sanitize" and "ncu"
+# on request), TEST_TIMEOUT (s, for the CUDA tests, default 400), CPU_TEST_TIMEOUT (s, for the CPU-only
+# rest, default 300; 0 skips it), TEST_WORKERS (pytest-xdist workers, default 12), PRECISIONS (default
+# "float32 tf32 bfloat16"), BENCH_BUDGET (s per measurement, default 1.0), TORCH_CUDA_ARCH_LIST
+# (default 9.0), MAX_JOBS, SANITIZE_TIMEOUT (s per compute-sanitizer tool, default 240).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:-python3}
@@ -66,6 +67,33 @@ run_bench() {
   done
 }
 
+# compute-sanitizer over the CUDA-only tests: memcheck (out-of-bounds and misaligned accesses, every
+# kernel of ours and torch's that they launch) and racecheck (the depthwise weight gradient's shared memory).
+run_sanitize() {
+  local tool
+  for tool in memcheck racecheck; do
+    timeout -s INT -k 30 ${SANITIZE_TIMEOUT:-240} compute-sanitizer --tool $tool --error-exitcode 99 \
+      "$PY" -m pytest tests/test_cuda.py -q -x -p no:cacheprovider > "$OUT/sanitize_$tool.log" 2>&1
+    echo "compute-sanitizer $tool exit $?: $(grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitize_$tool.log" | tail -2 | tr '\n' ' ')"
+  done
+}
+
+# Nsight Compute's view of the memory-bound kernels at the benchmark's shapes (clocks left as they are).
+run_ncu() {
+  ncu --clock-control none --kernel-name regex:"depthwise_forward|max_pool_forward|max_pool_backward_cells" \
+    --launch-count 3 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+    --section LaunchStats --section WarpStateStats "$PY" -c "
+import torch, torch_manualgrad as tmg
+x = torch.randn(32, 144, 56, 56, device='cuda')
+tmg.functional.conv2d(x, torch.randn(144, 1, 3, 3, device='cuda'), None, 1, 1, 1, 144)
+p = torch.randn(32, 64, 56, 56, device='cuda', requires_grad=True)
+out = tmg.functional.max_pool2d(p, 3, 1, 1)
+out.backward(torch.randn_like(out))
+torch.cuda.synchronize()
+" > "$OUT/ncu.txt" 2>&1
+  echo "ncu exit $?: $(grep -c "Duration" "$OUT/ncu.txt") kernels profiled"
+}
+
 for stage in $STAGES; do
   case $stage in
     build) build ;;
@@ -74,6 +102,8 @@ for stage in $STAGES; do
     profile)
       "$PY" benchmarks/profile_gpu.py --precision float32 > "$OUT/profile_float32.txt" 2>&1 || bench=1
       "$PY" benchmarks/host_overhead.py > "$OUT/host_overhead.txt" 2>&1 || bench=1 ;;
+    sanitize) run_sanitize ;;
+    ncu) run_ncu ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done
