@@ -138,6 +138,8 @@ GPU_CASES = [
     Case("conv3x3 256", "conv", "conv2d", (256, 14, 14), (256, 256, 3, 3), dict(padding=1)),
     Case("conv3x3 512", "conv", "conv2d", (512, 7, 7), (512, 512, 3, 3), dict(padding=1)),
     Case("depthwise 3x3", "conv", "conv2d", (144, 56, 56), (144, 1, 3, 3), dict(padding=1, groups=144)),
+    # ConvNeXt-T's first stage: the largest unrolled window
+    Case("depthwise 7x7", "conv", "conv2d", (96, 56, 56), (96, 1, 7, 7), dict(padding=3, groups=96)),
     Case("maxpool 3x3/2", "pool", "max_pool2d", (64, 112, 112), None, dict(kernel_size=3, stride=2, padding=1)),
     Case("maxpool 2x2/2", "pool", "max_pool2d", (128, 64, 64), None, dict(kernel_size=2, stride=2), batch=64),
     Case("maxpool 3x3/1", "pool", "max_pool2d", (64, 56, 56), None, dict(kernel_size=3, stride=1, padding=1)),

@@ -8,6 +8,7 @@ without a GPU.
 import argparse
 import os
 import sys
+from unittest import mock
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -16,6 +17,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402  (the benchmark's cases and helpers)
 import torch_manualgrad as tmg  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+
+# The CUDA kernels' switches to their simpler paths (csrc/cuda/max_pool_cuda.cu, depthwise_cuda.cu):
+# unset for "ours", one of them set for the comparison rows.
+SWITCHES = ("TORCH_MANUALGRAD_POOL_CELLS", "TORCH_MANUALGRAD_DEPTHWISE_COLUMNS")
 
 
 def kernel_table(case, functional, tensors, grad_out, device, steps=5):
@@ -63,21 +69,22 @@ def main(argv=None):
             out = bench.call(F, case, tensors)
         grad_out = torch.randn_like(out)
         print(f"\n### {case.name} ({args.precision}) — {device.type.upper()} µs per forward+backward")
-        runs = [("torch", F, "1"), ("ours", tmg.functional, "1")]
-        if case.family == "pool" and device.type == "cuda":  # the backward without cells, for comparison
-            runs.append(("ours, per-pixel backward", tmg.functional, "0"))
-        user_setting = os.environ.get("TORCH_MANUALGRAD_POOL_CELLS")
-        for who, functional, cells in runs:
-            os.environ["TORCH_MANUALGRAD_POOL_CELLS"] = cells
-            rows = kernel_table(case, functional, tensors, grad_out, device)
+        runs = [("torch", F, {}), ("ours", tmg.functional, {})]
+        if device.type == "cuda":  # the simpler kernels of the same build, for comparison
+            if case.family == "pool":
+                runs.append(("ours, per-pixel backward", tmg.functional, {"TORCH_MANUALGRAD_POOL_CELLS": "0"}))
+            if case.name.startswith("depthwise"):
+                runs.append(("ours, one output per thread", tmg.functional, {"TORCH_MANUALGRAD_DEPTHWISE_COLUMNS": "0"}))
+        for who, functional, switches in runs:
+            with mock.patch.dict(os.environ):  # the caller's environment comes back afterwards
+                for name in SWITCHES:
+                    os.environ.pop(name, None)
+                os.environ.update(switches)
+                rows = kernel_table(case, functional, tensors, grad_out, device)
             total = sum(t for t, _ in rows.values())
             print(f"  {who}: {total:8.1f} µs in {where}")
             for name, (t, n) in sorted(rows.items(), key=lambda kv: -kv[1][0])[:8]:
                 print(f"      {t:8.1f} µs  x{n}  {name[:110]}")
-        if user_setting is None:
-            os.environ.pop("TORCH_MANUALGRAD_POOL_CELLS", None)
-        else:
-            os.environ["TORCH_MANUALGRAD_POOL_CELLS"] = user_setting
 
 
 if __name__ == "__main__":

@@ -109,6 +109,33 @@ def test_cuda_max_pool_per_pixel_backward_matches_cells(case, monkeypatch):
     assert torch.equal(cells[2], pixels[2])
 
 
+COLUMN_DEPTHWISE = [  # (N, C_in, C_out, size, kernel, stride, padding, dilation, groups), stride_h = dilation_h = 1
+    (2, 3, 3, (11, 9), (3, 3), 1, 1, 1, 3),  # 11 rows: two columns of 4 and one of 3
+    (2, 3, 6, (9, 13), (5, 5), (1, 2), 2, (1, 2), 3),  # multiplier 2, strided and dilated along w
+    (3, 5, 5, (12, 12), (7, 7), 1, 3, 1, 5),
+    (2, 4, 4, (2, 17), (1, 3), 1, (0, 1), 1, 4),  # fewer rows than a column
+    (2, 4, 8, (30,), (5,), 2, 2, 1, 4),  # 1-d: a plane of height 1
+]
+
+
+@pytest.mark.parametrize("case", COLUMN_DEPTHWISE, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_depthwise_columns_match_one_output_per_thread(case, dtype, monkeypatch):
+    """TORCH_MANUALGRAD_DEPTHWISE_COLUMNS=0 keeps the depthwise forward at one output per thread: the
+    column threads must agree with it bit for bit (the same terms in the same order), and with torch."""
+    _, _, _, size, _, stride, padding, dilation, groups = case
+    for bias in (True, False):
+        x, w, b = conv_tensors(case, dtype, "cuda")
+        b = b if bias else None
+        monkeypatch.delenv("TORCH_MANUALGRAD_DEPTHWISE_COLUMNS", raising=False)
+        columns = conv_fn(size)(x, w, b, stride, padding, dilation, groups)
+        monkeypatch.setenv("TORCH_MANUALGRAD_DEPTHWISE_COLUMNS", "0")
+        single = conv_fn(size)(x, w, b, stride, padding, dilation, groups)
+        assert torch.equal(columns, single)
+        ref = (F.conv1d if len(size) == 1 else F.conv2d)(x, w, b, stride, padding, dilation, groups)
+        torch.testing.assert_close(columns, ref)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_half_types_match_torch(dtype):
     tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.float16 else dict(rtol=2e-2, atol=2e-2)

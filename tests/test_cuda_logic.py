@@ -403,19 +403,29 @@ def host_depthwise(lib, x, weight, bias, stride, padding, dilation, unrolled, wi
 
 
 @pytest.mark.parametrize("kernel", UNROLLED_WINDOWS + [(2, 2), (4, 3)], ids=str)
-@pytest.mark.parametrize("stride, padding, dilation", [(1, 1, 1), (2, 2, 1), ((1, 2), (3, 0), (2, 1))], ids=str)
+@pytest.mark.parametrize(
+    "stride, padding, dilation",
+    # stride_h = dilation_h = 1 (the first and last) takes the unrolled windows' column threads
+    [(1, 1, 1), (2, 2, 1), ((1, 2), (3, 0), (2, 1)), ((1, 2), (2, 1), (1, 2))],
+    ids=str,
+)
 @pytest.mark.parametrize("multiplier", [1, 2])
 def test_depthwise_forward_matches_torch(cells, kernel, stride, padding, dilation, multiplier):
+    """Against torch's; and the unrolled threads (one output, or a column of them) bit-identical to the
+    run-time loop (the same terms in the same order). 11 rows of output are not a whole number of
+    columns."""
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(2, 3, 11, 12, generator=gen, dtype=torch.float64)
     weight = torch.randn(3 * multiplier, 1, *kernel, generator=gen, dtype=torch.float64)
     bias = torch.randn(3 * multiplier, generator=gen, dtype=torch.float64)
     for b in (bias, None):
         expected = torch.nn.functional.conv2d(x, weight, b, stride, padding, dilation, groups=3)
+        runtime, _ = host_depthwise(cells, x, weight, b, stride, padding, dilation, False, True)
         for unrolled, wide in itertools.product((True, False), (False, True)):
             got, ran_unrolled = host_depthwise(cells, x, weight, b, stride, padding, dilation, unrolled, wide)
             assert ran_unrolled == (unrolled and kernel in UNROLLED_WINDOWS)
             torch.testing.assert_close(got, expected)
+            assert torch.equal(got, runtime)
 
 
 def host_depthwise_input_grad(lib, grad_output, x, weight, stride, padding, dilation, unrolled, wide_index):

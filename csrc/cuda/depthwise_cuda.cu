@@ -1,7 +1,8 @@
 // depthwise_cuda.cu — depthwise convolution (groups == in_channels) on CUDA without im2col; the
 // mirror of cpu/depthwise_cpu.cpp. Output channel oc reads input channel oc / multiplier.
-//   forward:      one thread per output element, a dot product over the KH*KW taps (+ bias), unrolled
-//                 for the common windows (depthwise_threads.h, also tested on the host)
+//   forward:      a dot product over the KH*KW taps (+ bias) per output; for the common windows unrolled
+//                 and, at stride_h = dilation_h = 1, a column of kColumnRows outputs per thread sharing
+//                 their input rows (depthwise_threads.h, also tested on the host); else one per thread
 //   grad_input:   one thread per input element, gathering weight × delta from every window over it,
 //                 unrolled for the common windows
 //   grad_weight:  per output channel, the sum over all placements of input slice × delta: blocks cut
@@ -15,6 +16,8 @@
 #include <ATen/OpMathType.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 namespace manualgrad {
 namespace {
@@ -36,6 +39,33 @@ __global__ void depthwise_forward_kernel(scalar_t* __restrict__ output, const sc
     const scalar_t* plane = input + in_plane * g.in_h * g.in_w;
     const acc_t start = bias != nullptr ? static_cast<acc_t>(bias[oc]) : acc_t(0);
     output[e] = static_cast<scalar_t>(depthwise_output<KH, KW>(plane, weight + oc * taps, g, oh, ow, start));
+  }
+}
+
+// One thread per column of kColumnRows outputs (stride_h = dilation_h = 1, the unrolled windows); `total`
+// counts threads: planes * column_blocks * out_w.
+template <typename scalar_t, typename index_t, int KH, int KW>
+__global__ void depthwise_forward_columns_kernel(scalar_t* __restrict__ output, const scalar_t* __restrict__ input,
+                                                 const scalar_t* __restrict__ weight, const scalar_t* __restrict__ bias,
+                                                 int64_t total, index_t out_channels, index_t multiplier,
+                                                 index_t column_blocks, Geo<index_t> g,
+                                                 Divider<index_t> by_column_blocks, Divider<index_t> by_out_channels,
+                                                 Divider<index_t> by_multiplier) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const index_t in_channels = out_channels / multiplier;
+  for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < total; e += int64_t{blockDim.x} * gridDim.x) {
+    index_t oh0, ow, oc;
+    const index_t n_oc =
+        depthwise_column_of_thread(static_cast<index_t>(e), g.out_w, column_blocks, g.by_out_w, by_column_blocks, oh0, ow);
+    const index_t in_plane = depthwise_input_plane(n_oc, out_channels, in_channels, by_out_channels, by_multiplier, oc);
+    const acc_t start = bias != nullptr ? static_cast<acc_t>(bias[oc]) : acc_t(0);
+    acc_t sums[kColumnRows];
+    depthwise_output_column<KH, KW>(input + in_plane * g.in_h * g.in_w, weight + oc * (KH * KW), g, oh0, ow, start,
+                                    sums);
+    scalar_t* out = output + n_oc * g.out_h * g.out_w + ow;
+    MANUALGRAD_UNROLL
+    for (int r = 0; r < kColumnRows; ++r)
+      if (oh0 + r < g.out_h) out[(oh0 + r) * g.out_w] = static_cast<scalar_t>(sums[r]);
   }
 }
 
@@ -126,21 +156,44 @@ __global__ void depthwise_weight_finish_kernel(scalar_t* __restrict__ grad_weigh
   }
 }
 
+// TORCH_MANUALGRAD_DEPTHWISE_COLUMNS=0 keeps the forward at one output per thread: a switch for measuring
+// what the columns gain (benchmarks/profile_gpu.py) and for testing one path against the other. Read on
+// each call, so that one process can compare both.
+bool columns_enabled() {
+  const char* columns = std::getenv("TORCH_MANUALGRAD_DEPTHWISE_COLUMNS");
+  return columns == nullptr || std::strcmp(columns, "0") != 0;
+}
+
 }  // namespace
 
 void depthwise_forward_cuda(at::Tensor& output, const at::Tensor& input, const at::Tensor& weight,
                             const at::Tensor& bias, const Geometry& g) {
   const int64_t total = output.numel(), multiplier = g.out_channels / g.in_channels;
+  const int64_t column_blocks = ceil_div(g.out_h, int64_t{kColumnRows});
+  const int64_t column_threads = g.batch * g.out_channels * column_blocks * g.out_w;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "depthwise_forward_cuda", [&] {
-    MANUALGRAD_DISPATCH_INDEX(fits_int32(g, {input.numel(), total, weight.numel()}), [&] {
+    MANUALGRAD_DISPATCH_INDEX(fits_int32(g, {input.numel(), total, weight.numel(), column_threads}), [&] {
+      const Geo<index_t> geo(g);
       const auto launch = [&](auto kh, auto kw) {
         constexpr int KH = decltype(kh)::value, KW = decltype(kw)::value;
+        const scalar_t* bias_ptr = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
+        if constexpr (KH > 0) {
+          if (depthwise_by_columns(geo) && columns_enabled()) {
+            depthwise_forward_columns_kernel<scalar_t, index_t, KH, KW>
+                <<<grid_for(column_threads), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+                    output.data_ptr<scalar_t>(), input.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), bias_ptr,
+                    column_threads, static_cast<index_t>(g.out_channels), static_cast<index_t>(multiplier),
+                    static_cast<index_t>(column_blocks), geo, Divider<index_t>(column_blocks),
+                    Divider<index_t>(g.out_channels), Divider<index_t>(multiplier));
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+            return;
+          }
+        }
         depthwise_forward_kernel<scalar_t, index_t, KH, KW>
             <<<grid_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-                output.data_ptr<scalar_t>(), input.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
-                bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, total, static_cast<index_t>(g.out_channels),
-                static_cast<index_t>(multiplier), Geo<index_t>(g), Divider<index_t>(g.out_channels),
-                Divider<index_t>(multiplier));
+                output.data_ptr<scalar_t>(), input.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), bias_ptr, total,
+                static_cast<index_t>(g.out_channels), static_cast<index_t>(multiplier), geo,
+                Divider<index_t>(g.out_channels), Divider<index_t>(multiplier));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       if (!dispatch_window(g.win.kernel_h, g.win.kernel_w, launch)) launch(Int<0>(), Int<0>());

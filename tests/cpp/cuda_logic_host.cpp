@@ -92,6 +92,27 @@ void depthwise_planes(double* output, const double* input, const double* weight,
   const int64_t in_plane = int64_t{g.in_h} * g.in_w, out_plane = int64_t{g.out_h} * g.out_w;
   const PlainDivider<index_t> by_out_channels{static_cast<index_t>(out_channels)},
       by_multiplier{static_cast<index_t>(multiplier)};
+  if constexpr (KH > 0) {
+    if (manualgrad::depthwise_by_columns(g)) {  // as depthwise_forward_cuda chooses: columns of outputs
+      const index_t column_blocks = static_cast<index_t>((g.out_h + manualgrad::kColumnRows - 1) / manualgrad::kColumnRows);
+      const PlainDivider<index_t> by_out_w{g.out_w}, by_column_blocks{column_blocks};
+      const int64_t threads = batch * out_channels * column_blocks * g.out_w;
+      for (int64_t x = 0; x < threads; ++x) {
+        index_t oh0, ow, oc;
+        const index_t n_oc = manualgrad::depthwise_column_of_thread(static_cast<index_t>(x), g.out_w, column_blocks,
+                                                                    by_out_w, by_column_blocks, oh0, ow);
+        const int64_t plane = manualgrad::depthwise_input_plane(n_oc, static_cast<index_t>(out_channels),
+                                                                static_cast<index_t>(in_channels), by_out_channels,
+                                                                by_multiplier, oc);
+        double sums[manualgrad::kColumnRows];
+        manualgrad::depthwise_output_column<KH, KW>(input + plane * in_plane, weight + oc * taps, g, oh0, ow,
+                                                    bias != nullptr ? bias[oc] : 0.0, sums);
+        for (int r = 0; r < manualgrad::kColumnRows; ++r)
+          if (oh0 + r < g.out_h) output[n_oc * out_plane + int64_t{oh0 + r} * g.out_w + ow] = sums[r];
+      }
+      return;
+    }
+  }
   for_each_element(batch * out_channels, g.out_h, g.out_w, [&](int64_t n_oc, index_t oh, index_t ow) {
     index_t oc;
     const int64_t plane = manualgrad::depthwise_input_plane(static_cast<index_t>(n_oc), static_cast<index_t>(out_channels),
