@@ -22,7 +22,8 @@
 namespace manualgrad {
 namespace {
 
-// One thread per output element; KH, KW > 0 for the common windows (unrolled), 0 for any other.
+// One thread per output element; KH, KW > 0 for the common windows (unrolled; at stride_h = dilation_h =
+// 1 these take the column kernel below unless switched off), 0 for any other.
 template <typename scalar_t, typename index_t, int KH, int KW>
 __global__ void depthwise_forward_kernel(scalar_t* __restrict__ output, const scalar_t* __restrict__ input,
                                          const scalar_t* __restrict__ weight, const scalar_t* __restrict__ bias,

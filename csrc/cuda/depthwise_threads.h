@@ -1,7 +1,8 @@
 // depthwise_threads.h — what one thread of the CUDA depthwise forward and input-gradient kernels
-// computes: one output's dot product over its window, and one input element's gather of weight × delta
-// from the windows over it. Plain C++ that also compiles for the host, so that tests/test_cuda_logic.py
-// runs this exact code on the CPU against torch. depthwise_cuda.cu holds the kernels around it.
+// computes: one output's dot product over its window (or a column of outputs' at once), and one input
+// element's gather of weight × delta from the windows over it. Plain C++ that also compiles for the
+// host, so that tests/test_cuda_logic.py runs this exact code on the CPU against torch.
+// depthwise_cuda.cu holds the kernels around it.
 #pragma once
 
 #include "../host_device.h"
