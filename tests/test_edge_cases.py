@@ -1,5 +1,6 @@
 """Edge cases found in review: ceil_mode windows hanging past a tiny input, int64-overflowing arguments,
-huge pool kernels over small inputs, unsupported dtypes, and thread-count determinism at batch 1."""
+huge pool kernels over small inputs, unsupported dtypes, thread-count determinism at batch 1, and the CPU
+forward's cache-sized tiles."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -98,3 +99,25 @@ def test_empty_windows_are_index_minus_one_in_ops_and_reference():
     assert torch.isneginf(out).all() and torch.equal(out, ref_out)
     go = torch.ones_like(out)
     assert torch.equal(ops.max_pool_backward(go, idx, [1, 2, 2], [2], [1], [1], [3]), reference.max_pool_backward(go, idx, (1, 2, 2)))
+
+
+@pytest.mark.parametrize(
+    "x_shape, w_shape",
+    [((8, 32, 13, 89), (8, 32, 3, 3)), ((8, 64, 2000), (4, 64, 3))],  # 2 tiles of an image: 579 + 578 columns; 1-d
+    ids=str,
+)
+def test_forward_in_cache_sized_tiles_matches_torch(x_shape, w_shape, restore_num_threads):
+    """The CPU forward cuts an image whose columns outgrow the L2 cache into tiles of positions
+    (conv_cpu.cpp, cache_tiles): the tiles together give torch's output, at any thread count."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(x_shape, generator=gen, dtype=torch.float64)
+    w = torch.randn(w_shape, generator=gen, dtype=torch.float64)
+    b = torch.randn(w_shape[0], generator=gen, dtype=torch.float64)
+    conv = F.conv1d if len(x_shape) == 3 else F.conv2d
+    ours_fn = tmg.functional.conv1d if len(x_shape) == 3 else tmg.functional.conv2d
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        results.append(ours_fn(x, w, b, padding=1))
+    torch.testing.assert_close(results[0], conv(x, w, b, padding=1))
+    assert torch.equal(results[0], results[1])

@@ -26,6 +26,8 @@ constexpr int64_t kMinTileColumns = 256;       // ...but keep each GEMM wide eno
 constexpr int64_t kBlockColumns = 512;         // small images are grouped until a GEMM is this wide
 constexpr int64_t kMinBlocks = 4;              // ...as long as the batch still makes this many tasks
 constexpr int64_t kMaxColumnElems = 1 << 22;   // one task's column workspace (4M elements)
+constexpr int64_t kCacheColumnElems = 1 << 18;  // the forward's tile of a large image: 1 MB of float32 columns
+constexpr int64_t kMinCacheTileColumns = 512;   // ...unless that would make its GEMM narrower than this
 constexpr int64_t kMaxPartialElems = 1 << 24;  // all partial weight gradients together
 constexpr int64_t kMaxSlots = 8;
 
@@ -59,7 +61,12 @@ struct Blocking {
 };
 
 // allow_tiles=false keeps every image whole (col2im into an image must stay within one task).
-Blocking make_blocking(const Geometry& g, bool allow_tiles) {
+// cache_tiles (the forward) also cuts a large image into tiles whose columns fit the L2 cache, so that
+// the GEMM reads them back from there rather than from memory: im2col writes the columns and the GEMM
+// reads them once, so nothing is gained by writing more than the cache holds first; narrower GEMMs
+// cost more than that saves (benchmarks/NOTES.md). Not for the weight gradient, whose GEMM sums over
+// the tile's positions.
+Blocking make_blocking(const Geometry& g, bool allow_tiles, bool cache_tiles = false) {
   const GroupDims d(g);
   const int64_t rows = g.in_channels * d.taps;
   int64_t images = std::min(ceil_div(kBlockColumns, d.positions), std::max<int64_t>(1, g.batch / kMinBlocks));
@@ -67,8 +74,10 @@ Blocking make_blocking(const Geometry& g, bool allow_tiles) {
   // A block holds a whole number of images; the last block's may be fewer (see clamp_block).
   Blocking b{images, d.positions, 1, ceil_div(g.batch, images)};
   if (images == 1 && allow_tiles) {
-    const Split tiles = split(d.positions, ceil_div(kMinTasks, g.batch), kMinTileColumns,
-                              ceil_div(rows * d.positions, kMaxColumnElems));
+    int64_t forced = ceil_div(rows * d.positions, kMaxColumnElems);
+    if (cache_tiles)
+      forced = std::max(forced, std::min(ceil_div(rows * d.positions, kCacheColumnElems), d.positions / kMinCacheTileColumns));
+    const Split tiles = split(d.positions, ceil_div(kMinTasks, g.batch), kMinTileColumns, forced);
     b.tile = tiles.size;
     b.tiles_per_image = tiles.count;
     b.count = g.batch * tiles.count;
@@ -240,7 +249,7 @@ at::Tensor conv_forward_cpu(const at::Tensor& input_, const at::Tensor& weight_,
     return output;
   }
   const at::Tensor bias_column = has_bias ? bias_.view({g.out_channels, 1}) : at::Tensor();
-  const Blocking blocking = make_blocking(g, /*allow_tiles=*/true);
+  const Blocking blocking = make_blocking(g, /*allow_tiles=*/true, /*cache_tiles=*/true);
   parallel_tasks(blocking.count, [&](int64_t begin, int64_t end) {
     const at::Tensor workspace = column_workspace(input, g, blocking);
     for (int64_t task = begin; task < end; ++task) {
