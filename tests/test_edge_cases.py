@@ -1,6 +1,6 @@
 """Edge cases found in review: ceil_mode windows hanging past a tiny input, int64-overflowing arguments,
 huge pool kernels over small inputs, unsupported dtypes, thread-count determinism at batch 1, and the CPU
-forward's cache-sized tiles."""
+convolution's cache-sized tiles (forward and weight gradient)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -106,18 +106,25 @@ def test_empty_windows_are_index_minus_one_in_ops_and_reference():
     [((8, 32, 13, 89), (8, 32, 3, 3)), ((8, 64, 2000), (4, 64, 3))],  # 2 tiles of an image: 579 + 578 columns; 1-d
     ids=str,
 )
-def test_forward_in_cache_sized_tiles_matches_torch(x_shape, w_shape, restore_num_threads):
-    """The CPU forward cuts an image whose columns outgrow the L2 cache into tiles of positions
-    (conv_cpu.cpp, cache_tiles): the tiles together give torch's output, at any thread count."""
+def test_cache_sized_tiles_match_torch(x_shape, w_shape, restore_num_threads):
+    """The CPU forward and weight gradient cut an image whose columns outgrow the L2 cache into tiles of
+    positions (conv_cpu.cpp, cache_tiles): the tiles together give torch's output and gradients, and the
+    same bits at any thread count."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(x_shape, generator=gen, dtype=torch.float64)
-    w = torch.randn(w_shape, generator=gen, dtype=torch.float64)
-    b = torch.randn(w_shape[0], generator=gen, dtype=torch.float64)
+    x = torch.randn(x_shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(w_shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(w_shape[0], generator=gen, dtype=torch.float64, requires_grad=True)
     conv = F.conv1d if len(x_shape) == 3 else F.conv2d
     ours_fn = tmg.functional.conv1d if len(x_shape) == 3 else tmg.functional.conv2d
+    expected = conv(x, w, b, padding=1)
+    grad_output = torch.randn(expected.shape, generator=gen, dtype=torch.float64)
+    expected_grads = torch.autograd.grad(expected, (x, w, b), grad_output)
     results = []
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        results.append(ours_fn(x, w, b, padding=1))
-    torch.testing.assert_close(results[0], conv(x, w, b, padding=1))
-    assert torch.equal(results[0], results[1])
+        out = ours_fn(x, w, b, padding=1)
+        results.append((out, *torch.autograd.grad(out, (x, w, b), grad_output)))
+    for got, want in zip(results[0], (expected, *expected_grads)):
+        torch.testing.assert_close(got, want)
+    for first, second in zip(*results):
+        assert torch.equal(first, second)

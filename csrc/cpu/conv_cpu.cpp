@@ -61,11 +61,10 @@ struct Blocking {
 };
 
 // allow_tiles=false keeps every image whole (col2im into an image must stay within one task).
-// cache_tiles (the forward) also cuts a large image into tiles whose columns fit the L2 cache, so that
-// the GEMM reads them back from there rather than from memory: im2col writes the columns and the GEMM
-// reads them once, so nothing is gained by writing more than the cache holds first; narrower GEMMs
-// cost more than that saves (benchmarks/NOTES.md). Not for the weight gradient, whose GEMM sums over
-// the tile's positions.
+// cache_tiles (the forward and the weight gradient) also cuts a large image into tiles whose columns
+// fit the L2 cache, so that the GEMM reads them back from there rather than from memory: im2col writes
+// the columns and one GEMM reads them, so nothing is gained by writing more than the cache holds first.
+// Tiles narrower than kMinCacheTileColumns cost more in GEMM speed than that saves (benchmarks/NOTES.md).
 Blocking make_blocking(const Geometry& g, bool allow_tiles, bool cache_tiles = false) {
   const GroupDims d(g);
   const int64_t rows = g.in_channels * d.taps;
@@ -314,7 +313,7 @@ void conv_backward_input_cpu(at::Tensor& grad_input, const at::Tensor& grad_outp
 void conv_backward_weight_cpu(at::Tensor& grad_weight, const at::Tensor& grad_output, const at::Tensor& input,
                               const Geometry& g) {
   const GroupDims d(g);
-  const Blocking blocking = make_blocking(g, /*allow_tiles=*/true);
+  const Blocking blocking = make_blocking(g, /*allow_tiles=*/true, /*cache_tiles=*/true);
   const int64_t slots =
       std::max<int64_t>(1, std::min({blocking.count, kMaxSlots, kMaxPartialElems / grad_weight.numel()}));
   at::Tensor partial = at::zeros({slots, g.out_channels, d.k_per_group}, grad_weight.options());
