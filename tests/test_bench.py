@@ -32,7 +32,7 @@ def test_profile_script_runs_on_the_cpu():
 
 
 def test_host_overhead_script_runs_on_the_cpu():
-    """benchmarks/host_overhead.py gives a row of four positive timings per case and profiles our ops."""
+    """benchmarks/host_overhead.py gives a row of five positive timings per case and profiles our ops."""
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "host_overhead.py"), "--device", "cpu", "--calls", "5",
          "--samples", "2", "--top", "40"],

@@ -113,27 +113,40 @@ COLUMN_DEPTHWISE = [  # (N, C_in, C_out, size, kernel, stride, padding, dilation
     (2, 3, 3, (11, 9), (3, 3), 1, 1, 1, 3),  # 11 rows: two columns of 4 and one of 3
     (2, 3, 6, (9, 13), (5, 5), (1, 2), 2, (1, 2), 3),  # multiplier 2, strided and dilated along w
     (3, 5, 5, (12, 12), (7, 7), 1, 3, 1, 5),
-    (2, 4, 4, (2, 17), (1, 3), 1, (0, 1), 1, 4),  # fewer rows than a column
-    (2, 4, 8, (30,), (5,), 2, 2, 1, 4),  # 1-d: a plane of height 1
+    (2, 4, 4, (3, 17), (1, 3), 1, (0, 1), 1, 4),  # 3 rows, fewer than a column: one output per thread
+    (2, 4, 8, (30,), (5,), 2, 2, 1, 4),  # 1-d (height 1): one output per thread
 ]
+
+
+def depthwise_forward_kernels(fn, *args):
+    """Names of the depthwise forward kernels fn(*args) launches."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn(*args)
+        torch.cuda.synchronize()
+    return {e.key for e in prof.key_averages() if "depthwise_forward" in e.key}
 
 
 @pytest.mark.parametrize("case", COLUMN_DEPTHWISE, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cuda_depthwise_columns_match_one_output_per_thread(case, dtype, monkeypatch):
-    """TORCH_MANUALGRAD_DEPTHWISE_COLUMNS=0 keeps the depthwise forward at one output per thread: the
-    column threads must agree with it bit for bit (the same terms in the same order), and with torch."""
+    """The depthwise forward takes column threads where at least 4 rows of output allow it, and
+    TORCH_MANUALGRAD_DEPTHWISE_COLUMNS=0 keeps it at one output per thread: the two must agree bit for
+    bit (the same terms in the same order), and with torch."""
     _, _, _, size, _, stride, padding, dilation, groups = case
-    for bias in (True, False):
-        x, w, b = conv_tensors(case, dtype, "cuda")
-        b = b if bias else None
+    x, w, b = (t.detach() for t in conv_tensors(case, dtype, "cuda"))
+    fn, torch_fn = conv_fn(size), F.conv1d if len(size) == 1 else F.conv2d
+    columns_expected = len(size) == 2 and torch_fn(x, w, b, stride, padding, dilation, groups).shape[2] >= 4
+    for bias in (b, None):
         monkeypatch.delenv("TORCH_MANUALGRAD_DEPTHWISE_COLUMNS", raising=False)
-        columns = conv_fn(size)(x, w, b, stride, padding, dilation, groups)
+        kernels = depthwise_forward_kernels(fn, x, w, bias, stride, padding, dilation, groups)
+        assert any("columns" in name for name in kernels) == columns_expected, kernels
+        columns = fn(x, w, bias, stride, padding, dilation, groups)
         monkeypatch.setenv("TORCH_MANUALGRAD_DEPTHWISE_COLUMNS", "0")
-        single = conv_fn(size)(x, w, b, stride, padding, dilation, groups)
+        kernels = depthwise_forward_kernels(fn, x, w, bias, stride, padding, dilation, groups)
+        assert kernels and not any("columns" in name for name in kernels), kernels
+        single = fn(x, w, bias, stride, padding, dilation, groups)
         assert torch.equal(columns, single)
-        ref = (F.conv1d if len(size) == 1 else F.conv2d)(x, w, b, stride, padding, dilation, groups)
-        torch.testing.assert_close(columns, ref)
+        torch.testing.assert_close(columns, torch_fn(x, w, bias, stride, padding, dilation, groups))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

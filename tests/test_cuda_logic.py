@@ -390,16 +390,24 @@ def depthwise_sizes(x, weight, stride, padding, dilation):
 
 
 def host_depthwise(lib, x, weight, bias, stride, padding, dilation, unrolled, wide_index):
-    """The depthwise forward kernel's per-output code over every output; and whether it ran unrolled."""
+    """The depthwise forward kernel's threads over every output; and which code ran: 0 the run-time loop,
+    1 unrolled with one output per thread, 2 unrolled column threads."""
     n, cin = x.shape[:2]
     cout = weight.shape[0]
     sizes = depthwise_sizes(x, weight, stride, padding, dilation)
     out = torch.full((n, cout, *sizes[2:4].tolist()), float("nan"), dtype=torch.float64)
-    ran_unrolled = lib.depthwise_forward_outputs(
+    ran = lib.depthwise_forward_outputs(
         out.data_ptr(), x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), n, cin, cout,
         sizes.data_ptr(), int(unrolled), int(wide_index),
     )
-    return out, bool(ran_unrolled)
+    return out, ran
+
+
+def by_columns(output, stride, dilation):
+    """Whether the unrolled forward takes column threads (depthwise_by_columns): stride_h = dilation_h = 1
+    and at least 4 rows of output."""
+    first = lambda v: v if isinstance(v, int) else v[0]  # noqa: E731
+    return first(stride) == 1 and first(dilation) == 1 and output.shape[2] >= 4
 
 
 @pytest.mark.parametrize("kernel", UNROLLED_WINDOWS + [(2, 2), (4, 3)], ids=str)
@@ -422,8 +430,11 @@ def test_depthwise_forward_matches_torch(cells, kernel, stride, padding, dilatio
         expected = torch.nn.functional.conv2d(x, weight, b, stride, padding, dilation, groups=3)
         runtime, _ = host_depthwise(cells, x, weight, b, stride, padding, dilation, False, True)
         for unrolled, wide in itertools.product((True, False), (False, True)):
-            got, ran_unrolled = host_depthwise(cells, x, weight, b, stride, padding, dilation, unrolled, wide)
-            assert ran_unrolled == (unrolled and kernel in UNROLLED_WINDOWS)
+            got, ran = host_depthwise(cells, x, weight, b, stride, padding, dilation, unrolled, wide)
+            if not (unrolled and kernel in UNROLLED_WINDOWS):
+                assert ran == 0
+            else:
+                assert ran == (2 if by_columns(expected, stride, dilation) else 1)
             torch.testing.assert_close(got, expected)
             assert torch.equal(got, runtime)
 

@@ -60,13 +60,8 @@ __global__ void depthwise_forward_columns_kernel(scalar_t* __restrict__ output, 
         depthwise_column_of_thread(static_cast<index_t>(e), g.out_w, column_blocks, g.by_out_w, by_column_blocks, oh0, ow);
     const index_t in_plane = depthwise_input_plane(n_oc, out_channels, in_channels, by_out_channels, by_multiplier, oc);
     const acc_t start = bias != nullptr ? static_cast<acc_t>(bias[oc]) : acc_t(0);
-    acc_t sums[kColumnRows];
-    depthwise_output_column<KH, KW>(input + in_plane * g.in_h * g.in_w, weight + oc * (KH * KW), g, oh0, ow, start,
-                                    sums);
-    scalar_t* out = output + n_oc * g.out_h * g.out_w + ow;
-    MANUALGRAD_UNROLL
-    for (int r = 0; r < kColumnRows; ++r)
-      if (oh0 + r < g.out_h) out[(oh0 + r) * g.out_w] = static_cast<scalar_t>(sums[r]);
+    depthwise_output_column<KH, KW>(output + n_oc * g.out_h * g.out_w + ow, input + in_plane * g.in_h * g.in_w,
+                                    weight + oc * (KH * KW), g, oh0, ow, start);
   }
 }
 
@@ -170,7 +165,7 @@ bool columns_enabled() {
 void depthwise_forward_cuda(at::Tensor& output, const at::Tensor& input, const at::Tensor& weight,
                             const at::Tensor& bias, const Geometry& g) {
   const int64_t total = output.numel(), multiplier = g.out_channels / g.in_channels;
-  const int64_t column_blocks = ceil_div(g.out_h, int64_t{kColumnRows});
+  const int64_t column_blocks = depthwise_column_blocks(g.out_h);
   const int64_t column_threads = g.batch * g.out_channels * column_blocks * g.out_w;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "depthwise_forward_cuda", [&] {
     MANUALGRAD_DISPATCH_INDEX(fits_int32(g, {input.numel(), total, weight.numel(), column_threads}), [&] {

@@ -96,9 +96,17 @@ MANUALGRAD_HOST_DEVICE inline acc_t depthwise_output(const scalar_t* plane, cons
 // what it needs.
 constexpr int kColumnRows = 4;
 
+// Planes of fewer than kColumnRows output rows (every conv1d: height 1) keep one output per thread: a
+// column would compute rows that are never stored.
 template <typename G>
 MANUALGRAD_HOST_DEVICE inline bool depthwise_by_columns(const G& g) {
-  return g.stride_h == 1 && g.dilation_h == 1;
+  return g.stride_h == 1 && g.dilation_h == 1 && g.out_h >= kColumnRows;
+}
+
+// Blocks of kColumnRows rows in a plane of out_h output rows (the last may hang past the plane).
+template <typename index_t>
+MANUALGRAD_HOST_DEVICE inline index_t depthwise_column_blocks(index_t out_h) {
+  return (out_h + kColumnRows - 1) / kColumnRows;
 }
 
 // Thread x of a column launch: returns its output plane n*C_out + oc and sets its first row oh0 and its
@@ -114,13 +122,12 @@ MANUALGRAD_HOST_DEVICE inline index_t depthwise_column_of_thread(index_t x, inde
   return plane;
 }
 
-// sums[r] = start + the dot product of output (oh0 + r, ow)'s window, for r < kColumnRows: the same
-// terms in the same order as depthwise_output, so bit-identical to it. Rows past out_h are computed
-// (their loads past in_h skipped) and left to the caller not to store.
+// Outputs (oh0 + r, ow) for r < kColumnRows, rows past out_h left out: start + the dot product of each
+// window, stored at out[(oh0 + r) * out_w], where out points at column ow of the output plane. The same
+// terms in the same order as depthwise_output, so bit-identical to it.
 template <int KH, int KW, typename acc_t, typename scalar_t, typename index_t, typename G>
-MANUALGRAD_HOST_DEVICE inline void depthwise_output_column(const scalar_t* plane, const scalar_t* w, const G& g,
-                                                           index_t oh0, index_t ow, acc_t start,
-                                                           acc_t (&sums)[kColumnRows]) {
+MANUALGRAD_HOST_DEVICE inline void depthwise_output_column(scalar_t* out, const scalar_t* plane, const scalar_t* w,
+                                                           const G& g, index_t oh0, index_t ow, acc_t start) {
   static_assert(KH > 0 && KW > 0, "column threads are for the unrolled windows");
   constexpr int kRows = kColumnRows + KH - 1;
   const index_t h0 = oh0 - g.pad_h, w0 = ow * g.stride_w - g.pad_w;
@@ -147,7 +154,7 @@ MANUALGRAD_HOST_DEVICE inline void depthwise_output_column(const scalar_t* plane
       for (int j = 0; j < KW; ++j)
         if (inside[r + i][j]) sum += weights[i * KW + j] * values[r + i][j];
     }
-    sums[r] = sum;
+    if (oh0 + r < g.out_h) out[(oh0 + r) * g.out_w] = static_cast<scalar_t>(sum);
   }
 }
 

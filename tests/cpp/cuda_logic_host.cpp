@@ -84,8 +84,9 @@ void backward_pixels(double* grad_input, const double* grad_output, const int64_
   });
 }
 
+// Returns whether it ran column threads.
 template <int KH, int KW, typename index_t>
-void depthwise_planes(double* output, const double* input, const double* weight, const double* bias, int64_t batch,
+bool depthwise_planes(double* output, const double* input, const double* weight, const double* bias, int64_t batch,
                       int64_t in_channels, int64_t out_channels, const int64_t* sizes) {
   const HostGeo<index_t> g(sizes);
   const int64_t multiplier = out_channels / in_channels, taps = int64_t{g.kernel_h} * g.kernel_w;
@@ -94,7 +95,7 @@ void depthwise_planes(double* output, const double* input, const double* weight,
       by_multiplier{static_cast<index_t>(multiplier)};
   if constexpr (KH > 0) {
     if (manualgrad::depthwise_by_columns(g)) {  // as depthwise_forward_cuda chooses: columns of outputs
-      const index_t column_blocks = static_cast<index_t>((g.out_h + manualgrad::kColumnRows - 1) / manualgrad::kColumnRows);
+      const index_t column_blocks = manualgrad::depthwise_column_blocks(g.out_h);
       const PlainDivider<index_t> by_out_w{g.out_w}, by_column_blocks{column_blocks};
       const int64_t threads = batch * out_channels * column_blocks * g.out_w;
       for (int64_t x = 0; x < threads; ++x) {
@@ -104,13 +105,10 @@ void depthwise_planes(double* output, const double* input, const double* weight,
         const int64_t plane = manualgrad::depthwise_input_plane(n_oc, static_cast<index_t>(out_channels),
                                                                 static_cast<index_t>(in_channels), by_out_channels,
                                                                 by_multiplier, oc);
-        double sums[manualgrad::kColumnRows];
-        manualgrad::depthwise_output_column<KH, KW>(input + plane * in_plane, weight + oc * taps, g, oh0, ow,
-                                                    bias != nullptr ? bias[oc] : 0.0, sums);
-        for (int r = 0; r < manualgrad::kColumnRows; ++r)
-          if (oh0 + r < g.out_h) output[n_oc * out_plane + int64_t{oh0 + r} * g.out_w + ow] = sums[r];
+        manualgrad::depthwise_output_column<KH, KW>(output + n_oc * out_plane + ow, input + plane * in_plane,
+                                                    weight + oc * taps, g, oh0, ow, bias != nullptr ? bias[oc] : 0.0);
       }
-      return;
+      return true;
     }
   }
   for_each_element(batch * out_channels, g.out_h, g.out_w, [&](int64_t n_oc, index_t oh, index_t ow) {
@@ -121,6 +119,7 @@ void depthwise_planes(double* output, const double* input, const double* weight,
     output[n_oc * out_plane + int64_t{oh} * g.out_w + ow] = manualgrad::depthwise_output<KH, KW>(
         input + plane * in_plane, weight + oc * taps, g, oh, ow, bias != nullptr ? bias[oc] : 0.0);
   });
+  return false;
 }
 
 template <int KH, int KW, typename index_t>
@@ -201,16 +200,19 @@ void max_pool_forward_outputs(double* output, int64_t* indices, const double* in
 }
 
 // The depthwise forward kernel's threads, every output: unrolled for the window (kernel_h, kernel_w) when
-// unrolled is set and it is one the kernel unrolls, else with the sizes read at run time. Returns
-// whether an unrolled version ran.
+// unrolled is set and it is one the kernel unrolls, else with the sizes read at run time. Returns 0 for
+// the run-time loop, 1 for unrolled threads of one output, 2 for unrolled column threads.
 int depthwise_forward_outputs(double* output, const double* input, const double* weight, const double* bias,
                               int64_t batch, int64_t in_channels, int64_t out_channels, const int64_t* sizes,
                               int unrolled, int wide_index) {
-  return with_window(sizes, unrolled, [&](auto kh, auto kw) {
+  bool columns = false;
+  const int ran_unrolled = with_window(sizes, unrolled, [&](auto kh, auto kw) {
     constexpr int KH = decltype(kh)::value, KW = decltype(kw)::value;
-    wide_index ? depthwise_planes<KH, KW, int64_t>(output, input, weight, bias, batch, in_channels, out_channels, sizes)
-               : depthwise_planes<KH, KW, int32_t>(output, input, weight, bias, batch, in_channels, out_channels, sizes);
+    columns = wide_index
+        ? depthwise_planes<KH, KW, int64_t>(output, input, weight, bias, batch, in_channels, out_channels, sizes)
+        : depthwise_planes<KH, KW, int32_t>(output, input, weight, bias, batch, in_channels, out_channels, sizes);
   });
+  return ran_unrolled + int{columns};
 }
 
 // The depthwise input-gradient kernel's threads, every input element; unrolled as above.
