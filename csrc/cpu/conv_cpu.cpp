@@ -74,7 +74,7 @@ Blocking make_blocking(const Geometry& g, bool allow_tiles, bool cache_tiles = f
   Blocking b{images, d.positions, 1, ceil_div(g.batch, images)};
   if (images == 1 && allow_tiles) {
     int64_t forced = ceil_div(rows * d.positions, kMaxColumnElems);
-    if (cache_tiles)
+    if (cache_tiles && !is_pointwise(g))  // a pointwise GEMM reads the images themselves: no columns
       forced = std::max(forced, std::min(ceil_div(rows * d.positions, kCacheColumnElems), d.positions / kMinCacheTileColumns));
     const Split tiles = split(d.positions, ceil_div(kMinTasks, g.batch), kMinTileColumns, forced);
     b.tile = tiles.size;
