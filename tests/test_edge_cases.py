@@ -103,7 +103,9 @@ def test_empty_windows_are_index_minus_one_in_ops_and_reference():
 
 @pytest.mark.parametrize(
     "x_shape, w_shape",
-    [((8, 32, 13, 89), (8, 32, 3, 3)), ((8, 64, 2000), (4, 64, 3))],  # 2 tiles of an image: 579 + 578 columns; 1-d
+    # Columns of every image together over conv_cpu.cpp's kMaxColumnElems (4M), so that the weight
+    # gradient takes the per-block slots too: 2 tiles of 579 + 578 positions an image; 1-d, 3 tiles.
+    [((8, 64, 13, 89), (8, 64, 3, 3)), ((8, 128, 2000), (4, 128, 3))],
     ids=str,
 )
 def test_cache_sized_tiles_match_torch(x_shape, w_shape, restore_num_threads):
