@@ -85,6 +85,12 @@ Blocking make_blocking(const Geometry& g, bool allow_tiles, bool cache_tiles = f
   return b;
 }
 
+// Whether every image's columns together fit one task's workspace (small images, as in a network's
+// last stages): the backward then treats the batch as one block, so each GEMM sees every placement.
+bool columns_fit_once(const Geometry& g) {
+  return g.in_channels * g.win.kernel_h * g.win.kernel_w * g.batch * g.out_h * g.out_w <= kMaxColumnElems;
+}
+
 Block clamp_block(Block blk, const Geometry& g) {
   blk.images = std::min(blk.images, g.batch - blk.n0);
   blk.p1 = std::min(blk.p1, g.out_h * g.out_w);
@@ -280,7 +286,10 @@ at::Tensor conv_forward_cpu(const at::Tensor& input_, const at::Tensor& weight_,
 void conv_backward_input_cpu(at::Tensor& grad_input, const at::Tensor& grad_output, const at::Tensor& weight,
                              const Geometry& g) {
   const GroupDims d(g);
-  const Blocking blocking = make_blocking(g, /*allow_tiles=*/false);
+  // Small images: one block of the whole batch, the tasks split only the channels (3x3 512 @7: 0.8x the
+  // time of blocks of 2 images, whose GEMMs saw 98 placements).
+  const Blocking blocking =
+      columns_fit_once(g) ? Blocking{g.batch, d.positions, 1, 1} : make_blocking(g, /*allow_tiles=*/false);
   const Split channels = split(d.in_per_group, ceil_div(kMinTasks, blocking.count * d.groups), 1,
                                ceil_div(d.k_per_group * blocking.images * d.positions, kMaxColumnElems));
   const int64_t per_block = d.groups * channels.count;
@@ -309,7 +318,7 @@ void conv_backward_input_cpu(at::Tensor& grad_input, const at::Tensor& grad_outp
   });
 }
 
-// grad_weight when every image's columns fit one workspace (small images): the columns are built once,
+// grad_weight when every image's columns fit one workspace (columns_fit_once): the columns are built once,
 // image by image in parallel, and the tasks split the output channels instead of the images, each one
 // GEMM over every placement. No partial sums: for 512 channels at 7x7 the slots' zero-fill and sum moved
 // more bytes than the GEMMs' own reads, and the GEMMs were thin (98 placements).
@@ -349,7 +358,7 @@ void conv_backward_weight_small_cpu(at::Tensor& grad_weight, const at::Tensor& g
 void conv_backward_weight_cpu(at::Tensor& grad_weight, const at::Tensor& grad_output, const at::Tensor& input,
                               const Geometry& g) {
   const GroupDims d(g);
-  if (g.in_channels * d.taps * g.batch * d.positions <= kMaxColumnElems) {
+  if (columns_fit_once(g)) {
     conv_backward_weight_small_cpu(grad_weight, grad_output, input, g);
     return;
   }
