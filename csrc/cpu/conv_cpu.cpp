@@ -88,7 +88,8 @@ Blocking make_blocking(const Geometry& g, bool allow_tiles, bool cache_tiles = f
 // Whether every image's columns together fit one task's workspace (small images, as in a network's
 // last stages): the backward then treats the batch as one block, so each GEMM sees every placement.
 bool columns_fit_once(const Geometry& g) {
-  return g.in_channels * g.win.kernel_h * g.win.kernel_w * g.batch * g.out_h * g.out_w <= kMaxColumnElems;
+  const int64_t width = g.batch * g.out_h * g.out_w;  // no larger than the output, so no overflow here
+  return width == 0 || g.in_channels * g.win.kernel_h * g.win.kernel_w <= kMaxColumnElems / width;
 }
 
 Block clamp_block(Block blk, const Geometry& g) {
