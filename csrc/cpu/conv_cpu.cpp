@@ -214,17 +214,25 @@ void scatter_block(at::Tensor& t, int64_t c0, const at::Tensor& matrix, const Bl
       .copy_(matrix.view({matrix.size(0), blk.images, positions}));
 }
 
+// im2col of the block's images k0..k1-1 into their places in the block's columns (in_channels*KH*KW,
+// width), image k at column k * (p1 - p0).
+void im2col_images(at::Tensor& columns, const at::Tensor& input, const Block& blk, const Geometry& g, int64_t k0,
+                   int64_t k1) {
+  const int64_t tile = blk.p1 - blk.p0;
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "im2col", [&] {
+    for (int64_t k = k0; k < k1; ++k)
+      im2col(columns.data_ptr<scalar_t>() + k * tile, blk.width(), input[blk.n0 + k].data_ptr<scalar_t>(),
+             g.in_channels, g, blk.p0, blk.p1);
+  });
+}
+
 // The block's columns (in_channels*KH*KW, width): the images themselves when pointwise, otherwise
 // im2col written into the front of `workspace`.
 at::Tensor block_columns(const at::Tensor& input, const Block& blk, const Geometry& g, const at::Tensor& workspace) {
   if (is_pointwise(g)) return block_matrix(input, blk);
-  const int64_t rows = g.in_channels * g.win.kernel_h * g.win.kernel_w, tile = blk.p1 - blk.p0;
+  const int64_t rows = g.in_channels * g.win.kernel_h * g.win.kernel_w;
   at::Tensor columns = workspace.narrow(0, 0, rows * blk.width()).view({rows, blk.width()});
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "im2col", [&] {
-    for (int64_t k = 0; k < blk.images; ++k)
-      im2col(columns.data_ptr<scalar_t>() + k * tile, blk.width(), input[blk.n0 + k].data_ptr<scalar_t>(),
-             g.in_channels, g, blk.p0, blk.p1);
-  });
+  im2col_images(columns, input, blk, g, 0, blk.images);
   return columns;
 }
 
@@ -332,13 +340,7 @@ void conv_backward_weight_small_cpu(at::Tensor& grad_weight, const at::Tensor& g
     columns = block_matrix(input, all);
   } else {
     columns = at::empty({g.in_channels * d.taps, all.width()}, input.options());
-    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "im2col", [&] {
-      parallel_tasks(g.batch, [&](int64_t begin, int64_t end) {
-        for (int64_t n = begin; n < end; ++n)
-          im2col(columns.data_ptr<scalar_t>() + n * d.positions, all.width(), input[n].data_ptr<scalar_t>(),
-                 g.in_channels, g, 0, d.positions);
-      });
-    });
+    parallel_tasks(g.batch, [&](int64_t begin, int64_t end) { im2col_images(columns, input, all, g, begin, end); });
   }
   const at::Tensor grad_out = block_matrix(grad_output, all);  // (C_out, N * positions)
   // At least two tasks, so that BLAS runs single-threaded in each (see parallel_tasks).

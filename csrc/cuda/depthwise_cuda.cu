@@ -16,8 +16,6 @@
 #include <ATen/OpMathType.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 
 namespace manualgrad {
 namespace {
@@ -152,14 +150,6 @@ __global__ void depthwise_weight_finish_kernel(scalar_t* __restrict__ grad_weigh
   }
 }
 
-// TORCH_MANUALGRAD_DEPTHWISE_COLUMNS=0 keeps the forward at one output per thread: a switch for measuring
-// what the columns gain (benchmarks/profile_gpu.py) and for testing one path against the other. Read on
-// each call, so that one process can compare both.
-bool columns_enabled() {
-  const char* columns = std::getenv("TORCH_MANUALGRAD_DEPTHWISE_COLUMNS");
-  return columns == nullptr || std::strcmp(columns, "0") != 0;
-}
-
 }  // namespace
 
 void depthwise_forward_cuda(at::Tensor& output, const at::Tensor& input, const at::Tensor& weight,
@@ -174,7 +164,8 @@ void depthwise_forward_cuda(at::Tensor& output, const at::Tensor& input, const a
         constexpr int KH = decltype(kh)::value, KW = decltype(kw)::value;
         const scalar_t* bias_ptr = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
         if constexpr (KH > 0) {
-          if (depthwise_by_columns(geo) && columns_enabled()) {
+          // TORCH_MANUALGRAD_DEPTHWISE_COLUMNS=0 keeps one output per thread (windows.cuh, switched_off).
+          if (depthwise_by_columns(geo) && !switched_off("TORCH_MANUALGRAD_DEPTHWISE_COLUMNS")) {
             depthwise_forward_columns_kernel<scalar_t, index_t, KH, KW>
                 <<<grid_for(column_threads), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
                     output.data_ptr<scalar_t>(), input.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), bias_ptr,

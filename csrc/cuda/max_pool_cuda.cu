@@ -13,8 +13,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 
 namespace manualgrad {
@@ -89,12 +87,9 @@ void check_indices_cuda(const at::Tensor& indices, const Geometry& g, c10::IntAr
 }
 
 // The backward's cells (see max_pool_threads.h), or tile 0 where one thread per pixel serves better.
-// TORCH_MANUALGRAD_POOL_CELLS=0 sends every launch to the per-pixel gather: a switch for measuring what
-// the cells gain (benchmarks/profile_gpu.py) and for testing the per-pixel path on every shape. Read on
-// each call, so that one process can compare both.
+// TORCH_MANUALGRAD_POOL_CELLS=0 sends every launch to the per-pixel gather (windows.cuh, switched_off).
 CellShape backward_cells(const Geometry& g) {
-  const char* cells = std::getenv("TORCH_MANUALGRAD_POOL_CELLS");
-  if (cells != nullptr && std::strcmp(cells, "0") == 0) return {0, 1, 1};
+  if (switched_off("TORCH_MANUALGRAD_POOL_CELLS")) return {0, 1, 1};
   return max_pool_cell_shape(g.in_h, g.in_w, g.win.stride_h, g.win.stride_w, g.win.dilation_h, g.win.dilation_w);
 }
 

@@ -8,6 +8,8 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/detail/IntegerDivider.cuh>
 
+#include <cstdlib>
+#include <cstring>
 #include <initializer_list>
 #include <limits>
 #include <type_traits>
@@ -15,6 +17,14 @@
 namespace manualgrad {
 
 constexpr int kThreads = 256;
+
+// Whether the environment variable `name` is set to "0": the kernels' switches to their simpler paths
+// (TORCH_MANUALGRAD_POOL_CELLS, TORCH_MANUALGRAD_DEPTHWISE_COLUMNS), for measuring what the faster path
+// gains and testing one against the other. Read on each call, so that one process can compare both.
+inline bool switched_off(const char* name) {
+  const char* value = std::getenv(name);
+  return value != nullptr && std::strcmp(value, "0") == 0;
+}
 
 // A grid-stride launch: enough blocks to fill the GPU, each thread looping over the rest.
 inline unsigned grid_for(int64_t n) {
