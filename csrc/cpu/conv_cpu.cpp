@@ -7,8 +7,8 @@
 //   grad_bias:    the sum of the output deltas
 // Matrix products are ATen's (at::mm → BLAS); im2col, col2im and the split of the work are ours.
 // Deterministic by construction: tasks are cut from the shapes alone (never from the thread count),
-// each task runs its BLAS calls single-threaded inside at::parallel_for, and partial weight gradients
-// are summed in a fixed order — so results are bit-identical on every run and every thread count.
+// each task runs its BLAS calls single-threaded (SequentialBlas), and partial weight gradients are
+// summed in a fixed order — so results are bit-identical on every run and every thread count.
 #include "../shape_checks.h"
 #include "depthwise_cpu.h"
 
@@ -98,17 +98,39 @@ Block clamp_block(Block blk, const Geometry& g) {
   return blk;
 }
 
-// Runs f(begin, end) over tasks [0, count) on ATen's thread pool. Two things make each task's BLAS
-// calls single-threaded, whatever the thread count: there are always at least two tasks (a single task
-// would run inline, outside any parallel region, and BLAS would then split it over all threads, with
-// a thread-count-dependent rounding), and inside a parallel region BLAS runs on the calling thread.
-// The guard is set on each worker thread, since thread-local state is not inherited: the ATen calls
-// there are plain arithmetic and must not record autograd history.
+// MKL's thread-local thread count (MKL_Set_Num_Threads_Local, exported by the libtorch_cpu that
+// bundles MKL; null where torch was built with another BLAS). Weak, so the extension loads either way.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+// Keeps the calling thread's BLAS calls on that one thread while it lives, then restores the thread's
+// own setting. Inside ATen's parallel region MKL still sees torch's thread count (mkl_get_max_threads()
+// returns it on every worker, and libgomp allows nested regions), so without this a GEMM may fan out
+// into a nested team and split its sum over k by that count: bits that change with
+// torch.set_num_threads (seen on Intel Xeon, where MKL takes its AVX-512 paths). With one thread MKL
+// runs its sequential code, the same for every thread count and whether or not the task runs inline.
+// Thread-local, so nothing changes for the user's own BLAS calls on any thread.
+class SequentialBlas {
+ public:
+  SequentialBlas() : previous_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous_);  // 0 restores the global setting
+  }
+  SequentialBlas(const SequentialBlas&) = delete;
+  SequentialBlas& operator=(const SequentialBlas&) = delete;
+
+ private:
+  int previous_;
+};
+
+// Runs f(begin, end) over tasks [0, count) on ATen's thread pool, each chunk with single-threaded BLAS
+// (SequentialBlas). The guards are set on each worker thread, since thread-local state is not
+// inherited: the ATen calls there are plain arithmetic and must not record autograd history.
 template <typename F>
 void parallel_tasks(int64_t count, const F& f) {
-  at::parallel_for(0, std::max<int64_t>(count, 2), 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    if (begin < count) f(begin, std::min(end, count));
+    const SequentialBlas sequential_blas;
+    f(begin, end);
   });
 }
 
@@ -343,7 +365,6 @@ void conv_backward_weight_small_cpu(at::Tensor& grad_weight, const at::Tensor& g
     parallel_tasks(g.batch, [&](int64_t begin, int64_t end) { im2col_images(columns, input, all, g, begin, end); });
   }
   const at::Tensor grad_out = block_matrix(grad_output, all);  // (C_out, N * positions)
-  // At least two tasks, so that BLAS runs single-threaded in each (see parallel_tasks).
   const Split rows = split(d.out_per_group, ceil_div(kMinTasks, d.groups), kMinWeightRows, ceil_div(2, d.groups));
   at::Tensor flat = grad_weight.view({g.out_channels, d.k_per_group});
   parallel_tasks(d.groups * rows.count, [&](int64_t begin, int64_t end) {
