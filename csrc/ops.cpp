@@ -29,4 +29,17 @@ TORCH_LIBRARY(manualgrad, m) {
   // max_pool_forward (autograd's own call). The CPU checks the plane's bounds either way.
   m.def("max_pool_backward(Tensor grad_output, Tensor indices, int[] input_size, int[] kernel_size, int[] stride, "
         "int[] padding, int[] dilation, bool check_indices=True) -> Tensor");
+
+  // Each op's argument checks alone (csrc/shape_checks.h, the ones its kernels run first), returning the
+  // shape of its first output. The fake kernels (_ops.py) call these on stand-ins that have the
+  // arguments' shapes, dtypes and devices but no data, so meta tensors, torch.compile and torch.export
+  // raise exactly the kernels' errors. Implemented once for every device (shape_ops.cpp).
+  m.def("conv_forward_shape(Tensor input, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] dilation, "
+        "int groups) -> int[]");
+  m.def("conv_backward_shape(Tensor grad_output, Tensor input, Tensor weight, int[] stride, int[] padding, "
+        "int[] dilation, int groups) -> int[]");
+  m.def("max_pool_forward_shape(Tensor input, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
+        "bool ceil_mode) -> int[]");
+  m.def("max_pool_backward_shape(Tensor grad_output, Tensor indices, int[] input_size, int[] kernel_size, "
+        "int[] stride, int[] padding, int[] dilation) -> int[]");
 }

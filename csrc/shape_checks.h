@@ -125,6 +125,20 @@ inline int64_t padded_extent(const char* op, int64_t size, int64_t pad) {
   return padded;
 }
 
+// The number of elements of a tensor of `sizes` (all >= 0) leaving out its batch dimension (sizes[0]):
+// checked for int64 overflow, so that kernels may multiply any of those sizes together (a plane's
+// positions, channels × positions) without wrapping, even for an empty batch.
+inline int64_t checked_sample_numel(const char* op, const char* what, c10::IntArrayRef sizes) {
+  int64_t numel = 1;
+  for (size_t i = 1; i < sizes.size(); ++i)
+    TORCH_CHECK(!__builtin_mul_overflow(numel, sizes[i], &numel), op, ": ", what, " of shape ", sizes,
+                " would have more elements than int64 can count");
+  int64_t total = 0;
+  TORCH_CHECK(sizes.empty() || !__builtin_mul_overflow(numel, sizes[0], &total), op, ": ", what, " of shape ", sizes,
+              " would have more elements than int64 can count");
+  return numel;
+}
+
 // Output size of a convolution along one dimension; the caller has checked the kernel fits.
 inline int64_t conv_output_size(int64_t in, int64_t kernel, int64_t stride, int64_t pad, int64_t dilation) {
   return (in + 2 * pad - dilation * (kernel - 1) - 1) / stride + 1;
@@ -140,7 +154,8 @@ inline int64_t pool_output_size(int64_t in, int64_t kernel, int64_t stride, int6
   const int64_t down = span >= 0 ? span / stride : -ceil_div(-span, stride);
   const int64_t windows = ceil_mode && down * stride != span ? down + 1 : down;
   int64_t out = windows + 1;
-  if (ceil_mode && (out - 1) * stride >= in + pad) --out;
+  // (out - 1) * stride >= in + pad, without forming the product (it may not fit in int64)
+  if (ceil_mode && out - 1 >= ceil_div(in + pad, stride)) --out;
   return out;
 }
 
@@ -189,9 +204,12 @@ inline Geometry check_conv(const at::Tensor& input, const at::Tensor& weight, co
     TORCH_CHECK(weight.size(i) > 0, op, ": expected weight to have non-zero sizes, but got weight of shape ", weight.sizes());
   TORCH_CHECK(weight.size(0) % groups == 0, op, ": out_channels (weight.size(0)=", weight.size(0),
               ") must be divisible by groups=", groups);
-  TORCH_CHECK(input.size(1) == weight.size(1) * groups, op, ": expected input of shape ", input.sizes(), " to have ",
-              weight.size(1) * groups, " channels (weight of shape ", weight.sizes(), " with groups=", groups,
-              "), but got ", input.size(1), " channels");
+  int64_t expected_channels = 0;  // weight.size(1) * groups, which may not fit in int64
+  const bool channels_fit = !__builtin_mul_overflow(weight.size(1), groups, &expected_channels);
+  TORCH_CHECK(channels_fit && input.size(1) == expected_channels, op, ": expected input of shape ", input.sizes(),
+              " to have ", (channels_fit ? std::to_string(expected_channels) : std::string("weight.size(1) * groups")),
+              " channels (weight of shape ", weight.sizes(), " with groups=", groups, "), but got ", input.size(1),
+              " channels");
   if (bias.has_value() && bias->defined())
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": expected bias of shape [", weight.size(0),
                 "], but got bias of shape ", bias->sizes());
@@ -218,6 +236,7 @@ inline Geometry check_conv(const at::Tensor& input, const at::Tensor& weight, co
   g.in_h = d == 2 ? input.size(2) : 1;
   g.out_h = conv_output_size(g.in_h, w.kernel_h, w.stride_h, w.pad_h, w.dilation_h);
   g.out_w = conv_output_size(g.in_w, w.kernel_w, w.stride_w, w.pad_w, w.dilation_w);
+  checked_sample_numel(op, "the output", g.output_shape(g.out_channels));
   return g;
 }
 
@@ -240,6 +259,9 @@ inline void check_pool_window(const char* op, int64_t d, c10::IntArrayRef kernel
   check_all_positive(op, "stride", stride);
   check_all_non_negative(op, "padding", padding);
   check_all_positive(op, "dilation", dilation);
+  for (int64_t i = 0; i < d; ++i)
+    TORCH_CHECK(padding[i] <= kernel_size[i] / 2, op,
+                ": pad should be at most half of kernel size, but got padding=", padding, " and kernel_size=", kernel_size);
 }
 
 // Checks a max-pool's arguments and returns its geometry (in_channels = channels; groups unused).
@@ -249,9 +271,6 @@ inline Geometry check_max_pool(const at::Tensor& input, c10::IntArrayRef kernel_
   const char* op = op_label("pool", d);
   check_pool_window(op, d, kernel_size, stride, padding, dilation);
   check_floating(op, "input", input);
-  for (int64_t i = 0; i < d; ++i)
-    TORCH_CHECK(padding[i] <= kernel_size[i] / 2, op,
-                ": pad should be at most half of kernel size, but got padding=", padding, " and kernel_size=", kernel_size);
   check_input_dims(op, input, d);
   for (int64_t i = 0; i < d; ++i) {  // overflow checks; with pad <= kernel/2 the span below is at most the input size
     padded_extent(op, input.size(2 + i), padding[i]);
@@ -272,11 +291,14 @@ inline Geometry check_max_pool(const at::Tensor& input, c10::IntArrayRef kernel_
               kernel_size, ", stride=", stride, ", padding=", padding, ", dilation=", dilation,
               ": the output size would be ", (d == 2 ? g.out_h : g.out_w), (d == 2 ? "x" : ""),
               (d == 2 ? std::to_string(g.out_w) : std::string()));
+  checked_sample_numel(op, "the output", g.output_shape(g.out_channels));
   return g;
 }
 
 // The backward of max-pool needs the output gradient, the argmax indices, the input's shape, and the
 // window geometry (a gather over the windows covering each input element needs to know them).
+// grad_output must have the shape a forward with these arguments gives: ceil_mode is not an argument, so
+// either rounding's window grid is accepted (the same one along every dimension, as a forward uses).
 inline Geometry check_max_pool_backward(const at::Tensor& grad_output, const at::Tensor& indices,
                                         c10::IntArrayRef input_size, c10::IntArrayRef kernel_size,
                                         c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation) {
@@ -289,6 +311,7 @@ inline Geometry check_max_pool_backward(const at::Tensor& grad_output, const at:
   for (int64_t i = 1; i < d + 2; ++i)
     TORCH_CHECK(input_size[i] > 0, op, ": expected input_size to have positive channel and spatial sizes, but got input_size=",
                 input_size);
+  checked_sample_numel(op, "the input (input_size)", input_size);
   for (int64_t i = 0; i < d; ++i) {
     padded_extent(op, input_size[2 + i], padding[i]);
     dilated_extent(op, kernel_size[i], dilation[i]);
@@ -301,9 +324,17 @@ inline Geometry check_max_pool_backward(const at::Tensor& grad_output, const at:
               grad_output.device(), " and indices on ", indices.device());
   TORCH_CHECK(grad_output.sizes() == indices.sizes(), op, ": expected grad_output and indices to have the same shape, but got grad_output of shape ",
               grad_output.sizes(), " and indices of shape ", indices.sizes());
-  TORCH_CHECK(grad_output.dim() == d + 2 && grad_output.size(0) == input_size[0] && grad_output.size(1) == input_size[1],
-              op, ": expected grad_output of shape [", input_size[0], ", ", input_size[1],
-              ", ...] to match input_size=", input_size, ", but got grad_output of shape ", grad_output.sizes());
+  std::vector<int64_t> floor_shape{input_size[0], input_size[1]}, ceil_shape = floor_shape;
+  for (int64_t i = 0; i < d; ++i) {
+    floor_shape.push_back(pool_output_size(input_size[2 + i], kernel_size[i], stride[i], padding[i], dilation[i], false));
+    ceil_shape.push_back(pool_output_size(input_size[2 + i], kernel_size[i], stride[i], padding[i], dilation[i], true));
+  }
+  const bool ceil_differs = ceil_shape != floor_shape;
+  TORCH_CHECK(grad_output.sizes() == c10::IntArrayRef(floor_shape) || grad_output.sizes() == c10::IntArrayRef(ceil_shape),
+              op, ": expected grad_output of shape ", c10::IntArrayRef(floor_shape),
+              (ceil_differs ? " (or, with ceil_mode=True, " + c10::str(c10::IntArrayRef(ceil_shape)) + ")" : std::string()),
+              ", the output a forward gives for input_size=", input_size, ", kernel_size=", kernel_size, ", stride=",
+              stride, ", padding=", padding, ", dilation=", dilation, ", but got grad_output of shape ", grad_output.sizes());
   for (int64_t i = 2; i < d + 2; ++i)  // a forward never produces an empty window grid
     TORCH_CHECK(grad_output.size(i) > 0, op, ": expected grad_output to have positive spatial sizes, but got grad_output of shape ",
                 grad_output.sizes());

@@ -62,8 +62,12 @@ def test_max_pool_backward_rejects_an_empty_grad_output_grid(device):
     """A forward never has zero output positions along an axis; such a grad_output is refused (on CUDA
     the gather would otherwise divide by its zero width)."""
     grad, idx = torch.ones(1, 1, 0, 3, device=device), torch.zeros(1, 1, 0, 3, dtype=torch.long, device=device)
-    with pytest.raises(RuntimeError, match=r"grad_output.*positive spatial sizes.*\[1, 1, 0, 3\]"):
+    with pytest.raises(RuntimeError, match=r"expected grad_output of shape \[1, 1, 2, 2\].*but got grad_output of shape \[1, 1, 0, 3\]"):
         ops.max_pool_backward(grad, idx, [1, 1, 4, 4], [2, 2], [2, 2], [0, 0], [1, 1])
+    # an input smaller than the window: the window grid a forward would compute is itself empty
+    grad, idx = torch.ones(1, 1, 0, 2, device=device), torch.zeros(1, 1, 0, 2, dtype=torch.long, device=device)
+    with pytest.raises(RuntimeError, match=r"grad_output.*positive spatial sizes.*\[1, 1, 0, 2\]"):
+        ops.max_pool_backward(grad, idx, [1, 1, 2, 4], [3, 2], [1, 2], [0, 0], [1, 1])
 
 
 def test_float_pool_stride_is_a_type_error_naming_stride():

@@ -10,12 +10,68 @@ from . import _C  # noqa: F401  importing the library runs its TORCH_LIBRARY reg
 ops = torch.ops.manualgrad
 
 
-# The same output-size formulas as csrc/shape_checks.h, for the fake kernels.
+# --- fake kernels ---------------------------------------------------------------------------------
+# A fake kernel runs where no data exists: meta tensors, FakeTensorMode under torch.compile and
+# torch.export. It raises exactly the errors the real kernels raise, by running their C++ checks (the
+# ops.*_shape ops, csrc/shape_ops.cpp) on stand-ins with the arguments' shapes, dtypes and devices, and
+# returns tensors of the shape those checks compute. Only where a size is symbolic (dynamic shapes) is the
+# output size written out here as well, as SymInt arithmetic; tests/test_bad_input.py checks the two agree.
+
+
+def _hint(size):
+    """A concrete value for a size: itself, or a symbolic size's example value (None if it has none)."""
+    if isinstance(size, int):
+        return size
+    return getattr(getattr(size, "node", None), "hint", None)
+
+
+def _stand_in(t):
+    """A real tensor with t's shape, dtype and device whose elements all share one storage element, so that
+    even an enormous shape costs nothing; None where a size has no concrete value. A device this process
+    cannot allocate on (tracing for CUDA without a GPU) is stood in for by the meta device."""
+    if t is None:
+        return None
+    shape = [_hint(size) for size in t.shape]
+    if any(size is None for size in shape):
+        return None
+    device = t.device
+    if device.type not in ("cpu", "meta") and not (device.type == "cuda" and torch.cuda.is_available()):
+        device = torch.device("meta")
+    return torch.empty_strided(shape, [0] * len(shape), dtype=t.dtype, device=device)
+
+
+def _checked_shape(check, tensors, *args):
+    """Runs `check` (one of the ops.*_shape ops) on stand-ins for `tensors` and returns the shape it computes,
+    or None where a stand-in cannot be made (a size with no example value)."""
+    with _no_fake_mode():
+        stand_ins = [_stand_in(t) for t in tensors]
+        if any(s is None for s, t in zip(stand_ins, tensors) if t is not None):
+            return None
+        return check(*stand_ins, *args)
+
+
+def _symbolic(*tensors):
+    return any(not isinstance(size, int) for t in tensors if t is not None for size in t.shape)
+
+
+def _no_fake_mode():
+    """Leaves FakeTensorMode (if it is on) for the stand-ins, which must be real tensors to reach C++."""
+    try:
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+    except ImportError:  # a torch without it has no fake mode to leave
+        import contextlib
+
+        return contextlib.nullcontext()
+    return unset_fake_temporarily()
+
+
 def conv_output_size(size, kernel, stride, padding, dilation):
+    """csrc/shape_checks.h's conv_output_size, for symbolic sizes."""
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
 def pool_output_size(size, kernel, stride, padding, dilation, ceil_mode):
+    """csrc/shape_checks.h's pool_output_size, for symbolic sizes."""
     span = size + 2 * padding - dilation * (kernel - 1) - 1
     out = (span + (stride - 1 if ceil_mode else 0)) // stride + 1  # // rounds towards -inf, as torch's
     if ceil_mode and (out - 1) * stride >= size + padding:
@@ -25,15 +81,19 @@ def pool_output_size(size, kernel, stride, padding, dilation, ceil_mode):
 
 @torch.library.register_fake("manualgrad::conv_forward")
 def _conv_forward_fake(input, weight, bias, stride, padding, dilation, groups):
-    spatial = [
-        conv_output_size(input.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i])
-        for i in range(len(stride))
-    ]
-    return input.new_empty((input.shape[0], weight.shape[0], *spatial))
+    shape = _checked_shape(ops.conv_forward_shape, (input, weight, bias), stride, padding, dilation, groups)
+    if _symbolic(input, weight) or shape is None:
+        spatial = [
+            conv_output_size(input.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i])
+            for i in range(len(stride))
+        ]
+        shape = (input.shape[0], weight.shape[0], *spatial)
+    return input.new_empty(shape)
 
 
 @torch.library.register_fake("manualgrad::conv_backward")
 def _conv_backward_fake(grad_output, input, weight, stride, padding, dilation, groups, output_mask):
+    _checked_shape(ops.conv_backward_shape, (grad_output, input, weight), stride, padding, dilation, groups)
     return (
         input.new_empty(input.shape) if output_mask[0] else None,
         weight.new_empty(weight.shape) if output_mask[1] else None,
@@ -43,16 +103,19 @@ def _conv_backward_fake(grad_output, input, weight, stride, padding, dilation, g
 
 @torch.library.register_fake("manualgrad::max_pool_forward")
 def _max_pool_forward_fake(input, kernel_size, stride, padding, dilation, ceil_mode, compute_indices=True):
-    spatial = [
-        pool_output_size(input.shape[2 + i], kernel_size[i], stride[i], padding[i], dilation[i], ceil_mode)
-        for i in range(len(stride))
-    ]
-    shape = (input.shape[0], input.shape[1], *spatial)
+    shape = _checked_shape(ops.max_pool_forward_shape, (input,), kernel_size, stride, padding, dilation, ceil_mode)
+    if _symbolic(input) or shape is None:
+        spatial = [
+            pool_output_size(input.shape[2 + i], kernel_size[i], stride[i], padding[i], dilation[i], ceil_mode)
+            for i in range(len(stride))
+        ]
+        shape = (input.shape[0], input.shape[1], *spatial)
     return input.new_empty(shape), input.new_empty(shape if compute_indices else (0,), dtype=torch.long)
 
 
 @torch.library.register_fake("manualgrad::max_pool_backward")
 def _max_pool_backward_fake(grad_output, indices, input_size, kernel_size, stride, padding, dilation, check_indices=True):
+    _checked_shape(ops.max_pool_backward_shape, (grad_output, indices), input_size, kernel_size, stride, padding, dilation)
     return grad_output.new_empty(input_size)
 
 

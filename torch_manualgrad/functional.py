@@ -26,19 +26,14 @@ def _expand(value, dims, name, op):
     return values
 
 
-def _check_devices(op, input, weight, bias):
-    # The dispatcher chooses a kernel from the tensors' devices before our C++ checks can run, so
-    # tensors on different devices are caught here; every other check lives in csrc/shape_checks.h.
+def _check_tensors(op, input, weight, bias):
+    # Everything else about the tensors (devices, dtypes, shapes) is checked by the ops themselves, in
+    # csrc/shape_checks.h, whichever kernel the dispatcher picks (the fake kernel included).
     for name, t in (("input", input), ("weight", weight), ("bias", bias)):
         if name == "bias" and t is None:
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: expected {name} to be a Tensor, but got {name} of type {type(t).__name__}")
-        if t.device != input.device:
-            raise RuntimeError(
-                f"{op}: expected input and {name} to be on the same device, but got input on {input.device} "
-                f"and {name} on {t.device}"
-            )
 
 
 def _batched(op, input, dims):
@@ -93,7 +88,7 @@ def _autocast(input, weight, bias):
 
 
 def _conv(dims, op, input, weight, bias, stride, padding, dilation, groups):
-    _check_devices(op, input, weight, bias)
+    _check_tensors(op, input, weight, bias)
     input, weight, bias = _autocast(input, weight, bias)
     stride = _expand(stride, dims, "stride", op)
     dilation = _expand(dilation, dims, "dilation", op)
