@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench build clean
+.PHONY: test demo bench build clean sanitize
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m torch_manualgrad demo
+
+# The C++ under AddressSanitizer and UndefinedBehaviorSanitizer: a separate instrumented build, then the
+# CPU suite against it (scripts/sanitize.sh; not part of `make test`, it takes several times longer).
+sanitize: $(STAMP)
+	PY=$(PY) scripts/sanitize.sh
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench.py

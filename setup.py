@@ -2,6 +2,9 @@
 
 TORCH_MANUALGRAD_CUDA=auto|1|0 chooses the CUDA build: auto (default) builds it when torch is a CUDA
 build and nvcc is found (no GPU needs to be visible); 1 insists on it; 0 builds the CPU-only extension.
+TORCH_MANUALGRAD_SANITIZE=1 instruments the C++ with AddressSanitizer and UndefinedBehaviorSanitizer
+(signed overflow included: -fno-wrapv undoes Python's -fwrapv); scripts/sanitize.sh (`make sanitize`)
+builds such a copy apart from the normal one and runs the tests under it.
 """
 import glob
 import os
@@ -32,8 +35,16 @@ def sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
 
 
+SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-wrapv", "-fno-omit-frame-pointer", "-g"]
+
+
+def sanitize() -> bool:
+    return os.environ.get("TORCH_MANUALGRAD_SANITIZE", "0").strip().lower() in ("1", "on", "true")
+
+
 def extension():
-    cxx_flags = ["-O3", "-fopenmp"]
+    cxx_flags = ["-O1", "-fopenmp", *SANITIZE_FLAGS] if sanitize() else ["-O3", "-fopenmp"]
+    link_flags = ["-fopenmp", *(SANITIZE_FLAGS if sanitize() else []), *shared_libstdcxx()]
     cpp_sources = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
     cuda_sources = sources("csrc/cuda/*.cu")
     if use_cuda() and cuda_sources:
@@ -42,13 +53,13 @@ def extension():
             cpp_sources + cuda_sources,
             define_macros=[("WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
-            extra_link_args=["-fopenmp", *shared_libstdcxx()],
+            extra_link_args=link_flags,
         )
     return cpp_extension.CppExtension(
         "torch_manualgrad._C",
         cpp_sources,
         extra_compile_args={"cxx": cxx_flags},
-        extra_link_args=["-fopenmp", *shared_libstdcxx()],
+        extra_link_args=link_flags,
     )
 
 

@@ -253,8 +253,9 @@ def max_pool_forward(input, kernel_size, stride, padding, dilation, ceil_mode):
     padding 1 on a length-2 input: taps at -1 and 2).  Such a window has no
     candidate at all: its value is -inf (as in torch) and its index is -1,
     "none", and ``max_pool_backward`` sends its gradient nowhere.  (torch
-    reports a position outside the plane there instead, and its backward
-    then writes outside the gradient.)
+    reports a position derived from the window's start there instead: outside
+    the plane, where its backward writes outside the gradient, or inside it, at
+    an element the window never covered.)
     """
     dims = len(kernel_size)
     if not (len(stride) == len(padding) == len(dilation) == dims and input.dim() == dims + 2):

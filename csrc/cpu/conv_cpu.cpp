@@ -166,21 +166,23 @@ void im2col(scalar_t* columns, int64_t ld, const scalar_t* image, int64_t channe
         scalar_t* row = columns + ((c * w.kernel_h + i) * w.kernel_w + j) * ld;
         const int64_t col_offset = j * w.dilation_w - w.pad_w;
         for_each_row_segment(g, p0, p1, [&](int64_t oh, int64_t ow0, int64_t ow1, int64_t at) {
-          scalar_t* dst = row + at - ow0;  // dst[ow] is output column ow
+          scalar_t* dst = row + at;  // dst[ow - ow0] is output column ow
           const int64_t ih = oh * w.stride_h - w.pad_h + i * w.dilation_h;
           if (ih < 0 || ih >= g.in_h) {
-            std::fill(dst + ow0, dst + ow1, scalar_t(0));
+            std::fill(dst, dst + (ow1 - ow0), scalar_t(0));
             return;
           }
-          const scalar_t* src = plane + ih * g.in_w + col_offset;  // src[ow * stride_w] is its pixel
+          // Output column ow reads input column ow * stride_w + col_offset; only [lo, hi) land inside the
+          // row, and only those are ever turned into addresses (col_offset alone may be far outside it).
+          const scalar_t* in_row = plane + ih * g.in_w;
           const auto [lo, hi] = inside(ow0, ow1, col_offset, w.stride_w, g.in_w);
-          std::fill(dst + ow0, dst + lo, scalar_t(0));
-          if (w.stride_w == 1) {
-            std::memcpy(dst + lo, src + lo, (hi - lo) * sizeof(scalar_t));
+          std::fill(dst, dst + (lo - ow0), scalar_t(0));
+          if (w.stride_w == 1 && hi > lo) {
+            std::memcpy(dst + (lo - ow0), in_row + (lo + col_offset), (hi - lo) * sizeof(scalar_t));
           } else {
-            for (int64_t ow = lo; ow < hi; ++ow) dst[ow] = src[ow * w.stride_w];
+            for (int64_t ow = lo; ow < hi; ++ow) dst[ow - ow0] = in_row[ow * w.stride_w + col_offset];
           }
-          std::fill(dst + hi, dst + ow1, scalar_t(0));
+          std::fill(dst + (hi - ow0), dst + (ow1 - ow0), scalar_t(0));
         });
       }
     }
@@ -202,10 +204,10 @@ void col2im(scalar_t* image, const scalar_t* columns, int64_t ld, int64_t channe
         for_each_row_segment(g, 0, g.out_h * g.out_w, [&](int64_t oh, int64_t ow0, int64_t ow1, int64_t at) {
           const int64_t ih = oh * w.stride_h - w.pad_h + i * w.dilation_h;
           if (ih < 0 || ih >= g.in_h) return;
-          const scalar_t* src = row + at - ow0;
-          scalar_t* dst = plane + ih * g.in_w + col_offset;
+          const scalar_t* src = row + at;  // src[ow - ow0] is output column ow
+          scalar_t* in_row = plane + ih * g.in_w;
           const auto [lo, hi] = inside(ow0, ow1, col_offset, w.stride_w, g.in_w);
-          for (int64_t ow = lo; ow < hi; ++ow) dst[ow * w.stride_w] += src[ow];
+          for (int64_t ow = lo; ow < hi; ++ow) in_row[ow * w.stride_w + col_offset] += src[ow - ow0];
         });
       }
     }
