@@ -287,6 +287,22 @@ def test_op_errors(name, on_device):
     expect_error(fn, *patterns)
 
 
+@pytest.mark.parametrize("name", OP_CASES)
+def test_op_errors_are_the_same_on_meta_tensors(name):
+    """On meta tensors (and so under FakeTensorMode, torch.compile, torch.export) the fake kernels run: they
+    must raise the very message the CPU kernels raise, since both come from csrc/shape_checks.h."""
+    fn, _ = OP_CASES[name]
+    messages = {}
+    previous = torch.get_default_device()
+    try:
+        for device in ("cpu", "meta"):
+            torch.set_default_device(device)
+            messages[device] = expect_error(fn)
+    finally:
+        torch.set_default_device(previous)
+    assert messages["meta"] == messages["cpu"]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second real device (CUDA)")
 def test_op_errors_mixed_devices():
     # (meta tensors cannot stand in here: the dispatcher itself lets meta mix with cpu at op level)
