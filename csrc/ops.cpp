@@ -37,7 +37,7 @@ TORCH_LIBRARY(manualgrad, m) {
   m.def("conv_forward_shape(Tensor input, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] dilation, "
         "int groups) -> int[]");
   m.def("conv_backward_shape(Tensor grad_output, Tensor input, Tensor weight, int[] stride, int[] padding, "
-        "int[] dilation, int groups) -> int[]");
+        "int[] dilation, int groups, bool[3] output_mask) -> int[]");
   m.def("max_pool_forward_shape(Tensor input, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
         "bool ceil_mode) -> int[]");
   m.def("max_pool_backward_shape(Tensor grad_output, Tensor indices, int[] input_size, int[] kernel_size, "

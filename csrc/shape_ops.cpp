@@ -17,7 +17,7 @@ std::vector<int64_t> conv_forward_shape(const at::Tensor& input, const at::Tenso
 // The backward's first output, grad_input, has the input's shape.
 std::vector<int64_t> conv_backward_shape(const at::Tensor& grad_output, const at::Tensor& input,
                                          const at::Tensor& weight, c10::IntArrayRef stride, c10::IntArrayRef padding,
-                                         c10::IntArrayRef dilation, int64_t groups) {
+                                         c10::IntArrayRef dilation, int64_t groups, std::array<bool, 3> /*output_mask*/) {
   const Geometry g = check_conv(input, weight, std::nullopt, stride, padding, dilation, groups);
   check_conv_grad_output(grad_output, input, g);
   return input.sizes().vec();

@@ -93,7 +93,7 @@ def _conv_forward_fake(input, weight, bias, stride, padding, dilation, groups):
 
 @torch.library.register_fake("manualgrad::conv_backward")
 def _conv_backward_fake(grad_output, input, weight, stride, padding, dilation, groups, output_mask):
-    _checked_shape(ops.conv_backward_shape, (grad_output, input, weight), stride, padding, dilation, groups)
+    _checked_shape(ops.conv_backward_shape, (grad_output, input, weight), stride, padding, dilation, groups, output_mask)
     return (
         input.new_empty(input.shape) if output_mask[0] else None,
         weight.new_empty(weight.shape) if output_mask[1] else None,
