@@ -28,6 +28,7 @@ export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1${UBSAN_OPTIONS:+:$UBSAN
 # The copy comes first on sys.path in the tests' own subprocesses too (before the editable install's hook).
 export PYTHONPATH="$TREE${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c "import torch_manualgrad as t, sys; f = t._C.__file__; assert f.startswith('$TREE'), f; print('sanitize: testing', f)"
-# tests/test_cuda_logic.py compiles the CUDA kernels' index logic for the host with $CXX: instrumented too.
-export CXX="${CXX:-g++} -fsanitize=address,undefined -fno-sanitize-recover=all -fno-wrapv"
+# tests/test_cuda_logic.py compiles the CUDA kernels' index logic for the host with $TMG_HOST_CXX:
+# instrumented too. ($CXX stays as it is: torch.compile's C++ backend builds with it.)
+export TMG_HOST_CXX="${CXX:-g++} -fsanitize=address,undefined -fno-sanitize-recover=all -fno-wrapv"
 "$PY" -m pytest -q -p no:cacheprovider "${@:-tests}"

@@ -25,8 +25,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def cells(tmp_path_factory):
     """The host build of the CUDA kernels' index logic, loaded with ctypes."""
-    # the first that exists of $CXX, Python's CXX, c++, g++ (a command such as "ccache g++" kept whole)
-    candidates = [os.environ.get("CXX"), sysconfig.get_config_var("CXX"), "c++", "g++"]
+    # the first that exists of $TMG_HOST_CXX (make sanitize's instrumented compiler, which torch.compile
+    # must not get), $CXX, Python's CXX, c++, g++ (a command such as "ccache g++" kept whole)
+    candidates = [os.environ.get("TMG_HOST_CXX"), os.environ.get("CXX"), sysconfig.get_config_var("CXX"), "c++", "g++"]
     found = [shlex.split(c) for c in candidates if c and shlex.split(c) and shutil.which(shlex.split(c)[0])]
     assert found, f"no C++ compiler among {candidates}; the extension's build needs one too"
     library = str(tmp_path_factory.mktemp("cuda_logic") / "cuda_logic_host.so")
