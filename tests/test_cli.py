@@ -159,6 +159,27 @@ def test_verify_cli_wrong_layer_exits_1(tmp_path):
     assert "verify: FAILED (1)" in proc.stdout
 
 
+def test_verify_cli_lists_unconverted_layers_and_takes_ratio(tmp_path):
+    # A torch.nn.Conv2d subclass with its own forward stays torch's: listed, not checked, not a failure.
+    (tmp_path / "subclassed.py").write_text(textwrap.dedent("""
+        import torch
+
+        class PaddedConv(torch.nn.Conv2d):
+            def forward(self, x):
+                return super().forward(torch.nn.functional.pad(x, [1, 1, 1, 1]))
+
+        def build():
+            return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), PaddedConv(4, 4, 3))
+    """))
+    proc = _cli("verify", "subclassed:build", "--input-shape", "2,3,9,9", "--ratio", "4", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert re.search(r"^0\s+Conv2d\s.*ok$", proc.stdout, re.MULTILINE), proc.stdout
+    assert "not converted (1; these run on torch's kernels and are not checked):" in proc.stdout
+    assert re.search(r"^  2\s+PaddedConv\s+a torch.nn.Conv2d subclass with its own forward", proc.stdout, re.MULTILINE)
+    assert "verify: OK, 1 layer agrees" in proc.stdout and "ours within 4x torch's own error" in proc.stdout
+    assert _cli("verify", "subclassed:build", "--input-shape", "2,3,9,9", "--ratio", "0", cwd=tmp_path).returncode == 2
+
+
 def test_verify_cli_usage_errors(capsys):
     from torch_manualgrad.__main__ import main
 

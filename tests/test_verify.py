@@ -1,5 +1,5 @@
-"""Tests of the unconverted-layer list (convert.unconverted, convert(strict=True)) on models shaped like
-benchmarks/models.py's and timm's subclassed convs."""
+"""Tests of verify's judgement (float64 truth along each float32 run's branches, ours against torch's own
+error) on ResNet/Inception/EfficientNet-shaped models, planted 1% errors, and the unconverted-layer list."""
 import collections
 import copy
 import importlib.util
@@ -35,6 +35,219 @@ def _small(name, train, device="cpu", **kwargs):
              "inception_v3": dict(width=0.25, depth_a=1, depth_c=1),
              "efficientnet_b0": dict(width=0.25, depth=0.34)}
     return getattr(models, name)(num_classes=10, **dict(sizes[name], **kwargs)).train(train).to(device)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by `factor` (a planted backward error)."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+def _plant(monkeypatch, output=1.0, weight_grad=1.0):
+    """Make our Conv2d wrong, but only in layers marked `planted` (the mark survives verify's deep copies;
+    the torch.nn reference never runs this code)."""
+    right = tmg.nn.Conv2d._conv_forward
+
+    def wrong(self, input, weight, bias):
+        if not getattr(self, "planted", False):
+            return right(self, input, weight, bias)
+        return right(self, input, _ScaleGrad.apply(weight, weight_grad), bias) * output
+
+    monkeypatch.setattr(tmg.nn.Conv2d, "_conv_forward", wrong)
+
+
+# ------------------------------------------------------------------------------ correct conversions are OK
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["resnet50", "efficientnet_b0"])
+def test_old_false_alarms_in_train_mode_are_ok(name, device):
+    # Deep nets in train mode at batch 2: rounding picks ReLU branches, batch norm cancels some gradients
+    # to ~0. The old verify (ours against torch's float32, max-relative, rtol 1e-4) failed both.
+    result = verify_function(_small(name, True, device), _input(device=device))
+    assert result.ok, result.report()
+    params = {c.name: c for c in result.end_to_end}["parameter gradients"]
+    assert params.max_rel > 1e-4  # ours and torch's float32 do differ by what the old rule called a failure
+    assert params.error < 1e-3 and params.tolerance_used < 1  # but ours is as close to the truth as torch's
+    assert all(layer.ok and layer.output_error < 1e-5 for layer in result.layers)
+    assert "verify: OK" in result.report()
+
+
+def test_near_zero_gradients_are_called_ill_conditioned_not_failed():
+    # EfficientNet's projection batch norm feeds a 1x1 conv and another batch norm in train mode, which
+    # removes any per-channel shift: the true gradient of the bias is zero up to rounding.
+    result = verify_function(_small("efficientnet_b0", True), _input())
+    params = {c.name: c for c in result.end_to_end}["parameter gradients"]
+    ill = dict(params.ill_conditioned)
+    assert "blocks.1.project.1.bias" in ill, params.ill_conditioned
+    assert "near zero" in ill["blocks.1.project.1.bias"]
+    assert "ill-conditioned" in result.report() and result.ok
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", ["resnet18", "inception_v3"])
+def test_resnet18_and_inception_are_ok(name, train):
+    size = 75 if name == "inception_v3" else 64
+    result = verify_function(_small(name, train), _input(size))
+    assert result.ok, result.report()
+    kinds = collections.Counter(layer.type for layer in result.layers)
+    assert kinds == ({"Conv2d": 20, "MaxPool2d": 1} if name == "resnet18" else {"Conv2d": 24})
+
+
+def test_following_branches_removes_the_drift():
+    # One ReLU input of this net sits so close to 0 that float32 and float64 put it on different sides:
+    # that one element moves torch's own float32 gradients ~1e-2 away from an unguided float64 run. The
+    # float64 run that takes torch's float32 branches is ~1e-6 away, torch's rounding alone.
+    model, x = _small("resnet18", True, width=0.5), _input(96)
+    ref_run = verify_module._run_model(copy.deepcopy(model), (x,), {}, [], 0, False, verify_module._Branches())
+    wide = copy.deepcopy(model).double()
+    free = verify_module._run_model(copy.deepcopy(wide), (x.double(),), {}, [], 0, False)
+    follow = verify_module._run_model(copy.deepcopy(wide), (x.double(),), {}, [], 0, False,
+                                      verify_module._Branches(replay=ref_run.branches.decisions,
+                                                              draw_dtype=torch.float32))
+    assert follow.branches.flips["activation"] > 0 and not follow.branches.lost
+
+    def error(run, truth):  # the median over parameter tensors of torch's relative error
+        errors = sorted(float((run.param_grads[n] - truth.param_grads[n]).norm() / truth.param_grads[n].norm())
+                        for n in run.param_grads)
+        return errors[len(errors) // 2]
+
+    assert error(ref_run, follow) < 1e-5 and error(ref_run, free) > 100 * error(ref_run, follow)
+
+
+# ------------------------------------------------------------------------------ planted errors are caught
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("where", ["output", "weight_grad"])
+def test_planted_one_percent_error_in_one_resnet18_conv_is_named(monkeypatch, where, train, device):
+    _plant(monkeypatch, **{where: 1.01})
+    model = _small("resnet18", train, device)
+    model.layer2[0].conv1.planted = True
+    result = verify_function(model, _input(device=device))
+    assert not result.ok
+    assert [layer.name for layer in result.failed] == ["layer2.0.conv1"], result.report()
+    bad = result.failed[0]
+    if where == "output":
+        assert 5e-3 < bad.output_error < 2e-2 and bad.output_error_torch < 1e-6
+    else:
+        assert bad.grad_worst == "weight" and 5e-3 < bad.grad_error < 2e-2
+        assert bad.output_error < 1e-6  # the forward is right
+    assert bad.tolerance_used > 100  # not a close call
+    assert "verify: FAILED (layer2.0.conv1)" in result.report()
+
+
+def test_planted_error_in_a_depthwise_conv_of_efficientnet_is_named(monkeypatch):
+    _plant(monkeypatch, weight_grad=1.01)
+    model = _small("efficientnet_b0", True)
+    model.blocks[2].depthwise[0].planted = True
+    result = verify_function(model, _input())
+    assert [layer.name for layer in result.failed] == ["blocks.2.depthwise.0"], result.report()
+
+
+def test_ratio_and_rtol_set_the_allowance(monkeypatch):
+    _plant(monkeypatch, output=1 + 5e-5)  # 5e-5 relative: above the float32 floor (1e-5), far above rounding
+    model = _small("resnet18", False)
+    model.conv1.planted = True
+    result = verify_function(model, _input())
+    assert [layer.name for layer in result.failed] == ["conv1"]
+    assert verify_function(model, _input(), rtol=1e-4).ok  # a looser floor
+    assert verify_function(model, _input(), ratio=1000).ok  # or 1000 x torch's ~2e-7
+    with pytest.raises(ValueError, match="ratio"):
+        verify_function(model, _input(), ratio=0)
+
+
+# ------------------------------------------------------------------------------ float64 and random draws
+
+def test_float64_model_uses_a_float32_probe():
+    # In float64 there is no higher precision: torch's float64 run is the truth, and the allowance for a
+    # near-zero gradient comes from torch's own float32 error on it, scaled to float64.
+    model = _small("efficientnet_b0", True).double()
+    result = verify_function(model, _input(dtype=torch.float64))
+    assert result.ok, result.report()
+    params = {c.name: c for c in result.end_to_end}["parameter gradients"]
+    assert params.ill_conditioned and params.max_rel > 1e-9  # the old float64 rule would have failed
+    assert any("float32 probe" in note or "probe run" in note for note in result.notes)
+
+
+def test_float64_model_still_catches_a_small_error(monkeypatch):
+    _plant(monkeypatch, output=1 + 1e-6)
+    model = _small("resnet18", True).double()
+    model.layer3[1].conv2.planted = True
+    result = verify_function(model, _input(dtype=torch.float64))
+    assert [layer.name for layer in result.failed] == ["layer3.1.conv2"], result.report()
+
+
+class _NoisyNet(torch.nn.Module):
+    """Conv, multiplicative uniform noise from torch.rand_like, dropout, max-pool: random draws a float64
+    run must see in float32 (torch.rand in float64 draws other numbers from the same seed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.pool = torch.nn.MaxPool2d(2)
+        self.conv2 = torch.nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        y = y * (0.5 + torch.rand_like(y))
+        y = F.dropout(torch.relu(y), 0.3, self.training)
+        noise = torch.empty_like(y).uniform_(0.9, 1.1)
+        return self.conv2(self.pool(y * noise))
+
+
+def test_random_draws_match_in_the_float64_runs():
+    torch.manual_seed(0)
+    result = verify_function(_NoisyNet().train(), _input(16))
+    assert result.ok, result.report()
+    out = result.end_to_end[0]
+    assert out.error_torch < 1e-5  # torch's float32 against a float64 run that drew the same numbers
+    torch.manual_seed(0)
+    x32 = torch.rand(1000)
+    torch.manual_seed(0)
+    assert not torch.equal(torch.rand(1000, dtype=torch.float64).float(), x32)  # why it has to
+
+
+# ------------------------------------------------------------------------------ following branches
+
+def test_branches_replay_relu_and_max_pool_decisions():
+    x32 = torch.tensor([[[[1e-8, -1.0, 2.0, 2.0 + 1e-6]]]])
+    x64 = torch.tensor([[[[-1e-8, -1.0, 2.0 + 1e-6, 2.0]]]], dtype=torch.float64, requires_grad=True)
+
+    def net(x):
+        return F.max_pool2d(F.relu(x), (1, 2)), torch.nn.ReLU6()(x - 1.5), F.leaky_relu(x, 0.1)
+
+    record = verify_module._Branches()
+    with record:
+        net(x32)
+    assert [kind for kind, _ in record.decisions] == ["relu", "max_pool", "hardtanh", "leaky_relu"]
+    replay = verify_module._Branches(replay=record.decisions)
+    with replay:
+        pooled, clipped, leaky = net(x64)
+    # relu keeps x32's sign (x64's -1e-8 passes through), the max-pool x32's argmax (index 3, not 2)
+    assert pooled.tolist() == [[[[-1e-8, 2.0]]]]
+    assert clipped.flatten().tolist() == pytest.approx([0.0, 0.0, 0.5 + 1e-6, 0.5], abs=1e-12)
+    assert leaky[0, 0, 0, 0].item() == -1e-8  # the positive branch, as in float32
+    # both windows: the first sees the forced relu's [-1e-8, 0], whose own maximum is the 0
+    assert replay.flips["activation"] == 2 and replay.flips["max_pool"] == 2
+    pooled.sum().backward()
+    assert x64.grad[0, 0, 0].tolist() == [1.0, 0.0, 0.0, 1.0]  # through the recorded branches only
+
+
+def test_branches_stop_following_when_the_calls_differ():
+    record = verify_module._Branches()
+    with record:
+        F.relu(torch.randn(3))
+    replay = verify_module._Branches(replay=record.decisions)
+    with replay:
+        F.relu(torch.randn(4, dtype=torch.float64))
+    assert "does not match" in replay.lost and replay.flips["activation"] == 0
 
 
 # ------------------------------------------------------------------------------ layers left unconverted
@@ -134,3 +347,48 @@ def test_parametrized_layers_are_converted_and_reverted():
     assert type(hooked) is tmg.nn.Conv2d and unconverted(hooked) == []
 
 
+def test_verify_checks_parametrized_layers_against_torch():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.utils.parametrizations.weight_norm(torch.nn.Conv2d(3, 4, 3)),
+                                torch.nn.ReLU(),
+                                torch.nn.utils.parametrizations.spectral_norm(torch.nn.Conv2d(4, 4, 3)))
+    result = verify_function(model.train(), _input(10))
+    assert result.ok and [layer.name for layer in result.layers] == ["0", "2"], result.report()
+    assert result.layers[0].grad_worst in ("input", "parametrizations.weight.original0",
+                                           "parametrizations.weight.original1", "bias")
+
+
+def test_verify_flags_a_wrong_parametrized_layer(monkeypatch):
+    _plant(monkeypatch, output=1.01)
+    model = torch.nn.Sequential(torch.nn.utils.parametrizations.weight_norm(torch.nn.Conv2d(3, 4, 3)))
+    model[0].planted = True
+    result = verify_function(model, _input(10))
+    assert [layer.name for layer in result.failed] == ["0"], result.report()
+
+
+def test_verify_lists_unconverted_layers_and_functional_calls():
+    torch.manual_seed(0)
+    result = verify_function(_mixed_net(), _input(8))
+    assert result.ok, result.report()
+    assert [layer.name for layer in result.layers] == ["plain", "norm", "spectral", "pool"]
+    assert [r.name for r in result.unconverted] == list(EXPECTED)  # Conv2dSame's own F.conv2d not listed twice
+    report = result.report()
+    assert "not converted (5; these run on torch's kernels and are not checked):" in report
+    assert re.search(r"^  same\s+Conv2dSame\s+a torch.nn.Conv2d subclass with its own forward", report, re.MULTILINE)
+    assert report.rstrip().endswith("; 5 not converted")
+
+    # Inception's max-pools are F.max_pool2d calls in forward: listed by the module that makes them
+    inception = verify_function(_small("inception_v3", False), _input(75))
+    calls = {(r.name, r.type): r.reason for r in inception.unconverted}
+    assert set(calls) == {("", "F.max_pool2d"), ("Mixed_6a", "F.max_pool2d")}
+    assert calls[("", "F.max_pool2d")].startswith("called in forward (2 calls)")
+    assert re.search(r"^  \(model\)\s+F.max_pool2d\s+called in forward", inception.report(), re.MULTILINE)
+
+
+def test_efficientnet_with_tf_same_padding_lists_its_convs():
+    model = _small("efficientnet_b0", False, tf_same=True)
+    result = verify_function(model, _input())
+    assert result.ok, result.report()
+    same = [r for r in result.unconverted if r.type == "Conv2dSame"]
+    assert len(same) == sum(isinstance(m, models.Conv2dSame) for m in model.modules()) > 20
+    assert {layer.name.rsplit(".", 1)[-1] for layer in result.layers} == {"conv_reduce", "conv_expand"}
