@@ -15,49 +15,101 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <numeric>
 #include <vector>
 
 namespace manualgrad {
 namespace {
 
-// First in-bounds tap of a window starting at `start` (torch starts its argmax there).
-inline int64_t first_inside(int64_t start, int64_t dilation) {
-  return start >= 0 ? start : start + ceil_div(-start, dilation) * dilation;
-}
+// The forward's scratch is bounded whatever the geometry: a plane is swept in chunks of output columns,
+// each input row a chunk reads is laid out as phases (below) in a small ring of rows, and a geometry
+// whose phases would mostly go unread (a stride far above the kernel, a dilation that is a multiple of
+// the stride) skips them for a direct loop over each window's in-bounds taps.
+constexpr int64_t kChunkSlots = 8192;    // input columns one chunk of output columns reaches, about
+constexpr int64_t kRingSlots = 1 << 17;  // elements in the whole ring: 0.5 MB in float32, 1 MB in float64
 
-// Per-thread scratch for one plane. Each input row is stored as `stride_w` phases, phase r holding
-// the padded row's columns r, r + stride, r + 2*stride, ...; then every window tap reads a contiguous
-// run of one phase, so the sweep over an output row is a plain, vectorisable loop. Columns outside the
-// input hold -inf: never strictly greater than anything, so padding can never become the argmax.
-// Only the kernel columns [tap_lo, tap_hi) that reach the input for some output are kept, so a huge
-// kernel over a small input costs no more than the input itself.
-template <typename scalar_t, typename index_t>
-struct PlaneScratch {
-  std::vector<scalar_t> phases;      // (H, stride_w, phase_len)
-  std::vector<scalar_t> padded_row;  // (stride_w * phase_len,) padded columns [base, base + stride_w*phase_len)
-  std::vector<scalar_t> best;        // (OW,) running maximum of the current output row
-  std::vector<index_t> best_index;
-  std::vector<int64_t> first_col;  // (OW,) first in-bounds column of each window: torch's initial argmax
-  int64_t tap_lo = 0, tap_hi = 0, base = 0, phase_len = 0;
+// The columns a dilated window spans, (kernel-1)*dilation + 1 (check_max_pool has ruled out overflow).
+inline int64_t window_extent(int64_t kernel, int64_t dilation) { return (kernel - 1) * dilation + 1; }
 
-  explicit PlaneScratch(const Geometry& g) {
-    const Window2d& w = g.win;
-    const int64_t reach = (g.out_w - 1) * w.stride_w;  // how far right the last output's window starts
-    tap_lo = w.pad_w - reach <= 0 ? 0 : ceil_div(w.pad_w - reach, w.dilation_w);
-    tap_hi = std::max(tap_lo, std::min(w.kernel_w, (g.in_w - 1 + w.pad_w) / w.dilation_w + 1));
-    base = tap_lo * w.dilation_w;
-    const int64_t span = tap_hi > tap_lo ? reach + (tap_hi - 1 - tap_lo) * w.dilation_w + 1 : 0;
-    phase_len = ceil_div(span, w.stride_w);
-    phases.resize(g.in_h * w.stride_w * phase_len);
-    padded_row.resize(w.stride_w * phase_len);
-    best.resize(g.out_w);
-    best_index.resize(g.out_w);
-    first_col.resize(g.out_w);
-    for (int64_t ow = 0; ow < g.out_w; ++ow) first_col[ow] = first_inside(ow * w.stride_w - w.pad_w, w.dilation_w);
-  }
+// How a geometry's planes are swept, the same for every plane.
+struct PoolPlan {
+  bool phases = false;    // the phase sweep, or the direct per-output loop
+  int64_t chunk = 1;      // output columns per chunk
+  int64_t row_slots = 0;  // room for one input row's phases within a chunk
+  int64_t ring_rows = 1;  // input rows the ring holds
 };
 
-// The innermost sweep: one window tap across a whole output row. Kept branch-free so that it
+PoolPlan plan_pool(const Geometry& g) {
+  const Window2d& w = g.win;
+  const int64_t s = w.stride_w, d = w.dilation_w;
+  PoolPlan plan;
+  if (s > kRingSlots) return plan;
+  // Kernel columns that land inside the input for some output: the hull of the first and last windows.
+  int64_t lo_last, hi_last, lo_first, hi_first;
+  taps_inside((g.out_w - 1) * s - w.pad_w, w.kernel_w, d, g.in_w, lo_last, hi_last);
+  taps_inside(-w.pad_w, w.kernel_w, d, g.in_w, lo_first, hi_first);
+  const int64_t taps = std::max<int64_t>(0, hi_first - lo_last);
+  // Tap j reads phase (j*d) mod s; fewer than a quarter of the phases read means mostly wasted copies.
+  const int64_t phases_read = std::min(taps, s / std::gcd(s, d));
+  if (4 * phases_read < s) return plan;
+  plan.chunk = std::clamp<int64_t>(kChunkSlots / s, 1, g.out_w);
+  // A chunk's columns (see make_chunk), rounded up to whole phases.
+  const int64_t reach = (plan.chunk - 1) * s;
+  plan.row_slots = reach + std::min(window_extent(w.kernel_w, d), g.in_w + reach) + s;
+  if (plan.row_slots > kRingSlots) return plan;
+  plan.phases = true;
+  // Enough rows for a whole window (its rows are then distinct modulo the ring), if they fit.
+  const int64_t window_rows = std::min(g.in_h, window_extent(w.kernel_h, w.dilation_h));
+  plan.ring_rows = std::clamp<int64_t>(kRingSlots / plan.row_slots, 1, window_rows);
+  return plan;
+}
+
+// Output columns [ow0, ow1) of a plane, and the kernel columns [tap_lo, tap_hi) that land inside the
+// input for at least one of them (the later a window starts, the lower its first and last taps inside).
+// Slot t of a chunk's row is input column col0 + t, stored as phases of `len` slots each (see fill_row).
+struct Chunk {
+  int64_t ow0 = 0, ow1 = 0, tap_lo = 0, tap_hi = 0, col0 = 0, len = 0;
+  int64_t count() const { return ow1 - ow0; }
+  bool empty() const { return tap_hi <= tap_lo; }
+};
+
+Chunk make_chunk(const Geometry& g, int64_t ow0, int64_t ow1) {
+  const Window2d& w = g.win;
+  Chunk c;
+  c.ow0 = ow0;
+  c.ow1 = ow1;
+  int64_t unused;
+  taps_inside((ow1 - 1) * w.stride_w - w.pad_w, w.kernel_w, w.dilation_w, g.in_w, c.tap_lo, unused);
+  taps_inside(ow0 * w.stride_w - w.pad_w, w.kernel_w, w.dilation_w, g.in_w, unused, c.tap_hi);
+  if (c.empty()) return c;
+  // Output ow0's tap tap_lo lies at most (ow1-1-ow0)*stride left of column 0 (output ow1-1's is inside),
+  // its tap tap_hi-1 at most in_w-1: so span <= in_w + 2*(ow1-1-ow0)*stride, within plan.row_slots.
+  c.col0 = ow0 * w.stride_w - w.pad_w + c.tap_lo * w.dilation_w;
+  const int64_t span = (ow1 - 1 - ow0) * w.stride_w + (c.tap_hi - 1 - c.tap_lo) * w.dilation_w + 1;
+  c.len = ceil_div(span, w.stride_w);
+  return c;
+}
+
+// Per-task scratch for the phase sweep. Each input row a chunk reads is stored as `stride_w` phases,
+// phase r holding slots r, r + stride, r + 2*stride, ...; then every window tap reads a contiguous run
+// of one phase, so the sweep over the chunk's outputs is a plain, vectorisable loop. Slots outside the
+// input hold -inf: never strictly greater than anything, so padding can never become the argmax.
+template <typename scalar_t, typename index_t>
+struct PhaseScratch {
+  std::vector<scalar_t> ring;   // (ring_rows, stride_w, len): input rows as phases
+  std::vector<int64_t> held;    // (ring_rows,) the input row each ring row holds for the current chunk, or -1
+  std::vector<scalar_t> padded; // (stride_w * len,) one row's slots before de-interleaving
+  std::vector<scalar_t> best;   // (chunk,) running maximum of the current output row's chunk
+  std::vector<index_t> best_index;
+  std::vector<int64_t> first_col;  // (chunk,) first in-bounds column of each window (torch's initial argmax), or -1
+  int64_t first_col_of = -1;       // the ow0 first_col was computed for
+
+  explicit PhaseScratch(const PoolPlan& plan)
+      : ring(plan.ring_rows * plan.row_slots), held(plan.ring_rows), padded(plan.row_slots), best(plan.chunk),
+        best_index(plan.chunk), first_col(plan.chunk) {}
+};
+
+// The innermost sweep: one window tap across a run of outputs. Kept branch-free so that it
 // vectorises; `index_at_zero + stride * ow` is the flat input index the tap reads for output ow.
 template <typename scalar_t, typename index_t>
 MANUALGRAD_VECTOR_CLONES void sweep_tap(scalar_t* __restrict best, index_t* __restrict best_index, const scalar_t* __restrict values,
@@ -84,9 +136,7 @@ MANUALGRAD_VECTOR_CLONES void sweep_tap_values(scalar_t* __restrict best, const 
 template <typename scalar_t>
 MANUALGRAD_VECTOR_CLONES void deinterleave(scalar_t* __restrict phases, const scalar_t* __restrict padded, int64_t s,
                                            int64_t len) {
-  if (s == 1) {
-    std::copy(padded, padded + len, phases);
-  } else if (s == 2) {  // the common stride, spelled out so that it vectorises
+  if (s == 2) {  // the common stride, spelled out so that it vectorises
     for (int64_t k = 0; k < len; ++k) {
       phases[k] = padded[2 * k];
       phases[len + k] = padded[2 * k + 1];
@@ -97,56 +147,109 @@ MANUALGRAD_VECTOR_CLONES void deinterleave(scalar_t* __restrict phases, const sc
   }
 }
 
-// One (H, W) plane → its (OH, OW) maxima and, unless `indices` is null, their flat indices. Taps are
-// applied in row-major order for every output, which is what fixes the tie and NaN rules.
+// Input row `row` (in_w values) → the chunk's slots as phases: slot t is column col0 + t, -inf outside
+// the row. Only offsets inside the row are ever formed. Stride 1 has a single phase, written directly.
 template <typename scalar_t, typename index_t>
-void max_pool_plane(scalar_t* output, int64_t* indices, const scalar_t* input, const Geometry& g,
-                    PlaneScratch<scalar_t, index_t>& scratch) {
-  const Window2d& w = g.win;
-  const int64_t s = w.stride_w, len = scratch.phase_len;
+void fill_row(scalar_t* phases, const scalar_t* row, const Chunk& c, const Geometry& g,
+              PhaseScratch<scalar_t, index_t>& scratch) {
+  const int64_t s = g.win.stride_w, slots = s * c.len;
   const scalar_t minus_inf = -std::numeric_limits<scalar_t>::infinity();
-  const int64_t row_len = s * len;
-  const int64_t left = std::clamp<int64_t>(w.pad_w - scratch.base, 0, row_len);  // first slot inside the input
-  const int64_t right = std::clamp<int64_t>(w.pad_w - scratch.base + g.in_w, left, row_len);
-  for (int64_t ih = 0; ih < g.in_h; ++ih) {
-    // The padded row: slot t holds input column t + base - pad_w, or -inf outside the input.
-    scalar_t* padded = scratch.padded_row.data();
-    const scalar_t* row = input + ih * g.in_w + (scratch.base - w.pad_w);
-    std::fill(padded, padded + left, minus_inf);
-    std::copy(row + left, row + right, padded + left);
-    std::fill(padded + right, padded + row_len, minus_inf);
-    deinterleave(scratch.phases.data() + ih * row_len, padded, s, len);
-  }
+  const int64_t left = std::clamp<int64_t>(-c.col0, 0, slots);  // slots [left, right) lie inside the row
+  const int64_t right = std::clamp<int64_t>(g.in_w - c.col0, left, slots);
+  scalar_t* padded = s == 1 ? phases : scratch.padded.data();
+  std::fill(padded, padded + left, minus_inf);
+  std::copy(row + (c.col0 + left), row + (c.col0 + right), padded + left);
+  std::fill(padded + right, padded + slots, minus_inf);
+  if (s > 1) deinterleave(phases, padded, s, c.len);
+}
+
+// One chunk of one (H, W) plane → its maxima (output rows of out_w) and, unless `indices` is null, their
+// flat indices. Taps are applied in row-major order for every output, which fixes the tie and NaN rules.
+template <typename scalar_t, typename index_t>
+void max_pool_chunk(scalar_t* output, int64_t* indices, const scalar_t* input, const Geometry& g, const Chunk& c,
+                    PhaseScratch<scalar_t, index_t>& scratch) {
+  const Window2d& w = g.win;
+  const int64_t s = w.stride_w, len = c.len, count = c.count();
+  const int64_t ring_rows = static_cast<int64_t>(scratch.held.size()), row_slots = s * len;
+  const scalar_t minus_inf = -std::numeric_limits<scalar_t>::infinity();
   scalar_t* best = scratch.best.data();
   index_t* best_index = scratch.best_index.data();
+  if (scratch.first_col_of != c.ow0) {
+    for (int64_t m = 0; m < count; ++m) {
+      const int64_t start = (c.ow0 + m) * s - w.pad_w;
+      int64_t j_lo, j_hi;
+      taps_inside(start, w.kernel_w, w.dilation_w, g.in_w, j_lo, j_hi);
+      scratch.first_col[m] = j_lo < j_hi ? start + j_lo * w.dilation_w : -1;
+    }
+    scratch.first_col_of = c.ow0;
+  }
+  std::fill(scratch.held.begin(), scratch.held.end(), int64_t{-1});  // rows of another chunk or plane
   for (int64_t oh = 0; oh < g.out_h; ++oh) {
     const int64_t h_start = oh * w.stride_h - w.pad_h;
-    const int64_t first_row = first_inside(h_start, w.dilation_h);
-    for (int64_t ow = 0; ow < g.out_w; ++ow) {
-      best[ow] = minus_inf;
+    int64_t i_lo, i_hi;  // only the kernel rows that land inside the input
+    taps_inside(h_start, w.kernel_h, w.dilation_h, g.in_h, i_lo, i_hi);
+    const int64_t first_row = h_start + i_lo * w.dilation_h;
+    for (int64_t m = 0; m < count; ++m) {
+      best[m] = minus_inf;
       // A window whose taps all fall in the padding has no argmax: -1, torch's "none" (its output is
       // -inf and its gradient goes nowhere).
-      const bool empty = first_row >= g.in_h || scratch.first_col[ow] >= g.in_w;
-      best_index[ow] = empty ? index_t(-1) : static_cast<index_t>(first_row * g.in_w + scratch.first_col[ow]);
+      const bool empty = i_lo >= i_hi || scratch.first_col[m] < 0;
+      best_index[m] = empty ? index_t(-1) : static_cast<index_t>(first_row * g.in_w + scratch.first_col[m]);
     }
-    // only the kernel rows that land inside the input
-    int64_t i_lo, i_hi;
-    taps_inside(h_start, w.kernel_h, w.dilation_h, g.in_h, i_lo, i_hi);
-    for (int64_t i = i_lo; i < i_hi; ++i) {
+    for (int64_t i = i_lo; i < i_hi && !c.empty(); ++i) {
       const int64_t ih = h_start + i * w.dilation_h;
-      for (int64_t j = scratch.tap_lo; j < scratch.tap_hi; ++j) {
-        const int64_t c = j * w.dilation_w - scratch.base;  // slot of output 0's tap j in the padded row
-        const scalar_t* values = scratch.phases.data() + (ih * s + c % s) * len + c / s;
+      scalar_t* phases = scratch.ring.data() + (ih % ring_rows) * row_slots;
+      if (scratch.held[ih % ring_rows] != ih) {  // rows shared by neighbouring windows are laid out once
+        fill_row(phases, input + ih * g.in_w, c, g, scratch);
+        scratch.held[ih % ring_rows] = ih;
+      }
+      for (int64_t j = c.tap_lo; j < c.tap_hi; ++j) {
+        const int64_t slot = (j - c.tap_lo) * w.dilation_w;  // slot of output ow0's tap j
+        const scalar_t* values = phases + (slot % s) * len + slot / s;
         if (indices == nullptr) {
-          sweep_tap_values(best, values, g.out_w);
+          sweep_tap_values(best, values, count);
         } else {
-          sweep_tap(best, best_index, values, g.out_w, static_cast<index_t>(ih * g.in_w + j * w.dilation_w - w.pad_w),
+          sweep_tap(best, best_index, values, count, static_cast<index_t>(ih * g.in_w + c.col0 + slot),
                     static_cast<index_t>(s));
         }
       }
     }
-    std::copy(best, best + g.out_w, output + oh * g.out_w);
-    if (indices != nullptr) std::copy(best_index, best_index + g.out_w, indices + oh * g.out_w);
+    std::copy(best, best + count, output + oh * g.out_w + c.ow0);
+    if (indices != nullptr) std::copy(best_index, best_index + count, indices + oh * g.out_w + c.ow0);
+  }
+}
+
+// The fallback for geometries whose phases would mostly go unread: each output scans only the taps of
+// its window that lie inside the plane, in the same row-major order and with the same rules, so the
+// time is the number of those taps (plus a division or two per output), whatever the stride or dilation.
+template <typename scalar_t>
+void max_pool_plane_direct(scalar_t* output, int64_t* indices, const scalar_t* input, const Geometry& g) {
+  const Window2d& w = g.win;
+  for (int64_t oh = 0; oh < g.out_h; ++oh) {
+    const int64_t h_start = oh * w.stride_h - w.pad_h;
+    int64_t i_lo, i_hi;
+    taps_inside(h_start, w.kernel_h, w.dilation_h, g.in_h, i_lo, i_hi);
+    for (int64_t ow = 0; ow < g.out_w; ++ow) {
+      const int64_t w_start = ow * w.stride_w - w.pad_w;
+      int64_t j_lo, j_hi;
+      taps_inside(w_start, w.kernel_w, w.dilation_w, g.in_w, j_lo, j_hi);
+      scalar_t best = -std::numeric_limits<scalar_t>::infinity();
+      int64_t best_index = -1;
+      if (i_lo < i_hi && j_lo < j_hi) best_index = (h_start + i_lo * w.dilation_h) * g.in_w + w_start + j_lo * w.dilation_w;
+      for (int64_t i = i_lo; i < i_hi && j_lo < j_hi; ++i) {
+        const int64_t row = (h_start + i * w.dilation_h) * g.in_w;
+        for (int64_t j = j_lo; j < j_hi; ++j) {
+          const int64_t at = row + w_start + j * w.dilation_w;
+          const scalar_t v = input[at];
+          if ((v > best) | (v != v)) {
+            best = v;
+            best_index = at;
+          }
+        }
+      }
+      output[oh * g.out_w + ow] = best;
+      if (indices != nullptr) indices[oh * g.out_w + ow] = best_index;
+    }
   }
 }
 
@@ -206,10 +309,23 @@ void max_pool_planes(scalar_t* out, int64_t* idx, const scalar_t* in, const Geom
     });
     return;
   }
+  const PoolPlan plan = plan_pool(g);
+  if (!plan.phases) {
+    at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p)
+        max_pool_plane_direct(out + p * out_plane, idx == nullptr ? nullptr : idx + p * out_plane, in + p * in_plane, g);
+    });
+    return;
+  }
   at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
-    PlaneScratch<scalar_t, index_t> scratch(g);
-    for (int64_t p = begin; p < end; ++p)
-      max_pool_plane(out + p * out_plane, idx == nullptr ? nullptr : idx + p * out_plane, in + p * in_plane, g, scratch);
+    PhaseScratch<scalar_t, index_t> scratch(plan);
+    for (int64_t p = begin; p < end; ++p) {
+      for (int64_t ow0 = 0; ow0 < g.out_w; ow0 += plan.chunk) {
+        const Chunk c = make_chunk(g, ow0, std::min(g.out_w, ow0 + plan.chunk));
+        max_pool_chunk(out + p * out_plane, idx == nullptr ? nullptr : idx + p * out_plane, in + p * in_plane, g, c,
+                       scratch);
+      }
+    }
   });
 }
 
@@ -228,8 +344,9 @@ std::tuple<at::Tensor, at::Tensor> max_pool_forward_cpu(const at::Tensor& input_
                                        : at::empty({0}, input.options().dtype(at::kLong));
   if (output.numel() == 0) return {output, indices};
   // 32-bit indices inside the sweep keep twice as many lanes per vector; planes past 2^31 use 64.
-  // (every index a sweep forms, even for padding lanes, lies within a plane plus one output row's reach)
-  const bool small_plane = g.in_h * g.in_w + g.out_w * g.win.stride_w + g.in_w < (int64_t{1} << 31);
+  // (every index a sweep forms, even for padding lanes, lies within a plane plus one chunk's reach,
+  // less than kChunkSlots)
+  const bool small_plane = g.in_h * g.in_w + kRingSlots < (int64_t{1} << 31);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "max_pool_forward_cpu", [&] {
     const scalar_t* in = input.data_ptr<scalar_t>();
     scalar_t* out = output.data_ptr<scalar_t>();
