@@ -1,18 +1,23 @@
-// depthwise_cpu.cpp — depthwise convolution on the CPU computed directly, tap by tap, on the input and
-// gradient planes themselves (the same sums as im2col + GEMM, without the columns or a padded copy).
+// depthwise_cpu.cpp — depthwise convolution on the CPU computed directly, tap by tap (the same sums as
+// im2col + GEMM, without the columns).
 //   forward:      out[n, oc]      = bias[oc] + sum over taps (i, j) of w[oc, i, j] × the input slice tap (i, j) sees
 //   grad_input:   grad_in[n, c]   = each tap adds w[oc, i, j] × grad_out[n, oc] back into its slice
 //   grad_weight:  grad_w[oc, i, j] = sum over images and positions of grad_out × the slice tap (i, j) saw
 // Each task owns its output planes (forward, grad_input) or output channels (grad_weight) and sums in a
 // fixed order, so results do not depend on the thread count.
-// A tap that falls in the padding would add weight × 0, which changes no finite sum (the sums start at
-// +0 or the bias, so not even the sign of a zero), so only the taps inside the input are visited: time
-// and memory follow the work, not the padding, stride or dilation.
+// Taps that fall in the padding are skipped, as torch's kernels do (so an infinite weight or gradient
+// does not turn the border into NaN): time and memory follow the taps inside the input, not the padding,
+// stride or dilation. For speed, the forward and the weight gradient read each chunk of output columns'
+// input rows from a small ring of zero-padded copies, so every tap sweeps the whole chunk as one
+// vectorised run; a zero there adds weight × 0 = ±0, which changes no sum (only the sign of a zero
+// forward sum that starts from a bias of -0), and a tap whose factor is not finite takes the exact
+// in-bounds run instead. Which path a tap takes depends on the geometry and values alone.
 #include "depthwise_cpu.h"
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "../window_taps.h"
@@ -54,82 +59,199 @@ MANUALGRAD_VECTOR_CLONES void scatter_row(scalar_t* __restrict in, const scalar_
 template <typename scalar_t>
 MANUALGRAD_VECTOR_CLONES void dot_row(scalar_t* __restrict acc, const scalar_t* __restrict grad,
                                       const scalar_t* __restrict in, int64_t count, int64_t stride) {
-  for (int64_t ow = 0; ow < count; ++ow) acc[ow] += grad[ow] * in[ow * stride];
+  if (stride == 1) {
+    for (int64_t ow = 0; ow < count; ++ow) acc[ow] += grad[ow] * in[ow];
+  } else {
+    for (int64_t ow = 0; ow < count; ++ow) acc[ow] += grad[ow] * in[ow * stride];
+  }
 }
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC pop_options
 #endif
 
-// A kernel column j that lands inside the input for some output column: it reads input column
-// ow*stride + offset for the output columns ow in [lo, hi), and lies in the padding for the rest.
-struct TapColumns {
-  int64_t j, offset, lo, hi;
-};
-
-// The kernel columns with at least one output column inside the input (the hull between the first
-// and the last output column's windows, less those that the stride steps over), computed once per call.
-std::vector<TapColumns> tap_columns(const Geometry& g) {
-  const Window2d& w = g.win;
-  int64_t j_lo, j_hi, unused;
-  taps_inside((g.out_w - 1) * w.stride_w - w.pad_w, w.kernel_w, w.dilation_w, g.in_w, j_lo, unused);
-  taps_inside(-w.pad_w, w.kernel_w, w.dilation_w, g.in_w, unused, j_hi);
-  std::vector<TapColumns> columns;
-  for (int64_t j = j_lo; j < j_hi; ++j) {
-    const int64_t offset = j * w.dilation_w - w.pad_w;
-    const int64_t lo = std::min(g.out_w, offset >= 0 ? 0 : ceil_div(-offset, w.stride_w));
-    const int64_t hi = std::min(g.out_w, g.in_w - 1 - offset >= 0 ? (g.in_w - 1 - offset) / w.stride_w + 1 : 0);
-    if (lo < hi) columns.push_back({j, offset, lo, hi});
-  }
-  return columns;
+// Finite values give x - x == 0; inf and NaN give NaN.
+template <typename scalar_t>
+MANUALGRAD_VECTOR_CLONES bool all_finite(const scalar_t* __restrict v, int64_t count) {
+  int bad = 0;
+  for (int64_t k = 0; k < count; ++k) bad |= !(v[k] - v[k] == scalar_t(0));
+  return bad == 0;
 }
 
-// Every (output row, kernel tap) pair of one plane whose tap lands inside the input, in a fixed order
-// (output row, then tap row-major), clipped to output columns [ow0, ow1): f(row, lo, count, at, tap)
-// for outputs row + [lo, lo + count) reading input elements at, at + stride_w, ... of the plane, with
-// weight tap = i*KW + j.
+constexpr int64_t kChunkSlots = 8192;    // input columns one chunk of output columns reaches, about
+constexpr int64_t kRingSlots = 1 << 17;  // elements of a task's ring of padded rows
+constexpr int64_t kPartialSums = 1 << 16;  // the weight gradient's partial sums per task, or one per tap
+
+// The columns a dilated window spans, (kernel-1)*dilation + 1 (check_conv has ruled out overflow).
+inline int64_t window_extent(int64_t kernel, int64_t dilation) { return (kernel - 1) * dilation + 1; }
+
+// How a geometry's planes are swept: chunks of output columns, and whether each chunk's input rows are
+// copied into a ring of padded rows (not when the stride or dilation would make the copies wasteful).
+struct RowPlan {
+  int64_t chunk = 1;       // output columns per chunk
+  bool padded_rows = false;
+  int64_t row_slots = 0;   // room for one chunk's span (window_taps.h's column_chunk)
+  int64_t ring_rows = 1;
+};
+
+RowPlan plan_rows(const Geometry& g, int64_t max_chunk) {
+  const Window2d& w = g.win;
+  const int64_t s = w.stride_w;
+  RowPlan plan;
+  plan.chunk = std::clamp<int64_t>(std::min(kChunkSlots / s, max_chunk), 1, g.out_w);
+  const ColumnChunk all = column_chunk(0, g.out_w, s, w.pad_w, w.kernel_w, w.dilation_w, g.in_w);
+  if (s > kRingSlots || all.empty() || !columns_mostly_read(all.tap_hi - all.tap_lo, s, w.dilation_w)) return plan;
+  const int64_t reach = (plan.chunk - 1) * s;
+  plan.row_slots = reach + std::min(window_extent(w.kernel_w, w.dilation_w), g.in_w + reach);
+  if (plan.row_slots > kRingSlots) return plan;
+  plan.padded_rows = true;
+  // Enough rows for a whole window (its rows are then distinct modulo the ring), if they fit.
+  const int64_t window_rows = std::min(g.in_h, window_extent(w.kernel_h, w.dilation_h));
+  plan.ring_rows = std::clamp<int64_t>(kRingSlots / plan.row_slots, 1, window_rows);
+  return plan;
+}
+
+// Zero-padded copies of the input rows one chunk reads: slot t of a row is input column col0 + t. Rows
+// are kept in a ring (row ih in place ih mod ring_rows), so the rows neighbouring output rows share are
+// copied once.
+template <typename scalar_t>
+class PaddedRows {
+ public:
+  explicit PaddedRows(const RowPlan& plan)
+      : ring_(plan.padded_rows ? plan.ring_rows * plan.row_slots : 0), held_(plan.ring_rows), slots_(plan.row_slots) {}
+
+  // A new plane or chunk: nothing held.
+  void start(const scalar_t* plane, const ColumnChunk& c) {
+    plane_ = plane;
+    chunk_ = c;
+    std::fill(held_.begin(), held_.end(), int64_t{-1});
+  }
+
+  const scalar_t* row(int64_t ih, int64_t in_w) {
+    const int64_t place = ih % static_cast<int64_t>(held_.size());
+    scalar_t* r = ring_.data() + place * slots_;
+    if (held_[place] != ih) {
+      const int64_t left = std::clamp<int64_t>(-chunk_.col0, 0, chunk_.span);  // slots [left, right) are inside
+      const int64_t right = std::clamp<int64_t>(in_w - chunk_.col0, left, chunk_.span);
+      const scalar_t* src = plane_ + ih * in_w;
+      std::fill(r, r + left, scalar_t(0));
+      std::copy(src + (chunk_.col0 + left), src + (chunk_.col0 + right), r + left);
+      std::fill(r + right, r + chunk_.span, scalar_t(0));
+      held_[place] = ih;
+    }
+    return r;
+  }
+
+ private:
+  std::vector<scalar_t> ring_;  // (ring_rows, row_slots)
+  std::vector<int64_t> held_;   // (ring_rows,) the input row each place holds, or -1
+  int64_t slots_;
+  const scalar_t* plane_ = nullptr;
+  ColumnChunk chunk_;
+};
+
+// For each kernel column j of the row's hull, the output columns [lo, lo + count) whose input column
+// ow*stride + offset lies inside the input, computed once per call: the exact in-bounds runs.
+struct TapRun {
+  int64_t j, lo, count, at;  // at: the input column output lo reads
+};
+
+class TapColumns {
+ public:
+  explicit TapColumns(const Geometry& g) : stride_(g.win.stride_w) {
+    const Window2d& w = g.win;
+    hull_ = column_chunk(0, g.out_w, w.stride_w, w.pad_w, w.kernel_w, w.dilation_w, g.in_w);
+    for (int64_t j = hull_.tap_lo; j < hull_.tap_hi; ++j) {
+      const int64_t offset = j * w.dilation_w - w.pad_w;
+      const int64_t lo = std::min(g.out_w, offset >= 0 ? 0 : ceil_div(-offset, w.stride_w));
+      const int64_t hi = std::min(g.out_w, g.in_w - 1 - offset >= 0 ? (g.in_w - 1 - offset) / w.stride_w + 1 : 0);
+      runs_.push_back({j, lo, std::max<int64_t>(0, hi - lo), offset + lo * w.stride_w});
+    }
+  }
+
+  const std::vector<TapRun>& runs() const { return runs_; }
+
+  // Tap j's run cut to the outputs [ow0, ow1).
+  TapRun within(int64_t j, int64_t ow0, int64_t ow1) const {
+    TapRun r = runs_[j - hull_.tap_lo];
+    const int64_t lo = std::max(r.lo, ow0), hi = std::min(r.lo + r.count, ow1);
+    r.at += (lo - r.lo) * stride_;
+    r.lo = lo;
+    r.count = std::max<int64_t>(0, hi - lo);
+    return r;
+  }
+
+ private:
+  ColumnChunk hull_;
+  int64_t stride_;
+  std::vector<TapRun> runs_;
+};
+
+// Every (output row, kernel row) pair of a plane whose kernel row lands inside the input, in order:
+// f(oh, ih, i). The callers then take the kernel columns in order, so each output (or, scattering,
+// each input element) adds its terms tap by tap in row-major order.
 template <typename F>
-void for_each_tap_run(const Geometry& g, const std::vector<TapColumns>& columns, int64_t ow0, int64_t ow1, const F& f) {
+void for_each_kernel_row(const Geometry& g, const F& f) {
   const Window2d& w = g.win;
   for (int64_t oh = 0; oh < g.out_h; ++oh) {
     const int64_t h_start = oh * w.stride_h - w.pad_h;
     int64_t i_lo, i_hi;
     taps_inside(h_start, w.kernel_h, w.dilation_h, g.in_h, i_lo, i_hi);
-    for (int64_t i = i_lo; i < i_hi; ++i) {
-      const int64_t ih = h_start + i * w.dilation_h;
-      for (const TapColumns& c : columns) {
-        const int64_t lo = std::max(c.lo, ow0), hi = std::min(c.hi, ow1);
-        if (lo < hi) f(oh * g.out_w, lo, hi - lo, ih * g.in_w + c.offset + lo * w.stride_w, i * w.kernel_w + c.j);
-      }
-    }
+    for (int64_t i = i_lo; i < i_hi; ++i) f(oh, h_start + i * w.dilation_h, i);
   }
 }
 
 template <typename scalar_t>
 void forward_kernel(scalar_t* out, const scalar_t* in, const scalar_t* weight, const scalar_t* bias, const Geometry& g) {
-  const int64_t multiplier = g.out_channels / g.in_channels, taps = g.win.kernel_h * g.win.kernel_w;
-  const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w;
-  const std::vector<TapColumns> columns = tap_columns(g);
+  const Window2d& w = g.win;
+  const int64_t multiplier = g.out_channels / g.in_channels, taps = w.kernel_h * w.kernel_w;
+  const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w, s = w.stride_w;
+  const TapColumns columns(g);
+  const RowPlan plan = plan_rows(g, g.out_w);
   at::parallel_for(0, g.batch * g.in_channels, 1, [&](int64_t begin, int64_t end) {
+    PaddedRows<scalar_t> rows(plan);
     for (int64_t task = begin; task < end; ++task) {  // task = (n, c)
       const int64_t n = task / g.in_channels, c = task % g.in_channels;
       const scalar_t* plane = in + task * in_plane;
-      for (int64_t oc = c * multiplier; oc < (c + 1) * multiplier; ++oc) {
-        scalar_t* o = out + (n * g.out_channels + oc) * out_plane;
-        std::fill(o, o + out_plane, bias ? bias[oc] : scalar_t(0));
-        for_each_tap_run(g, columns, 0, g.out_w, [&](int64_t row, int64_t lo, int64_t count, int64_t at, int64_t tap) {
-          axpy_row(o + row + lo, plane + at, weight[oc * taps + tap], count, g.win.stride_w);
-        });
+      scalar_t* out_c = out + (n * g.out_channels + c * multiplier) * out_plane;  // (multiplier, OH, OW)
+      for (int64_t m = 0; m < multiplier; ++m)
+        std::fill(out_c + m * out_plane, out_c + (m + 1) * out_plane, bias ? bias[c * multiplier + m] : scalar_t(0));
+      for (int64_t ow0 = 0; ow0 < g.out_w; ow0 += plan.chunk) {
+        const ColumnChunk chunk =
+            column_chunk(ow0, std::min(g.out_w, ow0 + plan.chunk), s, w.pad_w, w.kernel_w, w.dilation_w, g.in_w);
+        if (chunk.empty()) continue;
+        rows.start(plane, chunk);
+        for (int64_t m = 0; m < multiplier; ++m) {
+          scalar_t* o = out_c + m * out_plane;
+          const scalar_t* w_c = weight + (c * multiplier + m) * taps;  // (KH, KW)
+          const bool finite = all_finite(w_c, taps);  // else each tap is checked
+          for_each_kernel_row(g, [&](int64_t oh, int64_t ih, int64_t i) {
+            scalar_t* o_row = o + oh * g.out_w;
+            const scalar_t* padded = plan.padded_rows ? rows.row(ih, g.in_w) : nullptr;
+            for (int64_t j = chunk.tap_lo; j < chunk.tap_hi; ++j) {
+              const scalar_t wt = w_c[i * w.kernel_w + j];
+              if (padded != nullptr && (finite || std::isfinite(wt))) {
+                axpy_row(o_row + chunk.ow0, padded + (j - chunk.tap_lo) * w.dilation_w, wt, chunk.count(), s);
+              } else {
+                const TapRun r = columns.within(j, chunk.ow0, chunk.ow1);
+                if (r.count > 0) axpy_row(o_row + r.lo, plane + ih * g.in_w + r.at, wt, r.count, s);
+              }
+            }
+          });
+        }
       }
     }
   });
 }
 
+// The input gradient scatters along the exact in-bounds runs: a padded row here would be one more copy
+// to add back, and measured no faster (each tap's stores feed the next tap's loads either way).
 template <typename scalar_t>
 void backward_input_kernel(scalar_t* grad_in, const scalar_t* grad_out, const scalar_t* weight, const Geometry& g) {
-  const int64_t multiplier = g.out_channels / g.in_channels, taps = g.win.kernel_h * g.win.kernel_w;
-  const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w;
-  const std::vector<TapColumns> columns = tap_columns(g);
+  const Window2d& w = g.win;
+  const int64_t multiplier = g.out_channels / g.in_channels, taps = w.kernel_h * w.kernel_w;
+  const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w, s = w.stride_w;
+  const TapColumns columns(g);
   at::parallel_for(0, g.batch * g.in_channels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {  // task = (n, c)
       const int64_t n = task / g.in_channels, c = task % g.in_channels;
@@ -137,40 +259,59 @@ void backward_input_kernel(scalar_t* grad_in, const scalar_t* grad_out, const sc
       std::fill(plane, plane + in_plane, scalar_t(0));
       for (int64_t oc = c * multiplier; oc < (c + 1) * multiplier; ++oc) {
         const scalar_t* go = grad_out + (n * g.out_channels + oc) * out_plane;
-        for_each_tap_run(g, columns, 0, g.out_w, [&](int64_t row, int64_t lo, int64_t count, int64_t at, int64_t tap) {
-          scatter_row(plane + at, go + row + lo, weight[oc * taps + tap], count, g.win.stride_w);
+        for_each_kernel_row(g, [&](int64_t oh, int64_t ih, int64_t i) {
+          const scalar_t* w_row = weight + oc * taps + i * w.kernel_w;
+          for (const TapRun& r : columns.runs())
+            if (r.count > 0) scatter_row(plane + ih * g.in_w + r.at, go + oh * g.out_w + r.lo, w_row[r.j], r.count, s);
         });
       }
     }
   });
 }
 
-// Partial sums per (tap, output column) of one chunk of columns: at most this many, or one per tap.
-constexpr int64_t kPartialSums = 1 << 16;
-
 template <typename scalar_t>
 void backward_weight_kernel(scalar_t* grad_weight, const scalar_t* grad_out, const scalar_t* in, const Geometry& g) {
-  const int64_t multiplier = g.out_channels / g.in_channels, taps = g.win.kernel_h * g.win.kernel_w;
-  const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w;
-  const std::vector<TapColumns> columns = tap_columns(g);
-  // Columns are taken a chunk at a time so the partial sums stay bounded; each (tap, column) partial
-  // sum runs over images and rows in the same order whatever the chunk, and the running total over
-  // columns continues from chunk to chunk, so the result does not depend on the chunk width either.
-  const int64_t chunk = std::clamp<int64_t>(kPartialSums / taps, 1, g.out_w);
+  const Window2d& w = g.win;
+  const int64_t multiplier = g.out_channels / g.in_channels, taps = w.kernel_h * w.kernel_w;
+  const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w, s = w.stride_w;
+  const TapColumns columns(g);
+  // Each (tap, column) partial sum runs over images and rows in the same order whatever the chunk, and
+  // the running total over columns continues from chunk to chunk: results do not depend on the chunks.
+  const RowPlan plan = plan_rows(g, std::max<int64_t>(1, kPartialSums / taps));
   at::parallel_for(0, g.out_channels, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> acc(taps * chunk);  // (taps, chunk)
+    std::vector<scalar_t> acc(taps * plan.chunk);  // (taps, chunk)
+    PaddedRows<scalar_t> rows(plan);
     for (int64_t oc = begin; oc < end; ++oc) {
       const int64_t c = oc / multiplier;
       scalar_t* total = grad_weight + oc * taps;  // (taps,) the running totals
       std::fill(total, total + taps, scalar_t(0));
-      for (int64_t ow0 = 0; ow0 < g.out_w; ow0 += chunk) {
-        const int64_t ow1 = std::min(g.out_w, ow0 + chunk), width = ow1 - ow0;
+      for (int64_t ow0 = 0; ow0 < g.out_w; ow0 += plan.chunk) {
+        const ColumnChunk chunk =
+            column_chunk(ow0, std::min(g.out_w, ow0 + plan.chunk), s, w.pad_w, w.kernel_w, w.dilation_w, g.in_w);
+        if (chunk.empty()) continue;
+        const int64_t width = chunk.count();
         std::fill(acc.begin(), acc.end(), scalar_t(0));
         for (int64_t n = 0; n < g.batch; ++n) {
           const scalar_t* plane = in + (n * g.in_channels + c) * in_plane;
           const scalar_t* go = grad_out + (n * g.out_channels + oc) * out_plane;
-          for_each_tap_run(g, columns, ow0, ow1, [&](int64_t row, int64_t lo, int64_t count, int64_t at, int64_t tap) {
-            dot_row(acc.data() + tap * width + (lo - ow0), go + row + lo, plane + at, count, g.win.stride_w);
+          rows.start(plane, chunk);
+          // A gradient that is not finite would turn the padding's zeros into NaN: such planes take the
+          // exact in-bounds runs.
+          bool finite = plan.padded_rows;
+          for (int64_t oh = 0; oh < g.out_h && finite; oh += width == g.out_w ? g.out_h : 1)
+            finite = all_finite(go + oh * g.out_w + ow0, width == g.out_w ? out_plane : width);
+          for_each_kernel_row(g, [&](int64_t oh, int64_t ih, int64_t i) {
+            const scalar_t* go_row = go + oh * g.out_w;
+            const scalar_t* padded = finite ? rows.row(ih, g.in_w) : nullptr;
+            for (int64_t j = chunk.tap_lo; j < chunk.tap_hi; ++j) {
+              scalar_t* acc_tap = acc.data() + (i * w.kernel_w + j) * width;  // acc_tap[k] is output column ow0 + k
+              if (padded != nullptr) {
+                dot_row(acc_tap, go_row + ow0, padded + (j - chunk.tap_lo) * w.dilation_w, width, s);
+              } else {
+                const TapRun r = columns.within(j, chunk.ow0, chunk.ow1);
+                if (r.count > 0) dot_row(acc_tap + (r.lo - ow0), go_row + r.lo, plane + ih * g.in_w + r.at, r.count, s);
+              }
+            }
           });
         }
         for (int64_t t = 0; t < taps; ++t) {

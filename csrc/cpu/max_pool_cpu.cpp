@@ -15,7 +15,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <numeric>
 #include <vector>
 
 namespace manualgrad {
@@ -44,16 +43,10 @@ PoolPlan plan_pool(const Geometry& g) {
   const int64_t s = w.stride_w, d = w.dilation_w;
   PoolPlan plan;
   if (s > kRingSlots) return plan;
-  // Kernel columns that land inside the input for some output: the hull of the first and last windows.
-  int64_t lo_last, hi_last, lo_first, hi_first;
-  taps_inside((g.out_w - 1) * s - w.pad_w, w.kernel_w, d, g.in_w, lo_last, hi_last);
-  taps_inside(-w.pad_w, w.kernel_w, d, g.in_w, lo_first, hi_first);
-  const int64_t taps = std::max<int64_t>(0, hi_first - lo_last);
-  // Tap j reads phase (j*d) mod s; fewer than a quarter of the phases read means mostly wasted copies.
-  const int64_t phases_read = std::min(taps, s / std::gcd(s, d));
-  if (4 * phases_read < s) return plan;
+  const ColumnChunk all = column_chunk(0, g.out_w, s, w.pad_w, w.kernel_w, d, g.in_w);
+  if (all.empty() || !columns_mostly_read(all.tap_hi - all.tap_lo, s, d)) return plan;  // phases mostly unread
   plan.chunk = std::clamp<int64_t>(kChunkSlots / s, 1, g.out_w);
-  // A chunk's columns (see make_chunk), rounded up to whole phases.
+  // A chunk's span (column_chunk) is at most this, rounded up to whole phases.
   const int64_t reach = (plan.chunk - 1) * s;
   plan.row_slots = reach + std::min(window_extent(w.kernel_w, d), g.in_w + reach) + s;
   if (plan.row_slots > kRingSlots) return plan;
@@ -64,31 +57,13 @@ PoolPlan plan_pool(const Geometry& g) {
   return plan;
 }
 
-// Output columns [ow0, ow1) of a plane, and the kernel columns [tap_lo, tap_hi) that land inside the
-// input for at least one of them (the later a window starts, the lower its first and last taps inside).
-// Slot t of a chunk's row is input column col0 + t, stored as phases of `len` slots each (see fill_row).
-struct Chunk {
-  int64_t ow0 = 0, ow1 = 0, tap_lo = 0, tap_hi = 0, col0 = 0, len = 0;
-  int64_t count() const { return ow1 - ow0; }
-  bool empty() const { return tap_hi <= tap_lo; }
+// One chunk of a plane's output columns (window_taps.h), its input columns stored as `len` slots per phase.
+struct Chunk : ColumnChunk {
+  int64_t len = 0;
+  Chunk(const Geometry& g, int64_t ow0, int64_t ow1)
+      : ColumnChunk(column_chunk(ow0, ow1, g.win.stride_w, g.win.pad_w, g.win.kernel_w, g.win.dilation_w, g.in_w)),
+        len(ceil_div(span, g.win.stride_w)) {}
 };
-
-Chunk make_chunk(const Geometry& g, int64_t ow0, int64_t ow1) {
-  const Window2d& w = g.win;
-  Chunk c;
-  c.ow0 = ow0;
-  c.ow1 = ow1;
-  int64_t unused;
-  taps_inside((ow1 - 1) * w.stride_w - w.pad_w, w.kernel_w, w.dilation_w, g.in_w, c.tap_lo, unused);
-  taps_inside(ow0 * w.stride_w - w.pad_w, w.kernel_w, w.dilation_w, g.in_w, unused, c.tap_hi);
-  if (c.empty()) return c;
-  // Output ow0's tap tap_lo lies at most (ow1-1-ow0)*stride left of column 0 (output ow1-1's is inside),
-  // its tap tap_hi-1 at most in_w-1: so span <= in_w + 2*(ow1-1-ow0)*stride, within plan.row_slots.
-  c.col0 = ow0 * w.stride_w - w.pad_w + c.tap_lo * w.dilation_w;
-  const int64_t span = (ow1 - 1 - ow0) * w.stride_w + (c.tap_hi - 1 - c.tap_lo) * w.dilation_w + 1;
-  c.len = ceil_div(span, w.stride_w);
-  return c;
-}
 
 // Per-task scratch for the phase sweep. Each input row a chunk reads is stored as `stride_w` phases,
 // phase r holding slots r, r + stride, r + 2*stride, ...; then every window tap reads a contiguous run
@@ -321,7 +296,7 @@ void max_pool_planes(scalar_t* out, int64_t* idx, const scalar_t* in, const Geom
     PhaseScratch<scalar_t, index_t> scratch(plan);
     for (int64_t p = begin; p < end; ++p) {
       for (int64_t ow0 = 0; ow0 < g.out_w; ow0 += plan.chunk) {
-        const Chunk c = make_chunk(g, ow0, std::min(g.out_w, ow0 + plan.chunk));
+        const Chunk c(g, ow0, std::min(g.out_w, ow0 + plan.chunk));
         max_pool_chunk(out + p * out_plane, idx == nullptr ? nullptr : idx + p * out_plane, in + p * in_plane, g, c,
                        scratch);
       }
