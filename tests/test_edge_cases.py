@@ -134,3 +134,30 @@ def test_cache_sized_tiles_match_torch(x_shape, w_shape, restore_num_threads):
         torch.testing.assert_close(got, want)
     for first, second in zip(*results):
         assert torch.equal(first, second)
+
+
+def test_depthwise_with_padding_and_dilation_near_int32_max_matches_torch():
+    """Issue 11: this valid call segfaulted (the padded plane's size overflowed int64 to 0)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, 4, 4, generator=gen, requires_grad=True)
+    w = torch.randn(3, 1, 3, 3, generator=gen, requires_grad=True)
+    out = tmg.functional.conv2d(x, w, None, 1, 2**31 - 2, 2**31 - 2, 3)
+    ref = F.conv2d(x, w, None, 1, 2**31 - 2, 2**31 - 2, 3)
+    torch.testing.assert_close(out, ref)
+    go = torch.randn(ref.shape, generator=gen)
+    for ours, theirs in zip(torch.autograd.grad(out, (x, w), go), torch.autograd.grad(ref, (x, w), go)):
+        torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("stride", [[1, 2**26], [1, 2**40], [2**63 - 1, 2**62]], ids=str)
+@pytest.mark.parametrize("return_indices", [False, True])
+def test_pool_strides_beyond_the_input_give_one_window_per_row(stride, return_indices):
+    """Issue 11: these took seconds and gigabytes, raised std::bad_alloc, or a ValueError naming nothing.
+    Each row (or the whole plane) has a single window, at its start."""
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    got = tmg.functional.max_pool2d(x, 2, stride, return_indices=return_indices)
+    windows = x[..., :2, :2] if stride[0] > 8 else x[..., :, :2].unfold(2, 2, 1).transpose(-1, -2)
+    want = windows.amax((-2, -1)).reshape(2, 3, -1, 1)
+    torch.testing.assert_close(got[0] if return_indices else got, want, rtol=0, atol=0)
+    if return_indices and max(stride) < 2**31:  # torch takes 32-bit strides
+        torch.testing.assert_close(got, F.max_pool2d(x, 2, stride, return_indices=True), rtol=0, atol=0)

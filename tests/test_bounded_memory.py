@@ -1,0 +1,346 @@
+"""Extreme window geometries for the CPU max-pool forward and depthwise convolution (issue 11): huge
+strides, dilations, paddings and kernels over small inputs, and planes wider than the kernels' column
+chunks. Results are compared with torch's where torch computes them quickly, otherwise with a
+brute-force reference that enumerates the input positions of every window; a few calls have their
+peak memory measured in a fresh subprocess."""
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torch_manualgrad as tmg
+from common import conv_output_size, pool_output_size
+
+ops = torch.ops.manualgrad
+BIG = 2**62
+
+
+def window_positions(o, size, kernel, stride, pad, dilation):
+    """The input positions inside [0, size) that output o's window reads, in tap order (Python ints,
+    so no geometry can overflow; O(size), whatever the kernel)."""
+    start = o * stride - pad
+    return [p for p in range(size) if (p - start) % dilation == 0 and 0 <= (p - start) // dilation < kernel]
+
+
+def reference_max_pool(x, kernel, stride, padding, dilation, ceil_mode):
+    """(N, C, *spatial) → maxima and flat indices: taps in row-major order, a later tap wins if strictly
+    greater or NaN, -inf and -1 for a window with no tap inside the input."""
+    two_d = x.dim() == 4
+    x4 = x if two_d else x.unsqueeze(2)
+    # 1-d as 2-d of height 1: kernel, stride and dilation 1 and no padding along h
+    k, s, p, d = (list(v) if two_d else [one] + list(v) for v, one in zip((kernel, stride, padding, dilation), (1, 1, 0, 1)))
+    h, w = x4.shape[2:]
+    out_h, out_w = (pool_output_size(n, k[a], s[a], p[a], d[a], ceil_mode) for a, n in enumerate((h, w)))
+    out = torch.full(x4.shape[:2] + (out_h, out_w), -math.inf, dtype=x.dtype)
+    idx = torch.full(out.shape, -1, dtype=torch.long)
+    for oh in range(out_h):
+        rows = window_positions(oh, h, k[0], s[0], p[0], d[0])
+        for ow in range(out_w):
+            cols = window_positions(ow, w, k[1], s[1], p[1], d[1])
+            if rows and cols:
+                idx[..., oh, ow] = rows[0] * w + cols[0]
+            for r in rows:
+                for c in cols:
+                    v = x4[..., r, c]
+                    take = (v > out[..., oh, ow]) | v.isnan()
+                    out[..., oh, ow] = torch.where(take, v, out[..., oh, ow])
+                    idx[..., oh, ow] = torch.where(take, torch.full_like(idx[..., oh, ow], r * w + c), idx[..., oh, ow])
+    return (out, idx) if two_d else (out.squeeze(2), idx.squeeze(2))
+
+
+def reference_depthwise(x, weight, bias, stride, padding, dilation):
+    """Depthwise convolution summing only the taps inside the input; built from differentiable torch
+    ops, so autograd gives the reference gradients too."""
+    two_d = x.dim() == 4
+    x4, w4 = (x, weight) if two_d else (x.unsqueeze(2), weight.unsqueeze(2))
+    s, p, d = (list(v) if two_d else [one] + list(v) for v, one in zip((stride, padding, dilation), (1, 0, 1)))
+    kh, kw = w4.shape[2:]
+    h, w = x4.shape[2:]
+    multiplier = w4.shape[0] // x4.shape[1]
+    xr = x4.repeat_interleave(multiplier, dim=1)  # (N, C_out, H, W)
+    out_h, out_w = (conv_output_size(n, k, s[a], 2 * p[a], d[a]) for a, (n, k) in enumerate(((h, kh), (w, kw))))
+    rows = []
+    for oh in range(out_h):
+        taps_h = window_positions(oh, h, kh, s[0], p[0], d[0])
+        cols = []
+        for ow in range(out_w):
+            taps_w = window_positions(ow, w, kw, s[1], p[1], d[1])
+            acc = torch.zeros(xr.shape[:2], dtype=x.dtype) if bias is None else bias.expand(xr.shape[:2])
+            for r in taps_h:
+                for c in taps_w:
+                    i, j = (r - (oh * s[0] - p[0])) // d[0], (c - (ow * s[1] - p[1])) // d[1]
+                    acc = acc + w4[:, 0, i, j] * xr[:, :, r, c]
+            cols.append(acc)
+        rows.append(torch.stack(cols, -1))
+    out = torch.stack(rows, -2)
+    return out if two_d else out.squeeze(2)
+
+
+def make_input(shape, dtype, values, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    if values == "ties":
+        return torch.randint(0, 3, shape, generator=gen).to(dtype)
+    x = torch.randn(shape, generator=gen, dtype=dtype)
+    if values == "nan":
+        x[torch.rand(shape, generator=gen) < 0.15] = math.nan
+    if values == "-inf":
+        x[torch.rand(shape, generator=gen) < 0.3] = -math.inf
+    return x
+
+
+def assert_same_pool(got, want):
+    (out, idx), (ref_out, ref_idx) = got, want
+    assert out.shape == ref_out.shape
+    assert torch.equal(out.isnan(), ref_out.isnan())
+    assert torch.equal(torch.nan_to_num(out, nan=0.5), torch.nan_to_num(ref_out, nan=0.5))
+    assert torch.equal(idx, ref_idx)
+
+
+# (input spatial shape, kernel, stride, padding, dilation, ceil_mode): every one has a small output
+POOL_GEOMETRIES = [
+    ((8, 8), (2, 3), (1, 2**26), (1, 1), (1, 1), False),  # the issue's stride; torch agrees
+    ((8, 8), (2, 2), (1, 2**40), (0, 0), (1, 1), False),  # once std::bad_alloc
+    ((8, 8), (2, 2), (2**63 - 1, 2**62), (0, 0), (1, 1), False),  # once vector::_M_default_append
+    ((8, 8), (2, 2), (2**63 - 1, 2**62), (1, 1), (1, 1), True),
+    ((7, 9), (3, 3), (2**41, 2**41), (1, 1), (2**40, 2**40), True),  # only the first tap can land inside
+    ((6, 5), (2**30, 2**30), (1, 1), (2**29, 2**29), (1, 1), False),  # every window covers the plane
+    ((6, 5), (2**30, 2**30), (2**28, 3), (2**29, 2**29), (1, 1), True),
+    ((5, 7), (3, 2**20 + 1), (2, 7), (1, 2**19), (1, 1), True),
+    ((9, 9), (3, 3), (8, 8), (1, 1), (8, 8), True),  # dilation a multiple of the stride
+    ((9, 9), (2, 2), (3, 17), (1, 1), (1, 1), True),  # stride far above the kernel
+    ((16,), (2**62,), (1,), (2**61,), (1,), False),
+    ((16,), (3,), (2**63 - 1,), (1,), (2**61,), True),
+    ((33,), (5,), (2**30,), (2,), (7,), True),
+    ((40,), (9,), (2,), (4,), (5,), False),
+]
+
+
+@pytest.mark.parametrize("geometry", POOL_GEOMETRIES, ids=str)
+@pytest.mark.parametrize("values", ["randn", "ties", "nan", "-inf"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_extreme_pool_geometry_matches_brute_force(geometry, values, dtype):
+    spatial, kernel, stride, padding, dilation, ceil_mode = geometry
+    x = make_input((2, 3) + spatial, dtype, values)
+    args = (list(kernel), list(stride), list(padding), list(dilation), ceil_mode)
+    want = reference_max_pool(x, kernel, stride, padding, dilation, ceil_mode)
+    assert_same_pool(ops.max_pool_forward(x, *args), want)
+    out, idx = ops.max_pool_forward(x, *args, False)
+    assert idx.numel() == 0
+    assert_same_pool((out, want[1]), want)
+
+
+@pytest.mark.parametrize("geometry", [g for g in POOL_GEOMETRIES if max(g[2]) < 2**31 and max(g[0]) <= 40 and max(g[1]) < 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_extreme_pool_geometry_matches_torch_where_torch_can(geometry, dtype):
+    spatial, kernel, stride, padding, dilation, ceil_mode = geometry
+    x = make_input((2, 3) + spatial, dtype, "ties")
+    pool = F.max_pool2d if len(spatial) == 2 else F.max_pool1d
+    want = pool(x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
+    got = ops.max_pool_forward(x, list(kernel), list(stride), list(padding), list(dilation), ceil_mode)
+    if (got[1] == -1).any():  # torch gives an arbitrary index where a window has no input
+        pytest.skip("a window lies wholly in the padding")
+    assert_same_pool(got, want)
+
+
+@pytest.mark.parametrize(
+    "shape, kernel, stride, padding, compute_indices",
+    [
+        ((1, 2, 3, 20000), (3, 3), (1, 1), (1, 1), True),  # three column chunks of 8192 outputs
+        ((1, 2, 3, 20000), (3, 3), (1, 1), (1, 1), False),
+        ((1, 1, 40, 20000), (21, 1), (1, 1), (10, 0), True),  # a window taller than the ring of rows
+        ((1, 2, 50000), (5,), (3,), (2,), True),  # a long 1-d row in chunks
+        ((2, 3, 1000), (64,), (64,), (0,), True),
+    ],
+    ids=str,
+)
+def test_planes_wider_than_a_chunk_match_torch(shape, kernel, stride, padding, compute_indices):
+    x = make_input(shape, torch.float32, "ties")
+    pool = F.max_pool2d if len(kernel) == 2 else F.max_pool1d
+    want = pool(x, kernel, stride, padding, return_indices=True)
+    out, idx = ops.max_pool_forward(x, list(kernel), list(stride), list(padding), [1] * len(kernel), False, compute_indices)
+    assert torch.equal(out, want[0])
+    if compute_indices:
+        assert torch.equal(idx, want[1])
+
+
+@pytest.mark.parametrize("geometry", [POOL_GEOMETRIES[4], POOL_GEOMETRIES[7]], ids=str)
+def test_max_pool_backward_takes_indices_of_extreme_geometry(geometry):
+    spatial, kernel, stride, padding, dilation, ceil_mode = geometry
+    x = make_input((2, 3) + spatial, torch.float64, "ties")
+    args = (list(kernel), list(stride), list(padding), list(dilation))
+    out, idx = ops.max_pool_forward(x, *args, ceil_mode)
+    go = torch.randn(out.shape, dtype=torch.float64)
+    gi = ops.max_pool_backward(go, idx, list(x.shape), *args)
+    found = idx.flatten(2) != -1  # -1: a window with no tap inside sends its gradient nowhere
+    want = torch.zeros(2, 3, x[0, 0].numel(), dtype=torch.float64)
+    want.scatter_add_(2, idx.flatten(2).clamp(min=0), torch.where(found, go.flatten(2), 0.0))
+    assert torch.equal(gi, want.view_as(x))
+
+
+# (input spatial shape, kernel, stride, padding, dilation): depthwise geometries with small outputs
+DEPTHWISE_GEOMETRIES = [
+    ((4, 4), (3, 3), (1, 1), (2**31 - 2, 2**31 - 2), (2**31 - 2, 2**31 - 2)),  # once a segfault
+    ((4, 4), (3, 3), (1, 1), (2**14, 2**14), (2**14, 2**14)),  # once 4 GB and 8 s
+    ((5, 6), (2, 3), (2**40, 2**20), (2**41, 2**20), (1, 2**19)),
+    ((5, 6), (3, 2), (2**62, 2**61), (2**40, 1), (2**39, 1)),
+    ((6, 5), (4, 4), (2, 3), (0, 7), (1, 1)),
+    ((9, 9), (3, 3), (4, 4), (1, 1), (4, 4)),  # dilation a multiple of the stride
+    ((4,), (3,), (2**19,), (2**20,), (1,)),
+    ((9,), (5,), (2**50,), (2**45,), (2**43,)),
+    ((300,), (7,), (2,), (5,), (3,)),
+]
+
+
+def _depthwise(x, w, b, stride, padding, dilation):
+    conv = tmg.functional.conv2d if x.dim() == 4 else tmg.functional.conv1d
+    return conv(x, w, b, stride, padding, dilation, x.shape[1])
+
+
+@pytest.mark.parametrize("geometry", DEPTHWISE_GEOMETRIES, ids=str)
+@pytest.mark.parametrize("multiplier, with_bias", [(1, False), (2, True)])
+def test_extreme_depthwise_geometry_matches_brute_force(geometry, multiplier, with_bias):
+    spatial, kernel, stride, padding, dilation = geometry
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((2, 3) + spatial, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn((3 * multiplier, 1) + kernel, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3 * multiplier, generator=gen, dtype=torch.float64, requires_grad=True) if with_bias else None
+    want = reference_depthwise(x, w, b, stride, padding, dilation)
+    got = _depthwise(x, w, b, stride, padding, dilation)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    go = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+    leaves = (x, w) if b is None else (x, w, b)
+    for ours, theirs in zip(torch.autograd.grad(got, leaves, go), torch.autograd.grad(want, leaves, go)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("geometry", [g for g in DEPTHWISE_GEOMETRIES if max(g[2]) < 2**31 and max(g[4]) < 2**31], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_extreme_depthwise_geometry_matches_torch(geometry, dtype):
+    spatial, kernel, stride, padding, dilation = geometry
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn((2, 3) + spatial, generator=gen, dtype=dtype, requires_grad=True)
+    w = torch.randn((6, 1) + kernel, generator=gen, dtype=dtype, requires_grad=True)
+    b = torch.randn(6, generator=gen, dtype=dtype, requires_grad=True)
+    conv = F.conv2d if len(spatial) == 2 else F.conv1d
+    want = conv(x, w, b, stride, padding, dilation, 3)
+    got = _depthwise(x, w, b, stride, padding, dilation)
+    torch.testing.assert_close(got, want)
+    go = torch.randn(want.shape, generator=gen, dtype=dtype)
+    for ours, theirs in zip(torch.autograd.grad(got, (x, w, b), go), torch.autograd.grad(want, (x, w, b), go)):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_the_issues_segfault_case_is_the_centre_tap_alone():
+    """Padding = dilation = 2^31-2 on 4x4: only tap (1, 1) of each window lands in the input."""
+    x, w = torch.randn(1, 3, 4, 4), torch.randn(3, 1, 3, 3)
+    y = tmg.functional.conv2d(x, w, None, 1, 2**31 - 2, 2**31 - 2, 3)
+    assert torch.equal(y, x * w[:, :, 1, 1].view(1, 3, 1, 1))
+
+
+@pytest.mark.parametrize(
+    "x_shape, w_shape, stride, padding",
+    [
+        ((1, 2, 9000), (4, 1, 5), 1, 2),  # two column chunks (8192 outputs each)
+        ((1, 2, 450), (2, 1, 300), 1, 150),  # weight-gradient partial sums in chunks of 218 columns
+        ((1, 2, 22, 8300), (2, 1, 21, 3), 1, 10),  # a window taller than the ring of padded rows (15)
+        ((2, 4, 50, 50), (4, 1, 2, 2), 16, 1),  # stride far above the kernel: no padded rows
+    ],
+    ids=str,
+)
+def test_depthwise_chunks_and_rings_match_torch(x_shape, w_shape, stride, padding):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(x_shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(w_shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    conv = F.conv2d if len(x_shape) == 4 else F.conv1d
+    want = conv(x, w, None, stride, padding, 1, x_shape[1])
+    got = _depthwise(x, w, None, stride, padding, 1)
+    torch.testing.assert_close(got, want)
+    go = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+    for ours, theirs in zip(torch.autograd.grad(got, (x, w), go), torch.autograd.grad(want, (x, w), go)):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_depthwise_skips_padding_taps_for_infinite_weights_and_gradients_as_torch_does():
+    x = torch.ones(1, 2, 3, 3, requires_grad=True)
+    w = torch.ones(2, 1, 3, 3)
+    w[:, :, 0, 0] = math.inf  # reads only padding at the top-left output
+    w.requires_grad_()
+    y, want = tmg.functional.conv2d(x, w, None, 1, 1, 1, 2), F.conv2d(x, w, None, 1, 1, 1, 2)
+    assert torch.equal(y, want) and torch.isfinite(y[..., 0, :]).all()
+    go = torch.ones_like(y)
+    go[0, 0, 0, 0] = math.inf
+    grads = torch.autograd.grad(y, (x, w), go)
+    want_grads = torch.autograd.grad(want, (x, w), go)
+    for ours, theirs in zip(grads, want_grads):
+        assert torch.equal(ours, theirs)
+    assert torch.isfinite(grads[1][0, 0, 0]).all()  # only padding meets the infinite gradient there
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_depthwise_bits_do_not_depend_on_where_a_row_starts(dtype):
+    """Each output adds its products in the same rounded steps wherever its run of columns starts, so
+    cropping the input's left columns crops the output exactly, and explicit zero padding equals the
+    padding argument bit for bit."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 9, 70, generator=gen, dtype=dtype)
+    w = torch.randn(4, 1, 3, 5, generator=gen, dtype=dtype)
+    b = torch.randn(4, generator=gen, dtype=dtype)
+    y = tmg.functional.conv2d(x, w, b, 1, 0, 1, 4)
+    for a in (1, 3, 5, 8, 13):
+        assert torch.equal(y[..., a:], tmg.functional.conv2d(x[..., a:], w, b, 1, 0, 1, 4))
+    padded = tmg.functional.conv2d(F.pad(x, (2, 2, 1, 1)), w, b, 1, 0, 1, 4)
+    assert torch.equal(tmg.functional.conv2d(x, w, b, 1, (1, 2), 1, 4), padded)
+
+
+# Each runs in a fresh interpreter: allocate the input, then the peak resident set's growth over the call.
+MEMORY_CASES = {
+    "pool stride [1, 2**26]": (
+        "x = torch.randn(1, 1, 8, 8)",
+        "ops.max_pool_forward(x, [2, 2], [1, 2**26], [0, 0], [1, 1], False)",
+    ),
+    "pool of a 128 MB plane": (
+        "x = torch.randn(1, 1, 8192, 4096)",
+        "ops.max_pool_forward(x, [8, 8], [8, 8], [0, 0], [1, 1], False)",
+    ),
+    "pool1d of a 10^8 row, kernel 64": (
+        "x = torch.randn(1, 1, 10**8)",
+        "ops.max_pool_forward(x, [64], [64], [0], [1], False)",
+    ),
+    "depthwise padding = dilation = 2**14": (
+        "x = torch.randn(1, 3, 4, 4, requires_grad=True); w = torch.randn(3, 1, 3, 3, requires_grad=True)",
+        "torch.autograd.grad(tmg.functional.conv2d(x, w, None, 1, 2**14, 2**14, 3).sum(), (x, w))",
+    ),
+    "depthwise1d of a 10^7 row": (
+        "x = torch.randn(1, 2, 10**7, requires_grad=True); w = torch.randn(2, 1, 3, requires_grad=True)",
+        "torch.autograd.grad(tmg.functional.conv1d(x, w, None, 1000, 1, 1, 2).sum(), (x, w))",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(MEMORY_CASES))
+def test_extra_memory_is_bounded(name):
+    """Peak RSS growth (inputs already allocated, outputs and gradients included) stays under 64 MB,
+    where the padded plane copies once took up to gigabytes."""
+    setup, call = MEMORY_CASES[name]
+    script = textwrap.dedent(
+        f"""
+        import resource, torch, torch_manualgrad as tmg
+        ops = torch.ops.manualgrad
+        torch.set_num_threads(1)
+        {setup}
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        {call}
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+        """
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    growth_mb = float(done.stdout.split()[-1])
+    assert growth_mb < 64, f"{name}: peak RSS grew by {growth_mb:.0f} MB"
