@@ -165,7 +165,8 @@ class TapColumns {
       const int64_t offset = j * w.dilation_w - w.pad_w;
       const int64_t lo = std::min(g.out_w, offset >= 0 ? 0 : ceil_div(-offset, w.stride_w));
       const int64_t hi = std::min(g.out_w, g.in_w - 1 - offset >= 0 ? (g.in_w - 1 - offset) / w.stride_w + 1 : 0);
-      runs_.push_back({j, lo, std::max<int64_t>(0, hi - lo), offset + lo * w.stride_w});
+      // (an empty run's `at` is never used, and lo * stride might not fit in int64 there)
+      runs_.push_back(hi > lo ? TapRun{j, lo, hi - lo, offset + lo * w.stride_w} : TapRun{j, lo, 0, 0});
     }
   }
 
@@ -175,9 +176,10 @@ class TapColumns {
   TapRun within(int64_t j, int64_t ow0, int64_t ow1) const {
     TapRun r = runs_[j - hull_.tap_lo];
     const int64_t lo = std::max(r.lo, ow0), hi = std::min(r.lo + r.count, ow1);
+    if (hi <= lo) return {j, lo, 0, 0};
     r.at += (lo - r.lo) * stride_;
     r.lo = lo;
-    r.count = std::max<int64_t>(0, hi - lo);
+    r.count = hi - lo;
     return r;
   }
 
