@@ -39,6 +39,16 @@ MANUALGRAD_HOST_DEVICE inline bool columns_mostly_read(int64_t taps, int64_t str
   return 4 * read >= stride;
 }
 
+// How many input rows a CPU kernel's ring of row copies holds (row r in place r & (rows - 1)): a power of
+// two, so that finding a row's place takes no division; enough for a whole window's `window_rows`
+// consecutive rows (then each has a place of its own) if `budget` slots allow, else as many as fit,
+// at least one.
+MANUALGRAD_HOST_DEVICE inline int64_t ring_rows(int64_t window_rows, int64_t row_slots, int64_t budget) {
+  int64_t rows = 1;
+  while (rows < window_rows && 2 * rows * row_slots <= budget) rows *= 2;
+  return rows;
+}
+
 // A run of output columns [ow0, ow1) along one dimension, and what of the input its windows reach: the
 // kernel taps [tap_lo, tap_hi) that land inside [0, size) for at least one of them, and the input
 // columns [col0, col0 + span) those taps read (output ow0's tap tap_lo is col0, and output ow1-1's

@@ -316,9 +316,13 @@ MEMORY_CASES = {
         "x = torch.randn(1, 3, 4, 4, requires_grad=True); w = torch.randn(3, 1, 3, 3, requires_grad=True)",
         "torch.autograd.grad(tmg.functional.conv2d(x, w, None, 1, 2**14, 2**14, 3).sum(), (x, w))",
     ),
-    "depthwise1d of a 10^7 row": (
-        "x = torch.randn(1, 2, 10**7, requires_grad=True); w = torch.randn(2, 1, 3, requires_grad=True)",
-        "torch.autograd.grad(tmg.functional.conv1d(x, w, None, 1000, 1, 1, 2).sum(), (x, w))",
+    "depthwise1d of a 4*10^7 row, weight gradient": (
+        "x = torch.randn(1, 2, 4 * 10**7); w = torch.randn(2, 1, 3, requires_grad=True)",
+        "torch.autograd.grad(tmg.functional.conv1d(x, w, None, 1000, 1, 1, 2).sum(), (w,))",
+    ),
+    "depthwise1d of 2*10^7 rows, kernel 64": (  # through the padded rows
+        "x = torch.randn(1, 2, 2 * 10**7); w = torch.randn(2, 1, 64)",
+        "ops.conv_forward(x, w, None, [64], [0], [1], 2)",
     ),
 }
 

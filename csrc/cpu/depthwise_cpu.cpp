@@ -105,15 +105,13 @@ RowPlan plan_rows(const Geometry& g, int64_t max_chunk) {
   plan.row_slots = reach + std::min(window_extent(w.kernel_w, w.dilation_w), g.in_w + reach);
   if (plan.row_slots > kRingSlots) return plan;
   plan.padded_rows = true;
-  // Enough rows for a whole window (its rows are then distinct modulo the ring), if they fit.
-  const int64_t window_rows = std::min(g.in_h, window_extent(w.kernel_h, w.dilation_h));
-  plan.ring_rows = std::clamp<int64_t>(kRingSlots / plan.row_slots, 1, window_rows);
+  plan.ring_rows = ring_rows(std::min(g.in_h, window_extent(w.kernel_h, w.dilation_h)), plan.row_slots, kRingSlots);
   return plan;
 }
 
 // Zero-padded copies of the input rows one chunk reads: slot t of a row is input column col0 + t. Rows
-// are kept in a ring (row ih in place ih mod ring_rows), so the rows neighbouring output rows share are
-// copied once.
+// are kept in a ring (window_taps.h's ring_rows), so the rows neighbouring output rows share are copied
+// once.
 template <typename scalar_t>
 class PaddedRows {
  public:
@@ -128,7 +126,7 @@ class PaddedRows {
   }
 
   const scalar_t* row(int64_t ih, int64_t in_w) {
-    const int64_t place = ih % static_cast<int64_t>(held_.size());
+    const int64_t place = ih & (static_cast<int64_t>(held_.size()) - 1);
     scalar_t* r = ring_.data() + place * slots_;
     if (held_[place] != ih) {
       const int64_t left = std::clamp<int64_t>(-chunk_.col0, 0, chunk_.span);  // slots [left, right) are inside

@@ -35,7 +35,7 @@ struct PoolPlan {
   bool phases = false;    // the phase sweep, or the direct per-output loop
   int64_t chunk = 1;      // output columns per chunk
   int64_t row_slots = 0;  // room for one input row's phases within a chunk
-  int64_t ring_rows = 1;  // input rows the ring holds
+  int64_t ring_rows = 1;  // input rows the ring holds (window_taps.h's ring_rows)
 };
 
 PoolPlan plan_pool(const Geometry& g) {
@@ -51,9 +51,7 @@ PoolPlan plan_pool(const Geometry& g) {
   plan.row_slots = reach + std::min(window_extent(w.kernel_w, d), g.in_w + reach) + s;
   if (plan.row_slots > kRingSlots) return plan;
   plan.phases = true;
-  // Enough rows for a whole window (its rows are then distinct modulo the ring), if they fit.
-  const int64_t window_rows = std::min(g.in_h, window_extent(w.kernel_h, w.dilation_h));
-  plan.ring_rows = std::clamp<int64_t>(kRingSlots / plan.row_slots, 1, window_rows);
+  plan.ring_rows = ring_rows(std::min(g.in_h, window_extent(w.kernel_h, w.dilation_h)), plan.row_slots, kRingSlots);
   return plan;
 }
 
@@ -145,7 +143,7 @@ void max_pool_chunk(scalar_t* output, int64_t* indices, const scalar_t* input, c
                     PhaseScratch<scalar_t, index_t>& scratch) {
   const Window2d& w = g.win;
   const int64_t s = w.stride_w, len = c.len, count = c.count();
-  const int64_t ring_rows = static_cast<int64_t>(scratch.held.size()), row_slots = s * len;
+  const int64_t ring_mask = static_cast<int64_t>(scratch.held.size()) - 1, row_slots = s * len;
   const scalar_t minus_inf = -std::numeric_limits<scalar_t>::infinity();
   scalar_t* best = scratch.best.data();
   index_t* best_index = scratch.best_index.data();
@@ -173,10 +171,11 @@ void max_pool_chunk(scalar_t* output, int64_t* indices, const scalar_t* input, c
     }
     for (int64_t i = i_lo; i < i_hi && !c.empty(); ++i) {
       const int64_t ih = h_start + i * w.dilation_h;
-      scalar_t* phases = scratch.ring.data() + (ih % ring_rows) * row_slots;
-      if (scratch.held[ih % ring_rows] != ih) {  // rows shared by neighbouring windows are laid out once
+      const int64_t place = ih & ring_mask;
+      scalar_t* phases = scratch.ring.data() + place * row_slots;
+      if (scratch.held[place] != ih) {  // rows shared by neighbouring windows are laid out once
         fill_row(phases, input + ih * g.in_w, c, g, scratch);
-        scratch.held[ih % ring_rows] = ih;
+        scratch.held[place] = ih;
       }
       for (int64_t j = c.tap_lo; j < c.tap_hi; ++j) {
         const int64_t slot = (j - c.tap_lo) * w.dilation_w;  // slot of output ow0's tap j
