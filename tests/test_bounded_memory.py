@@ -348,3 +348,20 @@ def test_extra_memory_is_bounded(name):
     assert done.returncode == 0, done.stderr
     growth_mb = float(done.stdout.split()[-1])
     assert growth_mb < 64, f"{name}: peak RSS grew by {growth_mb:.0f} MB"
+
+
+def test_chunked_planes_give_the_same_bits_at_any_thread_count(restore_num_threads):
+    """Chunks and rings are fixed by the geometry alone, so the thread count changes no bit."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 9000, generator=gen, requires_grad=True)
+    w = torch.randn(6, 1, 5, generator=gen, requires_grad=True)
+    x2 = torch.randn(2, 2, 22, 8300, generator=gen)
+    results = []
+    for threads in (1, 3):
+        torch.set_num_threads(threads)
+        y = tmg.functional.conv1d(x, w, None, 1, 2, 1, 3)
+        grads = torch.autograd.grad(y, (x, w), torch.ones_like(y))
+        pooled = ops.max_pool_forward(x2, [21, 3], [1, 1], [10, 1], [1, 1], False)
+        results.append((y, *grads, *pooled))
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
