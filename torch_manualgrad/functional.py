@@ -4,9 +4,15 @@ Here the Python-level arguments are normalised (ints to tuples, 'same'/'valid' p
 input); everything else — shape checks, the arithmetic — happens in the registered ops.
 Call path: here → autograd.py → _ops.py → csrc kernels; calls that autograd need not record
 (inference, torch.no_grad) go from here straight to _ops.py.
+
+Like torch.nn.functional's, each function first offers the call to __torch_function__ overrides
+(has_torch_function/handle_torch_function): so torch.fx's tracer records it as one call_function node
+of ours (a converted model traces with symbolic_trace), and tensor subclasses and TorchFunctionModes
+see our function by name.
 """
 import torch
 from torch.autograd import forward_ad
+from torch.overrides import handle_torch_function, has_torch_function, has_torch_function_unary
 
 from ._ops import ops
 from .autograd import ConvFunction, MaxPoolFunction
@@ -127,11 +133,17 @@ def _string_padding(op, padding, input, weight, stride, dilation, dims):
 
 def conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """torch.nn.functional.conv1d computed by our kernels."""
+    if has_torch_function((input, weight, bias)):
+        return handle_torch_function(conv1d, (input, weight, bias), input, weight, bias, stride, padding, dilation,
+                                     groups)
     return _conv(1, "conv1d", input, weight, bias, stride, padding, dilation, groups)
 
 
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """torch.nn.functional.conv2d computed by our kernels."""
+    if has_torch_function((input, weight, bias)):
+        return handle_torch_function(conv2d, (input, weight, bias), input, weight, bias, stride, padding, dilation,
+                                     groups)
     return _conv(2, "conv2d", input, weight, bias, stride, padding, dilation, groups)
 
 
@@ -162,9 +174,15 @@ def _max_pool(dims, op, input, kernel_size, stride, padding, dilation, ceil_mode
 
 def max_pool1d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
     """torch.nn.functional.max_pool1d computed by our kernels."""
+    if has_torch_function_unary(input):
+        return handle_torch_function(max_pool1d, (input,), input, kernel_size, stride, padding, dilation, ceil_mode,
+                                     return_indices)
     return _max_pool(1, "max_pool1d", input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
 
 
 def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
     """torch.nn.functional.max_pool2d computed by our kernels."""
+    if has_torch_function_unary(input):
+        return handle_torch_function(max_pool2d, (input,), input, kernel_size, stride, padding, dilation, ceil_mode,
+                                     return_indices)
     return _max_pool(2, "max_pool2d", input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
