@@ -1,4 +1,10 @@
-"""Tools pointed at a converted model: torch.fx tracing (leaf and traced-through layers, feature extraction)."""
+"""Tools pointed at a converted model: torch.fx tracing (leaf and traced-through layers, feature extraction),
+ONNX export by both of torch's exporters, run in onnxruntime, and torch.jit.trace / torch.jit.script."""
+import io
+import logging
+import warnings
+
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -136,3 +142,115 @@ def test_feature_extraction_from_a_traced_converted_model():
     got = torch.autograd.grad(features["pool"][0].sum(), x)[0]
     want = torch.autograd.grad(seen["pool"][0].sum(), x)[0]
     assert torch.equal(got, want)
+
+
+# ----------------------------------------------------------------------------------------------- ONNX
+
+@pytest.fixture
+def onnx():
+    """onnx, onnxscript and onnxruntime are test dependencies (the Makefile installs them)."""
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    return pytest.importorskip("onnx")
+
+
+def _export(onnx, model, x, dynamo):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation warning
+        if dynamo:
+            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+            return torch.onnx.export(model, (x,), dynamo=True, verbose=False).model_proto
+        buffer = io.BytesIO()
+        torch.onnx.export(model, (x,), buffer, dynamo=False)
+        return onnx.load_from_string(buffer.getvalue())
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_onnx_export_gives_standard_nodes_that_onnxruntime_runs(dynamo, onnx):
+    import onnxruntime
+
+    _, converted = _models()
+    converted.eval()
+    x = _input()
+    proto = _export(onnx, converted, x, dynamo)
+    assert all(n.domain in ("", "ai.onnx") for n in proto.graph.node)  # standard operators only, no custom domain
+
+    def attributes(op_type):
+        return [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+                for n in proto.graph.node if n.op_type == op_type]
+
+    convs, pools = attributes("Conv"), attributes("MaxPool")
+    assert len(convs) == 5 and [c.get("group", 1) for c in convs] == [3, 1, 1, 1, 1]
+    assert convs[0]["dilations"] == [1, 2] and convs[0]["strides"] == [2, 1] and convs[0]["pads"] == [1, 2, 1, 2]
+    # the three max-pools, and one more of kernel 1 that gives each plane's offset in MaxPool's whole-tensor
+    # indices, for the translation to turn them into torch's per-plane indices
+    assert sorted(p["kernel_shape"] for p in pools) == [[1, 1], [2], [2, 2], [3, 3]]
+    assert [p.get("ceil_mode", 0) for p in pools if p["kernel_shape"] == [3, 3]] == [1]
+    onnx.checker.check_model(proto)
+
+    session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        want = converted(x)
+    assert len(got) == 3
+    torch.testing.assert_close(torch.from_numpy(got[0]), want[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(torch.from_numpy(got[1]), want[1])  # MaxPool's indices, converted to torch's per-plane ones
+    torch.testing.assert_close(torch.from_numpy(got[2]), want[2], rtol=1e-5, atol=1e-5)
+    # once the export is over, the model computes with ours again
+    with torch.profiler.profile() as prof:
+        converted(x)
+    assert "manualgrad::conv_forward" in {e.name for e in prof.events()}
+
+
+# ------------------------------------------------------------------------------------------ TorchScript
+
+def quiet_jit(test):
+    """Without torch's deprecation notices for TorchScript, and the tracer's note on the 'same' padding
+    arithmetic (a constant of the weight's shape)."""
+    test = pytest.mark.filterwarnings("ignore::DeprecationWarning")(test)
+    return pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")(test)
+
+def _has_own_autograd(op):
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"manualgrad::{op}", "Autograd")
+
+
+@quiet_jit
+def test_jit_trace_for_inference_records_our_ops_and_saves():
+    _, converted = _models()
+    x = _input()
+    with torch.no_grad():
+        traced = torch.jit.trace(converted, x)  # check_trace=True: traced again, graphs and outputs compared
+    kinds = {node.kind() for node in traced.inlined_graph.nodes()}
+    assert {"manualgrad::conv_forward", "manualgrad::max_pool_forward"} <= kinds
+    assert not kinds & {"aten::_convolution", "aten::conv2d", "aten::max_pool2d", "prim::PythonOp"}
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+    for got, want in zip(loaded(x), converted(x)):
+        assert torch.equal(got, want)
+
+
+@quiet_jit
+def test_jit_trace_with_gradients_is_refused_clearly_or_keeps_them():
+    _, converted = _models()
+    x = _input(requires_grad=True)
+    if not (_has_own_autograd("conv_forward") and _has_own_autograd("max_pool_forward")):
+        with pytest.raises(RuntimeError, match=r"torch.jit.trace cannot record torch_manualgrad's gradients.*"
+                                               r"torch.no_grad\(\).*torch.export"):
+            torch.jit.trace(converted, x)
+        return
+    traced = torch.jit.trace(converted, x)  # the ops carry their own autograd: the trace keeps it
+    for got, want in zip(_grads(traced, x), _grads(converted, x)):
+        torch.testing.assert_close(got, want)
+
+
+@quiet_jit
+def test_jit_script_is_refused_with_a_pointer_to_torch_export():
+    _, converted = _models()
+    for model in (converted, converted.same, tmg.nn.MaxPool1d(2)):
+        with pytest.raises(RuntimeError, match=r"torch.jit.script cannot compile torch_manualgrad's .*torch.export"):
+            torch.jit.script(model)
+    scripted = torch.jit.script(tmg.revert(_models()[1]).same)  # torch's layers script as before
+    x = torch.randn(1, 6, 5, 5)
+    torch.testing.assert_close(scripted(x), tmg.convert(_models()[1]).same(x))

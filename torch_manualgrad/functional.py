@@ -14,6 +14,7 @@ import torch
 from torch.autograd import forward_ad
 from torch.overrides import handle_torch_function, has_torch_function, has_torch_function_unary
 
+from . import _exporting
 from ._ops import ops
 from .autograd import ConvFunction, MaxPoolFunction
 
@@ -94,6 +95,9 @@ def _autocast(input, weight, bias):
 
 
 def _conv(dims, op, input, weight, bias, stride, padding, dilation, groups):
+    if _exporting.exporting_to_onnx():
+        torch_conv = torch.nn.functional.conv1d if dims == 1 else torch.nn.functional.conv2d
+        return torch_conv(input, weight, bias, stride, padding, dilation, groups)
     _check_tensors(op, input, weight, bias)
     input, weight, bias = _autocast(input, weight, bias)
     stride = _expand(stride, dims, "stride", op)
@@ -103,7 +107,7 @@ def _conv(dims, op, input, weight, bias, stride, padding, dilation, groups):
         input, padding = _string_padding(op, padding, input, weight, stride, dilation, dims)
     else:
         padding = _expand(padding, dims, "padding", op)
-    if _needs_autograd(input, weight, bias):
+    if _needs_autograd(input, weight, bias) and not _exporting.record_op_in_jit_trace("conv_forward", input):
         output = ConvFunction.apply(input, weight, bias, stride, padding, dilation, groups)
     else:
         output = ops.conv_forward(input, weight, bias, stride, padding, dilation, groups)
@@ -148,6 +152,10 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
 
 
 def _max_pool(dims, op, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices):
+    if _exporting.exporting_to_onnx():
+        torch_pool = torch.nn.functional.max_pool1d if dims == 1 else torch.nn.functional.max_pool2d
+        return torch_pool(input, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode,
+                          return_indices=return_indices)
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{op}: expected input to be a Tensor, but got input of type {type(input).__name__}")
     kernel_size = _expand(kernel_size, dims, "kernel_size", op)
@@ -158,11 +166,13 @@ def _max_pool(dims, op, input, kernel_size, stride, padding, dilation, ceil_mode
     padding = _expand(padding, dims, "padding", op)
     dilation = _expand(dilation, dims, "dilation", op)
     input, unbatched = _batched(op, input, dims)
-    if _needs_autograd(input):
+    if _needs_autograd(input) and not _exporting.record_op_in_jit_trace("max_pool_forward", input):
         output, indices = MaxPoolFunction.apply(input, kernel_size, stride, padding, dilation, bool(ceil_mode))
-    else:  # nothing will go backward: the indices are computed only if the caller wants them
+    else:  # nothing will go backward: the indices are computed only if the caller wants them (or a jit trace,
+        # which must record the same call with autograd and without)
         output, indices = ops.max_pool_forward(
-            input, kernel_size, stride, padding, dilation, bool(ceil_mode), compute_indices=bool(return_indices)
+            input, kernel_size, stride, padding, dilation, bool(ceil_mode),
+            compute_indices=bool(return_indices) or torch.jit.is_tracing(),
         )
     output = _like(output, input)
     output = output.squeeze(0) if unbatched else output

@@ -5,12 +5,17 @@ still true); only the computation is replaced by torch_manualgrad.functional.
 """
 import torch
 
-from . import functional
+from . import _exporting, functional
 
 __all__ = ["Conv1d", "Conv2d", "MaxPool1d", "MaxPool2d"]
 
 
-class _OurConv:
+class _OurLayer:
+    def __prepare_scriptable__(self):
+        _exporting.refuse_script(self)
+
+
+class _OurConv(_OurLayer):
     """Replaces torch.nn's _conv_forward; padding modes other than zeros pad first, as torch.nn does."""
 
     _functional = None
@@ -23,7 +28,7 @@ class _OurConv:
         return type(self)._functional(input, weight, bias, self.stride, padding, self.dilation, self.groups)
 
 
-class _OurMaxPool:
+class _OurMaxPool(_OurLayer):
     _functional = None
 
     def forward(self, input):
