@@ -114,6 +114,8 @@ def convert(model, *, strict=False):
 
     Only those exact types are swapped; unconverted(model) lists the conv and max-pool layers left on
     torch's kernels, and why. strict=True raises ValueError (before changing anything) if there are any.
+    What convert() cannot reach (subclasses with their own forward, F.conv2d/F.max_pool2d calls in a
+    forward) runs on our kernels inside torch_manualgrad.everywhere().
     """
     if strict:
         left = unconverted(model)
