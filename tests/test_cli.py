@@ -139,6 +139,27 @@ def test_verify_cli_good_model_exits_0():
     assert "verify: OK, 6 layers agree" in proc.stdout
 
 
+def test_verify_cli_everywhere_covers_functional_calls(tmp_path):
+    (tmp_path / "pooled.py").write_text(textwrap.dedent("""
+        import torch
+        import torch.nn.functional as F
+
+        class Pooled(torch.nn.Sequential):
+            def forward(self, x):
+                return F.max_pool2d(super().forward(x), 2)
+
+        def build():
+            return Pooled(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()), torch.randn(2, 3, 10, 10)
+    """))
+    plain = _cli("verify", "pooled:build", cwd=tmp_path)
+    assert plain.returncode == 0 and "not converted (1;" in plain.stdout, plain.stdout + plain.stderr
+    proc = _cli("verify", "pooled:build", "--everywhere", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert re.search(r"^  \(model\)\s+F.max_pool2d\s+called in forward \(1 call\): everywhere\(\) computed it",
+                     proc.stdout, re.MULTILINE), proc.stdout
+    assert "not converted" not in proc.stdout and "verify: OK, 1 layer agrees" in proc.stdout
+
+
 def test_verify_cli_wrong_layer_exits_1(tmp_path):
     # A factory module (imported by name from the working directory) that returns (model, example input)
     # and, as a stand-in for a bug, makes our MaxPool1d double its output.

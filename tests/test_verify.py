@@ -385,6 +385,51 @@ def test_verify_lists_unconverted_layers_and_functional_calls():
     assert re.search(r"^  \(model\)\s+F.max_pool2d\s+called in forward", inception.report(), re.MULTILINE)
 
 
+def test_verify_everywhere_covers_subclasses_and_functional_calls():
+    torch.manual_seed(0)
+    result = verify_function(_mixed_net(), _input(8), everywhere=True)
+    assert result.ok, result.report()
+    assert [layer.name for layer in result.layers] == ["plain", "norm", "spectral", "pool"]
+    assert [r.name for r in result.covered] == ["same", "std", "padded", "tagged"]
+    assert [(r.name, r.type) for r in result.unconverted] == [("up", "ConvTranspose2d")]  # no kernel of ours
+    report = result.report()
+    assert "covered by everywhere() (4; computed by our kernels, checked end to end only):" in report
+    assert re.search(r"^  same\s+Conv2dSame\s+a torch.nn.Conv2d subclass with its own forward.*; everywhere\(\) "
+                     r"computed its F.conv2d \(1 call\) with our kernels$", report, re.MULTILINE), report
+    assert report.rstrip().endswith("; 1 not converted")
+
+    # Inception's F.max_pool2d calls: covered, and their argmaxes are followed by the float64 truth
+    inception = verify_function(_small("inception_v3", False), _input(75), everywhere=True)
+    assert inception.ok and not inception.unconverted, inception.report()
+    calls = {(r.name, r.type): r.reason for r in inception.covered}
+    assert set(calls) == {("", "F.max_pool2d"), ("Mixed_6a", "F.max_pool2d")}
+    assert calls[("", "F.max_pool2d")] == "called in forward (2 calls): everywhere() computed them with our kernels"
+    assert not any("stopped following" in note for note in inception.notes), inception.notes
+
+
+def test_verify_everywhere_judges_what_it_covers(monkeypatch):
+    """A 1% error in what everywhere() computes (here: F.conv2d calls of a subclass) fails the end-to-end
+    comparison, though no converted layer is wrong; without everywhere=True torch's kernel ran there."""
+    from torch_manualgrad import routing
+
+    def wrong(*args, **kwargs):
+        return tmg.functional.conv2d(*args, **kwargs) * 1.01
+
+    monkeypatch.setitem(routing._ROUTES, torch.conv2d, ("F.conv2d", wrong))
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), ScaledStdConv2d(4, 4, 3))
+    assert verify_function(model, _input(10)).ok
+    result = verify_function(model, _input(10), everywhere=True)
+    assert not result.ok and [c.name for c in result.end_to_end if not c.ok] == ["model output", "input gradient",
+                                                                               "parameter gradients"]
+    assert not result.failed  # the converted layers alone are right
+
+
+def test_verify_refuses_to_run_inside_everywhere():
+    refused = pytest.raises(RuntimeError, match=r"inside torch_manualgrad.everywhere\(\).*everywhere=True")
+    with tmg.everywhere(), refused:
+        verify_function(_mixed_net(), _input(8))
+
+
 def test_efficientnet_with_tf_same_padding_lists_its_convs():
     model = _small("efficientnet_b0", False, tf_same=True)
     result = verify_function(model, _input())

@@ -35,7 +35,9 @@ end-to-end tensor is torch's own float32 error on it (a float32 probe run) scale
 A tensor on which torch's own float32 result has lost more than half its digits is reported as
 ill-conditioned, with the reason (near zero, or rounding amplified), and how many ReLU signs and
 max-pool maxima float64 would have chosen differently. Layers that stay on torch's kernels (see
-convert.unconverted, and F.conv2d/F.max_pool2d calls inside a forward) are listed, not checked.
+convert.unconverted, and F.conv2d/F.max_pool2d calls inside a forward) are listed, not checked; with
+everywhere=True the converted model runs inside torch_manualgrad.everywhere(), which computes those calls
+with our kernels too, and they are listed as covered (checked end to end).
 
     python -m torch_manualgrad verify my_models:build_net --input-shape 8,3,32,32
 """
@@ -57,6 +59,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import functional as ours_functional
 from . import nn as ours_nn
+from . import routing
 from .convert import Unconverted, convert, revert, unconverted
 
 __all__ = ["verify", "VerifyResult", "LayerRecord", "Comparison", "Unconverted", "default_tolerances",
@@ -145,8 +148,9 @@ class LayerRecord:
 @dataclasses.dataclass
 class VerifyResult:
     """What verify() found. Truthy when no converted layer and no end-to-end tensor is clearly worse than
-    torch's own rounding. `unconverted` lists what ran on torch's kernels instead (not checked);
-    `notes` says what the truth was and which branches it followed."""
+    torch's own rounding. `unconverted` lists what ran on torch's kernels instead (not checked); `covered`,
+    with verify(everywhere=True), what convert() left but everywhere() computed with our kernels (checked
+    end to end); `notes` says what the truth was and which branches it followed."""
 
     ok: bool
     layers: List[LayerRecord]
@@ -157,6 +161,7 @@ class VerifyResult:
     ratio: float = DEFAULT_RATIO
     unconverted: List[Unconverted] = dataclasses.field(default_factory=list)
     notes: List[str] = dataclasses.field(default_factory=list)
+    covered: List[Unconverted] = dataclasses.field(default_factory=list)  # verify(everywhere=True): see verify
 
     def __bool__(self):
         return self.ok
@@ -210,13 +215,15 @@ class VerifyResult:
                     out.append(f"    ... and {len(ill) - 6} more")
         for note in self.notes:
             out.append(f"  {note}")
-        if self.unconverted:
-            out.append("")
-            out.append(f"not converted ({len(self.unconverted)}; these run on torch's kernels and are not checked):")
-            width = max(len(r.name or "(model)") for r in self.unconverted)
-            twidth = max(len(r.type) for r in self.unconverted)
-            for r in self.unconverted:
-                out.append(f"  {(r.name or '(model)').ljust(width)}  {r.type.ljust(twidth)}  {r.reason}")
+        for records, title in ((self.covered, "covered by everywhere() ({}; computed by our kernels, checked end "
+                                              "to end only):"),
+                               (self.unconverted, "not converted ({}; these run on torch's kernels and are not "
+                                                  "checked):")):
+            if records:
+                out += ["", title.format(len(records))]
+                width = max(len(r.name or "(model)") for r in records)
+                twidth = max(len(r.type) for r in records)
+                out += [f"  {(r.name or '(model)').ljust(width)}  {r.type.ljust(twidth)}  {r.reason}" for r in records]
         if self.error:
             out += ["", f"error: {self.error}"]
         tol = (f"ours within {self.ratio:g}x torch's own error, or rtol "
@@ -395,6 +402,9 @@ _POOL_ARGS = (("input", None), ("kernel_size", None), ("stride", None), ("paddin
               ("ceil_mode", False), ("return_indices", False))
 _MAX_POOLS = {F.max_pool1d: 1, F._max_pool1d: 1, F.max_pool1d_with_indices: 1, torch.max_pool1d: 1,
               F.max_pool2d: 2, F._max_pool2d: 2, F.max_pool2d_with_indices: 2, torch.max_pool2d: 2}
+# Ours take part in __torch_function__ as torch's do (functional.py): so every max-pool, our layers' and
+# those everywhere() serves included, is seen here, in call order.
+_OUR_MAX_POOLS = {ours_functional.max_pool1d: 1, ours_functional.max_pool2d: 2}
 
 # torch's own conv and max-pool entry points: called inside a converted model's forward they are work
 # that convert() could not reach
@@ -423,8 +433,9 @@ def _bind(names, args, kwargs):
     return bound
 
 
-def _pool_indices(bound, dims):
-    pool = F.max_pool2d if dims == 2 else F.max_pool1d
+def _pool_indices(bound, dims, ours=False):
+    pool = {(1, False): F.max_pool1d, (2, False): F.max_pool2d,
+            (1, True): ours_functional.max_pool1d, (2, True): ours_functional.max_pool2d}[dims, ours]
     return pool(bound["input"].detach(), bound["kernel_size"], bound["stride"], bound["padding"],
                 bound["dilation"], ceil_mode=bound["ceil_mode"], return_indices=True)[1]
 
@@ -439,7 +450,11 @@ class _Branches(TorchFunctionMode):
     argmax of every torch max-pool, in call order; or, given such a record, makes each call take the
     recorded branches and counts where its own input would have chosen differently. Optionally draws
     random numbers in float32 for float64 tensors (so that a float64 run sees the float32 runs' draws)
-    and counts torch conv/pool calls by the innermost module running (`stack`)."""
+    and counts torch conv/pool calls by the innermost module running (`stack`).
+
+    Inside verify(everywhere=True) the everywhere() mode is entered inside this one, so it sees torch's
+    calls first: what it serves reaches this mode as our function (a max-pool still records its argmax,
+    by our kernel), and only what reaches torch's kernels is counted in `calls`."""
 
     def __init__(self, replay=None, draw_dtype=None, stack=None):
         super().__init__()
@@ -450,18 +465,15 @@ class _Branches(TorchFunctionMode):
         self.calls = collections.Counter()
         self.flips = collections.Counter()
         self.lost = ""  # why replaying stopped, if it did
-        self.paused = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.paused:
-            return func(*args, **kwargs)
         if self.stack is not None and func in _TORCH_KERNELS:
             self.calls[(self.stack[-1] if self.stack else "", _TORCH_KERNELS[func])] += 1
         if func in _PIECEWISE:
             return self._piecewise(func, args, kwargs)
-        if func in _MAX_POOLS:
-            return self._max_pool(func, _MAX_POOLS[func], args, kwargs)
+        if func in _MAX_POOLS or func in _OUR_MAX_POOLS:
+            return self._max_pool(func, args, kwargs)
         if self.draw_dtype is not None:
             drawn = self._draw(func, args, kwargs)
             if drawn is not NotImplemented:
@@ -508,36 +520,25 @@ class _Branches(TorchFunctionMode):
             out = torch.where(recorded == 2, values[2], torch.where(recorded == 1, values[1], values[0]))
         return x.copy_(out) if inplace else out
 
-    def _max_pool(self, func, dims, args, kwargs):
+    def _max_pool(self, func, args, kwargs):
+        ours = func in _OUR_MAX_POOLS
+        dims = _OUR_MAX_POOLS[func] if ours else _MAX_POOLS[func]
         a = _bind(_POOL_ARGS, args, kwargs)
         x = a["input"]
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             return func(*args, **kwargs)
         if self.replay is None:
-            self.decisions.append(("max_pool", _pool_indices(a, dims)))
+            self.decisions.append(("max_pool", _pool_indices(a, dims, ours)))
             return func(*args, **kwargs)
-        own = _pool_indices(a, dims)
+        own = _pool_indices(a, dims, ours)
         recorded = self._next("max_pool", own.shape)
         if recorded is None or bool((recorded < 0).any()):
             return func(*args, **kwargs)
         self.flips["max_pool"] += int((own != recorded).sum())
         out = _gather(x, recorded, dims)
         pair = func in (F.max_pool1d_with_indices, F.max_pool2d_with_indices) or (
-            func in (F.max_pool1d, F.max_pool2d) and a["return_indices"])
+            func in (F.max_pool1d, F.max_pool2d, *_OUR_MAX_POOLS) and a["return_indices"])
         return (out, recorded) if pair else out
-
-    def record_our_pool(self, module, inputs, output):
-        """Forward hook on our max-pool layers (no torch function to intercept): their argmax, by our kernel."""
-        dims = 2 if isinstance(module, torch.nn.MaxPool2d) else 1
-        pool = ours_functional.max_pool2d if dims == 2 else ours_functional.max_pool1d
-        self.paused = True
-        try:
-            with torch.no_grad():
-                indices = pool(inputs[0], module.kernel_size, module.stride, module.padding, module.dilation,
-                               ceil_mode=module.ceil_mode, return_indices=True)[1]
-        finally:
-            self.paused = False
-        self.decisions.append(("max_pool", indices))
 
     def _draw(self, func, args, kwargs):
         """Random numbers for float64 tensors drawn in float32 (the float32 runs' values), else NotImplemented."""
@@ -641,9 +642,10 @@ class _Run:
 
 
 def _run_model(model, args, kwargs, layer_names, seed, keep_inputs, branches=None, projection_dtypes=None,
-               our_pools=False):
-    """Forward (inside `branches`, if given) + backward of a fixed random projection. Returns a _Run with
-    outputs, input grads, param grads and per-layer captures ({name: {"inputs": [...], "outputs": [...]}})."""
+               everywhere=None):
+    """Forward (inside `branches`, and inside that the everywhere() mode `everywhere`, if given) + backward of
+    a fixed random projection. Returns a _Run with outputs, input grads, param grads and per-layer captures
+    ({name: {"inputs": [...], "outputs": [...]}})."""
     modules = dict(model.named_modules())
     captured = {name: {"inputs": [], "outputs": []} for name in layer_names}
     handles = []
@@ -657,10 +659,6 @@ def _run_model(model, args, kwargs, layer_names, seed, keep_inputs, branches=Non
 
     for name in layer_names:
         handles.append(modules[name].register_forward_hook(hook(name)))
-    if branches is not None and our_pools:
-        for module in model.modules():
-            if isinstance(module, (ours_nn.MaxPool1d, ours_nn.MaxPool2d)):
-                handles.append(module.register_forward_hook(branches.record_our_pool))
     if branches is not None and branches.stack is not None:
         stack = branches.stack
 
@@ -679,10 +677,7 @@ def _run_model(model, args, kwargs, layer_names, seed, keep_inputs, branches=Non
     try:
         with torch.random.fork_rng(devices=_cuda_devices(model, [args, kwargs])), torch.enable_grad():
             torch.manual_seed(seed)
-            if branches is not None:
-                with branches:
-                    output = model(*args, **kwargs)
-            else:
+            with branches or contextlib.nullcontext(), everywhere or contextlib.nullcontext():
                 output = model(*args, **kwargs)
             outputs = [t for t in _floating(_tensors(output)) if t.requires_grad]
             grads = [None] * (len(input_leaves) + len(named_params))
@@ -764,7 +759,7 @@ def _full_float32():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def verify(model, example_inputs, rtol=None, atol=None, *, seed=0, ratio=DEFAULT_RATIO):
+def verify(model, example_inputs, rtol=None, atol=None, *, seed=0, ratio=DEFAULT_RATIO, everywhere=False):
     """Check `model` converted to our layers against the same model on torch.nn's, layer by layer and end
     to end, each float32 result against a float64 run that takes the same ReLU/max-pool branches.
 
@@ -780,17 +775,27 @@ def verify(model, example_inputs, rtol=None, atol=None, *, seed=0, ratio=DEFAULT
     On a GPU, TF32 is switched off while verify runs (and restored after), so that both sides round as
     float32 does.
 
+    everywhere=True runs the converted model inside torch_manualgrad.everywhere(), as a model meant to run
+    that way would: F.conv2d/F.max_pool2d calls in a forward and nn.Conv2d subclasses with their own forward
+    compute with our kernels too, and are judged in the end-to-end comparison (not alone: they are not
+    layers of ours). VerifyResult.covered lists them, `unconverted` what still reached torch's kernels.
+    verify itself must not run inside everywhere(), which would compute its torch.nn reference with ours.
+
     Returns a VerifyResult (truthy when nothing is clearly worse than torch; .report() prints the table).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"verify: expected model to be a torch.nn.Module, but got {type(model).__name__}")
     if not ratio > 0:
         raise ValueError(f"verify: expected ratio > 0, but got ratio={ratio!r}")
+    if routing.active():
+        raise RuntimeError("verify: called inside torch_manualgrad.everywhere(), which would compute the torch.nn "
+                           "reference with our kernels as well; call verify(model, example_inputs, "
+                           "everywhere=True) outside it instead")
     with _full_float32():
-        return _verify(model, example_inputs, rtol, atol, seed, ratio)
+        return _verify(model, example_inputs, rtol, atol, seed, ratio, everywhere)
 
 
-def _verify(model, example_inputs, rtol, atol, seed, ratio):
+def _verify(model, example_inputs, rtol, atol, seed, ratio, everywhere):
     try:
         pristine = revert(copy.deepcopy(model))
         reference = copy.deepcopy(pristine)
@@ -807,8 +812,15 @@ def _verify(model, example_inputs, rtol, atol, seed, ratio):
     # the runs being judged: torch.nn's and ours, recording their branches
     ref_run = _run_model(reference, args, kwargs, layer_names, seed, True, _Branches())
     our_branches = _Branches(stack=[])
+    served = collections.Counter()  # (innermost module running, function) → calls everywhere() served
+
+    def count_served(name, was_served, reason):
+        if was_served:
+            served[(our_branches.stack[-1] if our_branches.stack else "", name)] += 1
+
+    mode = routing.Everywhere(on_call=count_served) if everywhere else None
     try:
-        our_run = _run_model(converted, args, kwargs, layer_names, seed, False, our_branches, our_pools=True)
+        our_run = _run_model(converted, args, kwargs, layer_names, seed, False, our_branches, everywhere=mode)
     except Exception as exc:
         our_run, our_error = None, f"the converted model raised {type(exc).__name__}: {exc}"
     else:
@@ -843,15 +855,43 @@ def _verify(model, example_inputs, rtol, atol, seed, ratio):
     end_to_end = []
     if our_run is not None:
         end_to_end = _end_to_end(ref_run, our_run, truth_ref, truth_ours, probe, rtol, atol, ratio)
-    left = unconverted(converted)
-    listed = {r.name for r in left}
-    for (where, function), count in sorted(our_branches.calls.items()):
-        if where not in listed:
-            left.append(Unconverted(where, function, f"called in forward ({count} call{'s' * (count > 1)}): "
-                                                     f"torch's kernel runs, convert() cannot reach it"))
+    left, covered = _left_and_covered(unconverted(converted), our_branches.calls, served)
     ok = not our_error and all(layer.ok for layer in layers) and all(c.ok for c in end_to_end)
     return VerifyResult(ok=ok, layers=layers, end_to_end=end_to_end, rtol=rtol, atol=atol, error=our_error,
-                        ratio=ratio, unconverted=left, notes=notes)
+                        ratio=ratio, unconverted=left, notes=notes, covered=covered)
+
+
+def _calls(count):
+    return f"{count} call{'s' * (count > 1)}"
+
+
+def _left_and_covered(layers, torch_calls, served):
+    """What ran on torch's kernels (layers convert() left, and torch conv/pool calls in a forward, by the
+    innermost module making them), and what everywhere() computed with ours instead: a layer is covered
+    when everywhere() served calls inside it and none inside it reached torch."""
+    def inside(name, where):
+        return where == name or where.startswith(f"{name}.") if name else True
+
+    left, covered = [], []
+    for r in layers:
+        mine = sum(n for (where, _), n in served.items() if inside(r.name, where))
+        theirs = sum(n for (where, _), n in torch_calls.items() if inside(r.name, where))
+        if mine and not theirs:
+            functions = " and ".join(sorted({f for (where, f) in served if inside(r.name, where)}))
+            covered.append(r._replace(reason=f"{r.reason}; everywhere() computed its {functions} ({_calls(mine)}) "
+                                             f"with our kernels"))
+        else:
+            left.append(r)
+    listed = {r.name for r in layers}
+    for (where, function), count in sorted(torch_calls.items()):
+        if where not in listed:
+            left.append(Unconverted(where, function, f"called in forward ({_calls(count)}): torch's kernel runs, "
+                                                     f"convert() cannot reach it"))
+    for (where, function), count in sorted(served.items()):
+        if where not in listed:
+            covered.append(Unconverted(where, function, f"called in forward ({_calls(count)}): everywhere() computed "
+                                                        f"{'it' if count == 1 else 'them'} with our kernels"))
+    return left, covered
 
 
 def _float64_truths(pristine, args, kwargs, layer_names, seed, ref_run, our_run):
@@ -1093,6 +1133,9 @@ def add_parser(commands):
     p.add_argument("--rtol", type=float, default=None, help="relative error always allowed (default: by dtype)")
     p.add_argument("--atol", type=float, default=None, help="absolute rms error always allowed (default: by dtype)")
     p.add_argument("--seed", type=int, default=0, help="seed for the random input, dropout and projections")
+    p.add_argument("--everywhere", action="store_true",
+                   help="run the converted model inside torch_manualgrad.everywhere(), so that F.conv2d/"
+                        "F.max_pool2d calls and conv subclasses with their own forward compute with ours too")
     return p
 
 
@@ -1132,6 +1175,7 @@ def run(args):
         return 2
     else:
         example = _move(example, device, dtype)
-    result = verify(model, example, rtol=args.rtol, atol=args.atol, seed=args.seed, ratio=args.ratio)
+    result = verify(model, example, rtol=args.rtol, atol=args.atol, seed=args.seed, ratio=args.ratio,
+                    everywhere=args.everywhere)
     print(result.report())
     return 0 if result.ok else 1
