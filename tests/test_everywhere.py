@@ -258,6 +258,22 @@ def test_works_under_torch_compile():
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
+def test_under_torch_compile_what_ours_cannot_take_goes_to_torch_beforehand():
+    """A refusal cannot be caught inside a compiled graph, so there the mode asks first, by dtype and
+    device, what our kernels take (the ops' own checks were asked which dtypes those are)."""
+    x, w = torch.randn(1, 2, 6, 6), torch.randn(3, 2, 3, 3)
+    block = torch.compile(lambda x, w: F.max_pool2d(F.conv2d(x, w), 2) * 2, fullgraph=True, backend="eager")
+    with tmg.everywhere() as mode:
+        floats = block(x, w)
+        integers = block(x.long(), w.long())  # torch's CPU conv takes int64; ours does not
+    torch.testing.assert_close(floats, F.max_pool2d(F.conv2d(x, w), 2) * 2)
+    assert torch.equal(integers, F.max_pool2d(F.conv2d(x.long(), w.long()), 2) * 2)
+    assert mode.served["F.conv2d"] == 1 and mode.served["F.max_pool2d"] >= 1
+    assert mode.left[("F.conv2d", "no kernel of ours for torch.int64 on cpu (decided before the call, under "
+                                  "torch.compile)")] == 1
+    assert {torch.float32, torch.float64} <= routing._CONV_DTYPES and torch.int64 not in routing._CONV_DTYPES
+
+
 class PoolInForward(torch.nn.Module):
     def forward(self, x):
         return torch.max_pool2d(F.max_pool2d(x, 2, ceil_mode=True), 3, 1, 1)

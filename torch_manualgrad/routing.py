@@ -7,12 +7,14 @@ a torch.overrides.TorchFunctionMode, so it covers what convert() leaves on torch
 the block runs, on this thread only (the mode stack is per thread, as every TorchFunctionMode's).
 """
 import collections
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from . import functional
+from ._ops import ops
 
 __all__ = ["everywhere", "Everywhere"]
 
@@ -42,6 +44,46 @@ _ROUTES = {
     torch._C._nn.max_pool2d_with_indices: ("torch.max_pool2d_with_indices", _pool(functional.max_pool2d, True)),
 }
 
+
+def _dtypes_taken():
+    """The dtypes our conv and max-pool kernels take, asked once of the ops' own argument checks (the *_shape
+    ops, csrc/shape_ops.cpp) on one-element stand-ins."""
+    candidates = [t for t in vars(torch).values() if isinstance(t, torch.dtype)]
+
+    def taken(check, dtype):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "ComplexHalf support is experimental"
+                check(torch.empty_strided((1, 1, 1, 1), (0, 0, 0, 0), dtype=dtype))
+        except RuntimeError:  # refused by our checks, or a dtype no plain tensor can have (quantized ones)
+            return False
+        return True
+
+    def conv(t):
+        return ops.conv_forward_shape(t, t, None, [1, 1], [0, 0], [1, 1], 1)
+
+    def pool(t):
+        return ops.max_pool_forward_shape(t, [1, 1], [1, 1], [0, 0], [1, 1], False)
+
+    return (frozenset(d for d in candidates if taken(conv, d)), frozenset(d for d in candidates if taken(pool, d)))
+
+
+_CONV_DTYPES, _POOL_DTYPES = _dtypes_taken()
+
+
+def _refused_when_compiling(name, args, kwargs):
+    """Under torch.compile a call ours refuses cannot be handed to torch afterwards (dynamo stops at the
+    failing call), so there the mode decides beforehand, by the input's device and dtype; None: serve it."""
+    input = args[0] if args else kwargs.get("input")
+    if not isinstance(input, torch.Tensor):
+        return None
+    dtypes = _CONV_DTYPES if "conv" in name else _POOL_DTYPES
+    if input.device.type not in ("cpu", "cuda") or input.dtype not in dtypes:
+        return (f"no kernel of ours for {input.dtype} on {input.device.type} (decided before the call, under "
+                f"torch.compile)")
+    return None
+
+
 # What ours raises where it cannot serve a call that torch may serve (a dtype or device without our kernel,
 # forward-mode AD, an argument type we do not take): the call then goes to torch's function.
 _NOT_SERVED = (RuntimeError, TypeError, ValueError, NotImplementedError)
@@ -68,6 +110,11 @@ class Everywhere(TorchFunctionMode):
         if route is None:
             return func(*args, **kwargs)
         name, ours = route
+        if torch.compiler.is_compiling():
+            reason = _refused_when_compiling(name, args, kwargs)
+            if reason is not None:
+                self._count(name, reason)
+                return func(*args, **kwargs)
         # While this runs the mode is off (torch pops it for the call), so the torch functions ours uses
         # inside (padding, reshapes) are torch's, and ours is not intercepted again.
         try:
@@ -110,7 +157,9 @@ def everywhere(on_call=None):
     Left to torch: a call ours refuses (ours raising RuntimeError, TypeError, ValueError or
     NotImplementedError: a dtype or device we have no kernel for, forward-mode AD, an argument of a type we
     do not take) is computed by torch's function instead, and counted in `left`; where torch refuses it
-    too, torch's error is raised, as without the mode. Functions not listed above (conv3d, conv_transpose*,
+    too, torch's error is raised, as without the mode. Under torch.compile, where a refusal cannot be
+    caught, calls whose input has a dtype or device we have no kernel for go to torch beforehand; any other
+    refusal there is ours, raised by the compiled call. Functions not listed above (conv3d, conv_transpose*,
     torch.convolution, max_pool3d, adaptive and fractional max-pools) are never intercepted.
 
     The mode covers the thread that enters it (TorchFunctionModes are per thread), nests (the innermost
