@@ -1,6 +1,7 @@
 // shape_checks.h — the one place that checks the arguments of every op and computes output sizes.
 // Used by the CPU and CUDA kernels, forward and backward alike; kernels call these first and then
-// trust their inputs. Every message names the argument and its value, as torch's own checks do.
+// trust their inputs. Where torch has a message for a condition, ours starts with torch's text (PyTorch's
+// own tests match it) and then names the argument and its value; elsewhere ours alone does.
 #pragma once
 
 #include "host_device.h"  // small helpers here are shared with CUDA kernels
@@ -30,6 +31,14 @@ struct Geometry {
   Window2d win;
   int64_t spatial_dims = 2;  // 1 or 2: the caller's view, for output shapes
 
+  // An input with no channels gives a convolution nothing to compute. torch then returns an output with
+  // no channels either (not out_channels copies of the bias) and zero gradients for the weight and bias;
+  // so do we, so that a converted model's shapes are torch's.
+  bool no_input_channels() const { return in_channels == 0; }
+  int64_t conv_output_channels() const { return no_input_channels() ? 0 : out_channels; }
+  // Nothing to compute: an empty batch, or no input channels.
+  bool empty() const { return batch == 0 || in_channels == 0; }
+
   // The output's full shape in the caller's dimensionality: (N, C, L) or (N, C, H, W).
   std::vector<int64_t> output_shape(int64_t channels) const {
     if (spatial_dims == 1) return {batch, channels, out_w};
@@ -57,39 +66,92 @@ inline void check_length(const char* op, const char* name, c10::IntArrayRef v, i
               " entries (one per spatial dimension), but got ", name, "=", v);
 }
 
-inline void check_all_positive(const char* op, const char* name, c10::IntArrayRef v) {
-  for (auto x : v) TORCH_CHECK(x > 0, op, ": expected ", name, " to be positive, but got ", name, "=", v);
-}
-
-inline void check_all_non_negative(const char* op, const char* name, c10::IntArrayRef v) {
-  for (auto x : v) TORCH_CHECK(x >= 0, op, ": expected ", name, " to be non-negative, but got ", name, "=", v);
-}
-
 // float16 and bfloat16: the CUDA kernels accumulate them in float32; the CPU computes them in float32.
 inline bool is_reduced_precision(at::ScalarType dtype) { return dtype == at::kHalf || dtype == at::kBFloat16; }
 
+inline bool is_floating_dtype(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kDouble || is_reduced_precision(dtype);
+}
+
+// The integer dtypes max-pool takes, as torch's max_pool2d does on the CPU (bool excepted, as in torch).
+inline bool is_pool_integer_dtype(at::ScalarType dtype) {
+  return dtype == at::kByte || dtype == at::kChar || dtype == at::kShort || dtype == at::kInt || dtype == at::kLong;
+}
+
 inline void check_floating(const char* op, const char* name, const at::Tensor& t) {
   const auto dtype = t.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || is_reduced_precision(dtype), op,
-              ": expected a floating-point ", name, " of dtype float32, float64, float16 or bfloat16, but got ", name,
-              " of dtype ", dtype);
+  TORCH_CHECK(!at::isComplexType(dtype), op, ": expected a floating-point ", name,
+              " of dtype float32, float64, float16 or bfloat16, but got ", name, " of dtype ", dtype,
+              "; complex convolutions are computed by torch_manualgrad.functional, as real convolutions of the real "
+              "and imaginary parts");
+  TORCH_CHECK(is_floating_dtype(dtype), op, ": expected a floating-point ", name,
+              " of dtype float32, float64, float16 or bfloat16, but got ", name, " of dtype ", dtype);
+}
+
+// Max-pool's input: floating point or integer. torch's own wording first, as NotImplementedError gives it.
+inline void check_pool_dtype(const char* op, const at::Tensor& input) {
+  const auto dtype = input.scalar_type();
+  TORCH_CHECK_NOT_IMPLEMENTED(is_floating_dtype(dtype) || is_pool_integer_dtype(dtype), "\"", op, "\" not implemented for '", dtype,
+              "' (", op, ": expected input of a floating-point dtype (float32, float64, float16, bfloat16) or an "
+              "integer one (uint8, int8, int16, int32, int64), but got input of dtype ", dtype, ")");
+}
+
+// The C++ type name torch prints in "Input type (float) and bias type (double) should be the same".
+inline const char* cpp_type_name(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return "float";
+    case at::kDouble: return "double";
+    case at::kHalf: return "c10::Half";
+    case at::kBFloat16: return "c10::BFloat16";
+    case at::kComplexFloat: return "c10::complex<float>";
+    case at::kComplexDouble: return "c10::complex<double>";
+    case at::kLong: return "long";
+    case at::kInt: return "int";
+    case at::kShort: return "short";
+    case at::kChar: return "signed char";
+    case at::kByte: return "unsigned char";
+    case at::kBool: return "bool";
+    default: return c10::toString(dtype);
+  }
+}
+
+inline void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& input) {
+  TORCH_CHECK(t.device() == input.device(), op, ": expected input and ", name,
+              " to be on the same device, but got input on ", input.device(), " and ", name, " on ", t.device());
+}
+
+// A convolution's weight and bias have the input's dtype; torch's two wordings for the two.
+inline void check_conv_dtypes(const char* op, const at::Tensor& input, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(weight.scalar_type() == input.scalar_type(), op, ": expected scalar type ", input.scalar_type(),
+              " but found ", weight.scalar_type(), " (expected input and weight to have the same dtype, but got input ",
+              input.scalar_type(), " and weight ", weight.scalar_type(), ")");
+  if (bias.has_value() && bias->defined())
+    TORCH_CHECK(bias->scalar_type() == input.scalar_type(), op, ": Input type (", cpp_type_name(input.scalar_type()),
+                ") and bias type (", cpp_type_name(bias->scalar_type()),
+                ") should be the same (expected input and bias to have the same dtype, but got input ",
+                input.scalar_type(), " and bias ", bias->scalar_type(), ")");
 }
 
 inline void check_same_device_and_dtype(const char* op, const char* name, const at::Tensor& t,
                                         const at::Tensor& input) {
-  TORCH_CHECK(t.device() == input.device(), op, ": expected input and ", name,
-              " to be on the same device, but got input on ", input.device(), " and ", name, " on ", t.device());
+  check_same_device(op, name, t, input);
   TORCH_CHECK(t.scalar_type() == input.scalar_type(), op, ": expected input and ", name,
               " to have the same dtype, but got input ", input.scalar_type(), " and ", name, " ", t.scalar_type());
 }
 
-// Batched input (N, C, *spatial) with non-empty channel and spatial dimensions (N may be 0).
-inline void check_input_dims(const char* op, const at::Tensor& input, int64_t d) {
+inline void check_input_rank(const char* op, const at::Tensor& input, int64_t d) {
   TORCH_CHECK(input.dim() == d + 2, op, ": expected input to be ", d + 2, "-D (N, C, ",
               d == 1 ? "L" : "H, W", "), but got input of shape ", input.sizes());
+}
+
+// A max-pool's input: batched (N, C, *spatial), with non-empty channel and spatial dimensions (N may be 0).
+inline void check_pool_input_dims(const char* op, const at::Tensor& input, int64_t d) {
+  check_input_rank(op, input, d);
   for (int64_t i = 1; i < input.dim(); ++i)
-    TORCH_CHECK(input.size(i) > 0, op, ": expected input to have non-zero channel and spatial sizes, but got input of shape ",
-                input.sizes());
+    TORCH_CHECK(input.size(i) > 0, (d == 1 ? "max_pool1d: Expected 2D or 3D" : "Expected 3D or 4D"),
+                " (batch mode) tensor with optional 0 dim batch size for input, but got:", input.sizes(), " (", op,
+                ": expected input to have non-zero channel and spatial sizes, but got input of shape ", input.sizes(), ")");
 }
 
 inline Window2d make_window(c10::IntArrayRef kernel, c10::IntArrayRef stride, c10::IntArrayRef padding,
@@ -190,38 +252,54 @@ inline Geometry check_conv(const at::Tensor& input, const at::Tensor& weight, co
   const char* op = op_label("conv", d);
   check_length(op, "padding", padding, d);
   check_length(op, "dilation", dilation, d);
+  check_same_device(op, "weight", weight, input);
+  if (bias.has_value() && bias->defined()) check_same_device(op, "bias", *bias, input);
+  check_conv_dtypes(op, input, weight, bias);
   check_floating(op, "input", input);
-  check_same_device_and_dtype(op, "weight", weight, input);
-  if (bias.has_value() && bias->defined()) check_same_device_and_dtype(op, "bias", *bias, input);
-  check_all_positive(op, "stride", stride);
-  check_all_non_negative(op, "padding", padding);
-  check_all_positive(op, "dilation", dilation);
-  TORCH_CHECK(groups > 0, op, ": expected groups to be positive, but got groups=", groups);
-  check_input_dims(op, input, d);
+  for (auto s : stride) TORCH_CHECK(s > 0, op, ": non-positive stride is not supported (got stride=", stride, ")");
+  for (auto p : padding) TORCH_CHECK(p >= 0, op, ": negative padding is not supported (got padding=", padding, ")");
+  for (auto x : dilation)
+    TORCH_CHECK(x > 0, op, ": dilation should be greater than zero, but got ", dilation, " (every entry of dilation must be positive)");
+  TORCH_CHECK(groups > 0, op, ": non-positive groups is not supported (got groups=", groups, ")");
+  check_input_rank(op, input, d);
   TORCH_CHECK(weight.dim() == d + 2, op, ": expected weight to be ", d + 2, "-D (out_channels, in_channels/groups, ",
               d == 1 ? "kL" : "kH, kW", "), but got weight of shape ", weight.sizes());
-  for (int64_t i = 0; i < weight.dim(); ++i)
-    TORCH_CHECK(weight.size(i) > 0, op, ": expected weight to have non-zero sizes, but got weight of shape ", weight.sizes());
-  TORCH_CHECK(weight.size(0) % groups == 0, op, ": out_channels (weight.size(0)=", weight.size(0),
-              ") must be divisible by groups=", groups);
+  TORCH_CHECK(weight.size(0) > 0, op, ": Given groups=", groups,
+              ", expected weight to be at least 1 at dimension 0, but got weight of size ", weight.sizes(),
+              " instead (weight must have at least one output channel)");
+  for (int64_t i = 2; i < weight.dim(); ++i)
+    TORCH_CHECK(weight.size(i) > 0, op, ": kernel size should be greater than zero, but got kernel_height: ",
+                d == 2 ? weight.size(2) : 1, " kernel_width: ", weight.size(-1), " (weight of shape ", weight.sizes(), ")");
+  TORCH_CHECK(weight.size(0) % groups == 0, op, ": Given groups=", groups, ", expected weight to be divisible by ", groups,
+              " at dimension 0, but got weight of size [", weight.sizes(), "] instead (out_channels=weight.size(0)=",
+              weight.size(0), " must be divisible by groups=", groups, ")");
   int64_t expected_channels = 0;  // weight.size(1) * groups, which may not fit in int64
   const bool channels_fit = !__builtin_mul_overflow(weight.size(1), groups, &expected_channels);
-  TORCH_CHECK(channels_fit && input.size(1) == expected_channels, op, ": expected input of shape ", input.sizes(),
-              " to have ", (channels_fit ? std::to_string(expected_channels) : std::string("weight.size(1) * groups")),
-              " channels (weight of shape ", weight.sizes(), " with groups=", groups, "), but got ", input.size(1),
-              " channels");
+  TORCH_CHECK(channels_fit, op, ": weight of shape ", weight.sizes(), " with groups=", groups,
+              " expects weight.size(1) * groups input channels, more than int64 can count");
+  TORCH_CHECK(input.size(1) == expected_channels, op, ": Given groups=", groups, ", weight of size ", weight.sizes(),
+              ", expected input", input.sizes(), " to have ", expected_channels, " channels, but got ", input.size(1),
+              " channels instead");
   if (bias.has_value() && bias->defined())
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": expected bias of shape [", weight.size(0),
-                "], but got bias of shape ", bias->sizes());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": Given weight of size ", weight.sizes(),
+                ", expected bias to be 1-dimensional with ", weight.size(0), " elements, but got bias of size ",
+                bias->sizes(), " instead");
 
+  bool kernel_fits = true;
+  std::ostringstream padded_sizes, kernel_sizes;  // torch's "(H x W)"
   for (int64_t i = 0; i < d; ++i) {
     const int64_t padded = padded_extent(op, input.size(2 + i), padding[i]);
     const int64_t dilated_kernel = dilated_extent(op, weight.size(2 + i), dilation[i]);
-    TORCH_CHECK(dilated_kernel <= padded, op, ": kernel size (with dilation) ", dilated_kernel,
-                " is larger than the padded input size ", padded, " in spatial dimension ", i,
-                " (input of shape ", input.sizes(), ", weight of shape ", weight.sizes(), ", padding=", padding,
-                ", dilation=", dilation, ")");
+    kernel_fits = kernel_fits && dilated_kernel <= padded;
+    padded_sizes << (i ? " x " : "") << padded;
+    kernel_sizes << (i ? " x " : "") << dilated_kernel;
   }
+  TORCH_CHECK(kernel_fits, op, ": Calculated padded input size per channel: (", padded_sizes.str(), "). Kernel size: (",
+              kernel_sizes.str(), "). Kernel size can't be greater than actual input size (input of shape ",
+              input.sizes(), ", weight of shape ", weight.sizes(), ", padding=", padding, ", dilation=", dilation, ")");
+  for (int64_t i = 2; i < input.dim(); ++i)  // padding alone would fill the output: torch refuses that too
+    TORCH_CHECK(input.size(i) > 0, op, ": Only zero batch or zero channel inputs are supported, but got input shape: ",
+                input.sizes(), " (input has an empty spatial dimension)");
 
   Geometry g;
   g.spatial_dims = d;
@@ -236,32 +314,66 @@ inline Geometry check_conv(const at::Tensor& input, const at::Tensor& weight, co
   g.in_h = d == 2 ? input.size(2) : 1;
   g.out_h = conv_output_size(g.in_h, w.kernel_h, w.stride_h, w.pad_h, w.dilation_h);
   g.out_w = conv_output_size(g.in_w, w.kernel_w, w.stride_w, w.pad_w, w.dilation_w);
-  checked_sample_numel(op, "the output", g.output_shape(g.out_channels));
+  checked_sample_numel(op, "the output", g.output_shape(g.conv_output_channels()));
   return g;
 }
 
 inline void check_conv_grad_output(const at::Tensor& grad_output, const at::Tensor& input, const Geometry& g) {
   const char* op = op_label("conv", g.spatial_dims);
   check_same_device_and_dtype(op, "grad_output", grad_output, input);
-  const auto expected = g.output_shape(g.out_channels);
+  const auto expected = g.output_shape(g.conv_output_channels());
   TORCH_CHECK(grad_output.sizes() == c10::IntArrayRef(expected), op, ": expected grad_output of shape ",
               c10::IntArrayRef(expected), ", but got grad_output of shape ", grad_output.sizes());
 }
 
 // The window arguments of a max-pool, forward or backward: one entry per spatial dimension, all positive
-// but the padding, which is non-negative.
+// but the padding, which is non-negative and at most half the kernel. torch words these differently for
+// max_pool1d (its own function) and max_pool2d; ours start with the wording of the function called.
 inline void check_pool_window(const char* op, int64_t d, c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
                               c10::IntArrayRef padding, c10::IntArrayRef dilation) {
   check_length(op, "kernel_size", kernel_size, d);
   check_length(op, "padding", padding, d);
   check_length(op, "dilation", dilation, d);
-  check_all_positive(op, "kernel_size", kernel_size);
-  check_all_positive(op, "stride", stride);
-  check_all_non_negative(op, "padding", padding);
-  check_all_positive(op, "dilation", dilation);
-  for (int64_t i = 0; i < d; ++i)
-    TORCH_CHECK(padding[i] <= kernel_size[i] / 2, op,
-                ": pad should be at most half of kernel size, but got padding=", padding, " and kernel_size=", kernel_size);
+  const auto h = [d](c10::IntArrayRef v) { return d == 2 ? v[0] : 1; };  // torch's 2-d view of a 1-d window
+  const bool one_d = d == 1;
+  // torch's max_pool2d looks at the stride first: a kernel of 0 with the default stride reports the stride
+  for (auto s : stride)
+    TORCH_CHECK(one_d || s != 0, "stride should not be zero (", op, ": stride=", stride, ", kernel_size=", kernel_size, ")");
+  for (auto k : kernel_size)
+    TORCH_CHECK(k > 0, one_d ? "max_pool1d() kernel_size must be greater than zero, but got " : "",
+                one_d ? std::to_string(k) : "kernel size should be greater than zero, but got kH: " +
+                std::to_string(h(kernel_size)) + " kW: " + std::to_string(kernel_size.back()),
+                " (", op, ": kernel_size=", kernel_size, ")");
+  for (auto s : stride) {
+    TORCH_CHECK(!(one_d && s <= 0), "max_pool1d() stride must be greater than zero, but got ", s, " (", op,
+                ": stride=", stride, ")");
+    TORCH_CHECK(s > 0, "stride should be greater than zero, but got dH: ", h(stride), " dW: ", stride.back(), " (", op,
+                ": stride=", stride, ")");
+  }
+  for (auto p : padding)
+    TORCH_CHECK(p >= 0, one_d ? "max_pool1d() padding must be non-negative, but got " : "pad must be non-negative, but got pad: ",
+                p, " (", op, ": padding=", padding, ")");
+  for (auto x : dilation)
+    TORCH_CHECK(x > 0, one_d ? "max_pool1d() dilation must be greater than zero, but got " + std::to_string(x)
+                             : "dilation should be greater than zero, but got dilationH: " + std::to_string(h(dilation)) +
+                                   " dilationW: " + std::to_string(dilation.back()),
+                " (", op, ": dilation=", dilation, ")");
+  for (int64_t i = 0; i < d; ++i) {
+    const int64_t effective = dilated_extent(op, kernel_size[i], dilation[i]);
+    TORCH_CHECK(one_d || padding[i] <= effective / 2, "pad should be at most half of effective kernel size, but got pad=",
+                padding[i], ", kernel_size=", kernel_size[i], " and dilation=", dilation[i], " (", op, ": padding=",
+                padding, ", kernel_size=", kernel_size, ", dilation=", dilation, ")");
+  }
+  for (int64_t i = 0; i < d; ++i) {
+    TORCH_CHECK(!(one_d && padding[i] > kernel_size[i] / 2),
+                "max_pool1d() padding should be at most half of kernel size, but got padding=", padding[i],
+                " and kernel_size=", kernel_size[i]);
+    TORCH_CHECK(padding[i] <= kernel_size[i] / 2,
+                "pad should be smaller than or equal to half of kernel size, but got padW = ", padding.back(),
+                ", padH = ", h(padding), ", kW = ", kernel_size.back(), ", kH = ", h(kernel_size), " (", op,
+                ": pad should be at most half of kernel size, but got padding=", padding, " and kernel_size=",
+                kernel_size, ")");
+  }
 }
 
 // Checks a max-pool's arguments and returns its geometry (in_channels = channels; groups unused).
@@ -270,8 +382,8 @@ inline Geometry check_max_pool(const at::Tensor& input, c10::IntArrayRef kernel_
   const int64_t d = spatial_dims_of(stride, "max_pool");
   const char* op = op_label("pool", d);
   check_pool_window(op, d, kernel_size, stride, padding, dilation);
-  check_floating(op, "input", input);
-  check_input_dims(op, input, d);
+  check_pool_dtype(op, input);
+  check_pool_input_dims(op, input, d);
   for (int64_t i = 0; i < d; ++i) {  // overflow checks; with pad <= kernel/2 the span below is at most the input size
     padded_extent(op, input.size(2 + i), padding[i]);
     dilated_extent(op, kernel_size[i], dilation[i]);
@@ -287,10 +399,17 @@ inline Geometry check_max_pool(const at::Tensor& input, c10::IntArrayRef kernel_
   g.in_h = d == 2 ? input.size(2) : 1;
   g.out_h = pool_output_size(g.in_h, w.kernel_h, w.stride_h, w.pad_h, w.dilation_h, ceil_mode);
   g.out_w = pool_output_size(g.in_w, w.kernel_w, w.stride_w, w.pad_w, w.dilation_w, ceil_mode);
-  TORCH_CHECK(g.out_h >= 1 && g.out_w >= 1, op, ": input of shape ", input.sizes(), " is too small for kernel_size=",
-              kernel_size, ", stride=", stride, ", padding=", padding, ", dilation=", dilation,
-              ": the output size would be ", (d == 2 ? g.out_h : g.out_w), (d == 2 ? "x" : ""),
-              (d == 2 ? std::to_string(g.out_w) : std::string()));
+  std::ostringstream too_small;  // torch's wording first: max_pool1d's own, or max_pool2d's
+  if (d == 1) {
+    too_small << "max_pool1d() Invalid computed output size: " << g.out_w;
+  } else {
+    too_small << "Given input size: (" << g.in_channels << "x" << g.in_h << "x" << g.in_w << "). Calculated output size: ("
+              << g.in_channels << "x" << g.out_h << "x" << g.out_w << "). Output size is too small";
+  }
+  TORCH_CHECK(g.out_h >= 1 && g.out_w >= 1, too_small.str(), " (", op, ": input of shape ", input.sizes(),
+              " is too small for kernel_size=", kernel_size, ", stride=", stride, ", padding=", padding, ", dilation=",
+              dilation, ": the output size would be ", (d == 2 ? g.out_h : g.out_w), (d == 2 ? "x" : ""),
+              (d == 2 ? std::to_string(g.out_w) : std::string()), ")");
   checked_sample_numel(op, "the output", g.output_shape(g.out_channels));
   return g;
 }
@@ -316,6 +435,9 @@ inline Geometry check_max_pool_backward(const at::Tensor& grad_output, const at:
     padded_extent(op, input_size[2 + i], padding[i]);
     dilated_extent(op, kernel_size[i], dilation[i]);
   }
+  TORCH_CHECK(!is_pool_integer_dtype(grad_output.scalar_type()), op, ": expected a floating-point grad_output, but got "
+              "grad_output of dtype ", grad_output.scalar_type(), " (an integer max-pool has no gradient: integer tensors "
+              "cannot require grad)");
   check_floating(op, "grad_output", grad_output);
   TORCH_CHECK(indices.scalar_type() == at::kLong, op, ": expected indices of dtype Long (int64), but got indices of dtype ",
               indices.scalar_type());

@@ -6,8 +6,18 @@
 #include "host_device.h"
 
 #include <cstdint>
+#include <limits>
 
 namespace manualgrad {
+
+// The value a max-pool window starts from and the padding holds: -inf for floating point, and for the
+// integers (which have no -inf) their lowest value. Only a strictly greater value (or NaN) replaces the
+// running maximum, so padding never wins, and a window whose values all equal the lowest keeps its first
+// in-bounds tap as the argmax, as torch's does.
+template <typename T>
+MANUALGRAD_HOST_DEVICE constexpr T pool_lowest() {
+  return std::numeric_limits<T>::has_infinity ? -std::numeric_limits<T>::infinity() : std::numeric_limits<T>::lowest();
+}
 
 // The taps [lo, hi) of a window starting at `start` (dilated by `dilation`) that land inside [0, size);
 // hi <= lo when none does. (Undilated windows, the usual case, need no division.)

@@ -14,6 +14,7 @@ import sysconfig
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -42,6 +43,8 @@ def cells(tmp_path_factory):
     for name in ("max_pool_forward_outputs", "max_pool_backward_pixels"):
         getattr(lib, name).restype = None
         getattr(lib, name).argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    lib.max_pool_forward_outputs_int.restype = None
+    lib.max_pool_forward_outputs_int.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     lib.depthwise_forward_outputs.restype = ctypes.c_int
     lib.depthwise_forward_outputs.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
     lib.depthwise_forward_outputs.argtypes += [ctypes.c_int, ctypes.c_int]
@@ -239,6 +242,34 @@ def test_forward_matches_torch(cells, case, values, wide):
     got, got_indices = host_forward(cells, x, case, wide)
     torch.testing.assert_close(got, y, rtol=0, atol=0, equal_nan=True)
     assert torch.equal(got_indices, indices)
+
+
+@given(case=pool_cases(), dtype=st.sampled_from([torch.int32, torch.int64]), low=st.booleans(), seed=st.integers(0, 99))
+def test_forward_of_integers_matches_torch(cells, case, dtype, low, seed):
+    """Integer planes start each window at the type's lowest value (there is no -inf): windows of nothing
+    but that value, ties and padding must still give torch's maxima and its first in-bounds argmax."""
+    info = torch.iinfo(dtype)
+    base = info.min if low else -2
+    x = torch.randint(base, base + 3, case.input_shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    y, indices = F.max_pool2d(x if case.dim == 2 else x.unsqueeze(-2), **planar_kwargs(case))
+    y, indices = (y, indices) if case.dim == 2 else (y.squeeze(-2), indices.squeeze(-2))
+    sizes, x = sizes_2d(case), x.contiguous()
+    got = torch.full(case.output_shape, 7, dtype=dtype)
+    got_indices = torch.full(case.output_shape, -7, dtype=torch.int64)
+    cells.max_pool_forward_outputs_int(got.data_ptr(), got_indices.data_ptr(), x.data_ptr(), planes(case), sizes.data_ptr(),
+                                       torch.tensor([], dtype=dtype).element_size())
+    assert torch.equal(got, y)
+    in_window = got_indices >= 0  # -1: a window wholly in the padding, where torch's index is arbitrary
+    assert torch.equal(got_indices[in_window], indices[in_window])
+    assert torch.equal(got[~in_window], torch.full_like(got[~in_window], info.min))
+
+
+def planar_kwargs(case):
+    """case's max-pool arguments for torch's max_pool2d (a 1-d case as height 1)."""
+    k, s, p, d = case.tuples()
+    if case.dim == 1:
+        k, s, p, d = (1, *k), (1, *s), (0, *p), (1, *d)
+    return dict(kernel_size=k, stride=s, padding=p, dilation=d, ceil_mode=case.ceil_mode, return_indices=True)
 
 
 @given(case=pool_cases(), values=st.sampled_from(VALUES), wide=st.booleans())

@@ -179,7 +179,7 @@ POOL_CASES = {
     "input-2d-for-pool2d": (lambda: tf.max_pool2d(r(6, 6), 2), [r"input", r"\[6, 6\]"]),
     "input-4d-for-pool1d": (lambda: tf.max_pool1d(r(1, 2, 6, 6), 2), [r"input", r"\[1, 2, 6, 6\]"]),
     "input-1d-for-pool1d": (lambda: tf.max_pool1d(torch.randn(6), 2), [r"input", r"\[6\]"]),
-    "integer-input": (lambda: tf.max_pool2d(P2().long(), 2), [r"floating", INT64]),
+    "complex-input": (lambda: tf.max_pool2d(P2().to(torch.complex64), 2), [r"not implemented for 'ComplexFloat'", r"integer"]),
     "output-too-small": (lambda: tf.max_pool2d(r(1, 1, 2, 2), 3), [r"input|output", r"2, 2|\b0\b"]),
     "kernel-wrong-length": (lambda: tf.max_pool2d(P2(), (2, 2, 2)), [r"kernel_size", r"2, 2, 2"]),
 }
@@ -254,9 +254,13 @@ OP_CASES = {
         [r"input", r"\[2, 6, 6\]"],
     ),
     "pool-forward-args-wrong-length": (lambda: ops.max_pool_forward(P2(), [2], [2, 2], [0, 0], [1, 1], False), [r"kernel_size"]),
-    "pool-forward-integer": (
-        lambda: ops.max_pool_forward(P2().long(), [2, 2], [2, 2], [0, 0], [1, 1], False),
-        [r"floating", INT64],
+    "pool-forward-bool": (
+        lambda: ops.max_pool_forward(P2() > 0, [2, 2], [2, 2], [0, 0], [1, 1], False),
+        [r"not implemented for 'Bool'", r"floating-point dtype"],
+    ),
+    "pool-backward-integer-grad-output": (
+        lambda: ops.max_pool_backward(r(1, 2, 3, 3).long(), torch.zeros(1, 2, 3, 3, dtype=torch.long), [1, 2, 6, 6], [2, 2], [2, 2], [0, 0], [1, 1]),
+        [r"grad_output", INT64, r"cannot require grad"],
     ),
     "pool-backward-indices-dtype": (
         lambda: ops.max_pool_backward(r(1, 2, 3, 3), torch.zeros(1, 2, 3, 3, dtype=torch.int32), [1, 2, 6, 6], [2, 2], [2, 2], [0, 0], [1, 1]),

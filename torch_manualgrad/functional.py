@@ -1,7 +1,9 @@
 """The functional API: conv1d, conv2d, max_pool1d, max_pool2d with torch.nn.functional's signatures.
 
 Here the Python-level arguments are normalised (ints to tuples, 'same'/'valid' padding, unbatched
-input); everything else — shape checks, the arithmetic — happens in the registered ops.
+input), complex convolutions are split into real ones (_complex.py), and outputs are laid out as torch
+lays out its own (channels-last by torch's rule); everything else — shape checks, the arithmetic —
+happens in the registered ops.
 Call path: here → autograd.py → _ops.py → csrc kernels; calls that autograd need not record
 (inference, torch.no_grad) go from here straight to _ops.py.
 
@@ -15,6 +17,7 @@ from torch.autograd import forward_ad
 from torch.overrides import handle_torch_function, has_torch_function, has_torch_function_unary
 
 from . import _exporting
+from ._complex import complex_conv
 from ._ops import ops
 from .autograd import ConvFunction, MaxPoolFunction
 
@@ -29,8 +32,20 @@ def _expand(value, dims, name, op):
     if len(values) == 1:
         values = values * dims
     if len(values) != dims or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise RuntimeError(f"{op}: expected {name} to be a single int or a tuple of {dims} ints, but got {name}={value!r}")
+        raise RuntimeError(_length_message(op, name, dims, values, value))
     return values
+
+
+def _length_message(op, name, dims, values, value):
+    """torch's words for an argument with the wrong number of entries (its tests match them), then ours."""
+    if op.startswith("conv"):
+        return (f"{op}: expected {name} to be a single integer value or a list of {dims} values to match the "
+                f"convolution dimensions, but got {name}={values}")
+    if op == "max_pool1d":
+        allowed = "None, an int, list of ints, or tuple of ints" if name == "stride" else "an int, list of ints or tuple of ints"
+        return f"max_pool1d() {name} must be {allowed} of size 1 but got size {len(values)} ({name}={value!r})"
+    allowed = {"stride": "either be omitted, a single int,", "dilation": "be either a single int,"}.get(name, "either be a single int,")
+    return f"{op}: {name} must {allowed} or a tuple of two ints (got {name}={value!r})"
 
 
 def _check_tensors(op, input, weight, bias):
@@ -45,22 +60,55 @@ def _check_tensors(op, input, weight, bias):
 
 def _batched(op, input, dims):
     if input.dim() not in (dims + 1, dims + 2):
+        # torch's words first (its tests match them), then ours
+        if op.startswith("conv"):
+            torch_words = (f"Expected {dims + 1}D (unbatched) or {dims + 2}D (batched) input to {op}, "
+                           f"but got input of size: {list(input.shape)}")
+        elif dims == 1:
+            torch_words = ("max_pool1d: Expected 2D or 3D (batch mode) tensor with optional 0 dim batch size for input, "
+                           f"but got:{list(input.shape)}")
+        else:
+            torch_words = "non-empty 3D or 4D (batch mode) tensor expected for input"
         raise RuntimeError(
-            f"{op}: expected input to be {dims + 1}-D (unbatched) or {dims + 2}-D (batched), "
-            f"but got input of shape {list(input.shape)}"
+            f"{torch_words} ({op}: expected input to be {dims + 1}-D (unbatched) or {dims + 2}-D (batched), "
+            f"but got input of shape {list(input.shape)})"
         )
     unbatched = input.dim() == dims + 1
     return (input.unsqueeze(0) if unbatched else input), unbatched
 
 
-def _channels_last(t):
-    """A 4-d tensor laid out channels-last (and not also plainly contiguous, as when C or H*W is 1)."""
-    if t.dim() != 4 or t.is_contiguous():
+def _suggests_channels_last(t):
+    """ATen's TensorBase::suggest_memory_format(t) == channels_last for a 4-d tensor: its strides are ordered
+    C, W, H, N from smallest, each no smaller than the span of the dimensions before it, with torch's
+    tie-breaks for sizes of 1 (an N111 tensor, or one whose C stride equals N's, counts as contiguous).
+    torch lays out a convolution's and a max-pool's results by this rule."""
+    if t.dim() != 4 or t.layout != torch.strided:
         return False
     try:
-        return t.is_contiguous(memory_format=torch.channels_last)
+        sizes, strides = t.shape, t.stride()
     except RuntimeError:  # inside torch.func.vmap layouts cannot be queried; keep the ops' contiguous output
         return False
+    if strides[1] == 0:
+        return False
+    floor = 0
+    for d in (1, 3, 2, 0):
+        if sizes[d] == 0 or strides[d] < floor or (d == 0 and floor == strides[1]):
+            return False
+        floor = strides[d] * sizes[d] if sizes[d] > 1 else strides[d]
+    return True
+
+
+def _as_channels_last(t, dims):
+    """t laid out channels-last with torch's exact strides: a 4-d tensor as torch.channels_last, a 3-d one as
+    the 4-d one of height 1. Where a dimension of size 1 makes t channels-last already, contiguous() keeps
+    its strides; they are then rewritten (the same memory order, no copy) to those torch gives its outputs."""
+    t4 = t if dims == 2 else t.unsqueeze(2)
+    t4 = t4.contiguous(memory_format=torch.channels_last)
+    n, c, h, w = t4.shape
+    strides = (h * w * c, 1, w * c, c)
+    if t4.stride() != strides and t4.numel() > 0:
+        t4 = t4.as_strided(t4.shape, strides)
+    return t4 if dims == 2 else t4.squeeze(2)
 
 
 def _needs_autograd(*tensors):
@@ -74,9 +122,23 @@ def _needs_autograd(*tensors):
     return forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
-def _like(output, input):
-    # The ops return contiguous tensors; like torch, a channels-last input gets a channels-last output.
-    return output.contiguous(memory_format=torch.channels_last) if _channels_last(input) else output
+def _conv_channels_last(input, weight, dims):
+    """Whether torch lays out this convolution's output channels-last: when the input or the weight
+    suggests it (a 1-d input is made contiguous first, so only its weight counts), unless the input is empty."""
+    if input.numel() == 0:
+        return False
+    if dims == 1:
+        return weight.dim() == 3 and _suggests_channels_last(weight.unsqueeze(2))
+    return _suggests_channels_last(input) or _suggests_channels_last(weight)
+
+
+def _pool_channels_last(input, dims, unbatched, with_indices):
+    """Whether torch lays out this max-pool's output (and indices) channels-last: as the input suggests; an
+    unbatched 2-d input never. A 1-d input is seen as height 1 where torch's max_pool1d goes through its
+    2-d kernel (indices wanted, a gradient to come, or not the CPU); its CPU-only path returns contiguous."""
+    if dims == 1:
+        return (with_indices or input.device.type != "cpu") and _suggests_channels_last(input.unsqueeze(2))
+    return not unbatched and _suggests_channels_last(input)
 
 
 def _autocast(input, weight, bias):
@@ -107,11 +169,18 @@ def _conv(dims, op, input, weight, bias, stride, padding, dilation, groups):
         input, padding = _string_padding(op, padding, input, weight, stride, dilation, dims)
     else:
         padding = _expand(padding, dims, "padding", op)
-    if _needs_autograd(input, weight, bias) and not _exporting.record_op_in_jit_trace("conv_forward", input):
-        output = ConvFunction.apply(input, weight, bias, stride, padding, dilation, groups)
-    else:
-        output = ops.conv_forward(input, weight, bias, stride, padding, dilation, groups)
-    output = _like(output, input)
+
+    def real_conv(x, w, b=None):
+        if _needs_autograd(x, w, b) and not _exporting.record_op_in_jit_trace("conv_forward", x):
+            return ConvFunction.apply(x, w, b, stride, padding, dilation, groups)
+        return ops.conv_forward(x, w, b, stride, padding, dilation, groups)
+
+    if input.is_complex() and weight.dtype == input.dtype and (bias is None or bias.dtype == input.dtype):
+        output = complex_conv(real_conv, input, weight, bias)
+    else:  # real, or dtypes that differ: the op's checks report those
+        output = real_conv(input, weight, bias)
+    if _conv_channels_last(input, weight, dims):
+        output = _as_channels_last(output, dims)
     return output.squeeze(0) if unbatched else output
 
 
@@ -122,7 +191,7 @@ def _string_padding(op, padding, input, weight, stride, dilation, dims):
     if padding == "valid":
         return input, [0] * dims
     if padding != "same":
-        raise ValueError(f"{op}: invalid padding string {padding!r}, should be one of {{'valid', 'same'}}")
+        raise ValueError(f"{op}: Invalid padding string: {padding!r} (padding should be one of {{'valid', 'same'}})")
     if any(s != 1 for s in stride):
         raise RuntimeError(f"{op}: padding='same' is not supported for strided convolutions (got stride={stride})")
     if weight.dim() != dims + 2:
@@ -166,7 +235,8 @@ def _max_pool(dims, op, input, kernel_size, stride, padding, dilation, ceil_mode
     padding = _expand(padding, dims, "padding", op)
     dilation = _expand(dilation, dims, "dilation", op)
     input, unbatched = _batched(op, input, dims)
-    if _needs_autograd(input) and not _exporting.record_op_in_jit_trace("max_pool_forward", input):
+    needs_autograd = _needs_autograd(input) and not _exporting.record_op_in_jit_trace("max_pool_forward", input)
+    if needs_autograd:
         output, indices = MaxPoolFunction.apply(input, kernel_size, stride, padding, dilation, bool(ceil_mode))
     else:  # nothing will go backward: the indices are computed only if the caller wants them (or a jit trace,
         # which must record the same call with autograd and without)
@@ -174,11 +244,14 @@ def _max_pool(dims, op, input, kernel_size, stride, padding, dilation, ceil_mode
             input, kernel_size, stride, padding, dilation, bool(ceil_mode),
             compute_indices=bool(return_indices) or torch.jit.is_tracing(),
         )
-    output = _like(output, input)
+    channels_last = _pool_channels_last(input, dims, unbatched, bool(return_indices) or needs_autograd)
+    if channels_last:
+        output = _as_channels_last(output, dims)
     output = output.squeeze(0) if unbatched else output
     if not return_indices:
         return output
-    indices = _like(indices, input)
+    if channels_last:
+        indices = _as_channels_last(indices, dims)
     return output, (indices.squeeze(0) if unbatched else indices)
 
 

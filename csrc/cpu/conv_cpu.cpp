@@ -279,8 +279,8 @@ at::Tensor conv_forward_cpu(const at::Tensor& input_, const at::Tensor& weight_,
   const at::Tensor input = input_.contiguous();  // (N, C_in, H, W)
   const GroupDims d(g);
   const at::Tensor weight = weight_.contiguous().view({g.out_channels, d.k_per_group});  // (C_out, K/g)
-  at::Tensor output = at::empty(g.output_shape(g.out_channels), input.options());        // (N, C_out, OH, OW)
-  if (g.batch == 0) return output;
+  at::Tensor output = at::empty(g.output_shape(g.conv_output_channels()), input.options());  // (N, C_out, OH, OW)
+  if (g.empty()) return output;
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor bias_ = has_bias ? bias->contiguous() : at::Tensor();  // (C_out,)
   if (is_depthwise(g)) {
@@ -449,23 +449,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
   if (output_mask[0]) {
     grad_input = at::empty(input_.sizes(), input_.options());  // (N, C_in, H, W)
     const at::Tensor weight = weight_.contiguous().view({g.out_channels, GroupDims(g).k_per_group});
-    if (g.batch > 0 && is_depthwise(g)) {
+    if (!g.empty() && is_depthwise(g)) {
       depthwise_backward_input_cpu(grad_input, grad_output, weight, g);
-    } else if (g.batch > 0) {
+    } else if (!g.empty()) {
       conv_backward_input_cpu(grad_input, grad_output, weight, g);
     }
   }
   if (output_mask[1]) {
     grad_weight = at::zeros(weight_.sizes(), weight_.options());  // (C_out, C_in/g, KH, KW)
-    if (g.batch > 0 && is_depthwise(g)) {
+    if (!g.empty() && is_depthwise(g)) {
       depthwise_backward_weight_cpu(grad_weight, grad_output, input_.contiguous(), g);
-    } else if (g.batch > 0) {
+    } else if (!g.empty()) {
       conv_backward_weight_cpu(grad_weight, grad_output, input_.contiguous(), g);
     }
   }
   if (output_mask[2]) {
-    grad_bias = at::empty({g.out_channels}, grad_output.options());
-    conv_backward_bias_cpu(grad_bias, grad_output, g);
+    if (g.no_input_channels()) {  // an output with no channels (torch's): the bias never reached it
+      grad_bias = at::zeros({g.out_channels}, grad_output.options());
+    } else {
+      grad_bias = at::empty({g.out_channels}, grad_output.options());
+      conv_backward_bias_cpu(grad_bias, grad_output, g);
+    }
   }
   return {grad_input, grad_weight, grad_bias};
 }

@@ -14,7 +14,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <vector>
 
 namespace manualgrad {
@@ -66,7 +65,8 @@ struct Chunk : ColumnChunk {
 // Per-task scratch for the phase sweep. Each input row a chunk reads is stored as `stride_w` phases,
 // phase r holding slots r, r + stride, r + 2*stride, ...; then every window tap reads a contiguous run
 // of one phase, so the sweep over the chunk's outputs is a plain, vectorisable loop. Slots outside the
-// input hold -inf: never strictly greater than anything, so padding can never become the argmax.
+// input hold pool_lowest (-inf, or an integer's lowest value): never strictly greater than the running
+// maximum, which starts there, so padding can never become the argmax.
 template <typename scalar_t, typename index_t>
 struct PhaseScratch {
   std::vector<scalar_t> ring;   // (ring_rows, stride_w, len): input rows as phases
@@ -120,19 +120,19 @@ MANUALGRAD_VECTOR_CLONES void deinterleave(scalar_t* __restrict phases, const sc
   }
 }
 
-// Input row `row` (in_w values) → the chunk's slots as phases: slot t is column col0 + t, -inf outside
-// the row. Only offsets inside the row are ever formed. Stride 1 has a single phase, written directly.
+// Input row `row` (in_w values) → the chunk's slots as phases: slot t is column col0 + t, pool_lowest
+// (window_taps.h: -inf, or an integer type's lowest value) outside the row. Only offsets inside the row are ever formed. Stride 1 has a single phase, written directly.
 template <typename scalar_t, typename index_t>
 void fill_row(scalar_t* phases, const scalar_t* row, const Chunk& c, const Geometry& g,
               PhaseScratch<scalar_t, index_t>& scratch) {
   const int64_t s = g.win.stride_w, slots = s * c.len;
-  const scalar_t minus_inf = -std::numeric_limits<scalar_t>::infinity();
+  const scalar_t lowest = pool_lowest<scalar_t>();
   const int64_t left = std::clamp<int64_t>(-c.col0, 0, slots);  // slots [left, right) lie inside the row
   const int64_t right = std::clamp<int64_t>(g.in_w - c.col0, left, slots);
   scalar_t* padded = s == 1 ? phases : scratch.padded.data();
-  std::fill(padded, padded + left, minus_inf);
+  std::fill(padded, padded + left, lowest);
   std::copy(row + (c.col0 + left), row + (c.col0 + right), padded + left);
-  std::fill(padded + right, padded + slots, minus_inf);
+  std::fill(padded + right, padded + slots, lowest);
   if (s > 1) deinterleave(phases, padded, s, c.len);
 }
 
@@ -144,7 +144,7 @@ void max_pool_chunk(scalar_t* output, int64_t* indices, const scalar_t* input, c
   const Window2d& w = g.win;
   const int64_t s = w.stride_w, len = c.len, count = c.count();
   const int64_t ring_mask = static_cast<int64_t>(scratch.held.size()) - 1, row_slots = s * len;
-  const scalar_t minus_inf = -std::numeric_limits<scalar_t>::infinity();
+  const scalar_t lowest = pool_lowest<scalar_t>();
   scalar_t* best = scratch.best.data();
   index_t* best_index = scratch.best_index.data();
   if (scratch.first_col_of != c.ow0) {
@@ -163,7 +163,7 @@ void max_pool_chunk(scalar_t* output, int64_t* indices, const scalar_t* input, c
     taps_inside(h_start, w.kernel_h, w.dilation_h, g.in_h, i_lo, i_hi);
     const int64_t first_row = h_start + i_lo * w.dilation_h;
     for (int64_t m = 0; m < count; ++m) {
-      best[m] = minus_inf;
+      best[m] = lowest;
       // A window whose taps all fall in the padding has no argmax: -1, torch's "none" (its output is
       // -inf and its gradient goes nowhere).
       const bool empty = i_lo >= i_hi || scratch.first_col[m] < 0;
@@ -207,7 +207,7 @@ void max_pool_plane_direct(scalar_t* output, int64_t* indices, const scalar_t* i
       const int64_t w_start = ow * w.stride_w - w.pad_w;
       int64_t j_lo, j_hi;
       taps_inside(w_start, w.kernel_w, w.dilation_w, g.in_w, j_lo, j_hi);
-      scalar_t best = -std::numeric_limits<scalar_t>::infinity();
+      scalar_t best = pool_lowest<scalar_t>();
       int64_t best_index = -1;
       if (i_lo < i_hi && j_lo < j_hi) best_index = (h_start + i_lo * w.dilation_h) * g.in_w + w_start + j_lo * w.dilation_w;
       for (int64_t i = i_lo; i < i_hi && j_lo < j_hi; ++i) {
@@ -252,12 +252,12 @@ void max_pool_row_values(scalar_t* out, const scalar_t* in, const Geometry& g) {
   // windows [ow*s - pad, ow*s - pad + span] inside [0, in_w) for ow in [lo, hi)
   const int64_t lo = std::min(g.out_w, ceil_div(pad, s));
   const int64_t hi = std::max(lo, std::min(g.out_w, g.in_w - 1 - span + pad >= 0 ? (g.in_w - 1 - span + pad) / s + 1 : 0));
-  const scalar_t minus_inf = -std::numeric_limits<scalar_t>::infinity();
+  const scalar_t lowest = pool_lowest<scalar_t>();
   const auto edge = [&](int64_t ow) {  // only the taps inside the row: a kernel may dwarf it
     const int64_t start = ow * s - pad;
     int64_t j_lo, j_hi;
     taps_inside(start, w.kernel_w, d, g.in_w, j_lo, j_hi);
-    scalar_t best = minus_inf;
+    scalar_t best = lowest;
     for (int64_t j = j_lo; j < j_hi; ++j) {
       const scalar_t v = in[start + j * d];
       if ((v > best) | (v != v)) best = v;
@@ -321,7 +321,8 @@ std::tuple<at::Tensor, at::Tensor> max_pool_forward_cpu(const at::Tensor& input_
   // (every index a sweep forms, even for padding lanes, lies within a plane plus one chunk's reach,
   // less than kChunkSlots)
   const bool small_plane = g.in_h * g.in_w + kRingSlots < (int64_t{1} << 31);
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "max_pool_forward_cpu", [&] {
+  // Integers as torch's CPU max_pool2d takes them (uint8 to int64); they have no gradient.
+  AT_DISPATCH_ALL_TYPES(input.scalar_type(), "max_pool_forward_cpu", [&] {
     const scalar_t* in = input.data_ptr<scalar_t>();
     scalar_t* out = output.data_ptr<scalar_t>();
     int64_t* idx = compute_indices ? indices.data_ptr<int64_t>() : nullptr;

@@ -119,8 +119,8 @@ at::Tensor conv_forward_cuda(const at::Tensor& input_, const at::Tensor& weight_
   const at::Tensor input = input_.contiguous();  // (N, C_in, H, W)
   const GroupDims d(g);
   const at::Tensor weight = weight_.contiguous().view({d.groups, d.out_per_group, d.k_per_group});  // (G, C_out/G, K/G)
-  at::Tensor output = at::empty(g.output_shape(g.out_channels), input.options());  // (N, C_out, OH, OW)
-  if (g.batch == 0) return output;
+  at::Tensor output = at::empty(g.output_shape(g.conv_output_channels()), input.options());  // (N, C_out, OH, OW)
+  if (g.empty()) return output;
   if (is_depthwise(g)) {
     const bool has_bias = bias.has_value() && bias->defined();
     depthwise_forward_cuda(output, input, weight_.contiguous(), has_bias ? bias->contiguous() : at::Tensor(), g);
@@ -165,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cuda(
   if (output_mask[0]) grad_input = at::empty(input.sizes(), input.options());
   if (output_mask[1]) grad_weight = at::zeros(weight_.sizes(), weight_.options());  // stays 0 for batch 0
   // Depthwise layers take the direct kernels (depthwise_cuda.cu), where they apply, and skip the GEMMs.
-  const bool depthwise = g.batch > 0 && is_depthwise(g);
+  const bool depthwise = !g.empty() && is_depthwise(g);
   std::array<bool, 3> todo = output_mask;
   if (depthwise && todo[0]) {
     depthwise_backward_input_cuda(grad_input, grad_output, weight_.contiguous(), g);
@@ -177,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cuda(
   }
   const int64_t chunk = chunk_images(g);
   const at::Tensor weight_t = weight.transpose(1, 2);  // (G, K/G, C_out/G)
-  for (int64_t n0 = 0; n0 < g.batch && (todo[0] || todo[1]); n0 += chunk) {
+  for (int64_t n0 = 0; !g.empty() && n0 < g.batch && (todo[0] || todo[1]); n0 += chunk) {
     const int64_t images = std::min(chunk, g.batch - n0);
     const at::Tensor grad_out = grad_output.narrow(0, n0, images);  // (images, C_out, OH, OW)
     if (todo[0]) {
@@ -206,7 +206,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cuda(
       grad_weight.view({d.groups, d.out_per_group, d.k_per_group}).baddbmm_(go, cols.transpose(1, 2));
     }
   }
-  if (output_mask[2]) {
+  if (output_mask[2] && g.no_input_channels()) {  // an output with no channels (torch's): the bias never reached it
+    grad_bias = at::zeros({g.out_channels}, grad_output.options());
+  } else if (output_mask[2]) {
     std::vector<int64_t> dims = {0};
     for (int64_t i = 2; i < grad_output.dim(); ++i) dims.push_back(i);
     const auto dtype = grad_output.scalar_type();  // half types are summed in float32

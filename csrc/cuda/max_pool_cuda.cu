@@ -143,7 +143,8 @@ std::tuple<at::Tensor, at::Tensor> max_pool_forward_cuda(const at::Tensor& input
                                        : at::empty({0}, input.options().dtype(at::kLong));
   if (output.numel() == 0) return {output, indices};
   const int64_t total = output.numel();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "max_pool_forward_cuda", [&] {
+  // Integers too (uint8 to int64), as on the CPU; they have no gradient.
+  AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "max_pool_forward_cuda", [&] {
     MANUALGRAD_DISPATCH_INDEX(fits_int32(g, {input.numel(), total}), [&] {
       max_pool_forward_kernel<scalar_t, index_t><<<grid_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
           output.data_ptr<scalar_t>(), compute_indices ? indices.data_ptr<int64_t>() : nullptr,

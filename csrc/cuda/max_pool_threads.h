@@ -30,8 +30,8 @@
 namespace manualgrad {
 
 // The maximum of output (oh, ow)'s window over one (in_h, in_w) plane, and its flat index in the plane
-// (-1 for a window wholly in the padding, whose maximum is -inf). G: the kernels' Geo (windows.cuh) or
-// the test's host stand-in.
+// (-1 for a window wholly in the padding, whose maximum is -inf, or an integer type's lowest value). G: the
+// kernels' Geo (windows.cuh) or the test's host stand-in.
 template <typename acc_t, typename scalar_t, typename index_t, typename G>
 MANUALGRAD_HOST_DEVICE inline acc_t max_pool_window(const scalar_t* plane, const G& g, index_t oh, index_t ow,
                                                     index_t& best_index) {
@@ -39,7 +39,7 @@ MANUALGRAD_HOST_DEVICE inline acc_t max_pool_window(const scalar_t* plane, const
   index_t i_lo, i_hi, j_lo, j_hi;
   taps_inside(h_start, g.kernel_h, g.dilation_h, g.in_h, i_lo, i_hi);
   taps_inside(w_start, g.kernel_w, g.dilation_w, g.in_w, j_lo, j_hi);
-  acc_t best = -INFINITY;
+  acc_t best = pool_lowest<acc_t>();
   best_index = i_lo < i_hi && j_lo < j_hi ? (h_start + i_lo * g.dilation_h) * g.in_w + (w_start + j_lo * g.dilation_w)
                                           : index_t(-1);
   for (index_t i = i_lo; i < i_hi; ++i) {

@@ -61,14 +61,14 @@ void for_each_element(int64_t planes, index_t rows, index_t cols, const F& f) {
       for (index_t c = 0; c < cols; ++c) f(p, r, c);
 }
 
-template <typename index_t>
-void forward_planes(double* output, int64_t* indices, const double* input, int64_t planes, const int64_t* sizes) {
+template <typename index_t, typename scalar_t>
+void forward_planes(scalar_t* output, int64_t* indices, const scalar_t* input, int64_t planes, const int64_t* sizes) {
   const HostGeo<index_t> g(sizes);
   const int64_t in_plane = int64_t{g.in_h} * g.in_w, out_plane = int64_t{g.out_h} * g.out_w;
   for_each_element(planes, g.out_h, g.out_w, [&](int64_t p, index_t oh, index_t ow) {
     index_t best_index;
     const int64_t o = p * out_plane + int64_t{oh} * g.out_w + ow;
-    output[o] = manualgrad::max_pool_window<double>(input + p * in_plane, g, oh, ow, best_index);
+    output[o] = manualgrad::max_pool_window<scalar_t>(input + p * in_plane, g, oh, ow, best_index);
     indices[o] = best_index;
   });
 }
@@ -197,6 +197,17 @@ void max_pool_forward_outputs(double* output, int64_t* indices, const double* in
                               const int64_t* sizes, int wide_index) {
   wide_index ? forward_planes<int64_t>(output, indices, input, planes, sizes)
              : forward_planes<int32_t>(output, indices, input, planes, sizes);
+}
+
+// The same for integer planes (the kernel's integer dtypes start each window at the type's lowest value):
+// int32 data when int_bytes is 4, int64 when 8.
+void max_pool_forward_outputs_int(void* output, int64_t* indices, const void* input, int64_t planes,
+                                  const int64_t* sizes, int int_bytes) {
+  if (int_bytes == 4) {
+    forward_planes<int64_t>(static_cast<int32_t*>(output), indices, static_cast<const int32_t*>(input), planes, sizes);
+  } else {
+    forward_planes<int64_t>(static_cast<int64_t*>(output), indices, static_cast<const int64_t*>(input), planes, sizes);
+  }
 }
 
 // The depthwise forward kernel's threads, every output: unrolled for the window (kernel_h, kernel_w) when

@@ -1,0 +1,136 @@
+"""Output layouts: our conv and max-pool results have torch's strides (channels-last by torch's
+suggest_memory_format rule) for many input and weight layouts, with torch's values. Leaf gradients (.grad,
+laid out by autograd's AccumulateGrad) are in torch's memory format too; where a dimension of size 1
+makes both formats apply, their strides may differ on that dimension alone, as the ops return their
+gradients contiguous where torch's backward returns them channels-last."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torch_manualgrad as tmg
+from torch_manualgrad.functional import _suggests_channels_last
+
+tf = tmg.functional
+CL = torch.channels_last
+
+
+def layouts_4d(shape):
+    """(name, tensor) for one 4-d shape in many layouts: contiguous, channels-last, a channel slice of a
+    channels-last tensor, H and W swapped, NHWC permuted, N and C swapped, expanded channels."""
+    n, c, h, w = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    base = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
+    yield "contiguous", base
+    yield "channels_last", base.contiguous(memory_format=CL)
+    yield "channel_slice_of_channels_last", torch.randn(n, 2 * c, h, w, generator=g).double().contiguous(memory_format=CL)[:, ::2]
+    yield "h_w_transposed", base.transpose(2, 3).contiguous().transpose(2, 3)
+    yield "nhwc_permuted", base.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    yield "n_c_transposed", base.transpose(0, 1).contiguous().transpose(0, 1)
+    yield "expanded_channels", base[:, :1].expand(n, c, h, w)
+
+
+SHAPES = [(2, 3, 6, 7), (2, 1, 6, 6), (1, 4, 5, 5), (3, 2, 1, 1), (2, 3, 1, 6)]
+
+
+def test_suggest_rule_is_torchs():
+    """Our Python reading of ATen's suggest_memory_format against torch's own Python one."""
+    prims = pytest.importorskip("torch._prims_common")
+    for shape in SHAPES + [(1, 1, 1, 1), (4, 1, 1, 1), (1, 3, 1, 1), (2, 0, 3, 3)]:
+        for name, t in layouts_4d(shape) if 0 not in shape else [("empty", torch.empty(shape))]:
+            expected = prims.suggest_memory_format(t) == torch.channels_last
+            assert _suggests_channels_last(t) == expected, (shape, name, t.stride())
+    for sizes in itertools.product([1, 2, 3], repeat=4):  # every permutation of the strides of small shapes
+        base = torch.empty(sizes)
+        for order in itertools.permutations(range(4)):
+            t = base.permute(order).contiguous().permute([order.index(i) for i in range(4)])
+            assert _suggests_channels_last(t) == (prims.suggest_memory_format(t) == torch.channels_last), (sizes, order)
+
+
+def same_format(a, b):
+    """The same memory format: both or neither contiguous, both or neither channels-last."""
+    formats = [torch.contiguous_format] + ([CL] if a.dim() == 4 else [])
+    return all(a.is_contiguous(memory_format=f) == b.is_contiguous(memory_format=f) for f in formats)
+
+
+def _check_conv(x, w, dims, **kwargs):
+    conv_ours, conv_theirs = getattr(tf, f"conv{dims}d"), getattr(F, f"conv{dims}d")
+    x1, x2 = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    w1, w2 = w.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    x1.data = x.detach()  # keep the tested strides (clone() may not)
+    x2.data = x.detach()
+    w1.data, w2.data = w.detach(), w.detach()
+    ours, theirs = conv_ours(x1, w1, **kwargs), conv_theirs(x2, w2, **kwargs)
+    assert ours.stride() == theirs.stride(), (x.stride(), w.stride())
+    torch.testing.assert_close(ours, theirs)
+    grad = torch.ones_like(theirs)
+    ours.backward(grad)
+    theirs.backward(grad)
+    for ours_grad, theirs_grad in ((x1.grad, x2.grad), (w1.grad, w2.grad)):
+        assert same_format(ours_grad, theirs_grad), (ours_grad.stride(), theirs_grad.stride())
+    torch.testing.assert_close(x1.grad, x2.grad)
+    torch.testing.assert_close(w1.grad, w2.grad)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_conv2d_output_layout_follows_input_and_weight(shape):
+    c = shape[1]
+    for (x_name, x), (w_name, w) in itertools.product(layouts_4d(shape), layouts_4d((4, c, 1, 1) if shape[2] == 1 else (4, c, 2, 1))):
+        _check_conv(x, w, 2)
+    # torch's test_conv_thnn_nhwc: one input channel, a channels-last weight, a channels-last output
+    x = torch.randn(2, 1, 10, 10, dtype=torch.float64)
+    _check_conv(x, torch.randn(8, 1, 3, 3, dtype=torch.float64).contiguous(memory_format=CL), 2)
+    # depthwise and unbatched
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64).contiguous(memory_format=CL)
+    _check_conv(x, torch.randn(6, 1, 3, 3, dtype=torch.float64), 2, groups=3)
+    _check_conv(torch.randn(3, 5, 5, dtype=torch.float64), torch.randn(4, 3, 3, 3, dtype=torch.float64).contiguous(memory_format=CL), 2)
+
+
+def test_conv1d_output_layout_follows_the_weight():
+    """torch makes a 1-d input contiguous before convolving, so only the weight decides."""
+    x = torch.randn(2, 3, 9, dtype=torch.float64)
+    for x_layout in (x, x.transpose(1, 2).contiguous().transpose(1, 2), x.permute(2, 1, 0).contiguous().permute(2, 1, 0)):
+        for w in (torch.randn(4, 3, 3, dtype=torch.float64), torch.randn(4, 3, 3, dtype=torch.float64).transpose(1, 2).contiguous().transpose(1, 2)):
+            _check_conv(x_layout, w, 1)
+
+
+def test_conv_output_layout_empty_input():
+    x, w = torch.randn(0, 3, 5, 5, dtype=torch.float64), torch.randn(4, 3, 3, 3, dtype=torch.float64).contiguous(memory_format=CL)
+    assert tf.conv2d(x, w).stride() == F.conv2d(x, w).stride()
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(2, 3, 2, 2)], ids=str)
+@pytest.mark.parametrize("return_indices", [False, True])
+def test_max_pool_output_layout_follows_input(shape, return_indices):
+    kernel = (min(2, shape[2]), min(2, shape[3]))
+    for name, x in layouts_4d(shape):
+        ours = tf.max_pool2d(x, kernel, return_indices=return_indices)
+        theirs = F.max_pool2d(x, kernel, return_indices=return_indices)
+        for o, t in zip(ours if return_indices else [ours], theirs if return_indices else [theirs]):
+            assert o.stride() == t.stride(), (name, x.stride())
+            torch.testing.assert_close(o, t)
+    x = torch.randn(3, 6, 6, dtype=torch.float64).permute(1, 2, 0).contiguous().permute(2, 0, 1)  # unbatched
+    assert tf.max_pool2d(x, 2).stride() == F.max_pool2d(x, 2).stride()
+
+
+def test_max_pool1d_output_layout():
+    x = torch.randn(2, 3, 12, dtype=torch.float64)
+    for layout in (x, x.transpose(1, 2).contiguous().transpose(1, 2), x.permute(2, 1, 0).contiguous().permute(2, 1, 0), x[0].t().contiguous().t()):
+        for return_indices, grad in ((False, False), (True, False), (False, True)):  # torch's two CPU paths
+            layout = layout.detach().requires_grad_(grad)
+            ours = tf.max_pool1d(layout, 2, return_indices=return_indices)
+            theirs = F.max_pool1d(layout, 2, return_indices=return_indices)
+            for o, t in zip(ours if return_indices else [ours], theirs if return_indices else [theirs]):
+                assert o.stride() == t.stride(), layout.stride()
+                torch.testing.assert_close(o, t)
+
+
+def test_max_pool_leaf_gradient_layouts():
+    for name, x in layouts_4d((2, 4, 6, 6)):
+        x1, x2 = x.detach().requires_grad_(), x.detach().clone().requires_grad_()
+        x2.data = x.detach()
+        tf.max_pool2d(x1, 2).sum().backward()
+        F.max_pool2d(x2, 2).sum().backward()
+        assert same_format(x1.grad, x2.grad), name
+        torch.testing.assert_close(x1.grad, x2.grad)
