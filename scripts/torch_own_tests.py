@@ -8,7 +8,8 @@ checkout, ideally at the commit of the installed torch (`python -c "import torch
     .venv/bin/python scripts/torch_own_tests.py ~/pytorch -k same_padding --verbose
     .venv/bin/python scripts/torch_own_tests.py ~/pytorch --unpatched  # torch's own functions: the baseline
 
-torch.nn.functional's conv1d, conv2d, max_pool1d, max_pool2d (and the *_with_indices forms) are replaced for
+PyTorch's test helpers (torch.testing._internal) need `pip install expecttest`, and scipy for the tests that
+compare with it. torch.nn.functional's conv1d, conv2d, max_pool1d, max_pool2d (and the *_with_indices forms) are replaced for
 the whole run; torch.nn's Conv1d/Conv2d/MaxPool1d/MaxPool2d call those names at run time, so modules
 reach ours too. A test counts when it called one of them at least once; the others (conv3d, transposed
 convolutions, average pooling, cuDNN-only tests, ...) are run but left out of the summary.
