@@ -1,5 +1,5 @@
 """torch.func with our ops: vmap over inputs, over weights and over both; grad; per-sample gradients
-(vmap of grad) and jacrev; all against torch.nn.functional."""
+(vmap of grad) and jacrev; all against torch.nn.functional. Forward mode (jvp, jacfwd): test_forward_ad.py."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -66,27 +66,3 @@ def test_jacrev(device):
     ours = jacrev(lambda x: tmg.functional.max_pool2d(tmg.functional.conv2d(x, w, None, 1, 1), 2))(x)
     theirs = jacrev(lambda x: F.max_pool2d(F.conv2d(x, w, None, 1, 1), 2))(x)
     torch.testing.assert_close(ours, theirs, **TOL)
-
-
-@pytest.mark.parametrize("mode", ["func.jvp", "forward_ad"])
-def test_forward_mode_ad_never_drops_the_tangent(mode, device):
-    """Forward-mode AD is not implemented: it must raise, never return a tangent of zeros (a dual tensor
-    need not require grad, so the inference shortcut must not take it)."""
-    from torch.autograd import forward_ad
-
-    x = torch.randn(1, 2, 6, 6, device=device)
-    t = torch.randn_like(x)
-    w = torch.randn(3, 2, 3, 3, device=device)
-    for ours, theirs in ((lambda x: tmg.functional.conv2d(x, w), lambda x: F.conv2d(x, w)),
-                         (lambda x: tmg.functional.max_pool2d(x, 2), lambda x: F.max_pool2d(x, 2))):
-        expected = torch.func.jvp(theirs, (x,), (t,))[1]
-        try:
-            if mode == "func.jvp":
-                tangent = torch.func.jvp(ours, (x,), (t,))[1]
-            else:
-                with forward_ad.dual_level():
-                    tangent = forward_ad.unpack_dual(ours(forward_ad.make_dual(x, t))).tangent
-        except NotImplementedError:
-            continue
-        assert tangent is not None
-        torch.testing.assert_close(tangent, expected)

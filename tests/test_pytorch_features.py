@@ -1,6 +1,6 @@
 """PyTorch features a model builder relies on, with our layers swapped in: torch.compile (no graph break),
-torch.export (our ops in the graph), channels-last memory format, opcheck on strided inputs,
-torch.use_deterministic_algorithms, and DistributedDataParallel on the gloo backend."""
+torch.export (our ops in the graph), channels-last memory format, opcheck on strided inputs (with and
+without requires_grad), torch.use_deterministic_algorithms, and DistributedDataParallel on the gloo backend."""
 import copy
 import os
 import warnings
@@ -108,20 +108,21 @@ def test_channels_last_in_channels_last_out(device):
     torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["plain", "requires_grad"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_opcheck_on_strided_inputs(layout, device):
+def test_opcheck_on_strided_inputs(layout, requires_grad, device):
     gen = make_generator(0)
-    x = randn_tensor((2, 4, 7, 6), device, torch.float64, gen, layout)
-    w = randn_tensor((6, 2, 3, 2), device, torch.float64, gen, layout)
-    b = torch.randn(6, device=device, dtype=torch.float64)
+    x = randn_tensor((2, 4, 7, 6), device, torch.float64, gen, layout, requires_grad)
+    w = randn_tensor((6, 2, 3, 2), device, torch.float64, gen, layout, requires_grad)
+    b = torch.randn(6, device=device, dtype=torch.float64, requires_grad=requires_grad)
     geometry = ([2, 1], [1, 0], [1, 2], 2)
     torch.library.opcheck(ops.conv_forward.default, (x, w, b, *geometry))
-    go = randn_tensor(tuple(ops.conv_forward(x, w, b, *geometry).shape), device, torch.float64, gen, layout)
+    go = randn_tensor(tuple(ops.conv_forward(x, w, b, *geometry).shape), device, torch.float64, gen, layout, requires_grad)
     torch.library.opcheck(ops.conv_backward.default, (go, x, w, *geometry, [True, True, True]))
     pool = ([3, 2], [2, 1], [1, 1], [1, 1], True)
     torch.library.opcheck(ops.max_pool_forward.default, (x, *pool))
-    out, idx = ops.max_pool_forward(x, *pool)
-    gp = randn_tensor(tuple(out.shape), device, torch.float64, gen, layout)
+    out, idx = ops.max_pool_forward(x.detach(), *pool)
+    gp = randn_tensor(tuple(out.shape), device, torch.float64, gen, layout, requires_grad)
     torch.library.opcheck(ops.max_pool_backward.default, (gp, idx, list(x.shape), *pool[:4]))
 
 

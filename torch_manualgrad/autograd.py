@@ -1,17 +1,101 @@
-"""torch.autograd.Function subclasses: how gradients flow through our ops.
+"""torch.autograd.Function subclasses: how gradients flow through our ops, backward (reverse mode) and
+forward (jvp, forward mode).
 
-forward runs the registered forward op; setup_context keeps what backward needs; backward runs the
-registered backward op, asking only for the gradients autograd needs (ctx.needs_input_grad).
-The backward passes are Functions too, so gradients of gradients (double backward, Hessian-vector
-products) flow through our ops as well: conv's backward is made of convolutions, and max-pool's backward
-is linear in the output gradient.
+forward runs the registered forward op; setup_context keeps what backward and jvp need; backward runs the
+registered backward op, asking only for the gradients autograd needs (ctx.needs_input_grad); jvp pushes
+input tangents through to the output. The backward passes are Functions too, so gradients of gradients
+(double backward, Hessian-vector products in either order) flow through our ops as well: conv is bilinear
+and its backward is made of convolutions; max-pool's backward is linear in the output gradient.
+
+Each Function takes exactly its op's arguments, so the same setup_context and backward are also the ops'
+own autograd formulas (torch.library.register_autograd, at the end of this file): the ops called
+directly, torch.ops.manualgrad.*, are differentiable by this code too. torch.library has no way to register
+a forward-mode rule on an op (torch 2.13), so jvp is reached through the Functions only.
 Call path: functional.py → here → _ops.py (torch.ops.manualgrad.*) → csrc kernels.
 """
 import inspect
+import math
 
 import torch
+from torch.autograd import forward_ad
 
 from ._ops import ops
+
+
+def needs_autograd(*tensors):
+    """Whether autograd must see a call on these tensors: grad mode is on and one requires grad, or
+    forward-mode AD is on (torch.func.jvp, forward_ad.dual_level). A dual tensor need not require grad,
+    and an op called without its Function would drop its tangent. Under forward mode every call counts,
+    without asking which tensors carry tangents: forward_ad.unpack_dual has no vmap rule, and a tangent
+    may be vmapped (torch.func.jacfwd, gradcheck's batched forward check)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return True
+    return forward_ad._current_level >= 0
+
+
+def needs_function(*tensors):
+    """Whether a call on these tensors must go through its Function rather than the op. Both compute
+    the same gradients (the op's autograd is the Function's formulas), but in eager mode only the Function
+    works under torch.func (grad, vmap of grad, jacrev: the Function torch.library generates for an op has
+    no setup_context, which torch.func requires; pytorch/pytorch#168393) and only the Function has jvp.
+    Under torch.compile it is the other way round: Dynamo refuses a Function that defines jvp, and the op's
+    registered autograd is traced instead. Forward mode under torch.compile takes the Function, as only it
+    carries tangents (Dynamo then runs it outside the graph, or refuses it under fullgraph=True)."""
+    if forward_ad._current_level >= 0:
+        return True
+    if torch.compiler.is_compiling():
+        return False
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# --- the pieces every formula below is made of ------------------------------------------------------
+# Each goes through a Function when its result must itself be differentiable (create_graph=True, or
+# tangents to carry), and straight to the op otherwise, saving the Function's Python overhead.
+
+
+def _conv(input, weight, bias, geometry):
+    if needs_function(input, weight, bias):
+        return ConvFunction.apply(input, weight, bias, *geometry)
+    return ops.conv_forward(input, weight, bias, *geometry)
+
+
+def _conv_grads(grad_output, input, weight, geometry, output_mask):
+    if needs_function(grad_output, input, weight):
+        return ConvBackwardFunction.apply(grad_output, input, weight, *geometry, output_mask)
+    return ops.conv_backward(grad_output, input, weight, *geometry, output_mask)
+
+
+def _route_to_argmax(grad_output, indices, input_size, geometry):
+    """max_pool_backward on indices autograd saved from our own forward (autograd refuses them if they
+    were modified in place), so the CUDA kernel may skip checking them."""
+    if needs_function(grad_output):
+        return MaxPoolBackwardFunction.apply(grad_output, indices, input_size, *geometry, False)
+    return ops.max_pool_backward(grad_output, indices, input_size, *geometry, check_indices=False)
+
+
+def _read_at_argmax(t, indices):
+    """t (shaped like the pool's input) read at each output's argmax, 0 where a window has none (-1)."""
+    # reshape, not flatten: gradcheck's batched checks run this under the legacy vmap, which lacks flatten;
+    # sizes spelled out, as -1 is ambiguous for an empty batch
+    planes = indices.shape[:2]
+    flat_indices = indices.reshape(*planes, math.prod(indices.shape[2:]))
+    picked = t.reshape(*planes, math.prod(t.shape[2:])).gather(2, flat_indices.clamp(min=0))
+    return torch.where(flat_indices >= 0, picked, torch.zeros_like(picked)).reshape(indices.shape)
+
+
+def _conv_tangent(input, weight, d_input, d_weight, d_bias, geometry, output_shape):
+    """How conv(input, weight) + bias moves when its arguments move by (d_input, d_weight, d_bias): conv
+    is linear in each argument, so the change is conv(d_input, weight) + conv(input, d_weight) + d_bias.
+    None for no change; None overall if nothing moves."""
+    terms = []
+    if d_input is not None:
+        terms.append(_conv(d_input, weight, None, geometry))
+    if d_weight is not None:
+        terms.append(_conv(input, d_weight, None, geometry))
+    if d_bias is not None:
+        shape = [1, -1] + [1] * (len(output_shape) - 2)
+        terms.append(d_bias.reshape(shape).expand(output_shape))
+    return sum(terms[1:], terms[0]) if terms else None
 
 
 class ConvFunction(torch.autograd.Function):
@@ -27,21 +111,24 @@ class ConvFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         input, weight, bias, stride, padding, dilation, groups = inputs
         # The weight gradient needs the input (the slices each placement saw); the input gradient
-        # needs the weight (what each placement multiplied its slice by).
+        # needs the weight (what each placement multiplied its slice by). The tangent needs both.
         ctx.save_for_backward(input, weight)
+        ctx.save_for_forward(input, weight)
         ctx.geometry = (stride, padding, dilation, groups)
         ctx.has_bias = bias is not None
+        ctx.output_shape = output.shape
 
     @staticmethod
     def backward(ctx, grad_output):
         input, weight = ctx.saved_tensors
         wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-        if torch.is_grad_enabled():  # create_graph=True: the backward pass is itself differentiable
-            grads = ConvBackwardFunction.apply(grad_output, input, weight, ctx.geometry, wanted)
-        else:
-            grads = ops.conv_backward(grad_output, input, weight, *ctx.geometry, wanted)
-        grad_input, grad_weight, grad_bias = grads
+        grad_input, grad_weight, grad_bias = _conv_grads(grad_output, input, weight, ctx.geometry, wanted)
         return grad_input, grad_weight, grad_bias, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, d_input, d_weight, d_bias, *_geometry):
+        input, weight = ctx.saved_tensors
+        return _conv_tangent(input, weight, d_input, d_weight, d_bias, ctx.geometry, ctx.output_shape)
 
 
 class ConvBackwardFunction(torch.autograd.Function):
@@ -50,22 +137,29 @@ class ConvBackwardFunction(torch.autograd.Function):
     Each output is linear in grad_output and in one other argument, and is the adjoint of a convolution:
     grad_input = conv_w^T(grad_output), grad_weight = conv_x^T(grad_output), grad_bias = sum(grad_output).
     So for incoming gradients (gg_input, gg_weight, gg_bias):
-      d/d grad_output = conv(gg_input, weight) + conv(input, gg_weight) + gg_bias (broadcast)
+      d/d grad_output = conv(gg_input, weight) + conv(input, gg_weight) + gg_bias (broadcast),
+                        which is conv's own tangent in the direction (gg_input, gg_weight, gg_bias)
       d/d input       = the input gradient of conv(input, gg_weight) at grad_output
       d/d weight      = the weight gradient of conv(gg_input, weight) at grad_output
+    and for tangents (d_grad_output, d_input, d_weight), each output moves along both of its arguments:
+      grad_input  by conv_w^T(d_grad_output) + conv_{d_weight}^T(grad_output)
+      grad_weight by conv_x^T(d_grad_output) + conv_{d_input}^T(grad_output)
+      grad_bias   by sum(d_grad_output)
     """
 
     generate_vmap_rule = True  # under torch.func.vmap, the ops' own vmap rules apply (_ops.py)
 
     @staticmethod
-    def forward(grad_output, input, weight, geometry, wanted):
-        return ops.conv_backward(grad_output, input, weight, *geometry, wanted)
+    def forward(grad_output, input, weight, stride, padding, dilation, groups, output_mask):
+        return ops.conv_backward(grad_output, input, weight, stride, padding, dilation, groups, output_mask)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        grad_output, input, weight, geometry, wanted = inputs
+        grad_output, input, weight, stride, padding, dilation, groups, output_mask = inputs
         ctx.save_for_backward(grad_output, input, weight)
-        ctx.geometry = geometry
+        ctx.save_for_forward(grad_output, input, weight)
+        ctx.geometry = (stride, padding, dilation, groups)
+        ctx.output_mask = list(output_mask)
 
     @staticmethod
     def backward(ctx, gg_input, gg_weight, gg_bias):
@@ -74,39 +168,53 @@ class ConvBackwardFunction(torch.autograd.Function):
         need_grad_output, need_input, need_weight = ctx.needs_input_grad[:3]
         d_grad_output = d_input = d_weight = None
         if need_grad_output:
-            terms = []
-            if gg_input is not None:
-                terms.append(ConvFunction.apply(gg_input, weight, None, *geometry))
-            if gg_weight is not None:
-                terms.append(ConvFunction.apply(input, gg_weight, None, *geometry))
-            if gg_bias is not None:
-                shape = [1, -1] + [1] * (grad_output.dim() - 2)
-                terms.append(gg_bias.reshape(shape).expand_as(grad_output))
-            d_grad_output = sum(terms[1:], terms[0]) if terms else None
+            d_grad_output = _conv_tangent(input, weight, gg_input, gg_weight, gg_bias, geometry, grad_output.shape)
         if need_input and gg_weight is not None:
-            d_input = ConvBackwardFunction.apply(grad_output, input, gg_weight, geometry, [True, False, False])[0]
+            d_input = _conv_grads(grad_output, input, gg_weight, geometry, [True, False, False])[0]
         if need_weight and gg_input is not None:
-            d_weight = ConvBackwardFunction.apply(grad_output, gg_input, weight, geometry, [False, True, False])[1]
-        return d_grad_output, d_input, d_weight, None, None
+            d_weight = _conv_grads(grad_output, gg_input, weight, geometry, [False, True, False])[1]
+        return d_grad_output, d_input, d_weight, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, d_grad_output, d_input, d_weight, *_geometry):
+        grad_output, input, weight = ctx.saved_tensors
+        geometry, mask = ctx.geometry, ctx.output_mask
+        tangents = [None, None, None]
+        if d_grad_output is not None:
+            tangents = list(_conv_grads(d_grad_output, input, weight, geometry, mask))
+        if mask[0] and d_weight is not None:
+            term = _conv_grads(grad_output, input, d_weight, geometry, [True, False, False])[0]
+            tangents[0] = term if tangents[0] is None else tangents[0] + term
+        if mask[1] and d_input is not None:
+            term = _conv_grads(grad_output, d_input, weight, geometry, [False, True, False])[1]
+            tangents[1] = term if tangents[1] is None else tangents[1] + term
+        return tuple(tangents)
 
 
 class MaxPoolFunction(torch.autograd.Function):
-    """(output, indices) = max_pool(input); the gradient goes only to each window's argmax."""
+    """(output, indices) = max_pool(input); the gradient goes only to each window's argmax, and the
+    output's tangent is the input's tangent read at each argmax."""
 
     generate_vmap_rule = True  # under torch.func.vmap, the ops' own vmap rules apply (_ops.py)
 
     @staticmethod
-    def forward(input, kernel_size, stride, padding, dilation, ceil_mode):
-        return ops.max_pool_forward(input, kernel_size, stride, padding, dilation, ceil_mode)
+    def forward(input, kernel_size, stride, padding, dilation, ceil_mode, compute_indices=True):
+        return ops.max_pool_forward(input, kernel_size, stride, padding, dilation, ceil_mode, compute_indices)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, kernel_size, stride, padding, dilation, _ceil_mode = inputs
+        input, kernel_size, stride, padding, dilation, ceil_mode, compute_indices = inputs
         _, indices = output
-        # Backward needs only where each maximum came from, the input's shape and the windows, not the input.
-        ctx.save_for_backward(indices)
+        # Backward and jvp need only where each maximum came from, the input's shape and the windows, not
+        # the input. A caller that asked for no indices (the op called directly) leaves the input instead,
+        # and the indices are found again from it if a gradient or tangent is wanted after all.
+        kept = indices if compute_indices else input
+        ctx.save_for_backward(kept)
+        ctx.save_for_forward(kept)
+        ctx.indices_from_input = not compute_indices
         ctx.input_size = list(input.shape)
         ctx.geometry = (kernel_size, stride, padding, dilation)
+        ctx.ceil_mode = ceil_mode
         ctx.mark_non_differentiable(indices)
         # The indices never receive a gradient: without this autograd would fill an int64 tensor of
         # zeros for them on every backward pass.
@@ -115,43 +223,63 @@ class MaxPoolFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output, _grad_indices):
         if grad_output is None:  # only the indices were used
-            return None, None, None, None, None, None
-        (indices,) = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: the backward pass is itself differentiable
-            grad_input = MaxPoolBackwardFunction.apply(grad_output, indices, ctx.input_size, ctx.geometry)
-        else:  # the forward's own indices: the CUDA kernel may skip checking them
-            grad_input = ops.max_pool_backward(grad_output, indices, ctx.input_size, *ctx.geometry, check_indices=False)
-        return grad_input, None, None, None, None, None
+            return None, None, None, None, None, None, None
+        grad_input = _route_to_argmax(grad_output, _saved_indices(ctx), ctx.input_size, ctx.geometry)
+        return grad_input, None, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, d_input, *_geometry):
+        return _read_at_argmax(d_input, _saved_indices(ctx)), None
+
+
+def _saved_indices(ctx):
+    (kept,) = ctx.saved_tensors
+    if not ctx.indices_from_input:
+        return kept
+    return ops.max_pool_forward(kept.detach(), *ctx.geometry, ctx.ceil_mode)[1]
 
 
 class MaxPoolBackwardFunction(torch.autograd.Function):
-    """grad_input = max_pool_backward(grad_output, indices): linear in grad_output, so its own gradient
-    is the incoming gradient read back at each output's argmax (zero for a window with no argmax)."""
+    """grad_input = max_pool_backward(grad_output, indices): linear in grad_output, so its tangent is the
+    same map applied to grad_output's tangent, and its gradient is the incoming gradient read back at each
+    output's argmax (zero for a window with no argmax), the forward's own tangent rule."""
 
     generate_vmap_rule = True  # under torch.func.vmap, the ops' own vmap rules apply (_ops.py)
 
     @staticmethod
-    def forward(grad_output, indices, input_size, geometry):
-        # The indices are the forward's own, saved by autograd (which refuses them if modified in place),
-        # so the CUDA kernel may skip checking them.
-        return ops.max_pool_backward(grad_output, indices, input_size, *geometry, check_indices=False)
+    def forward(grad_output, indices, input_size, kernel_size, stride, padding, dilation, check_indices=True):
+        return ops.max_pool_backward(grad_output, indices, input_size, kernel_size, stride, padding, dilation, check_indices)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, indices, _, _ = inputs
+        _, indices, input_size, kernel_size, stride, padding, dilation, _check = inputs
         ctx.save_for_backward(indices)
+        ctx.save_for_forward(indices)
+        ctx.input_size = list(input_size)
+        ctx.geometry = (kernel_size, stride, padding, dilation)
 
     @staticmethod
     def backward(ctx, gg_input):
         (indices,) = ctx.saved_tensors
-        flat_indices = indices.flatten(2)
-        picked = gg_input.flatten(2).gather(2, flat_indices.clamp(min=0))
-        d_grad_output = torch.where(flat_indices >= 0, picked, torch.zeros_like(picked)).view_as(indices)
-        return d_grad_output, None, None, None
+        return _read_at_argmax(gg_input, indices), None, None, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, d_grad_output, *_geometry):
+        (indices,) = ctx.saved_tensors
+        return _route_to_argmax(d_grad_output, indices, ctx.input_size, ctx.geometry)
 
 
-# Function.apply binds its arguments to forward's signature on every call (for setup_context), and
-# computing that signature took about 40 µs a call: more than a small GPU kernel. inspect.signature
-# returns a function's __signature__ when it has one, so each is computed once, here.
-for _function in (ConvFunction, ConvBackwardFunction, MaxPoolFunction, MaxPoolBackwardFunction):
+_FUNCTIONS = {
+    "manualgrad::conv_forward": ConvFunction,
+    "manualgrad::conv_backward": ConvBackwardFunction,
+    "manualgrad::max_pool_forward": MaxPoolFunction,
+    "manualgrad::max_pool_backward": MaxPoolBackwardFunction,
+}
+
+for _op, _function in _FUNCTIONS.items():
+    # Function.apply binds its arguments to forward's signature on every call (for setup_context), and
+    # computing that signature took about 40 µs a call: more than a small GPU kernel. inspect.signature
+    # returns a function's __signature__ when it has one, so each is computed once, here.
     _function.forward.__signature__ = inspect.signature(_function.forward)
+    # The op's own autograd: the Function's formulas, which take the op's arguments as they are.
+    torch.library.register_autograd(_op, _function.backward, setup_context=_function.setup_context)

@@ -5,7 +5,8 @@ input), complex convolutions are split into real ones (_complex.py), and outputs
 lays out its own (channels-last by torch's rule); everything else — shape checks, the arithmetic —
 happens in the registered ops.
 Call path: here → autograd.py → _ops.py → csrc kernels; calls that autograd need not record
-(inference, torch.no_grad) go from here straight to _ops.py.
+(inference, torch.no_grad), and every call under torch.compile, go from here straight to _ops.py (the ops'
+registered autograd runs autograd.py's formulas: see needs_function there).
 
 Like torch.nn.functional's, each function first offers the call to __torch_function__ overrides
 (has_torch_function/handle_torch_function): so torch.fx's tracer records it as one call_function node
@@ -13,13 +14,12 @@ of ours (a converted model traces with symbolic_trace), and tensor subclasses an
 see our function by name.
 """
 import torch
-from torch.autograd import forward_ad
 from torch.overrides import handle_torch_function, has_torch_function, has_torch_function_unary
 
 from . import _exporting
 from ._complex import complex_conv
 from ._ops import ops
-from .autograd import ConvFunction, MaxPoolFunction
+from .autograd import ConvFunction, MaxPoolFunction, needs_autograd, needs_function
 
 __all__ = ["conv1d", "conv2d", "max_pool1d", "max_pool2d"]
 
@@ -111,17 +111,6 @@ def _as_channels_last(t, dims):
     return t4 if dims == 2 else t4.squeeze(2)
 
 
-def _needs_autograd(*tensors):
-    """Whether autograd must see this call; when not (inference, torch.no_grad), the op is called
-    directly, saving the autograd.Function's Python overhead. Forward-mode AD counts too: a dual
-    tensor (torch.func.jvp, forward_ad.make_dual) need not require grad, and the op alone would drop its
-    tangent, where the Function reports that it has no forward-mode formula."""
-    tensors = [t for t in tensors if t is not None]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return True
-    return forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
-
-
 def _conv_channels_last(input, weight, dims):
     """Whether torch lays out this convolution's output channels-last: when the input or the weight
     suggests it (a 1-d input is made contiguous first, so only its weight counts), unless the input is empty."""
@@ -171,8 +160,10 @@ def _conv(dims, op, input, weight, bias, stride, padding, dilation, groups):
         padding = _expand(padding, dims, "padding", op)
 
     def real_conv(x, w, b=None):
-        if _needs_autograd(x, w, b) and not _exporting.record_op_in_jit_trace("conv_forward", x):
+        if needs_function(x, w, b) and not _exporting.record_op_in_jit_trace("conv_forward", x):
             return ConvFunction.apply(x, w, b, stride, padding, dilation, groups)
+        if needs_autograd(x, w, b):  # torch.compile, jit.trace: the op's autograd is ConvFunction's formulas
+            return ops.conv_forward(x, w, b, stride, padding, dilation, groups)
         return ops.conv_forward(x, w, b, stride, padding, dilation, groups)
 
     if input.is_complex() and weight.dtype == input.dtype and (bias is None or bias.dtype == input.dtype):
@@ -235,16 +226,18 @@ def _max_pool(dims, op, input, kernel_size, stride, padding, dilation, ceil_mode
     padding = _expand(padding, dims, "padding", op)
     dilation = _expand(dilation, dims, "dilation", op)
     input, unbatched = _batched(op, input, dims)
-    needs_autograd = _needs_autograd(input) and not _exporting.record_op_in_jit_trace("max_pool_forward", input)
-    if needs_autograd:
-        output, indices = MaxPoolFunction.apply(input, kernel_size, stride, padding, dilation, bool(ceil_mode))
+    wants_grad = needs_autograd(input)
+    if needs_function(input) and not _exporting.record_op_in_jit_trace("max_pool_forward", input):
+        output, indices = MaxPoolFunction.apply(input, kernel_size, stride, padding, dilation, bool(ceil_mode), True)
+    elif wants_grad:  # torch.compile, jit.trace: the op's autograd is MaxPoolFunction's formulas
+        output, indices = ops.max_pool_forward(input, kernel_size, stride, padding, dilation, bool(ceil_mode))
     else:  # nothing will go backward: the indices are computed only if the caller wants them (or a jit trace,
         # which must record the same call with autograd and without)
         output, indices = ops.max_pool_forward(
             input, kernel_size, stride, padding, dilation, bool(ceil_mode),
             compute_indices=bool(return_indices) or torch.jit.is_tracing(),
         )
-    channels_last = _pool_channels_last(input, dims, unbatched, bool(return_indices) or needs_autograd)
+    channels_last = _pool_channels_last(input, dims, unbatched, bool(return_indices) or wants_grad)
     if channels_last:
         output = _as_channels_last(output, dims)
     output = output.squeeze(0) if unbatched else output
