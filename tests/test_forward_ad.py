@@ -114,7 +114,7 @@ def test_window_without_argmax_has_zero_tangent(device):
     assert (idx2 == -1).all() and torch.equal(tangent2, torch.zeros_like(out2))
     # and the tangent of the backward on those indices is 0 too
     go = torch.randn_like(out2)
-    d_grad = jvp(lambda g: MaxPoolBackwardFunction.apply(g, idx2, list(x2.shape), [2, 2], [3, 3], [1, 1], [1, 3]),
+    d_grad = jvp(lambda g: MaxPoolBackwardFunction.apply(g, idx2, list(x2.shape), [2, 2], [3, 3], [1, 1], [1, 3], True),
                  (go,), (torch.ones_like(go),))[1]
     assert torch.equal(d_grad, torch.zeros_like(x2))
 
@@ -125,8 +125,8 @@ def test_max_pool_without_indices_still_has_a_tangent(device):
     x = case.make_input(device, torch.float64, values="distinct")
     (t,) = tangents_like((x,))
     geometry = [list(v) for v in case.tuples()]
-    with_indices = jvp(lambda x: MaxPoolFunction.apply(x, *geometry, True)[0], (x,), (t,))[1]
-    without = jvp(lambda x: MaxPoolFunction.apply(x, *geometry, True, False)[0], (x,), (t,))[1]
+    with_indices = jvp(lambda x: MaxPoolFunction.apply(x, *geometry, case.ceil_mode, True)[0], (x,), (t,))[1]
+    without = jvp(lambda x: MaxPoolFunction.apply(x, *geometry, case.ceil_mode, False)[0], (x,), (t,))[1]
     torch.testing.assert_close(without, with_indices, rtol=0, atol=0)
 
 
@@ -197,7 +197,7 @@ def test_max_pool_backward_function_forward_mode(case, device):
     geometry = [list(v) for v in case.tuples()]
     _, indices = ops.max_pool_forward(x, *geometry, case.ceil_mode)
     go = case.make_grad_output(device, torch.float64).requires_grad_()
-    backward = lambda go: MaxPoolBackwardFunction.apply(go, indices, list(x.shape), *geometry)  # noqa: E731
+    backward = lambda go: MaxPoolBackwardFunction.apply(go, indices, list(x.shape), *geometry, True)  # noqa: E731
     assert torch.autograd.gradcheck(backward, (go,), check_forward_ad=True, check_backward_ad=True,
                                     check_batched_grad=True, check_batched_forward_grad=True)
 

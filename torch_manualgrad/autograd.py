@@ -48,6 +48,18 @@ def needs_function(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def below_autograd(op, *args, **kwargs):
+    """op(*args, **kwargs) for a call that autograd need not record, skipping the op's autograd kernel:
+    the Python kernel that register_autograd installs costs about 4 µs a call (measured on the CPU) even
+    when all it does is pass the call on, which would have added that to every forward (inside its
+    Function), every backward and every inference call. Under torch.compile the plain call is traced
+    instead (Dynamo does not know the guard, and compiled code has no such overhead to save)."""
+    if torch.compiler.is_compiling():
+        return op(*args, **kwargs)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args, **kwargs)
+
+
 # --- the pieces every formula below is made of ------------------------------------------------------
 # Each goes through a Function when its result must itself be differentiable (create_graph=True, or
 # tangents to carry), and straight to the op otherwise, saving the Function's Python overhead.
@@ -56,13 +68,13 @@ def needs_function(*tensors):
 def _conv(input, weight, bias, geometry):
     if needs_function(input, weight, bias):
         return ConvFunction.apply(input, weight, bias, *geometry)
-    return ops.conv_forward(input, weight, bias, *geometry)
+    return below_autograd(ops.conv_forward, input, weight, bias, *geometry)
 
 
 def _conv_grads(grad_output, input, weight, geometry, output_mask):
     if needs_function(grad_output, input, weight):
         return ConvBackwardFunction.apply(grad_output, input, weight, *geometry, output_mask)
-    return ops.conv_backward(grad_output, input, weight, *geometry, output_mask)
+    return below_autograd(ops.conv_backward, grad_output, input, weight, *geometry, output_mask)
 
 
 def _route_to_argmax(grad_output, indices, input_size, geometry):
@@ -70,7 +82,7 @@ def _route_to_argmax(grad_output, indices, input_size, geometry):
     were modified in place), so the CUDA kernel may skip checking them."""
     if needs_function(grad_output):
         return MaxPoolBackwardFunction.apply(grad_output, indices, input_size, *geometry, False)
-    return ops.max_pool_backward(grad_output, indices, input_size, *geometry, check_indices=False)
+    return below_autograd(ops.max_pool_backward, grad_output, indices, input_size, *geometry, check_indices=False)
 
 
 def _read_at_argmax(t, indices):
@@ -105,7 +117,7 @@ class ConvFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(input, weight, bias, stride, padding, dilation, groups):
-        return ops.conv_forward(input, weight, bias, stride, padding, dilation, groups)
+        return below_autograd(ops.conv_forward, input, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -151,7 +163,7 @@ class ConvBackwardFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(grad_output, input, weight, stride, padding, dilation, groups, output_mask):
-        return ops.conv_backward(grad_output, input, weight, stride, padding, dilation, groups, output_mask)
+        return below_autograd(ops.conv_backward, grad_output, input, weight, stride, padding, dilation, groups, output_mask)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -198,8 +210,8 @@ class MaxPoolFunction(torch.autograd.Function):
     generate_vmap_rule = True  # under torch.func.vmap, the ops' own vmap rules apply (_ops.py)
 
     @staticmethod
-    def forward(input, kernel_size, stride, padding, dilation, ceil_mode, compute_indices=True):
-        return ops.max_pool_forward(input, kernel_size, stride, padding, dilation, ceil_mode, compute_indices)
+    def forward(input, kernel_size, stride, padding, dilation, ceil_mode, compute_indices):
+        return below_autograd(ops.max_pool_forward, input, kernel_size, stride, padding, dilation, ceil_mode, compute_indices)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -236,7 +248,7 @@ def _saved_indices(ctx):
     (kept,) = ctx.saved_tensors
     if not ctx.indices_from_input:
         return kept
-    return ops.max_pool_forward(kept.detach(), *ctx.geometry, ctx.ceil_mode)[1]
+    return below_autograd(ops.max_pool_forward, kept.detach(), *ctx.geometry, ctx.ceil_mode)[1]
 
 
 class MaxPoolBackwardFunction(torch.autograd.Function):
@@ -247,8 +259,10 @@ class MaxPoolBackwardFunction(torch.autograd.Function):
     generate_vmap_rule = True  # under torch.func.vmap, the ops' own vmap rules apply (_ops.py)
 
     @staticmethod
-    def forward(grad_output, indices, input_size, kernel_size, stride, padding, dilation, check_indices=True):
-        return ops.max_pool_backward(grad_output, indices, input_size, kernel_size, stride, padding, dilation, check_indices)
+    def forward(grad_output, indices, input_size, kernel_size, stride, padding, dilation, check_indices):
+        return below_autograd(
+            ops.max_pool_backward, grad_output, indices, input_size, kernel_size, stride, padding, dilation, check_indices
+        )
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -279,7 +293,8 @@ _FUNCTIONS = {
 for _op, _function in _FUNCTIONS.items():
     # Function.apply binds its arguments to forward's signature on every call (for setup_context), and
     # computing that signature took about 40 µs a call: more than a small GPU kernel. inspect.signature
-    # returns a function's __signature__ when it has one, so each is computed once, here.
+    # returns a function's __signature__ when it has one, so each is computed once, here. (For the same
+    # reason the forwards have no defaults, where their ops have: filling them in cost a few µs a call.)
     _function.forward.__signature__ = inspect.signature(_function.forward)
     # The op's own autograd: the Function's formulas, which take the op's arguments as they are.
     torch.library.register_autograd(_op, _function.backward, setup_context=_function.setup_context)

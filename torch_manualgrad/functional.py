@@ -19,7 +19,7 @@ from torch.overrides import handle_torch_function, has_torch_function, has_torch
 from . import _exporting
 from ._complex import complex_conv
 from ._ops import ops
-from .autograd import ConvFunction, MaxPoolFunction, needs_autograd, needs_function
+from .autograd import ConvFunction, MaxPoolFunction, below_autograd, needs_autograd, needs_function
 
 __all__ = ["conv1d", "conv2d", "max_pool1d", "max_pool2d"]
 
@@ -164,7 +164,7 @@ def _conv(dims, op, input, weight, bias, stride, padding, dilation, groups):
             return ConvFunction.apply(x, w, b, stride, padding, dilation, groups)
         if needs_autograd(x, w, b):  # torch.compile, jit.trace: the op's autograd is ConvFunction's formulas
             return ops.conv_forward(x, w, b, stride, padding, dilation, groups)
-        return ops.conv_forward(x, w, b, stride, padding, dilation, groups)
+        return below_autograd(ops.conv_forward, x, w, b, stride, padding, dilation, groups)
 
     if input.is_complex() and weight.dtype == input.dtype and (bias is None or bias.dtype == input.dtype):
         output = complex_conv(real_conv, input, weight, bias)
@@ -233,8 +233,8 @@ def _max_pool(dims, op, input, kernel_size, stride, padding, dilation, ceil_mode
         output, indices = ops.max_pool_forward(input, kernel_size, stride, padding, dilation, bool(ceil_mode))
     else:  # nothing will go backward: the indices are computed only if the caller wants them (or a jit trace,
         # which must record the same call with autograd and without)
-        output, indices = ops.max_pool_forward(
-            input, kernel_size, stride, padding, dilation, bool(ceil_mode),
+        output, indices = below_autograd(
+            ops.max_pool_forward, input, kernel_size, stride, padding, dilation, bool(ceil_mode),
             compute_indices=bool(return_indices) or torch.jit.is_tracing(),
         )
     channels_last = _pool_channels_last(input, dims, unbatched, bool(return_indices) or wants_grad)
