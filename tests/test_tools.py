@@ -232,17 +232,20 @@ def test_jit_trace_for_inference_records_our_ops_and_saves():
 
 
 @quiet_jit
-def test_jit_trace_with_gradients_is_refused_clearly_or_keeps_them():
+def test_jit_trace_with_gradients_keeps_them_through_save_and_load(tmp_path):
+    """With gradients the trace records our ops too (their own autograd is the Functions' formulas), so the
+    traced module, saved and loaded, back-propagates as the eager one."""
     _, converted = _models()
     x = _input(requires_grad=True)
-    if not (_has_own_autograd("conv_forward") and _has_own_autograd("max_pool_forward")):
-        with pytest.raises(RuntimeError, match=r"torch.jit.trace cannot record torch_manualgrad's gradients.*"
-                                               r"torch.no_grad\(\).*torch.export"):
-            torch.jit.trace(converted, x)
-        return
-    traced = torch.jit.trace(converted, x)  # the ops carry their own autograd: the trace keeps it
-    for got, want in zip(_grads(traced, x), _grads(converted, x)):
-        torch.testing.assert_close(got, want)
+    assert _has_own_autograd("conv_forward") and _has_own_autograd("max_pool_forward")
+    traced = torch.jit.trace(converted, x)
+    assert {"manualgrad::conv_forward", "manualgrad::max_pool_forward"} <= {n.kind() for n in traced.inlined_graph.nodes()}
+    torch.jit.save(traced, tmp_path / "traced.pt")
+    loaded = torch.jit.load(tmp_path / "traced.pt")
+    want = _grads(converted, x)
+    for model in (traced, loaded):
+        for got, expected in zip(_grads(model, x), want):
+            torch.testing.assert_close(got, expected)
 
 
 @quiet_jit

@@ -8,10 +8,10 @@ which both exporters already translate into standard Conv and MaxPool nodes, eve
 where torch's count per plane: the translations convert them). Nothing is needed from the user.
 
 torch.jit.trace: the trace must record the same thing with and without autograd (its sanity check
-traces again under torch.no_grad), and only a registered op survives torch.jit.save; so a trace records
-the ops, torch.ops.manualgrad.*, on both paths. Our autograd is a Python torch.autograd.Function, which a
-trace cannot keep: where gradients are needed and the op has no autograd kernel of its own, tracing is
-refused with a message that points to torch.export.
+traces again under torch.no_grad), and only a registered op survives torch.jit.save; so while tracing, our
+functions (functional.py) call the ops, torch.ops.manualgrad.*, on both paths, never our Python torch.autograd.Functions
+(which a trace cannot keep). The ops carry their own autograd (autograd.py registers the Functions'
+formulas on them), so the traced module back-propagates, after saving and loading too.
 
 torch.jit.script cannot compile our Python functions (they take ints, tuples or strings where TorchScript
 wants one type); our layers refuse it up front, pointing to torch.export and torch.compile.
@@ -30,28 +30,10 @@ def exporting_to_onnx():
     return onnx is not None and onnx.is_in_onnx_export()
 
 
-def record_op_in_jit_trace(op_name, tensor):
-    """Whether this call, which needs autograd, should go straight to the op torch.ops.manualgrad.<op_name>
-    because torch.jit.trace is recording (see the module's docstring); raises where the trace could not
-    keep the gradients."""
-    if not torch.jit.is_tracing():
-        return False
-    name = f"manualgrad::{op_name}"
-    device_key = "AutogradCUDA" if tensor.is_cuda else "AutogradCPU"
-    if any(torch._C._dispatch_has_kernel_for_dispatch_key(name, key) for key in ("Autograd", device_key)):
-        return True
-    raise RuntimeError(
-        f"torch.jit.trace cannot record torch_manualgrad's gradients: they come from a Python "
-        f"torch.autograd.Function, and {name} has no autograd kernel a trace could keep. Trace under "
-        f"torch.no_grad() for inference (the trace then records {name}), or use torch.export: "
-        f"{_TORCH_EXPORT_HINT}."
-    )
-
-
 def refuse_script(module):
     """For our layers' __prepare_scriptable__, which torch.jit.script calls on every module first."""
     raise RuntimeError(
         f"torch.jit.script cannot compile torch_manualgrad's {type(module).__name__} (its computation is "
-        f"Python that TorchScript cannot type). {_TORCH_EXPORT_HINT}; torch.jit.trace under torch.no_grad() "
+        f"Python that TorchScript cannot type). {_TORCH_EXPORT_HINT}; torch.jit.trace "
         f"records our ops for inference; or script torch_manualgrad.revert(model) to use torch's layers."
     )

@@ -160,9 +160,12 @@ def _conv(dims, op, input, weight, bias, stride, padding, dilation, groups):
         padding = _expand(padding, dims, "padding", op)
 
     def real_conv(x, w, b=None):
-        if needs_function(x, w, b) and not _exporting.record_op_in_jit_trace("conv_forward", x):
+        if needs_function(x, w, b) and not torch.jit.is_tracing():
             return ConvFunction.apply(x, w, b, stride, padding, dilation, groups)
-        if needs_autograd(x, w, b):  # torch.compile, jit.trace: the op's autograd is ConvFunction's formulas
+        # torch.compile, jit.trace: the op's autograd is ConvFunction's formulas (a trace must record the
+        # same call, from the same frame, with autograd and without: it names values by the caller's
+        # locals; see _exporting.py)
+        if needs_autograd(x, w, b) or torch.jit.is_tracing():
             return ops.conv_forward(x, w, b, stride, padding, dilation, groups)
         return below_autograd(ops.conv_forward, x, w, b, stride, padding, dilation, groups)
 
@@ -227,17 +230,19 @@ def _max_pool(dims, op, input, kernel_size, stride, padding, dilation, ceil_mode
     dilation = _expand(dilation, dims, "dilation", op)
     input, unbatched = _batched(op, input, dims)
     wants_grad = needs_autograd(input)
-    if needs_function(input) and not _exporting.record_op_in_jit_trace("max_pool_forward", input):
+    if needs_function(input) and not torch.jit.is_tracing():
         output, indices = MaxPoolFunction.apply(input, kernel_size, stride, padding, dilation, bool(ceil_mode), True)
-    elif wants_grad:  # torch.compile, jit.trace: the op's autograd is MaxPoolFunction's formulas
+    elif wants_grad or torch.jit.is_tracing():  # torch.compile, jit.trace: as in _conv
         output, indices = ops.max_pool_forward(input, kernel_size, stride, padding, dilation, bool(ceil_mode))
-    else:  # nothing will go backward: the indices are computed only if the caller wants them (or a jit trace,
-        # which must record the same call with autograd and without)
+    else:  # nothing will go backward: the indices are computed only if the caller wants them
         output, indices = below_autograd(
             ops.max_pool_forward, input, kernel_size, stride, padding, dilation, bool(ceil_mode),
-            compute_indices=bool(return_indices) or torch.jit.is_tracing(),
+            compute_indices=bool(return_indices),
         )
-    channels_last = _pool_channels_last(input, dims, unbatched, bool(return_indices) or wants_grad)
+    # (a jit trace asks as if indices were wanted: its two runs, with autograd and without, must record the
+    # same calls, and they name values by what the Python frames hold when a tensor is first read)
+    with_indices = bool(return_indices) or wants_grad or torch.jit.is_tracing()
+    channels_last = _pool_channels_last(input, dims, unbatched, with_indices)
     if channels_last:
         output = _as_channels_last(output, dims)
     output = output.squeeze(0) if unbatched else output
