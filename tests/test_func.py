@@ -66,3 +66,26 @@ def test_jacrev(device):
     ours = jacrev(lambda x: tmg.functional.max_pool2d(tmg.functional.conv2d(x, w, None, 1, 1), 2))(x)
     theirs = jacrev(lambda x: F.max_pool2d(F.conv2d(x, w, None, 1, 1), 2))(x)
     torch.testing.assert_close(ours, theirs, **TOL)
+
+
+@pytest.mark.parametrize("argnums", [0, 1, 2, (0, 1, 2)])
+def test_grad_of_vmap(argnums, device):
+    """vmap inside grad: inside vmap a tensor's requires_grad is False even though the grad outside tracks
+    it, so a call that skipped autograd there would give zeros. Every argument in turn, then all."""
+    w, b, x = tensors(device, (4, 3, 3, 3), (4,), (5, 2, 3, 8, 8))
+
+    def batched_loss(conv, pool):
+        inner = lambda w, b, x: pool(conv(x, w, b, 1, 1).tanh(), 3, 2, 1).pow(2).sum()  # noqa: E731
+        return lambda w, b, x: vmap(inner, in_dims=(None, None, 0))(w, b, x).sum()
+
+    ours = grad(batched_loss(tmg.functional.conv2d, tmg.functional.max_pool2d), argnums=argnums)(w, b, x)
+    theirs = grad(batched_loss(F.conv2d, F.max_pool2d), argnums=argnums)(w, b, x)
+    for a, c in zip(*(r if isinstance(r, tuple) else (r,) for r in (ours, theirs))):
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(a, c, **TOL)
+    # and jacrev of a vmapped conv1d + max_pool1d
+    (x1,) = tensors(device, (3, 2, 4, 9))
+    w1 = tensors(device, (5, 4, 3))[0]
+    f = lambda conv, pool: lambda x: vmap(lambda xb: pool(conv(xb, w1), 2))(x)  # noqa: E731
+    torch.testing.assert_close(jacrev(f(tmg.functional.conv1d, tmg.functional.max_pool1d))(x1),
+                               jacrev(f(F.conv1d, F.max_pool1d))(x1), **TOL)

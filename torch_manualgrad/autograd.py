@@ -22,15 +22,23 @@ from torch.autograd import forward_ad
 from ._ops import ops
 
 
+def _recorded(tensors):
+    """Whether reverse-mode autograd may record a call on these tensors: grad mode is on and one requires
+    grad, or a torch.func transform is active. Inside vmap a tensor's requires_grad is False even when a
+    torch.func.grad outside it is tracking the tensor underneath (grad(lambda x: vmap(f)(x).sum())), so a
+    call there that skipped autograd would give that grad zeros; under any transform the call is recorded."""
+    if not torch.is_grad_enabled():
+        return False
+    return any(t is not None and t.requires_grad for t in tensors) or torch._C._functorch.maybe_current_level() is not None
+
+
 def needs_autograd(*tensors):
-    """Whether autograd must see a call on these tensors: grad mode is on and one requires grad, or
+    """Whether autograd must see a call on these tensors: reverse mode may record it (_recorded), or
     forward-mode AD is on (torch.func.jvp, forward_ad.dual_level). A dual tensor need not require grad,
     and an op called without its Function would drop its tangent. Under forward mode every call counts,
     without asking which tensors carry tangents: forward_ad.unpack_dual has no vmap rule, and a tangent
     may be vmapped (torch.func.jacfwd, gradcheck's batched forward check)."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return True
-    return forward_ad._current_level >= 0
+    return _recorded(tensors) or forward_ad._current_level >= 0
 
 
 def needs_function(*tensors):
@@ -45,7 +53,7 @@ def needs_function(*tensors):
         return True
     if torch.compiler.is_compiling():
         return False
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return _recorded(tensors)
 
 
 def below_autograd(op, *args, **kwargs):
@@ -54,10 +62,15 @@ def below_autograd(op, *args, **kwargs):
     when all it does is pass the call on, which would have added that to every forward (inside its
     Function), every backward and every inference call. Under torch.compile the plain call is traced
     instead (Dynamo does not know the guard, and compiled code has no such overhead to save)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _BELOW_AUTOGRAD is None:
         return op(*args, **kwargs)
-    with torch._C._AutoDispatchBelowAutograd():
+    with _BELOW_AUTOGRAD():
         return op(*args, **kwargs)
+
+
+# The guard torch's own C++ uses for the same purpose (at::AutoDispatchBelowAutograd); it is private, so a
+# torch without it gets the plain call (correct, a few µs slower).
+_BELOW_AUTOGRAD = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
 
 
 # --- the pieces every formula below is made of ------------------------------------------------------
