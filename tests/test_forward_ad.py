@@ -317,3 +317,21 @@ def test_tangent_in_unbatched_and_1d_calls(device):
         (lambda x, w: tmg.functional.max_pool2d(x[None], 2, 1), lambda x, w: F.max_pool2d(x[None], 2, 1)),
     ):
         torch.testing.assert_close(jvp(ours, (x, w), (tx, tw))[1], jvp(theirs, (x, w), (tx, tw))[1], **TOL)
+
+
+def test_forward_mode_over_vmap(device):
+    """jvp of a vmapped call (and so hessian, jacfwd of jacrev): torch.func's generated vmap rule lines up each
+    argument's tangent with its in_dims flattened as a pytree, which list arguments (stride, padding, ...)
+    threw off; this crashed (torch 2.13)."""
+    gen = make_generator(8)
+    x, w = (torch.randn(s, generator=gen, dtype=torch.float64).to(device) for s in ((3, 1, 2, 5, 5), (2, 2, 3, 3)))
+    (t,) = tangents_like((x,))
+    for ours, theirs in (
+        (lambda x: tmg.functional.conv2d(x, w, None, 1, 1), lambda x: F.conv2d(x, w, None, 1, 1)),
+        (lambda x: tmg.functional.conv1d(x[:, :, 0], w[..., 0]), lambda x: F.conv1d(x[:, :, 0], w[..., 0])),
+        (lambda x: tmg.functional.max_pool2d(x, 2, 1, 1, ceil_mode=True), lambda x: F.max_pool2d(x, 2, 1, 1, ceil_mode=True)),
+        (lambda x: tmg.functional.max_pool1d(x[:, :, 0], 3), lambda x: F.max_pool1d(x[:, :, 0], 3)),
+    ):
+        torch.testing.assert_close(jvp(vmap(ours), (x,), (t,)), jvp(vmap(theirs), (x,), (t,)), **TOL)
+    loss = lambda conv2d: lambda w: conv2d(x[0], w, None, 1, 1).tanh().sum()  # noqa: E731
+    torch.testing.assert_close(torch.func.hessian(loss(tmg.functional.conv2d))(w), torch.func.hessian(loss(F.conv2d))(w), **TOL)

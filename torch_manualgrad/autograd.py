@@ -123,7 +123,26 @@ def _conv_tangent(input, weight, d_input, d_weight, d_bias, geometry, output_sha
     return sum(terms[1:], terms[0]) if terms else None
 
 
-class ConvFunction(torch.autograd.Function):
+class _Whole(tuple):
+    """A list argument (stride, padding, a size, output_mask) as a Function receives it: one value. Under
+    torch.func.vmap a Function's generated vmap rule pairs each argument's tangent with that argument's
+    in_dims, flattened as a pytree, in which a list counts once per element; with a list among the
+    arguments they no longer line up, and forward mode over vmap (jvp of vmap, jacfwd of jacrev, hessian)
+    crashed in torch's get_tangents_in_dims (torch 2.13). A tuple subclass is a pytree leaf, and the ops
+    take it wherever they take a list."""
+
+    __slots__ = ()
+
+
+class _Function(torch.autograd.Function):
+    """Our Functions' apply: list arguments are passed as _Whole values (see there)."""
+
+    @classmethod
+    def apply(cls, *args):
+        return super().apply(*[_Whole(a) if type(a) is list else a for a in args])
+
+
+class ConvFunction(_Function):
     """output = conv(input, weight) + bias; backward gives (grad_input, grad_weight, grad_bias)."""
 
     generate_vmap_rule = True  # under torch.func.vmap, the ops' own vmap rules apply (_ops.py)
@@ -156,7 +175,7 @@ class ConvFunction(torch.autograd.Function):
         return _conv_tangent(input, weight, d_input, d_weight, d_bias, ctx.geometry, ctx.output_shape)
 
 
-class ConvBackwardFunction(torch.autograd.Function):
+class ConvBackwardFunction(_Function):
     """(grad_input, grad_weight, grad_bias) = conv_backward(grad_output, input, weight), itself differentiable.
 
     Each output is linear in grad_output and in one other argument, and is the adjoint of a convolution:
@@ -216,7 +235,7 @@ class ConvBackwardFunction(torch.autograd.Function):
         return tuple(tangents)
 
 
-class MaxPoolFunction(torch.autograd.Function):
+class MaxPoolFunction(_Function):
     """(output, indices) = max_pool(input); the gradient goes only to each window's argmax, and the
     output's tangent is the input's tangent read at each argmax."""
 
@@ -264,7 +283,7 @@ def _saved_indices(ctx):
     return below_autograd(ops.max_pool_forward, kept.detach(), *ctx.geometry, ctx.ceil_mode)[1]
 
 
-class MaxPoolBackwardFunction(torch.autograd.Function):
+class MaxPoolBackwardFunction(_Function):
     """grad_input = max_pool_backward(grad_output, indices): linear in grad_output, so its tangent is the
     same map applied to grad_output's tangent, and its gradient is the incoming gradient read back at each
     output's argmax (zero for a window with no argmax), the forward's own tangent rule."""
