@@ -335,3 +335,25 @@ def test_forward_mode_over_vmap(device):
         torch.testing.assert_close(jvp(vmap(ours), (x,), (t,)), jvp(vmap(theirs), (x,), (t,)), **TOL)
     loss = lambda conv2d: lambda w: conv2d(x[0], w, None, 1, 1).tanh().sum()  # noqa: E731
     torch.testing.assert_close(torch.func.hessian(loss(tmg.functional.conv2d))(w), torch.func.hessian(loss(F.conv2d))(w), **TOL)
+
+
+def test_nested_forward_mode_is_refused_not_wrong(device):
+    """jvp of jvp (and jacfwd of jacfwd) would lose the outer tangent inside any Function's jvp, giving
+    zeros where torch gives 2·t1·t2 at the argmax: it raises instead. One forward level over reverse mode
+    (jvp of grad, hessian = jacfwd of jacrev) still matches torch."""
+    gen = torch.Generator().manual_seed(3)
+    x, t1, t2 = (torch.randn(1, 2, 4, 6, generator=gen, dtype=torch.float64).to(device) for _ in range(3))
+    w = torch.randn(3, 2, 2, 2, generator=gen, dtype=torch.float64).to(device)
+    pool = lambda f: lambda x: f(x * x, (1, 2))  # noqa: E731
+    conv = lambda f: lambda x: f(x * x, w)  # noqa: E731
+    for make in (pool, conv):
+        ours = make(tmg.functional.max_pool2d if make is pool else tmg.functional.conv2d)
+        with pytest.raises(RuntimeError, match="forward-mode AD nested inside forward-mode AD"):
+            jvp(lambda x: jvp(ours, (x,), (t1,))[1], (x,), (t2,))
+        with pytest.raises(RuntimeError, match="forward-mode AD nested inside forward-mode AD"):
+            torch.func.jacfwd(torch.func.jacfwd(lambda x: ours(x).sum()))(x[..., :2])
+    f_ours = lambda x: tmg.functional.max_pool2d(tmg.functional.conv2d(x * x, w), (1, 2)).sum()  # noqa: E731
+    f_torch = lambda x: F.max_pool2d(F.conv2d(x * x, w), (1, 2)).sum()  # noqa: E731
+    torch.testing.assert_close(jvp(torch.func.grad(f_ours), (x,), (t1,))[1],
+                               jvp(torch.func.grad(f_torch), (x,), (t1,))[1])
+    torch.testing.assert_close(torch.func.hessian(f_ours)(x), torch.func.hessian(f_torch)(x))

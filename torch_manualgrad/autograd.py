@@ -123,6 +123,40 @@ def _conv_tangent(input, weight, d_input, d_weight, d_bias, geometry, output_sha
     return sum(terms[1:], terms[0]) if terms else None
 
 
+def _refuse_nested_forward_mode():
+    """Raises inside a Function's jvp when forward mode is nested in forward mode (torch.func.jvp of a jvp,
+    jacfwd of jacfwd). autograd runs a Function's jvp with forward mode off, so the outer level never
+    sees how the inner tangent moves: the answer would be silently wrong (zeros, for a max-pool), for any
+    torch.autograd.Function with a jvp (torch 2.13), not only ours. torch.autograd.forward_ad refuses to
+    nest on its own; torch.func's levels are counted here."""
+    if _functorch_interpreters is not None:
+        if sum(1 for i in _functorch_interpreters() if i.key() == _JVP) > 1:
+            raise RuntimeError(
+                "torch_manualgrad: forward-mode AD nested inside forward-mode AD (torch.func.jvp of jvp, "
+                "jacfwd of jacfwd) is not supported: torch runs a torch.autograd.Function's jvp with the outer "
+                "level's forward mode off, so the result would be wrong. Take the outer derivative in reverse "
+                "mode: jvp(grad(f)), jacfwd(jacrev(f)) or torch.func.hessian(f), jacrev(jacfwd(f))."
+            )
+
+
+try:  # private, so looked up once; where a torch lacks them, neither check is made
+    from torch._C._functorch import TransformType as _TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters as _functorch_interpreters
+
+    _JVP, _VMAP = _TransformType.Jvp, _TransformType.Vmap
+except ImportError:
+    _functorch_interpreters = None
+
+
+def inside_vmap():
+    """Whether a torch.func.vmap is active (jacfwd, jacrev and hessian use one): there a batched tensor's
+    layout can be neither queried nor set (torch raises 'NYI'), nor observed; functional.py then leaves
+    outputs in the ops' contiguous layout."""
+    if _functorch_interpreters is None or torch._C._functorch.maybe_current_level() is None:
+        return False
+    return any(i.key() == _VMAP for i in _functorch_interpreters())
+
+
 class _Whole(tuple):
     """A list argument (stride, padding, a size, output_mask) as a Function receives it: one value. Under
     torch.func.vmap a Function's generated vmap rule pairs each argument's tangent with that argument's
@@ -171,6 +205,7 @@ class ConvFunction(_Function):
 
     @staticmethod
     def jvp(ctx, d_input, d_weight, d_bias, *_geometry):
+        _refuse_nested_forward_mode()
         input, weight = ctx.saved_tensors
         return _conv_tangent(input, weight, d_input, d_weight, d_bias, ctx.geometry, ctx.output_shape)
 
@@ -221,6 +256,7 @@ class ConvBackwardFunction(_Function):
 
     @staticmethod
     def jvp(ctx, d_grad_output, d_input, d_weight, *_geometry):
+        _refuse_nested_forward_mode()
         grad_output, input, weight = ctx.saved_tensors
         geometry, mask = ctx.geometry, ctx.output_mask
         tangents = [None, None, None]
@@ -273,6 +309,7 @@ class MaxPoolFunction(_Function):
 
     @staticmethod
     def jvp(ctx, d_input, *_geometry):
+        _refuse_nested_forward_mode()
         return _read_at_argmax(d_input, _saved_indices(ctx)), None
 
 
@@ -311,6 +348,7 @@ class MaxPoolBackwardFunction(_Function):
 
     @staticmethod
     def jvp(ctx, d_grad_output, *_geometry):
+        _refuse_nested_forward_mode()
         (indices,) = ctx.saved_tensors
         return _route_to_argmax(d_grad_output, indices, ctx.input_size, ctx.geometry)
 
