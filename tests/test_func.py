@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import grad, jacrev, vmap
+from torch.func import grad, jacfwd, jacrev, jvp, vmap
 
 import torch_manualgrad as tmg
 
@@ -89,3 +89,23 @@ def test_grad_of_vmap(argnums, device):
     f = lambda conv, pool: lambda x: vmap(lambda xb: pool(conv(xb, w1), 2))(x)  # noqa: E731
     torch.testing.assert_close(jacrev(f(tmg.functional.conv1d, tmg.functional.max_pool1d))(x1),
                                jacrev(f(F.conv1d, F.max_pool1d))(x1), **TOL)
+
+
+def test_channels_last_tensors_under_transforms(device):
+    """A channels-last weight or input under vmap, jacfwd, vmap of grad, grad of vmap: inside vmap a
+    layout can be neither read nor set, and our outputs' layout rule must not try (values as torch's)."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 5, 5, generator=gen, dtype=torch.float64).to(device)
+    w = torch.randn(4, 3, 3, 3, generator=gen, dtype=torch.float64).to(device).contiguous(memory_format=torch.channels_last)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    cases = {
+        "jacfwd over a channels-last weight": lambda conv, pool: jacfwd(lambda w: conv(x, w))(w),
+        "vmap of grad": lambda conv, pool: vmap(grad(lambda xb: conv(xb[None], w).sum()))(x),
+        "grad of vmap": lambda conv, pool: grad(lambda x: vmap(lambda xb: conv(xb[None], w))(x).sum())(x),
+        "vmap of jvp": lambda conv, pool: vmap(lambda xb: jvp(lambda xb: conv(xb[None], w), (xb,), (xb,))[1])(x),
+        "jacfwd of a pool": lambda conv, pool: jacfwd(lambda x: pool(x, (2, 1)))(xc[:, :, :4, :1]),
+        "vmap of a pool": lambda conv, pool: vmap(lambda xb: pool(xb, 2))(xc[None]),
+    }
+    for name, run in cases.items():
+        torch.testing.assert_close(run(tmg.functional.conv2d, tmg.functional.max_pool2d), run(F.conv2d, F.max_pool2d),
+                                   **TOL, msg=name)

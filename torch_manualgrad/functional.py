@@ -19,7 +19,7 @@ from torch.overrides import handle_torch_function, has_torch_function, has_torch
 from . import _exporting
 from ._complex import complex_conv
 from ._ops import ops
-from .autograd import ConvFunction, MaxPoolFunction, below_autograd, needs_autograd, needs_function
+from .autograd import ConvFunction, MaxPoolFunction, below_autograd, inside_vmap, needs_autograd, needs_function
 
 __all__ = ["conv1d", "conv2d", "max_pool1d", "max_pool2d"]
 
@@ -114,7 +114,7 @@ def _as_channels_last(t, dims):
 def _conv_channels_last(input, weight, dims):
     """Whether torch lays out this convolution's output channels-last: when the input or the weight
     suggests it (a 1-d input is made contiguous first, so only its weight counts), unless the input is empty."""
-    if input.numel() == 0:
+    if input.numel() == 0 or inside_vmap():
         return False
     if dims == 1:
         return weight.dim() == 3 and _suggests_channels_last(weight.unsqueeze(2))
@@ -125,6 +125,8 @@ def _pool_channels_last(input, dims, unbatched, with_indices):
     """Whether torch lays out this max-pool's output (and indices) channels-last: as the input suggests; an
     unbatched 2-d input never. A 1-d input is seen as height 1 where torch's max_pool1d goes through its
     2-d kernel (indices wanted, a gradient to come, or not the CPU); its CPU-only path returns contiguous."""
+    if inside_vmap():
+        return False
     if dims == 1:
         return (with_indices or input.device.type != "cpu") and _suggests_channels_last(input.unsqueeze(2))
     return not unbatched and _suggests_channels_last(input)
