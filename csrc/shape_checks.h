@@ -264,9 +264,11 @@ inline Geometry check_conv(const at::Tensor& input, const at::Tensor& weight, co
   check_input_rank(op, input, d);
   TORCH_CHECK(weight.dim() == d + 2, op, ": expected weight to be ", d + 2, "-D (out_channels, in_channels/groups, ",
               d == 1 ? "kL" : "kH, kW", "), but got weight of shape ", weight.sizes());
-  TORCH_CHECK(weight.size(0) > 0, op, ": Given groups=", groups,
-              ", expected weight to be at least 1 at dimension 0, but got weight of size ", weight.sizes(),
-              " instead (weight must have at least one output channel)");
+  // torch's first check on out_channels: at least one per group (its words differ from the divisibility
+  // check's below, and PyTorch's tests match them); groups > 0 here, so this also refuses zero out_channels
+  TORCH_CHECK(weight.size(0) >= groups, op, ": Given groups=", groups, ", expected weight to be at least ", groups,
+              " at dimension 0, but got weight of size ", weight.sizes(),
+              " instead (weight must have at least one output channel per group)");
   for (int64_t i = 2; i < weight.dim(); ++i)
     TORCH_CHECK(weight.size(i) > 0, op, ": kernel size should be greater than zero, but got kernel_height: ",
                 d == 2 ? weight.size(2) : 1, " kernel_width: ", weight.size(-1), " (weight of shape ", weight.sizes(), ")");

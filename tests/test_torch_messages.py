@@ -33,6 +33,8 @@ CASES = {
     "conv2d-channels-groups": lambda f: f.conv2d(rn(1, 3, 4, 4), rn(6, 1, 3, 3), groups=2),
     "conv1d-channels-empty-weight": lambda f: f.conv1d(rn(2, 1, 5), rn(8, 0, 2)),
     "conv2d-out-channels-not-divisible": lambda f: f.conv2d(rn(1, 4, 4, 4), rn(5, 2, 3, 3), groups=2),
+    "conv2d-fewer-out-channels-than-groups": lambda f: f.conv2d(rn(1, 4, 4, 4), rn(1, 2, 3, 3), groups=2),
+    "conv1d-fewer-out-channels-than-groups": lambda f: f.conv1d(rn(1, 6, 4), rn(2, 2, 3), groups=3),
     "conv2d-no-out-channels": lambda f: f.conv2d(rn(1, 3, 4, 4), rn(0, 3, 3, 3)),
     "conv2d-empty-kernel": lambda f: f.conv2d(rn(1, 3, 4, 4), rn(6, 3, 0, 3)),
     "conv2d-bias-shape": lambda f: f.conv2d(rn(1, 3, 4, 4), rn(6, 3, 3, 3), rn(5)),
