@@ -163,3 +163,25 @@ def test_pool_strides_beyond_the_input_give_one_window_per_row(stride, return_in
     torch.testing.assert_close(got[0] if return_indices else got, want, rtol=0, atol=0)
     if return_indices and max(stride) < 2**31:  # torch takes 32-bit strides
         torch.testing.assert_close(got, F.max_pool2d(x, 2, stride, return_indices=True), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda f, np: f.conv2d(torch.randn(1, 2, 8, 8), torch.randn(2, 1, 3, 3), None, np.int64(2), np.int32(1), np.int64(2), np.int64(2)),
+        lambda f, np: f.conv1d(torch.randn(2, 8), torch.randn(4, 2, 3), None, (np.int64(2),), [np.int16(1)], torch.tensor(2)),
+        lambda f, np: f.conv2d(torch.randn(1, 2, 8, 8), torch.randn(2, 2, 3, 3), None, (torch.tensor(2), 1)),
+        lambda f, np: f.max_pool2d(torch.randn(1, 2, 9, 9), np.int64(3), (np.int64(2), 1), np.int64(1), np.int8(1), True, True),
+        lambda f, np: f.max_pool1d(torch.randn(2, 9), np.uint8(3), np.int64(2), return_indices=True),
+    ],
+)
+def test_numpy_integers_and_integer_scalar_tensors_as_sizes_match_torch(call):
+    """torch's argument parser takes anything with __index__ for an int (numpy's integers, a 0-d integer
+    tensor): sizes computed with numpy reach F.conv2d so, and ours took them for a TypeError."""
+    np = pytest.importorskip("numpy")
+    torch.manual_seed(0)
+    ours = call(tmg.functional, np)
+    torch.manual_seed(0)
+    theirs = call(F, np)
+    for o, t in zip(ours if isinstance(ours, tuple) else (ours,), theirs if isinstance(theirs, tuple) else (theirs,)):
+        torch.testing.assert_close(o, t)

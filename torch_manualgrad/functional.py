@@ -13,6 +13,8 @@ Like torch.nn.functional's, each function first offers the call to __torch_funct
 of ours (a converted model traces with symbolic_trace), and tensor subclasses and TorchFunctionModes
 see our function by name.
 """
+import operator
+
 import torch
 from torch.overrides import handle_torch_function, has_torch_function, has_torch_function_unary
 
@@ -24,11 +26,24 @@ from .autograd import ConvFunction, MaxPoolFunction, below_autograd, inside_vmap
 __all__ = ["conv1d", "conv2d", "max_pool1d", "max_pool2d"]
 
 
+def _index(value):
+    """value as a Python int where torch's argument parser takes it as one: an int, or anything with
+    __index__ (numpy's integers, a 0-d integer tensor: sizes computed with numpy are passed so); bools,
+    floats, and SymInts are left as they are, for the checks below to judge as before."""
+    if isinstance(value, (int, float, torch.SymInt)) or not hasattr(type(value), "__index__"):
+        return value
+    try:
+        return operator.index(value)
+    except TypeError:  # numpy's bool_, a tensor of several elements or of floats
+        return value
+
+
 def _expand(value, dims, name, op):
     """An int or a 1-/dims-long sequence of ints → a dims-long list, as torch accepts them."""
+    value = _index(value)
     if isinstance(value, bool) or not isinstance(value, (int, tuple, list, torch.Size)):
         raise TypeError(f"{op}: expected {name} to be an int or a tuple of {dims} ints, but got {name}={value!r}")
-    values = [value] if isinstance(value, int) else list(value)
+    values = [value] if isinstance(value, int) else [_index(v) for v in value]
     if len(values) == 1:
         values = values * dims
     if len(values) != dims or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
