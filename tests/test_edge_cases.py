@@ -185,3 +185,14 @@ def test_numpy_integers_and_integer_scalar_tensors_as_sizes_match_torch(call):
     theirs = call(F, np)
     for o, t in zip(ours if isinstance(ours, tuple) else (ours,), theirs if isinstance(theirs, tuple) else (theirs,)):
         torch.testing.assert_close(o, t)
+
+
+@pytest.mark.parametrize("groups", [True, 2.0, None, "2"])
+def test_groups_that_are_not_ints_are_type_errors_as_in_torch(groups):
+    """groups=True was taken for 1 (and the others gave the dispatcher's RuntimeError); torch's parser
+    raises TypeError for each."""
+    x, w = torch.randn(1, 2, 6, 6), torch.randn(2, 2, 3, 3)
+    with pytest.raises(TypeError):
+        F.conv2d(x, w, None, 1, 0, 1, groups)
+    with pytest.raises(TypeError, match="groups"):
+        tmg.functional.conv2d(x, w, None, 1, 0, 1, groups)

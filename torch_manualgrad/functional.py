@@ -170,6 +170,10 @@ def _conv(dims, op, input, weight, bias, stride, padding, dilation, groups):
     input, weight, bias = _autocast(input, weight, bias)
     stride = _expand(stride, dims, "stride", op)
     dilation = _expand(dilation, dims, "dilation", op)
+    groups = _index(groups)
+    if isinstance(groups, bool) or not isinstance(groups, (int, torch.SymInt)):
+        # torch's parser refuses these with a TypeError; the op would take True for 1
+        raise TypeError(f"{op}: expected groups to be an int, but got groups={groups!r}")
     input, unbatched = _batched(op, input, dims)
     if isinstance(padding, str):
         input, padding = _string_padding(op, padding, input, weight, stride, dilation, dims)
