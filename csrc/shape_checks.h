@@ -123,6 +123,13 @@ inline void check_same_device(const char* op, const char* name, const at::Tensor
 // A convolution's weight and bias have the input's dtype; torch's two wordings for the two.
 inline void check_conv_dtypes(const char* op, const at::Tensor& input, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias) {
+  // torch (2.13 on the CPU) words a complex input's mismatch by the legacy type names; its kernels' words
+  // (those below) follow in parentheses
+  TORCH_CHECK(weight.scalar_type() == input.scalar_type() || !input.is_complex(), op, ": Input type (",
+              input.toString(), ") and weight type (", weight.toString(), ") should be the same (expected scalar type ",
+              input.scalar_type(), " but found ", weight.scalar_type(),
+              ": expected input and weight to have the same dtype, but got input ", input.scalar_type(), " and weight ",
+              weight.scalar_type(), ")");
   TORCH_CHECK(weight.scalar_type() == input.scalar_type(), op, ": expected scalar type ", input.scalar_type(),
               " but found ", weight.scalar_type(), " (expected input and weight to have the same dtype, but got input ",
               input.scalar_type(), " and weight ", weight.scalar_type(), ")");

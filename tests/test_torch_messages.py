@@ -40,6 +40,8 @@ CASES = {
     "conv2d-bias-shape": lambda f: f.conv2d(rn(1, 3, 4, 4), rn(6, 3, 3, 3), rn(5)),
     "conv2d-weight-dtype": lambda f: f.conv2d(rn(1, 3, 4, 4), rn(6, 3, 3, 3, dtype=torch.float64)),
     "conv2d-weight-complex": lambda f: f.conv2d(rn(1, 3, 4, 4), rn(6, 3, 3, 3, dtype=torch.complex64)),
+    "conv2d-complex-weight-complex128": lambda f: f.conv2d(rn(1, 3, 4, 4, dtype=torch.complex64), rn(6, 3, 3, 3, dtype=torch.complex128)),
+    "conv1d-complex-weight-real": lambda f: f.conv1d(rn(1, 3, 4, dtype=torch.complex128), rn(6, 3, 3, dtype=torch.float64)),
     "conv2d-bias-dtype": lambda f: f.conv2d(rn(1, 3, 4, 4), rn(6, 3, 3, 3), rn(6, dtype=torch.float64)),
     "conv2d-complex-bias-real": lambda f: f.conv2d(rn(1, 3, 4, 4, dtype=torch.complex64), rn(6, 3, 3, 3, dtype=torch.complex64), rn(6)),
     "conv2d-stride-length": lambda f: f.conv2d(rn(1, 3, 4, 4), rn(6, 3, 3, 3), stride=(1, 1, 1)),
