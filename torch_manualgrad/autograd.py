@@ -21,6 +21,18 @@ from torch.autograd import forward_ad
 
 from ._ops import ops
 
+# Private pieces of torch, looked up once; a torch without one of them gets the plain behaviour instead.
+# The guard torch's own C++ uses to skip autograd kernels (at::AutoDispatchBelowAutograd): without it,
+# below_autograd makes the plain call (correct, a few µs slower).
+_BELOW_AUTOGRAD = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
+try:  # torch.func's stack of transforms: without it, inside_vmap and the nested-jvp refusal check nothing
+    from torch._C._functorch import TransformType as _TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters as _functorch_interpreters
+
+    _JVP, _VMAP = _TransformType.Jvp, _TransformType.Vmap
+except ImportError:
+    _functorch_interpreters = None
+
 
 def _recorded(tensors):
     """Whether reverse-mode autograd may record a call on these tensors: grad mode is on and one requires
@@ -56,6 +68,21 @@ def needs_function(*tensors):
     return _recorded(tensors)
 
 
+FUNCTION, OP, BELOW = "function", "op", "below"
+
+
+def call_path(*tensors):
+    """How functional.py sends a call on these tensors: FUNCTION, through its autograd.Function
+    (needs_function); OP, the op called plainly so that autograd records its registered formulas
+    (torch.compile; and torch.jit.trace, which must record the op itself, the same call from the same
+    frame with autograd and without: it names values by the caller's locals, see _exporting.py); BELOW,
+    nothing to record (below_autograd)."""
+    tracing = torch.jit.is_tracing()
+    if not tracing and needs_function(*tensors):
+        return FUNCTION
+    return OP if tracing or needs_autograd(*tensors) else BELOW
+
+
 def below_autograd(op, *args, **kwargs):
     """op(*args, **kwargs) for a call that autograd need not record, skipping the op's autograd kernel:
     the Python kernel that register_autograd installs costs about 4 µs a call (measured on the CPU) even
@@ -67,10 +94,6 @@ def below_autograd(op, *args, **kwargs):
     with _BELOW_AUTOGRAD():
         return op(*args, **kwargs)
 
-
-# The guard torch's own C++ uses for the same purpose (at::AutoDispatchBelowAutograd); it is private, so a
-# torch without it gets the plain call (correct, a few µs slower).
-_BELOW_AUTOGRAD = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
 
 
 # --- the pieces every formula below is made of ------------------------------------------------------
@@ -137,15 +160,6 @@ def _refuse_nested_forward_mode():
                 "level's forward mode off, so the result would be wrong. Take the outer derivative in reverse "
                 "mode: jvp(grad(f)), jacfwd(jacrev(f)) or torch.func.hessian(f), jacrev(jacfwd(f))."
             )
-
-
-try:  # private, so looked up once; where a torch lacks them, neither check is made
-    from torch._C._functorch import TransformType as _TransformType
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters as _functorch_interpreters
-
-    _JVP, _VMAP = _TransformType.Jvp, _TransformType.Vmap
-except ImportError:
-    _functorch_interpreters = None
 
 
 def inside_vmap():

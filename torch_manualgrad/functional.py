@@ -6,7 +6,7 @@ lays out its own (channels-last by torch's rule); everything else — shape chec
 happens in the registered ops.
 Call path: here → autograd.py → _ops.py → csrc kernels; calls that autograd need not record
 (inference, torch.no_grad), and every call under torch.compile, go from here straight to _ops.py (the ops'
-registered autograd runs autograd.py's formulas: see needs_function there).
+registered autograd runs autograd.py's formulas: see call_path there).
 
 Like torch.nn.functional's, each function first offers the call to __torch_function__ overrides
 (has_torch_function/handle_torch_function): so torch.fx's tracer records it as one call_function node
@@ -21,7 +21,7 @@ from torch.overrides import handle_torch_function, has_torch_function, has_torch
 from . import _exporting
 from ._complex import complex_conv
 from ._ops import ops
-from .autograd import ConvFunction, MaxPoolFunction, below_autograd, inside_vmap, needs_autograd, needs_function
+from .autograd import BELOW, FUNCTION, OP, ConvFunction, MaxPoolFunction, below_autograd, call_path, inside_vmap
 
 __all__ = ["conv1d", "conv2d", "max_pool1d", "max_pool2d"]
 
@@ -181,12 +181,10 @@ def _conv(dims, op, input, weight, bias, stride, padding, dilation, groups):
         padding = _expand(padding, dims, "padding", op)
 
     def real_conv(x, w, b=None):
-        if needs_function(x, w, b) and not torch.jit.is_tracing():
+        path = call_path(x, w, b)
+        if path == FUNCTION:
             return ConvFunction.apply(x, w, b, stride, padding, dilation, groups)
-        # torch.compile, jit.trace: the op's autograd is ConvFunction's formulas (a trace must record the
-        # same call, from the same frame, with autograd and without: it names values by the caller's
-        # locals; see _exporting.py)
-        if needs_autograd(x, w, b) or torch.jit.is_tracing():
+        if path == OP:  # the op's autograd is ConvFunction's formulas
             return ops.conv_forward(x, w, b, stride, padding, dilation, groups)
         return below_autograd(ops.conv_forward, x, w, b, stride, padding, dilation, groups)
 
@@ -250,19 +248,19 @@ def _max_pool(dims, op, input, kernel_size, stride, padding, dilation, ceil_mode
     padding = _expand(padding, dims, "padding", op)
     dilation = _expand(dilation, dims, "dilation", op)
     input, unbatched = _batched(op, input, dims)
-    wants_grad = needs_autograd(input)
-    if needs_function(input) and not torch.jit.is_tracing():
+    path = call_path(input)
+    if path == FUNCTION:
         output, indices = MaxPoolFunction.apply(input, kernel_size, stride, padding, dilation, bool(ceil_mode), True)
-    elif wants_grad or torch.jit.is_tracing():  # torch.compile, jit.trace: as in _conv
+    elif path == OP:  # the op's autograd is MaxPoolFunction's formulas
         output, indices = ops.max_pool_forward(input, kernel_size, stride, padding, dilation, bool(ceil_mode))
     else:  # nothing will go backward: the indices are computed only if the caller wants them
         output, indices = below_autograd(
             ops.max_pool_forward, input, kernel_size, stride, padding, dilation, bool(ceil_mode),
             compute_indices=bool(return_indices),
         )
-    # (a jit trace asks as if indices were wanted: its two runs, with autograd and without, must record the
+    # (a jit trace takes OP on both of its runs, so it asks the same question on both: they must record the
     # same calls, and they name values by what the Python frames hold when a tensor is first read)
-    with_indices = bool(return_indices) or wants_grad or torch.jit.is_tracing()
+    with_indices = bool(return_indices) or path != BELOW
     channels_last = _pool_channels_last(input, dims, unbatched, with_indices)
     if channels_last:
         output = _as_channels_last(output, dims)
