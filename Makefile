@@ -13,7 +13,7 @@ $(PY):
 
 $(STAMP): $(PY) setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
 	$(PY) -m pip install -q --upgrade pip "setuptools>=77"  # the builds use this venv's setuptools (no build isolation)
-	$(PY) -m pip install -q $(TORCH_PIN) pytest hypothesis ninja numpy
+	$(PY) -m pip install -q $(TORCH_PIN) pytest hypothesis ninja numpy scipy-openblas32  # OpenBLAS: the CPU kernels' BLAS
 	$(PY) -m pip install -q onnx onnxscript onnxruntime  # the test extra: tests export to ONNX and run it
 	$(PY) -m pip install -q scikit-learn tqdm matplotlib  # the demo/figures extra; tests cover those commands too
 	$(PY) -m pip install -q --no-build-isolation -e .

@@ -4,10 +4,36 @@
 #include <Python.h>
 #include <torch/library.h>
 
-// Importing torch_manualgrad._C loads this library, whose static initialisers register the ops.
+#include "cpu/blas.h"
+
+// Importing torch_manualgrad._C loads this library, whose static initialisers register the ops. The module's
+// own functions choose the CPU kernels' BLAS (cpu/blas.h); torch_manualgrad/_blas.py calls them at import.
+namespace {
+
+PyObject* use_openblas(PyObject*, PyObject* arg) {
+  const char* path = PyUnicode_AsUTF8(arg);
+  if (!path) return nullptr;
+  return PyUnicode_FromString(manualgrad::use_openblas(path).c_str());
+}
+
+PyObject* use_torch_blas(PyObject*, PyObject*) {
+  manualgrad::use_torch_blas();
+  Py_RETURN_NONE;
+}
+
+PyObject* blas(PyObject*, PyObject*) { return PyUnicode_FromString(manualgrad::blas_description().c_str()); }
+
+PyMethodDef methods[] = {
+    {"_use_openblas", use_openblas, METH_O, "Load OpenBLAS from a path for the CPU kernels; '' or the reason it failed"},
+    {"_use_torch_blas", use_torch_blas, METH_NOARGS, "Let the CPU kernels use ATen's matrix product"},
+    {"_blas", blas, METH_NOARGS, "The CPU kernels' BLAS, in words"},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "torch_manualgrad kernels (see torch.ops.manualgrad)", -1,
-                                      nullptr};
+                                      methods};
   return PyModule_Create(&module);
 }
 

@@ -6,6 +6,7 @@ Call path: functional.py → autograd.py → here (torch.ops.manualgrad.*) → c
 import torch
 
 from . import _C  # noqa: F401  importing the library runs its TORCH_LIBRARY registrations
+from . import _blas  # noqa: F401  importing it chooses the CPU kernels' BLAS
 
 ops = torch.ops.manualgrad
 

@@ -5,11 +5,12 @@
 //   grad_input:   grad_columns[g] = weight[g]^T @ grad_output[n, g], then col2im adds each placement's
 //                 slice back into the image
 //   grad_bias:    the sum of the output deltas
-// Matrix products are ATen's (at::mm → BLAS); im2col, col2im and the split of the work are ours.
+// Matrix products are BLAS's (blas.h: OpenBLAS, or torch's); im2col, col2im and the split of the work are ours.
 // Deterministic by construction: tasks are cut from the shapes alone (never from the thread count),
 // each task runs its BLAS calls single-threaded (SequentialBlas), and partial weight gradients are
 // summed in a fixed order — so results are bit-identical on every run and every thread count.
 #include "../shape_checks.h"
+#include "blas.h"
 #include "depthwise_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -131,6 +132,26 @@ void parallel_tasks(int64_t count, const F& f) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     const SequentialBlas sequential_blas;
     f(begin, end);
+  });
+}
+
+// out (m×n) = a (m×k) @ b (k×n) + beta·out, through blas.h on this thread. Each operand is a 2-D view whose rows
+// or columns are contiguous (a transposed view passes as a transposed operand), so nothing is copied.
+void matmul(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta) {
+  struct Operand {
+    bool trans;
+    int64_t ld;
+  };
+  const auto operand = [](const at::Tensor& t) -> Operand {
+    if (t.stride(1) == 1 || t.size(1) == 1) return {false, t.stride(0)};
+    TORCH_INTERNAL_ASSERT(t.stride(0) == 1 || t.size(0) == 1, "matmul: an operand with neither unit stride");
+    return {true, t.stride(1)};
+  };
+  const Operand oa = operand(a), ob = operand(b), oc = operand(out);
+  TORCH_INTERNAL_ASSERT(!oc.trans, "matmul: the output's rows must be contiguous");
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "matmul", [&] {
+    gemm<scalar_t>(oa.trans, ob.trans, out.size(0), out.size(1), a.size(1), scalar_t(1), a.const_data_ptr<scalar_t>(),
+                   oa.ld, b.const_data_ptr<scalar_t>(), ob.ld, scalar_t(beta), out.data_ptr<scalar_t>(), oc.ld);
   });
 }
 
@@ -300,12 +321,8 @@ at::Tensor conv_forward_cpu(const at::Tensor& input_, const at::Tensor& weight_,
         at::Tensor out_g = out.narrow(0, grp * d.out_per_group, d.out_per_group);
         const at::Tensor weight_g = weight.narrow(0, grp * d.out_per_group, d.out_per_group);
         const at::Tensor columns_g = columns.narrow(0, grp * d.k_per_group, d.k_per_group);
-        if (has_bias) {
-          out_g.copy_(bias_column.narrow(0, grp * d.out_per_group, d.out_per_group).expand_as(out_g));
-          out_g.addmm_(weight_g, columns_g);
-        } else {
-          at::mm_out(out_g, weight_g, columns_g);
-        }
+        if (has_bias) out_g.copy_(bias_column.narrow(0, grp * d.out_per_group, d.out_per_group).expand_as(out_g));
+        matmul(out_g, weight_g, columns_g, has_bias ? 1 : 0);
       }
       if (blk.images > 1) scatter_block(output, 0, out, blk);
     }
@@ -327,6 +344,7 @@ void conv_backward_input_cpu(at::Tensor& grad_input, const at::Tensor& grad_outp
                                ceil_div(d.k_per_group * blocking.images * d.positions, kMaxColumnElems));
   const int64_t per_block = d.groups * channels.count;
   parallel_tasks(blocking.count * per_block, [&](int64_t begin, int64_t end) {
+    const at::Tensor workspace = at::empty({channels.size * d.taps * blocking.images * d.positions}, grad_input.options());
     for (int64_t task = begin; task < end; ++task) {
       const Block blk = clamp_block(blocking[task / per_block], g);
       const int64_t grp = (task % per_block) / channels.count;
@@ -337,7 +355,13 @@ void conv_backward_input_cpu(at::Tensor& grad_input, const at::Tensor& grad_outp
           weight.narrow(0, grp * d.out_per_group, d.out_per_group).narrow(1, c0 * d.taps, cb * d.taps);
       const at::Tensor grad_out_g =  // (C_out/g, width)
           block_matrix(grad_output, blk, grp * d.out_per_group, d.out_per_group);
-      const at::Tensor grad_columns = at::mm(weight_block.t(), grad_out_g);  // (cb*KH*KW, width)
+      if (is_pointwise(g) && blk.images == 1) {  // the product is this image's gradient: no copy
+        at::Tensor grad_in = grad_input[blk.n0].view({g.in_channels, d.positions}).narrow(0, first_channel, cb);
+        matmul(grad_in, weight_block.t(), grad_out_g, 0);
+        continue;
+      }
+      at::Tensor grad_columns = workspace.narrow(0, 0, cb * d.taps * blk.width()).view({cb * d.taps, blk.width()});
+      matmul(grad_columns, weight_block.t(), grad_out_g, 0);  // (cb*KH*KW, width)
       if (is_pointwise(g)) {
         scatter_block(grad_input, first_channel, grad_columns, blk);
         continue;
@@ -374,7 +398,7 @@ void conv_backward_weight_small_cpu(at::Tensor& grad_weight, const at::Tensor& g
       const int64_t grp = task / rows.count, r0 = (task % rows.count) * rows.size;
       const int64_t first = grp * d.out_per_group + r0, count = std::min(rows.size, d.out_per_group - r0);
       at::Tensor out = flat.narrow(0, first, count);
-      at::mm_out(out, grad_out.narrow(0, first, count), columns.narrow(0, grp * d.k_per_group, d.k_per_group).t());
+      matmul(out, grad_out.narrow(0, first, count), columns.narrow(0, grp * d.k_per_group, d.k_per_group).t(), 0);
     }
   });
 }
@@ -400,10 +424,9 @@ void conv_backward_weight_cpu(at::Tensor& grad_weight, const at::Tensor& grad_ou
         const at::Tensor columns = block_columns(input, blk, g, workspace);  // (C_in*KH*KW, width)
         const at::Tensor grad_out = block_matrix(grad_output, blk);          // (C_out, width)
         for (int64_t grp = 0; grp < d.groups; ++grp) {
-          partial[slot]
-              .narrow(0, grp * d.out_per_group, d.out_per_group)
-              .addmm_(grad_out.narrow(0, grp * d.out_per_group, d.out_per_group),
-                      columns.narrow(0, grp * d.k_per_group, d.k_per_group).t());
+          at::Tensor partial_g = partial[slot].narrow(0, grp * d.out_per_group, d.out_per_group);
+          matmul(partial_g, grad_out.narrow(0, grp * d.out_per_group, d.out_per_group),
+                 columns.narrow(0, grp * d.k_per_group, d.k_per_group).t(), 1);
         }
       }
     }

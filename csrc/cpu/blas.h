@@ -1,0 +1,28 @@
+// blas.h — the one matrix product the CPU kernels call: row-major C = alpha·op(A)·op(B) + beta·C, run on the
+// calling thread, by OpenBLAS (the scipy-openblas32 wheel, loaded at import; see blas.cpp) or else by
+// ATen's own matrix product (torch's BLAS, MKL on x86).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace manualgrad {
+
+// op(A) is m×k (A is k×m, row stride lda, when trans_a), op(B) is k×n, C is m×n with row stride ldc.
+// beta == 0 never reads C (it may hold garbage). Single-threaded and deterministic: the same arguments give
+// the same bits on every call; callers split the work into tasks themselves (conv_cpu.cpp).
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+          int64_t ldb, T beta, T* c, int64_t ldc);
+
+// Loads OpenBLAS from `path` (private to us: RTLD_LOCAL, one thread) and makes it the backend. On a CPU with
+// AVX-512 it takes OpenBLAS's SkylakeX kernels (TORCH_MANUALGRAD_OPENBLAS_CORETYPE overrides): OpenBLAS 0.3.34
+// takes Zen 5 for an AVX2 (Haswell) machine, at half the speed. Returns "" on success, else why not (the
+// backend is then unchanged).
+std::string use_openblas(const std::string& path);
+// Makes ATen's matrix product the backend.
+void use_torch_blas();
+// The backend in words, e.g. "OpenBLAS 0.3.34 (SkylakeX kernels)".
+std::string blas_description();
+
+}  // namespace manualgrad

@@ -1,0 +1,137 @@
+"""The CPU kernels' BLAS (torch_manualgrad/_blas.py, csrc/cpu/blas.cpp): which one runs, that both backends
+compute what torch computes, bit for bit the same across thread counts, and that choosing ours leaves the
+user's OpenBLAS settings alone."""
+import ctypes
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torch_manualgrad
+from torch_manualgrad import _blas
+from common import ConvCase
+
+BACKENDS = ("openblas", "torch")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    before = _blas.blas()
+    _blas.use(request.param)
+    yield request.param
+    _blas.use("auto")
+    assert _blas.blas() == before
+
+
+def _cpu_flags():
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def test_openblas_is_what_make_test_installs():
+    """The Makefile installs scipy-openblas32; without it the kernels would quietly run torch's BLAS."""
+    assert _blas.blas().startswith("OpenBLAS"), _blas.blas()
+    flags = _cpu_flags()
+    if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
+        assert "SkylakeX" in _blas.blas()
+    elif {"avx2", "fma"} <= flags:
+        assert "Haswell" in _blas.blas()
+
+
+def test_the_users_openblas_settings_are_left_alone():
+    """We set OPENBLAS_CORETYPE and OPENBLAS_NUM_THREADS only while our private copy loads."""
+    code = (
+        "import ctypes, os\n"
+        "libc = ctypes.CDLL(None); libc.getenv.restype = ctypes.c_char_p\n"
+        "before = (libc.getenv(b'OPENBLAS_CORETYPE'), libc.getenv(b'OPENBLAS_NUM_THREADS'))\n"
+        "import torch_manualgrad\n"
+        "after = (libc.getenv(b'OPENBLAS_CORETYPE'), libc.getenv(b'OPENBLAS_NUM_THREADS'))\n"
+        "assert before == after, (before, after)\n"
+        "assert os.environ.get('OPENBLAS_CORETYPE') == 'Haswell'\n"
+        "print(torch_manualgrad._blas.blas())\n"
+    )
+    env = dict(os.environ, OPENBLAS_CORETYPE="Haswell")
+    env.pop("OPENBLAS_NUM_THREADS", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= _cpu_flags():
+        assert "SkylakeX" in out.stdout  # the environment's Haswell was meant for numpy's OpenBLAS, not ours
+
+
+def test_choice_by_environment_variable():
+    code = "import torch_manualgrad; print(torch_manualgrad._blas.blas())"
+    for choice, expected in (("torch", "torch's BLAS"), ("openblas", "OpenBLAS")):
+        env = dict(os.environ, TORCH_MANUALGRAD_BLAS=choice)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and out.stdout.startswith(expected), (choice, out.stdout, out.stderr)
+    env = dict(os.environ, TORCH_MANUALGRAD_BLAS="mkl")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "TORCH_MANUALGRAD_BLAS must be auto, openblas or torch" in out.stderr
+
+
+def test_bad_choice():
+    with pytest.raises(ValueError, match="must be auto, openblas or torch, but got 'mkl'"):
+        _blas.use("mkl")
+
+
+# Shapes that reach every matrix the kernels hand to BLAS, including one-row and one-column matrices
+# (a single output channel, a single input channel, a single position) whose row strides BLAS checks.
+CASES = [
+    ConvCase(2, 3, 1, 1, (1, 1), (1, 1)),
+    ConvCase(2, 2, 1, 5, (3, 3), (5, 4), padding=1),
+    ConvCase(2, 2, 5, 1, (1, 1), (6, 7)),
+    ConvCase(2, 9, 4, 6, (2, 2), (2, 2)),  # one position per image: multi-image blocks
+    ConvCase(2, 2, 6, 4, (3, 3), (9, 9), groups=2, stride=2),
+    ConvCase(2, 1, 16, 32, (3, 3), (64, 64), padding=1),  # cache tiles of one image
+    ConvCase(2, 8, 64, 64, (3, 3), (7, 7), padding=1),  # the small-input backward
+    ConvCase(1, 4, 8, 8, (1,), (33,)),  # pointwise
+]
+
+
+def _normwise_error(t, truth):
+    return ((t.double() - truth).norm() / truth.norm().clamp_min(1e-300)).item()
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_both_backends_compute_torchs_convolution(case, dtype, backend):
+    """Output and gradients against torch's float64 results on the same values: within a small multiple of
+    the error torch's own kernels make in this dtype (elementwise tolerances break down on long sums whose
+    terms cancel)."""
+    x, w, b = case.make_tensors("cpu", dtype, requires_grad=True, seed=3)
+    go = case.make_grad_output("cpu", dtype, seed=4)
+    leaves = [x, w, b]
+
+    def run(fn, tensors, grad):
+        out = fn(*tensors, **case.kwargs())
+        return [out, *torch.autograd.grad(out, tensors, grad)]
+
+    ours = run(case.tmg_fn(), leaves, go)
+    theirs = run(case.torch_fn(), leaves, go)
+    wide = [t.detach().double().requires_grad_() for t in leaves]
+    truth = run(case.torch_fn(), wide, go.double())
+    # In float64 the truth is torch's own result, so its error reads 0: allow a few rounding steps.
+    floor = (64 if dtype == torch.float64 else 8) * torch.finfo(dtype).eps
+    for name, o, t, exact in zip(("output", "grad_input", "grad_weight", "grad_bias"), ours, theirs, truth):
+        err_ours, err_torch = _normwise_error(o, exact), _normwise_error(t, exact)
+        assert err_ours <= 4 * err_torch + floor, (name, err_ours, err_torch)
+
+
+@pytest.mark.parametrize("case", CASES[4:], ids=str)
+def test_each_backend_bit_identical_across_thread_counts(case, backend, restore_num_threads):
+    results = []
+    for threads in (1, 2, 3, 8, 2):
+        torch.set_num_threads(threads)
+        x, w, b = case.make_tensors("cpu", torch.float32, requires_grad=True, seed=5)
+        out = case.tmg_fn()(x, w, b, **case.kwargs())
+        grads = torch.autograd.grad(out, [x, w, b], case.make_grad_output("cpu", torch.float32, seed=6))
+        results.append([out.detach(), *grads])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)

@@ -1,0 +1,59 @@
+"""Which BLAS our CPU convolutions multiply with: OpenBLAS from the scipy-openblas32 wheel, or torch's own.
+
+TORCH_MANUALGRAD_BLAS=auto (default) takes OpenBLAS when that wheel is installed, else torch's BLAS;
+=openblas insists on OpenBLAS (an ImportError/RuntimeError if it cannot be loaded); =torch uses torch's.
+Why: torch's bundled MKL runs its AVX2 code on AMD processors, at half the speed of OpenBLAS's AVX-512
+kernels (benchmarks/NOTES.md); our copy of OpenBLAS is private to us and runs one thread per call, so it
+changes nothing for torch, numpy or the user's thread settings. `blas()` says which one is in use.
+"""
+import os
+
+from . import _C
+
+__all__ = ["blas", "use"]
+
+
+def _openblas_path():
+    """The scipy-openblas32 wheel's library, found without importing the package: its import loads the library
+    at once, before we could choose the kernels it runs (which OpenBLAS fixes when it loads)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("scipy_openblas32")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("scipy-openblas32 is not installed")
+    lib_dir = os.path.join(list(spec.submodule_search_locations)[0], "lib")
+    names = sorted(n for n in os.listdir(lib_dir) if n.startswith("libscipy_openblas") and ".so" in n)
+    if not names:
+        raise ImportError(f"scipy-openblas32 has no library in {lib_dir}")
+    return os.path.join(lib_dir, names[0])
+
+
+def use(choice):
+    """Switch the CPU kernels' BLAS: 'openblas', 'torch' or 'auto' (as TORCH_MANUALGRAD_BLAS). Not while
+    kernels run on other threads. Returns blas()."""
+    if choice not in ("auto", "openblas", "torch"):
+        raise ValueError(f"TORCH_MANUALGRAD_BLAS must be auto, openblas or torch, but got {choice!r}")
+    if choice == "torch":
+        _C._use_torch_blas()
+        return blas()
+    try:
+        path = _openblas_path()
+    except ImportError:
+        if choice == "openblas":
+            raise ImportError("TORCH_MANUALGRAD_BLAS=openblas needs the scipy-openblas32 package") from None
+        _C._use_torch_blas()
+        return blas()
+    problem = _C._use_openblas(path)
+    if problem:
+        if choice == "openblas":
+            raise RuntimeError(f"TORCH_MANUALGRAD_BLAS=openblas: {problem}")
+        _C._use_torch_blas()
+    return blas()
+
+
+def blas():
+    """The CPU kernels' BLAS in words, e.g. 'OpenBLAS 0.3.34 (SkylakeX kernels)'."""
+    return _C._blas()
+
+
+use(os.environ.get("TORCH_MANUALGRAD_BLAS", "auto").strip().lower() or "auto")
