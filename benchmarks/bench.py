@@ -31,7 +31,9 @@ Work per case, used for the throughput columns:
 
 Before timing, the outputs and gradients of the two implementations are
 compared once; the ``agrees`` column says whether they matched (a fast wrong
-kernel is not a result).
+kernel is not a result).  For float32 conv rows the ``fwd error`` column gives
+each forward's normwise error against a float64 forward of the same values,
+||y - y64|| / ||y64||, torch's and ours (speed is not bought with accuracy).
 
 Usage (from the repository root, with the package built)::
 
@@ -285,6 +287,7 @@ def run_case(case, args, device):
     out_m, grads_m = forward_and_grads(tmg.functional, case, tensors, grad_out)
     loose = args.precision != "float32"
     agrees = agree(out_m, out_t, loose) and all(agree(gm, gt, loose) for gm, gt in zip(grads_m, grads_t))
+    errors = forward_errors(case, tensors, out_t, out_m) if case.family == "conv" and dtype == torch.float32 else None
     del out_t, grads_t, out_m, grads_m
 
     def forward(functional):
@@ -306,7 +309,15 @@ def run_case(case, args, device):
         for label, value in medians.items():
             ms[label, kind] = value
     fwd_work, fb_work, unit = work(case, tensors, torch_out)
-    return dict(case=case, ms=ms, work=(fwd_work, fb_work, unit), agrees=agrees)
+    return dict(case=case, ms=ms, work=(fwd_work, fb_work, unit), agrees=agrees, errors=errors)
+
+
+def forward_errors(case, tensors, out_torch, out_ours):
+    """Normwise error of torch's and our float32 forward against torch's forward in float64 on the CPU."""
+    with torch.no_grad():
+        truth = call(F, case, [t.detach().cpu().double() for t in tensors])
+    scale = truth.norm().item() or 1.0
+    return tuple((out.cpu().double() - truth).norm().item() / scale for out in (out_torch, out_ours))
 
 
 # ---------------------------------------------------------------------------
@@ -329,7 +340,7 @@ def table(results):
     header = [
         "case", "shape (N=batch)", "work fwd", "torch fwd ms", "ours fwd ms", "ours/torch fwd",
         "torch f+b ms", "ours f+b ms", "ours/torch f+b",
-        "torch fwd / f+b", "ours fwd / f+b", "agrees",
+        "torch fwd / f+b", "ours fwd / f+b", "fwd error torch / ours", "agrees",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     for r in results:
@@ -344,10 +355,17 @@ def table(results):
             case.name, case.describe() + (f" N={case.batch}" if case.batch else ""), human(fwd_work, unit),
             f"{ms['torch', 'fwd']:.3f}", f"{ms['ours', 'fwd']:.3f}", f"{ms['ours', 'fwd'] / ms['torch', 'fwd']:.2f}",
             f"{ms['torch', 'fb']:.3f}", f"{ms['ours', 'fb']:.3f}", f"{ms['ours', 'fb'] / ms['torch', 'fb']:.2f}",
-            rates("torch"), rates("ours"), "yes" if r["agrees"] else "**NO**",
+            rates("torch"), rates("ours"), errors(r["errors"]), "yes" if r["agrees"] else "**NO**",
         ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def errors(pair):
+    if pair is None:
+        return "—"
+    err_torch, err_ours = pair
+    return f"{err_torch:.1e} / {err_ours:.1e} ({err_ours / err_torch:.2f}×)" if err_torch else f"0 / {err_ours:.1e}"
 
 
 def describe_machine(device):
@@ -411,7 +429,7 @@ def main(argv=None):
     print(
         f"torch_manualgrad vs torch {torch.__version__} on {device} ({describe_machine(device)}), "
         f"threads {torch.get_num_threads()}, batch {args.batch} (unless the case says), {args.precision}, "
-        f"median of up to {args.repeat} runs after {args.warmup} warm-up\n"
+        f"median of up to {args.repeat} runs after {args.warmup} warm-up; our CPU BLAS: {tmg._blas.blas()}\n"
     )
     started = time.perf_counter()
     results = []

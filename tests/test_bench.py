@@ -1,5 +1,6 @@
 """The benchmark script runs end to end (--quick) and reports that every case agrees with torch."""
 import os
+import re
 import subprocess
 import sys
 
@@ -15,6 +16,16 @@ def test_bench_quick_runs_and_agrees():
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "agrees" not in line]
     assert len(rows) >= 11, proc.stdout
     assert all(line.rstrip().endswith("| yes |") for line in rows), proc.stdout
+    # The forward error column: torch's and our float32 errors against float64 on conv rows, a dash on pools.
+    for line in rows:
+        cells = [c.strip() for c in line.strip("| \n").split(" | ")]
+        if cells[0].startswith("maxpool"):
+            assert cells[-2] == "—", line
+            continue
+        match = re.fullmatch(r"(\S+) / (\S+) \(\S+×\)", cells[-2])
+        assert match, line
+        assert 0 < float(match.group(1)) < 1e-5 and 0 < float(match.group(2)) < 1e-5, line
+    assert "our CPU BLAS: " in proc.stdout
 
 
 def test_profile_script_runs_on_the_cpu():

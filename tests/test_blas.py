@@ -91,6 +91,8 @@ CASES = [
     ConvCase(2, 1, 16, 32, (3, 3), (64, 64), padding=1),  # cache tiles of one image
     ConvCase(2, 8, 64, 64, (3, 3), (7, 7), padding=1),  # the small-input backward
     ConvCase(1, 4, 8, 8, (1,), (33,)),  # pointwise
+    ConvCase(2, 2, 8, 12, (1, 1), (30, 30)),  # pointwise, images cut into tiles of positions
+    ConvCase(1, 1, 6, 5, (1,), (2000,), bias=False),
 ]
 
 
@@ -110,11 +112,11 @@ def test_both_backends_compute_torchs_convolution(case, dtype, backend):
 
     def run(fn, tensors, grad):
         out = fn(*tensors, **case.kwargs())
-        return [out, *torch.autograd.grad(out, tensors, grad)]
+        return [out, *torch.autograd.grad(out, [t for t in tensors if t is not None], grad)]
 
     ours = run(case.tmg_fn(), leaves, go)
     theirs = run(case.torch_fn(), leaves, go)
-    wide = [t.detach().double().requires_grad_() for t in leaves]
+    wide = [None if t is None else t.detach().double().requires_grad_() for t in leaves]
     truth = run(case.torch_fn(), wide, go.double())
     # In float64 the truth is torch's own result, so its error reads 0: allow a few rounding steps.
     floor = (64 if dtype == torch.float64 else 8) * torch.finfo(dtype).eps
@@ -130,7 +132,8 @@ def test_each_backend_bit_identical_across_thread_counts(case, backend, restore_
         torch.set_num_threads(threads)
         x, w, b = case.make_tensors("cpu", torch.float32, requires_grad=True, seed=5)
         out = case.tmg_fn()(x, w, b, **case.kwargs())
-        grads = torch.autograd.grad(out, [x, w, b], case.make_grad_output("cpu", torch.float32, seed=6))
+        grads = torch.autograd.grad(out, [t for t in (x, w, b) if t is not None],
+                                    case.make_grad_output("cpu", torch.float32, seed=6))
         results.append([out.detach(), *grads])
     for other in results[1:]:
         for a, b in zip(results[0], other):

@@ -93,6 +93,14 @@ bool columns_fit_once(const Geometry& g) {
   return width == 0 || g.in_channels * g.win.kernel_h * g.win.kernel_w <= kMaxColumnElems / width;
 }
 
+// Whether the backward takes the whole batch as one block (columns_fit_once). Not a pointwise convolution of
+// images at least kBlockColumns wide: its GEMMs read grad_output and the input in place, image by image, and
+// are wide enough already, where one block would first gather both into copies (1x1 64->256 @56, batch 8:
+// 25 MB of grad_output copied, and the input gradient scattered back, 5x the time of the products).
+bool whole_batch_backward(const Geometry& g) {
+  return columns_fit_once(g) && !(is_pointwise(g) && g.out_h * g.out_w >= kBlockColumns);
+}
+
 Block clamp_block(Block blk, const Geometry& g) {
   blk.images = std::min(blk.images, g.batch - blk.n0);
   blk.p1 = std::min(blk.p1, g.out_h * g.out_w);
@@ -337,9 +345,10 @@ void conv_backward_input_cpu(at::Tensor& grad_input, const at::Tensor& grad_outp
                              const Geometry& g) {
   const GroupDims d(g);
   // Small images: one block of the whole batch, the tasks split only the channels (3x3 512 @7: 0.8x the
-  // time of blocks of 2 images, whose GEMMs saw 98 placements).
-  const Blocking blocking =
-      columns_fit_once(g) ? Blocking{g.batch, d.positions, 1, 1} : make_blocking(g, /*allow_tiles=*/false);
+  // time of blocks of 2 images, whose GEMMs saw 98 placements). Tiles of an image only where no col2im
+  // has to add across them: pointwise.
+  const Blocking blocking = whole_batch_backward(g) ? Blocking{g.batch, d.positions, 1, 1}
+                                                    : make_blocking(g, /*allow_tiles=*/is_pointwise(g));
   const Split channels = split(d.in_per_group, ceil_div(kMinTasks, blocking.count * d.groups), 1,
                                ceil_div(d.k_per_group * blocking.images * d.positions, kMaxColumnElems));
   const int64_t per_block = d.groups * channels.count;
@@ -356,7 +365,8 @@ void conv_backward_input_cpu(at::Tensor& grad_input, const at::Tensor& grad_outp
       const at::Tensor grad_out_g =  // (C_out/g, width)
           block_matrix(grad_output, blk, grp * d.out_per_group, d.out_per_group);
       if (is_pointwise(g) && blk.images == 1) {  // the product is this image's gradient: no copy
-        at::Tensor grad_in = grad_input[blk.n0].view({g.in_channels, d.positions}).narrow(0, first_channel, cb);
+        at::Tensor grad_in = grad_input[blk.n0].view({g.in_channels, d.positions}).narrow(0, first_channel, cb)
+                                 .narrow(1, blk.p0, blk.p1 - blk.p0);
         matmul(grad_in, weight_block.t(), grad_out_g, 0);
         continue;
       }
@@ -408,7 +418,7 @@ void conv_backward_weight_small_cpu(at::Tensor& grad_weight, const at::Tensor& g
 void conv_backward_weight_cpu(at::Tensor& grad_weight, const at::Tensor& grad_output, const at::Tensor& input,
                               const Geometry& g) {
   const GroupDims d(g);
-  if (columns_fit_once(g)) {
+  if (whole_batch_backward(g)) {
     conv_backward_weight_small_cpu(grad_weight, grad_output, input, g);
     return;
   }
