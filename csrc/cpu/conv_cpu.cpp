@@ -163,18 +163,6 @@ void matmul(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double be
   });
 }
 
-// Output positions [p0, p1) of one image, walked one output row at a time: f(oh, ow0, ow1, at)
-// where `at` is the first position's column in a buffer whose column 0 is position p0.
-template <typename F>
-void for_each_row_segment(const Geometry& g, int64_t p0, int64_t p1, const F& f) {
-  for (int64_t p = p0; p < p1;) {
-    const int64_t oh = p / g.out_w, ow0 = p % g.out_w;
-    const int64_t ow1 = std::min(g.out_w, ow0 + (p1 - p));
-    f(oh, ow0, ow1, p - p0);
-    p += ow1 - ow0;
-  }
-}
-
 // The output columns ow in [ow0, ow1) whose input column ow*stride + offset lies inside [0, size).
 inline std::pair<int64_t, int64_t> inside(int64_t ow0, int64_t ow1, int64_t offset, int64_t stride, int64_t size) {
   const int64_t lo = std::min(ow1, std::max(ow0, offset >= 0 ? 0 : ceil_div(-offset, stride)));
@@ -182,8 +170,25 @@ inline std::pair<int64_t, int64_t> inside(int64_t ow0, int64_t ow1, int64_t offs
   return {lo, std::max(lo, hi)};
 }
 
+// Output positions [p0, p1) of one image, row by row: f(oh, ow0, ow1, at) for each output row's share
+// [ow0, ow1), where `at` is position (oh, ow0)'s column in a buffer whose column 0 is position p0. Only
+// the first and last rows can be partial.
+template <typename F>
+void for_each_row(const Geometry& g, int64_t p0, int64_t p1, const F& f) {
+  if (p1 <= p0) return;
+  const int64_t first = p0 / g.out_w, last = (p1 - 1) / g.out_w;
+  for (int64_t oh = first; oh <= last; ++oh) {
+    const int64_t ow0 = oh == first ? p0 - oh * g.out_w : 0;
+    const int64_t ow1 = oh == last ? p1 - oh * g.out_w : g.out_w;
+    f(oh, ow0, ow1, oh * g.out_w + ow0 - p0);
+  }
+}
+
 // columns (channels*KH*KW rows, row stride ld) ← for each kernel tap (c, i, j), the input pixel it
 // sees at output positions p0..p1-1 of one image (channels, H, W); zero where it falls in the padding.
+// Which output columns of a row see inside the input depends on j alone, so it is worked out once per tap
+// (no division per row); the rows' short runs are plain loops, since at 7x7..56x56 a call to memcpy or
+// memset per run cost more than the copying.
 template <typename scalar_t>
 void im2col(scalar_t* columns, int64_t ld, const scalar_t* image, int64_t channels, const Geometry& g, int64_t p0,
             int64_t p1) {
@@ -193,25 +198,29 @@ void im2col(scalar_t* columns, int64_t ld, const scalar_t* image, int64_t channe
     for (int64_t i = 0; i < w.kernel_h; ++i) {
       for (int64_t j = 0; j < w.kernel_w; ++j) {
         scalar_t* row = columns + ((c * w.kernel_h + i) * w.kernel_w + j) * ld;
+        // Output column ow reads input column ow * stride_w + col_offset; only [lo, hi) land inside the row,
+        // and only those are ever turned into addresses (col_offset alone may be far outside it).
         const int64_t col_offset = j * w.dilation_w - w.pad_w;
-        for_each_row_segment(g, p0, p1, [&](int64_t oh, int64_t ow0, int64_t ow1, int64_t at) {
+        const auto [lo, hi] = inside(0, g.out_w, col_offset, w.stride_w, g.in_w);
+        for_each_row(g, p0, p1, [&](int64_t oh, int64_t ow0, int64_t ow1, int64_t at) {
           scalar_t* dst = row + at;  // dst[ow - ow0] is output column ow
           const int64_t ih = oh * w.stride_h - w.pad_h + i * w.dilation_h;
           if (ih < 0 || ih >= g.in_h) {
-            std::fill(dst, dst + (ow1 - ow0), scalar_t(0));
+            for (int64_t k = 0; k < ow1 - ow0; ++k) dst[k] = scalar_t(0);
             return;
           }
-          // Output column ow reads input column ow * stride_w + col_offset; only [lo, hi) land inside the
-          // row, and only those are ever turned into addresses (col_offset alone may be far outside it).
-          const scalar_t* in_row = plane + ih * g.in_w;
-          const auto [lo, hi] = inside(ow0, ow1, col_offset, w.stride_w, g.in_w);
-          std::fill(dst, dst + (lo - ow0), scalar_t(0));
-          if (w.stride_w == 1 && hi > lo) {
-            std::memcpy(dst + (lo - ow0), in_row + (lo + col_offset), (hi - lo) * sizeof(scalar_t));
-          } else {
-            for (int64_t ow = lo; ow < hi; ++ow) dst[ow - ow0] = in_row[ow * w.stride_w + col_offset];
+          const int64_t a = std::min(std::max(lo, ow0), ow1), b = std::max(a, std::min(hi, ow1));
+          for (int64_t k = 0; k < a - ow0; ++k) dst[k] = scalar_t(0);
+          if (b > a) {
+            const scalar_t* src = plane + ih * g.in_w + a * w.stride_w + col_offset;  // input of column a
+            scalar_t* out = dst + (a - ow0);
+            if (w.stride_w == 1) {
+              for (int64_t k = 0; k < b - a; ++k) out[k] = src[k];
+            } else {
+              for (int64_t k = 0; k < b - a; ++k) out[k] = src[k * w.stride_w];
+            }
           }
-          std::fill(dst + (hi - ow0), dst + (ow1 - ow0), scalar_t(0));
+          for (int64_t k = b - ow0; k < ow1 - ow0; ++k) dst[k] = scalar_t(0);
         });
       }
     }
@@ -230,14 +239,19 @@ void col2im(scalar_t* image, const scalar_t* columns, int64_t ld, int64_t channe
       for (int64_t j = 0; j < w.kernel_w; ++j) {
         const scalar_t* row = columns + ((c * w.kernel_h + i) * w.kernel_w + j) * ld;
         const int64_t col_offset = j * w.dilation_w - w.pad_w;
-        for_each_row_segment(g, 0, g.out_h * g.out_w, [&](int64_t oh, int64_t ow0, int64_t ow1, int64_t at) {
+        const auto [lo, hi] = inside(0, g.out_w, col_offset, w.stride_w, g.in_w);
+        if (hi <= lo) continue;
+        for (int64_t oh = 0; oh < g.out_h; ++oh) {
           const int64_t ih = oh * w.stride_h - w.pad_h + i * w.dilation_h;
-          if (ih < 0 || ih >= g.in_h) return;
-          const scalar_t* src = row + at;  // src[ow - ow0] is output column ow
-          scalar_t* in_row = plane + ih * g.in_w;
-          const auto [lo, hi] = inside(ow0, ow1, col_offset, w.stride_w, g.in_w);
-          for (int64_t ow = lo; ow < hi; ++ow) in_row[ow * w.stride_w + col_offset] += src[ow - ow0];
-        });
+          if (ih < 0 || ih >= g.in_h) continue;
+          const scalar_t* src = row + oh * g.out_w + lo;                        // output column lo
+          scalar_t* dst = plane + ih * g.in_w + lo * w.stride_w + col_offset;  // the pixel it came from
+          if (w.stride_w == 1) {
+            for (int64_t k = 0; k < hi - lo; ++k) dst[k] += src[k];
+          } else {
+            for (int64_t k = 0; k < hi - lo; ++k) dst[k * w.stride_w] += src[k];
+          }
+        }
       }
     }
   }
