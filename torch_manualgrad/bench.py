@@ -11,7 +11,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-__all__ = ["bench_script", "add_parser", "run"]
+__all__ = ["bench_script", "load_script", "add_parser", "run"]
 
 
 def bench_script():
@@ -41,8 +41,17 @@ def add_parser(commands):
     return p
 
 
-def _load(path):
-    spec = importlib.util.spec_from_file_location("torch_manualgrad_benchmarks_bench", path)
+def load_script(path):
+    """A benchmarks/*.py file as a module, loaded by its path (benchmarks/ is no package, and the scripts
+    load each other through it too). Loaded
+    once per process under the name torch_manualgrad_benchmarks_<stem>; a file of that name elsewhere
+    is loaded afresh."""
+    path = Path(path).resolve()
+    name = f"torch_manualgrad_benchmarks_{path.stem}"
+    loaded = sys.modules.get(name)
+    if loaded is not None and getattr(loaded, "__file__", None) == str(path):
+        return loaded
+    spec = importlib.util.spec_from_file_location(name, str(path))
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up here while the file executes
     try:
@@ -63,7 +72,7 @@ def run(args):
             file=sys.stderr,
         )
         return 2
-    module = _load(path)
+    module = load_script(path)
     argv = list(getattr(args, "bench_argv", []))
     saved_argv0 = sys.argv[0] if sys.argv else None
     if sys.argv:
