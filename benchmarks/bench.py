@@ -39,6 +39,7 @@ Usage (from the repository root, with the package built)::
     python benchmarks/bench.py --only conv --threads 1
     python benchmarks/bench.py --quick         # smoke test: batch 1, one run each
     python benchmarks/bench.py --device cuda   # the GPU shapes (ResNet-50 layers at --batch 32)
+    python benchmarks/bench.py models [...]    # whole networks instead: hands over to model_bench.py
 """
 
 import argparse
@@ -368,7 +369,11 @@ def describe_machine(device):
 # ---------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="The model-level benchmark (a training step and inference of ResNet-18/50, MobileNetV2, "
+               "EfficientNet-B0, ConvNeXt-T and DenseNet-121, converted vs torch.nn) is the same command with "
+               "'models' first: see 'models --help'.")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own choice)")
     p.add_argument("--only", choices=["conv", "pool"], default=None, help="run only one family of cases")
@@ -398,6 +403,13 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["models"]:
+        # one command for both benchmarks (and so for `python -m torch_manualgrad bench models`)
+        from torch_manualgrad.bench import load_script
+
+        model_bench = load_script(os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_bench.py"))
+        return model_bench.main(argv[1:], prog=f"{os.path.basename(sys.argv[0] or 'bench.py')} models")
     args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -5,7 +5,7 @@ No torchvision or timm needed (PyPI's torchvision does not import beside our CPU
 reproduces the published architecture's conv/pool shapes, normalisation and activations, with width
 (and for Inception, EfficientNet and ConvNeXt, depth; for DenseNet, growth and blocks) arguments so that
 tests can run a narrow copy at small inputs. At their defaults the parameter counts equal torchvision's.
-Nothing here imports torch_manualgrad; tests and benchmarks convert the models themselves.
+Nothing here imports torch_manualgrad; tests and benchmarks (model_bench.py) convert the models themselves.
 
     resnet18(), resnet50()   11,689,512 / 25,557,032   He et al. 2016, "Deep Residual Learning", Table 1
     inception_v3()                                     Szegedy et al. 2016, "Rethinking the Inception

@@ -1,7 +1,9 @@
 """Tests of the model-level benchmark: the MobileNetV2, ConvNeXt-T and DenseNet-121 builders of benchmarks/models.py
-(published sizes; small copies converted agree with torch.nn in float64)."""
+(published sizes; small copies converted agree with torch.nn in float64) and benchmarks/model_bench.py end to end."""
 import copy
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from torch_manualgrad.bench import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 models = load_script(os.path.join(ROOT, "benchmarks", "models.py"))
+model_bench = load_script(os.path.join(ROOT, "benchmarks", "model_bench.py"))
 # narrow, shallow copies that run at 64 x 64 in milliseconds
 SMALL = {"mobilenet_v2": dict(width=0.25), "convnext_tiny": dict(width=1 / 12, depth=0.2),
          "densenet121": dict(width=0.25, blocks=(2, 2, 2, 2))}
@@ -99,3 +102,90 @@ def test_drop_path_drops_whole_samples_in_training_only():
     assert torch.all(per_sample == per_sample[:, :1])  # a sample is kept or dropped whole
     assert 0.2 < (per_sample[:, 0] == 0).float().mean() < 0.3
     assert models._drop_path(branch, 0.25, training=False) is branch
+
+
+# --------------------------------------------------------------------------------------------- the runner
+
+def _rows(stdout):
+    """The table's body rows, each as a list of cells."""
+    lines = [line for line in stdout.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]
+
+
+def test_quick_run_through_the_cli():
+    """`python -m torch_manualgrad bench models --quick`: bench.py hands over to model_bench.py, which prints a
+    row for every default model in both layouts, all agreeing, and a geomean row per layout."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "torch_manualgrad", "bench", "models", "--quick"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    first = proc.stdout.splitlines()[0]
+    machine = model_bench.bench.describe_machine(torch.device("cpu"))
+    assert machine in first and f"torch {torch.__version__}" in first and "threads" in first, first
+    rows = _rows(proc.stdout)
+    body = [row for row in rows if not row[0].startswith("**")]
+    expected = [(name, layout) for name in model_bench.MODELS for layout in ("nchw", "channels_last")]
+    assert [(row[0], row[1]) for row in body] == expected, proc.stdout
+    for row in body:
+        assert all(float(v) > 0 for v in row[4:10])  # torch ms, ours ms, ratio for train, then for infer
+        assert row[-1].startswith("yes (logits "), row
+    geomeans = {row[1]: row for row in rows if row[0] == "**geomean**"}
+    assert set(geomeans) == {"nchw", "channels_last"}
+    for layout, row in geomeans.items():
+        ratios = [float(r[6]) for r in body if r[1] == layout]
+        expected_train = torch.tensor(ratios).log().mean().exp().item()
+        assert float(row[6].strip("*")) == pytest.approx(expected_train, abs=0.011)
+        assert float(row[9].strip("*")) > 0
+    assert "worst train:" in proc.stdout and "worst infer:" in proc.stdout
+
+
+def test_options_choose_models_layouts_and_modes(capsys):
+    assert model_bench.main(["--quick", "--models", "convnext_tiny,resnet18", "--layouts", "channels_last",
+                             "--modes", "infer"]) == 0
+    out = capsys.readouterr().out
+    header = [line for line in out.splitlines() if line.startswith("| model")][0]
+    assert "infer" in header and "train" not in header
+    rows = _rows(out)
+    assert [(r[0], r[1]) for r in rows] == [("convnext_tiny", "channels_last"), ("resnet18", "channels_last"),
+                                            ("**geomean**", "channels_last")]
+    assert rows[0][-1].startswith("yes (logits ") and "gradients" not in rows[0][-1]
+
+
+def test_a_wrong_kernel_is_reported(monkeypatch, capsys):
+    """Our Conv2d made 1% wrong, as a wrong index would (a plain scale would not do: the batch norm after each
+    conv undoes it in train mode): the agrees column says NO and the exit code is 1."""
+    right = tmg.functional.conv2d
+
+    def wrong(*args):
+        out = right(*args)
+        return out + 0.01 * out.roll(1, -1)
+
+    monkeypatch.setattr(tmg.nn.Conv2d, "_functional", staticmethod(wrong))
+    assert model_bench.main(["--quick", "--models", "resnet18", "--layouts", "nchw", "--modes", "train"]) == 1
+    assert _rows(capsys.readouterr().out)[0][-1].startswith("**NO**")
+
+
+def test_a_failing_model_is_a_row_not_a_crash(monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel for this")
+
+    monkeypatch.setattr(tmg.nn.MaxPool2d, "_functional", staticmethod(broken))
+    assert model_bench.main(["--quick", "--models", "resnet18,mobilenet_v2", "--layouts", "nchw"]) == 1
+    rows = _rows(capsys.readouterr().out)
+    assert rows[0][:3] == ["resnet18", "nchw", "error: RuntimeError: no kernel for this"]
+    assert rows[1][0] == "mobilenet_v2" and rows[1][-1].startswith("yes")  # MobileNetV2 has no max-pool
+
+
+def test_help_names_the_models_command(capsys):
+    from torch_manualgrad.__main__ import main
+
+    assert main(["bench", "--help"]) == 0
+    assert "'models'" in capsys.readouterr().out
+    assert main(["bench", "models", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: torch-manualgrad bench models ")
+    for option in ("--models", "--layouts", "--modes", "--batch", "--size", "--budget", "--threads", "--quick"):
+        assert option in out
+    with pytest.raises(SystemExit):
+        model_bench.parse_args(["--models", "vgg16"])
+    assert "expected a comma-separated list of resnet18" in capsys.readouterr().err

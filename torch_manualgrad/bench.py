@@ -2,6 +2,7 @@
 
     python -m torch_manualgrad bench --quick --only pool
     python -m torch_manualgrad bench --help        # bench.py's own options
+    python -m torch_manualgrad bench models --quick  # bench.py hands over to benchmarks/model_bench.py
 
 The benchmark script lives in the source checkout, next to the package, not inside it: an installed
 (non-editable) package has no benchmarks/ directory, and then this command says so and exits with 2.
@@ -35,7 +36,8 @@ class _PassThroughParser(argparse.ArgumentParser):
 def add_parser(commands):
     p = commands.add_parser(
         "bench", add_help=False,
-        help="benchmark our ops against torch's (benchmarks/bench.py; options passed through, see bench --help)",
+        help="benchmark our ops against torch's (benchmarks/bench.py; options passed through, see bench --help); "
+             "bench models [...]: whole networks, converted vs torch.nn (see bench models --help)",
     )
     p.__class__ = _PassThroughParser
     return p
@@ -43,7 +45,7 @@ def add_parser(commands):
 
 def load_script(path):
     """A benchmarks/*.py file as a module, loaded by its path (benchmarks/ is no package, and the scripts
-    load each other through it too). Loaded
+    load each other this way too: model_bench.py uses bench.py's timing and models.py's builders). Loaded
     once per process under the name torch_manualgrad_benchmarks_<stem>; a file of that name elsewhere
     is loaded afresh."""
     path = Path(path).resolve()
