@@ -189,7 +189,13 @@ def seconds_per_call(fn, device):
 
 
 def median_ms(fns, device, warmup, repeat, budget_s, min_runs):
-    """Median milliseconds per call of each function in ``fns`` (a dict label -> callable).
+    """Median milliseconds per call of each function in ``fns`` (a dict label -> callable)."""
+    samples = interleaved_samples(fns, device, warmup, repeat, budget_s, min_runs)
+    return {label: statistics.median(times) * 1e3 for label, times in samples.items()}
+
+
+def interleaved_samples(fns, device, warmup, repeat, budget_s, min_runs):
+    """Seconds per call of each function in ``fns`` (a dict label -> callable), a list per label.
 
     The functions are timed in alternation, one sample of each per round, so
     that drift in the machine (frequency, other load) hits both sides alike.
@@ -206,7 +212,7 @@ def median_ms(fns, device, warmup, repeat, budget_s, min_runs):
             samples[label].append(elapsed)
             spent += elapsed * (GPU_CALLS_PER_SAMPLE if device.type == "cuda" else 1)
         rounds += 1
-    return {label: statistics.median(times) * 1e3 for label, times in samples.items()}
+    return samples
 
 
 # ---------------------------------------------------------------------------

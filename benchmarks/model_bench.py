@@ -9,9 +9,12 @@ input batch and labels. Two measurements per model and memory layout:
   the comparison.
 * infer: model.eval(), forward under torch.inference_mode().
 
-Torch's and our calls alternate sample by sample (bench.py's median_ms), after warm-up, and each time
-is the median of up to --repeat samples, stopping once a measurement has spent --budget seconds (never
-with fewer than 3 samples), so slow drift of a shared machine hits both sides alike. Per layout (NCHW
+Torch's and our calls alternate sample by sample (bench.py's interleaved_samples), after warm-up, and
+each time is the median of up to --repeat samples, stopping once a measurement has spent --budget
+seconds (never with fewer than 3 samples), so slow drift of a shared machine hits both sides alike.
+Load that comes and goes within a measurement does not: the "n, spread" column gives the number of
+samples per side and the larger of the two sides' (slowest - fastest) / median, and a spread of more
+than about 20% says that the row was disturbed and is worth measuring again (--models, --layouts). Per layout (NCHW
 and channels_last: the model and the input both converted with memory_format=torch.channels_last) the
 ratios ours/torch are summarised by their geometric mean, which weighs a 2x slowdown and a 2x speedup
 alike whatever the model's size.
@@ -39,6 +42,7 @@ import copy
 import functools
 import math
 import os
+import statistics
 import sys
 import time
 import traceback
@@ -56,7 +60,7 @@ except ImportError:
     import torch_manualgrad as tmg
 from torch_manualgrad.bench import load_script  # noqa: E402
 
-bench = load_script(HERE / "bench.py")      # median_ms (the interleaved timing), describe_machine
+bench = load_script(HERE / "bench.py")      # interleaved_samples (the timing), describe_machine
 models = load_script(HERE / "models.py")    # the architectures
 
 # name -> the builder's arguments for --quick: narrow and shallow copies that run at 64 x 64 in milliseconds
@@ -147,7 +151,7 @@ def run_model(name, layout, args):
     x = torch.randn(args.batch, 3, args.size, args.size, generator=gen).contiguous(memory_format=memory_format)
     labels = torch.randint(args.classes, (args.batch,), generator=gen)
     result = dict(
-        model=name, layout=layout, ms={}, diff={},
+        model=name, layout=layout, ms={}, diff={}, spread={},
         params=sum(p.numel() for p in reference.parameters()),
         layers=sum(isinstance(m, OUR_LAYERS) for m in converted.modules()),
         left=len(tmg.unconverted(converted)),
@@ -157,10 +161,13 @@ def run_model(name, layout, args):
         reference.train(mode == "train")
         converted.train(mode == "train")
         result["diff"][mode] = compare(mode, reference, converted, x, labels)
-        medians = bench.median_ms({"torch": functools.partial(STEPS[mode], reference, x, labels),
-                                   "ours": functools.partial(STEPS[mode], converted, x, labels)},
-                                  torch.device("cpu"), **timing)
+        samples = bench.interleaved_samples({"torch": functools.partial(STEPS[mode], reference, x, labels),
+                                             "ours": functools.partial(STEPS[mode], converted, x, labels)},
+                                            torch.device("cpu"), **timing)
+        medians = {side: statistics.median(times) * 1e3 for side, times in samples.items()}
         result["ms"][mode] = (medians["torch"], medians["ours"])
+        result["spread"][mode] = (len(samples["torch"]), max((max(t) - min(t)) / statistics.median(t)
+                                                             for t in samples.values()))
     return result
 
 
@@ -180,7 +187,7 @@ def geomean(values):
 def table(results, modes, layouts):
     header = ["model", "layout", "params", "our layers"]
     for mode in modes:
-        header += [f"torch {mode} ms", f"ours {mode} ms", f"{mode} ours/torch"]
+        header += [f"torch {mode} ms", f"ours {mode} ms", f"{mode} ours/torch", f"{mode} n, spread"]
     header.append("agrees (rel. diff)")
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     for r in results:
@@ -191,7 +198,8 @@ def table(results, modes, layouts):
         row = [r["model"], r["layout"], f"{r['params'] / 1e6:.2f}M", layers]
         for mode in modes:
             torch_ms, ours_ms = r["ms"][mode]
-            row += [f"{torch_ms:.1f}", f"{ours_ms:.1f}", f"{ours_ms / torch_ms:.2f}"]
+            n, spread = r["spread"][mode]
+            row += [f"{torch_ms:.1f}", f"{ours_ms:.1f}", f"{ours_ms / torch_ms:.2f}", f"{n}, {spread:.0%}"]
         diffs = [f"{what} {max(d[what] for d in r['diff'].values() if what in d):.0e}"
                  for what in TOLERANCE if any(what in d for d in r["diff"].values())]
         row.append(("yes" if agrees(r) else "**NO**") + f" ({', '.join(diffs)})")
@@ -200,7 +208,7 @@ def table(results, modes, layouts):
         row = ["**geomean**", layout, "", ""]
         for mode in modes:
             ratios = ratios_of(results, mode, layout)
-            row += ["", "", f"**{geomean([q for _, q in ratios]):.2f}**"]
+            row += ["", "", f"**{geomean([q for _, q in ratios]):.2f}**", ""]
         row.append("")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)

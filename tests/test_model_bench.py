@@ -127,7 +127,10 @@ def test_quick_run_through_the_cli():
     expected = [(name, layout) for name in model_bench.MODELS for layout in ("nchw", "channels_last")]
     assert [(row[0], row[1]) for row in body] == expected, proc.stdout
     for row in body:
-        assert all(float(v) > 0 for v in row[4:10])  # torch ms, ours ms, ratio for train, then for infer
+        for torch_ms, ours_ms, ratio, spread in (row[4:8], row[8:12]):  # train, then infer
+            assert float(torch_ms) > 0 and float(ours_ms) > 0 and float(ratio) > 0
+            n, percent = spread.split(", ")
+            assert n == "1" and percent == "0%"  # one sample per side in --quick: no spread to see
         assert row[-1].startswith("yes (logits "), row
     geomeans = {row[1]: row for row in rows if row[0] == "**geomean**"}
     assert set(geomeans) == {"nchw", "channels_last"}
@@ -135,8 +138,16 @@ def test_quick_run_through_the_cli():
         ratios = [float(r[6]) for r in body if r[1] == layout]
         expected_train = torch.tensor(ratios).log().mean().exp().item()
         assert float(row[6].strip("*")) == pytest.approx(expected_train, abs=0.011)
-        assert float(row[9].strip("*")) > 0
+        assert float(row[10].strip("*")) > 0
     assert "worst train:" in proc.stdout and "worst infer:" in proc.stdout
+
+
+def test_spread_column_counts_samples(capsys):
+    """With several samples the spread column gives their number and the worse side's (max - min) / median."""
+    assert model_bench.main(["--quick", "--models", "mobilenet_v2", "--layouts", "nchw", "--modes", "infer",
+                             "--repeat", "4"]) == 0
+    n, percent = _rows(capsys.readouterr().out)[0][7].split(", ")
+    assert n == "4" and percent.endswith("%") and int(percent[:-1]) >= 0
 
 
 def test_options_choose_models_layouts_and_modes(capsys):
