@@ -41,6 +41,7 @@ Usage (from the repository root, with the package built)::
     python benchmarks/bench.py --only conv --threads 1
     python benchmarks/bench.py --quick         # smoke test: batch 1, one run each
     python benchmarks/bench.py --device cuda   # the GPU shapes (ResNet-50 layers at --batch 32)
+    python benchmarks/bench.py models [...]    # whole networks instead: hands over to model_bench.py
 """
 
 import argparse
@@ -190,7 +191,13 @@ def seconds_per_call(fn, device):
 
 
 def median_ms(fns, device, warmup, repeat, budget_s, min_runs):
-    """Median milliseconds per call of each function in ``fns`` (a dict label -> callable).
+    """Median milliseconds per call of each function in ``fns`` (a dict label -> callable)."""
+    samples = interleaved_samples(fns, device, warmup, repeat, budget_s, min_runs)
+    return {label: statistics.median(times) * 1e3 for label, times in samples.items()}
+
+
+def interleaved_samples(fns, device, warmup, repeat, budget_s, min_runs):
+    """Seconds per call of each function in ``fns`` (a dict label -> callable), a list per label.
 
     The functions are timed in alternation, one sample of each per round, so
     that drift in the machine (frequency, other load) hits both sides alike.
@@ -207,7 +214,7 @@ def median_ms(fns, device, warmup, repeat, budget_s, min_runs):
             samples[label].append(elapsed)
             spent += elapsed * (GPU_CALLS_PER_SAMPLE if device.type == "cuda" else 1)
         rounds += 1
-    return {label: statistics.median(times) * 1e3 for label, times in samples.items()}
+    return samples
 
 
 # ---------------------------------------------------------------------------
@@ -386,7 +393,11 @@ def describe_machine(device):
 # ---------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="The model-level benchmark (a training step and inference of ResNet-18/50, MobileNetV2, "
+               "EfficientNet-B0, ConvNeXt-T and DenseNet-121, converted vs torch.nn) is the same command with "
+               "'models' first: see 'models --help'.")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own choice)")
     p.add_argument("--only", choices=["conv", "pool"], default=None, help="run only one family of cases")
@@ -416,6 +427,13 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["models"]:
+        # one command for both benchmarks (and so for `python -m torch_manualgrad bench models`)
+        from torch_manualgrad.bench import load_script
+
+        model_bench = load_script(os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_bench.py"))
+        return model_bench.main(argv[1:], prog=f"{os.path.basename(sys.argv[0] or 'bench.py')} models")
     args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -1,13 +1,20 @@
-"""Model builders with the layer shapes of ResNet-18/50, Inception v3 and EfficientNet-B0, in plain torch.nn.
+"""Model builders with the layer shapes of ResNet-18/50, Inception v3, EfficientNet-B0, MobileNetV2, ConvNeXt-T
+and DenseNet-121, in plain torch.nn.
 
 No torchvision or timm needed (PyPI's torchvision does not import beside our CPU torch): each builder
 reproduces the published architecture's conv/pool shapes, normalisation and activations, with width
-(and for Inception and EfficientNet, depth) arguments so that tests can run a narrow copy at small
-inputs. Nothing here imports torch_manualgrad; tests and benchmarks convert the models themselves.
+(and for Inception, EfficientNet and ConvNeXt, depth; for DenseNet, growth and blocks) arguments so that
+tests can run a narrow copy at small inputs. At their defaults the parameter counts equal torchvision's.
+Nothing here imports torch_manualgrad; tests and benchmarks (model_bench.py) convert the models themselves.
 
-    resnet18(), resnet50()           He et al. 2016, "Deep Residual Learning for Image Recognition", Table 1
-    inception_v3()                   Szegedy et al. 2016, "Rethinking the Inception Architecture", Table 1
-    efficientnet_b0()                Tan & Le 2019, "EfficientNet", Table 1 (MBConv of Sandler et al. 2018)
+    resnet18(), resnet50()   11,689,512 / 25,557,032   He et al. 2016, "Deep Residual Learning", Table 1
+    inception_v3()                                     Szegedy et al. 2016, "Rethinking the Inception
+                                                       Architecture", Table 1 (up to the 17 x 17 grid)
+    efficientnet_b0()        5,288,548                 Tan & Le 2019, "EfficientNet", Table 1
+    mobilenet_v2()           3,504,872                 Sandler et al. 2018, "MobileNetV2", Table 2
+    convnext_tiny()          28,589,128                Liu et al. 2022, "A ConvNet for the 2020s", section 2
+    densenet121()            7,978,856                 Huang et al. 2017, "Densely Connected Convolutional
+                                                       Networks", Table 1
 """
 import math
 
@@ -15,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["resnet18", "resnet50", "inception_v3", "efficientnet_b0", "Conv2dSame", "ResNet", "Inception3",
-           "EfficientNet"]
+__all__ = ["resnet18", "resnet50", "inception_v3", "efficientnet_b0", "mobilenet_v2", "convnext_tiny", "densenet121",
+           "Conv2dSame", "ResNet", "Inception3", "EfficientNet", "MobileNetV2", "ConvNeXt", "DenseNet"]
 
 
 def _channels(base, width):
@@ -262,6 +269,16 @@ class Conv2dSame(nn.Conv2d):
         return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
+def _drop_path(branch, rate, training):
+    """Stochastic depth (Huang et al. 2016): in training, zero a residual branch for a random `rate` of the
+    samples and scale the rest by 1 / (1 - rate), so that eval (the identity) sees the same expectation."""
+    if not training or rate == 0:
+        return branch
+    keep = 1 - rate
+    mask = branch.new_empty((branch.shape[0],) + (1,) * (branch.dim() - 1)).bernoulli_(keep)
+    return branch * mask / keep
+
+
 def _conv(cin, cout, k, stride=1, groups=1, tf_same=False):
     if tf_same:
         return Conv2dSame(cin, cout, k, stride, 0, groups=groups, bias=False)
@@ -304,11 +321,7 @@ class MBConv(nn.Module):
         out = self.project(self.se(self.depthwise(out)))
         if not self.residual:
             return out
-        if self.training and self.drop_path > 0:
-            # stochastic depth: drop the whole branch per sample (Huang et al. 2016), as timm's drop_path does
-            keep = 1 - self.drop_path
-            out = out * x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(keep) / keep
-        return out + x
+        return _drop_path(out, self.drop_path, self.training) + x
 
 
 class EfficientNet(nn.Module):
@@ -349,3 +362,211 @@ def efficientnet_b0(num_classes=1000, width=1.0, depth=1.0, dropout=0.2, drop_pa
     """EfficientNet-B0 (5,288,548 parameters at full size, as timm's): 81 convs, 16 of them depthwise and 32 in
     the squeeze-excite gates. Input 224 x 224."""
     return EfficientNet(num_classes, width, depth, dropout, drop_path, tf_same)
+
+
+# ----------------------------------------------------------------------------------------- MobileNetV2
+
+def _conv_bn_relu6(cin, cout, k, stride=1, groups=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU6(inplace=True))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's bottleneck: 1x1 expand (x t) + BN + ReLU6 (left out when t = 1), depthwise 3x3 (stride)
+    + BN + ReLU6, 1x1 project + BN with no activation (the "linear bottleneck": a ReLU on the narrow
+    tensor would destroy information, section 3.2); identity shortcut when stride 1 and cin == cout."""
+
+    def __init__(self, cin, cout, expand, stride):
+        super().__init__()
+        mid = cin * expand
+        layers = [] if expand == 1 else [_conv_bn_relu6(cin, mid, 1)]
+        layers += [_conv_bn_relu6(mid, mid, 3, stride, groups=mid),
+                   nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+        self.conv = nn.Sequential(*layers)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x):
+        out = self.conv(x)
+        return out + x if self.residual else out
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 (Table 2): stem 3x3/2 (32) + BN + ReLU6; bottleneck stages (t, c, n, s) = (1,16,1,1)
+    (6,24,2,2) (6,32,3,2) (6,64,4,2) (6,96,3,1) (6,160,3,2) (6,320,1,1), the stride on each stage's first
+    block; 1x1 conv (1280) + BN + ReLU6, average pool, dropout 0.2, fc. width scales every channel count,
+    the last conv's too (the paper keeps 1280 there for multipliers below 1; here width is only a knob for
+    small test copies, so it shrinks everything)."""
+
+    STAGES = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+              (6, 320, 1, 1)]
+
+    def __init__(self, num_classes=1000, width=1.0, dropout=0.2):
+        super().__init__()
+        cin = _channels(32, width)
+        layers = [_conv_bn_relu6(3, cin, 3, 2)]
+        for expand, channels, repeats, stride in self.STAGES:
+            cout = _channels(channels, width)
+            for i in range(repeats):
+                layers.append(InvertedResidual(cin, cout, expand, stride if i == 0 else 1))
+                cin = cout
+        head = _channels(1280, width)
+        layers.append(_conv_bn_relu6(cin, head, 1))
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(head, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.dropout(torch.flatten(self.avgpool(self.features(x)), 1)))
+
+
+def mobilenet_v2(num_classes=1000, width=1.0, dropout=0.2):
+    """MobileNetV2 (3,504,872 parameters at full size, as torchvision's): 52 convs, 17 of them depthwise;
+    no max-pool. Input 224 x 224."""
+    return MobileNetV2(num_classes, width, dropout)
+
+
+# -------------------------------------------------------------------------------------------- ConvNeXt
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an N x C x H x W tensor (ConvNeXt's stem and downsampling layers):
+    moved to channels-last for F.layer_norm and back, which costs no copy when the tensor is already
+    laid out channels-last."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    """7x7 depthwise conv, LayerNorm, pointwise expand (x4) + GELU, pointwise project, layer scale (a learned
+    per-channel factor that starts at 1e-6, so each block begins near the identity), stochastic depth,
+    identity shortcut. The pointwise layers are nn.Linear on a channels-last view, as in the reference
+    implementation, so only the depthwise conv is a Conv2d that convert() swaps."""
+
+    def __init__(self, dim, drop_path, layer_scale=1e-6):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(torch.full((dim,), layer_scale))
+        self.drop_path = drop_path
+
+    def forward(self, x):
+        out = self.dwconv(x).permute(0, 2, 3, 1)  # N x H x W x C: Linear and LayerNorm act on the last dim
+        out = self.gamma * self.pwconv2(self.act(self.pwconv1(self.norm(out))))
+        return x + _drop_path(out.permute(0, 3, 1, 2), self.drop_path, self.training)
+
+
+class ConvNeXt(nn.Module):
+    """ConvNeXt-T: stem 4x4/4 conv (96) + LayerNorm ("patchify"); stages of [3, 3, 9, 3] blocks at dims
+    [96, 192, 384, 768], each later stage entered through LayerNorm + 2x2/2 conv; global average pool,
+    LayerNorm, fc. Stochastic depth rises linearly over the blocks to drop_path (0.1 for ConvNeXt-T);
+    LayerNorm eps 1e-6 throughout. width scales the dims, depth the block counts (rounded up)."""
+
+    DEPTHS, DIMS = (3, 3, 9, 3), (96, 192, 384, 768)
+
+    def __init__(self, num_classes=1000, width=1.0, depth=1.0, drop_path=0.1, layer_scale=1e-6):
+        super().__init__()
+        dims = [_channels(d, width) for d in self.DIMS]
+        depths = [math.ceil(d * depth) for d in self.DEPTHS]
+        self.stem = nn.Sequential(nn.Conv2d(3, dims[0], 4, stride=4), LayerNorm2d(dims[0], eps=1e-6))
+        self.downsample = nn.ModuleList(
+            nn.Sequential(LayerNorm2d(dims[i], eps=1e-6), nn.Conv2d(dims[i], dims[i + 1], 2, stride=2))
+            for i in range(len(dims) - 1))
+        rates = torch.linspace(0, drop_path, sum(depths)).tolist()
+        self.stages = nn.ModuleList()
+        for dim, n in zip(dims, depths):
+            self.stages.append(nn.Sequential(*(ConvNeXtBlock(dim, rates.pop(0), layer_scale) for _ in range(n))))
+        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
+        self.fc = nn.Linear(dims[-1], num_classes)
+
+    def forward(self, x):
+        x = self.stages[0](self.stem(x))
+        for downsample, stage in zip(self.downsample, self.stages[1:]):
+            x = stage(downsample(x))
+        return self.fc(self.norm(x.mean((2, 3))))
+
+
+def convnext_tiny(num_classes=1000, width=1.0, depth=1.0, drop_path=0.1, layer_scale=1e-6):
+    """ConvNeXt-T (28,589,128 parameters at full size, as torchvision's): 22 convs converted (stem, 18
+    depthwise 7x7, 3 downsampling); the 36 pointwise layers are nn.Linear and stay torch's. Input 224 x 224
+    (any multiple of 32)."""
+    return ConvNeXt(num_classes, width, depth, drop_path, layer_scale)
+
+
+# -------------------------------------------------------------------------------------------- DenseNet
+
+class DenseLayer(nn.Module):
+    """DenseNet-B's composite function on the concatenation of every earlier output in the block:
+    BN-ReLU-1x1 conv (bottleneck, bn_size * growth) - BN-ReLU-3x3 conv (growth new channels)."""
+
+    def __init__(self, cin, growth, bn_size):
+        super().__init__()
+        mid = bn_size * growth
+        self.norm1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, mid, 1, bias=False)
+        self.norm2 = nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, growth, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        out = self.conv1(F.relu(self.norm1(x)))
+        return self.conv2(F.relu(self.norm2(out)))
+
+
+class DenseBlock(nn.Module):
+    """Layers whose outputs are concatenated on to their input: layer i sees cin + i * growth channels."""
+
+    def __init__(self, cin, layers, growth, bn_size):
+        super().__init__()
+        self.layers = nn.ModuleList(DenseLayer(cin + i * growth, growth, bn_size) for i in range(layers))
+        self.out_channels = cin + layers * growth
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.cat([x, layer(x)], 1)
+        return x
+
+
+class Transition(nn.Sequential):
+    """Between dense blocks: BN-ReLU-1x1 conv (compression: keep half the channels) - 2x2/2 average pool."""
+
+    def __init__(self, cin, cout):
+        super().__init__(nn.BatchNorm2d(cin), nn.ReLU(inplace=True), nn.Conv2d(cin, cout, 1, bias=False),
+                         nn.AvgPool2d(2, 2))
+
+
+class DenseNet(nn.Module):
+    """DenseNet-BC: stem 7x7/2 conv (2 * growth) + BN + ReLU + 3x3/2 max-pool; dense blocks separated by
+    transitions; final BN + ReLU, global average pool, fc. DenseNet-121: growth 32, blocks (6, 12, 24, 16),
+    bottleneck 4 * growth, compression 0.5. width multiplies the growth rate (and with it the stem and
+    the bottlenecks), as the other builders' width multiplies their channels."""
+
+    def __init__(self, num_classes=1000, growth=32, blocks=(6, 12, 24, 16), width=1.0, bn_size=4,
+                 compression=0.5):
+        super().__init__()
+        growth = _channels(growth, width)
+        cin = 2 * growth
+        layers = [nn.Conv2d(3, cin, 7, 2, 3, bias=False), nn.BatchNorm2d(cin), nn.ReLU(inplace=True),
+                  nn.MaxPool2d(3, 2, 1)]
+        for i, n in enumerate(blocks):
+            layers.append(DenseBlock(cin, n, growth, bn_size))
+            cin = layers[-1].out_channels
+            if i != len(blocks) - 1:
+                layers.append(Transition(cin, int(cin * compression)))
+                cin = int(cin * compression)
+        layers += [nn.BatchNorm2d(cin), nn.ReLU(inplace=True)]
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def densenet121(num_classes=1000, growth=32, blocks=(6, 12, 24, 16), width=1.0):
+    """DenseNet-121 (7,978,856 parameters at full size, as torchvision's): 120 convs + 1 max-pool converted
+    (the transitions' average pools stay torch's). Input 224 x 224 (any multiple of 32)."""
+    return DenseNet(num_classes, growth, blocks, width)

@@ -2,6 +2,7 @@
 
     python -m torch_manualgrad bench --quick --only pool
     python -m torch_manualgrad bench --help        # bench.py's own options
+    python -m torch_manualgrad bench models --quick  # bench.py hands over to benchmarks/model_bench.py
 
 The benchmark script lives in the source checkout, next to the package, not inside it: an installed
 (non-editable) package has no benchmarks/ directory, and then this command says so and exits with 2.
@@ -11,7 +12,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-__all__ = ["bench_script", "add_parser", "run"]
+__all__ = ["bench_script", "load_script", "add_parser", "run"]
 
 
 def bench_script():
@@ -35,14 +36,24 @@ class _PassThroughParser(argparse.ArgumentParser):
 def add_parser(commands):
     p = commands.add_parser(
         "bench", add_help=False,
-        help="benchmark our ops against torch's (benchmarks/bench.py; options passed through, see bench --help)",
+        help="benchmark our ops against torch's (benchmarks/bench.py; options passed through, see bench --help); "
+             "bench models [...]: whole networks, converted vs torch.nn (see bench models --help)",
     )
     p.__class__ = _PassThroughParser
     return p
 
 
-def _load(path):
-    spec = importlib.util.spec_from_file_location("torch_manualgrad_benchmarks_bench", path)
+def load_script(path):
+    """A benchmarks/*.py file as a module, loaded by its path (benchmarks/ is no package, and the scripts
+    load each other this way too: model_bench.py uses bench.py's timing and models.py's builders). Loaded
+    once per process under the name torch_manualgrad_benchmarks_<stem>; a file of that name elsewhere
+    is loaded afresh."""
+    path = Path(path).resolve()
+    name = f"torch_manualgrad_benchmarks_{path.stem}"
+    loaded = sys.modules.get(name)
+    if loaded is not None and getattr(loaded, "__file__", None) == str(path):
+        return loaded
+    spec = importlib.util.spec_from_file_location(name, str(path))
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up here while the file executes
     try:
@@ -63,7 +74,7 @@ def run(args):
             file=sys.stderr,
         )
         return 2
-    module = _load(path)
+    module = load_script(path)
     argv = list(getattr(args, "bench_argv", []))
     saved_argv0 = sys.argv[0] if sys.argv else None
     if sys.argv:
