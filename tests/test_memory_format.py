@@ -134,3 +134,29 @@ def test_max_pool_leaf_gradient_layouts():
         F.max_pool2d(x2, 2).sum().backward()
         assert same_format(x1.grad, x2.grad), name
         torch.testing.assert_close(x1.grad, x2.grad)
+
+
+@pytest.mark.parametrize("x_layout,w_layout", [("cl", "contiguous"), ("contiguous", "cl"), ("cl", "cl")])
+def test_gradients_passed_on_have_torchs_memory_format(x_layout, w_layout):
+    """The gradients handed to the layer before (torch.autograd.grad, no AccumulateGrad to fix them up) are
+    channels-last where torch's are: a channels-last network's batch-norm and activation backward take
+    slow paths when their incoming gradient's layout differs from their saved input's."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 6, 9, 9, generator=g, dtype=torch.float64)
+    w = torch.randn(8, 6, 3, 3, generator=g, dtype=torch.float64)
+    if x_layout == "cl":
+        x = x.contiguous(memory_format=CL)
+    if w_layout == "cl":
+        w = w.contiguous(memory_format=CL)
+    x.requires_grad_(), w.requires_grad_()
+    ours = torch.autograd.grad(tf.conv2d(x, w, padding=1).sum(), [x, w])
+    theirs = torch.autograd.grad(F.conv2d(x, w, padding=1).sum(), [x, w])
+    for o, t in zip(ours, theirs):
+        assert o.is_contiguous(memory_format=CL) == t.is_contiguous(memory_format=CL)
+        assert o.is_contiguous() == t.is_contiguous()
+        torch.testing.assert_close(o, t)
+    xp = x.detach().requires_grad_()
+    (ours,) = torch.autograd.grad(tf.max_pool2d(xp, 3, 2).sum(), [xp])
+    (theirs,) = torch.autograd.grad(F.max_pool2d(xp, 3, 2).sum(), [xp])
+    assert ours.is_contiguous(memory_format=CL) == theirs.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(ours, theirs)

@@ -107,6 +107,38 @@ def _conv(input, weight, bias, geometry):
     return below_autograd(ops.conv_forward, input, weight, bias, *geometry)
 
 
+def _suggests_channels_last(t):
+    """ATen's TensorBase::suggest_memory_format(t) == channels_last for a 4-d tensor: its strides are ordered
+    C, W, H, N from smallest, each no smaller than the span of the dimensions before it, with torch's
+    tie-breaks for sizes of 1 (an N111 tensor, or one whose C stride equals N's, counts as contiguous).
+    torch lays out a convolution's and a max-pool's results by this rule."""
+    if t.dim() != 4 or t.layout != torch.strided:
+        return False
+    try:
+        sizes, strides = t.shape, t.stride()
+    except RuntimeError:  # inside torch.func.vmap layouts cannot be queried; keep the ops' contiguous output
+        return False
+    if strides[1] == 0:
+        return False
+    floor = 0
+    for d in (1, 3, 2, 0):
+        if sizes[d] == 0 or strides[d] < floor or (d == 0 and floor == strides[1]):
+            return False
+        floor = strides[d] * sizes[d] if sizes[d] > 1 else strides[d]
+    return True
+
+
+def _in_layout_of(grads, *like):
+    """Gradients laid out channels-last where torch's would be: when any tensor in `like` (4-d) suggests it.
+    The kernels return contiguous gradients; handed on as they are, a channels-last network's batch norm and
+    activation backward would meet mixed layouts and take their slow paths (MobileNetV2 in channels_last:
+    batch-norm backward 3.5 ms a call instead of 0.3)."""
+    if inside_vmap() or not any(_suggests_channels_last(t) for t in like if t is not None):
+        return grads
+    return tuple(g.contiguous(memory_format=torch.channels_last) if g is not None and g.dim() == 4 else g
+                 for g in grads)
+
+
 def _conv_grads(grad_output, input, weight, geometry, output_mask):
     if needs_function(grad_output, input, weight):
         return ConvBackwardFunction.apply(grad_output, input, weight, *geometry, output_mask)
@@ -215,6 +247,7 @@ class ConvFunction(_Function):
         input, weight = ctx.saved_tensors
         wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
         grad_input, grad_weight, grad_bias = _conv_grads(grad_output, input, weight, ctx.geometry, wanted)
+        grad_input, grad_weight = _in_layout_of((grad_input, grad_weight), input, weight)
         return grad_input, grad_weight, grad_bias, None, None, None, None
 
     @staticmethod
@@ -307,6 +340,7 @@ class MaxPoolFunction(_Function):
         ctx.save_for_forward(kept)
         ctx.indices_from_input = not compute_indices
         ctx.input_size = list(input.shape)
+        ctx.channels_last_input = _suggests_channels_last(input)
         ctx.geometry = (kernel_size, stride, padding, dilation)
         ctx.ceil_mode = ceil_mode
         ctx.mark_non_differentiable(indices)
@@ -319,6 +353,8 @@ class MaxPoolFunction(_Function):
         if grad_output is None:  # only the indices were used
             return None, None, None, None, None, None, None
         grad_input = _route_to_argmax(grad_output, _saved_indices(ctx), ctx.input_size, ctx.geometry)
+        if ctx.channels_last_input and not inside_vmap():
+            grad_input = grad_input.contiguous(memory_format=torch.channels_last)
         return grad_input, None, None, None, None, None, None
 
     @staticmethod

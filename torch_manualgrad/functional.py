@@ -21,7 +21,8 @@ from torch.overrides import handle_torch_function, has_torch_function, has_torch
 from . import _exporting
 from ._complex import complex_conv
 from ._ops import ops
-from .autograd import BELOW, FUNCTION, OP, ConvFunction, MaxPoolFunction, below_autograd, call_path, inside_vmap
+from .autograd import (BELOW, FUNCTION, OP, ConvFunction, MaxPoolFunction, _suggests_channels_last, below_autograd,
+                       call_path, inside_vmap)
 
 __all__ = ["conv1d", "conv2d", "max_pool1d", "max_pool2d"]
 
@@ -90,27 +91,6 @@ def _batched(op, input, dims):
         )
     unbatched = input.dim() == dims + 1
     return (input.unsqueeze(0) if unbatched else input), unbatched
-
-
-def _suggests_channels_last(t):
-    """ATen's TensorBase::suggest_memory_format(t) == channels_last for a 4-d tensor: its strides are ordered
-    C, W, H, N from smallest, each no smaller than the span of the dimensions before it, with torch's
-    tie-breaks for sizes of 1 (an N111 tensor, or one whose C stride equals N's, counts as contiguous).
-    torch lays out a convolution's and a max-pool's results by this rule."""
-    if t.dim() != 4 or t.layout != torch.strided:
-        return False
-    try:
-        sizes, strides = t.shape, t.stride()
-    except RuntimeError:  # inside torch.func.vmap layouts cannot be queried; keep the ops' contiguous output
-        return False
-    if strides[1] == 0:
-        return False
-    floor = 0
-    for d in (1, 3, 2, 0):
-        if sizes[d] == 0 or strides[d] < floor or (d == 0 and floor == strides[1]):
-            return False
-        floor = strides[d] * sizes[d] if sizes[d] > 1 else strides[d]
-    return True
 
 
 def _as_channels_last(t, dims):
