@@ -89,15 +89,30 @@ def _conv_forward_fake(input, weight, bias, stride, padding, dilation, groups):
             for i in range(len(stride))
         ]
         shape = (input.shape[0], weight.shape[0], *spatial)
-    return input.new_empty(shape)
+    return _empty_like_result(shape, input, len(stride))
+
+
+def _channels_last_result(input, spatial_dims):
+    """The CPU conv kernels' layout rule (csrc/cpu/conv_cpu.cpp, channels_last_result): results are
+    channels-last when a 2-d convolution's input suggests it, as torch's are."""
+    from .autograd import _suggests_channels_last
+
+    return input.device.type == "cpu" and spatial_dims == 2 and input.dim() == 4 and _suggests_channels_last(input)
+
+
+def _empty_like_result(shape, input, spatial_dims, like=None):
+    like = input if like is None else like
+    if _channels_last_result(input, spatial_dims):
+        return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
+    return like.new_empty(shape)
 
 
 @torch.library.register_fake("manualgrad::conv_backward")
 def _conv_backward_fake(grad_output, input, weight, stride, padding, dilation, groups, output_mask):
     _checked_shape(ops.conv_backward_shape, (grad_output, input, weight), stride, padding, dilation, groups, output_mask)
     return (
-        input.new_empty(input.shape) if output_mask[0] else None,
-        weight.new_empty(weight.shape) if output_mask[1] else None,
+        _empty_like_result(input.shape, input, len(stride)) if output_mask[0] else None,
+        _empty_like_result(weight.shape, input, len(stride), like=weight) if output_mask[1] else None,
         grad_output.new_empty((weight.shape[0],)) if output_mask[2] else None,
     )
 

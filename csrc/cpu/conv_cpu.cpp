@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 namespace manualgrad {
 namespace {
@@ -309,6 +310,276 @@ at::Tensor column_workspace(const at::Tensor& input, const Geometry& g, const Bl
   return at::empty({is_pointwise(g) ? 0 : g.in_channels * g.win.kernel_h * g.win.kernel_w * width}, input.options());
 }
 
+// ---- Channels-last (NHWC) --------------------------------------------------------------------------------
+// A channels-last input is computed in its own layout, as torch's oneDNN does: the images are one
+// (N·H·W, C) matrix, a row of the columns holds one output position's taps, each a run of the group's
+// channels copied whole, and a 1×1 convolution is a product over the images as they lie. The results come
+// back channels-last, so a channels-last network pays no layout copies (they were 38% of MobileNetV2's
+// training step). Depthwise convolutions keep their NCHW kernels and convert (conv_*_cpu below).
+// Columns: rows are the batch's output positions (n, oh, ow); a row is groups × KH × KW × in_channels/groups,
+// each group's block contiguous and in the order of weight.permute(0, 2, 3, 1).
+
+constexpr int64_t kMinNhwcRows = 96;  // rows per task at least: narrower products lose more than they spread
+
+// Whether a conv's CPU results are channels-last: its input is (as torch decides for a convolution's
+// output, suggest_memory_format). _ops.py's fake kernels follow the same rule.
+bool channels_last_result(const at::Tensor& input, const Geometry& g) {
+  return g.spatial_dims == 2 && input.dim() == 4 && input.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+}
+
+// The row tiles of the NHWC products: rows of the output at most kMaxColumnElems columns wide each, cut
+// further so the columns fit the L2 (as the NCHW forward's cache tiles) while tiles keep 512 rows.
+Split nhwc_tiles(const Geometry& g, bool pointwise) {
+  const GroupDims d(g);
+  const int64_t rows = g.batch * d.positions, width = g.in_channels * d.taps;
+  int64_t forced = pointwise ? 1 : ceil_div(rows * width, kMaxColumnElems);
+  if (!pointwise) forced = std::max(forced, std::min(ceil_div(rows * width, kCacheColumnElems), rows / kMinCacheTileColumns));
+  return split(rows, kMinTasks, kMinNhwcRows, forced);
+}
+
+// Rows [r0, r1) of the columns into cols (row stride width).
+template <typename scalar_t>
+void im2col_nhwc(scalar_t* cols, const scalar_t* input, const Geometry& g, int64_t r0, int64_t r1) {
+  const Window2d& w = g.win;
+  const GroupDims d(g);
+  const int64_t width = g.in_channels * d.taps;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t n = r / d.positions, p = r % d.positions, oh = p / g.out_w, ow = p % g.out_w;
+    const scalar_t* image = input + n * g.in_h * g.in_w * g.in_channels;
+    scalar_t* row = cols + (r - r0) * width;
+    for (int64_t i = 0; i < w.kernel_h; ++i) {
+      const int64_t ih = oh * w.stride_h - w.pad_h + i * w.dilation_h;
+      for (int64_t j = 0; j < w.kernel_w; ++j) {
+        const int64_t iw = ow * w.stride_w - w.pad_w + j * w.dilation_w;
+        const bool inside = ih >= 0 && ih < g.in_h && iw >= 0 && iw < g.in_w;
+        const scalar_t* pixel = inside ? image + (ih * g.in_w + iw) * g.in_channels : nullptr;
+        for (int64_t grp = 0; grp < d.groups; ++grp) {
+          scalar_t* dst = row + grp * d.k_per_group + (i * w.kernel_w + j) * d.in_per_group;
+          if (pixel) std::copy_n(pixel + grp * d.in_per_group, d.in_per_group, dst);
+          else std::fill_n(dst, d.in_per_group, scalar_t(0));
+        }
+      }
+    }
+  }
+}
+
+// The mirror: positions [q0, q1) of one image's columns (row stride width) added into the image (H, W, C)
+// at the pixels they came from, in position order, then tap order.
+template <typename scalar_t>
+void col2im_nhwc_add(scalar_t* image, const scalar_t* cols, const Geometry& g, int64_t q0, int64_t q1) {
+  const Window2d& w = g.win;
+  const GroupDims d(g);
+  const int64_t width = g.in_channels * d.taps;
+  for (int64_t q = q0; q < q1; ++q) {
+    const int64_t oh = q / g.out_w, ow = q % g.out_w;
+    const scalar_t* row = cols + (q - q0) * width;
+    for (int64_t i = 0; i < w.kernel_h; ++i) {
+      const int64_t ih = oh * w.stride_h - w.pad_h + i * w.dilation_h;
+      if (ih < 0 || ih >= g.in_h) continue;
+      for (int64_t j = 0; j < w.kernel_w; ++j) {
+        const int64_t iw = ow * w.stride_w - w.pad_w + j * w.dilation_w;
+        if (iw < 0 || iw >= g.in_w) continue;
+        scalar_t* pixel = image + (ih * g.in_w + iw) * g.in_channels;
+        for (int64_t grp = 0; grp < d.groups; ++grp) {
+          const scalar_t* src = row + grp * d.k_per_group + (i * w.kernel_w + j) * d.in_per_group;
+          scalar_t* dst = pixel + grp * d.in_per_group;
+          for (int64_t c = 0; c < d.in_per_group; ++c) dst[c] += src[c];
+        }
+      }
+    }
+  }
+}
+
+// (C_out, KH, KW, C_in/g): each output channel's row of taps in the columns' order (a view of a
+// channels-last weight, a copy of any other).
+at::Tensor weight_rows_nhwc(const at::Tensor& weight) { return weight.permute({0, 2, 3, 1}).contiguous(); }
+
+at::Tensor conv_forward_nhwc(const at::Tensor& input_, const at::Tensor& weight_, const at::Tensor& bias,
+                             const Geometry& g) {
+  const GroupDims d(g);
+  const at::Tensor input = input_.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor weight = weight_rows_nhwc(weight_);
+  at::Tensor output =
+      at::empty(g.output_shape(g.out_channels), input.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const bool pointwise = is_pointwise(g);
+  const int64_t rows = g.batch * d.positions, width = g.in_channels * d.taps;
+  const Split tiles = nhwc_tiles(g, pointwise);
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_forward_nhwc", [&] {
+    const scalar_t* in = input.const_data_ptr<scalar_t>();
+    const scalar_t* wt = weight.const_data_ptr<scalar_t>();
+    const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* out = output.data_ptr<scalar_t>();
+    parallel_tasks(tiles.count, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> workspace(pointwise ? 0 : tiles.size * width);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t r0 = t * tiles.size, m = std::min(rows, r0 + tiles.size) - r0;
+        const scalar_t* cols = in + r0 * width;  // pointwise: the input rows themselves
+        if (!pointwise) {
+          im2col_nhwc(workspace.data(), in, g, r0, r0 + m);
+          cols = workspace.data();
+        }
+        scalar_t* c = out + r0 * g.out_channels;
+        if (b) {
+          for (int64_t r = 0; r < m; ++r) std::copy_n(b, g.out_channels, c + r * g.out_channels);
+        }
+        for (int64_t grp = 0; grp < d.groups; ++grp) {
+          gemm<scalar_t>(false, true, m, d.out_per_group, d.k_per_group, scalar_t(1), cols + grp * d.k_per_group, width,
+                         wt + grp * d.out_per_group * d.k_per_group, d.k_per_group, scalar_t(b ? 1 : 0),
+                         c + grp * d.out_per_group, g.out_channels);
+        }
+      }
+    });
+  });
+  return output;
+}
+
+// grad_input: per group, grad_columns = grad_output rows @ weight rows, then added back into the pixels.
+// Pointwise, that product is the input gradient itself. Otherwise each task owns whole images (windows of
+// neighbouring positions overlap), whose positions it takes in chunks of at most kMaxColumnElems columns.
+template <typename scalar_t>
+void conv_backward_input_nhwc(scalar_t* gi, const scalar_t* go, const scalar_t* wt, const Geometry& g) {
+  const GroupDims d(g);
+  const int64_t width = g.in_channels * d.taps;
+  if (is_pointwise(g)) {
+    const int64_t rows = g.batch * d.positions;
+    const Split tiles = nhwc_tiles(g, true);
+    parallel_tasks(tiles.count, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t r0 = t * tiles.size, m = std::min(rows, r0 + tiles.size) - r0;
+        for (int64_t grp = 0; grp < d.groups; ++grp)
+          gemm<scalar_t>(false, false, m, d.in_per_group, d.out_per_group, scalar_t(1),
+                         go + r0 * g.out_channels + grp * d.out_per_group, g.out_channels,
+                         wt + grp * d.out_per_group * d.k_per_group, d.k_per_group, scalar_t(0),
+                         gi + r0 * g.in_channels + grp * d.in_per_group, g.in_channels);
+      }
+    });
+    return;
+  }
+  const int64_t chunk = std::max<int64_t>(1, std::min(d.positions, kMaxColumnElems / width));
+  parallel_tasks(g.batch, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> workspace(chunk * width);
+    for (int64_t n = begin; n < end; ++n) {
+      scalar_t* image = gi + n * g.in_h * g.in_w * g.in_channels;
+      std::fill_n(image, g.in_h * g.in_w * g.in_channels, scalar_t(0));
+      for (int64_t q0 = 0; q0 < d.positions; q0 += chunk) {
+        const int64_t m = std::min(d.positions, q0 + chunk) - q0;
+        for (int64_t grp = 0; grp < d.groups; ++grp)
+          gemm<scalar_t>(false, false, m, d.k_per_group, d.out_per_group, scalar_t(1),
+                         go + (n * d.positions + q0) * g.out_channels + grp * d.out_per_group, g.out_channels,
+                         wt + grp * d.out_per_group * d.k_per_group, d.k_per_group, scalar_t(0),
+                         workspace.data() + grp * d.k_per_group, width);
+        col2im_nhwc_add(image, workspace.data(), g, q0, q0 + m);
+      }
+    }
+  });
+}
+
+// grad_weight rows (C_out, KH·KW·C_in/g) = per group, grad_output rows^T @ columns, summed over every
+// position. When the whole batch's columns fit one workspace they are built once and the tasks split the
+// output channels (no partial sums); otherwise tile t adds into partial slot t % slots, in tile order, and
+// the slots are added in slot order — the same plan as the NCHW weight gradient.
+template <typename scalar_t>
+void conv_backward_weight_nhwc(scalar_t* gw, const scalar_t* go, const scalar_t* in, const Geometry& g,
+                               const at::TensorOptions& options) {
+  const GroupDims d(g);
+  const bool pointwise = is_pointwise(g);
+  const int64_t rows = g.batch * d.positions, width = g.in_channels * d.taps;
+  const auto product = [&](scalar_t* out, const scalar_t* cols, int64_t r0, int64_t m, int64_t grp, int64_t first,
+                           int64_t count, scalar_t beta) {
+    gemm<scalar_t>(true, false, count, d.k_per_group, m, scalar_t(1), go + r0 * g.out_channels + first, g.out_channels,
+                   cols + grp * d.k_per_group, width, beta, out + first * d.k_per_group, d.k_per_group);
+  };
+  if (rows * width <= kMaxColumnElems) {
+    at::Tensor all_columns;
+    const scalar_t* cols = in;
+    if (!pointwise) {
+      all_columns = at::empty({rows * width}, options);
+      scalar_t* c = all_columns.data_ptr<scalar_t>();
+      const Split tiles = nhwc_tiles(g, false);
+      parallel_tasks(tiles.count, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t r0 = t * tiles.size, r1 = std::min(rows, r0 + tiles.size);
+          im2col_nhwc(c + r0 * width, in, g, r0, r1);
+        }
+      });
+      cols = c;
+    }
+    const Split chunks = split(d.out_per_group, ceil_div(kMinTasks, d.groups), kMinWeightRows, ceil_div(2, d.groups));
+    parallel_tasks(d.groups * chunks.count, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t grp = task / chunks.count, c0 = (task % chunks.count) * chunks.size;
+        const int64_t count = std::min(chunks.size, d.out_per_group - c0);
+        product(gw, cols, 0, rows, grp, grp * d.out_per_group + c0, count, scalar_t(0));
+      }
+    });
+    return;
+  }
+  const Split tiles = nhwc_tiles(g, pointwise);
+  const int64_t elems = g.out_channels * d.k_per_group;
+  const int64_t slots = std::max<int64_t>(1, std::min({tiles.count, kMaxSlots, kMaxPartialElems / elems}));
+  at::Tensor partial = at::zeros({slots, elems}, options);
+  scalar_t* parts = partial.data_ptr<scalar_t>();
+  parallel_tasks(slots, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> workspace(pointwise ? 0 : tiles.size * width);
+    for (int64_t slot = begin; slot < end; ++slot) {
+      for (int64_t t = slot; t < tiles.count; t += slots) {
+        const int64_t r0 = t * tiles.size, m = std::min(rows, r0 + tiles.size) - r0;
+        const scalar_t* cols = in + r0 * width;
+        if (!pointwise) {
+          im2col_nhwc(workspace.data(), in, g, r0, r0 + m);
+          cols = workspace.data();
+        }
+        for (int64_t grp = 0; grp < d.groups; ++grp)
+          product(parts + slot * elems, cols, r0, m, grp, grp * d.out_per_group, d.out_per_group, scalar_t(1));
+      }
+    }
+  });
+  std::copy_n(parts, elems, gw);
+  for (int64_t slot = 1; slot < slots; ++slot)
+    for (int64_t e = 0; e < elems; ++e) gw[e] += parts[slot * elems + e];
+}
+
+// grad_bias[c] = the sum of column c of grad_output's rows, in row order; tasks own channel ranges.
+template <typename scalar_t>
+void conv_backward_bias_nhwc(scalar_t* gb, const scalar_t* go, const Geometry& g) {
+  const int64_t rows = g.batch * g.out_h * g.out_w;
+  at::parallel_for(0, g.out_channels, 16, [&](int64_t begin, int64_t end) {
+    std::vector<double> sums(end - begin, 0.0);  // double: the sums run over batch × positions terms
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t* row = go + r * g.out_channels + begin;
+      for (int64_t c = 0; c < end - begin; ++c) sums[c] += row[c];
+    }
+    for (int64_t c = begin; c < end; ++c) gb[c] = static_cast<scalar_t>(sums[c - begin]);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_nhwc(const at::Tensor& grad_output_,
+                                                                  const at::Tensor& input_, const at::Tensor& weight_,
+                                                                  const Geometry& g, std::array<bool, 3> output_mask) {
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  const at::Tensor grad_output = grad_output_.contiguous(cl);
+  at::Tensor grad_input, grad_weight, grad_bias;
+  AT_DISPATCH_FLOATING_TYPES(input_.scalar_type(), "conv_backward_nhwc", [&] {
+    const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
+    if (output_mask[0]) {
+      const at::Tensor weight = weight_rows_nhwc(weight_);
+      grad_input = at::empty(input_.sizes(), input_.options().memory_format(cl));
+      conv_backward_input_nhwc(grad_input.data_ptr<scalar_t>(), go, weight.const_data_ptr<scalar_t>(), g);
+    }
+    if (output_mask[1]) {
+      const at::Tensor input = input_.contiguous(cl);
+      grad_weight = at::empty(weight_.sizes(), weight_.options().memory_format(cl));  // (C_out, KH, KW, C_in/g) in memory
+      conv_backward_weight_nhwc(grad_weight.data_ptr<scalar_t>(), go, input.const_data_ptr<scalar_t>(), g,
+                                input.options());
+    }
+    if (output_mask[2]) {
+      grad_bias = at::empty({g.out_channels}, grad_output.options());
+      conv_backward_bias_nhwc(grad_bias.data_ptr<scalar_t>(), go, g);
+    }
+  });
+  return {grad_input, grad_weight, grad_bias};
+}
+
 at::Tensor conv_forward_cpu(const at::Tensor& input_, const at::Tensor& weight_, const std::optional<at::Tensor>& bias,
                             c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
                             int64_t groups) {
@@ -319,6 +590,12 @@ at::Tensor conv_forward_cpu(const at::Tensor& input_, const at::Tensor& weight_,
     const std::optional<at::Tensor> bias_f = bias.has_value() && bias->defined() ? std::optional(f(*bias)) : std::nullopt;
     return conv_forward_cpu(f(input_), f(weight_), bias_f, stride, padding, dilation, groups).to(input_.scalar_type());
   }
+  const bool channels_last = channels_last_result(input_, g);
+  if (channels_last && !is_depthwise(g) && !g.empty())
+    return conv_forward_nhwc(input_, weight_, bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor(), g);
+  if (channels_last)  // depthwise: the NCHW kernel, its result laid out as promised
+    return conv_forward_cpu(input_.contiguous(), weight_, bias, stride, padding, dilation, groups)
+        .contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor input = input_.contiguous();  // (N, C_in, H, W)
   const GroupDims d(g);
   const at::Tensor weight = weight_.contiguous().view({g.out_channels, d.k_per_group});  // (C_out, K/g)
@@ -490,6 +767,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
     auto grads = conv_backward_cpu(f(grad_output_), f(input_), f(weight_), stride, padding, dilation, groups, output_mask);
     const auto back = [&](const at::Tensor& t) { return t.defined() ? t.to(input_.scalar_type()) : t; };
     return {back(std::get<0>(grads)), back(std::get<1>(grads)), back(std::get<2>(grads))};
+  }
+  if (channels_last_result(input_, g) && !is_depthwise(g) && !g.empty())
+    return conv_backward_nhwc(grad_output_, input_, weight_, g, output_mask);
+  if (channels_last_result(input_, g)) {  // depthwise or empty: the NCHW kernels, results laid out as promised
+    auto grads = conv_backward_cpu(grad_output_, input_.contiguous(), weight_, stride, padding, dilation, groups,
+                                   output_mask);
+    const auto cl = [](const at::Tensor& t) { return t.defined() ? t.contiguous(at::MemoryFormat::ChannelsLast) : t; };
+    return {cl(std::get<0>(grads)), cl(std::get<1>(grads)), std::get<2>(grads)};
   }
   const at::Tensor grad_output = grad_output_.contiguous();  // (N, C_out, OH, OW)
   at::Tensor grad_input, grad_weight, grad_bias;

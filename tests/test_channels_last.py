@@ -1,0 +1,100 @@
+"""The CPU's channels-last (NHWC) convolution path (csrc/cpu/conv_cpu.cpp, conv_*_nhwc): a channels-last input
+is computed in its own layout and the results come back channels-last. Values and gradients against torch's
+float64 results, gradcheck, the layouts against the fake kernels', bit-identical across thread counts."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.library import opcheck
+
+import torch_manualgrad as tmg
+from common import ConvCase
+
+CL = torch.channels_last
+ops = torch.ops.manualgrad
+
+# Every branch of the NHWC path: im2col tiles, the whole-batch weight gradient and its partial slots, pointwise
+# products (tiles of rows across images), groups, stride, dilation, padding, no bias, and the depthwise
+# layer that keeps its NCHW kernel.
+CASES = [
+    ConvCase(2, 3, 8, 12, (3, 3), (11, 10), padding=1),
+    ConvCase(2, 2, 6, 4, (3, 2), (13, 12), stride=(2, 1), padding=(1, 0), dilation=(1, 2), bias=False),
+    ConvCase(2, 2, 8, 12, (3, 3), (9, 9), padding=1, groups=4),
+    ConvCase(2, 4, 16, 24, (1, 1), (20, 21)),  # pointwise
+    ConvCase(2, 3, 8, 16, (1, 1), (15, 15), stride=2),  # 1x1 strided: columns
+    ConvCase(2, 2, 8, 8, (3, 3), (12, 12), padding=1, groups=8),  # depthwise: NCHW kernel, converted
+    ConvCase(2, 2, 16, 32, (3, 3), (96, 96), padding=1),  # columns beyond one workspace: partial slots
+    ConvCase(2, 1, 3, 8, (4, 4), (32, 32), stride=4),  # a ConvNeXt stem
+    ConvCase(2, 2, 5, 7, (3, 3), (2, 2), padding=2),  # windows mostly in the padding
+]
+
+
+def _cl_tensors(case, dtype, seed):
+    x, w, b = case.make_tensors("cpu", dtype, requires_grad=False, seed=seed)
+    x = x.contiguous(memory_format=CL).requires_grad_()
+    w = w.contiguous(memory_format=CL).requires_grad_()
+    return x, w, (b.requires_grad_() if b is not None else None)
+
+
+def _normwise(t, truth):
+    return ((t.double() - truth).norm() / truth.norm().clamp_min(1e-300)).item()
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_channels_last_values_and_gradients(case):
+    x, w, b = _cl_tensors(case, torch.float32, seed=1)
+    go = case.make_grad_output("cpu", torch.float32, seed=2).contiguous(memory_format=CL)
+    leaves = [t for t in (x, w, b) if t is not None]
+    ours = tmg.functional.conv2d(x, w, b, **case.kwargs())
+    theirs = F.conv2d(x, w, b, **case.kwargs())
+    wide = [t.detach().double().requires_grad_() for t in leaves]
+    truth = F.conv2d(*wide, **case.kwargs()) if b is not None else F.conv2d(wide[0], wide[1], None, **case.kwargs())
+    results = [(ours, theirs, truth)]
+    results += zip(torch.autograd.grad(ours, leaves, go), torch.autograd.grad(theirs, leaves, go),
+                   torch.autograd.grad(truth, wide, go.double()))
+    for o, t, exact in results:
+        # torch's memory format (strides may differ on a dimension of size 1, where both formats apply)
+        assert o.is_contiguous(memory_format=CL) == t.is_contiguous(memory_format=CL)
+        assert o.is_contiguous() == t.is_contiguous()
+        assert _normwise(o, exact) <= 4 * _normwise(t, exact) + 8 * torch.finfo(torch.float32).eps
+
+
+@pytest.mark.parametrize("case", CASES[:6], ids=str)
+def test_ops_return_channels_last_and_match_their_fake_kernels(case):
+    x, w, b = _cl_tensors(case, torch.float64, seed=3)
+    def pair(v):
+        return list(v) if isinstance(v, tuple) else [v, v]
+
+    args = (pair(case.stride), pair(case.padding), pair(case.dilation), case.groups)
+    out = ops.conv_forward(x, w, b, *args)
+    assert out.is_contiguous(memory_format=CL)
+    go = torch.randn_like(out)
+    grads = ops.conv_backward(go, x, w, *args, [True, True, True])
+    assert grads[0].is_contiguous(memory_format=CL) and grads[1].is_contiguous(memory_format=CL)
+    opcheck(ops.conv_forward, (x.detach(), w.detach(), b, *args))
+    opcheck(ops.conv_backward, (go, x.detach(), w.detach(), *args, [True, True, True]))
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3], CASES[4]], ids=str)
+def test_channels_last_gradcheck(case):
+    small = ConvCase(2, 2, case.in_channels, case.out_channels, case.kernel_size, (6, 5), case.stride,
+                     case.padding, case.dilation, case.groups, case.bias)
+    x, w, b = _cl_tensors(small, torch.float64, seed=4)
+    inputs = tuple(t for t in (x, w, b) if t is not None)
+    fn = (lambda x, w, b: tmg.functional.conv2d(x, w, b, **small.kwargs())) if b is not None else \
+        (lambda x, w: tmg.functional.conv2d(x, w, None, **small.kwargs()))
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_channels_last_bit_identical_across_thread_counts(case, restore_num_threads):
+    results = []
+    for threads in (1, 2, 3, 8):
+        torch.set_num_threads(threads)
+        x, w, b = _cl_tensors(case, torch.float32, seed=5)
+        out = tmg.functional.conv2d(x, w, b, **case.kwargs())
+        go = case.make_grad_output("cpu", torch.float32, seed=6).contiguous(memory_format=CL)
+        results.append([out.detach(), *torch.autograd.grad(out, [t for t in (x, w, b) if t is not None], go)])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
