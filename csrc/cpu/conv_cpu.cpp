@@ -337,29 +337,37 @@ Split nhwc_tiles(const Geometry& g, bool pointwise) {
   return split(rows, kMinTasks, kMinNhwcRows, forced);
 }
 
+// f(tap, pixel) for each tap (i, j) of the window at output position (oh, ow), tap = i * KW + j: pixel is the
+// index (ih * W + iw) of the input pixel it sees, or -1 where it falls in the padding.
+template <typename F>
+void for_each_tap(const Geometry& g, int64_t oh, int64_t ow, const F& f) {
+  const Window2d& w = g.win;
+  for (int64_t i = 0; i < w.kernel_h; ++i) {
+    const int64_t ih = oh * w.stride_h - w.pad_h + i * w.dilation_h;
+    for (int64_t j = 0; j < w.kernel_w; ++j) {
+      const int64_t iw = ow * w.stride_w - w.pad_w + j * w.dilation_w;
+      const bool inside = ih >= 0 && ih < g.in_h && iw >= 0 && iw < g.in_w;
+      f(i * w.kernel_w + j, inside ? ih * g.in_w + iw : int64_t(-1));
+    }
+  }
+}
+
 // Rows [r0, r1) of the columns into cols (row stride width).
 template <typename scalar_t>
 void im2col_nhwc(scalar_t* cols, const scalar_t* input, const Geometry& g, int64_t r0, int64_t r1) {
-  const Window2d& w = g.win;
   const GroupDims d(g);
   const int64_t width = g.in_channels * d.taps;
   for (int64_t r = r0; r < r1; ++r) {
-    const int64_t n = r / d.positions, p = r % d.positions, oh = p / g.out_w, ow = p % g.out_w;
+    const int64_t n = r / d.positions, p = r % d.positions;
     const scalar_t* image = input + n * g.in_h * g.in_w * g.in_channels;
     scalar_t* row = cols + (r - r0) * width;
-    for (int64_t i = 0; i < w.kernel_h; ++i) {
-      const int64_t ih = oh * w.stride_h - w.pad_h + i * w.dilation_h;
-      for (int64_t j = 0; j < w.kernel_w; ++j) {
-        const int64_t iw = ow * w.stride_w - w.pad_w + j * w.dilation_w;
-        const bool inside = ih >= 0 && ih < g.in_h && iw >= 0 && iw < g.in_w;
-        const scalar_t* pixel = inside ? image + (ih * g.in_w + iw) * g.in_channels : nullptr;
-        for (int64_t grp = 0; grp < d.groups; ++grp) {
-          scalar_t* dst = row + grp * d.k_per_group + (i * w.kernel_w + j) * d.in_per_group;
-          if (pixel) std::copy_n(pixel + grp * d.in_per_group, d.in_per_group, dst);
-          else std::fill_n(dst, d.in_per_group, scalar_t(0));
-        }
+    for_each_tap(g, p / g.out_w, p % g.out_w, [&](int64_t tap, int64_t pixel) {
+      for (int64_t grp = 0; grp < d.groups; ++grp) {
+        scalar_t* dst = row + grp * d.k_per_group + tap * d.in_per_group;
+        if (pixel >= 0) std::copy_n(image + pixel * g.in_channels + grp * d.in_per_group, d.in_per_group, dst);
+        else std::fill_n(dst, d.in_per_group, scalar_t(0));
       }
-    }
+    });
   }
 }
 
@@ -367,26 +375,18 @@ void im2col_nhwc(scalar_t* cols, const scalar_t* input, const Geometry& g, int64
 // at the pixels they came from, in position order, then tap order.
 template <typename scalar_t>
 void col2im_nhwc_add(scalar_t* image, const scalar_t* cols, const Geometry& g, int64_t q0, int64_t q1) {
-  const Window2d& w = g.win;
   const GroupDims d(g);
   const int64_t width = g.in_channels * d.taps;
   for (int64_t q = q0; q < q1; ++q) {
-    const int64_t oh = q / g.out_w, ow = q % g.out_w;
     const scalar_t* row = cols + (q - q0) * width;
-    for (int64_t i = 0; i < w.kernel_h; ++i) {
-      const int64_t ih = oh * w.stride_h - w.pad_h + i * w.dilation_h;
-      if (ih < 0 || ih >= g.in_h) continue;
-      for (int64_t j = 0; j < w.kernel_w; ++j) {
-        const int64_t iw = ow * w.stride_w - w.pad_w + j * w.dilation_w;
-        if (iw < 0 || iw >= g.in_w) continue;
-        scalar_t* pixel = image + (ih * g.in_w + iw) * g.in_channels;
-        for (int64_t grp = 0; grp < d.groups; ++grp) {
-          const scalar_t* src = row + grp * d.k_per_group + (i * w.kernel_w + j) * d.in_per_group;
-          scalar_t* dst = pixel + grp * d.in_per_group;
-          for (int64_t c = 0; c < d.in_per_group; ++c) dst[c] += src[c];
-        }
+    for_each_tap(g, q / g.out_w, q % g.out_w, [&](int64_t tap, int64_t pixel) {
+      if (pixel < 0) return;
+      for (int64_t grp = 0; grp < d.groups; ++grp) {
+        const scalar_t* src = row + grp * d.k_per_group + tap * d.in_per_group;
+        scalar_t* dst = image + pixel * g.in_channels + grp * d.in_per_group;
+        for (int64_t c = 0; c < d.in_per_group; ++c) dst[c] += src[c];
       }
-    }
+    });
   }
 }
 
