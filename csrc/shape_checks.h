@@ -240,6 +240,22 @@ struct GroupDims {
         positions(g.out_h * g.out_w) {}
 };
 
+// f(tap, pixel) for each tap (i, j) of the window at output position (oh, ow), tap = i * KW + j: pixel is the
+// index (ih * W + iw) of the input pixel it sees, or -1 where it falls in the padding. (The CPU's
+// channels-last kernels walk windows this way.)
+template <typename F>
+void for_each_tap(const Geometry& g, int64_t oh, int64_t ow, const F& f) {
+  const Window2d& w = g.win;
+  for (int64_t i = 0; i < w.kernel_h; ++i) {
+    const int64_t ih = oh * w.stride_h - w.pad_h + i * w.dilation_h;
+    for (int64_t j = 0; j < w.kernel_w; ++j) {
+      const int64_t iw = ow * w.stride_w - w.pad_w + j * w.dilation_w;
+      const bool inside = ih >= 0 && ih < g.in_h && iw >= 0 && iw < g.in_w;
+      f(i * w.kernel_w + j, inside ? ih * g.in_w + iw : int64_t(-1));
+    }
+  }
+}
+
 // A 1×1, stride-1, unpadded convolution is a plain matrix product on the image itself: no im2col.
 inline bool is_pointwise(const Geometry& g) {
   const Window2d& w = g.win;

@@ -21,7 +21,10 @@ CASES = [
     ConvCase(2, 2, 8, 12, (3, 3), (9, 9), padding=1, groups=4),
     ConvCase(2, 4, 16, 24, (1, 1), (20, 21)),  # pointwise
     ConvCase(2, 3, 8, 16, (1, 1), (15, 15), stride=2),  # 1x1 strided: columns
-    ConvCase(2, 2, 8, 8, (3, 3), (12, 12), padding=1, groups=8),  # depthwise: NCHW kernel, converted
+    ConvCase(2, 2, 8, 8, (3, 3), (12, 12), padding=1, groups=8),  # depthwise: its direct NHWC kernel
+    ConvCase(2, 3, 70, 70, (7, 7), (9, 8), padding=3, groups=70),  # ConvNeXt's: channel blocks of 64 and a rest
+    ConvCase(2, 2, 6, 6, (3, 3), (11, 11), stride=2, padding=1, dilation=2, groups=6, bias=False),
+    ConvCase(2, 2, 4, 8, (3, 3), (10, 10), padding=1, groups=4),  # multiplier 2: the NCHW kernel, converted
     ConvCase(2, 2, 16, 32, (3, 3), (96, 96), padding=1),  # columns beyond one workspace: partial slots
     ConvCase(2, 1, 3, 8, (4, 4), (32, 32), stride=4),  # a ConvNeXt stem
     ConvCase(2, 2, 5, 7, (3, 3), (2, 2), padding=2),  # windows mostly in the padding
@@ -58,7 +61,7 @@ def test_channels_last_values_and_gradients(case):
         assert _normwise(o, exact) <= 4 * _normwise(t, exact) + 8 * torch.finfo(torch.float32).eps
 
 
-@pytest.mark.parametrize("case", CASES[:6], ids=str)
+@pytest.mark.parametrize("case", CASES[:9], ids=str)
 def test_ops_return_channels_last_and_match_their_fake_kernels(case):
     x, w, b = _cl_tensors(case, torch.float64, seed=3)
     def pair(v):
@@ -74,7 +77,7 @@ def test_ops_return_channels_last_and_match_their_fake_kernels(case):
     opcheck(ops.conv_backward, (go, x.detach(), w.detach(), *args, [True, True, True]))
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3], CASES[4]], ids=str)
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3], CASES[4], CASES[5], CASES[7]], ids=str)
 def test_channels_last_gradcheck(case):
     small = ConvCase(2, 2, case.in_channels, case.out_channels, case.kernel_size, (6, 5), case.stride,
                      case.padding, case.dilation, case.groups, case.bias)

@@ -315,7 +315,8 @@ at::Tensor column_workspace(const at::Tensor& input, const Geometry& g, const Bl
 // (N·H·W, C) matrix, a row of the columns holds one output position's taps, each a run of the group's
 // channels copied whole, and a 1×1 convolution is a product over the images as they lie. The results come
 // back channels-last, so a channels-last network pays no layout copies (they were 38% of MobileNetV2's
-// training step). Depthwise convolutions keep their NCHW kernels and convert (conv_*_cpu below).
+// training step). Depthwise convolutions of multiplier 1 have direct NHWC kernels (depthwise_cpu.cpp); other
+// multipliers keep their NCHW kernels and convert (conv_*_cpu below).
 // Columns: rows are the batch's output positions (n, oh, ow); a row is groups × KH × KW × in_channels/groups,
 // each group's block contiguous and in the order of weight.permute(0, 2, 3, 1).
 
@@ -335,21 +336,6 @@ Split nhwc_tiles(const Geometry& g, bool pointwise) {
   int64_t forced = pointwise ? 1 : ceil_div(rows * width, kMaxColumnElems);
   if (!pointwise) forced = std::max(forced, std::min(ceil_div(rows * width, kCacheColumnElems), rows / kMinCacheTileColumns));
   return split(rows, kMinTasks, kMinNhwcRows, forced);
-}
-
-// f(tap, pixel) for each tap (i, j) of the window at output position (oh, ow), tap = i * KW + j: pixel is the
-// index (ih * W + iw) of the input pixel it sees, or -1 where it falls in the padding.
-template <typename F>
-void for_each_tap(const Geometry& g, int64_t oh, int64_t ow, const F& f) {
-  const Window2d& w = g.win;
-  for (int64_t i = 0; i < w.kernel_h; ++i) {
-    const int64_t ih = oh * w.stride_h - w.pad_h + i * w.dilation_h;
-    for (int64_t j = 0; j < w.kernel_w; ++j) {
-      const int64_t iw = ow * w.stride_w - w.pad_w + j * w.dilation_w;
-      const bool inside = ih >= 0 && ih < g.in_h && iw >= 0 && iw < g.in_w;
-      f(i * w.kernel_w + j, inside ? ih * g.in_w + iw : int64_t(-1));
-    }
-  }
 }
 
 // Rows [r0, r1) of the columns into cols (row stride width).
@@ -401,6 +387,10 @@ at::Tensor conv_forward_nhwc(const at::Tensor& input_, const at::Tensor& weight_
   const at::Tensor weight = weight_rows_nhwc(weight_);
   at::Tensor output =
       at::empty(g.output_shape(g.out_channels), input.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (is_depthwise(g)) {  // multiplier 1 (nhwc_supported): the direct kernel
+    depthwise_forward_nhwc_cpu(output, input, weight_.contiguous(), bias, g);
+    return output;
+  }
   const bool pointwise = is_pointwise(g);
   const int64_t rows = g.batch * d.positions, width = g.in_channels * d.taps;
   const Split tiles = nhwc_tiles(g, pointwise);
@@ -562,15 +552,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_nhwc(const at::Tens
   AT_DISPATCH_FLOATING_TYPES(input_.scalar_type(), "conv_backward_nhwc", [&] {
     const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
     if (output_mask[0]) {
-      const at::Tensor weight = weight_rows_nhwc(weight_);
       grad_input = at::empty(input_.sizes(), input_.options().memory_format(cl));
-      conv_backward_input_nhwc(grad_input.data_ptr<scalar_t>(), go, weight.const_data_ptr<scalar_t>(), g);
+      if (is_depthwise(g)) {
+        depthwise_backward_input_nhwc_cpu(grad_input, grad_output, weight_.contiguous(), g);
+      } else {
+        const at::Tensor weight = weight_rows_nhwc(weight_);
+        conv_backward_input_nhwc(grad_input.data_ptr<scalar_t>(), go, weight.const_data_ptr<scalar_t>(), g);
+      }
     }
     if (output_mask[1]) {
       const at::Tensor input = input_.contiguous(cl);
       grad_weight = at::empty(weight_.sizes(), weight_.options().memory_format(cl));  // (C_out, KH, KW, C_in/g) in memory
-      conv_backward_weight_nhwc(grad_weight.data_ptr<scalar_t>(), go, input.const_data_ptr<scalar_t>(), g,
-                                input.options());
+      if (is_depthwise(g)) {
+        depthwise_backward_weight_nhwc_cpu(grad_weight, grad_output, input, g);
+      } else {
+        conv_backward_weight_nhwc(grad_weight.data_ptr<scalar_t>(), go, input.const_data_ptr<scalar_t>(), g,
+                                  input.options());
+      }
     }
     if (output_mask[2]) {
       grad_bias = at::empty({g.out_channels}, grad_output.options());
@@ -591,9 +589,9 @@ at::Tensor conv_forward_cpu(const at::Tensor& input_, const at::Tensor& weight_,
     return conv_forward_cpu(f(input_), f(weight_), bias_f, stride, padding, dilation, groups).to(input_.scalar_type());
   }
   const bool channels_last = channels_last_result(input_, g);
-  if (channels_last && !is_depthwise(g) && !g.empty())
+  if (channels_last && !g.empty() && (!is_depthwise(g) || depthwise_nhwc_supported(g)))
     return conv_forward_nhwc(input_, weight_, bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor(), g);
-  if (channels_last)  // depthwise: the NCHW kernel, its result laid out as promised
+  if (channels_last)  // depthwise with a channel multiplier: the NCHW kernel, its result laid out as promised
     return conv_forward_cpu(input_.contiguous(), weight_, bias, stride, padding, dilation, groups)
         .contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor input = input_.contiguous();  // (N, C_in, H, W)
@@ -768,9 +766,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
     const auto back = [&](const at::Tensor& t) { return t.defined() ? t.to(input_.scalar_type()) : t; };
     return {back(std::get<0>(grads)), back(std::get<1>(grads)), back(std::get<2>(grads))};
   }
-  if (channels_last_result(input_, g) && !is_depthwise(g) && !g.empty())
+  if (channels_last_result(input_, g) && !g.empty() && (!is_depthwise(g) || depthwise_nhwc_supported(g)))
     return conv_backward_nhwc(grad_output_, input_, weight_, g, output_mask);
-  if (channels_last_result(input_, g)) {  // depthwise or empty: the NCHW kernels, results laid out as promised
+  if (channels_last_result(input_, g)) {  // depthwise with a multiplier: the NCHW kernels, results laid out as promised
     auto grads = conv_backward_cpu(grad_output_, input_.contiguous(), weight_, stride, padding, dilation, groups,
                                    output_mask);
     const auto cl = [](const at::Tensor& t) { return t.defined() ? t.contiguous(at::MemoryFormat::ChannelsLast) : t; };

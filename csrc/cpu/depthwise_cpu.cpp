@@ -67,6 +67,21 @@ MANUALGRAD_VECTOR_CLONES void dot_row(scalar_t* __restrict acc, const scalar_t* 
 }
 
 #if defined(__GNUC__) && !defined(__clang__)
+
+// Channel vectors of a channels-last pixel (the NHWC kernels below): out[c] += w[c] * in[c].
+template <typename scalar_t>
+MANUALGRAD_VECTOR_CLONES void axpy_channels(scalar_t* __restrict out, const scalar_t* __restrict in,
+                                            const scalar_t* __restrict w, int64_t count) {
+  for (int64_t c = 0; c < count; ++c) out[c] += w[c] * in[c];
+}
+
+// acc[c] += grad[c] * in[c], summed in double: one weight-gradient entry collects batch × positions terms.
+template <typename scalar_t>
+MANUALGRAD_VECTOR_CLONES void dot_channels(double* __restrict acc, const scalar_t* __restrict grad,
+                                           const scalar_t* __restrict in, int64_t count) {
+  for (int64_t c = 0; c < count; ++c) acc[c] += double(grad[c]) * double(in[c]);
+}
+
 #pragma GCC pop_options
 #endif
 
@@ -324,7 +339,118 @@ void backward_weight_kernel(scalar_t* grad_weight, const scalar_t* grad_out, con
   });
 }
 
+
+// ---- Channels-last (NHWC), channel multiplier 1 ---------------------------------------------------------
+// Input (N, H, W, C), output (N, OH, OW, C), weight as (KH·KW, C) rows (one per tap, transposed once): each
+// output pixel is its bias plus, tap by tap in order, the tap's weights times the pixel it sees, a whole
+// vector of channels at a time. Taps in the padding are skipped, as torch's kernels do.
+
+constexpr int64_t kChannelBlock = 64;  // channels per task of the NHWC weight gradient
+
+template <typename scalar_t>
+void forward_nhwc_kernel(scalar_t* out, const scalar_t* in, const scalar_t* wt, const scalar_t* bias,
+                         const Geometry& g) {
+  const int64_t C = g.in_channels;
+  // Tasks own output rows (n, oh), so each output is computed whole by one task in one order.
+  at::parallel_for(0, g.batch * g.out_h, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / g.out_h, oh = row % g.out_h;
+      const scalar_t* image = in + n * g.in_h * g.in_w * C;
+      for (int64_t ow = 0; ow < g.out_w; ++ow) {
+        scalar_t* o = out + (row * g.out_w + ow) * C;
+        if (bias) std::copy_n(bias, C, o);
+        else std::fill_n(o, C, scalar_t(0));
+        for_each_tap(g, oh, ow, [&](int64_t tap, int64_t pixel) {
+          if (pixel >= 0) axpy_channels(o, image + pixel * C, wt + tap * C, C);
+        });
+      }
+    }
+  });
+}
+
+// grad_input: each output pixel's gradient, times each tap's weights, added into the pixel the tap saw.
+// Tasks own whole images (windows overlap), and walk them in position order.
+template <typename scalar_t>
+void backward_input_nhwc_kernel(scalar_t* gi, const scalar_t* go, const scalar_t* wt, const Geometry& g) {
+  const int64_t C = g.in_channels;
+  at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      scalar_t* image = gi + n * g.in_h * g.in_w * C;
+      std::fill_n(image, g.in_h * g.in_w * C, scalar_t(0));
+      for (int64_t oh = 0; oh < g.out_h; ++oh) {
+        for (int64_t ow = 0; ow < g.out_w; ++ow) {
+          const scalar_t* grad = go + ((n * g.out_h + oh) * g.out_w + ow) * C;
+          for_each_tap(g, oh, ow, [&](int64_t tap, int64_t pixel) {
+            if (pixel >= 0) axpy_channels(image + pixel * C, grad, wt + tap * C, C);
+          });
+        }
+      }
+    }
+  });
+}
+
+// grad_weight (KH·KW, C): per tap, the sum over every image and position of grad_output times the pixel the
+// tap saw, in double, in position order; tasks own blocks of kChannelBlock channels (the split is the
+// shapes', and each sum's order is the same for any split).
+template <typename scalar_t>
+void backward_weight_nhwc_kernel(scalar_t* gw, const scalar_t* go, const scalar_t* in, const Geometry& g) {
+  const int64_t C = g.in_channels, taps = g.win.kernel_h * g.win.kernel_w;
+  at::parallel_for(0, ceil_div(C, kChannelBlock), 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> acc(taps * kChannelBlock);
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t c0 = block * kChannelBlock, cb = std::min(C, c0 + kChannelBlock) - c0;
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int64_t n = 0; n < g.batch; ++n) {
+        const scalar_t* image = in + n * g.in_h * g.in_w * C + c0;
+        for (int64_t oh = 0; oh < g.out_h; ++oh) {
+          for (int64_t ow = 0; ow < g.out_w; ++ow) {
+            const scalar_t* grad = go + ((n * g.out_h + oh) * g.out_w + ow) * C + c0;
+            for_each_tap(g, oh, ow, [&](int64_t tap, int64_t pixel) {
+              if (pixel >= 0) dot_channels(acc.data() + tap * kChannelBlock, grad, image + pixel * C, cb);
+            });
+          }
+        }
+      }
+      for (int64_t tap = 0; tap < taps; ++tap)
+        for (int64_t c = 0; c < cb; ++c) gw[tap * C + c0 + c] = static_cast<scalar_t>(acc[tap * kChannelBlock + c]);
+    }
+  });
+}
+
 }  // namespace
+
+bool depthwise_nhwc_supported(const Geometry& g) { return is_depthwise(g) && g.out_channels == g.in_channels; }
+
+void depthwise_forward_nhwc_cpu(at::Tensor& output, const at::Tensor& input, const at::Tensor& weight,
+                                const at::Tensor& bias, const Geometry& g) {
+  const int64_t taps = g.win.kernel_h * g.win.kernel_w;
+  const at::Tensor wt = weight.reshape({g.out_channels, taps}).t().contiguous();  // (taps, C)
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "depthwise_forward_nhwc_cpu", [&] {
+    forward_nhwc_kernel(output.data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(), wt.const_data_ptr<scalar_t>(),
+                        bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, g);
+  });
+}
+
+void depthwise_backward_input_nhwc_cpu(at::Tensor& grad_input, const at::Tensor& grad_output,
+                                       const at::Tensor& weight, const Geometry& g) {
+  const int64_t taps = g.win.kernel_h * g.win.kernel_w;
+  const at::Tensor wt = weight.reshape({g.out_channels, taps}).t().contiguous();
+  AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "depthwise_backward_input_nhwc_cpu", [&] {
+    backward_input_nhwc_kernel(grad_input.data_ptr<scalar_t>(), grad_output.const_data_ptr<scalar_t>(),
+                               wt.const_data_ptr<scalar_t>(), g);
+  });
+}
+
+void depthwise_backward_weight_nhwc_cpu(at::Tensor& grad_weight, const at::Tensor& grad_output,
+                                        const at::Tensor& input, const Geometry& g) {
+  const int64_t taps = g.win.kernel_h * g.win.kernel_w;
+  at::Tensor gw = at::empty({taps, g.out_channels}, grad_weight.options());
+  AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "depthwise_backward_weight_nhwc_cpu", [&] {
+    backward_weight_nhwc_kernel(gw.data_ptr<scalar_t>(), grad_output.const_data_ptr<scalar_t>(),
+                                input.const_data_ptr<scalar_t>(), g);
+  });
+  grad_weight.copy_(gw.t().reshape(grad_weight.sizes()));
+}
 
 void depthwise_forward_cpu(at::Tensor& output, const at::Tensor& input, const at::Tensor& weight,
                            const at::Tensor& bias, const Geometry& g) {

@@ -15,4 +15,14 @@ void depthwise_backward_input_cpu(at::Tensor& grad_input, const at::Tensor& grad
 void depthwise_backward_weight_cpu(at::Tensor& grad_weight, const at::Tensor& grad_output, const at::Tensor& input,
                                    const Geometry& g);
 
+// Channels-last (NHWC) tensors, channel multiplier 1 (depthwise_nhwc_supported): input (N, H, W, C) memory,
+// output and grad_input likewise; weight and grad_weight in their (C, 1, KH, KW) shape.
+bool depthwise_nhwc_supported(const Geometry& g);
+void depthwise_forward_nhwc_cpu(at::Tensor& output, const at::Tensor& input, const at::Tensor& weight,
+                                const at::Tensor& bias, const Geometry& g);
+void depthwise_backward_input_nhwc_cpu(at::Tensor& grad_input, const at::Tensor& grad_output,
+                                       const at::Tensor& weight, const Geometry& g);
+void depthwise_backward_weight_nhwc_cpu(at::Tensor& grad_weight, const at::Tensor& grad_output,
+                                        const at::Tensor& input, const Geometry& g);
+
 }  // namespace manualgrad
