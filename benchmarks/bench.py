@@ -378,14 +378,7 @@ def errors(pair):
 def describe_machine(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return tmg._blas.cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 # ---------------------------------------------------------------------------

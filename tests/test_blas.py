@@ -34,14 +34,31 @@ def _cpu_flags():
     return set()
 
 
-def test_openblas_is_what_make_test_installs():
-    """The Makefile installs scipy-openblas32; without it the kernels would quietly run torch's BLAS."""
-    assert _blas.blas().startswith("OpenBLAS"), _blas.blas()
+def test_auto_takes_mkl_on_intel_and_openblas_elsewhere():
+    """The Makefile installs scipy-openblas32; auto runs it except where torch's BLAS is MKL on an Intel CPU
+    (MKL is faster there, and slower on AMD). Without the wheel the kernels would quietly run torch's BLAS."""
+    with open("/proc/cpuinfo") as f:
+        intel = "GenuineIntel" in f.read()
+    if intel and torch.backends.mkl.is_available():
+        assert _blas.auto_choice() == "torch"
+        assert _blas.blas() == "torch's BLAS (MKL, at::mm)", _blas.blas()
+    else:
+        assert _blas.auto_choice() == "openblas"
+        assert _blas.blas().startswith("OpenBLAS"), _blas.blas()
+
+
+def test_openblas_runs_the_kernels_for_this_cpu():
+    _blas.use("openblas")
+    try:
+        name = _blas.blas()
+    finally:
+        _blas.use("auto")
+    assert name.startswith("OpenBLAS"), name
     flags = _cpu_flags()
     if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
-        assert "SkylakeX" in _blas.blas()
+        assert "SkylakeX" in name
     elif {"avx2", "fma"} <= flags:
-        assert "Haswell" in _blas.blas()
+        assert "Haswell" in name
 
 
 def test_the_users_openblas_settings_are_left_alone():
@@ -56,7 +73,7 @@ def test_the_users_openblas_settings_are_left_alone():
         "assert os.environ.get('OPENBLAS_CORETYPE') == 'Haswell'\n"
         "print(torch_manualgrad._blas.blas())\n"
     )
-    env = dict(os.environ, OPENBLAS_CORETYPE="Haswell")
+    env = dict(os.environ, OPENBLAS_CORETYPE="Haswell", TORCH_MANUALGRAD_BLAS="openblas")
     env.pop("OPENBLAS_NUM_THREADS", None)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -1,12 +1,16 @@
 """Which BLAS our CPU convolutions multiply with: OpenBLAS from the scipy-openblas32 wheel, or torch's own.
 
-TORCH_MANUALGRAD_BLAS=auto (default) takes OpenBLAS when that wheel is installed, else torch's BLAS;
-=openblas insists on OpenBLAS (an ImportError/RuntimeError if it cannot be loaded); =torch uses torch's.
+TORCH_MANUALGRAD_BLAS=auto (default) takes torch's BLAS where that is MKL on an Intel processor, else
+OpenBLAS when that wheel is installed, else torch's BLAS; =openblas insists on OpenBLAS (an
+ImportError/RuntimeError if it cannot be loaded); =torch uses torch's.
 Why: torch's bundled MKL runs its AVX2 code on AMD processors, at half the speed of OpenBLAS's AVX-512
-kernels (benchmarks/NOTES.md); our copy of OpenBLAS is private to us and runs one thread per call, so it
-changes nothing for torch, numpy or the user's thread settings. `blas()` says which one is in use.
+kernels, while on Intel Xeons MKL is the faster of the two (10-50% on our GEMM shapes; benchmarks/NOTES.md).
+Our copy of OpenBLAS is private to us and runs one thread per call, so it changes nothing for torch, numpy or
+the user's thread settings. `blas()` says which one is in use.
 """
 import os
+
+import torch
 
 from . import _C
 
@@ -28,12 +32,34 @@ def _openblas_path():
     return os.path.join(lib_dir, names[0])
 
 
+def cpuinfo(field):
+    """The first processor's `field` in /proc/cpuinfo ('vendor_id' gives GenuineIntel, AuthenticAMD, ...), or
+    '' where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.split(":", 1)[0].strip() == field:
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def auto_choice():
+    """What TORCH_MANUALGRAD_BLAS=auto means on this machine: 'torch' where torch's BLAS is MKL and the
+    processor is Intel's (MKL's own AVX-512 kernels), else 'openblas' (falling back to torch's BLAS when the
+    wheel is missing)."""
+    if torch.backends.mkl.is_available() and cpuinfo("vendor_id") == "GenuineIntel":
+        return "torch"
+    return "openblas"
+
+
 def use(choice):
     """Switch the CPU kernels' BLAS: 'openblas', 'torch' or 'auto' (as TORCH_MANUALGRAD_BLAS). Not while
     kernels run on other threads. Returns blas()."""
     if choice not in ("auto", "openblas", "torch"):
         raise ValueError(f"TORCH_MANUALGRAD_BLAS must be auto, openblas or torch, but got {choice!r}")
-    if choice == "torch":
+    if choice == "torch" or (choice == "auto" and auto_choice() == "torch"):
         _C._use_torch_blas()
         return blas()
     try:
@@ -52,8 +78,12 @@ def use(choice):
 
 
 def blas():
-    """The CPU kernels' BLAS in words, e.g. 'OpenBLAS 0.3.34 (SkylakeX kernels)'."""
-    return _C._blas()
+    """The CPU kernels' BLAS in words, e.g. 'OpenBLAS 0.3.34 (SkylakeX kernels)' or "torch's BLAS (MKL,
+    at::mm)"."""
+    name = _C._blas()
+    if name.startswith("torch's") and torch.backends.mkl.is_available():
+        name = "torch's BLAS (MKL, at::mm)"
+    return name
 
 
 use(os.environ.get("TORCH_MANUALGRAD_BLAS", "auto").strip().lower() or "auto")

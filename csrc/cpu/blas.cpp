@@ -1,6 +1,7 @@
 // blas.cpp — the CPU kernels' matrix product (blas.h): OpenBLAS through its C interface when loaded, else ATen.
 // Why OpenBLAS: torch's bundled MKL runs its AVX2 code on AMD processors, about 90 GFLOP/s per Zen 5 core in
 // float32, where OpenBLAS's AVX-512 (SkylakeX) kernels reach 180–210 on the same shapes (benchmarks/NOTES.md).
+// On Intel processors MKL is the faster one, and _blas.py leaves ATen's product (MKL) in place there.
 // We keep our own copy, loaded with RTLD_LOCAL and set to one thread, so that neither numpy's nor scipy's
 // OpenBLAS, nor torch's MKL, nor the user's thread settings change what we compute.
 #include "blas.h"
