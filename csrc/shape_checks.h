@@ -240,6 +240,14 @@ struct GroupDims {
         positions(g.out_h * g.out_w) {}
 };
 
+// Whether the CPU kernels compute in channels-last and return channels-last results (a conv's output and
+// gradients, a max-pool's output, indices and input gradient): when the tensor they start from (the input;
+// a max-pool backward's grad_output) is a 4-d tensor that suggests it, as torch decides for its own
+// results. _ops.py's fake kernels follow the same rule; CUDA results are always contiguous.
+inline bool channels_last_result(const at::Tensor& t, const Geometry& g) {
+  return g.spatial_dims == 2 && t.dim() == 4 && t.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+}
+
 // f(tap, pixel) for each tap (i, j) of the window at output position (oh, ow), tap = i * KW + j: pixel is the
 // index (ih * W + iw) of the input pixel it sees, or -1 where it falls in the padding. (The CPU's
 // channels-last kernels walk windows this way.)
@@ -252,6 +260,33 @@ void for_each_tap(const Geometry& g, int64_t oh, int64_t ow, const F& f) {
       const int64_t iw = ow * w.stride_w - w.pad_w + j * w.dilation_w;
       const bool inside = ih >= 0 && ih < g.in_h && iw >= 0 && iw < g.in_w;
       f(i * w.kernel_w + j, inside ? ih * g.in_w + iw : int64_t(-1));
+    }
+  }
+}
+
+// The same taps in runs: f(tap, pixel, count) for taps tap .. tap+count-1 of one kernel row, which see the
+// consecutive pixels pixel .. pixel+count-1 (in channels-last memory, one contiguous stretch), or all fall in the
+// padding (pixel -1). With dilation 1 along W a kernel row is at most three runs; otherwise runs are single
+// taps. The taps come in the same order as for_each_tap's.
+template <typename F>
+void for_each_tap_run(const Geometry& g, int64_t oh, int64_t ow, const F& f) {
+  const Window2d& w = g.win;
+  const int64_t iw0 = ow * w.stride_w - w.pad_w;
+  for (int64_t i = 0; i < w.kernel_h; ++i) {
+    const int64_t ih = oh * w.stride_h - w.pad_h + i * w.dilation_h, tap0 = i * w.kernel_w;
+    if (ih < 0 || ih >= g.in_h) {
+      f(tap0, int64_t(-1), w.kernel_w);
+    } else if (w.dilation_w != 1) {
+      for (int64_t j = 0; j < w.kernel_w; ++j) {
+        const int64_t iw = iw0 + j * w.dilation_w;
+        f(tap0 + j, iw >= 0 && iw < g.in_w ? ih * g.in_w + iw : int64_t(-1), int64_t(1));
+      }
+    } else {  // taps j0 .. j1-1 see pixels inside the row
+      const int64_t j0 = std::min(std::max(-iw0, int64_t(0)), w.kernel_w);
+      const int64_t j1 = std::max(std::min(g.in_w - iw0, w.kernel_w), j0);
+      if (j0 > 0) f(tap0, int64_t(-1), j0);
+      if (j1 > j0) f(tap0 + j0, ih * g.in_w + iw0 + j0, j1 - j0);
+      if (j1 < w.kernel_w) f(tap0 + j1, int64_t(-1), w.kernel_w - j1);
     }
   }
 }

@@ -1,6 +1,8 @@
-"""The CPU's channels-last (NHWC) convolution path (csrc/cpu/conv_cpu.cpp, conv_*_nhwc): a channels-last input
-is computed in its own layout and the results come back channels-last. Values and gradients against torch's
-float64 results, gradcheck, the layouts against the fake kernels', bit-identical across thread counts."""
+"""The CPU's channels-last (NHWC) paths (csrc/cpu/conv_cpu.cpp, conv_*_nhwc; csrc/cpu/max_pool_cpu.cpp,
+max_pool_*_nhwc): a channels-last input is computed in its own layout and the results come back
+channels-last. Values and gradients against torch's float64 results (max-pool: exactly torch's, indices
+included), gradcheck, the layouts against the fake kernels', bit-identical across thread counts and to
+the NCHW kernels' results."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -98,6 +100,117 @@ def test_channels_last_bit_identical_across_thread_counts(case, restore_num_thre
         out = tmg.functional.conv2d(x, w, b, **case.kwargs())
         go = case.make_grad_output("cpu", torch.float32, seed=6).contiguous(memory_format=CL)
         results.append([out.detach(), *torch.autograd.grad(out, [t for t in (x, w, b) if t is not None], go)])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+# --- max-pool ---------------------------------------------------------------------------------------------
+# (shape, kernel_size, stride, padding, dilation, ceil_mode): windows in the padding, overlapping and
+# disjoint windows, dilation, ceil_mode's partial windows, channel counts below, at and above the backward's
+# block of 64, a batch of one.
+POOLS = [
+    ((2, 5, 11, 10), 3, 2, 1, 1, False),
+    ((1, 64, 12, 12), 3, 2, 1, 1, True),
+    ((2, 70, 8, 9), 2, 2, 0, 1, False),
+    ((2, 130, 7, 6), (3, 2), (1, 2), (1, 0), (2, 1), True),
+    ((3, 3, 5, 5), 5, 1, 2, 1, False),
+    ((2, 4, 9, 9), 2, 3, 1, 1, True),
+]
+
+
+def _pool_input(shape, dtype=torch.float32, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=dtype)
+    # ties (a window of equal values: the first wins), -inf, and NaN (it wins wherever it is)
+    x[0, 0, :2, :3] = 1.5
+    x.view(-1)[5] = float("-inf")
+    x[-1, -1, 1, 1] = float("nan")
+    return x.contiguous(memory_format=CL)
+
+
+def _pool_args(kernel, stride, padding, dilation):
+    two = (lambda v: list(v) if isinstance(v, tuple) else [v, v])
+    return two(kernel), two(stride), two(padding), two(dilation)
+
+
+@pytest.mark.parametrize("pool", POOLS, ids=str)
+def test_channels_last_max_pool_is_torchs(pool):
+    shape, kernel, stride, padding, dilation, ceil_mode = pool
+    x = _pool_input(shape).requires_grad_()
+    x_torch = x.detach().clone().requires_grad_()
+    kwargs = dict(kernel_size=kernel, stride=stride, padding=padding, dilation=dilation, ceil_mode=ceil_mode,
+                  return_indices=True)
+    out, idx = tmg.functional.max_pool2d(x, **kwargs)
+    out_t, idx_t = F.max_pool2d(x_torch, **kwargs)
+    assert torch.equal(idx, idx_t)
+    assert torch.equal(out.nan_to_num(), out_t.nan_to_num()) and torch.equal(out.isnan(), out_t.isnan())
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(8)).contiguous(memory_format=CL)
+    (grad,) = torch.autograd.grad(out, x, go)
+    (grad_t,) = torch.autograd.grad(out_t, x_torch, go)
+    assert torch.equal(grad, grad_t)  # one term per argmax, added in the same order
+    for o, t in ((out, out_t), (idx, idx_t), (grad, grad_t)):
+        assert o.is_contiguous(memory_format=CL) == t.is_contiguous(memory_format=CL)
+    # the op itself computes in channels-last, and gives the NCHW kernels' bits
+    args = _pool_args(kernel, stride, padding, dilation)
+    raw_out, raw_idx = ops.max_pool_forward(x.detach(), *args, ceil_mode)
+    assert raw_out.is_contiguous(memory_format=CL) and raw_idx.is_contiguous(memory_format=CL)
+    nchw_out, nchw_idx = ops.max_pool_forward(x.detach().contiguous(), *args, ceil_mode)
+    assert torch.equal(raw_idx, nchw_idx) and torch.equal(raw_out.nan_to_num(), nchw_out.nan_to_num())
+    raw_grad = ops.max_pool_backward(go, raw_idx, list(shape), *args)
+    assert raw_grad.is_contiguous(memory_format=CL)
+    assert torch.equal(raw_grad, ops.max_pool_backward(go.contiguous(), nchw_idx, list(shape), *args))
+    values_only = ops.max_pool_forward(x.detach(), *args, ceil_mode, compute_indices=False)
+    assert torch.equal(values_only[0].nan_to_num(), raw_out.nan_to_num()) and values_only[1].numel() == 0
+
+
+@pytest.mark.parametrize("dtype", (torch.float64, torch.bfloat16, torch.int32), ids=str)
+def test_channels_last_max_pool_dtypes_and_fake_kernels(dtype):
+    shape, kernel, stride, padding, dilation, ceil_mode = POOLS[3]
+    x = (torch.randn(shape) * 50).to(dtype).contiguous(memory_format=CL)
+    args = _pool_args(kernel, stride, padding, dilation)
+    out, idx = ops.max_pool_forward(x, *args, ceil_mode)
+    out_t, idx_t = torch.ops.aten.max_pool2d_with_indices(x.float() if dtype == torch.bfloat16 else x,
+                                                          *args[:3], args[3], ceil_mode)
+    assert torch.equal(out, out_t.to(dtype)) and torch.equal(idx, idx_t)
+    opcheck(ops.max_pool_forward, (x, *args, ceil_mode))
+    opcheck(ops.max_pool_forward, (x, *args, ceil_mode, False))
+    if dtype.is_floating_point:
+        go = torch.randn(out.shape, dtype=dtype).contiguous(memory_format=CL)
+        opcheck(ops.max_pool_backward, (go, idx, list(shape), *args))
+
+
+def test_channels_last_max_pool_gradcheck():
+    x = _pool_input((2, 3, 7, 6), torch.float64).nan_to_num(0.0)
+    x = (x + torch.arange(x.numel(), dtype=torch.float64).reshape(x.shape) * 1e-3).contiguous(memory_format=CL)
+    x.requires_grad_()
+    fn = lambda x: tmg.functional.max_pool2d(x, 3, 2, 1)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x,))
+    assert torch.autograd.gradgradcheck(fn, (x,))
+
+
+def test_channels_last_max_pool_refuses_foreign_indices():
+    x = _pool_input((1, 3, 6, 6))
+    args = _pool_args(2, 2, 0, 1)
+    out, idx = ops.max_pool_forward(x, *args, False)
+    bad = idx.clone()
+    bad[0, 2, 1, 1] = 36  # past the plane
+    with pytest.raises(RuntimeError, match="max_pool"):
+        ops.max_pool_backward(out, bad, [1, 3, 6, 6], *args, check_indices=False)
+    with pytest.raises(RuntimeError, match="max_pool"):
+        ops.max_pool_backward(out, bad, [1, 3, 6, 6], *args)
+
+
+@pytest.mark.parametrize("pool", POOLS[:4], ids=str)
+def test_channels_last_max_pool_bit_identical_across_thread_counts(pool, restore_num_threads):
+    shape, kernel, stride, padding, dilation, ceil_mode = pool
+    results = []
+    for threads in (1, 2, 3, 8):
+        torch.set_num_threads(threads)
+        x = _pool_input(shape, seed=9).requires_grad_()
+        out, idx = tmg.functional.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
+        go = torch.randn(out.shape, generator=torch.Generator().manual_seed(10)).contiguous(memory_format=CL)
+        results.append([out.detach().nan_to_num(), idx, *torch.autograd.grad(out, x, go)])
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)

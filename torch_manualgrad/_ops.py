@@ -93,8 +93,9 @@ def _conv_forward_fake(input, weight, bias, stride, padding, dilation, groups):
 
 
 def _channels_last_result(input, spatial_dims):
-    """The CPU conv kernels' layout rule (csrc/cpu/conv_cpu.cpp, channels_last_result): results are
-    channels-last when a 2-d convolution's input suggests it, as torch's are."""
+    """The CPU kernels' layout rule (csrc/shape_checks.h, channels_last_result): results are channels-last
+    when the 4-d tensor a 2-d conv or max-pool starts from (a max-pool backward: grad_output) suggests it,
+    as torch's are."""
     from .autograd import _suggests_channels_last
 
     return input.device.type == "cpu" and spatial_dims == 2 and input.dim() == 4 and _suggests_channels_last(input)
@@ -126,13 +127,18 @@ def _max_pool_forward_fake(input, kernel_size, stride, padding, dilation, ceil_m
             for i in range(len(stride))
         ]
         shape = (input.shape[0], input.shape[1], *spatial)
-    return input.new_empty(shape), input.new_empty(shape if compute_indices else (0,), dtype=torch.long)
+    indices_shape = shape if compute_indices else (0,)
+    if _channels_last_result(input, len(stride)):
+        return (torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=torch.channels_last),
+                torch.empty(indices_shape, dtype=torch.long, device=input.device,
+                            memory_format=torch.channels_last if compute_indices else torch.contiguous_format))
+    return input.new_empty(shape), input.new_empty(indices_shape, dtype=torch.long)
 
 
 @torch.library.register_fake("manualgrad::max_pool_backward")
 def _max_pool_backward_fake(grad_output, indices, input_size, kernel_size, stride, padding, dilation, check_indices=True):
     _checked_shape(ops.max_pool_backward_shape, (grad_output, indices), input_size, kernel_size, stride, padding, dilation)
-    return grad_output.new_empty(input_size)
+    return _empty_like_result(input_size, grad_output, len(stride))
 
 
 # --- vmap rules (torch.func.vmap) -----------------------------------------------------------------

@@ -5,6 +5,8 @@
 // our indices torch's (flat within each (n, c) plane, as max_unpool expects).
 // Backward sends each output's gradient to its argmax only; overlapping windows add. Each (n, c)
 // plane belongs to one task, so no two tasks touch a pixel: deterministic without atomics.
+// Channels-last tensors (shape_checks.h's channels_last_result) are pooled in their own layout, a vector of
+// channels at a time, with the same rules, indices and order of sums: the results are the same bits.
 #include "../shape_checks.h"
 #include "../window_taps.h"
 #include "vectorize.h"
@@ -303,6 +305,73 @@ void max_pool_planes(scalar_t* out, int64_t* idx, const scalar_t* in, const Geom
   });
 }
 
+// ---- Channels-last: (N, H, W, C) ----
+
+// Output rows (n, oh) of a channels-last batch: each output pixel's maxima start at the lowest value and
+// its argmax at the window's first tap inside the input (-1 for none), then the taps inside sweep the
+// pixel's channels in row-major order (sweep_tap with the tap's pixel as every lane's index, in index_t
+// lanes as the NCHW sweep, widened to int64 as they are stored).
+template <typename scalar_t, typename index_t>
+void max_pool_nhwc(scalar_t* out, int64_t* idx, const scalar_t* in, const Geometry& g) {
+  const int64_t C = g.in_channels;
+  const scalar_t lowest = pool_lowest<scalar_t>();
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, g.out_w * C));
+  at::parallel_for(0, g.batch * g.out_h, grain, [&](int64_t begin, int64_t end) {
+    std::vector<index_t> best_index(idx == nullptr ? 0 : C);
+    for (int64_t row = begin; row < end; ++row) {
+      const scalar_t* image = in + row / g.out_h * g.in_h * g.in_w * C;
+      for (int64_t ow = 0; ow < g.out_w; ++ow) {
+        const int64_t o = row * g.out_w + ow;
+        scalar_t* best = out + o * C;
+        std::fill_n(best, C, lowest);
+        std::fill(best_index.begin(), best_index.end(), index_t(-1));
+        bool first = true;
+        for_each_tap(g, row % g.out_h, ow, [&](int64_t, int64_t pixel) {
+          if (pixel < 0) return;
+          if (idx == nullptr) {
+            sweep_tap_values(best, image + pixel * C, C);
+            return;
+          }
+          if (first) std::fill(best_index.begin(), best_index.end(), static_cast<index_t>(pixel));
+          first = false;
+          sweep_tap(best, best_index.data(), image + pixel * C, C, static_cast<index_t>(pixel), index_t(0));
+        });
+        if (idx != nullptr) std::copy(best_index.begin(), best_index.end(), idx + o * C);
+      }
+    }
+  });
+}
+
+constexpr int64_t kNhwcBackwardChannels = 64;  // channels per backward task: tasks for a batch of one too
+
+// grad_input of a channels-last batch: a task owns one image's block of channels, zeroes it and adds each
+// output's gradient at its argmax in output order, as the NCHW backward does per plane.
+template <typename scalar_t>
+void max_pool_backward_nhwc(scalar_t* gi, const scalar_t* go, const int64_t* idx, const Geometry& g,
+                            c10::IntArrayRef input_size) {
+  const int64_t C = g.in_channels, in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w;
+  const int64_t blocks = ceil_div(C, kNhwcBackwardChannels);
+  at::parallel_for(0, g.batch * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / blocks, c0 = t % blocks * kNhwcBackwardChannels;
+      const int64_t c1 = std::min(C, c0 + kNhwcBackwardChannels);
+      scalar_t* gi_n = gi + n * in_plane * C;
+      for (int64_t i = 0; i < in_plane; ++i) std::fill(gi_n + i * C + c0, gi_n + i * C + c1, scalar_t(0));
+      for (int64_t o = 0; o < out_plane; ++o) {
+        const int64_t* ix = idx + (n * out_plane + o) * C;
+        const scalar_t* g_o = go + (n * out_plane + o) * C;
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t i = ix[c];
+          if (i == -1) continue;
+          TORCH_CHECK(i >= 0 && i < in_plane, "max_pool backward: index ", i, " of plane ", n * C + c,
+                      " is out of range for an input plane of ", in_plane, " elements (input_size=", input_size, ")");
+          gi_n[i * C + c] += g_o[c];
+        }
+      }
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> max_pool_forward_cpu(const at::Tensor& input_, c10::IntArrayRef kernel_size,
                                                         c10::IntArrayRef stride, c10::IntArrayRef padding,
                                                         c10::IntArrayRef dilation, bool ceil_mode, bool compute_indices) {
@@ -311,6 +380,21 @@ std::tuple<at::Tensor, at::Tensor> max_pool_forward_cpu(const at::Tensor& input_
     auto [output, indices] =
         max_pool_forward_cpu(input_.to(at::kFloat), kernel_size, stride, padding, dilation, ceil_mode, compute_indices);
     return {output.to(input_.scalar_type()), indices};
+  }
+  if (channels_last_result(input_, g)) {
+    const at::Tensor input = input_.contiguous(at::MemoryFormat::ChannelsLast);
+    const auto options = input.options().memory_format(at::MemoryFormat::ChannelsLast);
+    at::Tensor output = at::empty(g.output_shape(g.in_channels), options);
+    at::Tensor indices = compute_indices ? at::empty(g.output_shape(g.in_channels), options.dtype(at::kLong))
+                                         : at::empty({0}, input.options().dtype(at::kLong));
+    if (output.numel() == 0) return {output, indices};
+    AT_DISPATCH_ALL_TYPES(input.scalar_type(), "max_pool_forward_nhwc", [&] {
+      scalar_t* out = output.data_ptr<scalar_t>();
+      int64_t* idx = compute_indices ? indices.data_ptr<int64_t>() : nullptr;
+      if (g.in_h * g.in_w < (int64_t{1} << 31)) max_pool_nhwc<scalar_t, int32_t>(out, idx, input.const_data_ptr<scalar_t>(), g);
+      else max_pool_nhwc<scalar_t, int64_t>(out, idx, input.const_data_ptr<scalar_t>(), g);
+    });
+    return {output, indices};
   }
   const at::Tensor input = input_.contiguous();                                       // (N, C, H, W)
   at::Tensor output = at::empty(g.output_shape(g.in_channels), input.options());      // (N, C, OH, OW)
@@ -363,16 +447,28 @@ at::Tensor max_pool_backward_cpu(const at::Tensor& grad_output_, const at::Tenso
     return max_pool_backward_cpu(grad_output_.to(at::kFloat), indices_, input_size, kernel_size, stride, padding, dilation,
                                  check_indices)
         .to(grad_output_.scalar_type());
+  if (check_indices) {  // in (N, C, OH, OW) order whatever the layout, so the error names the same element
+    const at::Tensor indices = indices_.contiguous();
+    const int64_t bad = first_foreign_index(indices.data_ptr<int64_t>(), indices.numel(), g);
+    if (bad >= 0) fail_foreign_index(g, bad, indices.data_ptr<int64_t>()[bad], input_size);
+  }
+  if (channels_last_result(grad_output_, g)) {
+    const at::Tensor grad_output = grad_output_.contiguous(at::MemoryFormat::ChannelsLast);
+    const at::Tensor indices = indices_.contiguous(at::MemoryFormat::ChannelsLast);
+    at::Tensor grad_input = at::empty(input_size, grad_output.options().memory_format(at::MemoryFormat::ChannelsLast));
+    if (grad_input.numel() == 0) return grad_input;
+    AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "max_pool_backward_nhwc", [&] {
+      max_pool_backward_nhwc<scalar_t>(grad_input.data_ptr<scalar_t>(), grad_output.const_data_ptr<scalar_t>(),
+                                       indices.const_data_ptr<int64_t>(), g, input_size);
+    });
+    return grad_input;
+  }
   const at::Tensor grad_output = grad_output_.contiguous();  // (N, C, OH, OW)
   const at::Tensor indices = indices_.contiguous();          // (N, C, OH, OW)
   at::Tensor grad_input = at::empty(input_size, grad_output.options());  // (N, C, H, W)
   const int64_t planes = input_size[0] * input_size[1];
   if (grad_input.numel() == 0) return grad_input;
   const int64_t in_plane = grad_input.numel() / planes, out_plane = grad_output.numel() / planes;
-  if (check_indices) {
-    const int64_t bad = first_foreign_index(indices.data_ptr<int64_t>(), indices.numel(), g);
-    if (bad >= 0) fail_foreign_index(g, bad, indices.data_ptr<int64_t>()[bad], input_size);
-  }
   AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "max_pool_backward_cpu", [&] {
     const scalar_t* go = grad_output.data_ptr<scalar_t>();
     const int64_t* idx = indices.data_ptr<int64_t>();
