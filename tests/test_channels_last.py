@@ -105,6 +105,55 @@ def test_channels_last_bit_identical_across_thread_counts(case, restore_num_thre
             assert torch.equal(a, b)
 
 
+# --- NCHW tensors computed on channels-last copies (conv_cpu.cpp, via_nhwc) ------------------------------------
+# (in_channels, out_channels, size, stride, forward via NHWC, backward via NHWC): on both sides of each bound
+# (kSmallOutput = 14x14 output positions, kSmallImage = 28x28 input positions, kViaColumns = 512*9 columns,
+# kFewOutputChannels = 32 output channels).
+VIA = [
+    (8, 32, 14, 1, True, True),
+    (8, 33, 14, 1, False, True),
+    (8, 32, 15, 1, False, False),
+    (4, 16, 28, 2, True, True),
+    (4, 16, 29, 2, False, False),
+    (512, 8, 7, 1, True, True),
+    (513, 8, 7, 1, True, False),
+]
+
+
+@pytest.mark.parametrize("via", VIA, ids=str)
+def test_nchw_small_images_take_the_channels_last_kernels(via, restore_num_threads):
+    c_in, c_out, size, stride, forward_via, backward_via = via
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, c_in, size, size, generator=g, dtype=torch.float64)
+    w = torch.randn(c_out, c_in, 3, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(c_out, generator=g, dtype=torch.float64)
+    args = ([stride, stride], [1, 1], [1, 1], 1)
+    out = ops.conv_forward(x, w, b, *args)
+    go = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    grads = ops.conv_backward(go, x, w, *args, [True, True, True])
+    # NCHW in, NCHW out, torch's values
+    assert out.is_contiguous() and grads[0].is_contiguous() and grads[1].is_contiguous()
+    x_t, w_t, b_t = (t.clone().requires_grad_() for t in (x, w, b))
+    out_t = F.conv2d(x_t, w_t, b_t, stride, 1)
+    torch.testing.assert_close(out, out_t)
+    for ours, theirs in zip(grads, torch.autograd.grad(out_t, (x_t, w_t, b_t), go)):
+        torch.testing.assert_close(ours, theirs)
+    # the route: the channels-last kernels' bits exactly where the shapes send NCHW tensors to them
+    cl_out = ops.conv_forward(x.contiguous(memory_format=CL), w, b, *args)
+    cl_grads = ops.conv_backward(go.contiguous(memory_format=CL), x.contiguous(memory_format=CL), w, *args,
+                                 [True, True, True])
+    if forward_via:
+        assert torch.equal(out, cl_out)
+    if backward_via:
+        assert torch.equal(grads[0], cl_grads[0]) and torch.equal(grads[1], cl_grads[1])
+    # and the same bits for every thread count
+    for threads in (1, 3):
+        torch.set_num_threads(threads)
+        assert torch.equal(ops.conv_forward(x, w, b, *args), out)
+        again = ops.conv_backward(go, x, w, *args, [True, True, True])
+        assert all(torch.equal(a, r) for a, r in zip(again, grads))
+
+
 # --- max-pool ---------------------------------------------------------------------------------------------
 # (shape, kernel_size, stride, padding, dilation, ceil_mode): windows in the padding, overlapping and
 # disjoint windows, dilation, ceil_mode's partial windows, channel counts below, at and above the backward's
