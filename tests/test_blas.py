@@ -109,6 +109,8 @@ CASES = [
     ConvCase(2, 8, 64, 64, (3, 3), (7, 7), padding=1),  # the small-input backward
     ConvCase(1, 4, 8, 8, (1,), (33,)),  # pointwise
     ConvCase(2, 2, 8, 12, (1, 1), (30, 30)),  # pointwise, images cut into tiles of positions
+    ConvCase(2, 8, 12, 20, (1, 1), (14, 14)),  # pointwise, each image multiplied where it lies
+    ConvCase(2, 8, 12, 20, (1, 1), (7, 7)),  # pointwise, images gathered into blocks
     ConvCase(1, 1, 6, 5, (1,), (2000,), bias=False),
 ]
 

@@ -28,6 +28,11 @@ constexpr int64_t kMinTasks = 8;               // spread a small batch over tile
 constexpr int64_t kMinTileColumns = 256;       // ...but keep each GEMM wide enough to run fast
 constexpr int64_t kBlockColumns = 512;         // small images are grouped until a GEMM is this wide
 constexpr int64_t kMinBlocks = 4;              // ...as long as the batch still makes this many tasks
+// ...except pointwise images of this many positions and more, multiplied where they lie: gathering 14x14 images
+// into blocks cost more than the wider GEMMs saved (1x1 convolutions at 14x14, batch 8, 2-core Xeon: forward
+// 0.68-0.91x the time, input gradient 0.25-0.82x, weight gradient 0.69-0.88x); at 7x7 the gathered blocks win
+// (per-image weight gradients of 2048->512 took 4.6x as long).
+constexpr int64_t kPointwiseInPlace = 128;
 constexpr int64_t kMaxColumnElems = 1 << 22;   // one task's column workspace (4M elements)
 constexpr int64_t kCacheColumnElems = 1 << 18;  // the forward's tile of a large image: 1 MB of float32 columns
 constexpr int64_t kMinCacheTileColumns = 512;   // ...unless that would make its GEMM narrower than this
@@ -73,6 +78,7 @@ Blocking make_blocking(const Geometry& g, bool allow_tiles, bool cache_tiles = f
   const GroupDims d(g);
   const int64_t rows = g.in_channels * d.taps;
   int64_t images = std::min(ceil_div(kBlockColumns, d.positions), std::max<int64_t>(1, g.batch / kMinBlocks));
+  if (is_pointwise(g) && d.positions >= kPointwiseInPlace) images = 1;  // the images as they lie, no gathered copy
   images = std::max<int64_t>(1, std::min(images, kMaxColumnElems / std::max<int64_t>(1, rows * d.positions)));
   // A block holds a whole number of images; the last block's may be fewer (see clamp_block).
   Blocking b{images, d.positions, 1, ceil_div(g.batch, images)};
@@ -96,11 +102,11 @@ bool columns_fit_once(const Geometry& g) {
 }
 
 // Whether the backward takes the whole batch as one block (columns_fit_once). Not a pointwise convolution of
-// images at least kBlockColumns wide: its GEMMs read grad_output and the input in place, image by image, and
-// are wide enough already, where one block would first gather both into copies (1x1 64->256 @56, batch 8:
-// 25 MB of grad_output copied, and the input gradient scattered back, 5x the time of the products).
+// images of at least kPointwiseInPlace positions: its GEMMs read grad_output and the input in place, image by
+// image, and are wide enough already, where one block would first gather both into copies (1x1 64->256 @56,
+// batch 8: 25 MB of grad_output copied, and the input gradient scattered back, 5x the time of the products).
 bool whole_batch_backward(const Geometry& g) {
-  return columns_fit_once(g) && !(is_pointwise(g) && g.out_h * g.out_w >= kBlockColumns);
+  return columns_fit_once(g) && !(is_pointwise(g) && g.out_h * g.out_w >= kPointwiseInPlace);
 }
 
 Block clamp_block(Block blk, const Geometry& g) {
