@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "../window_taps.h"
@@ -66,8 +67,6 @@ MANUALGRAD_VECTOR_CLONES void dot_row(scalar_t* __restrict acc, const scalar_t* 
   }
 }
 
-#if defined(__GNUC__) && !defined(__clang__)
-
 // Channel vectors of a channels-last pixel (the NHWC kernels below): out[c] += w[c] * in[c].
 template <typename scalar_t>
 MANUALGRAD_VECTOR_CLONES void axpy_channels(scalar_t* __restrict out, const scalar_t* __restrict in,
@@ -82,6 +81,36 @@ MANUALGRAD_VECTOR_CLONES void dot_channels(double* __restrict acc, const scalar_
   for (int64_t c = 0; c < count; ++c) acc[c] += double(grad[c]) * double(in[c]);
 }
 
+// One output pixel of the NHWC forward, multiplier 1: out[c] = bias[c] (or 0) plus, for k < count in order,
+// w[taps[k]*C + c] * image[pixels[k]*C + c] (the pixel's taps inside the input). The same sums as
+// axpy_channels tap by tap, but each vector of channels stays in a register across the taps: the output is
+// stored once instead of loaded and stored per tap.
+template <typename scalar_t>
+MANUALGRAD_VECTOR_CLONES void forward_nhwc_pixel(scalar_t* __restrict out, const scalar_t* __restrict image,
+                                                 const scalar_t* __restrict wt, const scalar_t* __restrict bias,
+                                                 const int64_t* __restrict pixels, const int64_t* __restrict taps,
+                                                 int64_t count, int64_t C) {
+  typedef scalar_t vec __attribute__((vector_size(64)));
+  constexpr int64_t L = 64 / sizeof(scalar_t);
+  const auto load = [](const scalar_t* p) {
+    vec v;
+    std::memcpy(&v, p, sizeof(vec));
+    return v;
+  };
+  int64_t c = 0;
+  for (; c + L <= C; c += L) {
+    vec acc = bias ? load(bias + c) : vec{};
+    for (int64_t k = 0; k < count; ++k) acc += load(wt + taps[k] * C + c) * load(image + pixels[k] * C + c);
+    std::memcpy(out + c, &acc, sizeof(vec));
+  }
+  for (; c < C; ++c) {
+    scalar_t acc = bias ? bias[c] : scalar_t(0);
+    for (int64_t k = 0; k < count; ++k) acc += wt[taps[k] * C + c] * image[pixels[k] * C + c];
+    out[c] = acc;
+  }
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC pop_options
 #endif
 
@@ -351,18 +380,21 @@ template <typename scalar_t>
 void forward_nhwc_kernel(scalar_t* out, const scalar_t* in, const scalar_t* wt, const scalar_t* bias,
                          const Geometry& g) {
   const int64_t C = g.in_channels;
+  const int64_t taps = g.win.kernel_h * g.win.kernel_w;
   // Tasks own output rows (n, oh), so each output is computed whole by one task in one order.
   at::parallel_for(0, g.batch * g.out_h, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> pixels(taps), inside(taps);  // the taps of one output pixel that lie inside the input
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / g.out_h, oh = row % g.out_h;
       const scalar_t* image = in + n * g.in_h * g.in_w * C;
       for (int64_t ow = 0; ow < g.out_w; ++ow) {
-        scalar_t* o = out + (row * g.out_w + ow) * C;
-        if (bias) std::copy_n(bias, C, o);
-        else std::fill_n(o, C, scalar_t(0));
+        int64_t count = 0;
         for_each_tap(g, oh, ow, [&](int64_t tap, int64_t pixel) {
-          if (pixel >= 0) axpy_channels(o, image + pixel * C, wt + tap * C, C);
+          if (pixel < 0) return;
+          pixels[count] = pixel;
+          inside[count++] = tap;
         });
+        forward_nhwc_pixel(out + (row * g.out_w + ow) * C, image, wt, bias, pixels.data(), inside.data(), count, C);
       }
     }
   });
