@@ -74,17 +74,26 @@ class Case:
     family: str            # "conv" or "pool"
     op: str                # function name, the same in torch.nn.functional and tmg.functional
     input_shape: tuple     # (C, *spatial); the batch size is prepended at run time
-    weight_shape: tuple = None   # conv only: (C_out, C_in / groups, *kernel)
+    weight_shape: tuple = None   # conv only: (C_out, C_in / groups, *kernel); transposed: (C_in, C_out / groups, *kernel)
     kwargs: dict = field(default_factory=dict)
     batch: int = None      # overrides --batch (the GPU list fixes some cases' batch)
+
+    @property
+    def transposed(self):
+        return self.op.startswith("conv_transpose")
+
+    @property
+    def out_channels(self):
+        groups = self.kwargs.get("groups", 1)
+        return self.weight_shape[1] * groups if self.transposed else self.weight_shape[0]
 
     def describe(self):
         c, *spatial = self.input_shape
         size = "×".join(map(str, spatial))
         k = self.kwargs
         if self.family == "conv":
-            c_out, _, *kernel = self.weight_shape
-            text = f"{c}→{c_out} @{size} k{'×'.join(map(str, kernel))}"
+            kernel = self.weight_shape[2:]
+            text = f"{c}→{self.out_channels} @{size} {'transposed ' if self.transposed else ''}k{'×'.join(map(str, kernel))}"
             if _not_one(k.get("stride", 1)):
                 text += f"/{_fmt(k['stride'])}"
             if _not_zero(k.get("padding", 0)):
@@ -125,6 +134,8 @@ CASES = [
     # Depthwise (MobileNet-style): groups == channels, very little work per byte.
     Case("depthwise 3x3", "conv", "conv2d", (144, 56, 56), (144, 1, 3, 3), dict(padding=1, groups=144)),
     Case("conv1d k3", "conv", "conv1d", (256, 1024), (256, 256, 3), dict(padding=1)),
+    # A DCGAN/U-Net decoder layer: 4x4 stride 2 doubles the size.
+    Case("convT 4x4/2", "conv", "conv_transpose2d", (256, 16, 16), (256, 128, 4, 4), dict(stride=2, padding=1)),
     # Max pooling: memory-bound, so judged in GB/s.
     Case("maxpool 3x3/2", "pool", "max_pool2d", (64, 112, 112), None, dict(kernel_size=3, stride=2, padding=1)),
     Case("maxpool 2x2/2", "pool", "max_pool2d", (128, 64, 64), None, dict(kernel_size=2, stride=2)),
@@ -132,7 +143,8 @@ CASES = [
 ]
 
 
-# The GPU list (issue 3): ResNet-50's layers at batch 32, a depthwise layer, and three max-pools.
+# The GPU list (issue 3): ResNet-50's layers at batch 32, depthwise layers, a DCGAN decoder layer (transposed),
+# and three max-pools.
 GPU_CASES = [
     Case("stem 7x7/2", "conv", "conv2d", (3, 224, 224), (64, 3, 7, 7), dict(stride=2, padding=3)),
     Case("conv3x3 64", "conv", "conv2d", (64, 56, 56), (64, 64, 3, 3), dict(padding=1)),
@@ -143,6 +155,7 @@ GPU_CASES = [
     Case("depthwise 3x3", "conv", "conv2d", (144, 56, 56), (144, 1, 3, 3), dict(padding=1, groups=144)),
     # ConvNeXt-T's first stage: the largest unrolled window
     Case("depthwise 7x7", "conv", "conv2d", (96, 56, 56), (96, 1, 7, 7), dict(padding=3, groups=96)),
+    Case("convT 4x4/2", "conv", "conv_transpose2d", (256, 16, 16), (256, 128, 4, 4), dict(stride=2, padding=1)),
     Case("maxpool 3x3/2", "pool", "max_pool2d", (64, 112, 112), None, dict(kernel_size=3, stride=2, padding=1)),
     Case("maxpool 2x2/2", "pool", "max_pool2d", (128, 64, 64), None, dict(kernel_size=2, stride=2), batch=64),
     Case("maxpool 3x3/1", "pool", "max_pool2d", (64, 56, 56), None, dict(kernel_size=3, stride=1, padding=1)),
@@ -229,7 +242,7 @@ def make_tensors(case, batch, device, dtype):
         return (x,)
     fan_in = math.prod(case.weight_shape[1:])
     w = (torch.randn(case.weight_shape, generator=gen, dtype=dtype) / math.sqrt(fan_in)).to(device)
-    b = torch.randn(case.weight_shape[0], generator=gen, dtype=dtype).to(device)
+    b = torch.randn(case.out_channels, generator=gen, dtype=dtype).to(device)
     return (x, w, b)
 
 
@@ -266,8 +279,9 @@ def work(case, tensors, out):
     if case.family == "conv":
         w = tensors[1]
         # Every output element is a dot product of length (C_in/groups)*prod(kernel): one
-        # multiply and one add per term.
-        fwd = 2 * out.numel() * math.prod(w.shape[1:])
+        # multiply and one add per term. Transposed: every input element is spread over
+        # (C_out/groups)*prod(kernel) outputs, a multiply and an add each.
+        fwd = 2 * (tensors[0] if case.transposed else out).numel() * math.prod(w.shape[1:])
         return fwd, 3 * fwd, "FLOP"
     x = tensors[0]
     size = x.element_size()

@@ -218,8 +218,13 @@ def test_check_configurations_cover_the_matrix():
     for configs in (full, quick):
         names = [c.name for c in configs]
         assert len(names) == len(set(names))
-        assert {c.op for c in configs} == {"conv1d", "conv2d", "max_pool1d", "max_pool2d"}
-        convs = [c for c in configs if c.is_conv]
+        assert {c.op for c in configs} == {"conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d", "max_pool1d",
+                                           "max_pool2d"}
+        transposed = [c for c in configs if c.op.startswith("conv_transpose")]
+        for key in ("stride", "padding", "output_padding", "dilation", "groups"):
+            assert len({c.kwargs[key] for c in transposed}) > 1, key
+        assert any(c.kwargs["output_padding"] >= c.kwargs["stride"] for c in transposed)
+        convs = [c for c in configs if c.is_conv and c not in transposed]
         pools = [c for c in configs if not c.is_conv]
         same_kernels = {c.weight_shape[-1] % 2 for c in convs if c.kwargs["padding"] == "same"}
         assert same_kernels == {0, 1}  # 'same' with an odd and an even kernel

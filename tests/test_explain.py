@@ -72,6 +72,17 @@ def test_conv2d_lesson_and_figure(tmp_path):
     assert_png(path)
 
 
+def test_transposed_lesson():
+    """The conv1d example's deltas [-0.1, 0.2] through the filter [0.3, 0.5]: the transposed convolution is that
+    example's input gradient [-0.03, 0.01, 0.1]; its own gradients for g = [1, 2, 3] are [1.3, 2.1] and
+    [0.3, 0.4]; with stride 2, [1, 2] becomes [0.3, 0.5, 0.6, 1]."""
+    out = run_explain("transposed")
+    assert "conv_transpose1d(δ, w) = [-0.03, 0.01, 0.1]" in out
+    assert {"1.3", "2.1", "0.4"} <= numbers(out)
+    assert "= [0.3, 0.5, 0.6, 1]" in out
+    assert "all 8 checks agree" in out
+
+
 def test_a_wrong_kernel_result_fails_the_lesson(monkeypatch, capsys):
     """A check that disagrees with torch prints ✗ and makes the exit status non-zero."""
     right = explain._conv_grads

@@ -1,4 +1,5 @@
-"""`python -m torch_manualgrad check`: gradcheck (float64) of our four ops over a matrix of configurations.
+"""`python -m torch_manualgrad check`: gradcheck (float64) of our conv, transposed conv and max-pool functions over
+a matrix of configurations.
 
 Every configuration is checked twice: the backward against finite differences of our own forward
 (gradcheck), and our forward against torch.nn.functional's on the same tensors (a consistent but wrong
@@ -34,10 +35,10 @@ class CheckConfig:
     """One call of one op: which op, on what shapes, with which keyword arguments."""
 
     name: str
-    op: str                               # conv1d, conv2d, max_pool1d or max_pool2d
+    op: str                               # conv1d, conv2d, conv_transpose1d/2d, max_pool1d or max_pool2d
     input_shape: tuple
     kwargs: dict
-    weight_shape: Optional[tuple] = None  # conv only
+    weight_shape: Optional[tuple] = None  # conv only (transposed: in_channels first)
     bias: bool = False                    # conv only
 
     @property
@@ -51,7 +52,9 @@ class CheckConfig:
             tensors = [torch.randn(self.input_shape, generator=gen, dtype=torch.float64),
                        torch.randn(self.weight_shape, generator=gen, dtype=torch.float64)]
             if self.bias:
-                tensors.append(torch.randn(self.weight_shape[0], generator=gen, dtype=torch.float64))
+                out_channels = (self.weight_shape[1] * self.kwargs["groups"] if self.op.startswith("conv_transpose")
+                                else self.weight_shape[0])
+                tensors.append(torch.randn(out_channels, generator=gen, dtype=torch.float64))
         else:
             numel = torch.Size(self.input_shape).numel()
             # distinct values 0.1 apart: far more than gradcheck's eps, so no perturbation moves an argmax
@@ -99,6 +102,28 @@ def _conv_config(dims, kernel, stride, padding, dilation, groups, bias):
         kwargs=dict(stride=stride, padding=padding, dilation=dilation, groups=groups),
         weight_shape=weight_shape, bias=bias,
     )
+
+
+def _transposed_config(dims, kernel, stride, padding, output_padding, dilation, groups, bias):
+    weight_shape = (_C_IN * 2, _C_OUT // groups) + (kernel,) * dims
+    name = (f"conv_transpose{dims}d k{kernel} s{stride} p{padding} op{output_padding} d{dilation} g{groups} "
+            + ("bias" if bias else "nobias"))
+    return CheckConfig(
+        name=name, op=f"conv_transpose{dims}d", input_shape=(_BATCH, _C_IN * 2) + _CONV_SPATIAL[dims],
+        kwargs=dict(stride=stride, padding=padding, output_padding=output_padding, dilation=dilation, groups=groups),
+        weight_shape=weight_shape, bias=bias,
+    )
+
+
+# Transposed convolution (a convolution's input gradient, functional.py): a short list, each option changed at
+# least once; output padding past the stride (allowed when the dilation is larger) in the fourth.
+_TRANSPOSED = [
+    (3, 1, 0, 0, 1, 1, True),
+    (3, 2, 1, 1, 1, 1, True),
+    (4, 2, 1, 0, 1, 2, False),
+    (3, 1, 2, 1, 2, 1, True),
+    (2, 3, 0, 2, 1, 2, True),
+]
 
 
 def _pool_config(dims, kernel, stride, padding, dilation, ceil_mode, return_indices):
@@ -164,6 +189,7 @@ def configurations(quick=False):
         for c in _combinations(_POOL_AXES, quick):
             configs.append(_pool_config(dims, c["kernel"], c["stride"], c["padding"], c["dilation"],
                                         c["ceil_mode"], c["return_indices"]))
+        configs += [_transposed_config(dims, *t) for t in _TRANSPOSED]
     # Mixed per-dimension values (catch a swapped height/width) and torch's default pool stride.
     configs += [
         _conv_config(2, (2, 3), (2, 1), (1, 0), (1, 2), 1, True),

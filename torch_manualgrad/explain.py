@@ -1,4 +1,4 @@
-"""python -m torch_manualgrad explain {conv1d,maxpool,conv2d}: the source documents' worked examples, computed by our kernels and checked against torch autograd.
+"""python -m torch_manualgrad explain {conv1d,maxpool,conv2d,transposed}: the source documents' worked examples, computed by our kernels and checked against torch autograd.
 
 Only the inputs of each example are written here (the input, the filter, the deltas coming back); every
 result that is printed comes out of torch.ops.manualgrad.* and is compared with torch's own autograd
@@ -12,7 +12,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from . import reference
+from . import functional, reference
 from ._ops import ops
 
 DTYPE = torch.float64  # the examples' decimals (0.3, -0.03, ...) print exactly at float64
@@ -669,10 +669,84 @@ def _plot_conv2d(plot_dir, x, delta, shares, gw):
 # CLI
 # --------------------------------------------------------------------------------------------------
 
+# --------------------------------------------------------------------------------------------------
+# transposed: the conv1d example's input gradient is a transposed convolution
+# --------------------------------------------------------------------------------------------------
+
+
+def explain_transposed(lesson, plot_dir):
+    x = _t([[[1.0, 2.0, 3.0]]])
+    w = _t([[[0.3, 0.5]]])
+    delta = _t([[[-0.1, 0.2]]])
+    k = w.shape[-1]
+
+    lesson.title("transposed convolution: a convolution's input gradient, used as a layer")
+    lesson.say(f"The conv1d example: x = {_list(x[0, 0])}, filter w = {_list(w[0, 0])}, deltas δ = {_list(delta[0, 0])}.")
+    lesson.say("Its input gradient adds δ_p × w into each placement's slice: a short signal (one value per")
+    lesson.say("placement) becomes a long one (one value per input). A transposed convolution is that same map,")
+    lesson.say("used forwards: torch_manualgrad's conv_transpose1d/2d call the conv_backward op for the input")
+    lesson.say("gradient only, with the layer's input in the place of δ.")
+
+    lesson.section("Forward: each input value spreads value × w into its slice of the output")
+    up = functional.conv_transpose1d(delta, w)
+    running = torch.zeros(1, 1, delta.shape[-1] + k - 1, dtype=DTYPE)
+    for p in range(delta.shape[-1]):
+        share = torch.zeros_like(running)
+        share[0, 0, p:p + k] = delta[0, 0, p] * w[0, 0]
+        running = running + share
+        lesson.say(f"  input {p + 1}: {_p(delta[0, 0, p])} × w = {_list(share[0, 0, p:p + k])} into positions "
+                   f"{p}..{p + k - 1}, giving {_list(running[0, 0])}")
+    lesson.say(f"  conv_transpose1d(δ, w) = {_list(up[0, 0])}")
+    gx = _conv_grads(delta, x, w)[0]
+    lesson.check("conv_transpose1d(δ, w) equals the conv1d example's input gradient dX", up, gx)
+    lesson.check("conv_transpose1d matches torch.nn.functional.conv_transpose1d", up, F.conv_transpose1d(delta, w))
+    lesson.check("and the loop-level reference's input gradient", up,
+                 reference.conv_backward(delta, x, w, (1,), (0,), (1,), 1)[0])
+
+    lesson.section("Backward: its input gradient is a convolution, its weight gradient conv's with the roles swapped")
+    g = _t([[[1.0, 2.0, 3.0]]])  # ∂L/∂(transposed output), from the next layer
+    lesson.say(f"Say the next layer sends back g = {_list(g[0, 0])}. Input value p reached the output only through")
+    lesson.say("its slice, times w, so ∂L/∂input_p = the dot product of g's slice p with w: a plain convolution.")
+    leaves = [delta.clone().requires_grad_(), w.clone().requires_grad_()]
+    out = functional.conv_transpose1d(*leaves)
+    ours_gi, ours_gw = torch.autograd.grad(out, leaves, g)
+    conv = _conv(g, w)
+    for p in range(delta.shape[-1]):
+        terms = " + ".join(f"{_p(a)}×{_p(c)}" for a, c in zip(g[0, 0, p:p + k], w[0, 0]))
+        lesson.say(f"  ∂L/∂input{p + 1} = {terms} = {_num(ours_gi[0, 0, p])}")
+    lesson.check("the input gradient is conv1d(g, w)", ours_gi, conv)
+    lesson.say("The weight gradient: w multiplied every input value p into g's slice p, so")
+    lesson.say("  ∂L/∂w = Σ_p input_p × g's slice p — conv1d's weight gradient, with g as its input and the layer's")
+    lesson.say("  input as its deltas:")
+    swapped = _conv_grads(delta, g, w)[1]
+    lesson.say(f"  ∂L/∂w = {' + '.join(f'{_p(delta[0, 0, p])}×{_list(g[0, 0, p:p + k])}' for p in range(delta.shape[-1]))}"
+               f" = {_list(ours_gw[0, 0])}")
+    lesson.check("the weight gradient is conv_backward's with input and deltas swapped", ours_gw, swapped)
+    _, ref_gi, ref_gw = _torch_grads(F.conv_transpose1d, (delta, w), g)
+    lesson.check("both match torch autograd through F.conv_transpose1d", torch.cat([ours_gi.flatten(), ours_gw.flatten()]),
+                 torch.cat([ref_gi.flatten(), ref_gw.flatten()]))
+
+    lesson.section("Stride 2: the transposed convolution upsamples")
+    small = _t([[[1.0, 2.0]]])
+    lesson.say(f"With stride 2 the slices of neighbouring inputs start two apart: input {_list(small[0, 0])}, w = "
+               f"{_list(w[0, 0])}.")
+    up2 = functional.conv_transpose1d(small, w, stride=2)
+    for p in range(small.shape[-1]):
+        lesson.say(f"  input {p + 1}: {_p(small[0, 0, p])} × w = {_list(small[0, 0, p] * w[0, 0])} into positions "
+                   f"{2 * p}..{2 * p + k - 1}")
+    lesson.say(f"  conv_transpose1d(input, w, stride=2) = {_list(up2[0, 0])}: twice as long, as a decoder wants")
+    lesson.check("matches torch.nn.functional.conv_transpose1d with stride 2", up2, F.conv_transpose1d(small, w, stride=2))
+    x_long = torch.zeros(1, 1, 4, dtype=DTYPE, requires_grad=True)
+    (gx2,) = torch.autograd.grad(functional.conv1d(x_long, w, stride=2), x_long, small)
+    lesson.check("and it is the input gradient of the stride-2 conv1d at those deltas", up2, gx2)
+    return []
+
+
 EXAMPLES = {
     "conv1d": explain_conv1d,
     "maxpool": explain_maxpool,
     "conv2d": explain_conv2d,
+    "transposed": explain_transposed,
 }
 
 
@@ -684,7 +758,8 @@ def add_parser(commands):
                     "and checked against torch autograd (exit status 1 if any check fails).",
     )
     p.add_argument("example", choices=list(EXAMPLES),
-                   help="conv1d: shared-weight gradients; maxpool: routing through max-pool; conv2d: the 2-d story")
+                   help="conv1d: shared-weight gradients; maxpool: routing through max-pool; conv2d: the 2-d story; "
+                        "transposed: a convolution's input gradient as a layer")
     p.add_argument("--plot", metavar="DIR", default=None, help="also write PNG figures into DIR (needs matplotlib)")
     return p
 

@@ -1,4 +1,5 @@
-"""The functional API: conv1d, conv2d, max_pool1d, max_pool2d with torch.nn.functional's signatures.
+"""The functional API: conv1d, conv2d, conv_transpose1d, conv_transpose2d, max_pool1d, max_pool2d with
+torch.nn.functional's signatures.
 
 Here the Python-level arguments are normalised (ints to tuples, 'same'/'valid' padding, unbatched
 input), complex convolutions are split into real ones (_complex.py), and outputs are laid out as torch
@@ -21,10 +22,10 @@ from torch.overrides import handle_torch_function, has_torch_function, has_torch
 from . import _exporting
 from ._complex import complex_conv
 from ._ops import ops
-from .autograd import (BELOW, FUNCTION, OP, ConvFunction, MaxPoolFunction, _suggests_channels_last, below_autograd,
-                       call_path, inside_vmap)
+from .autograd import (BELOW, FUNCTION, OP, ConvBackwardFunction, ConvFunction, MaxPoolFunction,
+                       _suggests_channels_last, below_autograd, call_path, inside_vmap)
 
-__all__ = ["conv1d", "conv2d", "max_pool1d", "max_pool2d"]
+__all__ = ["conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d", "max_pool1d", "max_pool2d"]
 
 
 def _index(value):
@@ -62,6 +63,14 @@ def _length_message(op, name, dims, values, value):
         return f"max_pool1d() {name} must be {allowed} of size 1 but got size {len(values)} ({name}={value!r})"
     allowed = {"stride": "either be omitted, a single int,", "dilation": "be either a single int,"}.get(name, "either be a single int,")
     return f"{op}: {name} must {allowed} or a tuple of two ints (got {name}={value!r})"
+
+
+def _groups(op, groups):
+    groups = _index(groups)
+    if isinstance(groups, bool) or not isinstance(groups, (int, torch.SymInt)):
+        # torch's parser refuses these with a TypeError; the op would take True for 1
+        raise TypeError(f"{op}: expected groups to be an int, but got groups={groups!r}")
+    return groups
 
 
 def _check_tensors(op, input, weight, bias):
@@ -150,10 +159,7 @@ def _conv(dims, op, input, weight, bias, stride, padding, dilation, groups):
     input, weight, bias = _autocast(input, weight, bias)
     stride = _expand(stride, dims, "stride", op)
     dilation = _expand(dilation, dims, "dilation", op)
-    groups = _index(groups)
-    if isinstance(groups, bool) or not isinstance(groups, (int, torch.SymInt)):
-        # torch's parser refuses these with a TypeError; the op would take True for 1
-        raise TypeError(f"{op}: expected groups to be an int, but got groups={groups!r}")
+    groups = _groups(op, groups)
     input, unbatched = _batched(op, input, dims)
     if isinstance(padding, str):
         input, padding = _string_padding(op, padding, input, weight, stride, dilation, dims)
@@ -211,6 +217,130 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         return handle_torch_function(conv2d, (input, weight, bias), input, weight, bias, stride, padding, dilation,
                                      groups)
     return _conv(2, "conv2d", input, weight, bias, stride, padding, dilation, groups)
+
+
+# --- transposed convolution ------------------------------------------------------------------------------
+# A transposed convolution is no new arithmetic: it is a convolution's input gradient. Each input value of
+# the transposed convolution plays the part of an output delta, and is spread through the weight into the
+# slice of the (larger) output its placement covers: col2im. So its forward is our conv_backward op asked
+# for the input gradient only; its input gradient is a convolution forward; its weight gradient is the
+# convolution's weight gradient with the two roles swapped (the transposed convolution's output gradient
+# as the convolution's input, its input as the output delta). ConvBackwardFunction already has exactly
+# those formulas (autograd.py), so gradients, double backward and tangents all come from there.
+
+
+def _transposed_output_sizes(input, weight, stride, padding, output_padding, dilation):
+    return [(i - 1) * s - 2 * p + d * (k - 1) + op + 1
+            for i, k, s, p, op, d in zip(input.shape[2:], weight.shape[2:], stride, padding, output_padding, dilation)]
+
+
+def _check_transposed(op, dims, input, weight, bias, stride, padding, output_padding, dilation, groups):
+    """torch's checks of a transposed convolution's arguments, in torch's words (its tests match them); the
+    op then checks devices and dtypes."""
+    if weight.dim() != dims + 2:
+        raise RuntimeError(f"{op}: expected weight to be {dims + 2}-D (in_channels, out_channels/groups, kernel), "
+                           f"but got weight of shape {list(weight.shape)}")
+    if any(s <= 0 for s in stride):
+        raise RuntimeError(f"non-positive stride is not supported ({op}: got stride={stride})")
+    if any(p < 0 for p in padding):
+        raise RuntimeError(f"negative padding is not supported ({op}: got padding={padding})")
+    if any(p < 0 for p in output_padding):
+        raise RuntimeError(f"negative output_padding is not supported ({op}: got output_padding={output_padding})")
+    if any(d <= 0 for d in dilation):
+        raise RuntimeError(f"dilation should be greater than zero ({op}: got dilation={dilation})")
+    if groups <= 0:
+        raise RuntimeError(f"non-positive groups is not supported ({op}: got groups={groups})")
+    if weight.shape[0] % groups != 0:
+        raise RuntimeError(f"Given groups={groups}, expected weight to be divisible by {groups} at dimension 0, but "
+                           f"got weight of size [{list(weight.shape)}] instead")
+    if input.shape[1] != weight.shape[0]:
+        raise RuntimeError(f"Given transposed=1, weight of size {list(weight.shape)}, expected input{list(input.shape)} "
+                           f"to have {weight.shape[0]} channels, but got {input.shape[1]} channels instead")
+    out_channels = weight.shape[1] * groups
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != out_channels):
+        raise RuntimeError(f"Given transposed=1, weight of size {list(weight.shape)}, expected bias to be "
+                           f"1-dimensional with {out_channels} elements, but got bias of size {list(bias.shape)} instead")
+    if any(op_ >= max(s, d) for op_, s, d in zip(output_padding, stride, dilation)):
+        names = ("height", "width")[2 - dims:] if dims <= 2 else ("depth", "height", "width")
+        got = " ".join(f"output_padding_{n}: {v}" for n, v in zip(names, output_padding))
+        got += " " + " ".join(f"stride_{n}: {v}" for n, v in zip(names, stride))
+        got += " " + " ".join(f"dilation_{n}: {v}" for n, v in zip(names, dilation))
+        raise RuntimeError(f"output padding must be smaller than either stride or dilation, but got {got}")
+    if input.shape[0] != 0 and input.shape[1] != 0 and any(i == 0 for i in input.shape[2:]):
+        raise RuntimeError(f"Only zero batch or zero channel inputs are supported, but got input shape: {list(input.shape)}")
+    sizes = _transposed_output_sizes(input, weight, stride, padding, output_padding, dilation)
+    if any(o < 1 for o in sizes):
+        raise RuntimeError(f"Given input size per channel: ({' x '.join(map(str, input.shape[2:]))}). Calculated "
+                           f"output size per channel: ({' x '.join(map(str, sizes))}). Output size is too small")
+    return sizes
+
+
+def _conv_input_gradient(delta, weight, output_shape, stride, padding, dilation, groups):
+    """The input gradient of a convolution whose input has `output_shape`, at output deltas `delta`: what a
+    transposed convolution computes. Through ConvBackwardFunction, so that it is differentiable in delta and
+    weight. The op takes the convolution's input for its shape alone: a zero-strided view stands in for it."""
+    shape_of_input = delta.new_zeros(()).expand(output_shape)
+    # The convolution of an input this size has as many outputs as delta has, except where output_padding
+    # reaches past a stride (it may when the dilation is larger): delta gets zero deltas for those outputs.
+    conv_sizes = [(o + 2 * p - d * (k - 1) - 1) // s + 1
+                  for o, k, s, p, d in zip(output_shape[2:], weight.shape[2:], stride, padding, dilation)]
+    extra = [c - i for c, i in zip(conv_sizes, delta.shape[2:])]
+    if any(extra):
+        delta = torch.nn.functional.pad(delta, [v for e in reversed(extra) for v in (0, e)])
+    geometry = (stride, padding, dilation, groups)
+    mask = [True, False, False]
+    path = call_path(delta, weight)
+    if path == FUNCTION:
+        return ConvBackwardFunction.apply(delta, shape_of_input, weight, *geometry, mask)[0]
+    if path == OP:  # the op's autograd is ConvBackwardFunction's formulas
+        return ops.conv_backward(delta, shape_of_input, weight, *geometry, mask)[0]
+    return below_autograd(ops.conv_backward, delta, shape_of_input, weight, *geometry, mask)[0]
+
+
+def _conv_transpose(dims, op, input, weight, bias, stride, padding, output_padding, groups, dilation):
+    if _exporting.exporting_to_onnx():
+        torch_conv = torch.nn.functional.conv_transpose1d if dims == 1 else torch.nn.functional.conv_transpose2d
+        return torch_conv(input, weight, bias, stride, padding, output_padding, groups, dilation)
+    _check_tensors(op, input, weight, bias)
+    input, weight, bias = _autocast(input, weight, bias)
+    if isinstance(padding, str):  # torch's parser refuses 'same' and 'valid' here
+        raise TypeError(f"{op}(): argument 'padding' must be tuple of ints, not str")
+    stride = _expand(stride, dims, "stride", op)
+    padding = _expand(padding, dims, "padding", op)
+    output_padding = _expand(output_padding, dims, "output_padding", op)
+    dilation = _expand(dilation, dims, "dilation", op)
+    groups = _groups(op, groups)
+    input, unbatched = _batched(op, input, dims)
+    sizes = _check_transposed(op, dims, input, weight, bias, stride, padding, output_padding, dilation, groups)
+    output_shape = [input.shape[0], weight.shape[1] * groups, *sizes]
+
+    def real_transposed(x, w, b=None):
+        out = _conv_input_gradient(x, w, output_shape, stride, padding, dilation, groups)
+        return out if b is None else out + b.reshape(1, -1, *([1] * dims))
+
+    if input.is_complex() and weight.dtype == input.dtype and (bias is None or bias.dtype == input.dtype):
+        output = complex_conv(real_transposed, input, weight, bias)
+    else:
+        output = real_transposed(input, weight, bias)
+    if _conv_channels_last(input, weight, dims):
+        output = _as_channels_last(output, dims)
+    return output.squeeze(0) if unbatched else output
+
+
+def conv_transpose1d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+    """torch.nn.functional.conv_transpose1d computed by our kernels (as a convolution's input gradient)."""
+    if has_torch_function((input, weight, bias)):
+        return handle_torch_function(conv_transpose1d, (input, weight, bias), input, weight, bias, stride, padding,
+                                     output_padding, groups, dilation)
+    return _conv_transpose(1, "conv_transpose1d", input, weight, bias, stride, padding, output_padding, groups, dilation)
+
+
+def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+    """torch.nn.functional.conv_transpose2d computed by our kernels (as a convolution's input gradient)."""
+    if has_torch_function((input, weight, bias)):
+        return handle_torch_function(conv_transpose2d, (input, weight, bias), input, weight, bias, stride, padding,
+                                     output_padding, groups, dilation)
+    return _conv_transpose(2, "conv_transpose2d", input, weight, bias, stride, padding, output_padding, groups, dilation)
 
 
 def _max_pool(dims, op, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices):

@@ -1,4 +1,5 @@
-"""Drop-in modules: Conv1d, Conv2d, MaxPool1d, MaxPool2d, subclasses of their torch.nn namesakes.
+"""Drop-in modules: Conv1d, Conv2d, ConvTranspose1d, ConvTranspose2d, MaxPool1d, MaxPool2d, subclasses of their
+torch.nn namesakes.
 
 They keep torch.nn's constructor, parameters, state_dict and repr (isinstance(m, torch.nn.Conv2d) is
 still true); only the computation is replaced by torch_manualgrad.functional.
@@ -7,7 +8,7 @@ import torch
 
 from . import _exporting, functional
 
-__all__ = ["Conv1d", "Conv2d", "MaxPool1d", "MaxPool2d"]
+__all__ = ["Conv1d", "Conv2d", "ConvTranspose1d", "ConvTranspose2d", "MaxPool1d", "MaxPool2d"]
 
 
 class _OurLayer:
@@ -26,6 +27,21 @@ class _OurConv(_OurLayer):
             input = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
         return type(self)._functional(input, weight, bias, self.stride, padding, self.dilation, self.groups)
+
+
+class _OurConvTranspose(_OurLayer):
+    """torch.nn's ConvTranspose forward, output_size included (torch.nn's own _output_padding turns it into
+    output_padding), computed by our functional."""
+
+    _functional = None
+
+    def forward(self, input, output_size=None):
+        if self.padding_mode != "zeros":
+            raise ValueError(f"Only 'zeros' padding mode is supported for {type(self).__name__}")
+        output_padding = self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size,
+                                              len(self.kernel_size), self.dilation)
+        return type(self)._functional(input, self.weight, self.bias, self.stride, self.padding, output_padding,
+                                      self.groups, self.dilation)
 
 
 class _OurMaxPool(_OurLayer):
@@ -48,6 +64,18 @@ class Conv2d(_OurConv, torch.nn.Conv2d):
     """torch.nn.Conv2d computed by our kernels."""
 
     _functional = staticmethod(functional.conv2d)
+
+
+class ConvTranspose1d(_OurConvTranspose, torch.nn.ConvTranspose1d):
+    """torch.nn.ConvTranspose1d computed by our kernels."""
+
+    _functional = staticmethod(functional.conv_transpose1d)
+
+
+class ConvTranspose2d(_OurConvTranspose, torch.nn.ConvTranspose2d):
+    """torch.nn.ConvTranspose2d computed by our kernels."""
+
+    _functional = staticmethod(functional.conv_transpose2d)
 
 
 class MaxPool1d(_OurMaxPool, torch.nn.MaxPool1d):

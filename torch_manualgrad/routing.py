@@ -1,5 +1,5 @@
-"""everywhere(): a context manager under which torch's own conv1d, conv2d, max_pool1d and max_pool2d
-compute with our kernels, whoever calls them: torch.nn layers, subclasses with their own forward (timm's
+"""everywhere(): a context manager under which torch's own conv1d, conv2d, conv_transpose1d, conv_transpose2d,
+max_pool1d and max_pool2d compute with our kernels, whoever calls them: torch.nn layers, subclasses with their own forward (timm's
 Conv2dSame, ScaledStdConv2d), and F.conv2d / F.max_pool2d calls written in a model's forward.
 
 convert() swaps layers; it cannot reach a function call. everywhere() intercepts the calls instead, with
@@ -34,6 +34,8 @@ def _pool(ours, with_indices):
 _ROUTES = {
     torch.conv1d: ("F.conv1d", functional.conv1d),
     torch.conv2d: ("F.conv2d", functional.conv2d),
+    torch.conv_transpose1d: ("F.conv_transpose1d", functional.conv_transpose1d),
+    torch.conv_transpose2d: ("F.conv_transpose2d", functional.conv_transpose2d),
     F.max_pool1d: ("F.max_pool1d", functional.max_pool1d),
     F.max_pool2d: ("F.max_pool2d", functional.max_pool2d),
     F.max_pool1d_with_indices: ("F.max_pool1d", _pool(functional.max_pool1d, True)),
@@ -138,7 +140,7 @@ class Everywhere(TorchFunctionMode):
 
 
 def everywhere(on_call=None):
-    """A context manager: inside it, every call of torch's conv1d, conv2d, max_pool1d and max_pool2d
+    """A context manager: inside it, every call of torch's conv1d, conv2d, conv_transpose1d/2d, max_pool1d and max_pool2d
     functions (torch.nn.functional's, torch.*'s, and so torch.nn's layers and any subclass or model code
     that calls them) computes with our kernels, with our gradients.
 
@@ -159,7 +161,7 @@ def everywhere(on_call=None):
     do not take) is computed by torch's function instead, and counted in `left`; where torch refuses it
     too, torch's error is raised, as without the mode. Under torch.compile, where a refusal cannot be
     caught, calls whose input has a dtype or device we have no kernel for go to torch beforehand; any other
-    refusal there is ours, raised by the compiled call. Functions not listed above (conv3d, conv_transpose*,
+    refusal there is ours, raised by the compiled call. Functions not listed above (conv3d, conv_transpose3d,
     torch.convolution, max_pool3d, adaptive and fractional max-pools) are never intercepted.
 
     The mode covers the thread that enters it (TorchFunctionModes are per thread), nests (the innermost

@@ -65,7 +65,8 @@ from .convert import Unconverted, convert, revert, unconverted
 __all__ = ["verify", "VerifyResult", "LayerRecord", "Comparison", "Unconverted", "default_tolerances",
            "DEFAULT_RATIO", "add_parser", "run"]
 
-_OUR_LAYERS = (ours_nn.Conv1d, ours_nn.Conv2d, ours_nn.MaxPool1d, ours_nn.MaxPool2d)
+_OUR_LAYERS = (ours_nn.Conv1d, ours_nn.Conv2d, ours_nn.ConvTranspose1d, ours_nn.ConvTranspose2d, ours_nn.MaxPool1d,
+               ours_nn.MaxPool2d)
 
 # The floor of the allowance, per dtype of the tensors compared: (rtol, atol) in
 # ||ours - truth|| <= rtol * ||truth|| + atol * sqrt(numel). float32: ~84 epsilons.
@@ -196,7 +197,7 @@ class VerifyResult:
             out.append("(errors are ||x - truth|| / ||truth||: ours, then torch's float32 beside it; the "
                        "truth is the torch.nn layer in float64 on the same input)")
         else:
-            out.append("no torch.nn Conv1d/Conv2d/MaxPool1d/MaxPool2d layers to convert in this model")
+            out.append("no torch.nn Conv1d/Conv2d/ConvTranspose1d/ConvTranspose2d/MaxPool1d/MaxPool2d layers to convert in this model")
         if self.end_to_end:
             out.append("")
             out.append("end to end (whole model; ours and torch's errors against their float64 runs):")

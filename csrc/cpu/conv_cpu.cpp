@@ -822,8 +822,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
     return {cl(std::get<0>(grads)), cl(std::get<1>(grads)), std::get<2>(grads)};
   }
   if (via_nhwc(input_, g, /*backward=*/true)) {  // on channels-last copies, as the forward
-    auto grads = conv_backward_nhwc(grad_output_, input_.contiguous(at::MemoryFormat::ChannelsLast), weight_, g,
-                                    output_mask);
+    // (the input's values are read for the weight gradient only: a transposed convolution passes a
+    // zero-strided stand-in for its shape, functional.py)
+    auto grads = conv_backward_nhwc(grad_output_, output_mask[1] ? input_.contiguous(at::MemoryFormat::ChannelsLast) : input_,
+                                    weight_, g, output_mask);
     const auto nchw = [](const at::Tensor& t) { return t.defined() ? t.contiguous() : t; };
     return {nchw(std::get<0>(grads)), nchw(std::get<1>(grads)), std::get<2>(grads)};
   }
