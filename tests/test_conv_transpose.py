@@ -2,11 +2,11 @@
 computed by our conv_backward op. Values and gradients against torch's (float64 and float32), gradcheck and
 gradgradcheck, the identity with conv's input gradient, torch's argument checks and words, the modules'
 output_size, convert/revert/everywhere, layouts, forward mode and vmap, thread counts."""
-import itertools
-
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import torch_manualgrad as tmg
 from torch_manualgrad import functional as ours
@@ -232,3 +232,67 @@ def test_compile_and_export():
     targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
     assert "manualgrad.conv_backward.default" in targets
     torch.testing.assert_close(exported.module()(x.detach()), ref.detach())
+
+
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=str)
+def test_an_output_without_positions(dtype):
+    """Refused for a non-empty input in every dtype (torch's check; its float32 oneDNN path returns an empty
+    tensor instead, README); for an empty batch, an empty output with torch's strides and zero gradients."""
+    w = torch.randn(4, 1, 1, 1, dtype=dtype, requires_grad=True)
+    kwargs = dict(padding=1, output_padding=(0, 1), dilation=(1, 2))  # height 2 - 2 + 1 = 1, width -2 + 1 + 1 = 0
+    x = torch.randn(1, 4, 3, 1, dtype=dtype)
+    _raises(lambda: ours.conv_transpose2d(x, w, **kwargs), "Output size is too small")
+    with pytest.raises(RuntimeError, match="Output size is too small"):
+        F.conv_transpose2d(x.double(), w.detach().double(), **kwargs)
+    empty = torch.randn(0, 4, 3, 1, dtype=dtype, requires_grad=True)
+    b = torch.randn(1, dtype=dtype, requires_grad=True)
+    out, ref = ours.conv_transpose2d(empty, w, b, **kwargs), F.conv_transpose2d(empty, w, b, **kwargs)
+    assert out.shape == ref.shape == (0, 1, 1, 0) and out.stride() == ref.stride()
+    grads = torch.autograd.grad(out.sum(), (empty, w, b))
+    assert grads[0].shape == empty.shape and not grads[1].any() and not grads[2].any()
+
+
+@st.composite
+def _random_configs(draw):
+    dims = draw(st.sampled_from((1, 2)))
+    groups = draw(st.sampled_from((1, 2, 3)))
+    each = lambda lo, hi: tuple(draw(st.integers(lo, hi)) for _ in range(dims))  # noqa: E731
+    stride, dilation = each(1, 3), each(1, 3)
+    output_padding = tuple(draw(st.integers(0, max(s, d) - 1)) for s, d in zip(stride, dilation))
+    return dict(dims=dims, batch=draw(st.sampled_from((None, 1, 2))), c_in=groups * draw(st.integers(1, 3)),
+                c_out=groups * draw(st.integers(1, 3)), kernel=each(1, 4), size=each(1, 6), stride=stride,
+                padding=each(0, 3), output_padding=output_padding, dilation=dilation, groups=groups,
+                bias=draw(st.booleans()), channels_last=draw(st.booleans()), seed=draw(st.integers(0, 1000)))
+
+
+@given(c=_random_configs())
+@settings(max_examples=80, deadline=None)
+def test_random_configurations_agree_with_torch(c):
+    """Output, gradients and errors against torch in float64 over random arguments (an output without positions
+    included: both refuse it in float64)."""
+    dims = c["dims"]
+    g = torch.Generator().manual_seed(c["seed"])
+    x = torch.randn(((c["batch"],) if c["batch"] else ()) + (c["c_in"],) + c["size"], generator=g, dtype=torch.float64)
+    if c["channels_last"] and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn((c["c_in"], c["c_out"] // c["groups"]) + c["kernel"], generator=g, dtype=torch.float64)
+    b = torch.randn(c["c_out"], generator=g, dtype=torch.float64) if c["bias"] else None
+    kwargs = {k: c[k] for k in ("stride", "padding", "output_padding", "groups", "dilation")}
+    try:
+        ref = TORCHS[dims](x, w, b, **kwargs)
+    except RuntimeError as exc:
+        with pytest.raises(RuntimeError) as ours_exc:
+            OURS[dims](x, w, b, **kwargs)
+        assert str(exc).splitlines()[0].split(" (")[0] in str(ours_exc.value)
+        return
+    leaves = [t.clone().requires_grad_() for t in (x, w, b) if t is not None]
+    out = OURS[dims](*leaves[:2], leaves[2] if b is not None else None, **kwargs)
+    assert out.shape == ref.shape
+    # torch's strides, except on dimensions of size 1, where any stride describes the same layout
+    assert [st_ for st_, n in zip(out.stride(), out.shape) if n > 1] == [st_ for st_, n in zip(ref.stride(), ref.shape) if n > 1]
+    torch.testing.assert_close(out, ref)
+    ref_leaves = [t.clone().requires_grad_() for t in (x, w, b) if t is not None]
+    ref = TORCHS[dims](*ref_leaves[:2], ref_leaves[2] if b is not None else None, **kwargs)
+    go = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    for ours_grad, ref_grad in zip(torch.autograd.grad(out, leaves, go), torch.autograd.grad(ref, ref_leaves, go)):
+        torch.testing.assert_close(ours_grad, ref_grad)

@@ -269,7 +269,9 @@ def _check_transposed(op, dims, input, weight, bias, stride, padding, output_pad
     if input.shape[0] != 0 and input.shape[1] != 0 and any(i == 0 for i in input.shape[2:]):
         raise RuntimeError(f"Only zero batch or zero channel inputs are supported, but got input shape: {list(input.shape)}")
     sizes = _transposed_output_sizes(input, weight, stride, padding, output_padding, dilation)
-    if any(o < 1 for o in sizes):
+    # torch refuses an output without positions, except for an empty input (its float32 CPU path, oneDNN's,
+    # returns an empty tensor instead: we refuse it in every dtype, as torch's own check does)
+    if any(o < 0 for o in sizes) or (input.numel() > 0 and 0 in sizes):
         raise RuntimeError(f"Given input size per channel: ({' x '.join(map(str, input.shape[2:]))}). Calculated "
                            f"output size per channel: ({' x '.join(map(str, sizes))}). Output size is too small")
     return sizes
@@ -315,6 +317,11 @@ def _conv_transpose(dims, op, input, weight, bias, stride, padding, output_paddi
     output_shape = [input.shape[0], weight.shape[1] * groups, *sizes]
 
     def real_transposed(x, w, b=None):
+        if 0 in sizes:
+            # An output without positions (for an empty input): nothing to compute. Tied to the arguments so
+            # that their gradients come back as zeros, as torch's do, with torch's contiguous strides.
+            tie = sum(t.sum() for t in (x, w, b) if t is not None).mul(0)
+            return tie.expand(output_shape).clone(memory_format=torch.contiguous_format)
         out = _conv_input_gradient(x, w, output_shape, stride, padding, dilation, groups)
         return out if b is None else out + b.reshape(1, -1, *([1] * dims))
 
