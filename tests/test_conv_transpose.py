@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import torch_manualgrad as tmg
+from common import DEVICES
 from torch_manualgrad import functional as ours
 
 OURS = {1: ours.conv_transpose1d, 2: ours.conv_transpose2d}
@@ -34,7 +35,7 @@ def _pair(v, dims):
     return tuple(v) if isinstance(v, tuple) else (v,) * dims
 
 
-def _make(case, dtype, seed=0):
+def _make(case, dtype, seed=0, device="cpu"):
     dims, n, c_in, c_out, k, size, stride, padding, out_pad, groups, dilation, bias = case
     g = torch.Generator().manual_seed(seed)
     shape = ((n,) if n is not None else ()) + (c_in,) + _pair(size, dims)
@@ -42,29 +43,33 @@ def _make(case, dtype, seed=0):
     w = torch.randn((c_in, c_out // groups) + _pair(k, dims), generator=g, dtype=dtype)
     b = torch.randn(c_out, generator=g, dtype=dtype) if bias else None
     kwargs = dict(stride=stride, padding=padding, output_padding=out_pad, groups=groups, dilation=dilation)
-    return x, w, b, kwargs
+    return x.to(device), w.to(device), (b.to(device) if b is not None else None), kwargs
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=str)
-def test_values_and_gradients_match_torch(case, dtype):
+def test_values_and_gradients_match_torch(case, dtype, device):
     dims = case[0]
-    x, w, b, kwargs = _make(case, dtype)
+    if device == "cuda" and dtype == torch.float32:
+        pytest.skip("torch's CUDA float32 convolutions may use TF32 (cuDNN's allow_tf32): compared in float64")
+    x, w, b, kwargs = _make(case, dtype, device=device)
     leaves = [t.requires_grad_() for t in (x, w, b) if t is not None]
     out = OURS[dims](x, w, b, **kwargs)
     ref = TORCHS[dims](x, w, b, **kwargs)
     assert out.shape == ref.shape and out.dtype == ref.dtype
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}
     torch.testing.assert_close(out, ref, **tol)
-    go = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    go = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=dtype).to(device)
     for g_ours, g_ref in zip(torch.autograd.grad(out, leaves, go), torch.autograd.grad(ref, leaves, go)):
         torch.testing.assert_close(g_ours, g_ref, **tol)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", [c for c in CASES if c[1] != 0], ids=str)
-def test_gradcheck_and_gradgradcheck(case):
+def test_gradcheck_and_gradgradcheck(case, device):
     dims = case[0]
-    x, w, b, kwargs = _make(case, torch.float64, seed=2)
+    x, w, b, kwargs = _make(case, torch.float64, seed=2, device=device)
     leaves = tuple(t.requires_grad_() for t in (x, w, b) if t is not None)
 
     def fn(*args):
@@ -296,3 +301,20 @@ def test_random_configurations_agree_with_torch(c):
     go = torch.randn(ref.shape, generator=g, dtype=torch.float64)
     for ours_grad, ref_grad in zip(torch.autograd.grad(out, leaves, go), torch.autograd.grad(ref, ref_leaves, go)):
         torch.testing.assert_close(ours_grad, ref_grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_runs_repeat_bit_for_bit(device):
+    """Deterministic by construction on both devices (no atomics in conv_backward's input gradient, nor in the
+    convolution and weight gradient its backward calls): repeated runs give the same bits."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(4, 16, 9, 9, generator=g).to(device)
+    w = torch.randn(16, 8, 4, 4, generator=g).to(device)
+    go = torch.randn(4, 8, 18, 18, generator=g).to(device)
+    results = []
+    for _ in range(3):
+        xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
+        out = ours.conv_transpose2d(xl, wl, stride=2, padding=1)
+        results.append([out.detach(), *torch.autograd.grad(out, (xl, wl), go)])
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
