@@ -318,3 +318,23 @@ def test_runs_repeat_bit_for_bit(device):
         results.append([out.detach(), *torch.autograd.grad(out, (xl, wl), go)])
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+@pytest.mark.parametrize("size", (5, 20), ids=("small image (NHWC route)", "larger image"))
+@pytest.mark.parametrize("layout", ("nchw", "channels_last"))
+def test_conv_backward_reads_the_input_only_for_the_weight_gradient(size, layout):
+    """What the transposed convolution relies on: asked for the input gradient alone, conv_backward takes its
+    input tensor for the shape and layout only. A NaN-filled input gives the same bits as a zero one."""
+    ops = torch.ops.manualgrad
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    g = torch.Generator().manual_seed(10)
+    w = torch.randn(6, 4, 3, 3, generator=g)
+    zeros = torch.zeros(2, 4, size, size).contiguous(memory_format=fmt)
+    nans = torch.full_like(zeros, float("nan"))
+    out_size = (size + 2 - 3) // 2 + 1
+    delta = torch.randn(2, 6, out_size, out_size, generator=g)
+    args = ([2, 2], [1, 1], [1, 1], 1, [True, False, False])
+    from_zeros = ops.conv_backward(delta, zeros, w, *args)[0]
+    from_nans = ops.conv_backward(delta, nans, w, *args)[0]
+    assert torch.equal(from_zeros, from_nans) and not from_nans.isnan().any()
+    assert from_nans.is_contiguous(memory_format=fmt)

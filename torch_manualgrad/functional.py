@@ -277,11 +277,18 @@ def _check_transposed(op, dims, input, weight, bias, stride, padding, output_pad
     return sizes
 
 
-def _conv_input_gradient(delta, weight, output_shape, stride, padding, dilation, groups):
+def _conv_input_gradient(delta, weight, output_shape, stride, padding, dilation, groups, channels_last=False):
     """The input gradient of a convolution whose input has `output_shape`, at output deltas `delta`: what a
     transposed convolution computes. Through ConvBackwardFunction, so that it is differentiable in delta and
-    weight. The op takes the convolution's input for its shape alone: a zero-strided view stands in for it."""
-    shape_of_input = delta.new_zeros(()).expand(output_shape)
+    weight. The op takes the convolution's input for its shape (and, on the CPU, its layout) alone, and reads
+    its values only for the weight gradient, which is never asked for here: a zero-strided view stands in for
+    it, or, for a channels-last result on the CPU, an unfilled channels-last tensor, so that the kernels
+    compute in channels-last (csrc/shape_checks.h, channels_last_result) with no copies either way."""
+    if channels_last and delta.device.type == "cpu" and len(output_shape) == 4:
+        shape_of_input = torch.empty(output_shape, dtype=delta.dtype, device=delta.device,
+                                     memory_format=torch.channels_last)
+    else:
+        shape_of_input = delta.new_zeros(()).expand(output_shape)
     # The convolution of an input this size has as many outputs as delta has, except where output_padding
     # reaches past a stride (it may when the dilation is larger): delta gets zero deltas for those outputs.
     conv_sizes = [(o + 2 * p - d * (k - 1) - 1) // s + 1
@@ -315,6 +322,7 @@ def _conv_transpose(dims, op, input, weight, bias, stride, padding, output_paddi
     input, unbatched = _batched(op, input, dims)
     sizes = _check_transposed(op, dims, input, weight, bias, stride, padding, output_padding, dilation, groups)
     output_shape = [input.shape[0], weight.shape[1] * groups, *sizes]
+    channels_last = _conv_channels_last(input, weight, dims)
 
     def real_transposed(x, w, b=None):
         if 0 in sizes:
@@ -322,14 +330,14 @@ def _conv_transpose(dims, op, input, weight, bias, stride, padding, output_paddi
             # that their gradients come back as zeros, as torch's do, with torch's contiguous strides.
             tie = sum(t.sum() for t in (x, w, b) if t is not None).mul(0)
             return tie.expand(output_shape).clone(memory_format=torch.contiguous_format)
-        out = _conv_input_gradient(x, w, output_shape, stride, padding, dilation, groups)
+        out = _conv_input_gradient(x, w, output_shape, stride, padding, dilation, groups, channels_last)
         return out if b is None else out + b.reshape(1, -1, *([1] * dims))
 
     if input.is_complex() and weight.dtype == input.dtype and (bias is None or bias.dtype == input.dtype):
         output = complex_conv(real_transposed, input, weight, bias)
     else:
         output = real_transposed(input, weight, bias)
-    if _conv_channels_last(input, weight, dims):
+    if channels_last:
         output = _as_channels_last(output, dims)
     return output.squeeze(0) if unbatched else output
 
