@@ -138,7 +138,12 @@ def test_bad_arguments_get_torchs_words(dims):
         _raises(lambda: call(f), words)
     _raises(lambda: f(x, w, padding="same"), "must be tuple of ints, not str")
     _raises(lambda: f(x, w, stride=(1, 1, 1)), "stride")
-    _raises(lambda: f(x, w.double()), "")  # dtypes that differ: the op's check
+    # devices and dtypes: the op's checks (csrc/shape_checks.h), named after the function called
+    op = f"conv_transpose{dims}d"
+    _raises(lambda: f(x, w.double()), f"{op}: expected scalar type Float but found Double")
+    _raises(lambda: f(x, w, torch.randn(3, dtype=torch.float64)), f"{op}: Input type (float) and bias type (double)")
+    _raises(lambda: f(x.long(), w.long()), f"{op}: expected a floating-point input", "Long")
+    _raises(lambda: f(x, w.to("meta")), f"{op}: expected input and weight to be on the same device")
 
 
 @pytest.mark.parametrize("dims", (1, 2))

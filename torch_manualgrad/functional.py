@@ -234,9 +234,39 @@ def _transposed_output_sizes(input, weight, stride, padding, output_padding, dil
             for i, k, s, p, op, d in zip(input.shape[2:], weight.shape[2:], stride, padding, output_padding, dilation)]
 
 
+# ATen's names of dtypes, as the C++ checks print them (csrc/shape_checks.h)
+_ATEN_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16",
+               torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble", torch.int64: "Long",
+               torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte", torch.bool: "Bool"}
+
+
+def _aten_name(dtype):
+    return _ATEN_NAMES.get(dtype, str(dtype))
+
+
+def _check_transposed_tensors(op, input, weight, bias):
+    """The device and dtype checks conv_backward would make, worded as csrc/shape_checks.h words them for a
+    convolution, but named after the transposed convolution the caller called."""
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != input.device:
+            raise RuntimeError(f"{op}: expected input and {name} to be on the same device, but got input on "
+                               f"{input.device} and {name} on {t.device}")
+    a, w = _aten_name(input.dtype), _aten_name(weight.dtype)
+    if weight.dtype != input.dtype:
+        raise RuntimeError(f"{op}: expected scalar type {a} but found {w} (expected input and weight to have the "
+                           f"same dtype, but got input {a} and weight {w})")
+    if bias is not None and bias.dtype != input.dtype:
+        b = _aten_name(bias.dtype)
+        raise RuntimeError(f"{op}: Input type ({a.lower()}) and bias type ({b.lower()}) should be the same (expected "
+                           f"input and bias to have the same dtype, but got input {a} and bias {b})")
+    if not (input.is_floating_point() or input.is_complex()):
+        raise RuntimeError(f"{op}: expected a floating-point input of dtype float32, float64, float16 or bfloat16, "
+                           f"but got input of dtype {a}")
+
+
 def _check_transposed(op, dims, input, weight, bias, stride, padding, output_padding, dilation, groups):
-    """torch's checks of a transposed convolution's arguments, in torch's words (its tests match them); the
-    op then checks devices and dtypes."""
+    """torch's checks of a transposed convolution's arguments, in torch's words (its tests match them)."""
+    _check_transposed_tensors(op, input, weight, bias)
     if weight.dim() != dims + 2:
         raise RuntimeError(f"{op}: expected weight to be {dims + 2}-D (in_channels, out_channels/groups, kernel), "
                            f"but got weight of shape {list(weight.shape)}")
