@@ -343,3 +343,15 @@ def test_conv_backward_reads_the_input_only_for_the_weight_gradient(size, layout
     from_nans = ops.conv_backward(delta, nans, w, *args)[0]
     assert torch.equal(from_zeros, from_nans) and not from_nans.isnan().any()
     assert from_nans.is_contiguous(memory_format=fmt)
+
+
+def test_jit_trace_records_torchs_transposed_convolution():
+    """The tracer cannot record conv_backward's bool[3] argument: while tracing, torch's conv_transpose runs."""
+    torch.manual_seed(11)
+    model = tmg.convert(torch.nn.Sequential(torch.nn.Conv1d(3, 4, 3, padding=1),
+                                            torch.nn.ConvTranspose1d(4, 2, 4, stride=2, padding=1)))
+    x = torch.randn(2, 3, 8)
+    traced = torch.jit.trace(model, x)
+    kinds = {n.kind() for n in traced.inlined_graph.nodes()}
+    assert "manualgrad::conv_forward" in kinds and "aten::_convolution" in kinds
+    torch.testing.assert_close(traced(x), model(x))

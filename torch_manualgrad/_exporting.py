@@ -11,7 +11,10 @@ torch.jit.trace: the trace must record the same thing with and without autograd 
 traces again under torch.no_grad), and only a registered op survives torch.jit.save; so while tracing, our
 functions (functional.py) call the ops, torch.ops.manualgrad.*, on both paths, never our Python torch.autograd.Functions
 (which a trace cannot keep). The ops carry their own autograd (autograd.py registers the Functions'
-formulas on them), so the traced module back-propagates, after saving and loading too.
+formulas on them), so the traced module back-propagates, after saving and loading too. The one exception is
+the transposed convolution: it is our conv_backward op, whose bool[3] output_mask the tracer cannot record
+("Tracing a list of bool type is currently not supported"), so while tracing conv_transpose1d/2d compute with
+torch's, as for ONNX; the traced module then runs torch's kernel for those layers.
 
 torch.jit.script cannot compile our Python functions (they take ints, tuples or strings where TorchScript
 wants one type); our layers refuse it up front, pointing to torch.export and torch.compile.

@@ -337,7 +337,7 @@ def _conv_input_gradient(delta, weight, output_shape, stride, padding, dilation,
 
 
 def _conv_transpose(dims, op, input, weight, bias, stride, padding, output_padding, groups, dilation):
-    if _exporting.exporting_to_onnx():
+    if _exporting.exporting_to_onnx() or torch.jit.is_tracing():  # torch's, which the exporters know (_exporting.py)
         torch_conv = torch.nn.functional.conv_transpose1d if dims == 1 else torch.nn.functional.conv_transpose2d
         return torch_conv(input, weight, bias, stride, padding, output_padding, groups, dilation)
     _check_tensors(op, input, weight, bias)
