@@ -280,6 +280,11 @@ def _check_transposed(op, dims, input, weight, bias, stride, padding, output_pad
         raise RuntimeError(f"dilation should be greater than zero ({op}: got dilation={dilation})")
     if groups <= 0:
         raise RuntimeError(f"non-positive groups is not supported ({op}: got groups={groups})")
+    if weight.shape[0] < groups:
+        raise RuntimeError(f"Given groups={groups}, expected weight to be at least {groups} at dimension 0, but got "
+                           f"weight of size {list(weight.shape)} instead ({op})")
+    if weight.numel() == 0:
+        raise RuntimeError(f"non-empty {dims + 2}D weight tensor expected, but got: {list(weight.shape)} ({op})")
     if weight.shape[0] % groups != 0:
         raise RuntimeError(f"Given groups={groups}, expected weight to be divisible by {groups} at dimension 0, but "
                            f"got weight of size [{list(weight.shape)}] instead")
