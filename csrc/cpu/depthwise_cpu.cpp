@@ -74,6 +74,20 @@ MANUALGRAD_VECTOR_CLONES void axpy_channels(scalar_t* __restrict out, const scal
   for (int64_t c = 0; c < count; ++c) out[c] += w[c] * in[c];
 }
 
+// 64 bytes of scalar_t as one GCC vector (an AVX-512 register; two or four on narrower CPUs), whose arithmetic is,
+// lane by lane, exactly the scalar code's; load_vec fills one from any address (by reference: a vector this
+// wide passed by value would change the ABI between the clones).
+template <typename scalar_t>
+struct Vec64 {
+  typedef scalar_t type __attribute__((vector_size(64)));
+  static constexpr int64_t lanes = 64 / sizeof(scalar_t);
+};
+
+template <typename V, typename scalar_t>
+inline void load_vec(V& v, const scalar_t* p) {
+  std::memcpy(&v, p, sizeof(V));
+}
+
 // One output pixel of the NHWC forward, multiplier 1: out[c] = bias[c] (or 0) plus, for k < count in order,
 // w[taps[k]*C + c] * image[pixels[k]*C + c] (the pixel's taps inside the input). The same sums as
 // axpy_channels tap by tap, but each vector of channels stays in a register across the taps: the output is
@@ -83,17 +97,17 @@ MANUALGRAD_VECTOR_CLONES void forward_nhwc_pixel(scalar_t* __restrict out, const
                                                  const scalar_t* __restrict wt, const scalar_t* __restrict bias,
                                                  const int64_t* __restrict pixels, const int64_t* __restrict taps,
                                                  int64_t count, int64_t C) {
-  typedef scalar_t vec __attribute__((vector_size(64)));
-  constexpr int64_t L = 64 / sizeof(scalar_t);
-  const auto load = [](const scalar_t* p) {
-    vec v;
-    std::memcpy(&v, p, sizeof(vec));
-    return v;
-  };
+  using vec = typename Vec64<scalar_t>::type;
+  constexpr int64_t L = Vec64<scalar_t>::lanes;
   int64_t c = 0;
   for (; c + L <= C; c += L) {
-    vec acc = bias ? load(bias + c) : vec{};
-    for (int64_t k = 0; k < count; ++k) acc += load(wt + taps[k] * C + c) * load(image + pixels[k] * C + c);
+    vec acc{}, w, x;
+    if (bias) load_vec(acc, bias + c);
+    for (int64_t k = 0; k < count; ++k) {
+      load_vec(w, wt + taps[k] * C + c);
+      load_vec(x, image + pixels[k] * C + c);
+      acc += w * x;
+    }
     std::memcpy(out + c, &acc, sizeof(vec));
   }
   for (; c < C; ++c) {
@@ -111,17 +125,16 @@ template <typename scalar_t>
 MANUALGRAD_VECTOR_CLONES void dot_run_channels(double* __restrict acc, const scalar_t* __restrict grad,
                                                const scalar_t* __restrict in, int64_t count, int64_t in_step,
                                                int64_t cb, int64_t C) {
-  typedef scalar_t vec __attribute__((vector_size(64)));
-  constexpr int64_t L = 64 / sizeof(scalar_t);
-  const auto load = [](const scalar_t* p) {
-    vec v;
-    std::memcpy(&v, p, sizeof(vec));
-    return v;
-  };
+  using vec = typename Vec64<scalar_t>::type;
+  constexpr int64_t L = Vec64<scalar_t>::lanes;
   int64_t c = 0;
   for (; c + L <= cb; c += L) {
-    vec sum{};
-    for (int64_t k = 0; k < count; ++k) sum += load(grad + k * C + c) * load(in + k * in_step + c);
+    vec sum{}, g, x;
+    for (int64_t k = 0; k < count; ++k) {
+      load_vec(g, grad + k * C + c);
+      load_vec(x, in + k * in_step + c);
+      sum += g * x;
+    }
     for (int64_t l = 0; l < L; ++l) acc[c + l] += double(sum[l]);
   }
   for (; c < cb; ++c) {
