@@ -5,6 +5,7 @@
 #pragma once
 
 #include "host_device.h"  // small helpers here are shared with CUDA kernels
+#include "window_taps.h"
 
 #include <ATen/ATen.h>
 
@@ -266,28 +267,29 @@ void for_each_tap(const Geometry& g, int64_t oh, int64_t ow, const F& f) {
 
 // The same taps in runs: f(tap, pixel, count) for taps tap .. tap+count-1 of one kernel row, which see the
 // consecutive pixels pixel .. pixel+count-1 (in channels-last memory, one contiguous stretch), or all fall in the
-// padding (pixel -1). With dilation 1 along W a kernel row is at most three runs; otherwise runs are single
-// taps. The taps come in the same order as for_each_tap's.
+// padding (pixel -1). With dilation 1 along W a kernel row is at most three runs; otherwise the taps inside
+// are single runs. The taps come in the same order as for_each_tap's.
 template <typename F>
 void for_each_tap_run(const Geometry& g, int64_t oh, int64_t ow, const F& f) {
   const Window2d& w = g.win;
   const int64_t iw0 = ow * w.stride_w - w.pad_w;
+  int64_t j0, j1;  // the taps of a kernel row that see columns inside the input (window_taps.h)
+  taps_inside(iw0, w.kernel_w, w.dilation_w, g.in_w, j0, j1);
+  j0 = std::min(j0, w.kernel_w);
+  j1 = std::max(j1, j0);
   for (int64_t i = 0; i < w.kernel_h; ++i) {
     const int64_t ih = oh * w.stride_h - w.pad_h + i * w.dilation_h, tap0 = i * w.kernel_w;
     if (ih < 0 || ih >= g.in_h) {
       f(tap0, int64_t(-1), w.kernel_w);
-    } else if (w.dilation_w != 1) {
-      for (int64_t j = 0; j < w.kernel_w; ++j) {
-        const int64_t iw = iw0 + j * w.dilation_w;
-        f(tap0 + j, iw >= 0 && iw < g.in_w ? ih * g.in_w + iw : int64_t(-1), int64_t(1));
-      }
-    } else {  // taps j0 .. j1-1 see pixels inside the row
-      const int64_t j0 = std::min(std::max(-iw0, int64_t(0)), w.kernel_w);
-      const int64_t j1 = std::max(std::min(g.in_w - iw0, w.kernel_w), j0);
-      if (j0 > 0) f(tap0, int64_t(-1), j0);
-      if (j1 > j0) f(tap0 + j0, ih * g.in_w + iw0 + j0, j1 - j0);
-      if (j1 < w.kernel_w) f(tap0 + j1, int64_t(-1), w.kernel_w - j1);
+      continue;
     }
+    if (j0 > 0) f(tap0, int64_t(-1), j0);
+    if (w.dilation_w == 1) {
+      if (j1 > j0) f(tap0 + j0, ih * g.in_w + iw0 + j0, j1 - j0);
+    } else {
+      for (int64_t j = j0; j < j1; ++j) f(tap0 + j, ih * g.in_w + iw0 + j * w.dilation_w, int64_t(1));
+    }
+    if (j1 < w.kernel_w) f(tap0 + j1, int64_t(-1), w.kernel_w - j1);
   }
 }
 

@@ -35,6 +35,17 @@ MANUALGRAD_HOST_DEVICE inline void taps_inside(index_t start, index_t kernel, in
   hi = reach < kernel ? reach : kernel;
 }
 
+// The output columns [lo, hi) among [ow0, ow1) whose input column ow*stride + offset lies inside [0, size)
+// (one tap's columns across an output row); hi == lo when none does.
+MANUALGRAD_HOST_DEVICE inline void outputs_inside(int64_t ow0, int64_t ow1, int64_t offset, int64_t stride,
+                                                  int64_t size, int64_t& lo, int64_t& hi) {
+  const int64_t first = offset >= 0 ? 0 : (-offset + stride - 1) / stride;
+  const int64_t end = size - 1 - offset >= 0 ? (size - 1 - offset) / stride + 1 : 0;
+  lo = first < ow0 ? ow0 : (first > ow1 ? ow1 : first);
+  hi = end < ow1 ? end : ow1;
+  if (hi < lo) hi = lo;
+}
+
 // Whether a CPU kernel should copy the input columns a run of windows spans into a row of its own:
 // only if the stride does not step over most of them (tap j reads the columns = j*dilation mod stride,
 // so `taps` taps read at most stride/gcd(stride, dilation) of each stride's columns).

@@ -171,13 +171,6 @@ void matmul(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double be
   });
 }
 
-// The output columns ow in [ow0, ow1) whose input column ow*stride + offset lies inside [0, size).
-inline std::pair<int64_t, int64_t> inside(int64_t ow0, int64_t ow1, int64_t offset, int64_t stride, int64_t size) {
-  const int64_t lo = std::min(ow1, std::max(ow0, offset >= 0 ? 0 : ceil_div(-offset, stride)));
-  const int64_t hi = std::min(ow1, size - 1 - offset >= 0 ? (size - 1 - offset) / stride + 1 : 0);
-  return {lo, std::max(lo, hi)};
-}
-
 // Output positions [p0, p1) of one image, row by row: f(oh, ow0, ow1, at) for each output row's share
 // [ow0, ow1), where `at` is position (oh, ow0)'s column in a buffer whose column 0 is position p0. Only
 // the first and last rows can be partial.
@@ -209,7 +202,8 @@ void im2col(scalar_t* columns, int64_t ld, const scalar_t* image, int64_t channe
         // Output column ow reads input column ow * stride_w + col_offset; only [lo, hi) land inside the row,
         // and only those are ever turned into addresses (col_offset alone may be far outside it).
         const int64_t col_offset = j * w.dilation_w - w.pad_w;
-        const auto [lo, hi] = inside(0, g.out_w, col_offset, w.stride_w, g.in_w);
+        int64_t lo, hi;
+        outputs_inside(0, g.out_w, col_offset, w.stride_w, g.in_w, lo, hi);
         for_each_row(g, p0, p1, [&](int64_t oh, int64_t ow0, int64_t ow1, int64_t at) {
           scalar_t* dst = row + at;  // dst[ow - ow0] is output column ow
           const int64_t ih = oh * w.stride_h - w.pad_h + i * w.dilation_h;
@@ -247,7 +241,8 @@ void col2im(scalar_t* image, const scalar_t* columns, int64_t ld, int64_t channe
       for (int64_t j = 0; j < w.kernel_w; ++j) {
         const scalar_t* row = columns + ((c * w.kernel_h + i) * w.kernel_w + j) * ld;
         const int64_t col_offset = j * w.dilation_w - w.pad_w;
-        const auto [lo, hi] = inside(0, g.out_w, col_offset, w.stride_w, g.in_w);
+        int64_t lo, hi;
+        outputs_inside(0, g.out_w, col_offset, w.stride_w, g.in_w, lo, hi);
         if (hi <= lo) continue;
         for (int64_t oh = 0; oh < g.out_h; ++oh) {
           const int64_t ih = oh * w.stride_h - w.pad_h + i * w.dilation_h;

@@ -482,9 +482,8 @@ void backward_weight_nhwc_kernel(scalar_t* gw, const scalar_t* go, const scalar_
             for (int64_t j = 0; j < w.kernel_w; ++j) {
               // the outputs of this row whose tap j sees a column iw = ow * stride_w + shift inside the input
               const int64_t shift = j * w.dilation_w - w.pad_w;
-              const int64_t ow0 = shift >= 0 ? 0 : std::min(g.out_w, ceil_div(-shift, w.stride_w));
-              const int64_t ow1 =
-                  g.in_w - 1 - shift < 0 ? ow0 : std::max(ow0, std::min(g.out_w, (g.in_w - 1 - shift) / w.stride_w + 1));
+              int64_t ow0, ow1;
+              outputs_inside(0, g.out_w, shift, w.stride_w, g.in_w, ow0, ow1);
               if (ow1 > ow0)
                 dot_run_channels(acc.data() + (i * w.kernel_w + j) * kChannelBlock, grad_row + ow0 * C,
                                  image + (ih * g.in_w + ow0 * w.stride_w + shift) * C, ow1 - ow0, w.stride_w * C, cb, C);
