@@ -15,22 +15,29 @@
 
 namespace manualgrad {
 
-// A conv or pool problem in 2-d terms: a 1-d problem is a 2-d one of height 1 (kernel, stride and
-// dilation 1, no padding along h), so one kernel serves both.
-struct Window2d {
-  int64_t kernel_h = 1, kernel_w = 1;
-  int64_t stride_h = 1, stride_w = 1;
-  int64_t pad_h = 0, pad_w = 0;
-  int64_t dilation_h = 1, dilation_w = 1;
+// A conv or pool window in up to three dimensions (depth, height, width). A problem of fewer dimensions
+// leaves the leading ones at size 1 (kernel, stride and dilation 1, no padding): a 1-d problem is a 2-d
+// one of height 1, and a 2-d one a 3-d one of depth 1, so the 2-d kernels serve 1-d too, and every
+// rank shares these checks and output-size formulas.
+struct Window {
+  int64_t kernel_d = 1, kernel_h = 1, kernel_w = 1;
+  int64_t stride_d = 1, stride_h = 1, stride_w = 1;
+  int64_t pad_d = 0, pad_h = 0, pad_w = 0;
+  int64_t dilation_d = 1, dilation_h = 1, dilation_w = 1;
+  int64_t taps() const { return kernel_d * kernel_h * kernel_w; }
 };
 
 struct Geometry {
   int64_t batch = 0;
   int64_t in_channels = 0, out_channels = 0, groups = 1;
-  int64_t in_h = 1, in_w = 1;
-  int64_t out_h = 1, out_w = 1;
-  Window2d win;
-  int64_t spatial_dims = 2;  // 1 or 2: the caller's view, for output shapes
+  int64_t in_d = 1, in_h = 1, in_w = 1;
+  int64_t out_d = 1, out_h = 1, out_w = 1;
+  Window win;
+  int64_t spatial_dims = 2;  // 1, 2 or 3: the caller's view, for output shapes
+
+  // Positions of one (n, c) plane (a volume in 3-d), of the input and of the output.
+  int64_t in_positions() const { return in_d * in_h * in_w; }
+  int64_t out_positions() const { return out_d * out_h * out_w; }
 
   // An input with no channels gives a convolution nothing to compute. torch then returns an output with
   // no channels either (not out_channels copies of the bias) and zero gradients for the weight and bias;
@@ -40,9 +47,10 @@ struct Geometry {
   // Nothing to compute: an empty batch, or no input channels.
   bool empty() const { return batch == 0 || in_channels == 0; }
 
-  // The output's full shape in the caller's dimensionality: (N, C, L) or (N, C, H, W).
+  // The output's full shape in the caller's dimensionality: (N, C, L), (N, C, H, W) or (N, C, D, H, W).
   std::vector<int64_t> output_shape(int64_t channels) const {
     if (spatial_dims == 1) return {batch, channels, out_w};
+    if (spatial_dims == 3) return {batch, channels, out_d, out_h, out_w};
     return {batch, channels, out_h, out_w};
   }
 };
@@ -53,12 +61,13 @@ inline MANUALGRAD_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return a 
 inline const char* op_label(const char* kind, int64_t spatial_dims) {
   const bool is_conv = kind[0] == 'c';
   if (spatial_dims == 1) return is_conv ? "conv1d" : "max_pool1d";
+  if (spatial_dims == 3) return is_conv ? "conv3d" : "max_pool3d";
   return is_conv ? "conv2d" : "max_pool2d";
 }
 
 inline int64_t spatial_dims_of(c10::IntArrayRef stride, const char* kind) {
   const auto d = static_cast<int64_t>(stride.size());
-  TORCH_CHECK(d == 1 || d == 2, kind, ": expected stride to have 1 or 2 entries (one per spatial dimension), but got stride=", stride);
+  TORCH_CHECK(d >= 1 && d <= 3, kind, ": expected stride to have 1, 2 or 3 entries (one per spatial dimension), but got stride=", stride);
   return d;
 }
 
@@ -150,33 +159,43 @@ inline void check_same_device_and_dtype(const char* op, const char* name, const 
 
 inline void check_input_rank(const char* op, const at::Tensor& input, int64_t d) {
   TORCH_CHECK(input.dim() == d + 2, op, ": expected input to be ", d + 2, "-D (N, C, ",
-              d == 1 ? "L" : "H, W", "), but got input of shape ", input.sizes());
+              d == 1 ? "L" : d == 2 ? "H, W" : "D, H, W", "), but got input of shape ", input.sizes());
 }
 
 // A max-pool's input: batched (N, C, *spatial), with non-empty channel and spatial dimensions (N may be 0).
 inline void check_pool_input_dims(const char* op, const at::Tensor& input, int64_t d) {
   check_input_rank(op, input, d);
   for (int64_t i = 1; i < input.dim(); ++i)
+    TORCH_CHECK(d != 3 || input.size(i) > 0, "Expected input's non-batch dimensions to have positive length, but input "
+                "has a shape of ", input.sizes(), " and non-batch dimension ", i - 1, " has length zero! (", op,
+                ": expected input to have non-zero channel and spatial sizes)");
+  for (int64_t i = 1; i < input.dim(); ++i)
     TORCH_CHECK(input.size(i) > 0, (d == 1 ? "max_pool1d: Expected 2D or 3D" : "Expected 3D or 4D"),
                 " (batch mode) tensor with optional 0 dim batch size for input, but got:", input.sizes(), " (", op,
                 ": expected input to have non-zero channel and spatial sizes, but got input of shape ", input.sizes(), ")");
 }
 
-inline Window2d make_window(c10::IntArrayRef kernel, c10::IntArrayRef stride, c10::IntArrayRef padding,
-                            c10::IntArrayRef dilation) {
-  Window2d w;
-  const bool two_d = stride.size() == 2;
-  w.kernel_w = kernel.back();
-  w.stride_w = stride.back();
-  w.pad_w = padding.back();
-  w.dilation_w = dilation.back();
-  if (two_d) {
-    w.kernel_h = kernel[0];
-    w.stride_h = stride[0];
-    w.pad_h = padding[0];
-    w.dilation_h = dilation[0];
-  }
+// The window of 1, 2 or 3 spatial dimensions (one entry per dimension in each argument), filled from the
+// last dimension (width) back; the dimensions the problem lacks keep Window's defaults.
+inline Window make_window(c10::IntArrayRef kernel, c10::IntArrayRef stride, c10::IntArrayRef padding,
+                          c10::IntArrayRef dilation) {
+  Window w;
+  const size_t d = stride.size();
+  const auto at = [d](c10::IntArrayRef v, size_t from_end) { return v[d - 1 - from_end]; };
+  w.kernel_w = at(kernel, 0), w.stride_w = at(stride, 0), w.pad_w = at(padding, 0), w.dilation_w = at(dilation, 0);
+  if (d >= 2)
+    w.kernel_h = at(kernel, 1), w.stride_h = at(stride, 1), w.pad_h = at(padding, 1), w.dilation_h = at(dilation, 1);
+  if (d >= 3)
+    w.kernel_d = at(kernel, 2), w.stride_d = at(stride, 2), w.pad_d = at(padding, 2), w.dilation_d = at(dilation, 2);
   return w;
+}
+
+// The spatial sizes of a (N, C, *spatial) shape into g's in_d, in_h, in_w (those it lacks stay 1).
+inline void set_input_sizes(Geometry& g, c10::IntArrayRef sizes) {
+  const int64_t d = static_cast<int64_t>(sizes.size()) - 2;
+  g.in_w = sizes.back();
+  g.in_h = d >= 2 ? sizes[sizes.size() - 2] : 1;
+  g.in_d = d >= 3 ? sizes[2] : 1;
 }
 
 // The extent of a dilated kernel, dilation*(kernel-1)+1, and of a padded input, size+2*pad; both checked
@@ -229,24 +248,31 @@ inline int64_t pool_output_size(int64_t in, int64_t kernel, int64_t stride, int6
   return out;
 }
 
-// The per-group matrices: weight viewed as (out_channels, in_channels/groups * KH * KW).
+// The per-group matrices: weight viewed as (out_channels, in_channels/groups * KD * KH * KW).
 struct GroupDims {
   int64_t groups, out_per_group, in_per_group, taps, k_per_group, positions;
   explicit GroupDims(const Geometry& g)
       : groups(g.groups),
         out_per_group(g.out_channels / g.groups),
         in_per_group(g.in_channels / g.groups),
-        taps(g.win.kernel_h * g.win.kernel_w),
-        k_per_group(g.in_channels / g.groups * g.win.kernel_h * g.win.kernel_w),
-        positions(g.out_h * g.out_w) {}
+        taps(g.win.taps()),
+        k_per_group(g.in_channels / g.groups * g.win.taps()),
+        positions(g.out_positions()) {}
 };
 
 // Whether the CPU kernels compute in channels-last and return channels-last results (a conv's output and
 // gradients, a max-pool's output, indices and input gradient): when the tensor they start from (the input;
-// a max-pool backward's grad_output) is a 4-d tensor that suggests it, as torch decides for its own
-// results. _ops.py's fake kernels follow the same rule; CUDA results are always contiguous.
+// a max-pool backward's grad_output) is a 4-d tensor that suggests channels_last, or a 5-d one that suggests
+// channels_last_3d, as torch decides for its own results. _ops.py's fake kernels follow the same rule; CUDA
+// results are always contiguous.
 inline bool channels_last_result(const at::Tensor& t, const Geometry& g) {
+  if (g.spatial_dims == 3) return t.dim() == 5 && t.suggest_memory_format() == at::MemoryFormat::ChannelsLast3d;
   return g.spatial_dims == 2 && t.dim() == 4 && t.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+}
+
+// The memory format of channels-last results of g's rank.
+inline at::MemoryFormat channels_last_format(const Geometry& g) {
+  return g.spatial_dims == 3 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
 }
 
 // f(tap, pixel) for each tap (i, j) of the window at output position (oh, ow), tap = i * KW + j: pixel is the
@@ -254,7 +280,7 @@ inline bool channels_last_result(const at::Tensor& t, const Geometry& g) {
 // channels-last kernels walk windows this way.)
 template <typename F>
 void for_each_tap(const Geometry& g, int64_t oh, int64_t ow, const F& f) {
-  const Window2d& w = g.win;
+  const Window& w = g.win;
   for (int64_t i = 0; i < w.kernel_h; ++i) {
     const int64_t ih = oh * w.stride_h - w.pad_h + i * w.dilation_h;
     for (int64_t j = 0; j < w.kernel_w; ++j) {
@@ -271,7 +297,7 @@ void for_each_tap(const Geometry& g, int64_t oh, int64_t ow, const F& f) {
 // are single runs. The taps come in the same order as for_each_tap's.
 template <typename F>
 void for_each_tap_run(const Geometry& g, int64_t oh, int64_t ow, const F& f) {
-  const Window2d& w = g.win;
+  const Window& w = g.win;
   const int64_t iw0 = ow * w.stride_w - w.pad_w;
   int64_t j0, j1;  // the taps of a kernel row that see columns inside the input (window_taps.h)
   taps_inside(iw0, w.kernel_w, w.dilation_w, g.in_w, j0, j1);
@@ -295,8 +321,9 @@ void for_each_tap_run(const Geometry& g, int64_t oh, int64_t ow, const F& f) {
 
 // A 1×1, stride-1, unpadded convolution is a plain matrix product on the image itself: no im2col.
 inline bool is_pointwise(const Geometry& g) {
-  const Window2d& w = g.win;
-  return w.kernel_h == 1 && w.kernel_w == 1 && w.stride_h == 1 && w.stride_w == 1 && w.pad_h == 0 && w.pad_w == 0;
+  const Window& w = g.win;
+  return w.taps() == 1 && w.stride_d == 1 && w.stride_h == 1 && w.stride_w == 1 && w.pad_d == 0 && w.pad_h == 0 &&
+         w.pad_w == 0;
 }
 
 // Depthwise: every group has one input channel (groups == in_channels), with any channel multiplier.
@@ -323,12 +350,15 @@ inline Geometry check_conv(const at::Tensor& input, const at::Tensor& weight, co
   TORCH_CHECK(groups > 0, op, ": non-positive groups is not supported (got groups=", groups, ")");
   check_input_rank(op, input, d);
   TORCH_CHECK(weight.dim() == d + 2, op, ": expected weight to be ", d + 2, "-D (out_channels, in_channels/groups, ",
-              d == 1 ? "kL" : "kH, kW", "), but got weight of shape ", weight.sizes());
+              d == 1 ? "kL" : d == 2 ? "kH, kW" : "kD, kH, kW", "), but got weight of shape ", weight.sizes());
   // torch's first check on out_channels: at least one per group (its words differ from the divisibility
   // check's below, and PyTorch's tests match them); groups > 0 here, so this also refuses zero out_channels
   TORCH_CHECK(weight.size(0) >= groups, op, ": Given groups=", groups, ", expected weight to be at least ", groups,
               " at dimension 0, but got weight of size ", weight.sizes(),
               " instead (weight must have at least one output channel per group)");
+  for (int64_t i = 2; i < weight.dim(); ++i)  // torch's words for 3-d, then for 1-d and 2-d
+    TORCH_CHECK(d != 3 || weight.size(i) > 0, "kernel size should be greater than zero, but got: ", weight.size(2), " x ",
+                weight.size(3), " x ", weight.size(4), " (TxHxW) (", op, ": weight of shape ", weight.sizes(), ")");
   for (int64_t i = 2; i < weight.dim(); ++i)
     TORCH_CHECK(weight.size(i) > 0, op, ": kernel size should be greater than zero, but got kernel_height: ",
                 d == 2 ? weight.size(2) : 1, " kernel_width: ", weight.size(-1), " (weight of shape ", weight.sizes(), ")");
@@ -372,8 +402,8 @@ inline Geometry check_conv(const at::Tensor& input, const at::Tensor& weight, co
   c10::IntArrayRef kernel = weight.sizes().slice(2);
   g.win = make_window(kernel, stride, padding, dilation);
   const auto& w = g.win;
-  g.in_w = input.size(-1);
-  g.in_h = d == 2 ? input.size(2) : 1;
+  set_input_sizes(g, input.sizes());
+  g.out_d = conv_output_size(g.in_d, w.kernel_d, w.stride_d, w.pad_d, w.dilation_d);
   g.out_h = conv_output_size(g.in_h, w.kernel_h, w.stride_h, w.pad_h, w.dilation_h);
   g.out_w = conv_output_size(g.in_w, w.kernel_w, w.stride_w, w.pad_w, w.dilation_w);
   checked_sample_numel(op, "the output", g.output_shape(g.conv_output_channels()));
@@ -396,20 +426,26 @@ inline void check_pool_window(const char* op, int64_t d, c10::IntArrayRef kernel
   check_length(op, "kernel_size", kernel_size, d);
   check_length(op, "padding", padding, d);
   check_length(op, "dilation", dilation, d);
-  const auto h = [d](c10::IntArrayRef v) { return d == 2 ? v[0] : 1; };  // torch's 2-d view of a 1-d window
+  const auto h = [d](c10::IntArrayRef v) { return d >= 2 ? v[d - 2] : 1; };  // torch's 2-d view of a 1-d window
+  // torch's naming of a 2-d or 3-d window's entries: "kH: 3 kW: 3", "kT: 3 kH: 3 kW: 3"
+  const auto named = [d, &h](const char* letter, c10::IntArrayRef v) {
+    std::ostringstream os;
+    if (d == 3) os << letter << "T: " << v[0] << " ";
+    os << letter << "H: " << h(v) << " " << letter << "W: " << v.back();
+    return os.str();
+  };
   const bool one_d = d == 1;
   // torch's max_pool2d looks at the stride first: a kernel of 0 with the default stride reports the stride
   for (auto s : stride)
     TORCH_CHECK(one_d || s != 0, "stride should not be zero (", op, ": stride=", stride, ", kernel_size=", kernel_size, ")");
   for (auto k : kernel_size)
     TORCH_CHECK(k > 0, one_d ? "max_pool1d() kernel_size must be greater than zero, but got " : "",
-                one_d ? std::to_string(k) : "kernel size should be greater than zero, but got kH: " +
-                std::to_string(h(kernel_size)) + " kW: " + std::to_string(kernel_size.back()),
+                one_d ? std::to_string(k) : "kernel size should be greater than zero, but got " + named("k", kernel_size),
                 " (", op, ": kernel_size=", kernel_size, ")");
   for (auto s : stride) {
     TORCH_CHECK(!(one_d && s <= 0), "max_pool1d() stride must be greater than zero, but got ", s, " (", op,
                 ": stride=", stride, ")");
-    TORCH_CHECK(s > 0, "stride should be greater than zero, but got dH: ", h(stride), " dW: ", stride.back(), " (", op,
+    TORCH_CHECK(s > 0, "stride should be greater than zero, but got ", named("d", stride), " (", op,
                 ": stride=", stride, ")");
   }
   for (auto p : padding)
@@ -417,8 +453,7 @@ inline void check_pool_window(const char* op, int64_t d, c10::IntArrayRef kernel
                 p, " (", op, ": padding=", padding, ")");
   for (auto x : dilation)
     TORCH_CHECK(x > 0, one_d ? "max_pool1d() dilation must be greater than zero, but got " + std::to_string(x)
-                             : "dilation should be greater than zero, but got dilationH: " + std::to_string(h(dilation)) +
-                                   " dilationW: " + std::to_string(dilation.back()),
+                             : "dilation should be greater than zero, but got " + named("dilation", dilation),
                 " (", op, ": dilation=", dilation, ")");
   for (int64_t i = 0; i < d; ++i) {
     const int64_t effective = dilated_extent(op, kernel_size[i], dilation[i]);
@@ -430,6 +465,11 @@ inline void check_pool_window(const char* op, int64_t d, c10::IntArrayRef kernel
     TORCH_CHECK(!(one_d && padding[i] > kernel_size[i] / 2),
                 "max_pool1d() padding should be at most half of kernel size, but got padding=", padding[i],
                 " and kernel_size=", kernel_size[i]);
+    TORCH_CHECK(d != 3 || padding[i] <= kernel_size[i] / 2,  // torch's 3-d words, W before H
+                "pad should be smaller than or equal to half of kernel size, but got kT: ", kernel_size[0], " kW: ",
+                kernel_size[2], " kH: ", kernel_size[1], " padT: ", padding[0], " padW: ", padding[2], " padH: ", padding[1],
+                " (", op, ": pad should be at most half of kernel size, but got padding=", padding, " and kernel_size=",
+                kernel_size, ")");
     TORCH_CHECK(padding[i] <= kernel_size[i] / 2,
                 "pad should be smaller than or equal to half of kernel size, but got padW = ", padding.back(),
                 ", padH = ", h(padding), ", kW = ", kernel_size.back(), ", kH = ", h(kernel_size), " (", op,
@@ -457,21 +497,23 @@ inline Geometry check_max_pool(const at::Tensor& input, c10::IntArrayRef kernel_
   g.in_channels = g.out_channels = input.size(1);
   g.win = make_window(kernel_size, stride, padding, dilation);
   const auto& w = g.win;
-  g.in_w = input.size(-1);
-  g.in_h = d == 2 ? input.size(2) : 1;
+  set_input_sizes(g, input.sizes());
+  g.out_d = pool_output_size(g.in_d, w.kernel_d, w.stride_d, w.pad_d, w.dilation_d, ceil_mode);
   g.out_h = pool_output_size(g.in_h, w.kernel_h, w.stride_h, w.pad_h, w.dilation_h, ceil_mode);
   g.out_w = pool_output_size(g.in_w, w.kernel_w, w.stride_w, w.pad_w, w.dilation_w, ceil_mode);
-  std::ostringstream too_small;  // torch's wording first: max_pool1d's own, or max_pool2d's
+  // torch's wording first: max_pool1d's own, or max_pool2d's and max_pool3d's
+  const std::string depth_in = d == 3 ? std::to_string(g.in_d) + "x" : "", depth_out = d == 3 ? std::to_string(g.out_d) + "x" : "";
+  const std::string out_size = d == 1 ? std::to_string(g.out_w) : depth_out + std::to_string(g.out_h) + "x" + std::to_string(g.out_w);
+  std::ostringstream too_small;
   if (d == 1) {
     too_small << "max_pool1d() Invalid computed output size: " << g.out_w;
   } else {
-    too_small << "Given input size: (" << g.in_channels << "x" << g.in_h << "x" << g.in_w << "). Calculated output size: ("
-              << g.in_channels << "x" << g.out_h << "x" << g.out_w << "). Output size is too small";
+    too_small << "Given input size: (" << g.in_channels << "x" << depth_in << g.in_h << "x" << g.in_w
+              << "). Calculated output size: (" << g.in_channels << "x" << out_size << "). Output size is too small";
   }
-  TORCH_CHECK(g.out_h >= 1 && g.out_w >= 1, too_small.str(), " (", op, ": input of shape ", input.sizes(),
+  TORCH_CHECK(g.out_d >= 1 && g.out_h >= 1 && g.out_w >= 1, too_small.str(), " (", op, ": input of shape ", input.sizes(),
               " is too small for kernel_size=", kernel_size, ", stride=", stride, ", padding=", padding, ", dilation=",
-              dilation, ": the output size would be ", (d == 2 ? g.out_h : g.out_w), (d == 2 ? "x" : ""),
-              (d == 2 ? std::to_string(g.out_w) : std::string()), ")");
+              dilation, ": the output size would be ", out_size, ")");
   checked_sample_numel(op, "the output", g.output_shape(g.out_channels));
   return g;
 }
@@ -527,46 +569,48 @@ inline Geometry check_max_pool_backward(const at::Tensor& grad_output, const at:
   g.batch = input_size[0];
   g.in_channels = g.out_channels = input_size[1];
   g.win = make_window(kernel_size, stride, padding, dilation);
-  g.in_w = input_size.back();
-  g.in_h = d == 2 ? input_size[2] : 1;
+  set_input_sizes(g, input_size);
   g.out_w = grad_output.size(-1);
-  g.out_h = d == 2 ? grad_output.size(2) : 1;
+  g.out_h = d >= 2 ? grad_output.size(-2) : 1;
+  g.out_d = d == 3 ? grad_output.size(2) : 1;
   return g;
 }
 
-// Whether `index`, a flat index into an (in_h, in_w) plane, is one the forward could have given output
-// (oh, ow): a tap of its window that lies in the plane, or -1 (a window with no tap in the plane, whose
-// gradient goes nowhere). Any other index would make the backward device-dependent (the CPU scatters
-// to wherever it points, CUDA gathers only within windows), so max_pool_backward refuses it when asked
-// to check its indices.
-MANUALGRAD_HOST_DEVICE inline bool index_from_window(int64_t index, int64_t oh, int64_t ow, int64_t in_h, int64_t in_w,
-                                                     const Window2d& w) {
+// Whether `index`, a flat index into an (in_d, in_h, in_w) volume (in_d 1 for a plane), is one the forward
+// could have given output (od, oh, ow): a tap of its window that lies in the volume, or -1 (a window with no
+// tap in the volume, whose gradient goes nowhere). Any other index would make the backward device-dependent
+// (the CPU scatters to wherever it points, CUDA gathers only within windows), so max_pool_backward refuses
+// it when asked to check its indices.
+MANUALGRAD_HOST_DEVICE inline bool index_from_window(int64_t index, int64_t od, int64_t oh, int64_t ow, int64_t in_d,
+                                                     int64_t in_h, int64_t in_w, const Window& w) {
   if (index == -1) return true;
-  if (index < 0 || index >= in_h * in_w) return false;
-  const int64_t h = index / in_w, x = index - h * in_w;
-  const int64_t dh = h - (oh * w.stride_h - w.pad_h), dw = x - (ow * w.stride_w - w.pad_w);
-  return dh >= 0 && dw >= 0 && dh % w.dilation_h == 0 && dw % w.dilation_w == 0 && dh / w.dilation_h < w.kernel_h &&
-         dw / w.dilation_w < w.kernel_w;
+  if (index < 0 || index / in_w / in_h >= in_d) return false;
+  const int64_t x = index % in_w, h = index / in_w % in_h, z = index / in_w / in_h;
+  const int64_t dd = z - (od * w.stride_d - w.pad_d), dh = h - (oh * w.stride_h - w.pad_h), dw = x - (ow * w.stride_w - w.pad_w);
+  return dd >= 0 && dh >= 0 && dw >= 0 && dd % w.dilation_d == 0 && dh % w.dilation_h == 0 && dw % w.dilation_w == 0 &&
+         dd / w.dilation_d < w.kernel_d && dh / w.dilation_h < w.kernel_h && dw / w.dilation_w < w.kernel_w;
 }
 
-// The error for indices' element `position` (flat, in (N, C, OH, OW) order), which index_from_window refused.
+// The error for indices' element `position` (flat, in (N, C, *spatial) order), which index_from_window refused.
 [[noreturn]] inline void fail_foreign_index(const Geometry& g, int64_t position, int64_t index,
                                             c10::IntArrayRef input_size) {
-  const int64_t ow = position % g.out_w, oh = position / g.out_w % g.out_h, plane = position / (g.out_w * g.out_h);
+  const int64_t ow = position % g.out_w, oh = position / g.out_w % g.out_h, od = position / g.out_w / g.out_h % g.out_d;
+  const int64_t plane = position / g.out_positions();
   const int64_t n = plane / g.in_channels, c = plane % g.in_channels;
-  const Window2d& w = g.win;
-  const bool two = g.spatial_dims == 2;
-  std::ostringstream where, window;
-  where << "[" << n << ", " << c << ", " << (two ? std::to_string(oh) + ", " : "") << ow << "]";
-  if (two) {
-    window << "kernel_size=[" << w.kernel_h << ", " << w.kernel_w << "], stride=[" << w.stride_h << ", " << w.stride_w
-           << "], padding=[" << w.pad_h << ", " << w.pad_w << "], dilation=[" << w.dilation_h << ", " << w.dilation_w << "]";
-  } else {
-    window << "kernel_size=[" << w.kernel_w << "], stride=[" << w.stride_w << "], padding=[" << w.pad_w
-           << "], dilation=[" << w.dilation_w << "]";
-  }
-  TORCH_CHECK(false, op_label("pool", g.spatial_dims), " backward: indices", where.str(), " = ", index,
-              " is not a position in that output's window (input_size=", input_size, ", ", window.str(),
+  const Window& w = g.win;
+  const int64_t d = g.spatial_dims;
+  // the window's entries in the caller's dimensionality, as "[a, b]"
+  const auto list = [d](int64_t depth, int64_t height, int64_t width) {
+    std::ostringstream os;
+    os << "[" << (d == 3 ? std::to_string(depth) + ", " : "") << (d >= 2 ? std::to_string(height) + ", " : "") << width << "]";
+    return os.str();
+  };
+  std::ostringstream where;
+  where << "[" << n << ", " << c << ", " << list(od, oh, ow).substr(1);
+  TORCH_CHECK(false, op_label("pool", d), " backward: indices", where.str(), " = ", index,
+              " is not a position in that output's window (input_size=", input_size,
+              ", kernel_size=", list(w.kernel_d, w.kernel_h, w.kernel_w), ", stride=", list(w.stride_d, w.stride_h, w.stride_w),
+              ", padding=", list(w.pad_d, w.pad_h, w.pad_w), ", dilation=", list(w.dilation_d, w.dilation_h, w.dilation_w),
               "); indices must come from the forward with the same arguments, -1 marking a window with no input");
 }
 

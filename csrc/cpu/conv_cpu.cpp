@@ -9,6 +9,7 @@
 // Deterministic by construction: tasks are cut from the shapes alone (never from the thread count),
 // each task runs its BLAS calls single-threaded (SequentialBlas), and partial weight gradients are
 // summed in a fixed order — so results are bit-identical on every run and every thread count.
+#include "../depth_taps.h"
 #include "../shape_checks.h"
 #include "blas.h"
 #include "depthwise_cpu.h"
@@ -193,7 +194,7 @@ void for_each_row(const Geometry& g, int64_t p0, int64_t p1, const F& f) {
 template <typename scalar_t>
 void im2col(scalar_t* columns, int64_t ld, const scalar_t* image, int64_t channels, const Geometry& g, int64_t p0,
             int64_t p1) {
-  const Window2d& w = g.win;
+  const Window& w = g.win;
   for (int64_t c = 0; c < channels; ++c) {
     const scalar_t* plane = image + c * g.in_h * g.in_w;
     for (int64_t i = 0; i < w.kernel_h; ++i) {
@@ -233,7 +234,7 @@ void im2col(scalar_t* columns, int64_t ld, const scalar_t* image, int64_t channe
 // the pixel it came from. Pixels covered by several placements add up, always in the same order.
 template <typename scalar_t>
 void col2im(scalar_t* image, const scalar_t* columns, int64_t ld, int64_t channels, const Geometry& g) {
-  const Window2d& w = g.win;
+  const Window& w = g.win;
   std::fill(image, image + channels * g.in_h * g.in_w, scalar_t(0));
   for (int64_t c = 0; c < channels; ++c) {
     scalar_t* plane = image + c * g.in_h * g.in_w;
@@ -627,6 +628,8 @@ at::Tensor conv_forward_cpu(const at::Tensor& input_, const at::Tensor& weight_,
     return conv_forward_cpu(f(input_), f(weight_), bias_f, stride, padding, dilation, groups).to(input_.scalar_type());
   }
   const bool channels_last = channels_last_result(input_, g);
+  if (g.spatial_dims == 3)  // a sum of 2-d convolutions over the kernel's depth taps (depth_taps.h)
+    return conv3d_forward_by_depth(input_, weight_, bias, g, channels_last, conv_forward_cpu);
   if (channels_last && !g.empty() && (!is_depthwise(g) || depthwise_nhwc_supported(g)))
     return conv_forward_nhwc(input_, weight_, bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor(), g);
   if (channels_last)  // depthwise with a channel multiplier: the NCHW kernel, its result laid out as promised
@@ -779,7 +782,7 @@ void conv_backward_weight_cpu(at::Tensor& grad_weight, const at::Tensor& grad_ou
 
 // grad_bias[c] = sum over images and positions of grad_output[n, c], one channel per task.
 void conv_backward_bias_cpu(at::Tensor& grad_bias, const at::Tensor& grad_output, const Geometry& g) {
-  const int64_t positions = g.out_h * g.out_w;
+  const int64_t positions = g.out_positions();
   AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "conv_backward_bias", [&] {
     const scalar_t* go = grad_output.data_ptr<scalar_t>();
     scalar_t* gb = grad_bias.data_ptr<scalar_t>();
@@ -807,6 +810,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
     auto grads = conv_backward_cpu(f(grad_output_), f(input_), f(weight_), stride, padding, dilation, groups, output_mask);
     const auto back = [&](const at::Tensor& t) { return t.defined() ? t.to(input_.scalar_type()) : t; };
     return {back(std::get<0>(grads)), back(std::get<1>(grads)), back(std::get<2>(grads))};
+  }
+  if (g.spatial_dims == 3) {  // a sum of 2-d convolutions over the kernel's depth taps (depth_taps.h)
+    auto [grad_input, grad_weight] = conv3d_backward_by_depth(grad_output_, input_, weight_, g, channels_last_result(input_, g),
+                                                              output_mask[0], output_mask[1], conv_backward_cpu);
+    at::Tensor grad_bias;
+    if (output_mask[2]) {
+      grad_bias = at::zeros({g.out_channels}, grad_output_.options());
+      if (!g.no_input_channels()) conv_backward_bias_cpu(grad_bias, grad_output_.contiguous(), g);
+    }
+    return {grad_input, grad_weight, grad_bias};
   }
   if (channels_last_result(input_, g) && !g.empty() && (!is_depthwise(g) || depthwise_nhwc_supported(g)))
     return conv_backward_nhwc(grad_output_, input_, weight_, g, output_mask);

@@ -173,7 +173,7 @@ struct RowPlan {
 };
 
 RowPlan plan_rows(const Geometry& g, int64_t max_chunk) {
-  const Window2d& w = g.win;
+  const Window& w = g.win;
   const int64_t s = w.stride_w;
   RowPlan plan;
   plan.chunk = std::clamp<int64_t>(std::min(kChunkSlots / s, max_chunk), 1, g.out_w);
@@ -235,7 +235,7 @@ struct TapRun {
 class TapColumns {
  public:
   explicit TapColumns(const Geometry& g) : stride_(g.win.stride_w) {
-    const Window2d& w = g.win;
+    const Window& w = g.win;
     hull_ = column_chunk(0, g.out_w, w.stride_w, w.pad_w, w.kernel_w, w.dilation_w, g.in_w);
     for (int64_t j = hull_.tap_lo; j < hull_.tap_hi; ++j) {
       const int64_t offset = j * w.dilation_w - w.pad_w;
@@ -270,7 +270,7 @@ class TapColumns {
 // each input element) adds its terms tap by tap in row-major order.
 template <typename F>
 void for_each_kernel_row(const Geometry& g, const F& f) {
-  const Window2d& w = g.win;
+  const Window& w = g.win;
   for (int64_t oh = 0; oh < g.out_h; ++oh) {
     const int64_t h_start = oh * w.stride_h - w.pad_h;
     int64_t i_lo, i_hi;
@@ -281,7 +281,7 @@ void for_each_kernel_row(const Geometry& g, const F& f) {
 
 template <typename scalar_t>
 void forward_kernel(scalar_t* out, const scalar_t* in, const scalar_t* weight, const scalar_t* bias, const Geometry& g) {
-  const Window2d& w = g.win;
+  const Window& w = g.win;
   const int64_t multiplier = g.out_channels / g.in_channels, taps = w.kernel_h * w.kernel_w;
   const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w, s = w.stride_w;
   const TapColumns columns(g);
@@ -326,7 +326,7 @@ void forward_kernel(scalar_t* out, const scalar_t* in, const scalar_t* weight, c
 // to add back, and measured no faster (each tap's stores feed the next tap's loads either way).
 template <typename scalar_t>
 void backward_input_kernel(scalar_t* grad_in, const scalar_t* grad_out, const scalar_t* weight, const Geometry& g) {
-  const Window2d& w = g.win;
+  const Window& w = g.win;
   const int64_t multiplier = g.out_channels / g.in_channels, taps = w.kernel_h * w.kernel_w;
   const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w, s = w.stride_w;
   const TapColumns columns(g);
@@ -349,7 +349,7 @@ void backward_input_kernel(scalar_t* grad_in, const scalar_t* grad_out, const sc
 
 template <typename scalar_t>
 void backward_weight_kernel(scalar_t* grad_weight, const scalar_t* grad_out, const scalar_t* in, const Geometry& g) {
-  const Window2d& w = g.win;
+  const Window& w = g.win;
   const int64_t multiplier = g.out_channels / g.in_channels, taps = w.kernel_h * w.kernel_w;
   const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w, s = w.stride_w;
   const TapColumns columns(g);
@@ -461,7 +461,7 @@ void backward_input_nhwc_kernel(scalar_t* gi, const scalar_t* go, const scalar_t
 template <typename scalar_t>
 void backward_weight_nhwc_kernel(scalar_t* gw, const scalar_t* go, const scalar_t* in, const Geometry& g) {
   const int64_t C = g.in_channels, taps = g.win.kernel_h * g.win.kernel_w;
-  const Window2d& w = g.win;
+  const Window& w = g.win;
   // Blocks of kChannelBlock channels when there are at least two per thread, else of 16 (one vector), so that
   // few channels still spread over the threads (MobileNet's 32 channels at 112x112; 96 and 144 at 56x56: 0.7-0.8x
   // the time of blocks of 64 on 2 threads). Each channel's sums are the same whatever block it is in (a vector

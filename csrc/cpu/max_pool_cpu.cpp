@@ -40,7 +40,7 @@ struct PoolPlan {
 };
 
 PoolPlan plan_pool(const Geometry& g) {
-  const Window2d& w = g.win;
+  const Window& w = g.win;
   const int64_t s = w.stride_w, d = w.dilation_w;
   PoolPlan plan;
   if (s > kRingSlots) return plan;
@@ -143,7 +143,7 @@ void fill_row(scalar_t* phases, const scalar_t* row, const Chunk& c, const Geome
 template <typename scalar_t, typename index_t>
 void max_pool_chunk(scalar_t* output, int64_t* indices, const scalar_t* input, const Geometry& g, const Chunk& c,
                     PhaseScratch<scalar_t, index_t>& scratch) {
-  const Window2d& w = g.win;
+  const Window& w = g.win;
   const int64_t s = w.stride_w, len = c.len, count = c.count();
   const int64_t ring_mask = static_cast<int64_t>(scratch.held.size()) - 1, row_slots = s * len;
   const scalar_t lowest = pool_lowest<scalar_t>();
@@ -200,7 +200,7 @@ void max_pool_chunk(scalar_t* output, int64_t* indices, const scalar_t* input, c
 // time is the number of those taps (plus a division or two per output), whatever the stride or dilation.
 template <typename scalar_t>
 void max_pool_plane_direct(scalar_t* output, int64_t* indices, const scalar_t* input, const Geometry& g) {
-  const Window2d& w = g.win;
+  const Window& w = g.win;
   for (int64_t oh = 0; oh < g.out_h; ++oh) {
     const int64_t h_start = oh * w.stride_h - w.pad_h;
     int64_t i_lo, i_hi;
@@ -249,7 +249,7 @@ MANUALGRAD_VECTOR_CLONES void sweep_strided_values(scalar_t* __restrict best, co
 // it is). Outputs whose window lies inside the row take one sweep per tap; the few at its ends, one by one.
 template <typename scalar_t>
 void max_pool_row_values(scalar_t* out, const scalar_t* in, const Geometry& g) {
-  const Window2d& w = g.win;
+  const Window& w = g.win;
   const int64_t s = w.stride_w, d = w.dilation_w, pad = w.pad_w, span = (w.kernel_w - 1) * d;
   // windows [ow*s - pad, ow*s - pad + span] inside [0, in_w) for ow in [lo, hi)
   const int64_t lo = std::min(g.out_w, ceil_div(pad, s));
@@ -376,6 +376,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool_forward_cpu(const at::Tensor& input_
                                                         c10::IntArrayRef stride, c10::IntArrayRef padding,
                                                         c10::IntArrayRef dilation, bool ceil_mode, bool compute_indices) {
   const Geometry g = check_max_pool(input_, kernel_size, stride, padding, dilation, ceil_mode);
+  TORCH_CHECK(g.spatial_dims < 3, "max_pool3d: not implemented on this device yet");
   if (is_reduced_precision(input_.scalar_type())) {  // exact: float32 holds every half value, and a max is one of them
     auto [output, indices] =
         max_pool_forward_cpu(input_.to(at::kFloat), kernel_size, stride, padding, dilation, ceil_mode, compute_indices);
@@ -419,16 +420,18 @@ std::tuple<at::Tensor, at::Tensor> max_pool_forward_cpu(const at::Tensor& input_
   return {output, indices};
 }
 
-// The first element of indices (in (N, C, OH, OW) order) that index_from_window refuses, or -1: the same
+// The first element of indices (in (N, C, *spatial) order) that index_from_window refuses, or -1: the same
 // element whatever the thread count, and the one the CUDA check names.
 int64_t first_foreign_index(const int64_t* indices, int64_t total, const Geometry& g) {
-  const int64_t out_plane = g.out_h * g.out_w;
+  const int64_t out_plane = g.out_positions();
   return at::parallel_reduce(
       0, total, 16384, int64_t{-1},
       [&](int64_t begin, int64_t end, int64_t) {
         for (int64_t e = begin; e < end; ++e) {
           const int64_t o = e % out_plane;
-          if (!index_from_window(indices[e], o / g.out_w, o % g.out_w, g.in_h, g.in_w, g.win)) return e;
+          if (!index_from_window(indices[e], o / g.out_w / g.out_h, o / g.out_w % g.out_h, o % g.out_w, g.in_d, g.in_h,
+                                 g.in_w, g.win))
+            return e;
         }
         return int64_t{-1};
       },
@@ -443,6 +446,7 @@ at::Tensor max_pool_backward_cpu(const at::Tensor& grad_output_, const at::Tenso
                                  c10::IntArrayRef kernel_size, c10::IntArrayRef stride, c10::IntArrayRef padding,
                                  c10::IntArrayRef dilation, bool check_indices) {
   const Geometry g = check_max_pool_backward(grad_output_, indices_, input_size, kernel_size, stride, padding, dilation);
+  TORCH_CHECK(g.spatial_dims < 3, "max_pool3d: not implemented on this device yet");
   if (is_reduced_precision(grad_output_.scalar_type()))  // overlapping windows are added in float32
     return max_pool_backward_cpu(grad_output_.to(at::kFloat), indices_, input_size, kernel_size, stride, padding, dilation,
                                  check_indices)

@@ -66,11 +66,11 @@ __global__ void max_pool_backward_cells_kernel(scalar_t* __restrict__ grad_input
 // Sets *first to the smallest position whose index index_from_window refuses (atomicMin: the result does
 // not depend on the threads' order).
 __global__ void first_foreign_index_kernel(unsigned long long* first, const int64_t* __restrict__ indices,
-                                           int64_t total, int64_t out_h, int64_t out_w, int64_t in_h, int64_t in_w,
-                                           Window2d w) {
+                                           int64_t total, int64_t out_d, int64_t out_h, int64_t out_w, int64_t in_d,
+                                           int64_t in_h, int64_t in_w, Window w) {
   for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < total; e += int64_t{blockDim.x} * gridDim.x) {
-    const int64_t o = e % (out_h * out_w);
-    if (!index_from_window(indices[e], o / out_w, o % out_w, in_h, in_w, w))
+    const int64_t o = e % (out_d * out_h * out_w);
+    if (!index_from_window(indices[e], o / out_w / out_h, o / out_w % out_h, o % out_w, in_d, in_h, in_w, w))
       atomicMin(first, static_cast<unsigned long long>(e));
   }
 }
@@ -79,8 +79,8 @@ void check_indices_cuda(const at::Tensor& indices, const Geometry& g, c10::IntAr
   const int64_t total = indices.numel();
   at::Tensor first = at::full({1}, std::numeric_limits<int64_t>::max(), indices.options());
   first_foreign_index_kernel<<<grid_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<unsigned long long*>(first.data_ptr<int64_t>()), indices.data_ptr<int64_t>(), total, g.out_h,
-      g.out_w, g.in_h, g.in_w, g.win);
+      reinterpret_cast<unsigned long long*>(first.data_ptr<int64_t>()), indices.data_ptr<int64_t>(), total, g.out_d,
+      g.out_h, g.out_w, g.in_d, g.in_h, g.in_w, g.win);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int64_t position = first.item<int64_t>();  // the host sync
   if (position < total) fail_foreign_index(g, position, indices.view(-1)[position].item<int64_t>(), input_size);
@@ -95,7 +95,7 @@ CellShape backward_cells(const Geometry& g) {
 
 template <typename index_t>
 CellGeo<index_t> cell_geo(const Geometry& g, const CellShape& shape) {
-  const Window2d& w = g.win;
+  const Window& w = g.win;
   return CellGeo<index_t>(g.in_h, g.in_w, g.out_h, g.out_w, w.kernel_h, w.kernel_w, w.stride_h, w.stride_w, w.pad_h,
                           w.pad_w, w.dilation_h, w.dilation_w, shape.starts_h, shape.starts_w);
 }
@@ -136,6 +136,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool_forward_cuda(const at::Tensor& input
                                                          c10::IntArrayRef dilation, bool ceil_mode,
                                                          bool compute_indices) {
   const Geometry g = check_max_pool(input_, kernel_size, stride, padding, dilation, ceil_mode);
+  TORCH_CHECK(g.spatial_dims < 3, "max_pool3d: not implemented on this device yet");
   const c10::cuda::CUDAGuard device_guard(input_.device());
   const at::Tensor input = input_.contiguous();                                   // (N, C, H, W)
   at::Tensor output = at::empty(g.output_shape(g.in_channels), input.options());  // (N, C, OH, OW)
@@ -159,6 +160,7 @@ at::Tensor max_pool_backward_cuda(const at::Tensor& grad_output_, const at::Tens
                                   c10::IntArrayRef input_size, c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
                                   c10::IntArrayRef padding, c10::IntArrayRef dilation, bool check_indices) {
   const Geometry g = check_max_pool_backward(grad_output_, indices_, input_size, kernel_size, stride, padding, dilation);
+  TORCH_CHECK(g.spatial_dims < 3, "max_pool3d: not implemented on this device yet");
   const c10::cuda::CUDAGuard device_guard(grad_output_.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor grad_output = grad_output_.contiguous();  // (N, C, OH, OW)

@@ -90,7 +90,7 @@ struct Geo {
 // under 2^28 (so sums of a few of them stay under 2^31), and every tensor under 2^31 elements.
 inline bool fits_int32(const Geometry& g, std::initializer_list<int64_t> numels) {
   constexpr int64_t kSize = int64_t{1} << 28;
-  const Window2d& w = g.win;
+  const Window& w = g.win;
   for (int64_t v : {g.in_h, g.in_w, g.out_h, g.out_w, w.stride_h, w.stride_w, w.pad_h, w.pad_w, w.dilation_h, w.dilation_w})
     if (v >= kSize) return false;
   if (w.kernel_h >= kSize / w.dilation_h || w.kernel_w >= kSize / w.dilation_w) return false;
