@@ -5,9 +5,11 @@
 //   grad_input:   grad_columns = weight^T @ grad_output, then col2im as a gather: one thread per input
 //                 element sums the column entries that came from it
 //   grad_bias:    the sum of grad_output over batch and positions
+// conv3d is a sum over the kernel's depth taps of the 2-d convolutions above (depth_taps.h).
 // Matrix products are ATen's (at::bmm / baddbmm_ → cuBLAS). Nothing is accumulated with atomics, so
 // results are bit-identical from run to run. Images are processed in chunks whose columns stay under
 // kMaxColumnElems, so the workspace is bounded whatever the batch.
+#include "../depth_taps.h"
 #include "../shape_checks.h"
 #include "depthwise_cuda.h"
 #include "windows.cuh"
@@ -110,12 +112,31 @@ at::Tensor per_image(const at::Tensor& m, int64_t images) {
   return m.unsqueeze(0).expand({images, m.size(0), m.size(1), m.size(2)}).reshape({-1, m.size(1), m.size(2)});
 }
 
+// The bias gradient: grad_output (N, C_out, *spatial) summed over all but its channels; half types are
+// summed in float32 and rounded once.
+at::Tensor conv_backward_bias_cuda(const at::Tensor& grad_output, const Geometry& g) {
+  if (g.no_input_channels())  // an output with no channels (torch's): the bias never reached it
+    return at::zeros({g.out_channels}, grad_output.options());
+  std::vector<int64_t> dims = {0};
+  for (int64_t i = 2; i < grad_output.dim(); ++i) dims.push_back(i);
+  const auto dtype = grad_output.scalar_type();
+  return grad_output.sum(dims, /*keepdim=*/false, at::toOpMathType(dtype)).to(dtype);
+}
+
 at::Tensor conv_forward_cuda(const at::Tensor& input_, const at::Tensor& weight_, const std::optional<at::Tensor>& bias,
                              c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
                              int64_t groups) {
   const Geometry g = check_conv(input_, weight_, bias, stride, padding, dilation, groups);
   const c10::cuda::CUDAGuard device_guard(input_.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // inner ATen calls are plain arithmetic
+  if (g.spatial_dims == 3 && is_reduced_precision(input_.scalar_type())) {
+    // The depth taps' partial sums are added in float32 and rounded once at the end, not once per tap.
+    const auto f = [](const at::Tensor& t) { return t.to(at::kFloat); };
+    const std::optional<at::Tensor> bias_f = bias.has_value() && bias->defined() ? std::optional(f(*bias)) : std::nullopt;
+    return conv_forward_cuda(f(input_), f(weight_), bias_f, stride, padding, dilation, groups).to(input_.scalar_type());
+  }
+  if (g.spatial_dims == 3)  // a sum of 2-d convolutions over the kernel's depth taps (depth_taps.h)
+    return conv3d_forward_by_depth(input_, weight_, bias, g, /*channels_last=*/false, conv_forward_cuda);
   const at::Tensor input = input_.contiguous();  // (N, C_in, H, W)
   const GroupDims d(g);
   const at::Tensor weight = weight_.contiguous().view({d.groups, d.out_per_group, d.k_per_group});  // (G, C_out/G, K/G)
@@ -157,6 +178,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cuda(
   check_conv_grad_output(grad_output_, input_, g);
   const c10::cuda::CUDAGuard device_guard(input_.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  if (g.spatial_dims == 3 && is_reduced_precision(input_.scalar_type())) {  // as the forward: rounded once
+    const auto f = [](const at::Tensor& t) { return t.to(at::kFloat); };
+    auto grads = conv_backward_cuda(f(grad_output_), f(input_), f(weight_), stride, padding, dilation, groups, output_mask);
+    const auto back = [&](const at::Tensor& t) { return t.defined() ? t.to(input_.scalar_type()) : t; };
+    return {back(std::get<0>(grads)), back(std::get<1>(grads)), back(std::get<2>(grads))};
+  }
+  if (g.spatial_dims == 3) {  // a sum of 2-d convolutions over the kernel's depth taps (depth_taps.h)
+    auto [grad_input, grad_weight] = conv3d_backward_by_depth(grad_output_, input_, weight_, g, /*channels_last=*/false,
+                                                              output_mask[0], output_mask[1], conv_backward_cuda);
+    const at::Tensor grad_bias = output_mask[2] ? conv_backward_bias_cuda(grad_output_, g) : at::Tensor();
+    return {grad_input, grad_weight, grad_bias};
+  }
   const GroupDims d(g);
   const at::Tensor grad_output = grad_output_.contiguous();  // (N, C_out, OH, OW)
   const at::Tensor input = input_.contiguous();              // (N, C_in, H, W)
@@ -206,14 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cuda(
       grad_weight.view({d.groups, d.out_per_group, d.k_per_group}).baddbmm_(go, cols.transpose(1, 2));
     }
   }
-  if (output_mask[2] && g.no_input_channels()) {  // an output with no channels (torch's): the bias never reached it
-    grad_bias = at::zeros({g.out_channels}, grad_output.options());
-  } else if (output_mask[2]) {
-    std::vector<int64_t> dims = {0};
-    for (int64_t i = 2; i < grad_output.dim(); ++i) dims.push_back(i);
-    const auto dtype = grad_output.scalar_type();  // half types are summed in float32
-    grad_bias = grad_output.sum(dims, /*keepdim=*/false, at::toOpMathType(dtype)).to(dtype);
-  }
+  if (output_mask[2]) grad_bias = conv_backward_bias_cuda(grad_output, g);
   return {grad_input, grad_weight, grad_bias};
 }
 
