@@ -1,8 +1,8 @@
 // window_walk.h — the gather walk of the CUDA backward kernels (col2im, depthwise grad-input, max-pool's
-// per-pixel gather): for one input pixel, the windows that have a tap on it. Plain C++ that also compiles
+// per-pixel gather): for one input element, of a plane or a volume, the windows that have a tap on it. Plain C++ that also compiles
 // for the host, so tests/test_cuda_logic.py checks this exact code against a brute-force enumeration.
 // G is the kernels' Geo (windows.cuh) or the test's host stand-in: the window's sizes per axis and
-// dividers by the strides.
+// dividers by the strides (PlainDivider where a plain division will do).
 #pragma once
 
 #include "../host_device.h"
@@ -11,6 +11,14 @@
 #include <numeric>
 
 namespace manualgrad {
+
+// Division by a size, as the kernels' Divider (windows.cuh) does it but plainly: for the host tests, and
+// for the few divisions per thread that are not worth a Divider's magic numbers.
+template <typename index_t>
+struct PlainDivider {
+  index_t d;
+  MANUALGRAD_HOST_DEVICE index_t div(index_t n) const { return n / d; }
+};
 
 // Along one axis, consecutive outputs whose windows have a tap on the same pixel are this many apart:
 // o and o' both reach it iff (o' - o) * stride is a multiple of dilation.
@@ -71,25 +79,48 @@ MANUALGRAD_HOST_DEVICE inline index_t tap_at(index_t p, index_t o, index_t strid
   return dilation == 1 ? d : d / dilation;
 }
 
-// Calls f(i, j, o) for each output position o = oh*OW + ow whose window puts its tap (i, j) on input
-// pixel (ih, iw), in increasing o: a fixed order, so sums over the calls are deterministic. Only the
-// windows that have a tap on the pixel are visited (at most KH*KW of them), after a search for the
-// first of them of at most min(step, tap_step) candidates per axis, so neither a huge kernel nor a
-// large dilation costs much more than the taps that land.
-template <typename index_t, typename G, typename F>
-MANUALGRAD_HOST_DEVICE inline void for_each_covering_window(const G& g, index_t ih, index_t iw, const F& f) {
+// Calls f(k, i, j, o) for each output position o = (od*OH + oh)*OW + ow whose window puts its tap
+// (k, i, j) on input element (id, ih, iw), in increasing o: a fixed order, so sums over the calls are
+// deterministic. Only the windows that have a tap on the element are visited (at most KD*KH*KW of them),
+// after a search for the first of them of at most min(step, tap_step) candidates per axis, so neither a
+// huge kernel nor a large dilation costs much more than the taps that land. HAS_DEPTH false: a plane
+// (depth 1, id 0), whose walk is the 2-d one with no depth arithmetic at all (G need not have depth
+// fields then).
+template <bool HAS_DEPTH, typename index_t, typename G, typename F>
+MANUALGRAD_HOST_DEVICE inline void for_each_covering_window(const G& g, index_t id, index_t ih, index_t iw, const F& f) {
+  index_t od_lo = 0, od_hi = 0, pd = 0;
+  if constexpr (HAS_DEPTH) {
+    pd = id + g.pad_d;
+    covering_range(pd, g.kernel_d, g.stride_d, g.by_stride_d, g.dilation_d, g.out_d, od_lo, od_hi);
+    if (!first_covering(pd, g.stride_d, g.dilation_d, g.step_d, g.tap_step_d, od_hi, od_lo)) return;
+  }
   const index_t ph = ih + g.pad_h, pw = iw + g.pad_w;
   index_t oh_lo, oh_hi, ow_lo, ow_hi;
   covering_range(ph, g.kernel_h, g.stride_h, g.by_stride_h, g.dilation_h, g.out_h, oh_lo, oh_hi);
   covering_range(pw, g.kernel_w, g.stride_w, g.by_stride_w, g.dilation_w, g.out_w, ow_lo, ow_hi);
   if (!first_covering(ph, g.stride_h, g.dilation_h, g.step_h, g.tap_step_h, oh_hi, oh_lo)) return;
   if (!first_covering(pw, g.stride_w, g.dilation_w, g.step_w, g.tap_step_w, ow_hi, ow_lo)) return;
-  for (index_t oh = oh_lo; oh <= oh_hi; oh += g.step_h) {
-    const index_t i = tap_at(ph, oh, g.stride_h, g.dilation_h);
-    for (index_t ow = ow_lo; ow <= ow_hi; ow += g.step_w) {
-      f(i, tap_at(pw, ow, g.stride_w, g.dilation_w), oh * g.out_w + ow);
+  for (index_t od = od_lo; od <= od_hi;) {
+    index_t k = 0, slice = 0;  // the depth tap, and the first output row of depth od
+    if constexpr (HAS_DEPTH) k = tap_at(pd, od, g.stride_d, g.dilation_d), slice = od * g.out_h;
+    for (index_t oh = oh_lo; oh <= oh_hi; oh += g.step_h) {
+      const index_t i = tap_at(ph, oh, g.stride_h, g.dilation_h), row = (slice + oh) * g.out_w;
+      for (index_t ow = ow_lo; ow <= ow_hi; ow += g.step_w) {
+        f(k, i, tap_at(pw, ow, g.stride_w, g.dilation_w), row + ow);
+      }
+    }
+    if constexpr (HAS_DEPTH) {
+      od += g.step_d;
+    } else {
+      break;
     }
   }
+}
+
+// The same over one plane: f(i, j, o) for o = oh*OW + ow (col2im, the depthwise input gradient).
+template <typename index_t, typename G, typename F>
+MANUALGRAD_HOST_DEVICE inline void for_each_covering_window(const G& g, index_t ih, index_t iw, const F& f) {
+  for_each_covering_window<false>(g, index_t(0), ih, iw, [&](index_t, index_t i, index_t j, index_t o) { f(i, j, o); });
 }
 
 }  // namespace manualgrad

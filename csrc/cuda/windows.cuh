@@ -52,26 +52,33 @@ struct Divider {
 
 // The geometry in the index type the kernel computes with. 64-bit division costs several times
 // 32-bit, and index arithmetic is most of what a memory-bound kernel executes, so kernels run in
-// int32 whenever every size and every tensor they touch allow it (see fits_int32).
+// int32 whenever every size and every tensor they touch allow it (see fits_int32). The depth fields
+// are read only by the kernels of volumes (max_pool_cuda.cu's HAS_DEPTH); 2-d kernels leave them be.
 template <typename index_t>
 struct Geo {
-  index_t in_h, in_w, out_h, out_w;
-  index_t kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
-  Divider<index_t> by_in_h, by_in_w, by_out_h, by_out_w, by_stride_h, by_stride_w;
-  index_t step_h, step_w;          // covering_step along each axis
-  index_t tap_step_h, tap_step_w;  // covering_tap_step along each axis
+  index_t in_d, in_h, in_w, out_d, out_h, out_w;
+  index_t kernel_d, kernel_h, kernel_w, stride_d, stride_h, stride_w;
+  index_t pad_d, pad_h, pad_w, dilation_d, dilation_h, dilation_w;
+  Divider<index_t> by_in_d, by_in_h, by_in_w, by_out_d, by_out_h, by_out_w, by_stride_d, by_stride_h, by_stride_w;
+  index_t step_d, step_h, step_w;              // covering_step along each axis
+  index_t tap_step_d, tap_step_h, tap_step_w;  // covering_tap_step along each axis
   explicit Geo(const Geometry& g)
-      : in_h(g.in_h), in_w(g.in_w), out_h(g.out_h), out_w(g.out_w),
-        kernel_h(g.win.kernel_h), kernel_w(g.win.kernel_w), stride_h(g.win.stride_h), stride_w(g.win.stride_w),
-        pad_h(g.win.pad_h), pad_w(g.win.pad_w), dilation_h(g.win.dilation_h), dilation_w(g.win.dilation_w),
-        by_in_h(g.in_h), by_in_w(g.in_w), by_out_h(g.out_h), by_out_w(g.out_w),
-        by_stride_h(g.win.stride_h), by_stride_w(g.win.stride_w),
-        step_h(covering_step(g.win.stride_h, g.win.dilation_h)), step_w(covering_step(g.win.stride_w, g.win.dilation_w)),
+      : in_d(g.in_d), in_h(g.in_h), in_w(g.in_w), out_d(g.out_d), out_h(g.out_h), out_w(g.out_w),
+        kernel_d(g.win.kernel_d), kernel_h(g.win.kernel_h), kernel_w(g.win.kernel_w),
+        stride_d(g.win.stride_d), stride_h(g.win.stride_h), stride_w(g.win.stride_w),
+        pad_d(g.win.pad_d), pad_h(g.win.pad_h), pad_w(g.win.pad_w),
+        dilation_d(g.win.dilation_d), dilation_h(g.win.dilation_h), dilation_w(g.win.dilation_w),
+        by_in_d(g.in_d), by_in_h(g.in_h), by_in_w(g.in_w), by_out_d(g.out_d), by_out_h(g.out_h), by_out_w(g.out_w),
+        by_stride_d(g.win.stride_d), by_stride_h(g.win.stride_h), by_stride_w(g.win.stride_w),
+        step_d(covering_step(g.win.stride_d, g.win.dilation_d)), step_h(covering_step(g.win.stride_h, g.win.dilation_h)),
+        step_w(covering_step(g.win.stride_w, g.win.dilation_w)),
+        tap_step_d(covering_tap_step(g.win.stride_d, g.win.dilation_d)),
         tap_step_h(covering_tap_step(g.win.stride_h, g.win.dilation_h)),
         tap_step_w(covering_tap_step(g.win.stride_w, g.win.dilation_w)) {}
 
   // A flat index into (planes, in_h, in_w) → its plane, with (ih, iw); split_output likewise for
-  // (planes, out_h, out_w). What a plane is (an image's channel, a column block) is the caller's.
+  // (planes, out_h, out_w). What a plane is (an image's channel, a column block, one depth of a volume)
+  // is the caller's.
   __device__ index_t split_input(index_t x, index_t& ih, index_t& iw) const {
     const index_t rest = by_in_w.div(x), plane = by_in_h.div(rest);
     iw = x - rest * in_w;
@@ -91,9 +98,11 @@ struct Geo {
 inline bool fits_int32(const Geometry& g, std::initializer_list<int64_t> numels) {
   constexpr int64_t kSize = int64_t{1} << 28;
   const Window& w = g.win;
-  for (int64_t v : {g.in_h, g.in_w, g.out_h, g.out_w, w.stride_h, w.stride_w, w.pad_h, w.pad_w, w.dilation_h, w.dilation_w})
+  for (int64_t v : {g.in_d, g.in_h, g.in_w, g.out_d, g.out_h, g.out_w, w.stride_d, w.stride_h, w.stride_w, w.pad_d,
+                    w.pad_h, w.pad_w, w.dilation_d, w.dilation_h, w.dilation_w})
     if (v >= kSize) return false;
-  if (w.kernel_h >= kSize / w.dilation_h || w.kernel_w >= kSize / w.dilation_w) return false;
+  if (w.kernel_d >= kSize / w.dilation_d || w.kernel_h >= kSize / w.dilation_h || w.kernel_w >= kSize / w.dilation_w)
+    return false;
   for (int64_t n : numels)
     if (n > std::numeric_limits<int32_t>::max()) return false;
   return true;
