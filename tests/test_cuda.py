@@ -1,6 +1,7 @@
 """CUDA-only checks (skipped cleanly without a GPU): our CUDA kernels against our CPU kernels, half types
 against torch on the GPU, bit-identical repeated backward passes, a second GPU, and mixed-device errors."""
 import copy
+import math
 
 import pytest
 import torch
@@ -230,3 +231,246 @@ def test_cuda_huge_geometry_takes_the_64_bit_path():
     for a, b in zip(torch.ops.manualgrad.conv_backward(go.cuda(), x.cuda(), w.cuda(), *args, [True, True, True]),
                     torch.ops.manualgrad.conv_backward(go, x, w, *args, [True, True, True])):
         torch.testing.assert_close(a.cpu(), b)
+
+
+# --------------------------------------------------------------------------------------------------
+# 3-d on CUDA: conv3d (a sum of 2-d convolutions over the kernel's depth taps, depth_taps.h) and
+# max_pool3d (the max-pool kernels' volume code). The raw ops, called with 3-entry lists.
+# --------------------------------------------------------------------------------------------------
+
+CONVS_3D = [  # (N, C_in, C_out, size, kernel, stride, padding, dilation, groups), each entry per (d, h, w)
+    (2, 3, 4, (5, 6, 7), (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), 1),
+    (2, 4, 6, (7, 6, 5), (3, 2, 2), (2, 1, 2), (2, 0, 1), (2, 1, 1), 2),  # strided, dilated, padded depth: taps miss depths
+    (1, 4, 8, (6, 7, 7), (3, 3, 3), (1, 2, 1), (1, 1, 1), (1, 1, 2), 4),  # depthwise planes per tap
+    (3, 2, 3, (4, 5, 5), (1, 1, 1), (1, 1, 1), (0, 0, 0), (1, 1, 1), 1),  # pointwise
+    (2, 2, 2, (3, 8, 8), (5, 3, 3), (1, 1, 1), (2, 1, 1), (1, 1, 1), 1),  # kernel deeper than the input
+]
+POOLS_3D = [  # (N, C, size, kernel, stride, padding, dilation, ceil_mode), each entry per (d, h, w)
+    (2, 3, (6, 9, 9), (3, 3, 3), (2, 2, 2), (1, 1, 1), (1, 1, 1), False),  # cells of 2x2 pixels per slice
+    (2, 2, (5, 8, 7), (2, 2, 2), (2, 2, 2), (0, 0, 0), (1, 1, 1), True),  # tiling, the last window over the edge
+    (1, 2, (7, 6, 6), (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), False),  # stride 1: up to 27 windows an element
+    (2, 2, (9, 7, 8), (3, 2, 2), (2, 1, 3), (1, 1, 0), (3, 2, 1), True),  # dilated: the per-element gather
+    (1, 3, (11, 5, 6), (2, 2, 2), (1, 2, 2), (0, 0, 0), (4, 1, 1), False),  # depth dilation over the stride
+    (2, 1, (3, 13, 13), (1, 5, 5), (1, 5, 5), (0, 1, 1), (1, 1, 1), True),  # stride 5: per element
+]
+
+
+def conv3d_tensors(case, dtype, device, seed=0):
+    n, cin, cout, size, kernel, *_, groups = case
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cin, *size, generator=gen, dtype=torch.float64)
+    w = torch.randn(cout, cin // groups, *kernel, generator=gen, dtype=torch.float64)
+    b = torch.randn(cout, generator=gen, dtype=torch.float64)
+    gy_shape = F.conv3d(x, w, b, *case[5:]).shape
+    gy = torch.randn(gy_shape, generator=gen, dtype=torch.float64)
+    return [t.to(device, dtype) for t in (x, w, b, gy)]
+
+
+def conv3d_ops(case, dtype, device):
+    """Our raw ops: output, grad_input, grad_weight, grad_bias."""
+    x, w, b, gy = conv3d_tensors(case, dtype, device)
+    stride, padding, dilation, groups = (list(v) if isinstance(v, tuple) else v for v in case[5:])
+    y = torch.ops.manualgrad.conv_forward(x, w, b, stride, padding, dilation, groups)
+    return (y, *torch.ops.manualgrad.conv_backward(gy, x, w, stride, padding, dilation, groups, [True, True, True]))
+
+
+def conv3d_torch(case, dtype, device, rounded_to=None):
+    """torch's conv3d and its gradients, for the same tensors (rounded_to: the tensors of that dtype,
+    computed in dtype)."""
+    x, w, b, gy = (t.to(dtype) for t in conv3d_tensors(case, rounded_to or dtype, device))
+    x, w, b = (t.requires_grad_() for t in (x, w, b))
+    y = F.conv3d(x, w, b, *case[5:])
+    return (y.detach(), *torch.autograd.grad(y, (x, w, b), gy))
+
+
+@pytest.mark.parametrize("case", CONVS_3D, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_conv3d_matches_our_cpu_kernels_and_torch(case, dtype):
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    torch.backends.cuda.matmul.allow_tf32 = False  # cuBLAS in full float32, like the CPU
+    gpu = conv3d_ops(case, dtype, "cuda")
+    for a, b, c in zip(gpu, conv3d_ops(case, dtype, "cpu"), conv3d_torch(case, dtype, "cuda")):
+        assert a.is_cuda and a.is_contiguous() and a.dtype == dtype
+        torch.testing.assert_close(a.cpu(), b, **tol)
+        torch.testing.assert_close(a, c, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_conv3d_half_types_round_once(dtype):
+    """Half types are computed in float32 and rounded once at the end (not once per depth tap): each
+    result is within an ulp of the exact one (float64 from the same half inputs), float32's own error
+    aside (atol, where terms cancel)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for case in CONVS_3D:
+        ours = conv3d_ops(case, dtype, "cuda")
+        exact = conv3d_torch(case, torch.float64, "cuda", rounded_to=dtype)
+        for a, b in zip(ours, exact):
+            assert a.dtype == dtype
+            torch.testing.assert_close(a.double(), b, rtol=torch.finfo(dtype).eps, atol=1e-3)
+
+
+class _Conv3d(torch.autograd.Function):
+    """Our raw conv ops as one differentiable function, for gradcheck (the functional conv3d is not ours
+    to use here)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, stride, padding, dilation, groups):
+        ctx.save_for_backward(x, w)
+        ctx.args = (stride, padding, dilation, groups)
+        return torch.ops.manualgrad.conv_forward(x, w, b, *ctx.args)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w = ctx.saved_tensors
+        grads = torch.ops.manualgrad.conv_backward(gy.contiguous(), x, w, *ctx.args, list(ctx.needs_input_grad[:3]))
+        return (*grads, None, None, None, None)
+
+
+class _MaxPool3d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, kernel, stride, padding, dilation, ceil_mode):
+        y, indices = torch.ops.manualgrad.max_pool_forward(x, kernel, stride, padding, dilation, ceil_mode)
+        ctx.save_for_backward(indices)
+        ctx.args = (list(x.shape), kernel, stride, padding, dilation)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        (indices,) = ctx.saved_tensors
+        return (torch.ops.manualgrad.max_pool_backward(gy, indices, *ctx.args), *[None] * 5)
+
+
+def test_cuda_conv3d_and_max_pool3d_gradcheck():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 5, 4, 5, generator=gen, dtype=torch.float64).cuda().requires_grad_()
+    w = torch.randn(6, 2, 3, 2, 2, generator=gen, dtype=torch.float64).cuda().requires_grad_()
+    b = torch.randn(6, generator=gen, dtype=torch.float64).cuda().requires_grad_()
+    conv = lambda x, w, b: _Conv3d.apply(x, w, b, [2, 1, 1], [1, 1, 0], [1, 2, 1], 2)  # noqa: E731
+    assert torch.autograd.gradcheck(conv, (x, w, b))
+    p = torch.randperm(2 * 3 * 5 * 6 * 5, generator=gen).reshape(2, 3, 5, 6, 5).double().cuda().requires_grad_()
+    pool = lambda p: _MaxPool3d.apply(p, [3, 3, 2], [1, 2, 1], [1, 1, 0], [1, 1, 2], True)  # noqa: E731
+    assert torch.autograd.gradcheck(pool, (p,))
+
+
+def pool3d_args(case):
+    _, _, _, kernel, stride, padding, dilation, ceil_mode = case
+    return list(kernel), list(stride), list(padding), list(dilation), ceil_mode
+
+
+def pool3d_input(case, dtype, device, values="distinct"):
+    n, c, size = case[:3]
+    gen = torch.Generator().manual_seed(0)
+    if values == "distinct":
+        x = torch.randperm(n * c * int(torch.tensor(size).prod()), generator=gen).reshape(n, c, *size)
+    else:  # ties: many equal values in every window (the first maximum in (d, h, w) order wins)
+        x = torch.randint(0, 3, (n, c, *size), generator=gen)
+    return x.to(device, dtype)
+
+
+def pool3d_ops(case, dtype, device, values="distinct"):
+    """Our raw ops: output, indices, grad_input."""
+    x = pool3d_input(case, dtype, device, values)
+    kernel, stride, padding, dilation, ceil_mode = pool3d_args(case)
+    y, indices = torch.ops.manualgrad.max_pool_forward(x, kernel, stride, padding, dilation, ceil_mode)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device, dtype)
+    grad = torch.ops.manualgrad.max_pool_backward(gy, indices, list(x.shape), kernel, stride, padding, dilation)
+    return y, indices, grad
+
+
+def pool3d_torch(case, dtype, device, values="distinct"):
+    x = pool3d_input(case, dtype, device, values).requires_grad_()
+    kernel, stride, padding, dilation, ceil_mode = pool3d_args(case)
+    y, indices = F.max_pool3d(x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device, dtype)
+    return y.detach(), indices, torch.autograd.grad(y, x, gy)[0]
+
+
+def scatter_definition(grad_output, indices, input_shape):
+    """The max-pool gradient from its definition, in float64: each output's gradient added at its index."""
+    planes = grad_output.shape[0] * grad_output.shape[1]
+    grad = torch.zeros(planes, math.prod(input_shape[2:]), dtype=torch.float64)
+    grad.scatter_add_(1, indices.cpu().reshape(planes, -1), grad_output.cpu().double().reshape(planes, -1))
+    return grad.view(input_shape)
+
+
+@pytest.mark.parametrize("case", POOLS_3D, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("values", ["distinct", "ties"])
+def test_cuda_max_pool3d_matches_torch(case, dtype, values):
+    """Values and indices (flat in each (n, c) volume) exactly torch's on CUDA (and on the CPU); the
+    gradient torch's up to its atomics' order of summation, and for half types the exact sum rounded once
+    (ours adds in float32; torch's atomics round at every add)."""
+    ours = pool3d_ops(case, dtype, "cuda", values)
+    references = [pool3d_torch(case, dtype, "cuda", values)]
+    if dtype in (torch.float32, torch.float64):
+        references.append(pool3d_torch(case, dtype, "cpu", values))
+    for theirs in references:
+        torch.testing.assert_close(ours[0].cpu(), theirs[0].cpu(), rtol=0, atol=0)
+        assert torch.equal(ours[1].cpu(), theirs[1].cpu())
+    grad_output = torch.randn(ours[0].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+    exact = scatter_definition(grad_output, ours[1], pool3d_input(case, dtype, "cpu").shape)
+    if dtype in (torch.float32, torch.float64):
+        tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours[2].cpu(), references[0][2].cpu(), **tol)
+        torch.testing.assert_close(ours[2].cpu().double(), exact, **tol)
+    else:
+        # rounded once: within half an ulp of the exact sum (an ulp allowed for float32's own rounding)
+        torch.testing.assert_close(ours[2].cpu().double(), exact, rtol=torch.finfo(dtype).eps, atol=1e-6)
+
+
+def test_cuda_max_pool3d_nan_and_no_indices():
+    """NaN wins its window as in torch; compute_indices=False gives the same output and no indices."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 6, 7, 8, generator=gen)
+    x[torch.rand(x.shape, generator=gen) < 0.1] = float("nan")
+    x = x.cuda()
+    args = ([3, 2, 3], [2, 2, 1], [1, 1, 1], [1, 1, 2], True)
+    y, indices = torch.ops.manualgrad.max_pool_forward(x, *args)
+    ref, ref_indices = F.max_pool3d(x.cpu(), *args, return_indices=True)
+    torch.testing.assert_close(y.cpu(), ref, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(indices.cpu(), ref_indices)
+    y2, none = torch.ops.manualgrad.max_pool_forward(x, *args, compute_indices=False)
+    assert torch.equal(y2.nan_to_num(7.0), y.nan_to_num(7.0)) and none.numel() == 0
+
+
+def test_cuda_max_pool3d_refuses_foreign_indices():
+    """check_indices: an index outside its own output's window is an error naming the position."""
+    case = POOLS_3D[0]
+    x = pool3d_input(case, torch.float32, "cuda")
+    kernel, stride, padding, dilation, ceil_mode = pool3d_args(case)
+    y, indices = torch.ops.manualgrad.max_pool_forward(x, kernel, stride, padding, dilation, ceil_mode)
+    bad = indices.clone()
+    bad[1, 2, 1, 0, 0] = x.shape[2] * x.shape[3] * x.shape[4] - 1  # the volume's last element: not in that window
+    with pytest.raises(RuntimeError, match=r"max_pool3d backward: indices\[1, 2, 1, 0, 0\]"):
+        torch.ops.manualgrad.max_pool_backward(torch.ones_like(y), bad, list(x.shape), kernel, stride, padding, dilation)
+
+
+@pytest.mark.parametrize("case", POOLS_3D, ids=str)
+def test_cuda_max_pool3d_per_element_backward_matches_cells(case, monkeypatch):
+    """TORCH_MANUALGRAD_POOL_CELLS=0 sends every backward to the per-element gather: bit for bit the
+    cells' result (the same sums, in the same order), whichever path the launcher picks."""
+    monkeypatch.delenv("TORCH_MANUALGRAD_POOL_CELLS", raising=False)
+    cells = pool3d_ops(case, torch.float64, "cuda", "ties")
+    monkeypatch.setenv("TORCH_MANUALGRAD_POOL_CELLS", "0")
+    elements = pool3d_ops(case, torch.float64, "cuda", "ties")
+    assert torch.equal(cells[2], elements[2])
+
+
+def test_cuda_3d_backward_is_deterministic():
+    """torch's own CUDA max_pool3d backward scatters with atomics and has no deterministic implementation;
+    ours gathers in a fixed order: repeated runs are bit-identical, and torch.use_deterministic_algorithms
+    (True) lets ours run. conv3d's depth taps are summed in order too."""
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        for deterministic in (False, True):
+            torch.use_deterministic_algorithms(deterministic)
+            for case in POOLS_3D:  # ties and stride 1: many windows send gradient to the same element
+                first, second = pool3d_ops(case, torch.float32, "cuda", "ties"), pool3d_ops(case, torch.float32, "cuda", "ties")
+                assert all(torch.equal(a, b) for a, b in zip(first, second)), case
+        # (conv3d's GEMMs are cuBLAS's, which deterministic mode accepts only with CUBLAS_WORKSPACE_CONFIG set)
+        torch.use_deterministic_algorithms(False)
+        for case in CONVS_3D:
+            first, second = conv3d_ops(case, torch.float32, "cuda"), conv3d_ops(case, torch.float32, "cuda")
+            assert all(torch.equal(a, b) for a, b in zip(first, second)), case
+    finally:
+        torch.use_deterministic_algorithms(before)
