@@ -1,4 +1,4 @@
-"""Transposed convolution (functional.conv_transpose1d/2d, nn.ConvTranspose1d/2d): a convolution's input gradient,
+"""Transposed convolution (functional.conv_transpose1d/2d/3d, nn.ConvTranspose1d/2d/3d): a convolution's input gradient,
 computed by our conv_backward op. Values and gradients against torch's (float64 and float32), gradcheck and
 gradgradcheck, the identity with conv's input gradient, torch's argument checks and words, the modules'
 output_size, convert/revert/everywhere, layouts, forward mode and vmap, thread counts."""
@@ -12,8 +12,8 @@ import torch_manualgrad as tmg
 from common import DEVICES
 from torch_manualgrad import functional as ours
 
-OURS = {1: ours.conv_transpose1d, 2: ours.conv_transpose2d}
-TORCHS = {1: F.conv_transpose1d, 2: F.conv_transpose2d}
+OURS = {1: ours.conv_transpose1d, 2: ours.conv_transpose2d, 3: ours.conv_transpose3d}
+TORCHS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 # (dims, batch, in_channels, out_channels, kernel, size, stride, padding, output_padding, groups, dilation, bias)
 CASES = [
@@ -28,6 +28,10 @@ CASES = [
     (2, 3, 2, 4, 2, 3, 3, 0, 2, 2, 1, True),
     (2, None, 4, 3, 3, 4, 2, 1, 1, 1, 1, True),
     (2, 0, 4, 3, 3, 4, 2, 1, 1, 1, 1, True),  # an empty batch
+    (3, 2, 2, 2, 2, (2, 3, 2), 2, 0, 1, 1, 1, True),
+    (3, 1, 4, 2, (2, 1, 2), (3, 2, 2), (1, 2, 2), (1, 0, 0), (0, 1, 0), 2, (1, 1, 2), False),
+    (3, None, 2, 2, 2, 2, 1, 1, (0, 1, 1), 1, 2, True),  # unbatched; output_padding past the stride (dilation 2)
+    (3, 0, 2, 2, 2, 2, 2, 0, 0, 1, 1, True),  # an empty batch
 ]
 
 
@@ -112,7 +116,7 @@ def _raises(fn, *words):
     return info.value
 
 
-@pytest.mark.parametrize("dims", (1, 2))
+@pytest.mark.parametrize("dims", (1, 2, 3))
 def test_bad_arguments_get_torchs_words(dims):
     f, t = OURS[dims], TORCHS[dims]
     sp = (5,) * dims
@@ -130,7 +134,7 @@ def test_bad_arguments_get_torchs_words(dims):
         "negative output_padding": (lambda fn: fn(x, w, output_padding=-1), "negative output_padding is not supported"),
         "groups 0": (lambda fn: fn(x, w, groups=0), "non-positive groups is not supported"),
         "no output channels": (lambda fn: fn(x.double(), torch.randn(4, 0, *(3,) * dims, dtype=torch.float64)),
-                               "weight tensor expected, but got: [4, 0"),
+                               "tensor expected" + (" for weight" if dims == 3 else "") + ", but got: [4, 0"),
         "no input channels": (lambda fn: fn(torch.randn(1, 0, *sp), torch.randn(0, 3, *(3,) * dims)),
                               "expected weight to be at least 1 at dimension 0"),
         "input rank": (lambda fn: fn(torch.randn(4), w), "input to conv_transpose"),
@@ -141,7 +145,7 @@ def test_bad_arguments_get_torchs_words(dims):
         _raises(lambda: call(t), words)  # the words are torch's own
         _raises(lambda: call(f), words)
     _raises(lambda: f(x, w, padding="same"), "must be tuple of ints, not str")
-    _raises(lambda: f(x, w, stride=(1, 1, 1)), "stride")
+    _raises(lambda: f(x, w, stride=(1,) * (dims + 1)), "stride")
     # devices and dtypes: the op's checks (csrc/shape_checks.h), named after the function called
     op = f"conv_transpose{dims}d"
     _raises(lambda: f(x, w.double()), f"{op}: expected scalar type Float but found Double")
@@ -150,10 +154,10 @@ def test_bad_arguments_get_torchs_words(dims):
     _raises(lambda: f(x, w.to("meta")), f"{op}: expected input and weight to be on the same device")
 
 
-@pytest.mark.parametrize("dims", (1, 2))
+@pytest.mark.parametrize("dims", (1, 2, 3))
 def test_modules_output_size_state_and_convert(dims):
-    torch_cls = {1: torch.nn.ConvTranspose1d, 2: torch.nn.ConvTranspose2d}[dims]
-    ours_cls = {1: tmg.nn.ConvTranspose1d, 2: tmg.nn.ConvTranspose2d}[dims]
+    torch_cls = {1: torch.nn.ConvTranspose1d, 2: torch.nn.ConvTranspose2d, 3: torch.nn.ConvTranspose3d}[dims]
+    ours_cls = {1: tmg.nn.ConvTranspose1d, 2: tmg.nn.ConvTranspose2d, 3: tmg.nn.ConvTranspose3d}[dims]
     torch.manual_seed(4)
     ref = torch_cls(4, 6, 3, stride=2, padding=1, groups=2, dilation=1)
     model = torch.nn.Sequential(ref)
@@ -268,9 +272,9 @@ def test_an_output_without_positions(dtype):
 
 @st.composite
 def _random_configs(draw):
-    dims = draw(st.sampled_from((1, 2)))
+    dims = draw(st.sampled_from((1, 2, 3)))
     groups = draw(st.sampled_from((1, 2, 3)))
-    each = lambda lo, hi: tuple(draw(st.integers(lo, hi)) for _ in range(dims))  # noqa: E731
+    each = lambda lo, hi: tuple(draw(st.integers(lo, hi - (dims == 3))) for _ in range(dims))  # noqa: E731
     stride, dilation = each(1, 3), each(1, 3)
     output_padding = tuple(draw(st.integers(0, max(s, d) - 1)) for s, d in zip(stride, dilation))
     return dict(dims=dims, batch=draw(st.sampled_from((None, 1, 2))), c_in=groups * draw(st.integers(1, 3)),
@@ -287,8 +291,8 @@ def test_random_configurations_agree_with_torch(c):
     dims = c["dims"]
     g = torch.Generator().manual_seed(c["seed"])
     x = torch.randn(((c["batch"],) if c["batch"] else ()) + (c["c_in"],) + c["size"], generator=g, dtype=torch.float64)
-    if c["channels_last"] and x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
+    if c["channels_last"] and x.dim() in (4, 5):
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
     w = torch.randn((c["c_in"], c["c_out"] // c["groups"]) + c["kernel"], generator=g, dtype=torch.float64)
     b = torch.randn(c["c_out"], generator=g, dtype=torch.float64) if c["bias"] else None
     kwargs = {k: c[k] for k in ("stride", "padding", "output_padding", "groups", "dilation")}

@@ -48,6 +48,19 @@ def test_suggest_rule_is_torchs():
             assert _suggests_channels_last(t) == (prims.suggest_memory_format(t) == torch.channels_last), (sizes, order)
 
 
+def test_suggest_rule_is_torchs_in_5d():
+    """The same reading for 5-d tensors, against channels_last_3d: every order of the strides of small shapes."""
+    prims = pytest.importorskip("torch._prims_common")
+    shapes = list(itertools.product([1, 2], repeat=5)) + [(2, 3, 1, 2, 3), (3, 2, 2, 3, 1), (1, 3, 2, 2, 2)]
+    for sizes in shapes:
+        base = torch.empty(sizes)
+        for order in itertools.permutations(range(5)):
+            t = base.permute(order).contiguous().permute([order.index(i) for i in range(5)])
+            expected = prims.suggest_memory_format(t) == torch.channels_last_3d
+            assert _suggests_channels_last(t) == expected, (sizes, order)
+    assert not _suggests_channels_last(torch.empty(2, 0, 3, 3, 3).contiguous(memory_format=torch.channels_last_3d))
+
+
 def same_format(a, b):
     """The same memory format: both or neither contiguous, both or neither channels-last."""
     formats = [torch.contiguous_format] + ([CL] if a.dim() == 4 else [])

@@ -77,6 +77,27 @@ CASES = {
     "max_pool1d-input-4d": lambda f: f.max_pool1d(rn(1, 1, 5, 5), 3, 2),
     "max_pool1d-kernel-length": lambda f: f.max_pool1d(rn(1, 2, 4), (2, 2)),
     "max_pool1d-stride-length": lambda f: f.max_pool1d(rn(1, 2, 4), 2, (1, 1)),
+    "conv3d-input-3d": lambda f: f.conv3d(rn(3, 4, 4), rn(6, 3, 1, 1, 1)),
+    "conv3d-input-6d": lambda f: f.conv3d(rn(1, 1, 3, 4, 4, 4), rn(6, 3, 1, 1, 1)),
+    "conv3d-unbatched-channels": lambda f: f.conv3d(rn(2, 3, 4, 4), rn(6, 3, 1, 1, 1)),
+    "conv3d-kernel-larger-than-input": lambda f: f.conv3d(rn(1, 3, 2, 4, 4), rn(6, 3, 3, 3, 3)),
+    "conv3d-channels-groups": lambda f: f.conv3d(rn(1, 3, 4, 4, 4), rn(6, 1, 3, 3, 3), groups=2),
+    "conv3d-bias-shape": lambda f: f.conv3d(rn(1, 3, 4, 4, 4), rn(6, 3, 3, 3, 3), rn(5)),
+    "conv3d-negative-padding": lambda f: f.conv3d(rn(1, 3, 4, 4, 4), rn(6, 3, 3, 3, 3), padding=(0, 0, -1)),
+    "conv3d-zero-stride": lambda f: f.conv3d(rn(1, 3, 4, 4, 4), rn(6, 3, 3, 3, 3), stride=(1, 0, 1)),
+    "conv3d-zero-dilation": lambda f: f.conv3d(rn(1, 3, 4, 4, 4), rn(6, 3, 3, 3, 3), dilation=0),
+    "conv3d-stride-length": lambda f: f.conv3d(rn(1, 3, 4, 4, 4), rn(6, 3, 3, 3, 3), stride=(1, 1)),
+    "conv3d-dilation-length": lambda f: f.conv3d(rn(1, 3, 4, 4, 4), rn(6, 3, 3, 3, 3), dilation=(1, 1, 1, 1)),
+    "conv3d-same-strided": lambda f: f.conv3d(rn(1, 3, 4, 4, 4), rn(6, 3, 3, 3, 3), padding="same", stride=2),
+    "conv3d-weight-dtype": lambda f: f.conv3d(rn(1, 3, 4, 4, 4), rn(6, 3, 3, 3, 3, dtype=torch.float64)),
+    "max_pool3d-input-3d": lambda f: f.max_pool3d(rn(2, 4, 4), 2),
+    "max_pool3d-kernel-length": lambda f: f.max_pool3d(rn(1, 2, 4, 4, 4), (2, 2)),
+    "max_pool3d-stride-length": lambda f: f.max_pool3d(rn(1, 2, 4, 4, 4), 2, (2, 2)),
+    "max_pool3d-padding-length": lambda f: f.max_pool3d(rn(1, 2, 4, 4, 4), 2, 2, (1, 1)),
+    "max_pool3d-dilation-length": lambda f: f.max_pool3d(rn(1, 2, 4, 4, 4), 2, 2, 0, (1, 1)),
+    "max_pool3d-zero-stride": lambda f: f.max_pool3d(rn(1, 2, 4, 4, 4), 2, (1, 0, 1)),
+    "max_pool3d-padding-over-half-kernel": lambda f: f.max_pool3d(rn(1, 2, 4, 4, 4), 2, 1, (0, 2, 0)),
+    "max_pool3d-output-too-small": lambda f: f.max_pool3d(rn(1, 1, 4, 4, 4), 3, stride=2, dilation=2),
 }
 
 
@@ -96,13 +117,13 @@ def test_our_message_contains_torchs(name):
     assert issubclass(our_type, torch_type) or (name == "conv2d-padding-string" and our_type is ValueError)
 
 
-@pytest.mark.parametrize("dims", [1, 2])
+@pytest.mark.parametrize("dims", [1, 2, 3])
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("batch", [0, 2])
 def test_conv_of_an_input_with_no_channels(dims, groups, batch, device):
     """torch returns an output with no channels (not the bias) and zero gradients for weight and bias."""
-    spatial = (15,) if dims == 1 else (9, 12)
-    kernel = (2,) if dims == 1 else (3, 2)
+    spatial = {1: (15,), 2: (9, 12), 3: (4, 9, 6)}[dims]
+    kernel = {1: (2,), 2: (3, 2), 3: (2, 3, 2)}[dims]
     x = torch.randn(batch, 0, *spatial, device=device, requires_grad=True)
     w = torch.randn(8, 0, *kernel, device=device, requires_grad=True)
     b = torch.randn(8, device=device, requires_grad=True)

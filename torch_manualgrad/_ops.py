@@ -94,18 +94,25 @@ def _conv_forward_fake(input, weight, bias, stride, padding, dilation, groups):
 
 def _channels_last_result(input, spatial_dims):
     """The CPU kernels' layout rule (csrc/shape_checks.h, channels_last_result): results are channels-last
-    when the 4-d tensor a 2-d conv or max-pool starts from (a max-pool backward: grad_output) suggests it,
-    as torch's are."""
+    when the tensor a conv or max-pool starts from (a max-pool backward: grad_output) is a 4-d one of a 2-d op
+    that suggests channels_last, or a 5-d one of a 3-d op that suggests channels_last_3d, as torch's are."""
     from .autograd import _suggests_channels_last
 
-    return input.device.type == "cpu" and spatial_dims == 2 and input.dim() == 4 and _suggests_channels_last(input)
+    return (input.device.type == "cpu" and spatial_dims in (2, 3) and input.dim() == spatial_dims + 2
+            and _suggests_channels_last(input))
+
+
+def _result_format(input, spatial_dims):
+    """The memory format of the kernels' results for this input (see _channels_last_result)."""
+    if not _channels_last_result(input, spatial_dims):
+        return torch.contiguous_format
+    return torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
 
 
 def _empty_like_result(shape, input, spatial_dims, like=None):
     like = input if like is None else like
-    if _channels_last_result(input, spatial_dims):
-        return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
-    return like.new_empty(shape)
+    return torch.empty(shape, dtype=like.dtype, device=like.device,
+                       memory_format=_result_format(input, spatial_dims))
 
 
 @torch.library.register_fake("manualgrad::conv_backward")
@@ -128,11 +135,10 @@ def _max_pool_forward_fake(input, kernel_size, stride, padding, dilation, ceil_m
         ]
         shape = (input.shape[0], input.shape[1], *spatial)
     indices_shape = shape if compute_indices else (0,)
-    if _channels_last_result(input, len(stride)):
-        return (torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=torch.channels_last),
-                torch.empty(indices_shape, dtype=torch.long, device=input.device,
-                            memory_format=torch.channels_last if compute_indices else torch.contiguous_format))
-    return input.new_empty(shape), input.new_empty(indices_shape, dtype=torch.long)
+    layout = _result_format(input, len(stride))
+    return (torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=layout),
+            torch.empty(indices_shape, dtype=torch.long, device=input.device,
+                        memory_format=layout if compute_indices else torch.contiguous_format))
 
 
 @torch.library.register_fake("manualgrad::max_pool_backward")

@@ -107,12 +107,19 @@ def _conv(input, weight, bias, geometry):
     return below_autograd(ops.conv_forward, input, weight, bias, *geometry)
 
 
+# ATen's channels-last order of each rank: the dimensions from the smallest stride up (C, then the spatial
+# dimensions last to first, then N).
+_CHANNELS_LAST_ORDER = {4: (1, 3, 2, 0), 5: (1, 4, 3, 2, 0)}
+
+
 def _suggests_channels_last(t):
-    """ATen's TensorBase::suggest_memory_format(t) == channels_last for a 4-d tensor: its strides are ordered
-    C, W, H, N from smallest, each no smaller than the span of the dimensions before it, with torch's
-    tie-breaks for sizes of 1 (an N111 tensor, or one whose C stride equals N's, counts as contiguous).
-    torch lays out a convolution's and a max-pool's results by this rule."""
-    if t.dim() != 4 or t.layout != torch.strided:
+    """ATen's TensorBase::suggest_memory_format(t) for a 4-d tensor (channels_last) or a 5-d one
+    (channels_last_3d): its strides are ordered C, W, H, N (C, W, H, D, N) from smallest, each no smaller than
+    the span of the dimensions before it, with torch's tie-breaks for sizes of 1 (an N111 tensor, or one whose C
+    stride equals N's, counts as contiguous). torch lays out a convolution's and a max-pool's results by this
+    rule."""
+    order = _CHANNELS_LAST_ORDER.get(t.dim())
+    if order is None or t.layout != torch.strided:
         return False
     try:
         sizes, strides = t.shape, t.stride()
@@ -121,22 +128,60 @@ def _suggests_channels_last(t):
     if strides[1] == 0:
         return False
     floor = 0
-    for d in (1, 3, 2, 0):
+    for d in order:
         if sizes[d] == 0 or strides[d] < floor or (d == 0 and floor == strides[1]):
             return False
         floor = strides[d] * sizes[d] if sizes[d] > 1 else strides[d]
     return True
 
 
-def _in_layout_of(grads, *like):
-    """Gradients laid out channels-last where torch's would be: when any tensor in `like` (4-d) suggests it.
-    The kernels return contiguous gradients; handed on as they are, a channels-last network's batch norm and
-    activation backward would meet mixed layouts and take their slow paths (MobileNetV2 in channels_last:
-    batch-norm backward 3.5 ms a call instead of 0.3)."""
-    if inside_vmap() or not any(_suggests_channels_last(t) for t in like if t is not None):
+def channels_last_format(dims):
+    """The channels-last memory format of tensors with `dims` dimensions (4 or 5)."""
+    return torch.channels_last_3d if dims == 5 else torch.channels_last
+
+
+def conv_keeps_channels_last(input, weight, stride, dilation, groups, output_padding=None):
+    """Whether torch lays out this convolution's results (output and gradients) channels-last when its input or
+    weight suggests it. Always for 1-d and 2-d, and on a GPU; a 3-d one on the CPU only when torch computes it
+    with oneDNN, as its own kernel (slow_conv3d) returns contiguous results. torch picks oneDNN by dtype
+    (bfloat16 and float16 where the CPU has oneDNN kernels for them; float32 by a speed rule: not where a
+    single-threaded 1x1x1 kernel over fewer than 16 images moves one step at a time, nor where one image of
+    one group meets a kernel narrower than 4 along H or W, unless its first four dimensions hold more than
+    20480 values), never for float64 or a transposed convolution whose output_padding reaches a stride.
+    (A complex convolution is computed from real ones of its real dtype.)"""
+    if input.dim() != 5 or input.device.type != "cpu":
+        return True
+    if output_padding is not None and any(o >= s for o, s in zip(output_padding, stride)):
+        return False
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return False
+    real = input.real.dtype if input.is_complex() else input.dtype
+    if real == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if real == torch.float16:
+        return torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    if real != torch.float32:
+        return False
+    batch, kernel_h, kernel_w = input.shape[0], weight.shape[-2], weight.shape[-1]
+    steps_of_one = all(s == 1 for s in stride) and all(d == 1 for d in dilation)
+    if steps_of_one and batch < 16 and kernel_h == 1 and kernel_w == 1 and torch.get_num_threads() == 1:
+        return False
+    return groups > 1 or (kernel_h > 3 and kernel_w > 3) or batch > 1 or math.prod(input.shape[:4]) > 20480
+
+
+def _in_layout_of(grads, input, weight, geometry):
+    """A convolution's gradients laid out as torch's: channels-last when its input or weight suggests it,
+    unless torch's kernel for it returns them contiguous (conv_keeps_channels_last). The kernels return
+    gradients contiguous, or channels-last for a channels-last input on the CPU; handed on as they are, a
+    channels-last network's batch norm and activation backward would meet mixed layouts and take their slow
+    paths (MobileNetV2 in channels_last: batch-norm backward 3.5 ms a call instead of 0.3)."""
+    if inside_vmap() or not (_suggests_channels_last(input) or _suggests_channels_last(weight)):
         return grads
-    return tuple(g.contiguous(memory_format=torch.channels_last) if g is not None and g.dim() == 4 else g
-                 for g in grads)
+    stride, _padding, dilation, groups = geometry
+    if not conv_keeps_channels_last(input, weight, stride, dilation, groups):
+        return tuple(g.contiguous() if g is not None else g for g in grads)
+    return tuple(g.contiguous(memory_format=channels_last_format(g.dim())) if g is not None and g.dim() in (4, 5)
+                 else g for g in grads)
 
 
 def _conv_grads(grad_output, input, weight, geometry, output_mask):
@@ -247,7 +292,7 @@ class ConvFunction(_Function):
         input, weight = ctx.saved_tensors
         wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
         grad_input, grad_weight, grad_bias = _conv_grads(grad_output, input, weight, ctx.geometry, wanted)
-        grad_input, grad_weight = _in_layout_of((grad_input, grad_weight), input, weight)
+        grad_input, grad_weight = _in_layout_of((grad_input, grad_weight), input, weight, ctx.geometry)
         return grad_input, grad_weight, grad_bias, None, None, None, None
 
     @staticmethod
@@ -299,6 +344,9 @@ class ConvBackwardFunction(_Function):
             d_input = _conv_grads(grad_output, input, gg_weight, geometry, [True, False, False])[0]
         if need_weight and gg_input is not None:
             d_weight = _conv_grads(grad_output, gg_input, weight, geometry, [False, True, False])[1]
+        # As a transposed convolution (functional.py), grad_output is that convolution's input: its gradients
+        # are laid out as torch lays out a transposed convolution's, by the same rule as a convolution's.
+        d_grad_output, d_weight = _in_layout_of((d_grad_output, d_weight), grad_output, weight, geometry)
         return d_grad_output, d_input, d_weight, None, None, None, None, None
 
     @staticmethod
@@ -340,7 +388,7 @@ class MaxPoolFunction(_Function):
         ctx.save_for_forward(kept)
         ctx.indices_from_input = not compute_indices
         ctx.input_size = list(input.shape)
-        ctx.channels_last_input = _suggests_channels_last(input)
+        ctx.channels_last_input = _suggests_channels_last(input)  # of its rank, 4-d or 5-d
         ctx.geometry = (kernel_size, stride, padding, dilation)
         ctx.ceil_mode = ceil_mode
         ctx.mark_non_differentiable(indices)
@@ -354,7 +402,7 @@ class MaxPoolFunction(_Function):
             return None, None, None, None, None, None, None
         grad_input = _route_to_argmax(grad_output, _saved_indices(ctx), ctx.input_size, ctx.geometry)
         if ctx.channels_last_input and not inside_vmap():
-            grad_input = grad_input.contiguous(memory_format=torch.channels_last)
+            grad_input = grad_input.contiguous(memory_format=channels_last_format(grad_input.dim()))
         return grad_input, None, None, None, None, None, None
 
     @staticmethod

@@ -25,8 +25,8 @@ __all__ = ["CheckConfig", "CheckResult", "configurations", "run_config", "run_ch
 # Small, non-square shapes (N, C, *spatial): big enough for strides, dilation and ceil_mode to matter,
 # small enough that finite differences over every element take milliseconds.
 _BATCH, _C_IN, _C_OUT = 2, 2, 4
-_CONV_SPATIAL = {1: (7,), 2: (5, 6)}
-_POOL_SPATIAL = {1: (9,), 2: (6, 7)}
+_CONV_SPATIAL = {1: (7,), 2: (5, 6), 3: (5, 4, 6)}
+_POOL_SPATIAL = {1: (9,), 2: (6, 7), 3: (4, 6, 5)}
 _POOL_CHANNELS = 2
 
 
@@ -35,7 +35,7 @@ class CheckConfig:
     """One call of one op: which op, on what shapes, with which keyword arguments."""
 
     name: str
-    op: str                               # conv1d, conv2d, conv_transpose1d/2d, max_pool1d or max_pool2d
+    op: str                               # conv1d/2d/3d, conv_transpose1d/2d/3d or max_pool1d/2d/3d
     input_shape: tuple
     kwargs: dict
     weight_shape: Optional[tuple] = None  # conv only (transposed: in_channels first)
@@ -175,18 +175,20 @@ def _conv_valid(c):
 
 
 def configurations(quick=False):
-    """The configurations `check` runs, in order (the full matrix, or the --quick subset of it)."""
+    """The configurations `check` runs, in order (the full matrix, or the --quick subset of it). 3-d takes the
+    quick subset of its axes in both: each option is still changed once, at a fraction of the time."""
     configs = []
-    for dims in (1, 2):
-        for c in _combinations(_CONV_AXES, quick):
+    for dims in (1, 2, 3):
+        subset = quick or dims == 3
+        for c in _combinations(_CONV_AXES, subset):
             if not _conv_valid(c):
                 # in the quick list, the all-changed conv combination pairs 'same' with stride 1 instead
-                if not quick:
+                if not subset:
                     continue
                 c = dict(c, stride=1)
             padding, kernel = c["padding_kernel"]
             configs.append(_conv_config(dims, kernel, c["stride"], padding, c["dilation"], c["groups"], c["bias"]))
-        for c in _combinations(_POOL_AXES, quick):
+        for c in _combinations(_POOL_AXES, subset) if dims < 3 else ():  # max_pool3d: no kernel yet
             configs.append(_pool_config(dims, c["kernel"], c["stride"], c["padding"], c["dilation"],
                                         c["ceil_mode"], c["return_indices"]))
         configs += [_transposed_config(dims, *t) for t in _TRANSPOSED]
@@ -198,6 +200,7 @@ def configurations(quick=False):
         _pool_config(2, (2, 3), (1, 2), (1, 0), (2, 1), True, True),
         _pool_config(2, 2, None, 0, 1, False, False),
         _pool_config(1, 3, None, 1, 1, True, False),
+        _conv_config(3, (2, 3, 1), (2, 1, 1), (1, 0, 0), (1, 1, 2), 1, True),
     ]
     seen, unique = set(), []
     for config in configs:  # the quick neighbours can repeat one another
@@ -271,8 +274,9 @@ def run_checks(configs=None, device="cpu", quick=False, seed=0, fast_mode=True, 
 def add_parser(commands):
     p = commands.add_parser(
         "check", help="gradcheck (float64) every op over a matrix of strides, paddings, dilations, groups...",
-        description="torch.autograd.gradcheck in float64 over a matrix of configurations of conv1d/conv2d and "
-                    "max_pool1d/max_pool2d; each forward is also compared with torch.nn.functional's.",
+        description="torch.autograd.gradcheck in float64 over a matrix of configurations of conv1d/2d/3d, "
+                    "conv_transpose1d/2d/3d and max_pool1d/2d/3d; each forward is also compared with "
+                    "torch.nn.functional's.",
     )
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument("--quick", action="store_true", help="a smaller subset: one option changed at a time")

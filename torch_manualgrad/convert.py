@@ -20,17 +20,19 @@ __all__ = ["convert", "revert", "unconverted", "Unconverted"]
 _OURS = {
     torch.nn.Conv1d: nn.Conv1d,
     torch.nn.Conv2d: nn.Conv2d,
+    torch.nn.Conv3d: nn.Conv3d,
     torch.nn.ConvTranspose1d: nn.ConvTranspose1d,
     torch.nn.ConvTranspose2d: nn.ConvTranspose2d,
+    torch.nn.ConvTranspose3d: nn.ConvTranspose3d,
     torch.nn.MaxPool1d: nn.MaxPool1d,
     torch.nn.MaxPool2d: nn.MaxPool2d,
+    torch.nn.MaxPool3d: nn.MaxPool3d,
 }
 _TORCHS = {ours: theirs for theirs, ours in _OURS.items()}
 
 # Conv and max-pool layers of torch.nn that we have no kernel for (their Lazy* forms are subclasses).
 _NO_EQUIVALENT = (
-    torch.nn.Conv3d, torch.nn.ConvTranspose3d,
-    torch.nn.MaxPool3d, torch.nn.AdaptiveMaxPool1d, torch.nn.AdaptiveMaxPool2d, torch.nn.AdaptiveMaxPool3d,
+    torch.nn.AdaptiveMaxPool1d, torch.nn.AdaptiveMaxPool2d, torch.nn.AdaptiveMaxPool3d,
     torch.nn.FractionalMaxPool2d, torch.nn.FractionalMaxPool3d,
 )
 
@@ -94,9 +96,9 @@ def unconverted(model):
     """The conv and max-pool layers of `model` that convert() leaves on torch's kernels, as a list of
     Unconverted(name, type, reason) records in named_modules() order; empty when every one is converted.
 
-    Listed: subclasses of torch.nn.Conv1d/Conv2d/ConvTranspose1d/ConvTranspose2d/MaxPool1d/MaxPool2d (e.g. timm's Conv2dSame or
-    ScaledStdConv2d, which override forward), lazy layers not yet run, and conv/max-pool layers we have
-    no kernel for (Conv3d, ConvTranspose3d, MaxPool3d, adaptive and fractional max-pools). Layers
+    Listed: subclasses of torch.nn.Conv1d/2d/3d, ConvTranspose1d/2d/3d and MaxPool1d/2d/3d (e.g. timm's
+    Conv2dSame or ScaledStdConv2d, which override forward), lazy layers not yet run, and max-pool layers we
+    have no kernel for (adaptive and fractional max-pools). Layers
     parametrized with torch.nn.utils.parametrize are converted like the layer under the parametrization. Works before or after convert(). Calls of
     torch.nn.functional.conv2d/max_pool2d inside a forward are not layers and cannot be seen here;
     verify() finds those by running the model.
@@ -112,8 +114,8 @@ def unconverted(model):
 
 
 def convert(model, *, strict=False):
-    """Swap every torch.nn.Conv1d/Conv2d/ConvTranspose1d/ConvTranspose2d/MaxPool1d/MaxPool2d in `model` for ours,
-    in place; returns model.
+    """Swap every torch.nn.Conv1d/2d/3d, ConvTranspose1d/2d/3d and MaxPool1d/2d/3d in `model` for ours, in place;
+    returns model.
 
     Only those exact types are swapped; unconverted(model) lists the conv and max-pool layers left on
     torch's kernels, and why. strict=True raises ValueError (before changing anything) if there are any.

@@ -1,5 +1,5 @@
-"""The functional API: conv1d, conv2d, conv_transpose1d, conv_transpose2d, max_pool1d, max_pool2d with
-torch.nn.functional's signatures.
+"""The functional API: conv1d, conv2d, conv3d, conv_transpose1d, conv_transpose2d, conv_transpose3d,
+max_pool1d, max_pool2d, max_pool3d with torch.nn.functional's signatures.
 
 Here the Python-level arguments are normalised (ints to tuples, 'same'/'valid' padding, unbatched
 input), complex convolutions are split into real ones (_complex.py), and outputs are laid out as torch
@@ -23,9 +23,17 @@ from . import _exporting
 from ._complex import complex_conv
 from ._ops import ops
 from .autograd import (BELOW, FUNCTION, OP, ConvBackwardFunction, ConvFunction, MaxPoolFunction,
-                       _suggests_channels_last, below_autograd, call_path, inside_vmap)
+                       _suggests_channels_last, below_autograd, call_path, channels_last_format,
+                       conv_keeps_channels_last, inside_vmap)
 
-__all__ = ["conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d", "max_pool1d", "max_pool2d"]
+__all__ = ["conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "max_pool1d",
+           "max_pool2d", "max_pool3d"]
+
+_TF = torch.nn.functional
+# torch's own functions of each rank, which the exporters know (_exporting.py)
+_TORCH_CONV = {1: _TF.conv1d, 2: _TF.conv2d, 3: _TF.conv3d}
+_TORCH_CONV_TRANSPOSE = {1: _TF.conv_transpose1d, 2: _TF.conv_transpose2d, 3: _TF.conv_transpose3d}
+_TORCH_MAX_POOL = {1: _TF.max_pool1d, 2: _TF.max_pool2d, 3: _TF.max_pool3d}
 
 
 def _index(value):
@@ -62,7 +70,8 @@ def _length_message(op, name, dims, values, value):
         allowed = "None, an int, list of ints, or tuple of ints" if name == "stride" else "an int, list of ints or tuple of ints"
         return f"max_pool1d() {name} must be {allowed} of size 1 but got size {len(values)} ({name}={value!r})"
     allowed = {"stride": "either be omitted, a single int,", "dilation": "be either a single int,"}.get(name, "either be a single int,")
-    return f"{op}: {name} must {allowed} or a tuple of two ints (got {name}={value!r})"
+    count = {2: "two", 3: "three"}[dims]
+    return f"{op}: {name} must {allowed} or a tuple of {count} ints (got {name}={value!r})"
 
 
 def _groups(op, groups):
@@ -93,7 +102,7 @@ def _batched(op, input, dims):
             torch_words = ("max_pool1d: Expected 2D or 3D (batch mode) tensor with optional 0 dim batch size for input, "
                            f"but got:{list(input.shape)}")
         else:
-            torch_words = "non-empty 3D or 4D (batch mode) tensor expected for input"
+            torch_words = f"non-empty {dims + 1}D or {dims + 2}D (batch mode) tensor expected for input"
         raise RuntimeError(
             f"{torch_words} ({op}: expected input to be {dims + 1}-D (unbatched) or {dims + 2}-D (batched), "
             f"but got input of shape {list(input.shape)})"
@@ -103,31 +112,46 @@ def _batched(op, input, dims):
 
 
 def _as_channels_last(t, dims):
-    """t laid out channels-last with torch's exact strides: a 4-d tensor as torch.channels_last, a 3-d one as
-    the 4-d one of height 1. Where a dimension of size 1 makes t channels-last already, contiguous() keeps
-    its strides; they are then rewritten (the same memory order, no copy) to those torch gives its outputs."""
-    t4 = t if dims == 2 else t.unsqueeze(2)
-    t4 = t4.contiguous(memory_format=torch.channels_last)
-    n, c, h, w = t4.shape
-    strides = (h * w * c, 1, w * c, c)
-    if t4.stride() != strides and t4.numel() > 0:
+    """t laid out channels-last with torch's exact strides: a 4-d tensor as torch.channels_last, a 5-d one as
+    torch.channels_last_3d, a 3-d one as the 4-d one of height 1. Where a dimension of size 1 makes t
+    channels-last already, contiguous() keeps its strides; they are then rewritten (the same memory order, no
+    copy) to those torch gives its outputs."""
+    t4 = t.unsqueeze(2) if dims == 1 else t
+    t4 = t4.contiguous(memory_format=channels_last_format(t4.dim()))
+    strides, span = [1] * t4.dim(), t4.shape[1]  # C's stride is 1; each dimension's from W back to N, the span
+    for d in range(t4.dim() - 1, -1, -1):        # of those after it in memory
+        if d != 1:
+            strides[d], span = span, span * t4.shape[d]
+    if t4.stride() != tuple(strides) and t4.numel() > 0:
         t4 = t4.as_strided(t4.shape, strides)
-    return t4 if dims == 2 else t4.squeeze(2)
+    return t4.squeeze(2) if dims == 1 else t4
 
 
-def _conv_channels_last(input, weight, dims):
+def _conv_channels_last(input, weight, dims, stride, dilation, groups, output_padding=None):
     """Whether torch lays out this convolution's output channels-last: when the input or the weight
-    suggests it (a 1-d input is made contiguous first, so only its weight counts), unless the input is empty."""
+    suggests it (a 1-d input is made contiguous first, so only its weight counts), unless the input is empty or
+    (3-d) torch's kernel for it returns contiguous results (autograd.conv_keeps_channels_last)."""
     if input.numel() == 0 or inside_vmap():
         return False
     if dims == 1:
         return weight.dim() == 3 and _suggests_channels_last(weight.unsqueeze(2))
-    return _suggests_channels_last(input) or _suggests_channels_last(weight)
+    return ((_suggests_channels_last(input) or _suggests_channels_last(weight))
+            and conv_keeps_channels_last(input, weight, stride, dilation, groups, output_padding))
+
+
+def _in_torchs_layout(output, channels_last, dims):
+    """The output laid out as torch lays out its own: channels-last (_as_channels_last), or contiguous where
+    the CPU kernels computed a channels-last 3-d input in its layout but torch's float64 kernel does not."""
+    if channels_last:
+        return _as_channels_last(output, dims)
+    if dims == 3 and not inside_vmap():
+        return output.contiguous()
+    return output
 
 
 def _pool_channels_last(input, dims, unbatched, with_indices):
     """Whether torch lays out this max-pool's output (and indices) channels-last: as the input suggests; an
-    unbatched 2-d input never. A 1-d input is seen as height 1 where torch's max_pool1d goes through its
+    unbatched 2-d or 3-d input never. A 1-d input is seen as height 1 where torch's max_pool1d goes through its
     2-d kernel (indices wanted, a gradient to come, or not the CPU); its CPU-only path returns contiguous."""
     if inside_vmap():
         return False
@@ -153,8 +177,7 @@ def _autocast(input, weight, bias):
 
 def _conv(dims, op, input, weight, bias, stride, padding, dilation, groups):
     if _exporting.exporting_to_onnx():
-        torch_conv = torch.nn.functional.conv1d if dims == 1 else torch.nn.functional.conv2d
-        return torch_conv(input, weight, bias, stride, padding, dilation, groups)
+        return _TORCH_CONV[dims](input, weight, bias, stride, padding, dilation, groups)
     _check_tensors(op, input, weight, bias)
     input, weight, bias = _autocast(input, weight, bias)
     stride = _expand(stride, dims, "stride", op)
@@ -178,8 +201,7 @@ def _conv(dims, op, input, weight, bias, stride, padding, dilation, groups):
         output = complex_conv(real_conv, input, weight, bias)
     else:  # real, or dtypes that differ: the op's checks report those
         output = real_conv(input, weight, bias)
-    if _conv_channels_last(input, weight, dims):
-        output = _as_channels_last(output, dims)
+    output = _in_torchs_layout(output, _conv_channels_last(input, weight, dims, stride, dilation, groups), dims)
     return output.squeeze(0) if unbatched else output
 
 
@@ -217,6 +239,14 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         return handle_torch_function(conv2d, (input, weight, bias), input, weight, bias, stride, padding, dilation,
                                      groups)
     return _conv(2, "conv2d", input, weight, bias, stride, padding, dilation, groups)
+
+
+def conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """torch.nn.functional.conv3d computed by our kernels."""
+    if has_torch_function((input, weight, bias)):
+        return handle_torch_function(conv3d, (input, weight, bias), input, weight, bias, stride, padding, dilation,
+                                     groups)
+    return _conv(3, "conv3d", input, weight, bias, stride, padding, dilation, groups)
 
 
 # --- transposed convolution ------------------------------------------------------------------------------
@@ -284,7 +314,9 @@ def _check_transposed(op, dims, input, weight, bias, stride, padding, output_pad
         raise RuntimeError(f"Given groups={groups}, expected weight to be at least {groups} at dimension 0, but got "
                            f"weight of size {list(weight.shape)} instead ({op})")
     if weight.numel() == 0:
-        raise RuntimeError(f"non-empty {dims + 2}D weight tensor expected, but got: {list(weight.shape)} ({op})")
+        what = ("5D (n_output_plane x n_input_plane x kernel_depth x kernel_height x kernel_width) tensor expected for "
+                "weight" if dims == 3 else f"{dims + 2}D weight tensor expected")
+        raise RuntimeError(f"non-empty {what}, but got: {list(weight.shape)} ({op})")
     if weight.shape[0] % groups != 0:
         raise RuntimeError(f"Given groups={groups}, expected weight to be divisible by {groups} at dimension 0, but "
                            f"got weight of size [{list(weight.shape)}] instead")
@@ -319,9 +351,9 @@ def _conv_input_gradient(delta, weight, output_shape, stride, padding, dilation,
     its values only for the weight gradient, which is never asked for here: a zero-strided view stands in for
     it, or, for a channels-last result on the CPU, an unfilled channels-last tensor, so that the kernels
     compute in channels-last (csrc/shape_checks.h, channels_last_result) with no copies either way."""
-    if channels_last and delta.device.type == "cpu" and len(output_shape) == 4:
+    if channels_last and delta.device.type == "cpu" and len(output_shape) in (4, 5):
         shape_of_input = torch.empty(output_shape, dtype=delta.dtype, device=delta.device,
-                                     memory_format=torch.channels_last)
+                                     memory_format=channels_last_format(len(output_shape)))
     else:
         shape_of_input = delta.new_zeros(()).expand(output_shape)
     # The convolution of an input this size has as many outputs as delta has, except where output_padding
@@ -343,8 +375,7 @@ def _conv_input_gradient(delta, weight, output_shape, stride, padding, dilation,
 
 def _conv_transpose(dims, op, input, weight, bias, stride, padding, output_padding, groups, dilation):
     if _exporting.exporting_to_onnx() or torch.jit.is_tracing():  # torch's, which the exporters know (_exporting.py)
-        torch_conv = torch.nn.functional.conv_transpose1d if dims == 1 else torch.nn.functional.conv_transpose2d
-        return torch_conv(input, weight, bias, stride, padding, output_padding, groups, dilation)
+        return _TORCH_CONV_TRANSPOSE[dims](input, weight, bias, stride, padding, output_padding, groups, dilation)
     _check_tensors(op, input, weight, bias)
     input, weight, bias = _autocast(input, weight, bias)
     if isinstance(padding, str):  # torch's parser refuses 'same' and 'valid' here
@@ -357,7 +388,7 @@ def _conv_transpose(dims, op, input, weight, bias, stride, padding, output_paddi
     input, unbatched = _batched(op, input, dims)
     sizes = _check_transposed(op, dims, input, weight, bias, stride, padding, output_padding, dilation, groups)
     output_shape = [input.shape[0], weight.shape[1] * groups, *sizes]
-    channels_last = _conv_channels_last(input, weight, dims)
+    channels_last = _conv_channels_last(input, weight, dims, stride, dilation, groups, output_padding)
 
     def real_transposed(x, w, b=None):
         if 0 in sizes:
@@ -372,8 +403,7 @@ def _conv_transpose(dims, op, input, weight, bias, stride, padding, output_paddi
         output = complex_conv(real_transposed, input, weight, bias)
     else:
         output = real_transposed(input, weight, bias)
-    if channels_last:
-        output = _as_channels_last(output, dims)
+    output = _in_torchs_layout(output, channels_last, dims)
     return output.squeeze(0) if unbatched else output
 
 
@@ -393,11 +423,18 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
     return _conv_transpose(2, "conv_transpose2d", input, weight, bias, stride, padding, output_padding, groups, dilation)
 
 
+def conv_transpose3d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+    """torch.nn.functional.conv_transpose3d computed by our kernels (as a convolution's input gradient)."""
+    if has_torch_function((input, weight, bias)):
+        return handle_torch_function(conv_transpose3d, (input, weight, bias), input, weight, bias, stride, padding,
+                                     output_padding, groups, dilation)
+    return _conv_transpose(3, "conv_transpose3d", input, weight, bias, stride, padding, output_padding, groups, dilation)
+
+
 def _max_pool(dims, op, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices):
     if _exporting.exporting_to_onnx():
-        torch_pool = torch.nn.functional.max_pool1d if dims == 1 else torch.nn.functional.max_pool2d
-        return torch_pool(input, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode,
-                          return_indices=return_indices)
+        return _TORCH_MAX_POOL[dims](input, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode,
+                                     return_indices=return_indices)
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{op}: expected input to be a Tensor, but got input of type {type(input).__name__}")
     kernel_size = _expand(kernel_size, dims, "kernel_size", op)
@@ -446,3 +483,11 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
         return handle_torch_function(max_pool2d, (input,), input, kernel_size, stride, padding, dilation, ceil_mode,
                                      return_indices)
     return _max_pool(2, "max_pool2d", input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
+
+
+def max_pool3d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    """torch.nn.functional.max_pool3d computed by our kernels."""
+    if has_torch_function_unary(input):
+        return handle_torch_function(max_pool3d, (input,), input, kernel_size, stride, padding, dilation, ceil_mode,
+                                     return_indices)
+    return _max_pool(3, "max_pool3d", input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)

@@ -1,5 +1,5 @@
-"""Drop-in modules: Conv1d, Conv2d, ConvTranspose1d, ConvTranspose2d, MaxPool1d, MaxPool2d, subclasses of their
-torch.nn namesakes.
+"""Drop-in modules: Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, ConvTranspose3d, MaxPool1d,
+MaxPool2d, MaxPool3d, subclasses of their torch.nn namesakes.
 
 They keep torch.nn's constructor, parameters, state_dict and repr (isinstance(m, torch.nn.Conv2d) is
 still true); only the computation is replaced by torch_manualgrad.functional.
@@ -8,7 +8,8 @@ import torch
 
 from . import _exporting, functional
 
-__all__ = ["Conv1d", "Conv2d", "ConvTranspose1d", "ConvTranspose2d", "MaxPool1d", "MaxPool2d"]
+__all__ = ["Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "MaxPool1d",
+           "MaxPool2d", "MaxPool3d"]
 
 
 class _OurLayer:
@@ -66,6 +67,12 @@ class Conv2d(_OurConv, torch.nn.Conv2d):
     _functional = staticmethod(functional.conv2d)
 
 
+class Conv3d(_OurConv, torch.nn.Conv3d):
+    """torch.nn.Conv3d computed by our kernels."""
+
+    _functional = staticmethod(functional.conv3d)
+
+
 class ConvTranspose1d(_OurConvTranspose, torch.nn.ConvTranspose1d):
     """torch.nn.ConvTranspose1d computed by our kernels."""
 
@@ -78,6 +85,12 @@ class ConvTranspose2d(_OurConvTranspose, torch.nn.ConvTranspose2d):
     _functional = staticmethod(functional.conv_transpose2d)
 
 
+class ConvTranspose3d(_OurConvTranspose, torch.nn.ConvTranspose3d):
+    """torch.nn.ConvTranspose3d computed by our kernels."""
+
+    _functional = staticmethod(functional.conv_transpose3d)
+
+
 class MaxPool1d(_OurMaxPool, torch.nn.MaxPool1d):
     """torch.nn.MaxPool1d computed by our kernels."""
 
@@ -88,3 +101,9 @@ class MaxPool2d(_OurMaxPool, torch.nn.MaxPool2d):
     """torch.nn.MaxPool2d computed by our kernels."""
 
     _functional = staticmethod(functional.max_pool2d)
+
+
+class MaxPool3d(_OurMaxPool, torch.nn.MaxPool3d):
+    """torch.nn.MaxPool3d computed by our kernels."""
+
+    _functional = staticmethod(functional.max_pool3d)

@@ -1,6 +1,6 @@
-"""everywhere(): a context manager under which torch's own conv1d, conv2d, conv_transpose1d, conv_transpose2d,
-max_pool1d and max_pool2d compute with our kernels, whoever calls them: torch.nn layers, subclasses with their own forward (timm's
-Conv2dSame, ScaledStdConv2d), and F.conv2d / F.max_pool2d calls written in a model's forward.
+"""everywhere(): a context manager under which torch's own conv1d/2d/3d, conv_transpose1d/2d/3d and
+max_pool1d/2d/3d compute with our kernels, whoever calls them: torch.nn layers, subclasses with their own forward
+(timm's Conv2dSame, ScaledStdConv2d), and F.conv2d / F.max_pool2d calls written in a model's forward.
 
 convert() swaps layers; it cannot reach a function call. everywhere() intercepts the calls instead, with
 a torch.overrides.TorchFunctionMode, so it covers what convert() leaves on torch's kernels, for as long as
@@ -27,15 +27,17 @@ def _pool(ours, with_indices):
     return call
 
 
-# torch's functions → (the name reported, ours with torch's signature). F.conv1d/F.conv2d are torch.conv1d/
-# torch.conv2d. F.max_pool2d dispatches on return_indices to two functions, which hand a TorchFunctionMode
+# torch's functions → (the name reported, ours with torch's signature). F.conv1d/2d/3d are torch.conv1d/2d/3d.
+# F.max_pool2d (and 3d) dispatches on return_indices to two functions, which hand a TorchFunctionMode
 # F.max_pool2d (with return_indices=False) and F.max_pool2d_with_indices. The torch.* and torch._C._nn entry
 # points are reached by code that calls them directly.
 _ROUTES = {
     torch.conv1d: ("F.conv1d", functional.conv1d),
     torch.conv2d: ("F.conv2d", functional.conv2d),
+    torch.conv3d: ("F.conv3d", functional.conv3d),
     torch.conv_transpose1d: ("F.conv_transpose1d", functional.conv_transpose1d),
     torch.conv_transpose2d: ("F.conv_transpose2d", functional.conv_transpose2d),
+    torch.conv_transpose3d: ("F.conv_transpose3d", functional.conv_transpose3d),
     F.max_pool1d: ("F.max_pool1d", functional.max_pool1d),
     F.max_pool2d: ("F.max_pool2d", functional.max_pool2d),
     F.max_pool1d_with_indices: ("F.max_pool1d", _pool(functional.max_pool1d, True)),
@@ -44,6 +46,10 @@ _ROUTES = {
     F.max_pool2d_with_indices: ("F.max_pool2d", _pool(functional.max_pool2d, True)),
     torch.max_pool2d: ("torch.max_pool2d", _pool(functional.max_pool2d, False)),
     torch._C._nn.max_pool2d_with_indices: ("torch.max_pool2d_with_indices", _pool(functional.max_pool2d, True)),
+    F.max_pool3d: ("F.max_pool3d", functional.max_pool3d),
+    F.max_pool3d_with_indices: ("F.max_pool3d", _pool(functional.max_pool3d, True)),
+    torch.max_pool3d: ("torch.max_pool3d", _pool(functional.max_pool3d, False)),
+    torch._C._nn.max_pool3d_with_indices: ("torch.max_pool3d_with_indices", _pool(functional.max_pool3d, True)),
 }
 
 
@@ -140,7 +146,7 @@ class Everywhere(TorchFunctionMode):
 
 
 def everywhere(on_call=None):
-    """A context manager: inside it, every call of torch's conv1d, conv2d, conv_transpose1d/2d, max_pool1d and max_pool2d
+    """A context manager: inside it, every call of torch's conv1d/2d/3d, conv_transpose1d/2d/3d and max_pool1d/2d/3d
     functions (torch.nn.functional's, torch.*'s, and so torch.nn's layers and any subclass or model code
     that calls them) computes with our kernels, with our gradients.
 
@@ -161,8 +167,8 @@ def everywhere(on_call=None):
     do not take) is computed by torch's function instead, and counted in `left`; where torch refuses it
     too, torch's error is raised, as without the mode. Under torch.compile, where a refusal cannot be
     caught, calls whose input has a dtype or device we have no kernel for go to torch beforehand; any other
-    refusal there is ours, raised by the compiled call. Functions not listed above (conv3d, conv_transpose3d,
-    torch.convolution, max_pool3d, adaptive and fractional max-pools) are never intercepted.
+    refusal there is ours, raised by the compiled call. Functions not listed above (torch.convolution, adaptive
+    and fractional max-pools) are never intercepted.
 
     The mode covers the thread that enters it (TorchFunctionModes are per thread), nests (the innermost
     serves; an outer one sees ours and lets it pass), composes with other TorchFunctionModes (a mode

@@ -65,8 +65,8 @@ from .convert import Unconverted, convert, revert, unconverted
 __all__ = ["verify", "VerifyResult", "LayerRecord", "Comparison", "Unconverted", "default_tolerances",
            "DEFAULT_RATIO", "add_parser", "run"]
 
-_OUR_LAYERS = (ours_nn.Conv1d, ours_nn.Conv2d, ours_nn.ConvTranspose1d, ours_nn.ConvTranspose2d, ours_nn.MaxPool1d,
-               ours_nn.MaxPool2d)
+_OUR_LAYERS = (ours_nn.Conv1d, ours_nn.Conv2d, ours_nn.Conv3d, ours_nn.ConvTranspose1d, ours_nn.ConvTranspose2d,
+               ours_nn.ConvTranspose3d, ours_nn.MaxPool1d, ours_nn.MaxPool2d, ours_nn.MaxPool3d)
 
 # The floor of the allowance, per dtype of the tensors compared: (rtol, atol) in
 # ||ours - truth|| <= rtol * ||truth|| + atol * sqrt(numel). float32: ~84 epsilons.
@@ -197,7 +197,7 @@ class VerifyResult:
             out.append("(errors are ||x - truth|| / ||truth||: ours, then torch's float32 beside it; the "
                        "truth is the torch.nn layer in float64 on the same input)")
         else:
-            out.append("no torch.nn Conv1d/Conv2d/ConvTranspose1d/ConvTranspose2d/MaxPool1d/MaxPool2d layers to convert in this model")
+            out.append("no torch.nn Conv1d/2d/3d, ConvTranspose1d/2d/3d or MaxPool1d/2d/3d layers to convert in this model")
         if self.end_to_end:
             out.append("")
             out.append("end to end (whole model; ours and torch's errors against their float64 runs):")
@@ -402,23 +402,23 @@ _RELUS = {F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_
 _POOL_ARGS = (("input", None), ("kernel_size", None), ("stride", None), ("padding", 0), ("dilation", 1),
               ("ceil_mode", False), ("return_indices", False))
 _MAX_POOLS = {F.max_pool1d: 1, F._max_pool1d: 1, F.max_pool1d_with_indices: 1, torch.max_pool1d: 1,
-              F.max_pool2d: 2, F._max_pool2d: 2, F.max_pool2d_with_indices: 2, torch.max_pool2d: 2}
+              F.max_pool2d: 2, F._max_pool2d: 2, F.max_pool2d_with_indices: 2, torch.max_pool2d: 2,
+              F.max_pool3d: 3, F._max_pool3d: 3, F.max_pool3d_with_indices: 3, torch.max_pool3d: 3}
 # Ours take part in __torch_function__ as torch's do (functional.py): so every max-pool, our layers' and
 # those everywhere() serves included, is seen here, in call order.
-_OUR_MAX_POOLS = {ours_functional.max_pool1d: 1, ours_functional.max_pool2d: 2}
+_OUR_MAX_POOLS = {ours_functional.max_pool1d: 1, ours_functional.max_pool2d: 2, ours_functional.max_pool3d: 3}
 
 # torch's own conv and max-pool entry points: called inside a converted model's forward they are work
 # that convert() could not reach
 _TORCH_KERNELS = {torch.conv1d: "F.conv1d", torch.conv2d: "F.conv2d", torch.conv3d: "F.conv3d",
                   torch.conv_transpose1d: "F.conv_transpose1d", torch.conv_transpose2d: "F.conv_transpose2d",
                   torch.conv_transpose3d: "F.conv_transpose3d",
-                  F.max_pool3d: "F.max_pool3d", F._max_pool3d: "F.max_pool3d",
-                  F.max_pool3d_with_indices: "F.max_pool3d", torch.max_pool3d: "torch.max_pool3d",
                   F.adaptive_max_pool1d: "F.adaptive_max_pool1d", F.adaptive_max_pool2d: "F.adaptive_max_pool2d",
                   F.adaptive_max_pool3d: "F.adaptive_max_pool3d"}
 _TORCH_KERNELS.update({f: f"F.max_pool{d}d" for f, d in _MAX_POOLS.items()})
 _TORCH_KERNELS[torch.max_pool1d] = "torch.max_pool1d"
 _TORCH_KERNELS[torch.max_pool2d] = "torch.max_pool2d"
+_TORCH_KERNELS[torch.max_pool3d] = "torch.max_pool3d"
 
 _DRAW_NEW = {torch.rand, torch.randn}
 _DRAW_LIKE = {torch.rand_like, torch.randn_like}
@@ -435,8 +435,7 @@ def _bind(names, args, kwargs):
 
 
 def _pool_indices(bound, dims, ours=False):
-    pool = {(1, False): F.max_pool1d, (2, False): F.max_pool2d,
-            (1, True): ours_functional.max_pool1d, (2, True): ours_functional.max_pool2d}[dims, ours]
+    pool = getattr(ours_functional if ours else F, f"max_pool{dims}d")
     return pool(bound["input"].detach(), bound["kernel_size"], bound["stride"], bound["padding"],
                 bound["dilation"], ceil_mode=bound["ceil_mode"], return_indices=True)[1]
 
@@ -537,8 +536,8 @@ class _Branches(TorchFunctionMode):
             return func(*args, **kwargs)
         self.flips["max_pool"] += int((own != recorded).sum())
         out = _gather(x, recorded, dims)
-        pair = func in (F.max_pool1d_with_indices, F.max_pool2d_with_indices) or (
-            func in (F.max_pool1d, F.max_pool2d, *_OUR_MAX_POOLS) and a["return_indices"])
+        pair = func in (F.max_pool1d_with_indices, F.max_pool2d_with_indices, F.max_pool3d_with_indices) or (
+            func in (F.max_pool1d, F.max_pool2d, F.max_pool3d, *_OUR_MAX_POOLS) and a["return_indices"])
         return (out, recorded) if pair else out
 
     def _draw(self, func, args, kwargs):
