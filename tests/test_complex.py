@@ -31,6 +31,8 @@ CASES = [
     (2, (2, 4, 6, 20), (8, 1, 3, 5), False, dict(stride=(1, 10), groups=4)),  # depthwise, multiplier 2
     (2, (3, 6, 6), (2, 3, 3, 3), True, dict(padding="valid", dilation=(2, 1))),  # unbatched
     (2, (2, 0, 5, 5), (3, 0, 3, 3), True, {}),  # no input channels: torch's empty output
+    (3, (2, 2, 3, 4, 4), (4, 2, 2, 3, 2), True, dict(stride=(1, 2, 1), padding=(1, 0, 1))),
+    (3, (2, 3, 4, 5), (2, 2, 2, 2, 2), False, dict(padding="same", dilation=(1, 2, 1))),  # unbatched
 ]
 
 
@@ -58,11 +60,11 @@ def test_values_and_gradients_match_torch(case, dtype, device):
         torch.testing.assert_close(g_ours, g_theirs, **tol(dtype))
 
 
-@pytest.mark.parametrize("dims", [1, 2])
+@pytest.mark.parametrize("dims", [1, 2, 3])
 def test_gradcheck_and_gradgradcheck_complex128(dims, device):
     gen = torch.Generator().manual_seed(1)
-    spatial = (4,) if dims == 1 else (3, 3)
-    kernel = (2,) if dims == 1 else (2, 2)
+    spatial = {1: (4,), 2: (3, 3), 3: (2, 3, 2)}[dims]
+    kernel = {1: (2,), 2: (2, 2), 3: (2, 2, 1)}[dims]
     x = rand(1, 2, *spatial, dtype=torch.complex128, device=device, gen=gen).requires_grad_()
     w = rand(2, 1, *kernel, dtype=torch.complex128, device=device, gen=gen).requires_grad_()
     b = rand(2, dtype=torch.complex128, device=device, gen=gen).requires_grad_()
