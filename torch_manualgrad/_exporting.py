@@ -13,7 +13,7 @@ functions (functional.py) call the ops, torch.ops.manualgrad.*, on both paths, n
 (which a trace cannot keep). The ops carry their own autograd (autograd.py registers the Functions'
 formulas on them), so the traced module back-propagates, after saving and loading too. The one exception is
 the transposed convolution: it is our conv_backward op, whose bool[3] output_mask the tracer cannot record
-("Tracing a list of bool type is currently not supported"), so while tracing conv_transpose1d/2d compute with
+("Tracing a list of bool type is currently not supported"), so while tracing conv_transpose1d/2d/3d compute with
 torch's, as for ONNX; the traced module then runs torch's kernel for those layers.
 
 torch.jit.script cannot compile our Python functions (they take ints, tuples or strings where TorchScript

@@ -140,6 +140,23 @@ def channels_last_format(dims):
     return torch.channels_last_3d if dims == 5 else torch.channels_last
 
 
+def _onednn_supports(dtype_check):
+    check = getattr(torch.ops.mkldnn, dtype_check, None)
+    return torch.backends.mkldnn.is_available() and check is not None and bool(check())
+
+
+# What this build and CPU offer, asked once: torch.compile cannot trace the calls that ask.
+_ONEDNN_BFLOAT16 = _onednn_supports("_is_mkldnn_bf16_supported")
+_ONEDNN_FLOAT16 = _onednn_supports("_is_mkldnn_fp16_supported")
+
+
+@torch.compiler.assume_constant_result
+def _onednn_settings():
+    """(oneDNN available and enabled, the intra-op thread count): settings read at each call, or under
+    torch.compile when the graph is traced."""
+    return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled, torch.get_num_threads()
+
+
 def conv_keeps_channels_last(input, weight, stride, dilation, groups, output_padding=None):
     """Whether torch lays out this convolution's results (output and gradients) channels-last when its input or
     weight suggests it. Always for 1-d and 2-d, and on a GPU; a 3-d one on the CPU only when torch computes it
@@ -153,18 +170,19 @@ def conv_keeps_channels_last(input, weight, stride, dilation, groups, output_pad
         return True
     if output_padding is not None and any(o >= s for o, s in zip(output_padding, stride)):
         return False
-    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+    enabled, threads = _onednn_settings()
+    if not enabled:
         return False
     real = input.real.dtype if input.is_complex() else input.dtype
     if real == torch.bfloat16:
-        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return _ONEDNN_BFLOAT16
     if real == torch.float16:
-        return torch.ops.mkldnn._is_mkldnn_fp16_supported()
+        return _ONEDNN_FLOAT16
     if real != torch.float32:
         return False
     batch, kernel_h, kernel_w = input.shape[0], weight.shape[-2], weight.shape[-1]
     steps_of_one = all(s == 1 for s in stride) and all(d == 1 for d in dilation)
-    if steps_of_one and batch < 16 and kernel_h == 1 and kernel_w == 1 and torch.get_num_threads() == 1:
+    if steps_of_one and batch < 16 and kernel_h == 1 and kernel_w == 1 and threads == 1:
         return False
     return groups > 1 or (kernel_h > 3 and kernel_w > 3) or batch > 1 or math.prod(input.shape[:4]) > 20480
 
