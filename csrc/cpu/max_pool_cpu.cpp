@@ -118,9 +118,11 @@ struct PhaseScratch {
 
 // The innermost sweep: one window tap across a run of outputs. Kept branch-free so that it
 // vectorises; `index_at_zero + stride * ow` is the flat input index the tap reads for output ow.
+// Always inlined into the vector clones below, so that it is compiled for each one's instruction set.
 template <typename scalar_t, typename index_t>
-MANUALGRAD_VECTOR_CLONES void sweep_tap(scalar_t* __restrict best, index_t* __restrict best_index, const scalar_t* __restrict values,
-                      int64_t count, index_t index_at_zero, index_t stride) {
+__attribute__((always_inline)) inline void sweep_tap_body(scalar_t* __restrict best, index_t* __restrict best_index,
+                                                           const scalar_t* __restrict values, int64_t count,
+                                                           index_t index_at_zero, index_t stride) {
   for (int64_t ow = 0; ow < count; ++ow) {
     const scalar_t v = values[ow];
     const bool take = (v > best[ow]) | (v != v);  // strictly greater, or NaN
@@ -131,12 +133,44 @@ MANUALGRAD_VECTOR_CLONES void sweep_tap(scalar_t* __restrict best, index_t* __re
 
 // The same sweep when no indices are wanted: the running maximum alone.
 template <typename scalar_t>
-MANUALGRAD_VECTOR_CLONES void sweep_tap_values(scalar_t* __restrict best, const scalar_t* __restrict values,
-                                               int64_t count) {
+__attribute__((always_inline)) inline void sweep_tap_values_body(scalar_t* __restrict best,
+                                                                  const scalar_t* __restrict values, int64_t count) {
   for (int64_t ow = 0; ow < count; ++ow) {
     const scalar_t v = values[ow];
     best[ow] = (v > best[ow]) | (v != v) ? v : best[ow];
   }
+}
+
+// One tap, as the phase sweep applies them.
+template <typename scalar_t, typename index_t>
+MANUALGRAD_VECTOR_CLONES void sweep_tap(scalar_t* __restrict best, index_t* __restrict best_index,
+                                        const scalar_t* __restrict values, int64_t count, index_t index_at_zero,
+                                        index_t stride) {
+  sweep_tap_body(best, best_index, values, count, index_at_zero, stride);
+}
+
+template <typename scalar_t>
+MANUALGRAD_VECTOR_CLONES void sweep_tap_values(scalar_t* __restrict best, const scalar_t* __restrict values,
+                                               int64_t count) {
+  sweep_tap_values_body(best, values, count);
+}
+
+// `taps` taps in turn, a call for a window row's taps inside the input in channels-last memory (a call per
+// tap would cost as much as the sweep of a few vectors of channels): tap t reads values + t * tap_step and
+// gives every lane the index index_at_zero + t * tap_index_step.
+template <typename scalar_t, typename index_t>
+MANUALGRAD_VECTOR_CLONES void sweep_tap_run(scalar_t* __restrict best, index_t* __restrict best_index,
+                                            const scalar_t* __restrict values, int64_t count, index_t index_at_zero,
+                                            int64_t taps, int64_t tap_step, index_t tap_index_step) {
+  for (int64_t t = 0; t < taps; ++t)
+    sweep_tap_body(best, best_index, values + t * tap_step, count,
+                   static_cast<index_t>(index_at_zero + static_cast<index_t>(t) * tap_index_step), index_t(0));
+}
+
+template <typename scalar_t>
+MANUALGRAD_VECTOR_CLONES void sweep_tap_run_values(scalar_t* __restrict best, const scalar_t* __restrict values,
+                                                   int64_t count, int64_t taps, int64_t tap_step) {
+  for (int64_t t = 0; t < taps; ++t) sweep_tap_values_body(best, values + t * tap_step, count);
 }
 
 // phases[r * len + k] = padded[s * k + r]: phase r of a padded row, as contiguous runs.
@@ -341,8 +375,8 @@ void max_pool_volumes(scalar_t* out, int64_t* idx, const scalar_t* in, const Geo
 
 // Output rows (n, od, oh) of a channels-last batch: each output pixel's maxima start at the lowest value and
 // its argmax at the window's first tap inside the input (-1 for none), then the taps inside sweep the
-// pixel's channels in (d, h, w) order (sweep_tap with the tap's pixel as every lane's index, in index_t
-// lanes as the NCHW sweep, widened to int64 as they are stored).
+// pixel's channels in (d, h, w) order, a window row's taps inside to a call (sweep_tap_run: the tap's pixel
+// as every lane's index, in index_t lanes as the NCHW sweep, widened to int64 as they are stored).
 template <typename scalar_t, typename index_t>
 void max_pool_nhwc(scalar_t* out, int64_t* idx, const scalar_t* in, const Geometry& g) {
   const int64_t C = g.in_channels, out_rows = g.out_d * g.out_h;
@@ -365,10 +399,12 @@ void max_pool_nhwc(scalar_t* out, int64_t* idx, const scalar_t* in, const Geomet
         const index_t first = empty ? index_t(-1) : static_cast<index_t>(rows.first() * g.in_w + w_start + j_lo * w.dilation_w);
         std::fill(best_index.begin(), best_index.end(), first);
         if (!empty) rows.for_each([&](int64_t id, int64_t ih) {
-          for (int64_t j = j_lo; j < j_hi; ++j) {
-            const int64_t pixel = (id * g.in_h + ih) * g.in_w + w_start + j * w.dilation_w;
-            if (idx == nullptr) sweep_tap_values(best, image + pixel * C, C);
-            else sweep_tap(best, best_index.data(), image + pixel * C, C, static_cast<index_t>(pixel), index_t(0));
+          const int64_t pixel = (id * g.in_h + ih) * g.in_w + w_start + j_lo * w.dilation_w;  // the row's first tap inside
+          if (idx == nullptr) {
+            sweep_tap_run_values(best, image + pixel * C, C, j_hi - j_lo, w.dilation_w * C);
+          } else {
+            sweep_tap_run(best, best_index.data(), image + pixel * C, C, static_cast<index_t>(pixel), j_hi - j_lo,
+                          w.dilation_w * C, static_cast<index_t>(w.dilation_w));
           }
         });
         if (idx != nullptr) std::copy(best_index.begin(), best_index.end(), idx + o * C);
