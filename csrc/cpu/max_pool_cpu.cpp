@@ -1,12 +1,14 @@
-// max_pool_cpu.cpp — max-pool forward (output + argmax indices) and backward on the CPU; 1-d runs
-// as 2-d of height 1.
-// Forward scans each window in row-major order; a later value replaces the running maximum only if it
+// max_pool_cpu.cpp — max-pool forward (output + argmax indices) and backward on the CPU, for 1, 2 and 3
+// spatial dimensions: every kernel works on (D, H, W) volumes, a 2-d plane being a volume of depth 1 and
+// a 1-d row a plane of height 1 (shape_checks.h's Geometry).
+// Forward scans each window in (d, h, w) order; a later value replaces the running maximum only if it
 // is strictly greater or NaN. So ties go to the first maximum and NaN wins — torch's rule, which makes
-// our indices torch's (flat within each (n, c) plane, as max_unpool expects).
+// our indices torch's (flat within each (n, c) volume, as max_unpool expects).
 // Backward sends each output's gradient to its argmax only; overlapping windows add. Each (n, c)
-// plane belongs to one task, so no two tasks touch a pixel: deterministic without atomics.
-// Channels-last tensors (shape_checks.h's channels_last_result) are pooled in their own layout, a vector of
-// channels at a time, with the same rules, indices and order of sums: the results are the same bits.
+// volume belongs to one task, so no two tasks touch a pixel: deterministic without atomics.
+// Channels-last tensors (shape_checks.h's channels_last_result: NHWC, or NDHWC in 3-d) are pooled in their
+// own layout, a vector of channels at a time, with the same rules, indices and order of sums: the results
+// are the same bits.
 #include "../shape_checks.h"
 #include "../window_taps.h"
 #include "vectorize.h"
@@ -21,7 +23,7 @@
 namespace manualgrad {
 namespace {
 
-// The forward's scratch is bounded whatever the geometry: a plane is swept in chunks of output columns,
+// The forward's scratch is bounded whatever the geometry: a volume is swept in chunks of output columns,
 // each input row a chunk reads is laid out as phases (below) in a small ring of rows, and a geometry
 // whose phases would mostly go unread (a stride far above the kernel, a dilation that is a multiple of
 // the stride) skips them for a direct loop over each window's in-bounds taps.
@@ -31,12 +33,15 @@ constexpr int64_t kRingSlots = 1 << 17;  // elements in the whole ring: 0.5 MB i
 // The columns a dilated window spans, (kernel-1)*dilation + 1 (check_max_pool has ruled out overflow).
 inline int64_t window_extent(int64_t kernel, int64_t dilation) { return (kernel - 1) * dilation + 1; }
 
-// How a geometry's planes are swept, the same for every plane.
+// How a geometry's volumes are swept, the same for every volume.
 struct PoolPlan {
   bool phases = false;    // the phase sweep, or the direct per-output loop
   int64_t chunk = 1;      // output columns per chunk
   int64_t row_slots = 0;  // room for one input row's phases within a chunk
-  int64_t ring_rows = 1;  // input rows the ring holds (window_taps.h's ring_rows)
+  // The ring holds ring_d × ring_h input rows (window_taps.h's ring_rows, each a power of two): row
+  // (id, ih) in place (id mod ring_d, ih mod ring_h), so that a window's rows of different depths never
+  // evict one another, as they could if the flat row id*in_h + ih alone chose the place.
+  int64_t ring_h = 1, ring_d = 1;
 };
 
 PoolPlan plan_pool(const Geometry& g) {
@@ -52,11 +57,36 @@ PoolPlan plan_pool(const Geometry& g) {
   plan.row_slots = reach + std::min(window_extent(w.kernel_w, d), g.in_w + reach) + s;
   if (plan.row_slots > kRingSlots) return plan;
   plan.phases = true;
-  plan.ring_rows = ring_rows(std::min(g.in_h, window_extent(w.kernel_h, w.dilation_h)), plan.row_slots, kRingSlots);
+  plan.ring_h = ring_rows(std::min(g.in_h, window_extent(w.kernel_h, w.dilation_h)), plan.row_slots, kRingSlots);
+  plan.ring_d = ring_rows(std::min(g.in_d, window_extent(w.kernel_d, w.dilation_d)), plan.ring_h * plan.row_slots, kRingSlots);
   return plan;
 }
 
-// One chunk of a plane's output columns (window_taps.h), its input columns stored as `len` slots per phase.
+// The input rows the window of output row `orow` (od * out_h + oh) reads: its depth taps [k_lo, k_hi) and
+// height taps [i_lo, i_hi) that land inside the input, visited depth first, the (d, h) part of the (d, h, w)
+// order every kernel here scans a window in. A plane (in_d 1) has the single depth tap 0.
+struct WindowRows {
+  int64_t d_start, h_start, dilation_d, dilation_h, in_h;
+  int64_t k_lo = 0, k_hi = 0, i_lo = 0, i_hi = 0;
+
+  WindowRows(const Geometry& g, int64_t orow)
+      : d_start(orow / g.out_h * g.win.stride_d - g.win.pad_d), h_start(orow % g.out_h * g.win.stride_h - g.win.pad_h),
+        dilation_d(g.win.dilation_d), dilation_h(g.win.dilation_h), in_h(g.in_h) {
+    taps_inside(d_start, g.win.kernel_d, dilation_d, g.in_d, k_lo, k_hi);
+    taps_inside(h_start, g.win.kernel_h, dilation_h, g.in_h, i_lo, i_hi);
+  }
+  bool empty() const { return k_lo >= k_hi || i_lo >= i_hi; }
+  // The flat input row (id * in_h + ih) of the window's first row inside the input.
+  int64_t first() const { return (d_start + k_lo * dilation_d) * in_h + h_start + i_lo * dilation_h; }
+  // f(id, ih) for each row inside, in order.
+  template <typename F>
+  void for_each(const F& f) const {
+    for (int64_t k = k_lo; k < k_hi; ++k)
+      for (int64_t i = i_lo; i < i_hi; ++i) f(d_start + k * dilation_d, h_start + i * dilation_h);
+  }
+};
+
+// One chunk of a volume's output columns (window_taps.h), its input columns stored as `len` slots per phase.
 struct Chunk : ColumnChunk {
   int64_t len = 0;
   Chunk(const Geometry& g, int64_t ow0, int64_t ow1)
@@ -71,8 +101,9 @@ struct Chunk : ColumnChunk {
 // maximum, which starts there, so padding can never become the argmax.
 template <typename scalar_t, typename index_t>
 struct PhaseScratch {
-  std::vector<scalar_t> ring;   // (ring_rows, stride_w, len): input rows as phases
-  std::vector<int64_t> held;    // (ring_rows,) the input row each ring row holds for the current chunk, or -1
+  std::vector<scalar_t> ring;   // (ring_d * ring_h, stride_w, len): input rows as phases
+  std::vector<int64_t> held;    // (ring_d * ring_h,) the flat input row each place holds for the current chunk, or -1
+  int64_t ring_h;
   std::vector<scalar_t> padded; // (stride_w * len,) one row's slots before de-interleaving
   std::vector<scalar_t> best;   // (chunk,) running maximum of the current output row's chunk
   std::vector<index_t> best_index;
@@ -80,15 +111,18 @@ struct PhaseScratch {
   int64_t first_col_of = -1;       // the ow0 first_col was computed for
 
   explicit PhaseScratch(const PoolPlan& plan)
-      : ring(plan.ring_rows * plan.row_slots), held(plan.ring_rows), padded(plan.row_slots), best(plan.chunk),
+      : ring(plan.ring_d * plan.ring_h * plan.row_slots), held(plan.ring_d * plan.ring_h), ring_h(plan.ring_h),
+        padded(plan.row_slots), best(plan.chunk),
         best_index(plan.chunk), first_col(plan.chunk) {}
 };
 
 // The innermost sweep: one window tap across a run of outputs. Kept branch-free so that it
 // vectorises; `index_at_zero + stride * ow` is the flat input index the tap reads for output ow.
+// Always inlined into the vector clones below, so that it is compiled for each one's instruction set.
 template <typename scalar_t, typename index_t>
-MANUALGRAD_VECTOR_CLONES void sweep_tap(scalar_t* __restrict best, index_t* __restrict best_index, const scalar_t* __restrict values,
-                      int64_t count, index_t index_at_zero, index_t stride) {
+__attribute__((always_inline)) inline void sweep_tap_body(scalar_t* __restrict best, index_t* __restrict best_index,
+                                                           const scalar_t* __restrict values, int64_t count,
+                                                           index_t index_at_zero, index_t stride) {
   for (int64_t ow = 0; ow < count; ++ow) {
     const scalar_t v = values[ow];
     const bool take = (v > best[ow]) | (v != v);  // strictly greater, or NaN
@@ -99,12 +133,44 @@ MANUALGRAD_VECTOR_CLONES void sweep_tap(scalar_t* __restrict best, index_t* __re
 
 // The same sweep when no indices are wanted: the running maximum alone.
 template <typename scalar_t>
-MANUALGRAD_VECTOR_CLONES void sweep_tap_values(scalar_t* __restrict best, const scalar_t* __restrict values,
-                                               int64_t count) {
+__attribute__((always_inline)) inline void sweep_tap_values_body(scalar_t* __restrict best,
+                                                                  const scalar_t* __restrict values, int64_t count) {
   for (int64_t ow = 0; ow < count; ++ow) {
     const scalar_t v = values[ow];
     best[ow] = (v > best[ow]) | (v != v) ? v : best[ow];
   }
+}
+
+// One tap, as the phase sweep applies them.
+template <typename scalar_t, typename index_t>
+MANUALGRAD_VECTOR_CLONES void sweep_tap(scalar_t* __restrict best, index_t* __restrict best_index,
+                                        const scalar_t* __restrict values, int64_t count, index_t index_at_zero,
+                                        index_t stride) {
+  sweep_tap_body(best, best_index, values, count, index_at_zero, stride);
+}
+
+template <typename scalar_t>
+MANUALGRAD_VECTOR_CLONES void sweep_tap_values(scalar_t* __restrict best, const scalar_t* __restrict values,
+                                               int64_t count) {
+  sweep_tap_values_body(best, values, count);
+}
+
+// `taps` taps in turn, a call for a window row's taps inside the input in channels-last memory (a call per
+// tap would cost as much as the sweep of a few vectors of channels): tap t reads values + t * tap_step and
+// gives every lane the index index_at_zero + t * tap_index_step.
+template <typename scalar_t, typename index_t>
+MANUALGRAD_VECTOR_CLONES void sweep_tap_run(scalar_t* __restrict best, index_t* __restrict best_index,
+                                            const scalar_t* __restrict values, int64_t count, index_t index_at_zero,
+                                            int64_t taps, int64_t tap_step, index_t tap_index_step) {
+  for (int64_t t = 0; t < taps; ++t)
+    sweep_tap_body(best, best_index, values + t * tap_step, count,
+                   static_cast<index_t>(index_at_zero + static_cast<index_t>(t) * tap_index_step), index_t(0));
+}
+
+template <typename scalar_t>
+MANUALGRAD_VECTOR_CLONES void sweep_tap_run_values(scalar_t* __restrict best, const scalar_t* __restrict values,
+                                                   int64_t count, int64_t taps, int64_t tap_step) {
+  for (int64_t t = 0; t < taps; ++t) sweep_tap_values_body(best, values + t * tap_step, count);
 }
 
 // phases[r * len + k] = padded[s * k + r]: phase r of a padded row, as contiguous runs.
@@ -138,14 +204,16 @@ void fill_row(scalar_t* phases, const scalar_t* row, const Chunk& c, const Geome
   if (s > 1) deinterleave(phases, padded, s, c.len);
 }
 
-// One chunk of one (H, W) plane → its maxima (output rows of out_w) and, unless `indices` is null, their
-// flat indices. Taps are applied in row-major order for every output, which fixes the tie and NaN rules.
+// One chunk of one (D, H, W) volume → its maxima (output rows of out_w, (od, oh) in order) and, unless
+// `indices` is null, their flat indices. Taps are applied in (d, h, w) order for every output, which fixes
+// the tie and NaN rules.
 template <typename scalar_t, typename index_t>
 void max_pool_chunk(scalar_t* output, int64_t* indices, const scalar_t* input, const Geometry& g, const Chunk& c,
                     PhaseScratch<scalar_t, index_t>& scratch) {
   const Window& w = g.win;
   const int64_t s = w.stride_w, len = c.len, count = c.count();
-  const int64_t ring_mask = static_cast<int64_t>(scratch.held.size()) - 1, row_slots = s * len;
+  const int64_t h_mask = scratch.ring_h - 1, d_mask = static_cast<int64_t>(scratch.held.size()) / scratch.ring_h - 1;
+  const int64_t row_slots = s * len;
   const scalar_t lowest = pool_lowest<scalar_t>();
   scalar_t* best = scratch.best.data();
   index_t* best_index = scratch.best_index.data();
@@ -158,26 +226,24 @@ void max_pool_chunk(scalar_t* output, int64_t* indices, const scalar_t* input, c
     }
     scratch.first_col_of = c.ow0;
   }
-  std::fill(scratch.held.begin(), scratch.held.end(), int64_t{-1});  // rows of another chunk or plane
-  for (int64_t oh = 0; oh < g.out_h; ++oh) {
-    const int64_t h_start = oh * w.stride_h - w.pad_h;
-    int64_t i_lo, i_hi;  // only the kernel rows that land inside the input
-    taps_inside(h_start, w.kernel_h, w.dilation_h, g.in_h, i_lo, i_hi);
-    const int64_t first_row = h_start + i_lo * w.dilation_h;
+  std::fill(scratch.held.begin(), scratch.held.end(), int64_t{-1});  // rows of another chunk or volume
+  for (int64_t orow = 0; orow < g.out_d * g.out_h; ++orow) {
+    const WindowRows rows(g, orow);  // only the kernel rows that land inside the input
+    const int64_t first_row = rows.first();
     for (int64_t m = 0; m < count; ++m) {
       best[m] = lowest;
       // A window whose taps all fall in the padding has no argmax: -1, torch's "none" (its output is
       // -inf and its gradient goes nowhere).
-      const bool empty = i_lo >= i_hi || scratch.first_col[m] < 0;
+      const bool empty = rows.empty() || scratch.first_col[m] < 0;
       best_index[m] = empty ? index_t(-1) : static_cast<index_t>(first_row * g.in_w + scratch.first_col[m]);
     }
-    for (int64_t i = i_lo; i < i_hi && !c.empty(); ++i) {
-      const int64_t ih = h_start + i * w.dilation_h;
-      const int64_t place = ih & ring_mask;
+    if (!c.empty()) rows.for_each([&](int64_t id, int64_t ih) {
+      const int64_t row = id * g.in_h + ih;
+      const int64_t place = (id & d_mask) * scratch.ring_h + (ih & h_mask);
       scalar_t* phases = scratch.ring.data() + place * row_slots;
-      if (scratch.held[place] != ih) {  // rows shared by neighbouring windows are laid out once
-        fill_row(phases, input + ih * g.in_w, c, g, scratch);
-        scratch.held[place] = ih;
+      if (scratch.held[place] != row) {  // rows shared by neighbouring windows are laid out once
+        fill_row(phases, input + row * g.in_w, c, g, scratch);
+        scratch.held[place] = row;
       }
       for (int64_t j = c.tap_lo; j < c.tap_hi; ++j) {
         const int64_t slot = (j - c.tap_lo) * w.dilation_w;  // slot of output ow0's tap j
@@ -185,46 +251,46 @@ void max_pool_chunk(scalar_t* output, int64_t* indices, const scalar_t* input, c
         if (indices == nullptr) {
           sweep_tap_values(best, values, count);
         } else {
-          sweep_tap(best, best_index, values, count, static_cast<index_t>(ih * g.in_w + c.col0 + slot),
+          sweep_tap(best, best_index, values, count, static_cast<index_t>(row * g.in_w + c.col0 + slot),
                     static_cast<index_t>(s));
         }
       }
-    }
-    std::copy(best, best + count, output + oh * g.out_w + c.ow0);
-    if (indices != nullptr) std::copy(best_index, best_index + count, indices + oh * g.out_w + c.ow0);
+    });
+    std::copy(best, best + count, output + orow * g.out_w + c.ow0);
+    if (indices != nullptr) std::copy(best_index, best_index + count, indices + orow * g.out_w + c.ow0);
   }
 }
 
 // The fallback for geometries whose phases would mostly go unread: each output scans only the taps of
-// its window that lie inside the plane, in the same row-major order and with the same rules, so the
+// its window that lie inside the volume, in the same (d, h, w) order and with the same rules, so the
 // time is the number of those taps (plus a division or two per output), whatever the stride or dilation.
 template <typename scalar_t>
-void max_pool_plane_direct(scalar_t* output, int64_t* indices, const scalar_t* input, const Geometry& g) {
+void max_pool_volume_direct(scalar_t* output, int64_t* indices, const scalar_t* input, const Geometry& g) {
   const Window& w = g.win;
-  for (int64_t oh = 0; oh < g.out_h; ++oh) {
-    const int64_t h_start = oh * w.stride_h - w.pad_h;
-    int64_t i_lo, i_hi;
-    taps_inside(h_start, w.kernel_h, w.dilation_h, g.in_h, i_lo, i_hi);
+  for (int64_t orow = 0; orow < g.out_d * g.out_h; ++orow) {
+    const WindowRows rows(g, orow);
     for (int64_t ow = 0; ow < g.out_w; ++ow) {
       const int64_t w_start = ow * w.stride_w - w.pad_w;
       int64_t j_lo, j_hi;
       taps_inside(w_start, w.kernel_w, w.dilation_w, g.in_w, j_lo, j_hi);
       scalar_t best = pool_lowest<scalar_t>();
       int64_t best_index = -1;
-      if (i_lo < i_hi && j_lo < j_hi) best_index = (h_start + i_lo * w.dilation_h) * g.in_w + w_start + j_lo * w.dilation_w;
-      for (int64_t i = i_lo; i < i_hi && j_lo < j_hi; ++i) {
-        const int64_t row = (h_start + i * w.dilation_h) * g.in_w;
-        for (int64_t j = j_lo; j < j_hi; ++j) {
-          const int64_t at = row + w_start + j * w.dilation_w;
-          const scalar_t v = input[at];
-          if ((v > best) | (v != v)) {
-            best = v;
-            best_index = at;
+      if (!rows.empty() && j_lo < j_hi) {
+        best_index = rows.first() * g.in_w + w_start + j_lo * w.dilation_w;
+        rows.for_each([&](int64_t id, int64_t ih) {
+          const int64_t row = (id * g.in_h + ih) * g.in_w;
+          for (int64_t j = j_lo; j < j_hi; ++j) {
+            const int64_t at = row + w_start + j * w.dilation_w;
+            const scalar_t v = input[at];
+            if ((v > best) | (v != v)) {
+              best = v;
+              best_index = at;
+            }
           }
-        }
+        });
       }
-      output[oh * g.out_w + ow] = best;
-      if (indices != nullptr) indices[oh * g.out_w + ow] = best_index;
+      output[orow * g.out_w + ow] = best;
+      if (indices != nullptr) indices[orow * g.out_w + ow] = best_index;
     }
   }
 }
@@ -275,9 +341,9 @@ void max_pool_row_values(scalar_t* out, const scalar_t* in, const Geometry& g) {
 }
 
 template <typename scalar_t, typename index_t>
-void max_pool_planes(scalar_t* out, int64_t* idx, const scalar_t* in, const Geometry& g) {
-  const int64_t planes = g.batch * g.in_channels;
-  const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w;
+void max_pool_volumes(scalar_t* out, int64_t* idx, const scalar_t* in, const Geometry& g) {
+  const int64_t planes = g.batch * g.in_channels;  // (n, c) volumes
+  const int64_t in_plane = g.in_positions(), out_plane = g.out_positions();
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, out_plane));
   if (idx == nullptr && g.spatial_dims == 1) {  // (a 2-d plane of one row may still have several output rows)
     at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
@@ -289,7 +355,7 @@ void max_pool_planes(scalar_t* out, int64_t* idx, const scalar_t* in, const Geom
   if (!plan.phases) {
     at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p)
-        max_pool_plane_direct(out + p * out_plane, idx == nullptr ? nullptr : idx + p * out_plane, in + p * in_plane, g);
+        max_pool_volume_direct(out + p * out_plane, idx == nullptr ? nullptr : idx + p * out_plane, in + p * in_plane, g);
     });
     return;
   }
@@ -305,36 +371,41 @@ void max_pool_planes(scalar_t* out, int64_t* idx, const scalar_t* in, const Geom
   });
 }
 
-// ---- Channels-last: (N, H, W, C) ----
+// ---- Channels-last: (N, H, W, C), or (N, D, H, W, C) in 3-d ----
 
-// Output rows (n, oh) of a channels-last batch: each output pixel's maxima start at the lowest value and
+// Output rows (n, od, oh) of a channels-last batch: each output pixel's maxima start at the lowest value and
 // its argmax at the window's first tap inside the input (-1 for none), then the taps inside sweep the
-// pixel's channels in row-major order (sweep_tap with the tap's pixel as every lane's index, in index_t
-// lanes as the NCHW sweep, widened to int64 as they are stored).
+// pixel's channels in (d, h, w) order, a window row's taps inside to a call (sweep_tap_run: the tap's pixel
+// as every lane's index, in index_t lanes as the NCHW sweep, widened to int64 as they are stored).
 template <typename scalar_t, typename index_t>
 void max_pool_nhwc(scalar_t* out, int64_t* idx, const scalar_t* in, const Geometry& g) {
-  const int64_t C = g.in_channels;
+  const int64_t C = g.in_channels, out_rows = g.out_d * g.out_h;
+  const Window& w = g.win;
   const scalar_t lowest = pool_lowest<scalar_t>();
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, g.out_w * C));
-  at::parallel_for(0, g.batch * g.out_h, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.batch * out_rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<index_t> best_index(idx == nullptr ? 0 : C);
     for (int64_t row = begin; row < end; ++row) {
-      const scalar_t* image = in + row / g.out_h * g.in_h * g.in_w * C;
+      const scalar_t* image = in + row / out_rows * g.in_positions() * C;
+      const WindowRows rows(g, row % out_rows);
       for (int64_t ow = 0; ow < g.out_w; ++ow) {
         const int64_t o = row * g.out_w + ow;
         scalar_t* best = out + o * C;
+        const int64_t w_start = ow * w.stride_w - w.pad_w;
+        int64_t j_lo, j_hi;
+        taps_inside(w_start, w.kernel_w, w.dilation_w, g.in_w, j_lo, j_hi);
+        const bool empty = rows.empty() || j_lo >= j_hi;
         std::fill_n(best, C, lowest);
-        std::fill(best_index.begin(), best_index.end(), index_t(-1));
-        bool first = true;
-        for_each_tap(g, row % g.out_h, ow, [&](int64_t, int64_t pixel) {
-          if (pixel < 0) return;
+        const index_t first = empty ? index_t(-1) : static_cast<index_t>(rows.first() * g.in_w + w_start + j_lo * w.dilation_w);
+        std::fill(best_index.begin(), best_index.end(), first);
+        if (!empty) rows.for_each([&](int64_t id, int64_t ih) {
+          const int64_t pixel = (id * g.in_h + ih) * g.in_w + w_start + j_lo * w.dilation_w;  // the row's first tap inside
           if (idx == nullptr) {
-            sweep_tap_values(best, image + pixel * C, C);
-            return;
+            sweep_tap_run_values(best, image + pixel * C, C, j_hi - j_lo, w.dilation_w * C);
+          } else {
+            sweep_tap_run(best, best_index.data(), image + pixel * C, C, static_cast<index_t>(pixel), j_hi - j_lo,
+                          w.dilation_w * C, static_cast<index_t>(w.dilation_w));
           }
-          if (first) std::fill(best_index.begin(), best_index.end(), static_cast<index_t>(pixel));
-          first = false;
-          sweep_tap(best, best_index.data(), image + pixel * C, C, static_cast<index_t>(pixel), index_t(0));
         });
         if (idx != nullptr) std::copy(best_index.begin(), best_index.end(), idx + o * C);
       }
@@ -344,12 +415,12 @@ void max_pool_nhwc(scalar_t* out, int64_t* idx, const scalar_t* in, const Geomet
 
 constexpr int64_t kNhwcBackwardChannels = 64;  // channels per backward task: tasks for a batch of one too
 
-// grad_input of a channels-last batch: a task owns one image's block of channels, zeroes it and adds each
-// output's gradient at its argmax in output order, as the NCHW backward does per plane.
+// grad_input of a channels-last batch: a task owns one image's (or volume's) block of channels, zeroes it
+// and adds each output's gradient at its argmax in output order, as the NCHW backward does per plane.
 template <typename scalar_t>
 void max_pool_backward_nhwc(scalar_t* gi, const scalar_t* go, const int64_t* idx, const Geometry& g,
                             c10::IntArrayRef input_size) {
-  const int64_t C = g.in_channels, in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w;
+  const int64_t C = g.in_channels, in_plane = g.in_positions(), out_plane = g.out_positions();
   const int64_t blocks = ceil_div(C, kNhwcBackwardChannels);
   at::parallel_for(0, g.batch * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
@@ -376,15 +447,14 @@ std::tuple<at::Tensor, at::Tensor> max_pool_forward_cpu(const at::Tensor& input_
                                                         c10::IntArrayRef stride, c10::IntArrayRef padding,
                                                         c10::IntArrayRef dilation, bool ceil_mode, bool compute_indices) {
   const Geometry g = check_max_pool(input_, kernel_size, stride, padding, dilation, ceil_mode);
-  TORCH_CHECK(g.spatial_dims < 3, "max_pool3d: not implemented on this device yet");
   if (is_reduced_precision(input_.scalar_type())) {  // exact: float32 holds every half value, and a max is one of them
     auto [output, indices] =
         max_pool_forward_cpu(input_.to(at::kFloat), kernel_size, stride, padding, dilation, ceil_mode, compute_indices);
     return {output.to(input_.scalar_type()), indices};
   }
   if (channels_last_result(input_, g)) {
-    const at::Tensor input = input_.contiguous(at::MemoryFormat::ChannelsLast);
-    const auto options = input.options().memory_format(at::MemoryFormat::ChannelsLast);
+    const at::Tensor input = input_.contiguous(channels_last_format(g));
+    const auto options = input.options().memory_format(channels_last_format(g));
     at::Tensor output = at::empty(g.output_shape(g.in_channels), options);
     at::Tensor indices = compute_indices ? at::empty(g.output_shape(g.in_channels), options.dtype(at::kLong))
                                          : at::empty({0}, input.options().dtype(at::kLong));
@@ -392,29 +462,29 @@ std::tuple<at::Tensor, at::Tensor> max_pool_forward_cpu(const at::Tensor& input_
     AT_DISPATCH_ALL_TYPES(input.scalar_type(), "max_pool_forward_nhwc", [&] {
       scalar_t* out = output.data_ptr<scalar_t>();
       int64_t* idx = compute_indices ? indices.data_ptr<int64_t>() : nullptr;
-      if (g.in_h * g.in_w < (int64_t{1} << 31)) max_pool_nhwc<scalar_t, int32_t>(out, idx, input.const_data_ptr<scalar_t>(), g);
+      if (g.in_positions() < (int64_t{1} << 31)) max_pool_nhwc<scalar_t, int32_t>(out, idx, input.const_data_ptr<scalar_t>(), g);
       else max_pool_nhwc<scalar_t, int64_t>(out, idx, input.const_data_ptr<scalar_t>(), g);
     });
     return {output, indices};
   }
-  const at::Tensor input = input_.contiguous();                                       // (N, C, H, W)
-  at::Tensor output = at::empty(g.output_shape(g.in_channels), input.options());      // (N, C, OH, OW)
+  const at::Tensor input = input_.contiguous();                                       // (N, C, [D,] H, W)
+  at::Tensor output = at::empty(g.output_shape(g.in_channels), input.options());      // (N, C, [OD,] OH, OW)
   at::Tensor indices = compute_indices ? at::empty(g.output_shape(g.in_channels), input.options().dtype(at::kLong))
                                        : at::empty({0}, input.options().dtype(at::kLong));
   if (output.numel() == 0) return {output, indices};
-  // 32-bit indices inside the sweep keep twice as many lanes per vector; planes past 2^31 use 64.
-  // (every index a sweep forms, even for padding lanes, lies within a plane plus one chunk's reach,
+  // 32-bit indices inside the sweep keep twice as many lanes per vector; volumes past 2^31 use 64.
+  // (every index a sweep forms, even for padding lanes, lies within a volume plus one chunk's reach,
   // less than kChunkSlots)
-  const bool small_plane = g.in_h * g.in_w + kRingSlots < (int64_t{1} << 31);
+  const bool small_plane = g.in_positions() + kRingSlots < (int64_t{1} << 31);
   // Integers as torch's CPU max_pool2d takes them (uint8 to int64); they have no gradient.
   AT_DISPATCH_ALL_TYPES(input.scalar_type(), "max_pool_forward_cpu", [&] {
     const scalar_t* in = input.data_ptr<scalar_t>();
     scalar_t* out = output.data_ptr<scalar_t>();
     int64_t* idx = compute_indices ? indices.data_ptr<int64_t>() : nullptr;
     if (small_plane) {
-      max_pool_planes<scalar_t, int32_t>(out, idx, in, g);
+      max_pool_volumes<scalar_t, int32_t>(out, idx, in, g);
     } else {
-      max_pool_planes<scalar_t, int64_t>(out, idx, in, g);
+      max_pool_volumes<scalar_t, int64_t>(out, idx, in, g);
     }
   });
   return {output, indices};
@@ -446,20 +516,19 @@ at::Tensor max_pool_backward_cpu(const at::Tensor& grad_output_, const at::Tenso
                                  c10::IntArrayRef kernel_size, c10::IntArrayRef stride, c10::IntArrayRef padding,
                                  c10::IntArrayRef dilation, bool check_indices) {
   const Geometry g = check_max_pool_backward(grad_output_, indices_, input_size, kernel_size, stride, padding, dilation);
-  TORCH_CHECK(g.spatial_dims < 3, "max_pool3d: not implemented on this device yet");
   if (is_reduced_precision(grad_output_.scalar_type()))  // overlapping windows are added in float32
     return max_pool_backward_cpu(grad_output_.to(at::kFloat), indices_, input_size, kernel_size, stride, padding, dilation,
                                  check_indices)
         .to(grad_output_.scalar_type());
-  if (check_indices) {  // in (N, C, OH, OW) order whatever the layout, so the error names the same element
+  if (check_indices) {  // in (N, C, [OD,] OH, OW) order whatever the layout, so the error names the same element
     const at::Tensor indices = indices_.contiguous();
     const int64_t bad = first_foreign_index(indices.data_ptr<int64_t>(), indices.numel(), g);
     if (bad >= 0) fail_foreign_index(g, bad, indices.data_ptr<int64_t>()[bad], input_size);
   }
   if (channels_last_result(grad_output_, g)) {
-    const at::Tensor grad_output = grad_output_.contiguous(at::MemoryFormat::ChannelsLast);
-    const at::Tensor indices = indices_.contiguous(at::MemoryFormat::ChannelsLast);
-    at::Tensor grad_input = at::empty(input_size, grad_output.options().memory_format(at::MemoryFormat::ChannelsLast));
+    const at::Tensor grad_output = grad_output_.contiguous(channels_last_format(g));
+    const at::Tensor indices = indices_.contiguous(channels_last_format(g));
+    at::Tensor grad_input = at::empty(input_size, grad_output.options().memory_format(channels_last_format(g)));
     if (grad_input.numel() == 0) return grad_input;
     AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "max_pool_backward_nhwc", [&] {
       max_pool_backward_nhwc<scalar_t>(grad_input.data_ptr<scalar_t>(), grad_output.const_data_ptr<scalar_t>(),
@@ -467,9 +536,9 @@ at::Tensor max_pool_backward_cpu(const at::Tensor& grad_output_, const at::Tenso
     });
     return grad_input;
   }
-  const at::Tensor grad_output = grad_output_.contiguous();  // (N, C, OH, OW)
-  const at::Tensor indices = indices_.contiguous();          // (N, C, OH, OW)
-  at::Tensor grad_input = at::empty(input_size, grad_output.options());  // (N, C, H, W)
+  const at::Tensor grad_output = grad_output_.contiguous();  // (N, C, [OD,] OH, OW)
+  const at::Tensor indices = indices_.contiguous();          // (N, C, [OD,] OH, OW)
+  at::Tensor grad_input = at::empty(input_size, grad_output.options());  // (N, C, [D,] H, W)
   const int64_t planes = input_size[0] * input_size[1];
   if (grad_input.numel() == 0) return grad_input;
   const int64_t in_plane = grad_input.numel() / planes, out_plane = grad_output.numel() / planes;
