@@ -140,11 +140,21 @@ CASES = [
     Case("maxpool 3x3/2", "pool", "max_pool2d", (64, 112, 112), None, dict(kernel_size=3, stride=2, padding=1)),
     Case("maxpool 2x2/2", "pool", "max_pool2d", (128, 64, 64), None, dict(kernel_size=2, stride=2)),
     Case("maxpool1d 3/2", "pool", "max_pool1d", (128, 8192), None, dict(kernel_size=3, stride=2, padding=1)),
+] + [  # 3-d: video and volumes (issue 14)
+    # C3D / R(2+1)D: 3x3x3 over 16 frames of 56x56
+    Case("conv3d 3x3x3 64", "conv", "conv3d", (64, 16, 56, 56), (64, 64, 3, 3, 3), dict(padding=1), batch=1),
+    # one level of a 3-d U-Net: 32 channels at 64^3, batch 2
+    Case("conv3d U-Net 32", "conv", "conv3d", (32, 64, 64, 64), (32, 32, 3, 3, 3), dict(padding=1), batch=2),
+    # the U-Net's upsampling: 2x2x2 stride 2 doubles each side
+    Case("convT3d 2x2x2/2", "conv", "conv_transpose3d", (128, 32, 32, 32), (128, 64, 2, 2, 2), dict(stride=2), batch=2),
+    Case("maxpool3d 2x2x2/2", "pool", "max_pool3d", (64, 16, 56, 56), None, dict(kernel_size=2, stride=2), batch=4),
+    Case("maxpool3d 3x3x3/2", "pool", "max_pool3d", (64, 16, 56, 56), None, dict(kernel_size=3, stride=2, padding=1),
+         batch=4),
 ]
 
 
 # The GPU list (issue 3): ResNet-50's layers at batch 32, depthwise layers, a DCGAN decoder layer (transposed),
-# and three max-pools.
+# three max-pools, and the 3-d rows (issue 14).
 GPU_CASES = [
     Case("stem 7x7/2", "conv", "conv2d", (3, 224, 224), (64, 3, 7, 7), dict(stride=2, padding=3)),
     Case("conv3x3 64", "conv", "conv2d", (64, 56, 56), (64, 64, 3, 3), dict(padding=1)),
@@ -159,6 +169,12 @@ GPU_CASES = [
     Case("maxpool 3x3/2", "pool", "max_pool2d", (64, 112, 112), None, dict(kernel_size=3, stride=2, padding=1)),
     Case("maxpool 2x2/2", "pool", "max_pool2d", (128, 64, 64), None, dict(kernel_size=2, stride=2), batch=64),
     Case("maxpool 3x3/1", "pool", "max_pool2d", (64, 56, 56), None, dict(kernel_size=3, stride=1, padding=1)),
+    Case("conv3d 3x3x3 64", "conv", "conv3d", (64, 16, 56, 56), (64, 64, 3, 3, 3), dict(padding=1), batch=8),
+    Case("conv3d U-Net 32", "conv", "conv3d", (32, 64, 64, 64), (32, 32, 3, 3, 3), dict(padding=1), batch=2),
+    Case("convT3d 2x2x2/2", "conv", "conv_transpose3d", (128, 32, 32, 32), (128, 64, 2, 2, 2), dict(stride=2), batch=2),
+    Case("maxpool3d 2x2x2/2", "pool", "max_pool3d", (64, 16, 56, 56), None, dict(kernel_size=2, stride=2), batch=32),
+    Case("maxpool3d 3x3x3/2", "pool", "max_pool3d", (64, 16, 56, 56), None, dict(kernel_size=3, stride=2, padding=1),
+         batch=32),
 ]
 
 # Precision modes: the tensors' dtype and whether matrix products may use TF32 (GPU only).
@@ -295,7 +311,7 @@ def work(case, tensors, out):
 
 def run_case(case, args, device):
     dtype = PRECISIONS[args.precision][0]
-    tensors = make_tensors(case, case.batch or args.batch, device, dtype)
+    tensors = make_tensors(case, args.batch if args.quick else case.batch or args.batch, device, dtype)
     leaves = [t.detach().requires_grad_(True) for t in tensors]
 
     with torch.no_grad():
@@ -330,7 +346,7 @@ def run_case(case, args, device):
         for label, value in medians.items():
             ms[label, kind] = value
     fwd_work, fb_work, unit = work(case, tensors, torch_out)
-    return dict(case=case, ms=ms, work=(fwd_work, fb_work, unit), agrees=agrees, errors=errors)
+    return dict(case=case, ms=ms, work=(fwd_work, fb_work, unit), agrees=agrees, errors=errors, batch=tensors[0].shape[0])
 
 
 def forward_errors(case, tensors, out_torch, out_ours):
@@ -373,7 +389,7 @@ def table(results):
             return f"{rate(fwd_work, ms[who, 'fwd']):.1f} / {rate(fb_work, ms[who, 'fb']):.1f} {per_s}"
 
         row = [
-            case.name, case.describe() + (f" N={case.batch}" if case.batch else ""), human(fwd_work, unit),
+            case.name, case.describe() + (f" N={r['batch']}" if case.batch else ""), human(fwd_work, unit),
             f"{ms['torch', 'fwd']:.3f}", f"{ms['ours', 'fwd']:.3f}", f"{ms['ours', 'fwd'] / ms['torch', 'fwd']:.2f}",
             f"{ms['torch', 'fb']:.3f}", f"{ms['ours', 'fb']:.3f}", f"{ms['ours', 'fb'] / ms['torch', 'fb']:.2f}",
             rates("torch"), rates("ours"), errors(r["errors"]), "yes" if r["agrees"] else "**NO**",
@@ -408,6 +424,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own choice)")
     p.add_argument("--only", choices=["conv", "pool"], default=None, help="run only one family of cases")
+    p.add_argument("--match", default=None, metavar="TEXT", help="run only the cases whose name contains TEXT")
     p.add_argument("--batch", type=int, default=None, help="batch size N (default 8; 1 with --quick)")
     p.add_argument("--repeat", type=int, default=None, help="most timed runs per measurement (default 15; 1 with --quick)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 2; 0 with --quick)")
@@ -450,7 +467,8 @@ def main(argv=None):
 
     set_precision(args.precision)
     use_gpu_list = args.cases == "gpu" or (args.cases is None and device.type == "cuda")
-    cases = [c for c in (GPU_CASES if use_gpu_list else CASES) if args.only in (None, c.family)]
+    cases = [c for c in (GPU_CASES if use_gpu_list else CASES)
+             if args.only in (None, c.family) and (args.match is None or args.match in c.name)]
     print(
         f"torch_manualgrad vs torch {torch.__version__} on {device} ({describe_machine(device)}), "
         f"threads {torch.get_num_threads()}, batch {args.batch} (unless the case says), {args.precision}, "
