@@ -1,4 +1,5 @@
-// conv_cpu.cpp — convolution forward and backward on the CPU; 1-d runs as 2-d of height 1.
+// conv_cpu.cpp — convolution forward and backward on the CPU; 1-d runs as 2-d of height 1, 3-d as a sum of
+// 2-d convolutions over the kernel's depth taps (depth_taps.h).
 //   forward:      columns = im2col(input[n]);  output[n, g] = weight[g] @ columns[g] (+ bias)
 //   grad_weight:  sum over images of grad_output[n, g] @ columns[g]^T — every placement of the kernel
 //                 adds input slice × its output delta

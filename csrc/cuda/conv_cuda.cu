@@ -8,7 +8,8 @@
 // conv3d is a sum over the kernel's depth taps of the 2-d convolutions above (depth_taps.h).
 // Matrix products are ATen's (at::bmm / baddbmm_ → cuBLAS). Nothing is accumulated with atomics, so
 // results are bit-identical from run to run. Images are processed in chunks whose columns stay under
-// kMaxColumnElems, so the workspace is bounded whatever the batch.
+// kMaxColumnElems, so the 2-d workspace is bounded whatever the batch; a 3-d convolution holds besides one
+// depth tap's images and outputs at a time (about the input's and the output's size).
 #include "../depth_taps.h"
 #include "../shape_checks.h"
 #include "depthwise_cuda.h"
