@@ -448,3 +448,212 @@ def test_bit_identical_across_thread_counts(fn, channels_last, restore_num_threa
         results.append([out.detach(), *grads])
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
+
+# --- max_pool3d ----------------------------------------------------------------------------------------------
+
+# (batch, channels, size, kernel, stride, padding, dilation, ceil_mode); batch None: unbatched
+POOL_CASES = [
+    (2, 3, (4, 5, 6), 2, None, 0, 1, False),
+    (1, 2, (5, 6, 5), 3, 2, 1, 1, True),
+    (None, 2, (4, 5, 5), (2, 3, 2), (1, 2, 2), (1, 0, 1), (2, 1, 1), True),  # unbatched
+    (2, 2, (6, 4, 5), 2, 1, 1, 2, False),
+    (1, 1, (3, 7, 4), (3, 1, 2), (2, 1, 3), (1, 0, 1), 1, True),
+    (0, 2, (3, 3, 3), 2, 1, 0, 1, False),  # an empty batch
+]
+
+
+def _pool_input(case, dtype=torch.float64, values="distinct", seed=0):
+    n, c, size = case[:3]
+    shape = ((n,) if n is not None else ()) + (c,) + size
+    g = torch.Generator().manual_seed(seed)
+    count = torch.Size(shape).numel()
+    if values == "distinct":  # no ties: one maximum per window, a well-defined gradient
+        x = (torch.randperm(count, generator=g).to(torch.float64) - count // 2).reshape(shape)
+    elif values == "ties":
+        x = torch.randint(0, 3, shape, generator=g).to(torch.float64)
+    else:  # normal values with NaNs among them
+        x = torch.randn(shape, generator=g, dtype=torch.float64)
+        x[torch.rand(shape, generator=g) < 0.2] = float("nan")
+    return x.to(dtype)
+
+
+def _pool_kwargs(case):
+    kernel, stride, padding, dilation, ceil_mode = case[3:]
+    return dict(kernel_size=kernel, stride=stride, padding=padding, dilation=dilation, ceil_mode=ceil_mode)
+
+
+@pytest.mark.parametrize("case", POOL_CASES, ids=str)
+@pytest.mark.parametrize("values", ("distinct", "ties", "nan"))
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32, torch.float16, torch.bfloat16), ids=str)
+def test_max_pool3d_values_indices_and_gradients_are_torchs(case, values, dtype):
+    """Bit for bit: the maximum is exact in any dtype, ties go to the first, NaN wins; the gradient reaches
+    each window's argmax, overlapping windows add (float16/bfloat16 sums in float32, rounded once: torch's float32
+    gradient rounded, where torch's own adds in the narrow dtype)."""
+    x = _pool_input(case, dtype, values)
+    kwargs = _pool_kwargs(case)
+    results = []
+    wide = x.float() if dtype in (torch.float16, torch.bfloat16) else x
+    for fn, xx in ((tf.max_pool3d, x), (F.max_pool3d, x), (F.max_pool3d, wide)):
+        leaf = xx.clone().requires_grad_()
+        out, idx = fn(leaf, **kwargs, return_indices=True)
+        go = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype).to(xx.dtype)
+        results.append((out, idx, torch.autograd.grad(out, leaf, go)[0].to(dtype)))
+    (out, idx, grad), (ref, ref_idx, _), (_, _, ref_grad) = results
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(grad, ref_grad, rtol=0, atol=0)
+    plain = tf.max_pool3d(x, **kwargs)  # without indices (nothing to record): the same values
+    torch.testing.assert_close(plain, ref, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("case", [c for c in POOL_CASES if c[0] != 0], ids=str)
+def test_max_pool3d_gradcheck_and_gradgradcheck(case):
+    x = (_pool_input(case) / 10).requires_grad_()  # distinct values 0.1 apart: far more than gradcheck's eps
+    kwargs = _pool_kwargs(case)
+
+    def fn(x):
+        return tf.max_pool3d(x, **kwargs)
+
+    assert torch.autograd.gradcheck(fn, (x,))
+    assert torch.autograd.gradgradcheck(fn, (x,))
+
+
+def test_max_pool3d_of_integers_and_under_autocast():
+    x = torch.randint(-50, 50, (2, 3, 4, 5, 4), generator=torch.Generator().manual_seed(2))
+    for dtype in (torch.int64, torch.int32, torch.uint8):
+        ours, ours_idx = tf.max_pool3d(x.to(dtype).abs() if dtype == torch.uint8 else x.to(dtype), 2, 1,
+                                       return_indices=True)
+        ref, ref_idx = F.max_pool3d(x.to(dtype).abs() if dtype == torch.uint8 else x.to(dtype), 2, 1,
+                                    return_indices=True)
+        assert ours.dtype == dtype and torch.equal(ours, ref) and torch.equal(ours_idx, ref_idx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert tf.max_pool3d(x.float(), 2).dtype == F.max_pool3d(x.float(), 2).dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+@pytest.mark.parametrize("batch", (None, 1, 2))
+def test_max_pool3d_channels_last_3d_layouts_are_torchs(dtype, batch):
+    x = _pool_input((batch, 4, (4, 6, 5)), dtype)
+    if batch is not None:
+        x = x.contiguous(memory_format=CL3)
+    for return_indices in (False, True):
+        outs = []
+        for fn in (tf.max_pool3d, F.max_pool3d):
+            leaf = x.clone().requires_grad_()
+            result = fn(leaf, 3, 2, 1, return_indices=return_indices)
+            out = result[0] if return_indices else result
+            outs.append((result, torch.autograd.grad(out, leaf, torch.ones_like(out))[0]))
+        (result, grad), (ref, ref_grad) = outs
+        for a, b in zip(result if return_indices else (result,), ref if return_indices else (ref,)):
+            assert torch.equal(a, b) and a.stride() == b.stride()
+        assert torch.equal(grad, ref_grad) and grad.stride() == ref_grad.stride()
+
+
+def test_max_pool3d_indices_unpool():
+    x = _pool_input((2, 2, (4, 6, 6)), torch.float32)
+    out, idx = tf.max_pool3d(x, 2, return_indices=True)
+    torch.testing.assert_close(F.max_unpool3d(out, idx, 2), F.max_unpool3d(*F.max_pool3d(x, 2, return_indices=True), 2))
+
+
+def test_max_pool3d_vmap_and_forward_mode():
+    x = _pool_input((3, 2, (2, 4, 5, 4)))  # a vmapped dimension in front
+    kwargs = dict(kernel_size=(2, 3, 2), stride=(1, 2, 2), padding=(1, 1, 0), ceil_mode=True)
+    torch.testing.assert_close(torch.func.vmap(lambda a: tf.max_pool3d(a, **kwargs))(x),
+                               torch.func.vmap(lambda a: F.max_pool3d(a, **kwargs))(x))
+    dx = torch.randn_like(x[0])
+    out, tangent = torch.func.jvp(lambda a: tf.max_pool3d(a, **kwargs), (x[0],), (dx,))
+    ref, expected = torch.func.jvp(lambda a: F.max_pool3d(a, **kwargs), (x[0],), (dx,))
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(tangent, expected)
+
+
+@pytest.mark.parametrize("requires_grad", (False, True), ids=("plain", "requires_grad"))
+@pytest.mark.parametrize("channels_last", (False, True), ids=("contiguous", "channels_last_3d"))
+def test_opcheck_max_pool_ops_with_3d_arguments(requires_grad, channels_last):
+    x = _layout(_pool_input((2, 3, (4, 5, 6))), channels_last).requires_grad_(requires_grad)
+    geometry = ([2, 3, 2], [1, 2, 2], [1, 1, 0], [1, 1, 2])
+    torch.library.opcheck(ops.max_pool_forward.default, (x, *geometry, True))
+    out, idx = ops.max_pool_forward(x.detach(), *geometry, True)
+    assert out.is_contiguous(memory_format=CL3 if channels_last else torch.contiguous_format)
+    grad_output = torch.randn(out.shape, dtype=torch.float64).requires_grad_(requires_grad)
+    torch.library.opcheck(ops.max_pool_backward.default, (grad_output, idx, list(x.shape), *geometry))
+
+
+def test_max_pool3d_bad_arguments_are_named():
+    x = torch.randn(1, 2, 4, 4, 4)
+    _raises(lambda: tf.max_pool3d(x, (2, 2)), "tuple of three ints", "kernel_size=(2, 2)")
+    _raises(lambda: tf.max_pool3d(x, 2, (2, 2)), "stride=(2, 2)")
+    _raises(lambda: tf.max_pool3d(x, 2, 2, (1, 1)), "padding=(1, 1)")
+    _raises(lambda: tf.max_pool3d(x, 2, 2, 0, (1, 1)), "dilation=(1, 1)")
+    _raises(lambda: tf.max_pool3d(x, 2.5), "kernel_size=2.5", kind=TypeError)
+    _raises(lambda: tf.max_pool3d(x[0, 0], 2), "non-empty 4D or 5D (batch mode) tensor expected for input",
+            "max_pool3d: expected input to be 4-D (unbatched) or 5-D (batched)")
+    _raises(lambda: tf.max_pool3d(x, 2, padding=(0, 2, 0)), "pad should be at most half", "padding")
+    _raises(lambda: tf.max_pool3d(x, 2, stride=(1, 0, 1)), "stride")
+    _raises(lambda: tf.max_pool3d(x, 5), "Output size is too small")
+
+
+@pytest.mark.parametrize("channels_last", (False, True), ids=("contiguous", "channels_last_3d"))
+def test_max_pool3d_bit_identical_across_thread_counts(channels_last, restore_num_threads):
+    x = _layout(_pool_input((3, 8, (6, 7, 8)), torch.float32, values="ties"), channels_last)
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        leaf = x.clone().requires_grad_()
+        out, idx = tf.max_pool3d(leaf, 3, 2, 1, return_indices=True)
+        go = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+        results.append([out.detach(), idx, torch.autograd.grad(out, leaf, go)[0]])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+# --- a small 3-d U-Net: every 3-d layer together ------------------------------------------------------------
+
+
+class UNet3d(torch.nn.Module):
+    """Two levels: conv, pool down, conv, transposed conv up, the skip connection joined, a 1x1x1 conv out."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = torch.nn.Sequential(torch.nn.Conv3d(2, 4, 3, padding=1), torch.nn.ReLU())
+        self.pool = torch.nn.MaxPool3d(2)
+        self.bottom = torch.nn.Sequential(torch.nn.Conv3d(4, 8, 3, padding=1, padding_mode="reflect"), torch.nn.ReLU())
+        self.up = torch.nn.ConvTranspose3d(8, 4, 2, stride=2)
+        self.out = torch.nn.Conv3d(8, 2, 1)
+
+    def forward(self, x):
+        skip = self.down(x)
+        y = self.up(self.bottom(self.pool(skip)), output_size=skip.shape[2:])
+        return self.out(torch.cat([y, skip], 1))
+
+
+def test_unet_converted_gives_torchs_outputs_and_gradients():
+    torch.manual_seed(13)
+    reference = UNet3d().double()
+    converted = tmg.convert(copy.deepcopy(reference), strict=True)
+    assert {type(m) for m in converted.modules()} >= {tmg.nn.Conv3d, tmg.nn.MaxPool3d, tmg.nn.ConvTranspose3d}
+    x = torch.randn(2, 2, 4, 6, 6, dtype=torch.float64)
+    results = []
+    for model in (converted, reference):
+        leaf = x.clone().requires_grad_()
+        out = model(leaf)
+        results.append((out, torch.autograd.grad(out.square().sum(), [leaf, *model.parameters()])))
+    _assert_like_torch(*results)
+    tmg.revert(converted)
+    assert not any(type(m).__module__.startswith("torch_manualgrad") for m in converted.modules())
+    result = tmg.verify(tmg.convert(copy.deepcopy(reference)).float(), x.float())
+    assert result.ok, result.report()
+
+
+def test_unet_compile_fullgraph_export_and_everywhere():
+    torch.manual_seed(14)
+    reference = UNet3d()
+    x = torch.randn(2, 2, 4, 4, 6).contiguous(memory_format=CL3)
+    _compiles_and_exports_as_torch(reference, x, ("manualgrad.conv_forward.default",
+                                                  "manualgrad.max_pool_forward.default",
+                                                  "manualgrad.conv_backward.default"))
+    ref = reference(x)
+    with tmg.everywhere() as mode:
+        out = reference(x)
+    assert dict(mode.served) == {"F.conv3d": 3, "F.max_pool3d": 1, "F.conv_transpose3d": 1} and not mode.left
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

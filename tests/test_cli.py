@@ -219,7 +219,7 @@ def test_check_configurations_cover_the_matrix():
         names = [c.name for c in configs]
         assert len(names) == len(set(names))
         assert {c.op for c in configs} == {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
-                                           "conv_transpose3d", "max_pool1d", "max_pool2d"}
+                                           "conv_transpose3d", "max_pool1d", "max_pool2d", "max_pool3d"}
         transposed = [c for c in configs if c.op.startswith("conv_transpose")]
         for key in ("stride", "padding", "output_padding", "dilation", "groups"):
             assert len({c.kwargs[key] for c in transposed}) > 1, key

@@ -256,14 +256,14 @@ def test_conv1d_module_padding_modes_match_torch(padding_mode, kwargs, device):
     torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("dim", [1, 2])
+@pytest.mark.parametrize("dim", [1, 2, 3])
 def test_max_pool_module_indices_ceil_mode_match_torch(dim, device):
-    theirs_cls, ours_cls = (nn.MaxPool1d, tmg.nn.MaxPool1d) if dim == 1 else (nn.MaxPool2d, tmg.nn.MaxPool2d)
+    theirs_cls, ours_cls = getattr(nn, f"MaxPool{dim}d"), getattr(tmg.nn, f"MaxPool{dim}d")
     kwargs = dict(kernel_size=3, stride=2, padding=1, return_indices=True, ceil_mode=True)
     theirs, ours = theirs_cls(**kwargs), ours_cls(**kwargs)
     assert isinstance(ours, theirs_cls)
     assert repr(ours).endswith(repr(theirs)[len(type(theirs).__name__):])
-    shape = (2, 3, 10) if dim == 1 else (2, 3, 10, 9)
+    shape = {1: (2, 3, 10), 2: (2, 3, 10, 9), 3: (2, 3, 5, 6, 4)}[dim]
     x = torch.randperm(torch.Size(shape).numel(), device=device).reshape(shape).to(torch.float64).requires_grad_()
     out, idx = ours(x)
     out_ref, idx_ref = theirs(x)
@@ -272,7 +272,7 @@ def test_max_pool_module_indices_ceil_mode_match_torch(dim, device):
     (g,) = torch.autograd.grad(out.sum(), x)
     (g_ref,) = torch.autograd.grad(out_ref.sum(), x)
     torch.testing.assert_close(g, g_ref, rtol=0, atol=0)
-    unpool = nn.MaxUnpool1d(3, 2, 1) if dim == 1 else nn.MaxUnpool2d(3, 2, 1)
+    unpool = getattr(nn, f"MaxUnpool{dim}d")(3, 2, 1)
     torch.testing.assert_close(unpool(out, idx, output_size=x.shape), unpool(out_ref, idx_ref, output_size=x.shape), rtol=0, atol=0)
 
 

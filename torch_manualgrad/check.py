@@ -188,7 +188,7 @@ def configurations(quick=False):
                 c = dict(c, stride=1)
             padding, kernel = c["padding_kernel"]
             configs.append(_conv_config(dims, kernel, c["stride"], padding, c["dilation"], c["groups"], c["bias"]))
-        for c in _combinations(_POOL_AXES, subset) if dims < 3 else ():  # max_pool3d: no kernel yet
+        for c in _combinations(_POOL_AXES, subset):
             configs.append(_pool_config(dims, c["kernel"], c["stride"], c["padding"], c["dilation"],
                                         c["ceil_mode"], c["return_indices"]))
         configs += [_transposed_config(dims, *t) for t in _TRANSPOSED]
@@ -201,6 +201,7 @@ def configurations(quick=False):
         _pool_config(2, 2, None, 0, 1, False, False),
         _pool_config(1, 3, None, 1, 1, True, False),
         _conv_config(3, (2, 3, 1), (2, 1, 1), (1, 0, 0), (1, 1, 2), 1, True),
+        _pool_config(3, (2, 3, 2), (1, 2, 2), (1, 0, 1), (2, 1, 1), True, True),
     ]
     seen, unique = set(), []
     for config in configs:  # the quick neighbours can repeat one another
