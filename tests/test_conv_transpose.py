@@ -150,6 +150,10 @@ def test_bad_arguments_get_torchs_words(dims):
     op = f"conv_transpose{dims}d"
     _raises(lambda: f(x, w.double()), f"{op}: expected scalar type Float but found Double")
     _raises(lambda: f(x, w, torch.randn(3, dtype=torch.float64)), f"{op}: Input type (float) and bias type (double)")
+    # an output too large to count is named, with the arguments that make it so (torch: a bare overflow, or its
+    # stride wrapped to 0)
+    _raises(lambda: f(x, w, stride=2 ** 62), f"{op}: the output of shape", "more elements than int64 can count",
+            f"stride=[{2 ** 62}")
     _raises(lambda: f(x.long(), w.long()), f"{op}: expected a floating-point input", "Long")
     _raises(lambda: f(x, w.to("meta")), f"{op}: expected input and weight to be on the same device")
 

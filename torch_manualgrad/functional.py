@@ -14,6 +14,7 @@ Like torch.nn.functional's, each function first offers the call to __torch_funct
 of ours (a converted model traces with symbolic_trace), and tensor subclasses and TorchFunctionModes
 see our function by name.
 """
+import math
 import operator
 
 import torch
@@ -341,6 +342,13 @@ def _check_transposed(op, dims, input, weight, bias, stride, padding, output_pad
     if any(o < 0 for o in sizes) or (input.numel() > 0 and 0 in sizes):
         raise RuntimeError(f"Given input size per channel: ({' x '.join(map(str, input.shape[2:]))}). Calculated "
                            f"output size per channel: ({' x '.join(map(str, sizes))}). Output size is too small")
+    shape = [input.shape[0], weight.shape[1] * groups, *sizes]
+    if all(isinstance(v, int) for v in shape) and math.prod(shape[1:]) * max(shape[0], 1) >= 2 ** 63:
+        # (a stand-in of that shape could not even be made: torch's words would be "numel: integer multiplication
+        # overflow")
+        raise RuntimeError(f"{op}: the output of shape {shape} would have more elements than int64 can count "
+                           f"(input of shape {list(input.shape)}, weight of shape {list(weight.shape)}, stride={stride}, "
+                           f"padding={padding}, output_padding={output_padding}, dilation={dilation})")
     return sizes
 
 
