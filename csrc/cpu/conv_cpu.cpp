@@ -1,5 +1,9 @@
-// conv_cpu.cpp — convolution forward and backward on the CPU; 1-d runs as 2-d of height 1, 3-d as a sum of
-// 2-d convolutions over the kernel's depth taps (depth_taps.h).
+// conv_cpu.cpp — convolution forward and backward on the CPU; 1-d runs as 2-d of height 1. 3-d in NCDHW runs
+// the same NCHW kernels, whose im2col and col2im walk volumes (a column holds all KD*KH*KW taps, so one GEMM
+// has K = C*KD*KH*KW); a channels_last_3d or depthwise 3-d convolution is a sum of 2-d ones over the kernel's
+// depth taps (depth_taps.h), which keeps the NHWC and depthwise kernels and their layouts. (For 3x3x3 over
+// 32 channels at 64^3 the volume im2col took 0.75x the time of the depth taps forward; channels_last_3d inputs
+// through NCDHW copies took 1.1-1.6x the taps' time.)
 //   forward:      columns = im2col(input[n]);  output[n, g] = weight[g] @ columns[g] (+ bias)
 //   grad_weight:  sum over images of grad_output[n, g] @ columns[g]^T — every placement of the kernel
 //                 adds input slice × its output delta
@@ -99,8 +103,8 @@ Blocking make_blocking(const Geometry& g, bool allow_tiles, bool cache_tiles = f
 // Whether every image's columns together fit one task's workspace (small images, as in a network's
 // last stages): the backward then treats the batch as one block, so each GEMM sees every placement.
 bool columns_fit_once(const Geometry& g) {
-  const int64_t width = g.batch * g.out_h * g.out_w;  // no larger than the output, so no overflow here
-  return width == 0 || g.in_channels * g.win.kernel_h * g.win.kernel_w <= kMaxColumnElems / width;
+  const int64_t width = g.batch * g.out_positions();  // no larger than the output, so no overflow here
+  return width == 0 || g.in_channels * g.win.taps() <= kMaxColumnElems / width;
 }
 
 // Whether the backward takes the whole batch as one block (columns_fit_once). Not a pointwise convolution of
@@ -108,12 +112,12 @@ bool columns_fit_once(const Geometry& g) {
 // image, and are wide enough already, where one block would first gather both into copies (1x1 64->256 @56,
 // batch 8: 25 MB of grad_output copied, and the input gradient scattered back, 5x the time of the products).
 bool whole_batch_backward(const Geometry& g) {
-  return columns_fit_once(g) && !(is_pointwise(g) && g.out_h * g.out_w >= kPointwiseInPlace);
+  return columns_fit_once(g) && !(is_pointwise(g) && g.out_positions() >= kPointwiseInPlace);
 }
 
 Block clamp_block(Block blk, const Geometry& g) {
   blk.images = std::min(blk.images, g.batch - blk.n0);
-  blk.p1 = std::min(blk.p1, g.out_h * g.out_w);
+  blk.p1 = std::min(blk.p1, g.out_positions());
   return blk;
 }
 
@@ -173,9 +177,9 @@ void matmul(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double be
   });
 }
 
-// Output positions [p0, p1) of one image, row by row: f(oh, ow0, ow1, at) for each output row's share
-// [ow0, ow1), where `at` is position (oh, ow0)'s column in a buffer whose column 0 is position p0. Only
-// the first and last rows can be partial.
+// Output positions [p0, p1) of one image, row by row: f(row, ow0, ow1, at) for each output row's share
+// [ow0, ow1), where row is od*out_h + oh (oh in 2-d) and `at` is position (row, ow0)'s column in a buffer
+// whose column 0 is position p0. Only the first and last rows can be partial.
 template <typename F>
 void for_each_row(const Geometry& g, int64_t p0, int64_t p1, const F& f) {
   if (p1 <= p0) return;
@@ -187,8 +191,9 @@ void for_each_row(const Geometry& g, int64_t p0, int64_t p1, const F& f) {
   }
 }
 
-// columns (channels*KH*KW rows, row stride ld) ← for each kernel tap (c, i, j), the input pixel it
-// sees at output positions p0..p1-1 of one image (channels, H, W); zero where it falls in the padding.
+// columns (channels*KD*KH*KW rows, row stride ld) ← for each kernel tap (c, k, i, j), the input pixel it
+// sees at output positions p0..p1-1 of one image (channels, H, W), or volume (channels, D, H, W); zero where
+// it falls in the padding. An output row is (od, oh), flat: od*out_h + oh (od is 0 in 2-d).
 // Which output columns of a row see inside the input depends on j alone, so it is worked out once per tap
 // (no division per row); the rows' short runs are plain loops, since at 7x7..56x56 a call to memcpy or
 // memset per run cost more than the copying.
@@ -197,65 +202,68 @@ void im2col(scalar_t* columns, int64_t ld, const scalar_t* image, int64_t channe
             int64_t p1) {
   const Window& w = g.win;
   for (int64_t c = 0; c < channels; ++c) {
-    const scalar_t* plane = image + c * g.in_h * g.in_w;
-    for (int64_t i = 0; i < w.kernel_h; ++i) {
-      for (int64_t j = 0; j < w.kernel_w; ++j) {
-        scalar_t* row = columns + ((c * w.kernel_h + i) * w.kernel_w + j) * ld;
-        // Output column ow reads input column ow * stride_w + col_offset; only [lo, hi) land inside the row,
-        // and only those are ever turned into addresses (col_offset alone may be far outside it).
-        const int64_t col_offset = j * w.dilation_w - w.pad_w;
-        int64_t lo, hi;
-        outputs_inside(0, g.out_w, col_offset, w.stride_w, g.in_w, lo, hi);
-        for_each_row(g, p0, p1, [&](int64_t oh, int64_t ow0, int64_t ow1, int64_t at) {
-          scalar_t* dst = row + at;  // dst[ow - ow0] is output column ow
-          const int64_t ih = oh * w.stride_h - w.pad_h + i * w.dilation_h;
-          if (ih < 0 || ih >= g.in_h) {
-            for (int64_t k = 0; k < ow1 - ow0; ++k) dst[k] = scalar_t(0);
-            return;
+    const scalar_t* volume = image + c * g.in_positions();
+    for (int64_t tap = 0; tap < w.taps(); ++tap) {
+      const int64_t kd = tap / (w.kernel_h * w.kernel_w), i = tap / w.kernel_w % w.kernel_h, j = tap % w.kernel_w;
+      scalar_t* row = columns + (c * w.taps() + tap) * ld;
+      // Output column ow reads input column ow * stride_w + col_offset; only [lo, hi) land inside the row,
+      // and only those are ever turned into addresses (col_offset alone may be far outside it).
+      const int64_t col_offset = j * w.dilation_w - w.pad_w;
+      int64_t lo, hi;
+      outputs_inside(0, g.out_w, col_offset, w.stride_w, g.in_w, lo, hi);
+      for_each_row(g, p0, p1, [&](int64_t r, int64_t ow0, int64_t ow1, int64_t at) {
+        scalar_t* dst = row + at;  // dst[ow - ow0] is output column ow
+        const int64_t od = g.out_d == 1 ? 0 : r / g.out_h, oh = r - od * g.out_h;
+        const int64_t id = od * w.stride_d - w.pad_d + kd * w.dilation_d;
+        const int64_t ih = oh * w.stride_h - w.pad_h + i * w.dilation_h;
+        if (ih < 0 || ih >= g.in_h || id < 0 || id >= g.in_d) {
+          for (int64_t k = 0; k < ow1 - ow0; ++k) dst[k] = scalar_t(0);
+          return;
+        }
+        const int64_t a = std::min(std::max(lo, ow0), ow1), b = std::max(a, std::min(hi, ow1));
+        for (int64_t k = 0; k < a - ow0; ++k) dst[k] = scalar_t(0);
+        if (b > a) {
+          const scalar_t* src = volume + (id * g.in_h + ih) * g.in_w + a * w.stride_w + col_offset;  // input of column a
+          scalar_t* out = dst + (a - ow0);
+          if (w.stride_w == 1) {
+            for (int64_t k = 0; k < b - a; ++k) out[k] = src[k];
+          } else {
+            for (int64_t k = 0; k < b - a; ++k) out[k] = src[k * w.stride_w];
           }
-          const int64_t a = std::min(std::max(lo, ow0), ow1), b = std::max(a, std::min(hi, ow1));
-          for (int64_t k = 0; k < a - ow0; ++k) dst[k] = scalar_t(0);
-          if (b > a) {
-            const scalar_t* src = plane + ih * g.in_w + a * w.stride_w + col_offset;  // input of column a
-            scalar_t* out = dst + (a - ow0);
-            if (w.stride_w == 1) {
-              for (int64_t k = 0; k < b - a; ++k) out[k] = src[k];
-            } else {
-              for (int64_t k = 0; k < b - a; ++k) out[k] = src[k * w.stride_w];
-            }
-          }
-          for (int64_t k = b - ow0; k < ow1 - ow0; ++k) dst[k] = scalar_t(0);
-        });
-      }
+        }
+        for (int64_t k = b - ow0; k < ow1 - ow0; ++k) dst[k] = scalar_t(0);
+      });
     }
   }
 }
 
-// The mirror of im2col: image (channels, H, W) = the sum of every column entry (row stride ld) into
-// the pixel it came from. Pixels covered by several placements add up, always in the same order.
+// The mirror of im2col: image (channels, H, W) or volume (channels, D, H, W) = the sum of every column entry
+// (row stride ld) into the pixel it came from. Pixels covered by several placements add up, always in the
+// same order.
 template <typename scalar_t>
 void col2im(scalar_t* image, const scalar_t* columns, int64_t ld, int64_t channels, const Geometry& g) {
   const Window& w = g.win;
-  std::fill(image, image + channels * g.in_h * g.in_w, scalar_t(0));
+  std::fill(image, image + channels * g.in_positions(), scalar_t(0));
   for (int64_t c = 0; c < channels; ++c) {
-    scalar_t* plane = image + c * g.in_h * g.in_w;
-    for (int64_t i = 0; i < w.kernel_h; ++i) {
-      for (int64_t j = 0; j < w.kernel_w; ++j) {
-        const scalar_t* row = columns + ((c * w.kernel_h + i) * w.kernel_w + j) * ld;
-        const int64_t col_offset = j * w.dilation_w - w.pad_w;
-        int64_t lo, hi;
-        outputs_inside(0, g.out_w, col_offset, w.stride_w, g.in_w, lo, hi);
-        if (hi <= lo) continue;
-        for (int64_t oh = 0; oh < g.out_h; ++oh) {
-          const int64_t ih = oh * w.stride_h - w.pad_h + i * w.dilation_h;
-          if (ih < 0 || ih >= g.in_h) continue;
-          const scalar_t* src = row + oh * g.out_w + lo;                        // output column lo
-          scalar_t* dst = plane + ih * g.in_w + lo * w.stride_w + col_offset;  // the pixel it came from
-          if (w.stride_w == 1) {
-            for (int64_t k = 0; k < hi - lo; ++k) dst[k] += src[k];
-          } else {
-            for (int64_t k = 0; k < hi - lo; ++k) dst[k * w.stride_w] += src[k];
-          }
+    scalar_t* volume = image + c * g.in_positions();
+    for (int64_t tap = 0; tap < w.taps(); ++tap) {
+      const int64_t kd = tap / (w.kernel_h * w.kernel_w), i = tap / w.kernel_w % w.kernel_h, j = tap % w.kernel_w;
+      const scalar_t* row = columns + (c * w.taps() + tap) * ld;
+      const int64_t col_offset = j * w.dilation_w - w.pad_w;
+      int64_t lo, hi;
+      outputs_inside(0, g.out_w, col_offset, w.stride_w, g.in_w, lo, hi);
+      if (hi <= lo) continue;
+      for (int64_t r = 0; r < g.out_d * g.out_h; ++r) {
+        const int64_t od = g.out_d == 1 ? 0 : r / g.out_h, oh = r - od * g.out_h;
+        const int64_t id = od * w.stride_d - w.pad_d + kd * w.dilation_d;
+        const int64_t ih = oh * w.stride_h - w.pad_h + i * w.dilation_h;
+        if (ih < 0 || ih >= g.in_h || id < 0 || id >= g.in_d) continue;
+        const scalar_t* src = row + r * g.out_w + lo;                                      // output column lo
+        scalar_t* dst = volume + (id * g.in_h + ih) * g.in_w + lo * w.stride_w + col_offset;  // the pixel it came from
+        if (w.stride_w == 1) {
+          for (int64_t k = 0; k < hi - lo; ++k) dst[k] += src[k];
+        } else {
+          for (int64_t k = 0; k < hi - lo; ++k) dst[k * w.stride_w] += src[k];
         }
       }
     }
@@ -302,7 +310,7 @@ void im2col_images(at::Tensor& columns, const at::Tensor& input, const Block& bl
 // im2col written into the front of `workspace`.
 at::Tensor block_columns(const at::Tensor& input, const Block& blk, const Geometry& g, const at::Tensor& workspace) {
   if (is_pointwise(g)) return block_matrix(input, blk);
-  const int64_t rows = g.in_channels * g.win.kernel_h * g.win.kernel_w;
+  const int64_t rows = g.in_channels * g.win.taps();
   at::Tensor columns = workspace.narrow(0, 0, rows * blk.width()).view({rows, blk.width()});
   im2col_images(columns, input, blk, g, 0, blk.images);
   return columns;
@@ -311,7 +319,7 @@ at::Tensor block_columns(const at::Tensor& input, const Block& blk, const Geomet
 // Room for one block's columns (none for pointwise convolutions).
 at::Tensor column_workspace(const at::Tensor& input, const Geometry& g, const Blocking& b) {
   const int64_t width = b.images * b.tile;
-  return at::empty({is_pointwise(g) ? 0 : g.in_channels * g.win.kernel_h * g.win.kernel_w * width}, input.options());
+  return at::empty({is_pointwise(g) ? 0 : g.in_channels * g.win.taps() * width}, input.options());
 }
 
 // ---- Channels-last (NHWC) --------------------------------------------------------------------------------
@@ -629,8 +637,8 @@ at::Tensor conv_forward_cpu(const at::Tensor& input_, const at::Tensor& weight_,
     return conv_forward_cpu(f(input_), f(weight_), bias_f, stride, padding, dilation, groups).to(input_.scalar_type());
   }
   const bool channels_last = channels_last_result(input_, g);
-  if (g.spatial_dims == 3)  // a sum of 2-d convolutions over the kernel's depth taps (depth_taps.h)
-    return conv3d_forward_by_depth(input_, weight_, bias, g, channels_last, conv_forward_cpu);
+  if (g.spatial_dims == 3 && (channels_last || is_depthwise(g)))  // a sum of 2-d convolutions over depth taps
+    return conv3d_forward_by_depth(input_, weight_, bias, g, channels_last, conv_forward_cpu);  // (depth_taps.h)
   if (channels_last && !g.empty() && (!is_depthwise(g) || depthwise_nhwc_supported(g)))
     return conv_forward_nhwc(input_, weight_, bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor(), g);
   if (channels_last)  // depthwise with a channel multiplier: the NCHW kernel, its result laid out as promised
@@ -812,7 +820,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
     const auto back = [&](const at::Tensor& t) { return t.defined() ? t.to(input_.scalar_type()) : t; };
     return {back(std::get<0>(grads)), back(std::get<1>(grads)), back(std::get<2>(grads))};
   }
-  if (g.spatial_dims == 3) {  // a sum of 2-d convolutions over the kernel's depth taps (depth_taps.h)
+  if (g.spatial_dims == 3 && (channels_last_result(input_, g) || is_depthwise(g))) {  // over depth taps (depth_taps.h)
     auto [grad_input, grad_weight] = conv3d_backward_by_depth(grad_output_, input_, weight_, g, channels_last_result(input_, g),
                                                               output_mask[0], output_mask[1], conv_backward_cpu);
     at::Tensor grad_bias;
