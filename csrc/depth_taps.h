@@ -1,5 +1,6 @@
-// depth_taps.h — a 3-d convolution as a sum of 2-d ones, one per depth tap of its kernel; the same for every
-// device, each running it over its own 2-d kernels (cpu/conv_cpu.cpp, cuda/conv_cuda.cu).
+// depth_taps.h — a 3-d convolution as a sum of 2-d ones, one per depth tap of its kernel, run over a device's
+// own 2-d kernels: every 3-d convolution on CUDA (cuda/conv_cuda.cu), and on the CPU the channels_last_3d and
+// depthwise ones (cpu/conv_cpu.cpp; NCDHW runs its im2col over volumes there).
 //
 // Output depth od sees input depth od*stride_d - pad_d + kd*dilation_d through the weight's depth slice kd.
 // So for each kd, the input depths that tap reads, stacked as one batch of N*count images, go through a 2-d
