@@ -173,3 +173,32 @@ def test_gradients_passed_on_have_torchs_memory_format(x_layout, w_layout):
     (theirs,) = torch.autograd.grad(F.max_pool2d(xp, 3, 2).sum(), [xp])
     assert ours.is_contiguous(memory_format=CL) == theirs.is_contiguous(memory_format=CL)
     torch.testing.assert_close(ours, theirs)
+
+
+_CL = {2: torch.channels_last, 3: torch.channels_last_3d}
+
+
+@pytest.mark.parametrize("dims", (1, 2, 3))
+@pytest.mark.parametrize("transposed", (False, True))
+@pytest.mark.parametrize("batch", (0, 2))
+def test_gradient_strides_through_autograd_grad_are_torchs(dims, transposed, batch):
+    """torch.autograd.grad hands back the gradients as the backward laid them out (.backward() would re-lay them
+    out like the leaves): ours must be laid out as torch's, for every input and weight layout, an empty batch
+    included (there torch's follow the input's and the weight's own strides, a permuted weight's too)."""
+    name = f"conv_transpose{dims}d" if transposed else f"conv{dims}d"
+    ours, theirs = getattr(tmg.functional, name), getattr(F, name)
+    x_layouts = ("contiguous",) if dims == 1 else ("contiguous", "channels_last")
+    w_layouts = ("contiguous",) if dims == 1 else ("contiguous", "channels_last", "permuted")
+    for x_layout, w_layout in itertools.product(x_layouts, w_layouts):
+        x = torch.randn(batch, 3, *(4,) * dims)
+        w = torch.randn(3, 3, *(2,) * dims)
+        x = x.contiguous(memory_format=_CL[dims]) if x_layout == "channels_last" else x
+        w = {"channels_last": lambda: w.contiguous(memory_format=_CL.get(dims)), "permuted": lambda: w.transpose(-1, -2),
+             "contiguous": lambda: w}[w_layout]()
+        strides = []
+        for fn in (theirs, ours):
+            xs, ws = x.detach().requires_grad_(), w.detach().requires_grad_()
+            y = fn(xs, ws)
+            gx, gw = torch.autograd.grad(y, (xs, ws), torch.ones(y.shape))
+            strides.append((y.stride(), gx.stride(), gw.stride()))
+        assert strides[1] == strides[0], (x_layout, w_layout, strides)

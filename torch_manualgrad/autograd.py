@@ -193,7 +193,15 @@ def _in_layout_of(grads, input, weight, geometry):
     gradients contiguous, or channels-last for a channels-last input on the CPU; handed on as they are, a
     channels-last network's batch norm and activation backward would meet mixed layouts and take their slow
     paths (MobileNetV2 in channels_last: batch-norm backward 3.5 ms a call instead of 0.3)."""
-    if inside_vmap() or not (_suggests_channels_last(input) or _suggests_channels_last(weight)):
+    if inside_vmap():
+        return grads
+    if input.dim() > 2 and input.shape[0] == 0:
+        # an empty batch: torch's gradients are laid out like the tensors they belong to (the input's is empty;
+        # the weight's is zeros), whatever their strides
+        grad_input, grad_weight = grads
+        return (None if grad_input is None else torch.zeros_like(input),
+                None if grad_weight is None else torch.zeros_like(weight))
+    if not (_suggests_channels_last(input) or _suggests_channels_last(weight)):
         return grads
     stride, _padding, dilation, groups = geometry
     if not conv_keeps_channels_last(input, weight, stride, dilation, groups):
