@@ -202,3 +202,21 @@ def test_gradient_strides_through_autograd_grad_are_torchs(dims, transposed, bat
             gx, gw = torch.autograd.grad(y, (xs, ws), torch.ones(y.shape))
             strides.append((y.stride(), gx.stride(), gw.stride()))
         assert strides[1] == strides[0], (x_layout, w_layout, strides)
+
+
+@pytest.mark.parametrize("x_cl, w_cl", [(True, False), (False, True), (True, True)])
+def test_transposed_3d_with_output_padding_past_the_stride_is_contiguous_as_torchs(x_cl, w_cl):
+    """output_padding >= stride (allowed by a larger dilation): torch's CPU computes it with its own kernel,
+    whose output and gradients are contiguous whatever the layouts; ours must be laid out the same."""
+    x, w = torch.randn(2, 4, 5, 5, 5), torch.randn(4, 3, 2, 2, 2)
+    x = x.contiguous(memory_format=torch.channels_last_3d) if x_cl else x
+    w = w.contiguous(memory_format=torch.channels_last_3d) if w_cl else w
+    results = []
+    for fn in (F.conv_transpose3d, tmg.functional.conv_transpose3d):
+        xs, ws = x.detach().requires_grad_(), w.detach().requires_grad_()
+        y = fn(xs, ws, stride=(1, 1, 2), dilation=2, output_padding=1)
+        gx, gw = torch.autograd.grad(y, (xs, ws), torch.ones(y.shape))
+        results.append((y, gx, gw))
+    for theirs, ours in zip(*results):
+        assert ours.stride() == theirs.stride()
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
