@@ -140,17 +140,27 @@ CASES = [
     Case("maxpool 3x3/2", "pool", "max_pool2d", (64, 112, 112), None, dict(kernel_size=3, stride=2, padding=1)),
     Case("maxpool 2x2/2", "pool", "max_pool2d", (128, 64, 64), None, dict(kernel_size=2, stride=2)),
     Case("maxpool1d 3/2", "pool", "max_pool1d", (128, 8192), None, dict(kernel_size=3, stride=2, padding=1)),
-] + [  # 3-d: video and volumes (issue 14)
-    # C3D / R(2+1)D: 3x3x3 over 16 frames of 56x56
-    Case("conv3d 3x3x3 64", "conv", "conv3d", (64, 16, 56, 56), (64, 64, 3, 3, 3), dict(padding=1), batch=1),
-    # one level of a 3-d U-Net: 32 channels at 64^3, batch 2
-    Case("conv3d U-Net 32", "conv", "conv3d", (32, 64, 64, 64), (32, 32, 3, 3, 3), dict(padding=1), batch=2),
-    # the U-Net's upsampling: 2x2x2 stride 2 doubles each side
-    Case("convT3d 2x2x2/2", "conv", "conv_transpose3d", (128, 32, 32, 32), (128, 64, 2, 2, 2), dict(stride=2), batch=2),
-    Case("maxpool3d 2x2x2/2", "pool", "max_pool3d", (64, 16, 56, 56), None, dict(kernel_size=2, stride=2), batch=4),
-    Case("maxpool3d 3x3x3/2", "pool", "max_pool3d", (64, 16, 56, 56), None, dict(kernel_size=3, stride=2, padding=1),
-         batch=4),
 ]
+
+
+def cases_3d(c3d_batch, pool_batch):
+    """The 3-d rows (issue 14), video and volumes; the C3D and max-pool rows' batch differs by list."""
+    return [
+        # C3D / R(2+1)D: 3x3x3 over 16 frames of 56x56
+        Case("conv3d 3x3x3 64", "conv", "conv3d", (64, 16, 56, 56), (64, 64, 3, 3, 3), dict(padding=1), batch=c3d_batch),
+        # one level of a 3-d U-Net: 32 channels at 64^3, batch 2
+        Case("conv3d U-Net 32", "conv", "conv3d", (32, 64, 64, 64), (32, 32, 3, 3, 3), dict(padding=1), batch=2),
+        # the U-Net's upsampling: 2x2x2 stride 2 doubles each side
+        Case("convT3d 2x2x2/2", "conv", "conv_transpose3d", (128, 32, 32, 32), (128, 64, 2, 2, 2), dict(stride=2),
+             batch=2),
+        Case("maxpool3d 2x2x2/2", "pool", "max_pool3d", (64, 16, 56, 56), None, dict(kernel_size=2, stride=2),
+             batch=pool_batch),
+        Case("maxpool3d 3x3x3/2", "pool", "max_pool3d", (64, 16, 56, 56), None,
+             dict(kernel_size=3, stride=2, padding=1), batch=pool_batch),
+    ]
+
+
+CASES += cases_3d(c3d_batch=1, pool_batch=4)
 
 
 # The GPU list (issue 3): ResNet-50's layers at batch 32, depthwise layers, a DCGAN decoder layer (transposed),
@@ -169,13 +179,7 @@ GPU_CASES = [
     Case("maxpool 3x3/2", "pool", "max_pool2d", (64, 112, 112), None, dict(kernel_size=3, stride=2, padding=1)),
     Case("maxpool 2x2/2", "pool", "max_pool2d", (128, 64, 64), None, dict(kernel_size=2, stride=2), batch=64),
     Case("maxpool 3x3/1", "pool", "max_pool2d", (64, 56, 56), None, dict(kernel_size=3, stride=1, padding=1)),
-    Case("conv3d 3x3x3 64", "conv", "conv3d", (64, 16, 56, 56), (64, 64, 3, 3, 3), dict(padding=1), batch=8),
-    Case("conv3d U-Net 32", "conv", "conv3d", (32, 64, 64, 64), (32, 32, 3, 3, 3), dict(padding=1), batch=2),
-    Case("convT3d 2x2x2/2", "conv", "conv_transpose3d", (128, 32, 32, 32), (128, 64, 2, 2, 2), dict(stride=2), batch=2),
-    Case("maxpool3d 2x2x2/2", "pool", "max_pool3d", (64, 16, 56, 56), None, dict(kernel_size=2, stride=2), batch=32),
-    Case("maxpool3d 3x3x3/2", "pool", "max_pool3d", (64, 16, 56, 56), None, dict(kernel_size=3, stride=2, padding=1),
-         batch=32),
-]
+] + cases_3d(c3d_batch=8, pool_batch=32)
 
 # Precision modes: the tensors' dtype and whether matrix products may use TF32 (GPU only).
 PRECISIONS = {"float32": (torch.float32, False), "tf32": (torch.float32, True), "bfloat16": (torch.bfloat16, False)}

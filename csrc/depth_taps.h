@@ -96,9 +96,11 @@ inline at::MemoryFormat plane_format(bool channels_last) {
   return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
-inline at::Tensor in_format(const at::Tensor& t, bool channels_last) {
-  return t.contiguous(channels_last ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::Contiguous);
+inline at::MemoryFormat volume_format(bool channels_last) {
+  return channels_last ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::Contiguous;
 }
+
+inline at::Tensor in_format(const at::Tensor& t, bool channels_last) { return t.contiguous(volume_format(channels_last)); }
 
 // forward2d(input, weight, bias, stride, padding, dilation, groups): the device's 2-d convolution op.
 template <typename Forward2d>
@@ -148,9 +150,7 @@ std::pair<at::Tensor, at::Tensor> conv3d_backward_by_depth(const at::Tensor& gra
   const int64_t n = g.batch;
   // (at::zeros would drop the memory format)
   at::Tensor grad_weight =
-      want_weight ? at::empty(weight.sizes(), weight.options().memory_format(
-                                                  channels_last ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::Contiguous))
-                        .zero_()
+      want_weight ? at::empty(weight.sizes(), weight.options().memory_format(volume_format(channels_last))).zero_()
                   : at::Tensor();
   if (g.empty() || !(want_input || want_weight))
     return {want_input ? in_format(at::zeros(input.sizes(), input.options()), channels_last) : at::Tensor(), grad_weight};

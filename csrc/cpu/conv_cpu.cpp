@@ -789,8 +789,11 @@ void conv_backward_weight_cpu(at::Tensor& grad_weight, const at::Tensor& grad_ou
   for (int64_t slot = 1; slot < slots; ++slot) flat.add_(partial[slot]);
 }
 
-// grad_bias[c] = sum over images and positions of grad_output[n, c], one channel per task.
-void conv_backward_bias_cpu(at::Tensor& grad_bias, const at::Tensor& grad_output, const Geometry& g) {
+// grad_bias[c] = sum over images and positions of grad_output[n, c] (contiguous), one channel per task.
+at::Tensor conv_backward_bias_cpu(const at::Tensor& grad_output, const Geometry& g) {
+  if (g.no_input_channels())  // an output with no channels (torch's): the bias never reached it
+    return at::zeros({g.out_channels}, grad_output.options());
+  at::Tensor grad_bias = at::empty({g.out_channels}, grad_output.options());
   const int64_t positions = g.out_positions();
   AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "conv_backward_bias", [&] {
     const scalar_t* go = grad_output.data_ptr<scalar_t>();
@@ -806,6 +809,7 @@ void conv_backward_bias_cpu(at::Tensor& grad_bias, const at::Tensor& grad_output
       }
     });
   });
+  return grad_bias;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
@@ -823,12 +827,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
   if (g.spatial_dims == 3 && (channels_last_result(input_, g) || is_depthwise(g))) {  // over depth taps (depth_taps.h)
     auto [grad_input, grad_weight] = conv3d_backward_by_depth(grad_output_, input_, weight_, g, channels_last_result(input_, g),
                                                               output_mask[0], output_mask[1], conv_backward_cpu);
-    at::Tensor grad_bias;
-    if (output_mask[2]) {
-      grad_bias = at::zeros({g.out_channels}, grad_output_.options());
-      if (!g.no_input_channels()) conv_backward_bias_cpu(grad_bias, grad_output_.contiguous(), g);
-    }
-    return {grad_input, grad_weight, grad_bias};
+    return {grad_input, grad_weight, output_mask[2] ? conv_backward_bias_cpu(grad_output_.contiguous(), g) : at::Tensor()};
   }
   if (channels_last_result(input_, g) && !g.empty() && (!is_depthwise(g) || depthwise_nhwc_supported(g)))
     return conv_backward_nhwc(grad_output_, input_, weight_, g, output_mask);
@@ -865,14 +864,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
       conv_backward_weight_cpu(grad_weight, grad_output, input_.contiguous(), g);
     }
   }
-  if (output_mask[2]) {
-    if (g.no_input_channels()) {  // an output with no channels (torch's): the bias never reached it
-      grad_bias = at::zeros({g.out_channels}, grad_output.options());
-    } else {
-      grad_bias = at::empty({g.out_channels}, grad_output.options());
-      conv_backward_bias_cpu(grad_bias, grad_output, g);
-    }
-  }
+  if (output_mask[2]) grad_bias = conv_backward_bias_cpu(grad_output, g);
   return {grad_input, grad_weight, grad_bias};
 }
 
