@@ -18,7 +18,9 @@
 #include "../shape_checks.h"
 #include "blas.h"
 #include "depthwise_cpu.h"
+#include "tasks.h"
 #include "vectorize.h"
+#include "winograd_cpu.h"
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -119,42 +121,6 @@ Block clamp_block(Block blk, const Geometry& g) {
   blk.images = std::min(blk.images, g.batch - blk.n0);
   blk.p1 = std::min(blk.p1, g.out_positions());
   return blk;
-}
-
-// MKL's thread-local thread count (MKL_Set_Num_Threads_Local, exported by the libtorch_cpu that
-// bundles MKL; null where torch was built with another BLAS). Weak, so the extension loads either way.
-extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
-
-// Keeps the calling thread's BLAS calls on that one thread while it lives, then restores the thread's
-// own setting. Inside ATen's parallel region MKL still sees torch's thread count (mkl_get_max_threads()
-// returns it on every worker, and libgomp allows nested regions), so without this a GEMM may fan out
-// into a nested team and split its sum over k by that count: bits that change with
-// torch.set_num_threads (seen on Intel Xeon, where MKL takes its AVX-512 paths). With one thread MKL
-// runs its sequential code, the same for every thread count and whether or not the task runs inline.
-// Thread-local, so nothing changes for the user's own BLAS calls on any thread.
-class SequentialBlas {
- public:
-  SequentialBlas() : previous_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
-  ~SequentialBlas() {
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous_);  // 0 restores the global setting
-  }
-  SequentialBlas(const SequentialBlas&) = delete;
-  SequentialBlas& operator=(const SequentialBlas&) = delete;
-
- private:
-  int previous_;
-};
-
-// Runs f(begin, end) over tasks [0, count) on ATen's thread pool, each chunk with single-threaded BLAS
-// (SequentialBlas). The guards are set on each worker thread, since thread-local state is not
-// inherited: the ATen calls there are plain arithmetic and must not record autograd history.
-template <typename F>
-void parallel_tasks(int64_t count, const F& f) {
-  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const SequentialBlas sequential_blas;
-    f(begin, end);
-  });
 }
 
 // out (m×n) = a (m×k) @ b (k×n) + beta·out, through blas.h on this thread. Each operand is a 2-D view whose rows
@@ -644,6 +610,12 @@ at::Tensor conv_forward_cpu(const at::Tensor& input_, const at::Tensor& weight_,
   if (channels_last)  // depthwise with a channel multiplier: the NCHW kernel, its result laid out as promised
     return conv_forward_cpu(input_.contiguous(), weight_, bias, stride, padding, dilation, groups)
         .contiguous(at::MemoryFormat::ChannelsLast);
+  if (winograd_applies(input_, g, /*backward=*/false)) {
+    at::Tensor output = at::empty(g.output_shape(g.conv_output_channels()), input_.options());
+    const at::Tensor bias_ = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+    winograd_forward_cpu(output, input_.contiguous(), weight_.contiguous(), bias_, g);
+    return output;
+  }
   if (via_nhwc(input_, g, /*backward=*/false)) {
     const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
     return conv_forward_nhwc(input_.contiguous(at::MemoryFormat::ChannelsLast), weight_, b, g).contiguous();
@@ -837,17 +809,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
     const auto cl = [](const at::Tensor& t) { return t.defined() ? t.contiguous(at::MemoryFormat::ChannelsLast) : t; };
     return {cl(std::get<0>(grads)), cl(std::get<1>(grads)), std::get<2>(grads)};
   }
+  const bool winograd_input = output_mask[0] && winograd_applies(input_, g, /*backward=*/true);
+  const auto winograd_grad_input = [&](const at::Tensor& grad_output) {
+    at::Tensor grad_input = at::empty(input_.sizes(), input_.options());  // (N, C_in, H, W)
+    winograd_backward_input_cpu(grad_input, grad_output, weight_.contiguous(), g);
+    return grad_input;
+  };
   if (via_nhwc(input_, g, /*backward=*/true)) {  // on channels-last copies, as the forward
     // (the input's values are read for the weight gradient only: a transposed convolution passes a
     // zero-strided stand-in for its shape, functional.py)
-    auto grads = conv_backward_nhwc(grad_output_, output_mask[1] ? input_.contiguous(at::MemoryFormat::ChannelsLast) : input_,
-                                    weight_, g, output_mask);
+    std::array<bool, 3> mask = output_mask;
+    mask[0] = output_mask[0] && !winograd_input;
+    auto grads = conv_backward_nhwc(grad_output_, mask[1] ? input_.contiguous(at::MemoryFormat::ChannelsLast) : input_,
+                                    weight_, g, mask);
     const auto nchw = [](const at::Tensor& t) { return t.defined() ? t.contiguous() : t; };
-    return {nchw(std::get<0>(grads)), nchw(std::get<1>(grads)), std::get<2>(grads)};
+    const at::Tensor grad_input = winograd_input ? winograd_grad_input(grad_output_.contiguous()) : nchw(std::get<0>(grads));
+    return {grad_input, nchw(std::get<1>(grads)), std::get<2>(grads)};
   }
   const at::Tensor grad_output = grad_output_.contiguous();  // (N, C_out, OH, OW)
   at::Tensor grad_input, grad_weight, grad_bias;
-  if (output_mask[0]) {
+  if (winograd_input) {
+    grad_input = winograd_grad_input(grad_output);
+  } else if (output_mask[0]) {
     grad_input = at::empty(input_.sizes(), input_.options());  // (N, C_in, H, W)
     const at::Tensor weight = weight_.contiguous().view({g.out_channels, GroupDims(g).k_per_group});
     if (!g.empty() && is_depthwise(g)) {

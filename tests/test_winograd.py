@@ -1,0 +1,166 @@
+"""The CPU's Winograd F(2x2, 3x3) path for float32 3x3 stride-1 convolutions (csrc/cpu/winograd_cpu.cpp): values and
+input gradients against a float64 truth and against the im2col kernels, its accuracy against torch's, where it is
+taken, and bit-identical results at every thread count."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torch_manualgrad as tmg
+
+pytestmark = pytest.mark.threads
+
+# (batch, C_in, C_out, H, W, padding): odd and even sizes, non-square, every padding the input gradient takes,
+# blocks of tiles that span images, and images wide enough for the one-task-per-block split.
+CASES = [
+    (1, 16, 16, 14, 14, 1),
+    (2, 17, 33, 15, 20, 1),
+    (3, 32, 16, 16, 16, 0),
+    (2, 24, 40, 14, 17, 2),
+    (1, 16, 24, 16, 16, (0, 2)),
+    (4, 64, 64, 28, 28, 1),
+    (2, 48, 20, 57, 31, 1),
+    (8, 32, 32, 30, 30, 1),
+    (1, 130, 200, 16, 18, 1),
+]
+
+
+def ids(case):
+    return "N{}-{}to{}-{}x{}-p{}".format(*case)
+
+
+def make(case, seed=0):
+    n, c, k, h, w, p = case
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=gen)
+    weight = torch.randn(k, c, 3, 3, generator=gen) / (9 * c) ** 0.5
+    bias = torch.randn(k, generator=gen)
+    return x, weight, bias, p
+
+
+def forward_and_input_grad(x, weight, bias, padding, grad_seed=1):
+    x = x.detach().requires_grad_()
+    out = tmg.functional.conv2d(x, weight, bias, padding=padding)
+    gen = torch.Generator().manual_seed(grad_seed)
+    go = torch.randn(out.shape, generator=gen, dtype=out.dtype)
+    (gi,) = torch.autograd.grad(out, x, go)
+    return out.detach(), gi, go
+
+
+def relative_error(value, truth):
+    return ((value.double() - truth).norm() / truth.norm()).item()
+
+
+@pytest.fixture
+def winograd_off(monkeypatch):
+    """Runs a function with the Winograd path switched off (TORCH_MANUALGRAD_WINOGRAD=0): the im2col kernels."""
+
+    def run(fn, *args):
+        monkeypatch.setenv("TORCH_MANUALGRAD_WINOGRAD", "0")
+        try:
+            return fn(*args)
+        finally:
+            monkeypatch.delenv("TORCH_MANUALGRAD_WINOGRAD")
+
+    return run
+
+
+@pytest.mark.parametrize("case", CASES, ids=ids)
+def test_values_and_input_gradient_against_float64(case):
+    x, weight, bias, p = make(case)
+    out, gi, go = forward_and_input_grad(x, weight, bias, p)
+    x64 = x.double().requires_grad_()
+    out64 = F.conv2d(x64, weight.double(), bias.double(), padding=p)
+    (gi64,) = torch.autograd.grad(out64, x64, go.double())
+    assert out.shape == out64.shape and gi.shape == x.shape
+    torch.testing.assert_close(out.double(), out64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gi.double(), gi64, rtol=1e-5, atol=1e-5)
+    assert relative_error(out, out64) < 1e-6 and relative_error(gi, gi64) < 1e-6
+
+
+@pytest.mark.parametrize("case", CASES[:5], ids=ids)
+def test_agrees_with_the_im2col_kernels_and_differs_in_bits(case, winograd_off):
+    x, weight, bias, p = make(case, seed=3)
+    wino = forward_and_input_grad(x, weight, bias, p)
+    im2col = winograd_off(forward_and_input_grad, x, weight, bias, p)
+    for a, b in zip(wino[:2], im2col[:2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert not torch.equal(a, b)  # the Winograd path was taken: another order of rounding
+
+
+@pytest.mark.parametrize(
+    "n, c, k, h, w, kwargs",
+    [
+        (2, 16, 16, 7, 7, dict(padding=1)),  # images too small
+        (2, 8, 16, 16, 16, dict(padding=1)),  # too few input channels
+        (1, 256, 256, 14, 14, dict(padding=1)),  # too many channels: the transforms overflow the caches
+        (2, 16, 16, 16, 16, dict(padding=1, stride=2)),
+        (2, 16, 16, 16, 16, dict(padding=2, dilation=2)),
+        (2, 32, 32, 16, 16, dict(padding=1, groups=2)),
+    ],
+)
+def test_not_taken_outside_its_shapes(n, c, k, h, w, kwargs, winograd_off):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(n, c, h, w, generator=gen)
+    weight = torch.randn(k, c // kwargs.get("groups", 1), 3, 3, generator=gen)
+    run = lambda: tmg.functional.conv2d(x, weight, None, **kwargs)  # noqa: E731
+    assert torch.equal(run(), winograd_off(run))
+
+
+def test_padding_over_two_takes_im2col_for_the_input_gradient(winograd_off):
+    x, weight, bias, _ = make((2, 16, 16, 14, 14, 3))
+    out, gi, _ = forward_and_input_grad(x, weight, bias, 3)
+    out0, gi0, _ = winograd_off(forward_and_input_grad, x, weight, bias, 3)
+    assert not torch.equal(out, out0)  # the forward takes any padding
+    assert torch.equal(gi, gi0)
+    torch.testing.assert_close(out, F.conv2d(x, weight, bias, padding=3), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", [(8, 64, 64, 56, 56, 1), (8, 128, 128, 28, 28, 1), (8, 128, 32, 14, 14, 1)], ids=ids)
+def test_forward_error_no_worse_than_torchs(case):
+    """The products are summed in chunks of 32 channels so that the float32 error matches torch's direct
+    convolution (one long GEMM over 9 * C_in was 1.3-1.5x torch's)."""
+    x, weight, bias, p = make(case, seed=7)
+    out, gi, go = forward_and_input_grad(x, weight, bias, p)
+    x64 = x.double().requires_grad_()
+    out64 = F.conv2d(x64, weight.double(), bias.double(), padding=p)
+    (gi64,) = torch.autograd.grad(out64, x64, go.double())
+    xt = x.detach().requires_grad_()
+    out_t = F.conv2d(xt, weight, bias, padding=p)
+    (gi_t,) = torch.autograd.grad(out_t, xt, go)
+    assert relative_error(out, out64) <= 1.1 * relative_error(out_t, out64)
+    assert relative_error(gi, gi64) <= 1.1 * relative_error(gi_t, gi64)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[6], CASES[7], CASES[8]], ids=ids)
+def test_bit_identical_at_every_thread_count(case):
+    x, weight, bias, p = make(case, seed=9)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(forward_and_input_grad(x, weight, bias, p)[:2])
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+def test_non_contiguous_operands():
+    x, weight, bias, p = make((2, 32, 24, 20, 18, 1), seed=11)
+    xs = torch.randn(2, 64, 20, 18)[:, ::2]  # sliced channels
+    xs.copy_(x)
+    ws = weight.transpose(2, 3).contiguous().transpose(2, 3)  # same values, permuted strides
+    out, gi, go = forward_and_input_grad(xs, ws, bias, p)
+    ref, gref, _ = forward_and_input_grad(x.contiguous(), weight.contiguous(), bias, p)
+    assert torch.equal(out, ref) and torch.equal(gi, gref)
+
+
+def test_reduced_precision_goes_through_float32():
+    x, weight, bias, p = make((2, 32, 32, 16, 16, 1), seed=13)
+    for dtype in (torch.bfloat16, torch.float16):
+        out = tmg.functional.conv2d(x.to(dtype), weight.to(dtype), bias.to(dtype), padding=p)
+        ref = F.conv2d(x.to(dtype).float(), weight.to(dtype).float(), bias.to(dtype).float(), padding=p)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), ref.to(dtype).float(), rtol=1e-2, atol=1e-2)
+
