@@ -21,17 +21,23 @@ CASES = [
     (2, 48, 20, 57, 31, 1),
     (8, 32, 32, 30, 30, 1),
     (1, 130, 200, 16, 18, 1),
+    (2, 16, 16, 7, 7, 1),  # small images: computed channels-last, NCHW through copies
+    (2, 200, 232, 14, 14, 1),  # many channels: likewise
+    (3, 24, 40, 28, 29, 1),  # NCHW computed as it lies
 ]
+LAYOUTS = ["nchw", "channels_last"]
 
 
 def ids(case):
     return "N{}-{}to{}-{}x{}-p{}".format(*case)
 
 
-def make(case, seed=0):
+def make(case, seed=0, layout="nchw"):
     n, c, k, h, w, p = case
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, c, h, w, generator=gen)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
     weight = torch.randn(k, c, 3, 3, generator=gen) / (9 * c) ** 0.5
     bias = torch.randn(k, generator=gen)
     return x, weight, bias, p
@@ -64,10 +70,13 @@ def winograd_off(monkeypatch):
     return run
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("case", CASES, ids=ids)
-def test_values_and_input_gradient_against_float64(case):
-    x, weight, bias, p = make(case)
+def test_values_and_input_gradient_against_float64(case, layout):
+    x, weight, bias, p = make(case, layout=layout)
     out, gi, go = forward_and_input_grad(x, weight, bias, p)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt) and gi.is_contiguous(memory_format=fmt)  # laid out as torch's
     x64 = x.double().requires_grad_()
     out64 = F.conv2d(x64, weight.double(), bias.double(), padding=p)
     (gi64,) = torch.autograd.grad(out64, x64, go.double())
@@ -77,9 +86,10 @@ def test_values_and_input_gradient_against_float64(case):
     assert relative_error(out, out64) < 1e-6 and relative_error(gi, gi64) < 1e-6
 
 
-@pytest.mark.parametrize("case", CASES[:5], ids=ids)
-def test_agrees_with_the_im2col_kernels_and_differs_in_bits(case, winograd_off):
-    x, weight, bias, p = make(case, seed=3)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", CASES[:5] + CASES[-3:], ids=ids)
+def test_agrees_with_the_im2col_kernels_and_differs_in_bits(case, layout, winograd_off):
+    x, weight, bias, p = make(case, seed=3, layout=layout)
     wino = forward_and_input_grad(x, weight, bias, p)
     im2col = winograd_off(forward_and_input_grad, x, weight, bias, p)
     for a, b in zip(wino[:2], im2col[:2]):
@@ -90,9 +100,9 @@ def test_agrees_with_the_im2col_kernels_and_differs_in_bits(case, winograd_off):
 @pytest.mark.parametrize(
     "n, c, k, h, w, kwargs",
     [
-        (2, 16, 16, 7, 7, dict(padding=1)),  # images too small
+        (2, 16, 16, 6, 6, dict(padding=1)),  # images too small
+        (1, 256, 256, 9, 9, dict(padding=1)),  # small images with many channels
         (2, 8, 16, 16, 16, dict(padding=1)),  # too few input channels
-        (1, 256, 256, 14, 14, dict(padding=1)),  # too many channels: the transforms overflow the caches
         (2, 16, 16, 16, 16, dict(padding=1, stride=2)),
         (2, 16, 16, 16, 16, dict(padding=2, dilation=2)),
         (2, 32, 32, 16, 16, dict(padding=1, groups=2)),
@@ -115,11 +125,13 @@ def test_padding_over_two_takes_im2col_for_the_input_gradient(winograd_off):
     torch.testing.assert_close(out, F.conv2d(x, weight, bias, padding=3), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", [(8, 64, 64, 56, 56, 1), (8, 128, 128, 28, 28, 1), (8, 128, 32, 14, 14, 1)], ids=ids)
-def test_forward_error_no_worse_than_torchs(case):
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", [(8, 64, 64, 56, 56, 1), (8, 128, 128, 28, 28, 1), (8, 128, 32, 14, 14, 1),
+                                  (8, 256, 256, 14, 14, 1)], ids=ids)
+def test_forward_error_no_worse_than_torchs(case, layout):
     """The products are summed in chunks of 32 channels so that the float32 error matches torch's direct
     convolution (one long GEMM over 9 * C_in was 1.3-1.5x torch's)."""
-    x, weight, bias, p = make(case, seed=7)
+    x, weight, bias, p = make(case, seed=7, layout=layout)
     out, gi, go = forward_and_input_grad(x, weight, bias, p)
     x64 = x.double().requires_grad_()
     out64 = F.conv2d(x64, weight.double(), bias.double(), padding=p)
@@ -131,9 +143,10 @@ def test_forward_error_no_worse_than_torchs(case):
     assert relative_error(gi, gi64) <= 1.1 * relative_error(gi_t, gi64)
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[6], CASES[7], CASES[8]], ids=ids)
-def test_bit_identical_at_every_thread_count(case):
-    x, weight, bias, p = make(case, seed=9)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", [CASES[0], CASES[6], CASES[7], CASES[8], CASES[10]], ids=ids)
+def test_bit_identical_at_every_thread_count(case, layout):
+    x, weight, bias, p = make(case, seed=9, layout=layout)
     before = torch.get_num_threads()
     try:
         results = []

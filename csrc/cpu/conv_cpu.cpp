@@ -605,17 +605,16 @@ at::Tensor conv_forward_cpu(const at::Tensor& input_, const at::Tensor& weight_,
   const bool channels_last = channels_last_result(input_, g);
   if (g.spatial_dims == 3 && (channels_last || is_depthwise(g)))  // a sum of 2-d convolutions over depth taps
     return conv3d_forward_by_depth(input_, weight_, bias, g, channels_last, conv_forward_cpu);  // (depth_taps.h)
+  if (winograd_applies(input_, g, /*backward=*/false)) {  // 3x3 stride 1 (winograd_cpu.cpp), in either layout
+    const at::MemoryFormat format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+    const at::Tensor bias_ = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+    return winograd_forward_cpu(input_, weight_.contiguous(), bias_, g, format);
+  }
   if (channels_last && !g.empty() && (!is_depthwise(g) || depthwise_nhwc_supported(g)))
     return conv_forward_nhwc(input_, weight_, bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor(), g);
   if (channels_last)  // depthwise with a channel multiplier: the NCHW kernel, its result laid out as promised
     return conv_forward_cpu(input_.contiguous(), weight_, bias, stride, padding, dilation, groups)
         .contiguous(at::MemoryFormat::ChannelsLast);
-  if (winograd_applies(input_, g, /*backward=*/false)) {
-    at::Tensor output = at::empty(g.output_shape(g.conv_output_channels()), input_.options());
-    const at::Tensor bias_ = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
-    winograd_forward_cpu(output, input_.contiguous(), weight_.contiguous(), bias_, g);
-    return output;
-  }
   if (via_nhwc(input_, g, /*backward=*/false)) {
     const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
     return conv_forward_nhwc(input_.contiguous(at::MemoryFormat::ChannelsLast), weight_, b, g).contiguous();
@@ -801,20 +800,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
                                                               output_mask[0], output_mask[1], conv_backward_cpu);
     return {grad_input, grad_weight, output_mask[2] ? conv_backward_bias_cpu(grad_output_.contiguous(), g) : at::Tensor()};
   }
-  if (channels_last_result(input_, g) && !g.empty() && (!is_depthwise(g) || depthwise_nhwc_supported(g)))
-    return conv_backward_nhwc(grad_output_, input_, weight_, g, output_mask);
-  if (channels_last_result(input_, g)) {  // depthwise with a multiplier: the NCHW kernels, results laid out as promised
+  const bool channels_last = channels_last_result(input_, g);
+  // The input gradient of a 3x3 stride-1 convolution by Winograd (winograd_cpu.cpp), in either layout.
+  const bool winograd_input = output_mask[0] && winograd_applies(input_, g, /*backward=*/true);
+  const auto winograd_grad_input = [&] {
+    const at::MemoryFormat format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+    return winograd_backward_input_cpu(grad_output_, weight_.contiguous(), g, format);
+  };
+  if (channels_last && !g.empty() && (!is_depthwise(g) || depthwise_nhwc_supported(g))) {
+    if (!winograd_input) return conv_backward_nhwc(grad_output_, input_, weight_, g, output_mask);
+    auto grads = conv_backward_nhwc(grad_output_, input_, weight_, g, {false, output_mask[1], output_mask[2]});
+    return {winograd_grad_input(), std::get<1>(grads), std::get<2>(grads)};
+  }
+  if (channels_last) {  // depthwise with a multiplier: the NCHW kernels, results laid out as promised
     auto grads = conv_backward_cpu(grad_output_, input_.contiguous(), weight_, stride, padding, dilation, groups,
                                    output_mask);
     const auto cl = [](const at::Tensor& t) { return t.defined() ? t.contiguous(at::MemoryFormat::ChannelsLast) : t; };
     return {cl(std::get<0>(grads)), cl(std::get<1>(grads)), std::get<2>(grads)};
   }
-  const bool winograd_input = output_mask[0] && winograd_applies(input_, g, /*backward=*/true);
-  const auto winograd_grad_input = [&](const at::Tensor& grad_output) {
-    at::Tensor grad_input = at::empty(input_.sizes(), input_.options());  // (N, C_in, H, W)
-    winograd_backward_input_cpu(grad_input, grad_output, weight_.contiguous(), g);
-    return grad_input;
-  };
   if (via_nhwc(input_, g, /*backward=*/true)) {  // on channels-last copies, as the forward
     // (the input's values are read for the weight gradient only: a transposed convolution passes a
     // zero-strided stand-in for its shape, functional.py)
@@ -823,13 +826,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
     auto grads = conv_backward_nhwc(grad_output_, mask[1] ? input_.contiguous(at::MemoryFormat::ChannelsLast) : input_,
                                     weight_, g, mask);
     const auto nchw = [](const at::Tensor& t) { return t.defined() ? t.contiguous() : t; };
-    const at::Tensor grad_input = winograd_input ? winograd_grad_input(grad_output_.contiguous()) : nchw(std::get<0>(grads));
+    const at::Tensor grad_input = winograd_input ? winograd_grad_input() : nchw(std::get<0>(grads));
     return {grad_input, nchw(std::get<1>(grads)), std::get<2>(grads)};
   }
   const at::Tensor grad_output = grad_output_.contiguous();  // (N, C_out, OH, OW)
   at::Tensor grad_input, grad_weight, grad_bias;
   if (winograd_input) {
-    grad_input = winograd_grad_input(grad_output);
+    grad_input = winograd_grad_input();
   } else if (output_mask[0]) {
     grad_input = at::empty(input_.sizes(), input_.options());  // (N, C_in, H, W)
     const at::Tensor weight = weight_.contiguous().view({g.out_channels, GroupDims(g).k_per_group});

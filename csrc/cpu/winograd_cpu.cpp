@@ -33,26 +33,34 @@ namespace manualgrad {
 namespace {
 
 // Where it pays, measured against the im2col kernels (interleaved, 2-core Zen 5, OpenBLAS, batch 8; forward and
-// input gradient): 0.4-0.6x the time at 56x56 and 112x112, 0.65-0.86x at 28x28 and at 14x14 with 128 -> 32
-// channels; at 7x7 1.3-2.8x (a tile of 2x2 wastes a quarter of 8x8, and the transforms of 16 small planes
-// outweigh the products), and with 256 -> 256 channels 0.93-1.15x (16 (C_in + C_out) floats per tile of
-// transforms overflow the caches).
-constexpr int64_t kMinChannels = 16;   // fewer input or output channels: the transforms outweigh the products
-constexpr int64_t kMinOutputSide = 14;
+// input gradient, benchmarks/NOTES.md): in channels-last 0.4-0.8x the time on 14x14 images and up, whatever the
+// channels (256 -> 256 at 14x14: 0.6-0.7x), 0.85-0.9x at 7x7 with 128 -> 32 channels but 1.0-1.1x with 512 -> 512.
+// The NCHW transforms work plane by plane, vectorised along a row of tiles: as fast as channels-last on images
+// of 28x28 and up with few channels, slower on smaller ones (7 tiles a row) or many channels (the planes of V
+// outgrow the caches), which therefore take channels-last copies (nchw_pays).
+constexpr int64_t kMinChannels = 16;     // fewer input or output channels: the transforms outweigh the products
+constexpr int64_t kWideSide = 14;        // output sides from which it pays whatever the channels
+constexpr int64_t kMinSide = 7;          // ...and from which it pays with at most kMaxChannelSum channels in and out
 constexpr int64_t kMaxChannelSum = 384;  // C_in + C_out
+constexpr int64_t kNchwSide = 28;        // NCHW computed as it lies from this side on, with at most kMaxChannelSum
 constexpr int64_t kChunk = 32;         // input channels per product (accuracy, above)
 constexpr int64_t kBlockTiles = 256;   // tiles per block: its V and M stay in the caches while its products run
+
+bool nchw_pays(const Geometry& g) {
+  return std::min(g.out_h, g.out_w) >= kNchwSide && g.in_channels + g.out_channels <= kMaxChannelSum;
+}
 
 // One convolution in Winograd's terms: `in_c` channels of (in_h, in_w) → `out_c` of (out_h, out_w).
 struct Plan {
   int64_t batch, in_c, out_c, in_h, in_w, out_h, out_w, pad_h, pad_w;
   int64_t tiles_h, tiles_w;   // 2x2 output tiles down and across an image
   int64_t rows_per_block;     // tile rows (one image's row of tiles_w tiles) per block; blocks may span images
+  bool nhwc;                  // channels-last input and output (else NCHW)
 
-  Plan(int64_t batch, int64_t in_c, int64_t out_c, int64_t in_h, int64_t in_w, int64_t pad_h, int64_t pad_w)
+  Plan(int64_t batch, int64_t in_c, int64_t out_c, int64_t in_h, int64_t in_w, int64_t pad_h, int64_t pad_w, bool nhwc)
       : batch(batch), in_c(in_c), out_c(out_c), in_h(in_h), in_w(in_w), out_h(in_h + 2 * pad_h - 2),
         out_w(in_w + 2 * pad_w - 2), pad_h(pad_h), pad_w(pad_w), tiles_h(ceil_div(out_h, 2)),
-        tiles_w(ceil_div(out_w, 2)), rows_per_block(std::max<int64_t>(1, kBlockTiles / tiles_w)) {}
+        tiles_w(ceil_div(out_w, 2)), rows_per_block(std::max<int64_t>(1, kBlockTiles / tiles_w)), nhwc(nhwc) {}
   int64_t tile_rows() const { return batch * tiles_h; }
   int64_t blocks() const { return ceil_div(tile_rows(), rows_per_block); }
   int64_t block_tiles() const { return rows_per_block * tiles_w; }  // V's and M's row length
@@ -97,47 +105,65 @@ at::Tensor transform_weights(const at::Tensor& taps) {
   return u;
 }
 
-// V for one row of `count` tiles of one channel: v[xi * xi_stride + x] = (B^T d B)[a][b] of tile x, whose input
-// columns are even[x], odd[x], even[x + 1], odd[x + 1] of the four input rows (row r at even/odd + r * ld).
-// B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]. Vectorised over the tiles.
+// B^T d B of one 4x4 input tile d: v[4a + b]. B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1].
+inline void input_transform(const float (&d)[4][4], float (&v)[16]) {
+  float r[4][4];  // d B, row by row
+  for (int i = 0; i < 4; ++i) {
+    r[i][0] = d[i][0] - d[i][2];
+    r[i][1] = d[i][1] + d[i][2];
+    r[i][2] = d[i][2] - d[i][1];
+    r[i][3] = d[i][1] - d[i][3];
+  }
+  for (int b = 0; b < 4; ++b) {
+    v[b] = r[0][b] - r[2][b];
+    v[4 + b] = r[1][b] + r[2][b];
+    v[8 + b] = r[2][b] - r[1][b];
+    v[12 + b] = r[1][b] - r[3][b];
+  }
+}
+
+// A^T M A + bias of one tile's 16 products m[4a + b]: y[2p + q]. A^T = [1 1 1 0; 0 1 -1 -1].
+inline void output_transform(const float (&m)[16], float bias, float (&y)[4]) {
+  float s[2][4];  // A^T M
+  for (int b = 0; b < 4; ++b) {
+    s[0][b] = m[b] + m[4 + b] + m[8 + b];
+    s[1][b] = m[4 + b] - m[8 + b] - m[12 + b];
+  }
+  for (int p = 0; p < 2; ++p) {
+    y[2 * p] = s[p][0] + s[p][1] + s[p][2] + bias;
+    y[2 * p + 1] = s[p][1] - s[p][2] - s[p][3] + bias;
+  }
+}
+
+// V for one row of `count` tiles of one channel: v[xi * xi_stride + x] for tile x, whose input columns are
+// even[x], odd[x], even[x + 1], odd[x + 1] of the four input rows (row r at even/odd + r * ld). Vectorised over
+// the tiles.
 MANUALGRAD_VECTOR_CLONES void input_tiles(float* __restrict v, int64_t xi_stride, const float* __restrict even,
                                           const float* __restrict odd, int64_t ld, int64_t count) {
 #pragma GCC ivdep  // the planes never overlap (xi_stride >= count); without it GCC gives up on 16 alias checks
   for (int64_t x = 0; x < count; ++x) {
-    float r[4][4];  // d B, row by row
+    float d[4][4], t[16];
     for (int i = 0; i < 4; ++i) {
-      const float e0 = even[i * ld + x], o0 = odd[i * ld + x], e1 = even[i * ld + x + 1], o1 = odd[i * ld + x + 1];
-      r[i][0] = e0 - e1;
-      r[i][1] = o0 + e1;
-      r[i][2] = e1 - o0;
-      r[i][3] = o0 - o1;
+      d[i][0] = even[i * ld + x];
+      d[i][1] = odd[i * ld + x];
+      d[i][2] = even[i * ld + x + 1];
+      d[i][3] = odd[i * ld + x + 1];
     }
-    for (int b = 0; b < 4; ++b) {
-      v[(0 + b) * xi_stride + x] = r[0][b] - r[2][b];
-      v[(4 + b) * xi_stride + x] = r[1][b] + r[2][b];
-      v[(8 + b) * xi_stride + x] = r[2][b] - r[1][b];
-      v[(12 + b) * xi_stride + x] = r[1][b] - r[3][b];
-    }
+    input_transform(d, t);
+    for (int xi = 0; xi < 16; ++xi) v[xi * xi_stride + x] = t[xi];
   }
 }
 
-// The 2x2 outputs of `count` tiles from M (m[xi * xi_stride + x]), plus bias: A^T = [1 1 1 0; 0 1 -1 -1].
-// y[p][q] goes to out[p * count + ... ] as four planes: y00[x], y01[x], y10[x], y11[x] at out + k * count.
+// The 2x2 outputs of `count` tiles from M (m[xi * xi_stride + x]), plus bias, as four rows at out + q * count:
+// y00[x], y01[x], y10[x], y11[x].
 MANUALGRAD_VECTOR_CLONES void output_tiles(float* __restrict out, const float* __restrict m, int64_t xi_stride,
                                            int64_t count, float bias) {
 #pragma GCC ivdep  // the planes never overlap (xi_stride >= count); without it GCC gives up on 16 alias checks
   for (int64_t x = 0; x < count; ++x) {
-    float s[2][4];  // A^T M
-    for (int b = 0; b < 4; ++b) {
-      const float m0 = m[b * xi_stride + x], m1 = m[(4 + b) * xi_stride + x], m2 = m[(8 + b) * xi_stride + x],
-                  m3 = m[(12 + b) * xi_stride + x];
-      s[0][b] = m0 + m1 + m2;
-      s[1][b] = m1 - m2 - m3;
-    }
-    for (int p = 0; p < 2; ++p) {
-      out[(2 * p) * count + x] = s[p][0] + s[p][1] + s[p][2] + bias;
-      out[(2 * p + 1) * count + x] = s[p][1] - s[p][2] - s[p][3] + bias;
-    }
+    float t[16], y[4];
+    for (int xi = 0; xi < 16; ++xi) t[xi] = m[xi * xi_stride + x];
+    output_transform(t, bias, y);
+    for (int q = 0; q < 4; ++q) out[q * count + x] = y[q];
   }
 }
 
@@ -152,6 +178,41 @@ MANUALGRAD_VECTOR_CLONES void interleave(float* __restrict out, const float* __r
   if (width % 2) out[width - 1] = a[pairs];
 }
 
+// Channels-last: V of one tile for `count` channels, v[xi * xi_stride + x] over channel x, where d[4i + j]
+// points at input pixel (i, j) of the tile (a zero vector in the padding). Vectorised over the channels.
+MANUALGRAD_VECTOR_CLONES void input_vectors(float* __restrict v, int64_t xi_stride, const float* const* d,
+                                            int64_t count) {
+  const float* p[16];
+  std::copy(d, d + 16, p);
+#pragma GCC ivdep  // the planes never overlap (xi_stride >= count)
+  for (int64_t x = 0; x < count; ++x) {
+    float tile[4][4], t[16];
+    for (int k = 0; k < 16; ++k) tile[k / 4][k % 4] = p[k][x];
+    input_transform(tile, t);
+    for (int xi = 0; xi < 16; ++xi) v[xi * xi_stride + x] = t[xi];
+  }
+}
+
+// Channels-last: the 2x2 outputs of one tile over `count` channels, y[2p + q][x], plus bias[x], from
+// m[xi * xi_stride + x]. Each y points at an output pixel (or a scratch vector outside the output).
+MANUALGRAD_VECTOR_CLONES void output_vectors(float* const* y, const float* __restrict m, int64_t xi_stride,
+                                             const float* __restrict bias, int64_t count) {
+  float* __restrict y00 = y[0];
+  float* __restrict y01 = y[1];
+  float* __restrict y10 = y[2];
+  float* __restrict y11 = y[3];
+#pragma GCC ivdep
+  for (int64_t x = 0; x < count; ++x) {
+    float t[16], out[4];
+    for (int xi = 0; xi < 16; ++xi) t[xi] = m[xi * xi_stride + x];
+    output_transform(t, bias[x], out);
+    y00[x] = out[0];
+    y01[x] = out[1];
+    y10[x] = out[2];
+    y11[x] = out[3];
+  }
+}
+
 // One block of tile rows, computed in three steps, each over a range that the caller may split among threads.
 class BlockWork {
  public:
@@ -163,9 +224,47 @@ class BlockWork {
     rows_ = p_.rows_in(block);
   }
   int64_t tiles() const { return rows_ * p_.tiles_w; }
+  // What the transforms' ranges count: channels in NCHW (each a plane), the block's tiles in channels-last.
+  int64_t input_units() const { return p_.nhwc ? tiles() : p_.in_c; }
+  int64_t output_units() const { return p_.nhwc ? tiles() : p_.out_c; }
 
+  // V for input units [begin, end).
+  void transform_input(int64_t begin, int64_t end) const {
+    if (p_.nhwc) {
+      transform_input_nhwc(begin, end);
+    } else {
+      transform_input_nchw(begin, end);
+    }
+  }
+  // M[xi] = U[xi] V[xi] for xi in [xi0, xi1), in products of kChunk input channels added in order.
+  void multiply(int64_t xi0, int64_t xi1) const {
+    const int64_t t = p_.block_tiles(), uc = p_.out_c * p_.in_c;
+    for (int64_t xi = xi0; xi < xi1; ++xi) {
+      for (int64_t c = 0; c < p_.in_c; c += kChunk) {
+        const int64_t cc = std::min(kChunk, p_.in_c - c);
+        const float beta = c == 0 ? 0.f : 1.f;
+        if (p_.nhwc) {  // M[xi] (tiles, C_out) = V[xi] (tiles, C_in) @ U[xi]^T
+          gemm<float>(false, true, tiles(), p_.out_c, cc, 1.f, v_ + xi * t * p_.in_c + c, p_.in_c, u_ + xi * uc + c,
+                      p_.in_c, beta, m_ + xi * t * p_.out_c, p_.out_c);
+        } else {  // M[xi] (C_out, tiles) = U[xi] @ V[xi] (C_in, tiles)
+          gemm<float>(false, false, p_.out_c, tiles(), cc, 1.f, u_ + xi * uc + c, p_.in_c, v_ + (xi * p_.in_c + c) * t, t,
+                      beta, m_ + xi * p_.out_c * t, t);
+        }
+      }
+    }
+  }
+  // The outputs of output units [begin, end).
+  void transform_output(int64_t begin, int64_t end) const {
+    if (p_.nhwc) {
+      transform_output_nhwc(begin, end);
+    } else {
+      transform_output_nchw(begin, end);
+    }
+  }
+
+ private:
   // V[xi][c][tile] for channels [c0, c1).
-  void transform_input(int64_t c0, int64_t c1) const {
+  void transform_input_nchw(int64_t c0, int64_t c1) const {
     const int64_t ld = p_.tiles_w + 1, stride = p_.in_c * p_.block_tiles();
     std::vector<float> rows(8 * ld);  // four input rows, even columns then odd, zero in the padding
     float* even = rows.data();
@@ -188,19 +287,8 @@ class BlockWork {
     }
   }
 
-  // M[xi] = U[xi] @ V[xi] for xi in [xi0, xi1), in products of kChunk input channels added in order.
-  void multiply(int64_t xi0, int64_t xi1) const {
-    const int64_t t = p_.block_tiles();
-    for (int64_t xi = xi0; xi < xi1; ++xi) {
-      for (int64_t c = 0; c < p_.in_c; c += kChunk) {
-        gemm<float>(false, false, p_.out_c, tiles(), std::min(kChunk, p_.in_c - c), 1.f, u_ + xi * p_.out_c * p_.in_c + c,
-                    p_.in_c, v_ + (xi * p_.in_c + c) * t, t, c == 0 ? 0.f : 1.f, m_ + xi * p_.out_c * t, t);
-      }
-    }
-  }
-
   // The outputs of channels [k0, k1).
-  void transform_output(int64_t k0, int64_t k1) const {
+  void transform_output_nchw(int64_t k0, int64_t k1) const {
     const int64_t tw = p_.tiles_w, t = p_.block_tiles();
     std::vector<float> y(4 * tw);  // y00, y01, y10, y11 of one row of tiles
     for (int64_t k = k0; k < k1; ++k) {
@@ -214,7 +302,39 @@ class BlockWork {
     }
   }
 
- private:
+  // V[xi][tile][c] for the block's tiles [t0, t1).
+  void transform_input_nhwc(int64_t t0, int64_t t1) const {
+    const std::vector<float> zeros(p_.in_c, 0.f);
+    const float* d[16];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t row = first_row_ + t / p_.tiles_w, tx = t % p_.tiles_w;
+      const int64_t n = row / p_.tiles_h, ty = row % p_.tiles_h;
+      for (int i = 0; i < 4; ++i) {
+        for (int j = 0; j < 4; ++j) {
+          const int64_t ih = 2 * ty - p_.pad_h + i, iw = 2 * tx - p_.pad_w + j;
+          const bool inside = ih >= 0 && ih < p_.in_h && iw >= 0 && iw < p_.in_w;
+          d[4 * i + j] = inside ? input_ + ((n * p_.in_h + ih) * p_.in_w + iw) * p_.in_c : zeros.data();
+        }
+      }
+      input_vectors(v_ + t * p_.in_c, p_.block_tiles() * p_.in_c, d, p_.in_c);
+    }
+  }
+
+  // The output pixels of the block's tiles [t0, t1), all channels.
+  void transform_output_nhwc(int64_t t0, int64_t t1) const {
+    std::vector<float> spare(p_.out_c), zeros(p_.out_c, 0.f);  // outputs beyond the image; no bias
+    float* y[4];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t row = first_row_ + t / p_.tiles_w, tx = t % p_.tiles_w;
+      const int64_t n = row / p_.tiles_h, ty = row % p_.tiles_h;
+      for (int q = 0; q < 4; ++q) {
+        const int64_t oh = 2 * ty + q / 2, ow = 2 * tx + q % 2;
+        y[q] = oh < p_.out_h && ow < p_.out_w ? output_ + ((n * p_.out_h + oh) * p_.out_w + ow) * p_.out_c : spare.data();
+      }
+      output_vectors(y, m_ + t * p_.out_c, p_.block_tiles() * p_.out_c, bias_ ? bias_ : zeros.data(), p_.out_c);
+    }
+  }
+
   const Plan& p_;
   const float* input_;
   const float* u_;
@@ -238,9 +358,9 @@ void winograd_conv(float* output, const float* input, const float* u, const floa
       BlockWork work(p, input, u, bias, output, v, m);
       for (int64_t block = begin; block < end; ++block) {
         work.set_block(block);
-        work.transform_input(0, p.in_c);
+        work.transform_input(0, work.input_units());
         work.multiply(0, 16);
-        work.transform_output(0, p.out_c);
+        work.transform_output(0, work.output_units());
       }
     });
     return;
@@ -251,9 +371,9 @@ void winograd_conv(float* output, const float* input, const float* u, const floa
   BlockWork work(p, input, u, bias, output, v, m);
   for (int64_t block = 0; block < p.blocks(); ++block) {
     work.set_block(block);
-    parallel_tasks(p.in_c, [&](int64_t c0, int64_t c1) { work.transform_input(c0, c1); });
+    parallel_tasks(work.input_units(), [&](int64_t u0, int64_t u1) { work.transform_input(u0, u1); });
     parallel_tasks(16, [&](int64_t xi0, int64_t xi1) { work.multiply(xi0, xi1); });
-    parallel_tasks(p.out_c, [&](int64_t k0, int64_t k1) { work.transform_output(k0, k1); });
+    parallel_tasks(work.output_units(), [&](int64_t u0, int64_t u1) { work.transform_output(u0, u1); });
   }
 }
 
@@ -263,27 +383,39 @@ bool winograd_applies(const at::Tensor& input, const Geometry& g, bool backward)
   const Window& w = g.win;
   const char* choice = std::getenv("TORCH_MANUALGRAD_WINOGRAD");
   if (choice && std::string(choice) == "0") return false;
-  return input.scalar_type() == at::kFloat && g.spatial_dims == 2 && input.dim() == 4 && !g.empty() && g.groups == 1 &&
-         w.kernel_h == 3 && w.kernel_w == 3 && w.stride_h == 1 && w.stride_w == 1 && w.dilation_h == 1 &&
-         w.dilation_w == 1 && g.in_channels >= kMinChannels && g.out_channels >= kMinChannels &&
-         g.in_channels + g.out_channels <= kMaxChannelSum && g.out_h >= kMinOutputSide && g.out_w >= kMinOutputSide &&
-         (!backward || (w.pad_h <= 2 && w.pad_w <= 2));
+  if (input.scalar_type() != at::kFloat || g.spatial_dims != 2 || input.dim() != 4 || g.empty() || g.groups != 1 ||
+      w.kernel_h != 3 || w.kernel_w != 3 || w.stride_h != 1 || w.stride_w != 1 || w.dilation_h != 1 ||
+      w.dilation_w != 1 || g.in_channels < kMinChannels || g.out_channels < kMinChannels ||
+      (backward && (w.pad_h > 2 || w.pad_w > 2)))
+    return false;
+  const int64_t side = std::min(g.out_h, g.out_w);
+  return side >= kWideSide || (side >= kMinSide && g.in_channels + g.out_channels <= kMaxChannelSum);
 }
 
-void winograd_forward_cpu(at::Tensor& output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
-                          const Geometry& g) {
-  const Plan p(g.batch, g.in_channels, g.out_channels, g.in_h, g.in_w, g.win.pad_h, g.win.pad_w);
+at::Tensor winograd_forward_cpu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                                const Geometry& g, at::MemoryFormat format) {
+  const bool nhwc = format == at::MemoryFormat::ChannelsLast || !nchw_pays(g);
+  const at::MemoryFormat layout = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const Plan p(g.batch, g.in_channels, g.out_channels, g.in_h, g.in_w, g.win.pad_h, g.win.pad_w, nhwc);
+  const at::Tensor x = input.contiguous(layout);
+  at::Tensor output = at::empty(g.output_shape(g.out_channels), input.options().memory_format(layout));
   const at::Tensor u = transform_weights(weight.permute({2, 3, 0, 1}).contiguous());  // taps of (C_out, C_in)
-  winograd_conv(output.data_ptr<float>(), input.const_data_ptr<float>(), u.const_data_ptr<float>(),
+  winograd_conv(output.data_ptr<float>(), x.const_data_ptr<float>(), u.const_data_ptr<float>(),
                 bias.defined() ? bias.const_data_ptr<float>() : nullptr, p);
+  return output.contiguous(format);
 }
 
-void winograd_backward_input_cpu(at::Tensor& grad_input, const at::Tensor& grad_output, const at::Tensor& weight,
-                                 const Geometry& g) {
+at::Tensor winograd_backward_input_cpu(const at::Tensor& grad_output, const at::Tensor& weight, const Geometry& g,
+                                       at::MemoryFormat format) {
+  const bool nhwc = format == at::MemoryFormat::ChannelsLast || !nchw_pays(g);
+  const at::MemoryFormat layout = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   // A convolution of grad_output (C_out channels) into grad_input (C_in) with the flipped, transposed filters.
-  const Plan p(g.batch, g.out_channels, g.in_channels, g.out_h, g.out_w, 2 - g.win.pad_h, 2 - g.win.pad_w);
+  const Plan p(g.batch, g.out_channels, g.in_channels, g.out_h, g.out_w, 2 - g.win.pad_h, 2 - g.win.pad_w, nhwc);
+  const at::Tensor go = grad_output.contiguous(layout);
+  at::Tensor grad_input = at::empty({g.batch, g.in_channels, g.in_h, g.in_w}, grad_output.options().memory_format(layout));
   const at::Tensor u = transform_weights(weight.flip({2, 3}).permute({2, 3, 1, 0}).contiguous());  // of (C_in, C_out)
-  winograd_conv(grad_input.data_ptr<float>(), grad_output.const_data_ptr<float>(), u.const_data_ptr<float>(), nullptr, p);
+  winograd_conv(grad_input.data_ptr<float>(), go.const_data_ptr<float>(), u.const_data_ptr<float>(), nullptr, p);
+  return grad_input.contiguous(format);
 }
 
 }  // namespace manualgrad

@@ -5,16 +5,17 @@
 
 namespace manualgrad {
 
-// Whether the Winograd path computes this convolution: float32 NCHW, 2-d, one group, a 3x3 kernel of stride 1
-// and dilation 1, enough channels for the batched products to pay. For the input gradient (backward=true) the
+// Whether the Winograd path computes this convolution: float32, 2-d, one group, a 3x3 kernel of stride 1
+// and dilation 1, images and channels where it was measured to pay. For the input gradient (backward=true) the
 // padding must also be at most 2 (the gradient is a 3x3 convolution of grad_output padded by 2 - padding).
 bool winograd_applies(const at::Tensor& input, const Geometry& g, bool backward);
 
-// output (N, C_out, OH, OW) = input (N, C_in, H, W) convolved with weight (C_out, C_in, 3, 3), + bias if defined.
-void winograd_forward_cpu(at::Tensor& output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
-                          const Geometry& g);
-// grad_input (N, C_in, H, W) from grad_output (N, C_out, OH, OW) and weight (C_out, C_in, 3, 3).
-void winograd_backward_input_cpu(at::Tensor& grad_input, const at::Tensor& grad_output, const at::Tensor& weight,
-                                 const Geometry& g);
+// input (N, C_in, H, W) convolved with weight (C_out, C_in, 3, 3), + bias if defined: (N, C_out, OH, OW) in
+// `format` (Contiguous or ChannelsLast), whatever the input's layout.
+at::Tensor winograd_forward_cpu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                                const Geometry& g, at::MemoryFormat format);
+// grad_input (N, C_in, H, W), in `format`, from grad_output (N, C_out, OH, OW) and weight (C_out, C_in, 3, 3).
+at::Tensor winograd_backward_input_cpu(const at::Tensor& grad_output, const at::Tensor& weight, const Geometry& g,
+                                       at::MemoryFormat format);
 
 }  // namespace manualgrad
