@@ -801,17 +801,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
     return {grad_input, grad_weight, output_mask[2] ? conv_backward_bias_cpu(grad_output_.contiguous(), g) : at::Tensor()};
   }
   const bool channels_last = channels_last_result(input_, g);
-  // The input gradient of a 3x3 stride-1 convolution by Winograd (winograd_cpu.cpp), in either layout.
-  const bool winograd_input = output_mask[0] && winograd_applies(input_, g, /*backward=*/true);
-  const auto winograd_grad_input = [&] {
+  // The input and weight gradients of 3x3 stride-1 convolutions by Winograd (winograd_cpu.cpp), in either layout;
+  // `mask` keeps what the other kernels still compute, and with_winograd puts the two together.
+  std::array<bool, 3> mask = output_mask;
+  at::Tensor winograd_input, winograd_weight;
+  if (winograd_applies(input_, g, /*backward=*/false)) {
     const at::MemoryFormat format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-    return winograd_backward_input_cpu(grad_output_, weight_.contiguous(), g, format);
-  };
-  if (channels_last && !g.empty() && (!is_depthwise(g) || depthwise_nhwc_supported(g))) {
-    if (!winograd_input) return conv_backward_nhwc(grad_output_, input_, weight_, g, output_mask);
-    auto grads = conv_backward_nhwc(grad_output_, input_, weight_, g, {false, output_mask[1], output_mask[2]});
-    return {winograd_grad_input(), std::get<1>(grads), std::get<2>(grads)};
+    if (output_mask[0] && winograd_applies(input_, g, /*backward=*/true)) {
+      winograd_input = winograd_backward_input_cpu(grad_output_, weight_.contiguous(), g, format);
+      mask[0] = false;
+    }
+    if (output_mask[1]) {
+      winograd_weight = winograd_backward_weight_cpu(grad_output_, input_, g, format);
+      mask[1] = false;
+    }
   }
+  using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+  const auto with_winograd = [&](const Grads& grads) -> Grads {
+    return {mask[0] ? std::get<0>(grads) : winograd_input, mask[1] ? std::get<1>(grads) : winograd_weight,
+            std::get<2>(grads)};
+  };
+  if (channels_last && !g.empty() && (!is_depthwise(g) || depthwise_nhwc_supported(g)))
+    return with_winograd(conv_backward_nhwc(grad_output_, input_, weight_, g, mask));
   if (channels_last) {  // depthwise with a multiplier: the NCHW kernels, results laid out as promised
     auto grads = conv_backward_cpu(grad_output_, input_.contiguous(), weight_, stride, padding, dilation, groups,
                                    output_mask);
@@ -821,19 +832,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
   if (via_nhwc(input_, g, /*backward=*/true)) {  // on channels-last copies, as the forward
     // (the input's values are read for the weight gradient only: a transposed convolution passes a
     // zero-strided stand-in for its shape, functional.py)
-    std::array<bool, 3> mask = output_mask;
-    mask[0] = output_mask[0] && !winograd_input;
     auto grads = conv_backward_nhwc(grad_output_, mask[1] ? input_.contiguous(at::MemoryFormat::ChannelsLast) : input_,
                                     weight_, g, mask);
     const auto nchw = [](const at::Tensor& t) { return t.defined() ? t.contiguous() : t; };
-    const at::Tensor grad_input = winograd_input ? winograd_grad_input() : nchw(std::get<0>(grads));
-    return {grad_input, nchw(std::get<1>(grads)), std::get<2>(grads)};
+    return with_winograd({nchw(std::get<0>(grads)), nchw(std::get<1>(grads)), std::get<2>(grads)});
   }
   const at::Tensor grad_output = grad_output_.contiguous();  // (N, C_out, OH, OW)
-  at::Tensor grad_input, grad_weight, grad_bias;
-  if (winograd_input) {
-    grad_input = winograd_grad_input();
-  } else if (output_mask[0]) {
+  at::Tensor grad_input = winograd_input, grad_weight = winograd_weight, grad_bias;
+  if (mask[0]) {
     grad_input = at::empty(input_.sizes(), input_.options());  // (N, C_in, H, W)
     const at::Tensor weight = weight_.contiguous().view({g.out_channels, GroupDims(g).k_per_group});
     if (!g.empty() && is_depthwise(g)) {
@@ -842,7 +848,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
       conv_backward_input_cpu(grad_input, grad_output, weight, g);
     }
   }
-  if (output_mask[1]) {
+  if (mask[1]) {
     grad_weight = at::zeros(weight_.sizes(), weight_.options());  // (C_out, C_in/g, KH, KW)
     if (!g.empty() && is_depthwise(g)) {
       depthwise_backward_weight_cpu(grad_weight, grad_output, input_.contiguous(), g);

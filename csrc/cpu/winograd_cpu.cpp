@@ -42,6 +42,9 @@ constexpr int64_t kMinChannels = 16;     // fewer input or output channels: the 
 constexpr int64_t kWideSide = 14;        // output sides from which it pays whatever the channels
 constexpr int64_t kMinSide = 7;          // ...and from which it pays with at most kMaxChannelSum channels in and out
 constexpr int64_t kMaxChannelSum = 384;  // C_in + C_out
+constexpr int64_t kMinSlotBlocks = 8;     // the weight gradient's blocks from which each task sums its own
+constexpr int64_t kMaxSlots = 8;          // ...in at most this many partial sums
+constexpr int64_t kMaxSlotElems = 1 << 24;  // ...of together at most this many floats
 constexpr int64_t kNchwSide = 28;        // NCHW computed as it lies from this side on, with at most kMaxChannelSum
 constexpr int64_t kChunk = 32;         // input channels per product (accuracy, above)
 constexpr int64_t kBlockTiles = 256;   // tiles per block: its V and M stay in the caches while its products run
@@ -213,11 +216,105 @@ MANUALGRAD_VECTOR_CLONES void output_vectors(float* const* y, const float* __res
   }
 }
 
+// The weight gradient's transform of one tile's 2x2 output gradient: A dY A^T, m[4a + b] (the adjoint of
+// output_transform). A = [1 0; 1 1; 1 -1; 0 -1].
+inline void grad_transform(const float (&dy)[2][2], float (&m)[16]) {
+  float r[2][4];  // dY A^T, row by row
+  for (int p = 0; p < 2; ++p) {
+    r[p][0] = dy[p][0];
+    r[p][1] = dy[p][0] + dy[p][1];
+    r[p][2] = dy[p][0] - dy[p][1];
+    r[p][3] = -dy[p][1];
+  }
+  for (int b = 0; b < 4; ++b) {
+    m[b] = r[0][b];
+    m[4 + b] = r[0][b] + r[1][b];
+    m[8 + b] = r[0][b] - r[1][b];
+    m[12 + b] = -r[1][b];
+  }
+}
+
+// dM for one row of `count` tiles of one output channel: m[xi * xi_stride + x] from the gradient's two rows,
+// even and odd columns apart (row p at even/odd + p * ld, zero beyond the output).
+MANUALGRAD_VECTOR_CLONES void grad_tiles(float* __restrict m, int64_t xi_stride, const float* __restrict even,
+                                         const float* __restrict odd, int64_t ld, int64_t count) {
+#pragma GCC ivdep  // the planes never overlap (xi_stride >= count)
+  for (int64_t x = 0; x < count; ++x) {
+    const float dy[2][2] = {{even[x], odd[x]}, {even[ld + x], odd[ld + x]}};
+    float t[16];
+    grad_transform(dy, t);
+    for (int xi = 0; xi < 16; ++xi) m[xi * xi_stride + x] = t[xi];
+  }
+}
+
+// Channels-last: dM of one tile over `count` output channels, from y[2p + q] pointing at the gradient's pixels
+// (a zero vector beyond the output).
+MANUALGRAD_VECTOR_CLONES void grad_vectors(float* __restrict m, int64_t xi_stride, const float* const* y,
+                                           int64_t count) {
+  const float* __restrict y00 = y[0];
+  const float* __restrict y01 = y[1];
+  const float* __restrict y10 = y[2];
+  const float* __restrict y11 = y[3];
+#pragma GCC ivdep
+  for (int64_t x = 0; x < count; ++x) {
+    const float dy[2][2] = {{y00[x], y01[x]}, {y10[x], y11[x]}};
+    float t[16];
+    grad_transform(dy, t);
+    for (int xi = 0; xi < 16; ++xi) m[xi * xi_stride + x] = t[xi];
+  }
+}
+
+// The filters' gradient from U's: G^T dU G for `count` filters, du[xi * stride + x] → taps[(3r + s) * stride + x]
+// (the adjoint of transform_filters).
+MANUALGRAD_VECTOR_CLONES void filter_grads(float* __restrict taps, const float* __restrict du, int64_t stride,
+                                           int64_t count) {
+#pragma GCC ivdep
+  for (int64_t x = 0; x < count; ++x) {
+    float t[3][4];  // G^T dU
+    for (int b = 0; b < 4; ++b) {
+      const float d0 = du[b * stride + x], d1 = du[(4 + b) * stride + x], d2 = du[(8 + b) * stride + x],
+                  d3 = du[(12 + b) * stride + x];
+      t[0][b] = d0 + 0.5f * (d1 + d2);
+      t[1][b] = 0.5f * (d1 - d2);
+      t[2][b] = 0.5f * (d1 + d2) + d3;
+    }
+    for (int r = 0; r < 3; ++r) {
+      taps[(3 * r) * stride + x] = t[r][0] + 0.5f * (t[r][1] + t[r][2]);
+      taps[(3 * r + 1) * stride + x] = 0.5f * (t[r][1] - t[r][2]);
+      taps[(3 * r + 2) * stride + x] = 0.5f * (t[r][1] + t[r][2]) + t[r][3];
+    }
+  }
+}
+
+// Rows row0 .. row0 + rows - 1 of a (height, width) plane, split into even columns (col0 + 2x) and odd ones
+// (col0 + 2x + 1), x < ld, row i at even/odd + i * ld; zero outside the plane.
+void split_columns(float* even, float* odd, int64_t ld, int rows, const float* plane, int64_t height, int64_t width,
+                   int64_t row0, int64_t col0) {
+  for (int i = 0; i < rows; ++i) {
+    const int64_t h = row0 + i;
+    const bool inside = h >= 0 && h < height;
+    for (int64_t x = 0; x < ld; ++x) {
+      const int64_t w = col0 + 2 * x;
+      even[i * ld + x] = inside && w >= 0 && w < width ? plane[h * width + w] : 0.f;
+      odd[i * ld + x] = inside && w + 1 >= 0 && w + 1 < width ? plane[h * width + w + 1] : 0.f;
+    }
+  }
+}
+
 // One block of tile rows, computed in three steps, each over a range that the caller may split among threads.
 class BlockWork {
  public:
-  BlockWork(const Plan& p, const float* input, const float* u, const float* bias, float* output, float* v, float* m)
-      : p_(p), input_(input), u_(u), bias_(bias), output_(output), v_(v), m_(m) {}
+  // The forward's operands (input, u, bias, output) or the weight gradient's (input, grad_output); v and m are the
+  // block's scratch: V (16 · in_c · block_tiles) and M or dM (16 · out_c · block_tiles).
+  struct Operands {
+    const float* input = nullptr;
+    const float* u = nullptr;
+    const float* bias = nullptr;
+    float* output = nullptr;
+    const float* grad_output = nullptr;
+  };
+  BlockWork(const Plan& p, const Operands& o, float* v, float* m)
+      : p_(p), input_(o.input), u_(o.u), bias_(o.bias), output_(o.output), grad_output_(o.grad_output), v_(v), m_(m) {}
 
   void set_block(int64_t block) {
     first_row_ = block * p_.rows_per_block;
@@ -262,27 +359,51 @@ class BlockWork {
     }
   }
 
+  // The weight gradient's dM for output units [begin, end), from the output gradient.
+  void transform_grad_output(int64_t begin, int64_t end) const {
+    if (p_.nhwc) {
+      transform_grad_output_nhwc(begin, end);
+    } else {
+      transform_grad_output_nchw(begin, end);
+    }
+  }
+  // dU[xi] (out_c, in_c) (+)= dM[xi] @ V[xi]^T over the block's tiles, for xi in [xi0, xi1).
+  void multiply_weight(int64_t xi0, int64_t xi1, float* du, bool accumulate) const {
+    const int64_t t = p_.block_tiles(), uc = p_.out_c * p_.in_c;
+    for (int64_t xi = xi0; xi < xi1; ++xi) {
+      if (p_.nhwc) {  // dM[xi] (tiles, C_out), V[xi] (tiles, C_in)
+        gemm<float>(true, false, p_.out_c, p_.in_c, tiles(), 1.f, m_ + xi * t * p_.out_c, p_.out_c,
+                    v_ + xi * t * p_.in_c, p_.in_c, accumulate ? 1.f : 0.f, du + xi * uc, p_.in_c);
+      } else {  // dM[xi] (C_out, tiles), V[xi] (C_in, tiles)
+        gemm<float>(false, true, p_.out_c, p_.in_c, tiles(), 1.f, m_ + xi * p_.out_c * t, t, v_ + xi * p_.in_c * t, t,
+                    accumulate ? 1.f : 0.f, du + xi * uc, p_.in_c);
+      }
+    }
+  }
+
  private:
-  // V[xi][c][tile] for channels [c0, c1).
+  // V[xi][c][tile] for channels [c0, c1): each tile from four input rows, its columns split by parity.
   void transform_input_nchw(int64_t c0, int64_t c1) const {
-    const int64_t ld = p_.tiles_w + 1, stride = p_.in_c * p_.block_tiles();
-    std::vector<float> rows(8 * ld);  // four input rows, even columns then odd, zero in the padding
-    float* even = rows.data();
-    float* odd = rows.data() + 4 * ld;
+    const int64_t ld = p_.tiles_w + 1;
+    for_each_tile_row(input_, p_.in_c, p_.in_h, p_.in_w, c0, c1, 4, -p_.pad_h, -p_.pad_w, ld,
+                      [&](int64_t c, int64_t r, const float* even, const float* odd) {
+                        input_tiles(v_ + c * p_.block_tiles() + r * p_.tiles_w, p_.in_c * p_.block_tiles(), even, odd,
+                                    ld, p_.tiles_w);
+                      });
+  }
+
+  // For channels [c0, c1) of `planes` (N, channels, height, width) and each of the block's tile rows r (image n,
+  // tile row ty): f(c, r, even, odd) with `rows` rows of the plane from 2 ty + row_offset split by split_columns.
+  template <typename F>
+  void for_each_tile_row(const float* planes, int64_t channels, int64_t height, int64_t width, int64_t c0, int64_t c1,
+                         int rows, int64_t row_offset, int64_t col0, int64_t ld, const F& f) const {
+    std::vector<float> split(2 * rows * ld);  // even columns, then odd ones
     for (int64_t c = c0; c < c1; ++c) {
       for (int64_t r = 0; r < rows_; ++r) {
         const int64_t n = (first_row_ + r) / p_.tiles_h, ty = (first_row_ + r) % p_.tiles_h;
-        const float* plane = input_ + (n * p_.in_c + c) * p_.in_h * p_.in_w;
-        for (int i = 0; i < 4; ++i) {
-          const int64_t ih = 2 * ty - p_.pad_h + i;
-          const bool inside = ih >= 0 && ih < p_.in_h;
-          for (int64_t x = 0; x < ld; ++x) {
-            const int64_t iw = 2 * x - p_.pad_w;
-            even[i * ld + x] = inside && iw >= 0 && iw < p_.in_w ? plane[ih * p_.in_w + iw] : 0.f;
-            odd[i * ld + x] = inside && iw + 1 >= 0 && iw + 1 < p_.in_w ? plane[ih * p_.in_w + iw + 1] : 0.f;
-          }
-        }
-        input_tiles(v_ + c * p_.block_tiles() + r * p_.tiles_w, stride, even, odd, ld, p_.tiles_w);
+        split_columns(split.data(), split.data() + rows * ld, ld, rows, planes + (n * channels + c) * height * width,
+                      height, width, 2 * ty + row_offset, col0);
+        f(c, r, split.data(), split.data() + rows * ld);
       }
     }
   }
@@ -307,15 +428,7 @@ class BlockWork {
     const std::vector<float> zeros(p_.in_c, 0.f);
     const float* d[16];
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t row = first_row_ + t / p_.tiles_w, tx = t % p_.tiles_w;
-      const int64_t n = row / p_.tiles_h, ty = row % p_.tiles_h;
-      for (int i = 0; i < 4; ++i) {
-        for (int j = 0; j < 4; ++j) {
-          const int64_t ih = 2 * ty - p_.pad_h + i, iw = 2 * tx - p_.pad_w + j;
-          const bool inside = ih >= 0 && ih < p_.in_h && iw >= 0 && iw < p_.in_w;
-          d[4 * i + j] = inside ? input_ + ((n * p_.in_h + ih) * p_.in_w + iw) * p_.in_c : zeros.data();
-        }
-      }
+      tile_pixels(input_, p_.in_h, p_.in_w, p_.in_c, t, 4, -p_.pad_h, -p_.pad_w, zeros.data(), d);
       input_vectors(v_ + t * p_.in_c, p_.block_tiles() * p_.in_c, d, p_.in_c);
     }
   }
@@ -325,13 +438,44 @@ class BlockWork {
     std::vector<float> spare(p_.out_c), zeros(p_.out_c, 0.f);  // outputs beyond the image; no bias
     float* y[4];
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t row = first_row_ + t / p_.tiles_w, tx = t % p_.tiles_w;
-      const int64_t n = row / p_.tiles_h, ty = row % p_.tiles_h;
-      for (int q = 0; q < 4; ++q) {
-        const int64_t oh = 2 * ty + q / 2, ow = 2 * tx + q % 2;
-        y[q] = oh < p_.out_h && ow < p_.out_w ? output_ + ((n * p_.out_h + oh) * p_.out_w + ow) * p_.out_c : spare.data();
-      }
+      tile_pixels(output_, p_.out_h, p_.out_w, p_.out_c, t, 2, 0, 0, spare.data(), y);
       output_vectors(y, m_ + t * p_.out_c, p_.block_tiles() * p_.out_c, bias_ ? bias_ : zeros.data(), p_.out_c);
+    }
+  }
+
+  // ptr[size * i + j] = pixel (2 ty + offset_h + i, 2 tx + offset_w + j) of the block's tile t in channels-last
+  // data (N, height, width, channels), or `outside` where that lies beyond the image.
+  template <typename T>
+  void tile_pixels(T* data, int64_t height, int64_t width, int64_t channels, int64_t t, int size, int64_t offset_h,
+                   int64_t offset_w, T* outside, T** ptr) const {
+    const int64_t row = first_row_ + t / p_.tiles_w, tx = t % p_.tiles_w;
+    const int64_t n = row / p_.tiles_h, ty = row % p_.tiles_h;
+    for (int i = 0; i < size; ++i) {
+      for (int j = 0; j < size; ++j) {
+        const int64_t h = 2 * ty + offset_h + i, w = 2 * tx + offset_w + j;
+        const bool inside = h >= 0 && h < height && w >= 0 && w < width;
+        ptr[size * i + j] = inside ? data + ((n * height + h) * width + w) * channels : outside;
+      }
+    }
+  }
+
+  // dM[xi][k][tile] for output channels [k0, k1): each tile from two gradient rows, its columns split by parity.
+  void transform_grad_output_nchw(int64_t k0, int64_t k1) const {
+    const int64_t ld = p_.tiles_w;
+    for_each_tile_row(grad_output_, p_.out_c, p_.out_h, p_.out_w, k0, k1, 2, 0, 0, ld,
+                      [&](int64_t k, int64_t r, const float* even, const float* odd) {
+                        grad_tiles(m_ + k * p_.block_tiles() + r * p_.tiles_w, p_.out_c * p_.block_tiles(), even, odd,
+                                   ld, p_.tiles_w);
+                      });
+  }
+
+  // dM[xi][tile][k] for the block's tiles [t0, t1).
+  void transform_grad_output_nhwc(int64_t t0, int64_t t1) const {
+    const std::vector<float> zeros(p_.out_c, 0.f);
+    const float* y[4];
+    for (int64_t t = t0; t < t1; ++t) {
+      tile_pixels(grad_output_, p_.out_h, p_.out_w, p_.out_c, t, 2, 0, 0, zeros.data(), y);
+      grad_vectors(m_ + t * p_.out_c, p_.block_tiles() * p_.out_c, y, p_.out_c);
     }
   }
 
@@ -340,6 +484,7 @@ class BlockWork {
   const float* u_;
   const float* bias_;
   float* output_;
+  const float* grad_output_;
   float* v_;
   float* m_;
   int64_t first_row_ = 0, rows_ = 0;
@@ -355,7 +500,7 @@ void winograd_conv(float* output, const float* input, const float* u, const floa
     parallel_tasks(p.blocks(), [&](int64_t begin, int64_t end) {
       at::Tensor s = at::empty({scratch}, at::kFloat);
       const auto [v, m] = buffers(s);
-      BlockWork work(p, input, u, bias, output, v, m);
+      BlockWork work(p, {input, u, bias, output}, v, m);
       for (int64_t block = begin; block < end; ++block) {
         work.set_block(block);
         work.transform_input(0, work.input_units());
@@ -368,13 +513,56 @@ void winograd_conv(float* output, const float* input, const float* u, const floa
   // Few blocks (small images): the threads share each block's steps.
   at::Tensor s = at::empty({scratch}, at::kFloat);
   const auto [v, m] = buffers(s);
-  BlockWork work(p, input, u, bias, output, v, m);
+  BlockWork work(p, {input, u, bias, output}, v, m);
   for (int64_t block = 0; block < p.blocks(); ++block) {
     work.set_block(block);
     parallel_tasks(work.input_units(), [&](int64_t u0, int64_t u1) { work.transform_input(u0, u1); });
     parallel_tasks(16, [&](int64_t xi0, int64_t xi1) { work.multiply(xi0, xi1); });
     parallel_tasks(work.output_units(), [&](int64_t u0, int64_t u1) { work.transform_output(u0, u1); });
   }
+}
+
+// The weight gradient as filter taps (9, out_c, in_c): dU[xi] = the sum over every tile of dM[xi] V[xi]^T, then
+// G^T dU G. With many blocks, slot s sums blocks s, s + slots, ... in order (one task each) and the slots are
+// added in slot order; with few, the threads share each block's steps and one dU. Which of the two, and the
+// number of slots, follow from the shapes alone.
+at::Tensor winograd_weight_taps(const float* input, const float* grad_output, const Plan& p) {
+  const int64_t uc = p.out_c * p.in_c;
+  const int64_t slots = p.blocks() < kMinSlotBlocks ? 1 : std::max<int64_t>(1, std::min(kMaxSlots, kMaxSlotElems / (16 * uc)));
+  at::Tensor du = at::empty({slots, 16, p.out_c, p.in_c}, at::kFloat);
+  const int64_t scratch = 16 * (p.in_c + p.out_c) * p.block_tiles();
+  const BlockWork::Operands operands{input, nullptr, nullptr, nullptr, grad_output};
+  if (slots > 1) {
+    parallel_tasks(slots, [&](int64_t begin, int64_t end) {
+      at::Tensor s = at::empty({scratch}, at::kFloat);
+      BlockWork work(p, operands, s.data_ptr<float>(), s.data_ptr<float>() + 16 * p.in_c * p.block_tiles());
+      for (int64_t slot = begin; slot < end; ++slot) {
+        for (int64_t block = slot; block < p.blocks(); block += slots) {
+          work.set_block(block);
+          work.transform_input(0, work.input_units());
+          work.transform_grad_output(0, work.output_units());
+          work.multiply_weight(0, 16, du[slot].data_ptr<float>(), block != slot);
+        }
+      }
+    });
+    for (int64_t slot = 1; slot < slots; ++slot) du[0].add_(du[slot]);
+  } else {
+    at::Tensor s = at::empty({scratch}, at::kFloat);
+    BlockWork work(p, operands, s.data_ptr<float>(), s.data_ptr<float>() + 16 * p.in_c * p.block_tiles());
+    for (int64_t block = 0; block < p.blocks(); ++block) {
+      work.set_block(block);
+      parallel_tasks(work.input_units(), [&](int64_t u0, int64_t u1) { work.transform_input(u0, u1); });
+      parallel_tasks(work.output_units(), [&](int64_t u0, int64_t u1) { work.transform_grad_output(u0, u1); });
+      parallel_tasks(16, [&](int64_t xi0, int64_t xi1) { work.multiply_weight(xi0, xi1, du[0].data_ptr<float>(), block > 0); });
+    }
+  }
+  at::Tensor taps = at::empty({9, p.out_c, p.in_c}, at::kFloat);
+  const float* sum = du.const_data_ptr<float>();
+  float* out = taps.data_ptr<float>();
+  at::parallel_for(0, p.out_c, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) filter_grads(out + k * p.in_c, sum + k * p.in_c, uc, p.in_c);
+  });
+  return taps;
 }
 
 }  // namespace
@@ -416,6 +604,18 @@ at::Tensor winograd_backward_input_cpu(const at::Tensor& grad_output, const at::
   const at::Tensor u = transform_weights(weight.flip({2, 3}).permute({2, 3, 1, 0}).contiguous());  // of (C_in, C_out)
   winograd_conv(grad_input.data_ptr<float>(), go.const_data_ptr<float>(), u.const_data_ptr<float>(), nullptr, p);
   return grad_input.contiguous(format);
+}
+
+at::Tensor winograd_backward_weight_cpu(const at::Tensor& grad_output, const at::Tensor& input, const Geometry& g,
+                                        at::MemoryFormat format) {
+  const bool nhwc = format == at::MemoryFormat::ChannelsLast || !nchw_pays(g);
+  const at::MemoryFormat layout = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const Plan p(g.batch, g.in_channels, g.out_channels, g.in_h, g.in_w, g.win.pad_h, g.win.pad_w, nhwc);
+  const at::Tensor x = input.contiguous(layout), go = grad_output.contiguous(layout);
+  const at::Tensor taps = winograd_weight_taps(x.const_data_ptr<float>(), go.const_data_ptr<float>(), p);
+  at::Tensor grad_weight = at::empty({g.out_channels, g.in_channels, 3, 3}, input.options().memory_format(format));
+  grad_weight.copy_(taps.view({3, 3, g.out_channels, g.in_channels}).permute({2, 3, 0, 1}));
+  return grad_weight;
 }
 
 }  // namespace manualgrad

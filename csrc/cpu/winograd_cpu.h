@@ -1,4 +1,5 @@
-// winograd_cpu.h — 3x3 stride-1 float32 convolutions on the CPU by Winograd's F(2x2, 3x3), called by conv_cpu.cpp.
+// winograd_cpu.h — 3x3 stride-1 float32 convolutions on the CPU by Winograd's F(2x2, 3x3), forward and both
+// gradients, called by conv_cpu.cpp.
 #pragma once
 
 #include "../shape_checks.h"
@@ -17,5 +18,8 @@ at::Tensor winograd_forward_cpu(const at::Tensor& input, const at::Tensor& weigh
 // grad_input (N, C_in, H, W), in `format`, from grad_output (N, C_out, OH, OW) and weight (C_out, C_in, 3, 3).
 at::Tensor winograd_backward_input_cpu(const at::Tensor& grad_output, const at::Tensor& weight, const Geometry& g,
                                        at::MemoryFormat format);
+// grad_weight (C_out, C_in, 3, 3), in `format`, from grad_output (N, C_out, OH, OW) and input (N, C_in, H, W).
+at::Tensor winograd_backward_weight_cpu(const at::Tensor& grad_output, const at::Tensor& input, const Geometry& g,
+                                        at::MemoryFormat format);
 
 }  // namespace manualgrad
