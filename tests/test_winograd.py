@@ -200,3 +200,38 @@ def test_weight_gradient_error(case, layout):
     w64 = weight.double().requires_grad_()
     (gw64,) = torch.autograd.grad(F.conv2d(x.double(), w64, bias.double(), padding=p), w64, go.double())
     assert relative_error(gw, gw64) < 6e-7
+
+
+@pytest.mark.parametrize("layout", ["ncdhw", "channels_last_3d"])
+@pytest.mark.parametrize(
+    "n, c, k, d, h, w, kernel, kwargs",
+    [
+        (2, 16, 24, 5, 14, 15, (3, 3, 3), dict(padding=1)),
+        (1, 20, 16, 4, 16, 14, (2, 3, 3), dict(padding=(0, 1, 1), stride=(2, 1, 1))),
+        (2, 16, 16, 6, 15, 16, (3, 3, 3), dict(padding=(2, 0, 1), dilation=(2, 1, 1))),
+    ],
+)
+def test_conv3d_through_depth_taps(n, c, k, d, h, w, kernel, kwargs, layout, winograd_off):
+    """A 3-d convolution whose kernel is 3x3 and stride 1 in the plane runs as 2-d Winograd convolutions, one per
+    depth tap (depth_taps.h), whatever its depth stride, dilation and padding."""
+    gen = torch.Generator().manual_seed(21)
+    x = torch.randn(n, c, d, h, w, generator=gen)
+    if layout == "channels_last_3d":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    weight = torch.randn(k, c, *kernel, generator=gen) / (c * 27) ** 0.5
+    bias = torch.randn(k, generator=gen)
+
+    def run(dtype=None):
+        xs, ws = x.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+        fn = tmg.functional.conv3d if dtype is None else F.conv3d
+        if dtype is not None:
+            xs, ws = xs.detach().to(dtype).requires_grad_(), ws.detach().to(dtype).requires_grad_()
+        out = fn(xs, ws, bias if dtype is None else bias.to(dtype), **kwargs)
+        go = torch.randn(out.shape, generator=torch.Generator().manual_seed(22), dtype=torch.float32).to(out.dtype)
+        return (out.detach(), *torch.autograd.grad(out, (xs, ws), go))
+
+    ours, im2col, truth = run(), winograd_off(run), run(torch.float64)
+    for a, b, t in zip(ours, im2col, truth):
+        assert relative_error(a, t) < 1e-6
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * max(1.0, b.abs().max().item()))
+        assert not torch.equal(a, b)

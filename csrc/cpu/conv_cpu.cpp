@@ -603,8 +603,8 @@ at::Tensor conv_forward_cpu(const at::Tensor& input_, const at::Tensor& weight_,
     return conv_forward_cpu(f(input_), f(weight_), bias_f, stride, padding, dilation, groups).to(input_.scalar_type());
   }
   const bool channels_last = channels_last_result(input_, g);
-  if (g.spatial_dims == 3 && (channels_last || is_depthwise(g)))  // a sum of 2-d convolutions over depth taps
-    return conv3d_forward_by_depth(input_, weight_, bias, g, channels_last, conv_forward_cpu);  // (depth_taps.h)
+  if (g.spatial_dims == 3 && (channels_last || is_depthwise(g) || winograd_applies(input_, g, /*backward=*/false)))
+    return conv3d_forward_by_depth(input_, weight_, bias, g, channels_last, conv_forward_cpu);  // sum over depth taps
   if (winograd_applies(input_, g, /*backward=*/false)) {  // 3x3 stride 1 (winograd_cpu.cpp), in either layout
     const at::MemoryFormat format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
     const at::Tensor bias_ = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
@@ -795,7 +795,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
     const auto back = [&](const at::Tensor& t) { return t.defined() ? t.to(input_.scalar_type()) : t; };
     return {back(std::get<0>(grads)), back(std::get<1>(grads)), back(std::get<2>(grads))};
   }
-  if (g.spatial_dims == 3 && (channels_last_result(input_, g) || is_depthwise(g))) {  // over depth taps (depth_taps.h)
+  if (g.spatial_dims == 3 &&  // over depth taps (depth_taps.h)
+      (channels_last_result(input_, g) || is_depthwise(g) || winograd_applies(input_, g, /*backward=*/false))) {
     auto [grad_input, grad_weight] = conv3d_backward_by_depth(grad_output_, input_, weight_, g, channels_last_result(input_, g),
                                                               output_mask[0], output_mask[1], conv_backward_cpu);
     return {grad_input, grad_weight, output_mask[2] ? conv_backward_bias_cpu(grad_output_.contiguous(), g) : at::Tensor()};

@@ -571,7 +571,9 @@ bool winograd_applies(const at::Tensor& input, const Geometry& g, bool backward)
   const Window& w = g.win;
   const char* choice = std::getenv("TORCH_MANUALGRAD_WINOGRAD");
   if (choice && std::string(choice) == "0") return false;
-  if (input.scalar_type() != at::kFloat || g.spatial_dims != 2 || input.dim() != 4 || g.empty() || g.groups != 1 ||
+  // 3-d: whether each depth tap's 2-d convolution would take it (the caller computes the taps apart, depth_taps.h).
+  const bool planes = g.spatial_dims == 2 ? input.dim() == 4 : g.spatial_dims == 3 && input.dim() == 5;
+  if (input.scalar_type() != at::kFloat || !planes || g.empty() || g.groups != 1 ||
       w.kernel_h != 3 || w.kernel_w != 3 || w.stride_h != 1 || w.stride_w != 1 || w.dilation_h != 1 ||
       w.dilation_w != 1 || g.in_channels < kMinChannels || g.out_channels < kMinChannels ||
       (backward && (w.pad_h > 2 || w.pad_w > 2)))

@@ -9,6 +9,7 @@ namespace manualgrad {
 // Whether the Winograd path computes this convolution: float32, 2-d, one group, a 3x3 kernel of stride 1
 // and dilation 1, images and channels where it was measured to pay. For the input gradient (backward=true) the
 // padding must also be at most 2 (the gradient is a 3x3 convolution of grad_output padded by 2 - padding).
+// For a 3-d convolution: whether its depth taps' 2-d convolutions would be computed here.
 bool winograd_applies(const at::Tensor& input, const Geometry& g, bool backward);
 
 // input (N, C_in, H, W) convolved with weight (C_out, C_in, 3, 3), + bias if defined: (N, C_out, OH, OW) in
