@@ -30,6 +30,12 @@ CASES = [
     ConvCase(2, 2, 16, 32, (3, 3), (96, 96), padding=1),  # columns beyond one workspace: partial slots
     ConvCase(2, 1, 3, 8, (4, 4), (32, 32), stride=4),  # a ConvNeXt stem
     ConvCase(2, 2, 5, 7, (3, 3), (2, 2), padding=2),  # windows mostly in the padding
+    # depthwise rows whose interior runs keep the taps' weights in registers (3x3 and 5x5), with a channel tail
+    # past the last full vector, stride, dilation and padding that leaves no interior
+    ConvCase(2, 2, 40, 40, (3, 3), (9, 13), padding=1, groups=40),
+    ConvCase(2, 3, 20, 20, (5, 5), (12, 11), stride=2, padding=2, groups=20),
+    ConvCase(2, 2, 18, 18, (3, 3), (10, 12), padding=2, dilation=2, groups=18, bias=False),
+    ConvCase(2, 2, 17, 17, (5, 5), (4, 4), padding=2, groups=17),
 ]
 
 
