@@ -27,7 +27,8 @@ CASES = [
     ConvCase(2, 3, 70, 70, (7, 7), (9, 8), padding=3, groups=70),  # ConvNeXt's: channel blocks of 64 and a rest
     ConvCase(2, 2, 6, 6, (3, 3), (11, 11), stride=2, padding=1, dilation=2, groups=6, bias=False),
     ConvCase(2, 2, 4, 8, (3, 3), (10, 10), padding=1, groups=4),  # multiplier 2: the NCHW kernel, converted
-    ConvCase(2, 2, 16, 32, (3, 3), (96, 96), padding=1),  # columns beyond one workspace: partial slots
+    ConvCase(2, 2, 16, 32, (3, 3), (96, 96), padding=1),  # float32: Winograd (test_winograd.py)
+    ConvCase(2, 2, 16, 32, (5, 5), (96, 96), padding=2),  # columns beyond one workspace: partial slots
     ConvCase(2, 1, 3, 8, (4, 4), (32, 32), stride=4),  # a ConvNeXt stem
     ConvCase(2, 2, 5, 7, (3, 3), (2, 2), padding=2),  # windows mostly in the padding
     # depthwise rows whose interior runs keep the taps' weights in registers (3x3 and 5x5), with a channel tail

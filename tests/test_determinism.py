@@ -99,6 +99,11 @@ ANCHOR_CONV_CASES = [
     ConvCase(1, 8, 32, 8, (3,), (2867,), stride=2, padding=1, dilation=2, groups=2),
     ConvCase(2, 6, 8, 16, (3, 2), (17, 16), stride=(2, 1), padding=1, dilation=(1, 2)),
     ConvCase(2, 1, 8, 16, (3, 3), (20, 19), padding=1),
+    # In float32 the three 3x3 anchors above with 16 and more channels take the Winograd path (winograd_cpu.cpp);
+    # these keep the im2col paths they were drawn for in float32 too.
+    ConvCase(2, 8, 8, 64, (3, 3), (7, 7), padding=1),
+    ConvCase(2, 1, 8, 32, (3, 3), (64, 64), padding=1),
+    ConvCase(2, 2, 16, 16, (5, 5), (128, 128), padding=2),
 ]
 
 
