@@ -155,6 +155,71 @@ MANUALGRAD_VECTOR_CLONES void forward_nhwc_run(scalar_t* __restrict out, const s
   }
 }
 
+// The outputs of a row whose taps all lie inside the input, for kernels of 3x3 and 5x5 (the runs of
+// forward_nhwc_run and weight_nhwc_run): [ow_lo, ow_hi) in rows whose kernel rows all lie inside, the first at
+// input pixel `first`, tap k at offset[k] from it.
+struct InteriorRuns {
+  bool enabled;
+  int64_t ow_lo, ow_hi, span_h;
+  std::vector<int64_t> offset;
+  InteriorRuns(const Geometry& g, int64_t C) : offset(g.win.kernel_h * g.win.kernel_w) {
+    const Window& w = g.win;
+    const int64_t span_w = (w.kernel_w - 1) * w.dilation_w;
+    span_h = (w.kernel_h - 1) * w.dilation_h;
+    ow_lo = std::min(g.out_w, ceil_div(w.pad_w, w.stride_w));
+    ow_hi = g.in_w - 1 - span_w + w.pad_w < 0
+                ? ow_lo
+                : std::max(ow_lo, std::min(g.out_w, (g.in_w - 1 - span_w + w.pad_w) / w.stride_w + 1));
+    enabled = (offset.size() == 9 || offset.size() == 25) && ow_lo < ow_hi;
+    for (int64_t i = 0; i < w.kernel_h; ++i)
+      for (int64_t j = 0; j < w.kernel_w; ++j)
+        offset[i * w.kernel_w + j] = (i * w.dilation_h * g.in_w + j * w.dilation_w) * C;
+  }
+  // Whether output row oh has a run (its kernel rows all inside), and the input pixel its run starts at.
+  bool row(const Geometry& g, int64_t oh, int64_t& first) const {
+    const int64_t ih0 = oh * g.win.stride_h - g.win.pad_h;
+    first = ih0 * g.in_w + ow_lo * g.win.stride_w - g.win.pad_w;
+    return enabled && ih0 >= 0 && ih0 + span_h < g.in_h;
+  }
+};
+
+// The NHWC weight gradient's share of a run of `count` output pixels whose taps all lie inside (InteriorRuns):
+// acc[k * acc_stride + c] += the sum over the run of grad[p*C + c] * image[p*step + offset[k] + c], for `cb`
+// channels, formed in scalar_t and added in double, as dot_run_channels does tap by tap; here each pixel's
+// gradient vector is loaded once for all TAPS taps, whose sums stay in registers.
+template <typename scalar_t, int TAPS>
+MANUALGRAD_VECTOR_CLONES void weight_nhwc_run(double* __restrict acc, int64_t acc_stride, const scalar_t* __restrict grad,
+                                              const scalar_t* __restrict image, const int64_t* __restrict offset,
+                                              int64_t count, int64_t step, int64_t cb, int64_t C) {
+  using vec = typename Vec64<scalar_t>::type;
+  constexpr int64_t L = Vec64<scalar_t>::lanes;
+  int64_t off[TAPS];
+  for (int k = 0; k < TAPS; ++k) off[k] = offset[k];
+  int64_t c = 0;
+  for (; c + L <= cb; c += L) {
+    vec sum[TAPS];
+    for (int k = 0; k < TAPS; ++k) sum[k] = vec{};
+    for (int64_t p = 0; p < count; ++p) {
+      vec gv, x;
+      load_vec(gv, grad + p * C + c);
+      const scalar_t* at = image + p * step + c;
+      for (int k = 0; k < TAPS; ++k) {
+        load_vec(x, at + off[k]);
+        sum[k] += gv * x;
+      }
+    }
+    for (int k = 0; k < TAPS; ++k)
+      for (int64_t l = 0; l < L; ++l) acc[k * acc_stride + c + l] += double(sum[k][l]);
+  }
+  for (; c < cb; ++c) {
+    for (int k = 0; k < TAPS; ++k) {
+      scalar_t sum = 0;
+      for (int64_t p = 0; p < count; ++p) sum += grad[p * C + c] * image[p * step + off[k] + c];
+      acc[k * acc_stride + c] += double(sum);
+    }
+  }
+}
+
 // One tap's share of the NHWC weight gradient over a run of one output row: for each of `cb` channels, the sum
 // over k < count of grad[k*C + c] * in[k*in_step + c], formed in scalar_t (a vector of channels in a register
 // across the run) and then added to acc[c] in double. So each weight-gradient entry is, in double, the sum over
@@ -453,35 +518,25 @@ void forward_nhwc_kernel(scalar_t* out, const scalar_t* in, const scalar_t* wt, 
                          const Geometry& g) {
   const int64_t C = g.in_channels;
   const int64_t taps = g.win.kernel_h * g.win.kernel_w;
-  const Window& w = g.win;
-  // Within a row whose kernel rows all lie inside the input, the outputs [ow_lo, ow_hi) whose taps all do (3x3
-  // and 5x5 kernels): runs of forward_nhwc_run, with tap k at offset[k] from the run's first pixel.
-  const bool runs = taps == 9 || taps == 25;
-  const int64_t ow_lo = std::min(g.out_w, ceil_div(w.pad_w, w.stride_w));
-  const int64_t span_w = (w.kernel_w - 1) * w.dilation_w;
-  const int64_t ow_hi = g.in_w - 1 - span_w + w.pad_w < 0 ? ow_lo
-                        : std::max(ow_lo, std::min(g.out_w, (g.in_w - 1 - span_w + w.pad_w) / w.stride_w + 1));
-  std::vector<int64_t> offset(taps);
-  for (int64_t i = 0; i < w.kernel_h; ++i)
-    for (int64_t j = 0; j < w.kernel_w; ++j) offset[i * w.kernel_w + j] = (i * w.dilation_h * g.in_w + j * w.dilation_w) * C;
+  const InteriorRuns runs(g, C);  // the outputs whose taps all lie inside: forward_nhwc_run
   // Tasks own output rows (n, oh), so each output is computed whole by one task in one order.
   at::parallel_for(0, g.batch * g.out_h, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> pixels(taps), inside(taps);  // the taps of one output pixel that lie inside the input
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / g.out_h, oh = row % g.out_h;
       const scalar_t* image = in + n * g.in_h * g.in_w * C;
-      const int64_t ih0 = oh * w.stride_h - w.pad_h;
-      const bool row_inside = runs && ih0 >= 0 && ih0 + (w.kernel_h - 1) * w.dilation_h < g.in_h && ow_lo < ow_hi;
+      int64_t first;
+      const bool row_runs = runs.row(g, oh, first);
       for (int64_t ow = 0; ow < g.out_w; ++ow) {
-        if (row_inside && ow == ow_lo) {
-          const scalar_t* first = image + (ih0 * g.in_w + ow_lo * w.stride_w - w.pad_w) * C;
-          scalar_t* o = out + (row * g.out_w + ow_lo) * C;
+        if (row_runs && ow == runs.ow_lo) {
+          scalar_t* o = out + (row * g.out_w + ow) * C;
+          const int64_t count = runs.ow_hi - runs.ow_lo, step = g.win.stride_w * C;
           if (taps == 9) {
-            forward_nhwc_run<scalar_t, 9>(o, first, wt, bias, offset.data(), ow_hi - ow_lo, w.stride_w * C, C);
+            forward_nhwc_run<scalar_t, 9>(o, image + first * C, wt, bias, runs.offset.data(), count, step, C);
           } else {
-            forward_nhwc_run<scalar_t, 25>(o, first, wt, bias, offset.data(), ow_hi - ow_lo, w.stride_w * C, C);
+            forward_nhwc_run<scalar_t, 25>(o, image + first * C, wt, bias, runs.offset.data(), count, step, C);
           }
-          ow = ow_hi - 1;
+          ow = runs.ow_hi - 1;
           continue;
         }
         int64_t count = 0;
@@ -529,6 +584,7 @@ void backward_weight_nhwc_kernel(scalar_t* gw, const scalar_t* go, const scalar_
   // the time of blocks of 64 on 2 threads). Each channel's sums are the same whatever block it is in (a vector
   // lane computes exactly what the scalar loop does), so the results do not depend on the thread count.
   const int64_t per_block = ceil_div(C, kChannelBlock) >= 2 * at::get_num_threads() ? kChannelBlock : 16;
+  const InteriorRuns runs(g, C);
   at::parallel_for(0, ceil_div(C, per_block), 1, [&](int64_t begin, int64_t end) {
     std::vector<double> acc(taps * kChannelBlock);
     for (int64_t block = begin; block < end; ++block) {
@@ -538,19 +594,39 @@ void backward_weight_nhwc_kernel(scalar_t* gw, const scalar_t* go, const scalar_
         const scalar_t* image = in + n * g.in_h * g.in_w * C + c0;
         for (int64_t oh = 0; oh < g.out_h; ++oh) {
           const scalar_t* grad_row = go + (n * g.out_h + oh) * g.out_w * C + c0;
-          for (int64_t i = 0; i < w.kernel_h; ++i) {
-            const int64_t ih = oh * w.stride_h - w.pad_h + i * w.dilation_h;
-            if (ih < 0 || ih >= g.in_h) continue;
-            for (int64_t j = 0; j < w.kernel_w; ++j) {
-              // the outputs of this row whose tap j sees a column iw = ow * stride_w + shift inside the input
-              const int64_t shift = j * w.dilation_w - w.pad_w;
-              int64_t ow0, ow1;
-              outputs_inside(0, g.out_w, shift, w.stride_w, g.in_w, ow0, ow1);
-              if (ow1 > ow0)
-                dot_run_channels(acc.data() + (i * w.kernel_w + j) * kChannelBlock, grad_row + ow0 * C,
-                                 image + (ih * g.in_w + ow0 * w.stride_w + shift) * C, ow1 - ow0, w.stride_w * C, cb, C);
+          // Tap by tap over the outputs [a, b) of this row.
+          const auto taps_over = [&](int64_t a, int64_t b) {
+            for (int64_t i = 0; i < w.kernel_h; ++i) {
+              const int64_t ih = oh * w.stride_h - w.pad_h + i * w.dilation_h;
+              if (ih < 0 || ih >= g.in_h) continue;
+              for (int64_t j = 0; j < w.kernel_w; ++j) {
+                // the outputs whose tap j sees a column iw = ow * stride_w + shift inside the input
+                const int64_t shift = j * w.dilation_w - w.pad_w;
+                int64_t ow0, ow1;
+                outputs_inside(a, b, shift, w.stride_w, g.in_w, ow0, ow1);
+                if (ow1 > ow0)
+                  dot_run_channels(acc.data() + (i * w.kernel_w + j) * kChannelBlock, grad_row + ow0 * C,
+                                   image + (ih * g.in_w + ow0 * w.stride_w + shift) * C, ow1 - ow0, w.stride_w * C, cb, C);
+              }
             }
+          };
+          int64_t first;
+          if (!runs.row(g, oh, first)) {
+            taps_over(0, g.out_w);
+            continue;
           }
+          // The run whose taps all lie inside, all taps at once (weight_nhwc_run), then the outputs at the edges.
+          const scalar_t* at = image + first * C;
+          const int64_t count = runs.ow_hi - runs.ow_lo, step = w.stride_w * C;
+          if (taps == 9) {
+            weight_nhwc_run<scalar_t, 9>(acc.data(), kChannelBlock, grad_row + runs.ow_lo * C, at, runs.offset.data(),
+                                         count, step, cb, C);
+          } else {
+            weight_nhwc_run<scalar_t, 25>(acc.data(), kChannelBlock, grad_row + runs.ow_lo * C, at, runs.offset.data(),
+                                          count, step, cb, C);
+          }
+          taps_over(0, runs.ow_lo);
+          taps_over(runs.ow_hi, g.out_w);
         }
       }
       for (int64_t tap = 0; tap < taps; ++tap)
