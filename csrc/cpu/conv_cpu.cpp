@@ -823,14 +823,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
   at::Tensor winograd_input, winograd_weight;
   if (winograd_applies(input_, g, /*backward=*/false)) {
     const at::MemoryFormat format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-    if (output_mask[0] && winograd_applies(input_, g, /*backward=*/true)) {
-      winograd_input = winograd_backward_input_cpu(grad_output_, weight_.contiguous(), g, format);
-      mask[0] = false;
-    }
-    if (output_mask[1]) {
-      winograd_weight = winograd_backward_weight_cpu(grad_output_, input_, g, format);
-      mask[1] = false;
-    }
+    mask[0] = output_mask[0] && !winograd_applies(input_, g, /*backward=*/true);
+    mask[1] = false;
+    std::tie(winograd_input, winograd_weight) = winograd_backward_cpu(
+        grad_output_, input_, weight_.contiguous(), g, format, output_mask[0] && !mask[0], output_mask[1]);
   }
   using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
   const auto with_winograd = [&](const Grads& grads) -> Grads {

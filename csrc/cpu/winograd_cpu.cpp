@@ -304,8 +304,7 @@ void split_columns(float* even, float* odd, int64_t ld, int rows, const float* p
 // One block of tile rows, computed in three steps, each over a range that the caller may split among threads.
 class BlockWork {
  public:
-  // The forward's operands (input, u, bias, output) or the weight gradient's (input, grad_output); v and m are the
-  // block's scratch: V (16 · in_c · block_tiles) and M or dM (16 · out_c · block_tiles).
+  // The forward's operands (input, u, bias, output) or the weight gradient's (input, grad_output).
   struct Operands {
     const float* input = nullptr;
     const float* u = nullptr;
@@ -313,8 +312,11 @@ class BlockWork {
     float* output = nullptr;
     const float* grad_output = nullptr;
   };
-  BlockWork(const Plan& p, const Operands& o, float* v, float* m)
-      : p_(p), input_(o.input), u_(o.u), bias_(o.bias), output_(o.output), grad_output_(o.grad_output), v_(v), m_(m) {}
+  // Allocates the block's scratch: V (16 · in_c · block_tiles), then M or dM (16 · out_c · block_tiles).
+  BlockWork(const Plan& p, const Operands& o)
+      : p_(p), input_(o.input), u_(o.u), bias_(o.bias), output_(o.output), grad_output_(o.grad_output),
+        scratch_(at::empty({16 * (p.in_c + p.out_c) * p.block_tiles()}, at::kFloat)), v_(scratch_.data_ptr<float>()),
+        m_(v_ + 16 * p.in_c * p.block_tiles()) {}
 
   void set_block(int64_t block) {
     first_row_ = block * p_.rows_per_block;
@@ -485,6 +487,7 @@ class BlockWork {
   const float* bias_;
   float* output_;
   const float* grad_output_;
+  at::Tensor scratch_;
   float* v_;
   float* m_;
   int64_t first_row_ = 0, rows_ = 0;
@@ -492,15 +495,9 @@ class BlockWork {
 
 // output = the convolution of input with the transformed weights u (16, out_c, in_c), + bias (may be null).
 void winograd_conv(float* output, const float* input, const float* u, const float* bias, const Plan& p) {
-  const int64_t scratch = 16 * (p.in_c + p.out_c) * p.block_tiles();
-  const auto buffers = [&](at::Tensor& s) {
-    return std::pair{s.data_ptr<float>(), s.data_ptr<float>() + 16 * p.in_c * p.block_tiles()};
-  };
   if (p.blocks() >= 2 * at::get_num_threads()) {  // enough blocks: each task computes whole blocks
     parallel_tasks(p.blocks(), [&](int64_t begin, int64_t end) {
-      at::Tensor s = at::empty({scratch}, at::kFloat);
-      const auto [v, m] = buffers(s);
-      BlockWork work(p, {input, u, bias, output}, v, m);
+      BlockWork work(p, {input, u, bias, output});
       for (int64_t block = begin; block < end; ++block) {
         work.set_block(block);
         work.transform_input(0, work.input_units());
@@ -511,9 +508,7 @@ void winograd_conv(float* output, const float* input, const float* u, const floa
     return;
   }
   // Few blocks (small images): the threads share each block's steps.
-  at::Tensor s = at::empty({scratch}, at::kFloat);
-  const auto [v, m] = buffers(s);
-  BlockWork work(p, {input, u, bias, output}, v, m);
+  BlockWork work(p, {input, u, bias, output});
   for (int64_t block = 0; block < p.blocks(); ++block) {
     work.set_block(block);
     parallel_tasks(work.input_units(), [&](int64_t u0, int64_t u1) { work.transform_input(u0, u1); });
@@ -530,12 +525,10 @@ at::Tensor winograd_weight_taps(const float* input, const float* grad_output, co
   const int64_t uc = p.out_c * p.in_c;
   const int64_t slots = p.blocks() < kMinSlotBlocks ? 1 : std::max<int64_t>(1, std::min(kMaxSlots, kMaxSlotElems / (16 * uc)));
   at::Tensor du = at::empty({slots, 16, p.out_c, p.in_c}, at::kFloat);
-  const int64_t scratch = 16 * (p.in_c + p.out_c) * p.block_tiles();
   const BlockWork::Operands operands{input, nullptr, nullptr, nullptr, grad_output};
   if (slots > 1) {
     parallel_tasks(slots, [&](int64_t begin, int64_t end) {
-      at::Tensor s = at::empty({scratch}, at::kFloat);
-      BlockWork work(p, operands, s.data_ptr<float>(), s.data_ptr<float>() + 16 * p.in_c * p.block_tiles());
+      BlockWork work(p, operands);
       for (int64_t slot = begin; slot < end; ++slot) {
         for (int64_t block = slot; block < p.blocks(); block += slots) {
           work.set_block(block);
@@ -547,8 +540,7 @@ at::Tensor winograd_weight_taps(const float* input, const float* grad_output, co
     });
     for (int64_t slot = 1; slot < slots; ++slot) du[0].add_(du[slot]);
   } else {
-    at::Tensor s = at::empty({scratch}, at::kFloat);
-    BlockWork work(p, operands, s.data_ptr<float>(), s.data_ptr<float>() + 16 * p.in_c * p.block_tiles());
+    BlockWork work(p, operands);
     for (int64_t block = 0; block < p.blocks(); ++block) {
       work.set_block(block);
       parallel_tasks(work.input_units(), [&](int64_t u0, int64_t u1) { work.transform_input(u0, u1); });
@@ -595,29 +587,30 @@ at::Tensor winograd_forward_cpu(const at::Tensor& input, const at::Tensor& weigh
   return output.contiguous(format);
 }
 
-at::Tensor winograd_backward_input_cpu(const at::Tensor& grad_output, const at::Tensor& weight, const Geometry& g,
-                                       at::MemoryFormat format) {
+std::pair<at::Tensor, at::Tensor> winograd_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
+                                                        const at::Tensor& weight, const Geometry& g,
+                                                        at::MemoryFormat format, bool want_input, bool want_weight) {
   const bool nhwc = format == at::MemoryFormat::ChannelsLast || !nchw_pays(g);
   const at::MemoryFormat layout = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  // A convolution of grad_output (C_out channels) into grad_input (C_in) with the flipped, transposed filters.
-  const Plan p(g.batch, g.out_channels, g.in_channels, g.out_h, g.out_w, 2 - g.win.pad_h, 2 - g.win.pad_w, nhwc);
-  const at::Tensor go = grad_output.contiguous(layout);
-  at::Tensor grad_input = at::empty({g.batch, g.in_channels, g.in_h, g.in_w}, grad_output.options().memory_format(layout));
-  const at::Tensor u = transform_weights(weight.flip({2, 3}).permute({2, 3, 1, 0}).contiguous());  // of (C_in, C_out)
-  winograd_conv(grad_input.data_ptr<float>(), go.const_data_ptr<float>(), u.const_data_ptr<float>(), nullptr, p);
-  return grad_input.contiguous(format);
-}
-
-at::Tensor winograd_backward_weight_cpu(const at::Tensor& grad_output, const at::Tensor& input, const Geometry& g,
-                                        at::MemoryFormat format) {
-  const bool nhwc = format == at::MemoryFormat::ChannelsLast || !nchw_pays(g);
-  const at::MemoryFormat layout = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  const Plan p(g.batch, g.in_channels, g.out_channels, g.in_h, g.in_w, g.win.pad_h, g.win.pad_w, nhwc);
-  const at::Tensor x = input.contiguous(layout), go = grad_output.contiguous(layout);
-  const at::Tensor taps = winograd_weight_taps(x.const_data_ptr<float>(), go.const_data_ptr<float>(), p);
-  at::Tensor grad_weight = at::empty({g.out_channels, g.in_channels, 3, 3}, input.options().memory_format(format));
-  grad_weight.copy_(taps.view({3, 3, g.out_channels, g.in_channels}).permute({2, 3, 0, 1}));
-  return grad_weight;
+  at::Tensor grad_input, grad_weight;
+  if (!want_input && !want_weight) return {grad_input, grad_weight};
+  const at::Tensor go = grad_output.contiguous(layout);  // once for both gradients
+  if (want_input) {
+    // A convolution of grad_output (C_out channels) into grad_input (C_in) with the flipped, transposed filters.
+    const Plan p(g.batch, g.out_channels, g.in_channels, g.out_h, g.out_w, 2 - g.win.pad_h, 2 - g.win.pad_w, nhwc);
+    grad_input = at::empty({g.batch, g.in_channels, g.in_h, g.in_w}, grad_output.options().memory_format(layout));
+    const at::Tensor u = transform_weights(weight.flip({2, 3}).permute({2, 3, 1, 0}).contiguous());  // of (C_in, C_out)
+    winograd_conv(grad_input.data_ptr<float>(), go.const_data_ptr<float>(), u.const_data_ptr<float>(), nullptr, p);
+    grad_input = grad_input.contiguous(format);
+  }
+  if (want_weight) {
+    const Plan p(g.batch, g.in_channels, g.out_channels, g.in_h, g.in_w, g.win.pad_h, g.win.pad_w, nhwc);
+    const at::Tensor x = input.contiguous(layout);
+    const at::Tensor taps = winograd_weight_taps(x.const_data_ptr<float>(), go.const_data_ptr<float>(), p);
+    grad_weight = at::empty({g.out_channels, g.in_channels, 3, 3}, input.options().memory_format(format));
+    grad_weight.copy_(taps.view({3, 3, g.out_channels, g.in_channels}).permute({2, 3, 0, 1}));
+  }
+  return {grad_input, grad_weight};
 }
 
 }  // namespace manualgrad

@@ -16,11 +16,11 @@ bool winograd_applies(const at::Tensor& input, const Geometry& g, bool backward)
 // `format` (Contiguous or ChannelsLast), whatever the input's layout.
 at::Tensor winograd_forward_cpu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                                 const Geometry& g, at::MemoryFormat format);
-// grad_input (N, C_in, H, W), in `format`, from grad_output (N, C_out, OH, OW) and weight (C_out, C_in, 3, 3).
-at::Tensor winograd_backward_input_cpu(const at::Tensor& grad_output, const at::Tensor& weight, const Geometry& g,
-                                       at::MemoryFormat format);
-// grad_weight (C_out, C_in, 3, 3), in `format`, from grad_output (N, C_out, OH, OW) and input (N, C_in, H, W).
-at::Tensor winograd_backward_weight_cpu(const at::Tensor& grad_output, const at::Tensor& input, const Geometry& g,
-                                        at::MemoryFormat format);
+// (grad_input (N, C_in, H, W), grad_weight (C_out, C_in, 3, 3)), each in `format` and undefined unless wanted, from
+// grad_output (N, C_out, OH, OW), input (N, C_in, H, W; read for the weight gradient only) and weight. The input
+// gradient needs padding <= 2 (winograd_applies with backward=true).
+std::pair<at::Tensor, at::Tensor> winograd_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
+                                                        const at::Tensor& weight, const Geometry& g,
+                                                        at::MemoryFormat format, bool want_input, bool want_weight);
 
 }  // namespace manualgrad
