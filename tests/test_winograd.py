@@ -171,6 +171,32 @@ def test_bit_identical_at_every_thread_count(case, layout):
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
 
 
+@pytest.mark.parametrize("layout", ["ncdhw", "channels_last_3d"])
+@pytest.mark.parametrize("shape", [(2, 16, 16, 6, 28, 28), (1, 24, 16, 3, 14, 14)], ids=["blocks", "shared-blocks"])
+def test_conv3d_bit_identical_at_every_thread_count(shape, layout):
+    """The 3-d Winograd path in its one-task-per-block and shared-block modes (and the weight gradient's slots)."""
+    n, c, k, d, h, w = shape
+    gen = torch.Generator().manual_seed(23)
+    x = torch.randn(n, c, d, h, w, generator=gen)
+    if layout == "channels_last_3d":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    weight = torch.randn(k, c, 3, 3, 3, generator=gen) / (c * 27) ** 0.5
+    bias = torch.randn(k, generator=gen)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            xs, ws = x.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+            out = tmg.functional.conv3d(xs, ws, bias, padding=1)
+            go = torch.randn(out.shape, generator=torch.Generator().manual_seed(24))
+            results.append((out.detach(), *torch.autograd.grad(out, (xs, ws), go)))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
 def test_non_contiguous_operands():
     x, weight, bias, p = make((2, 32, 24, 20, 18, 1), seed=11)
     xs = torch.randn(2, 64, 20, 18)[:, ::2]  # sliced channels
@@ -207,13 +233,17 @@ def test_weight_gradient_error(case, layout):
     "n, c, k, d, h, w, kernel, kwargs",
     [
         (2, 16, 24, 5, 14, 15, (3, 3, 3), dict(padding=1)),
-        (1, 20, 16, 4, 16, 14, (2, 3, 3), dict(padding=(0, 1, 1), stride=(2, 1, 1))),
         (2, 16, 16, 6, 15, 16, (3, 3, 3), dict(padding=(2, 0, 1), dilation=(2, 1, 1))),
+        (1, 20, 16, 4, 16, 14, (2, 3, 3), dict(padding=(3, 1, 2))),  # depth padding beyond the kernel's reach
+        (2, 16, 17, 3, 14, 14, (1, 3, 3), dict(padding=(0, 1, 1))),
+        (1, 20, 16, 4, 16, 14, (2, 3, 3), dict(padding=(0, 1, 1), stride=(2, 1, 1))),  # depth stride 2
     ],
 )
-def test_conv3d_through_depth_taps(n, c, k, d, h, w, kernel, kwargs, layout, winograd_off):
-    """A 3-d convolution whose kernel is 3x3 and stride 1 in the plane runs as 2-d Winograd convolutions, one per
-    depth tap (depth_taps.h), whatever its depth stride, dilation and padding."""
+def test_conv3d(n, c, k, d, h, w, kernel, kwargs, layout, winograd_off):
+    """A 3-d convolution whose kernel is 3x3 and stride 1 in the plane and in depth runs through Winograd with its depth
+    taps as extra input channels, whatever its depth kernel, dilation and padding. With a depth stride, the
+    channels-last one sums 2-d Winograd convolutions over its depth taps (depth_taps.h) and the NCDHW one takes the
+    volume im2col."""
     gen = torch.Generator().manual_seed(21)
     x = torch.randn(n, c, d, h, w, generator=gen)
     if layout == "channels_last_3d":
@@ -231,7 +261,9 @@ def test_conv3d_through_depth_taps(n, c, k, d, h, w, kernel, kwargs, layout, win
         return (out.detach(), *torch.autograd.grad(out, (xs, ws), go))
 
     ours, im2col, truth = run(), winograd_off(run), run(torch.float64)
+    winograd = kwargs.get("stride", 1) == 1 or layout == "channels_last_3d"
     for a, b, t in zip(ours, im2col, truth):
         assert relative_error(a, t) < 1e-6
+        assert a.is_contiguous(memory_format=torch.channels_last_3d) == b.is_contiguous(memory_format=torch.channels_last_3d)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * max(1.0, b.abs().max().item()))
-        assert not torch.equal(a, b)
+        assert torch.equal(a, b) != winograd

@@ -1,7 +1,8 @@
 // conv_cpu.cpp — convolution forward and backward on the CPU; 1-d runs as 2-d of height 1. 3-d in NCDHW runs
 // the same NCHW kernels, whose im2col and col2im walk volumes (a column holds all KD*KH*KW taps, so one GEMM
 // has K = C*KD*KH*KW); a channels_last_3d or depthwise 3-d convolution is a sum of 2-d ones over the kernel's
-// depth taps (depth_taps.h), which keeps the NHWC and depthwise kernels and their layouts. (For 3x3x3 over
+// depth taps (depth_taps.h), which keeps the NHWC and depthwise kernels and their layouts. Float32 3x3
+// stride-1 convolutions, 2-d and 3-d in either layout, go to Winograd (winograd_cpu.cpp). (For 3x3x3 over
 // 32 channels at 64^3 the volume im2col took 0.75x the time of the depth taps forward; channels_last_3d inputs
 // through NCDHW copies took 1.1-1.6x the taps' time.)
 //   forward:      columns = im2col(input[n]);  output[n, g] = weight[g] @ columns[g] (+ bias)
@@ -618,13 +619,12 @@ at::Tensor conv_forward_cpu(const at::Tensor& input_, const at::Tensor& weight_,
     return conv_forward_cpu(f(input_), f(weight_), bias_f, stride, padding, dilation, groups).to(input_.scalar_type());
   }
   const bool channels_last = channels_last_result(input_, g);
-  if (g.spatial_dims == 3 && (channels_last || is_depthwise(g) || winograd_applies(input_, g, /*backward=*/false)))
-    return conv3d_forward_by_depth(input_, weight_, bias, g, channels_last, conv_forward_cpu);  // sum over depth taps
-  if (winograd_applies(input_, g, /*backward=*/false)) {  // 3x3 stride 1 (winograd_cpu.cpp), in either layout
-    const at::MemoryFormat format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  if (winograd_applies(input_, g, /*backward=*/false)) {  // 3x3 stride 1 in the plane (winograd_cpu.cpp), any layout
     const at::Tensor bias_ = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
-    return winograd_forward_cpu(input_, weight_.contiguous(), bias_, g, format);
+    return winograd_forward_cpu(input_, weight_, bias_, g, channels_last);
   }
+  if (g.spatial_dims == 3 && (channels_last || is_depthwise(g)))
+    return conv3d_forward_by_depth(input_, weight_, bias, g, channels_last, conv_forward_cpu);  // sum over depth taps
   if (channels_last && !g.empty() && (!is_depthwise(g) || depthwise_nhwc_supported(g)))
     return conv_forward_nhwc(input_, weight_, bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor(), g);
   if (channels_last)  // depthwise with a channel multiplier: the NCHW kernel, its result laid out as promised
@@ -810,8 +810,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
     const auto back = [&](const at::Tensor& t) { return t.defined() ? t.to(input_.scalar_type()) : t; };
     return {back(std::get<0>(grads)), back(std::get<1>(grads)), back(std::get<2>(grads))};
   }
-  if (g.spatial_dims == 3 &&  // over depth taps (depth_taps.h)
-      (channels_last_result(input_, g) || is_depthwise(g) || winograd_applies(input_, g, /*backward=*/false))) {
+  if (g.spatial_dims == 3 && (channels_last_result(input_, g) || is_depthwise(g)) &&  // over depth taps (depth_taps.h)
+      !winograd_applies(input_, g, /*backward=*/false)) {
     auto [grad_input, grad_weight] = conv3d_backward_by_depth(grad_output_, input_, weight_, g, channels_last_result(input_, g),
                                                               output_mask[0], output_mask[1], conv_backward_cpu);
     return {grad_input, grad_weight, output_mask[2] ? conv_backward_bias_cpu(grad_output_.contiguous(), g) : at::Tensor()};
@@ -822,11 +822,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
   std::array<bool, 3> mask = output_mask;
   at::Tensor winograd_input, winograd_weight;
   if (winograd_applies(input_, g, /*backward=*/false)) {
-    const at::MemoryFormat format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
     mask[0] = output_mask[0] && !winograd_applies(input_, g, /*backward=*/true);
     mask[1] = false;
     std::tie(winograd_input, winograd_weight) = winograd_backward_cpu(
-        grad_output_, input_, weight_.contiguous(), g, format, output_mask[0] && !mask[0], output_mask[1]);
+        grad_output_, input_, weight_, g, channels_last, output_mask[0] && !mask[0], output_mask[1]);
+    if (g.spatial_dims == 3)  // both gradients are Winograd's (winograd_applies)
+      return {winograd_input, winograd_weight,
+              output_mask[2] ? conv_backward_bias_cpu(grad_output_.contiguous(), g) : at::Tensor()};
   }
   using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
   const auto with_winograd = [&](const Grads& grads) -> Grads {

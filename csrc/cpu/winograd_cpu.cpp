@@ -53,21 +53,50 @@ bool nchw_pays(const Geometry& g) {
   return std::min(g.out_h, g.out_w) >= kNchwSide && g.in_channels + g.out_channels <= kMaxChannelSum;
 }
 
-// One convolution in Winograd's terms: `in_c` channels of (in_h, in_w) → `out_c` of (out_h, out_w).
+// One convolution in Winograd's terms: `in_c` channels of (in_h, in_w) → `out_c` of (out_h, out_w). A 3-d one
+// (3x3 in the plane, stride 1 in depth) has images (n, od), one per output depth: tap kd of its kernel reads input
+// depth od + kd * dilation_d - pad_d (zero outside), and the taps are summed as extra input channels, V's and U's
+// rows (kd, c) kd-major, so one product per block has K = taps_d * in_c and no per-tap result is ever stored.
+// A 2-d convolution is the 3-d one of depth 1.
 struct Plan {
   int64_t batch, in_c, out_c, in_h, in_w, out_h, out_w, pad_h, pad_w;
+  int64_t in_d, out_d, taps_d, dilation_d, pad_d;
   int64_t tiles_h, tiles_w;   // 2x2 output tiles down and across an image
   int64_t rows_per_block;     // tile rows (one image's row of tiles_w tiles) per block; blocks may span images
   bool nhwc;                  // channels-last input and output (else NCHW)
 
-  Plan(int64_t batch, int64_t in_c, int64_t out_c, int64_t in_h, int64_t in_w, int64_t pad_h, int64_t pad_w, bool nhwc)
-      : batch(batch), in_c(in_c), out_c(out_c), in_h(in_h), in_w(in_w), out_h(in_h + 2 * pad_h - 2),
-        out_w(in_w + 2 * pad_w - 2), pad_h(pad_h), pad_w(pad_w), tiles_h(ceil_div(out_h, 2)),
-        tiles_w(ceil_div(out_w, 2)), rows_per_block(std::max<int64_t>(1, kBlockTiles / tiles_w)), nhwc(nhwc) {}
-  int64_t tile_rows() const { return batch * tiles_h; }
+  // The convolution g itself.
+  static Plan forward(const Geometry& g, bool nhwc) {
+    const Window& w = g.win;
+    return Plan(g.batch, g.in_channels, g.out_channels, g.in_h, g.in_w, w.pad_h, w.pad_w, g.in_d, g.out_d,
+                w.kernel_d, w.dilation_d, w.pad_d, nhwc);
+  }
+  // g's input gradient: the convolution of grad_output with the filters flipped in every dimension and C_in and
+  // C_out swapped, padded by 2 - pad in the plane and dilation_d * (kernel_d - 1) - pad_d in depth.
+  static Plan input_gradient(const Geometry& g, bool nhwc) {
+    const Window& w = g.win;
+    return Plan(g.batch, g.out_channels, g.in_channels, g.out_h, g.out_w, 2 - w.pad_h, 2 - w.pad_w, g.out_d,
+                g.in_d, w.kernel_d, w.dilation_d, w.dilation_d * (w.kernel_d - 1) - w.pad_d, nhwc);
+  }
+
+  int64_t k() const { return taps_d * in_c; }  // V's rows: a product's inner dimension
+  int64_t tile_rows() const { return batch * out_d * tiles_h; }
   int64_t blocks() const { return ceil_div(tile_rows(), rows_per_block); }
   int64_t block_tiles() const { return rows_per_block * tiles_w; }  // V's and M's row length
   int64_t rows_in(int64_t block) const { return std::min(rows_per_block, tile_rows() - block * rows_per_block); }
+  // The input image (n, input depth) that tap kd of output image i = n * out_d + od reads, or -1 in the padding.
+  int64_t input_image(int64_t i, int64_t kd) const {
+    const int64_t d = i % out_d + kd * dilation_d - pad_d;
+    return d >= 0 && d < in_d ? i / out_d * in_d + d : -1;
+  }
+
+ private:
+  Plan(int64_t batch, int64_t in_c, int64_t out_c, int64_t in_h, int64_t in_w, int64_t pad_h, int64_t pad_w,
+       int64_t in_d, int64_t out_d, int64_t taps_d, int64_t dilation_d, int64_t pad_d, bool nhwc)
+      : batch(batch), in_c(in_c), out_c(out_c), in_h(in_h), in_w(in_w), out_h(in_h + 2 * pad_h - 2),
+        out_w(in_w + 2 * pad_w - 2), pad_h(pad_h), pad_w(pad_w), in_d(in_d), out_d(out_d), taps_d(taps_d),
+        dilation_d(dilation_d), pad_d(pad_d), tiles_h(ceil_div(out_h, 2)), tiles_w(ceil_div(out_w, 2)),
+        rows_per_block(std::max<int64_t>(1, kBlockTiles / tiles_w)), nhwc(nhwc) {}
 };
 
 // U[xi][o][i] = (G w G^T)[a][b] for the 3x3 filters w(o, i), i in [0, count), of one o. G = [1 0 0;
@@ -287,12 +316,13 @@ MANUALGRAD_VECTOR_CLONES void filter_grads(float* __restrict taps, const float* 
 }
 
 // Rows row0 .. row0 + rows - 1 of a (height, width) plane, split into even columns (col0 + 2x) and odd ones
-// (col0 + 2x + 1), x < ld, row i at even/odd + i * ld; zero outside the plane.
+// (col0 + 2x + 1), x < ld, row i at even/odd + i * ld; zero outside the plane, and everywhere for a null plane
+// (a depth tap in the padding).
 void split_columns(float* even, float* odd, int64_t ld, int rows, const float* plane, int64_t height, int64_t width,
                    int64_t row0, int64_t col0) {
   for (int i = 0; i < rows; ++i) {
     const int64_t h = row0 + i;
-    const bool inside = h >= 0 && h < height;
+    const bool inside = plane && h >= 0 && h < height;
     for (int64_t x = 0; x < ld; ++x) {
       const int64_t w = col0 + 2 * x;
       even[i * ld + x] = inside && w >= 0 && w < width ? plane[h * width + w] : 0.f;
@@ -312,19 +342,20 @@ class BlockWork {
     float* output = nullptr;
     const float* grad_output = nullptr;
   };
-  // Allocates the block's scratch: V (16 · in_c · block_tiles), then M or dM (16 · out_c · block_tiles).
+  // Allocates the block's scratch: V (16 · k · block_tiles), then M or dM (16 · out_c · block_tiles).
   BlockWork(const Plan& p, const Operands& o)
       : p_(p), input_(o.input), u_(o.u), bias_(o.bias), output_(o.output), grad_output_(o.grad_output),
-        scratch_(at::empty({16 * (p.in_c + p.out_c) * p.block_tiles()}, at::kFloat)), v_(scratch_.data_ptr<float>()),
-        m_(v_ + 16 * p.in_c * p.block_tiles()) {}
+        scratch_(at::empty({16 * (p.k() + p.out_c) * p.block_tiles()}, at::kFloat)), v_(scratch_.data_ptr<float>()),
+        m_(v_ + 16 * p.k() * p.block_tiles()) {}
 
   void set_block(int64_t block) {
     first_row_ = block * p_.rows_per_block;
     rows_ = p_.rows_in(block);
   }
   int64_t tiles() const { return rows_ * p_.tiles_w; }
-  // What the transforms' ranges count: channels in NCHW (each a plane), the block's tiles in channels-last.
-  int64_t input_units() const { return p_.nhwc ? tiles() : p_.in_c; }
+  // What the transforms' ranges count: V's rows (kd, c) or output channels in NCHW (each a plane), the block's tiles
+  // in channels-last.
+  int64_t input_units() const { return p_.nhwc ? tiles() : p_.k(); }
   int64_t output_units() const { return p_.nhwc ? tiles() : p_.out_c; }
 
   // V for input units [begin, end).
@@ -335,19 +366,19 @@ class BlockWork {
       transform_input_nchw(begin, end);
     }
   }
-  // M[xi] = U[xi] V[xi] for xi in [xi0, xi1), in products of kChunk input channels added in order.
+  // M[xi] = U[xi] V[xi] for xi in [xi0, xi1), in products of kChunk rows of V added in order.
   void multiply(int64_t xi0, int64_t xi1) const {
-    const int64_t t = p_.block_tiles(), uc = p_.out_c * p_.in_c;
+    const int64_t t = p_.block_tiles(), k = p_.k(), uc = p_.out_c * k;
     for (int64_t xi = xi0; xi < xi1; ++xi) {
-      for (int64_t c = 0; c < p_.in_c; c += kChunk) {
-        const int64_t cc = std::min(kChunk, p_.in_c - c);
+      for (int64_t c = 0; c < k; c += kChunk) {
+        const int64_t cc = std::min(kChunk, k - c);
         const float beta = c == 0 ? 0.f : 1.f;
-        if (p_.nhwc) {  // M[xi] (tiles, C_out) = V[xi] (tiles, C_in) @ U[xi]^T
-          gemm<float>(false, true, tiles(), p_.out_c, cc, 1.f, v_ + xi * t * p_.in_c + c, p_.in_c, u_ + xi * uc + c,
-                      p_.in_c, beta, m_ + xi * t * p_.out_c, p_.out_c);
-        } else {  // M[xi] (C_out, tiles) = U[xi] @ V[xi] (C_in, tiles)
-          gemm<float>(false, false, p_.out_c, tiles(), cc, 1.f, u_ + xi * uc + c, p_.in_c, v_ + (xi * p_.in_c + c) * t, t,
-                      beta, m_ + xi * p_.out_c * t, t);
+        if (p_.nhwc) {  // M[xi] (tiles, C_out) = V[xi] (tiles, k) @ U[xi]^T
+          gemm<float>(false, true, tiles(), p_.out_c, cc, 1.f, v_ + xi * t * k + c, k, u_ + xi * uc + c, k, beta,
+                      m_ + xi * t * p_.out_c, p_.out_c);
+        } else {  // M[xi] (C_out, tiles) = U[xi] @ V[xi] (k, tiles)
+          gemm<float>(false, false, p_.out_c, tiles(), cc, 1.f, u_ + xi * uc + c, k, v_ + (xi * k + c) * t, t, beta,
+                      m_ + xi * p_.out_c * t, t);
         }
       }
     }
@@ -369,43 +400,58 @@ class BlockWork {
       transform_grad_output_nchw(begin, end);
     }
   }
-  // dU[xi] (out_c, in_c) (+)= dM[xi] @ V[xi]^T over the block's tiles, for xi in [xi0, xi1).
+  // dU[xi] (out_c, k) (+)= dM[xi] @ V[xi]^T over the block's tiles, for xi in [xi0, xi1).
   void multiply_weight(int64_t xi0, int64_t xi1, float* du, bool accumulate) const {
-    const int64_t t = p_.block_tiles(), uc = p_.out_c * p_.in_c;
+    const int64_t t = p_.block_tiles(), k = p_.k(), uc = p_.out_c * k;
     for (int64_t xi = xi0; xi < xi1; ++xi) {
-      if (p_.nhwc) {  // dM[xi] (tiles, C_out), V[xi] (tiles, C_in)
-        gemm<float>(true, false, p_.out_c, p_.in_c, tiles(), 1.f, m_ + xi * t * p_.out_c, p_.out_c,
-                    v_ + xi * t * p_.in_c, p_.in_c, accumulate ? 1.f : 0.f, du + xi * uc, p_.in_c);
-      } else {  // dM[xi] (C_out, tiles), V[xi] (C_in, tiles)
-        gemm<float>(false, true, p_.out_c, p_.in_c, tiles(), 1.f, m_ + xi * p_.out_c * t, t, v_ + xi * p_.in_c * t, t,
-                    accumulate ? 1.f : 0.f, du + xi * uc, p_.in_c);
+      if (p_.nhwc) {  // dM[xi] (tiles, C_out), V[xi] (tiles, k)
+        gemm<float>(true, false, p_.out_c, k, tiles(), 1.f, m_ + xi * t * p_.out_c, p_.out_c, v_ + xi * t * k, k,
+                    accumulate ? 1.f : 0.f, du + xi * uc, k);
+      } else {  // dM[xi] (C_out, tiles), V[xi] (k, tiles)
+        gemm<float>(false, true, p_.out_c, k, tiles(), 1.f, m_ + xi * p_.out_c * t, t, v_ + xi * k * t, t,
+                    accumulate ? 1.f : 0.f, du + xi * uc, k);
       }
     }
   }
 
  private:
-  // V[xi][c][tile] for channels [c0, c1): each tile from four input rows, its columns split by parity.
-  void transform_input_nchw(int64_t c0, int64_t c1) const {
+  // V[xi][u][tile] for rows u = (kd, c) in [u0, u1): each tile from four input rows, its columns split by parity.
+  void transform_input_nchw(int64_t u0, int64_t u1) const {
     const int64_t ld = p_.tiles_w + 1;
-    for_each_tile_row(input_, p_.in_c, p_.in_h, p_.in_w, c0, c1, 4, -p_.pad_h, -p_.pad_w, ld,
-                      [&](int64_t c, int64_t r, const float* even, const float* odd) {
-                        input_tiles(v_ + c * p_.block_tiles() + r * p_.tiles_w, p_.in_c * p_.block_tiles(), even, odd,
+    for_each_tile_row(u0, u1, 4, -p_.pad_h, -p_.pad_w, ld,
+                      [&](int64_t u, int64_t image) {
+                        const int64_t j = p_.input_image(image, u / p_.in_c);
+                        return j < 0 ? nullptr : input_plane(j, u % p_.in_c);
+                      },
+                      p_.in_h, p_.in_w,
+                      [&](int64_t u, int64_t r, const float* even, const float* odd) {
+                        input_tiles(v_ + u * p_.block_tiles() + r * p_.tiles_w, p_.k() * p_.block_tiles(), even, odd,
                                     ld, p_.tiles_w);
                       });
   }
 
-  // For channels [c0, c1) of `planes` (N, channels, height, width) and each of the block's tile rows r (image n,
-  // tile row ty): f(c, r, even, odd) with `rows` rows of the plane from 2 ty + row_offset split by split_columns.
-  template <typename F>
-  void for_each_tile_row(const float* planes, int64_t channels, int64_t height, int64_t width, int64_t c0, int64_t c1,
-                         int rows, int64_t row_offset, int64_t col0, int64_t ld, const F& f) const {
+  // Channel c of input image j (n * in_d + depth) in NC(D)HW: an (in_h, in_w) plane.
+  const float* input_plane(int64_t j, int64_t c) const {
+    return input_ + ((j / p_.in_d * p_.in_c + c) * p_.in_d + j % p_.in_d) * p_.in_h * p_.in_w;
+  }
+  // Channel k of output image i (n * out_d + od) of output-shaped NC(D)HW data: an (out_h, out_w) plane.
+  template <typename T>
+  T* output_plane(T* data, int64_t i, int64_t k) const {
+    return data + ((i / p_.out_d * p_.out_c + k) * p_.out_d + i % p_.out_d) * p_.out_h * p_.out_w;
+  }
+
+  // For units [u0, u1) and each of the block's tile rows r (output image i, tile row ty): f(u, r, even, odd) with
+  // `rows` rows of the (height, width) plane plane_of(u, i) from 2 ty + row_offset split by split_columns.
+  template <typename Plane, typename F>
+  void for_each_tile_row(int64_t u0, int64_t u1, int rows, int64_t row_offset, int64_t col0, int64_t ld,
+                         const Plane& plane_of, int64_t height, int64_t width, const F& f) const {
     std::vector<float> split(2 * rows * ld);  // even columns, then odd ones
-    for (int64_t c = c0; c < c1; ++c) {
+    for (int64_t u = u0; u < u1; ++u) {
       for (int64_t r = 0; r < rows_; ++r) {
-        const int64_t n = (first_row_ + r) / p_.tiles_h, ty = (first_row_ + r) % p_.tiles_h;
-        split_columns(split.data(), split.data() + rows * ld, ld, rows, planes + (n * channels + c) * height * width,
-                      height, width, 2 * ty + row_offset, col0);
-        f(c, r, split.data(), split.data() + rows * ld);
+        const int64_t image = (first_row_ + r) / p_.tiles_h, ty = (first_row_ + r) % p_.tiles_h;
+        split_columns(split.data(), split.data() + rows * ld, ld, rows, plane_of(u, image), height, width,
+                      2 * ty + row_offset, col0);
+        f(u, r, split.data(), split.data() + rows * ld);
       }
     }
   }
@@ -416,22 +462,26 @@ class BlockWork {
     std::vector<float> y(4 * tw);  // y00, y01, y10, y11 of one row of tiles
     for (int64_t k = k0; k < k1; ++k) {
       for (int64_t r = 0; r < rows_; ++r) {
-        const int64_t n = (first_row_ + r) / p_.tiles_h, ty = (first_row_ + r) % p_.tiles_h;
+        const int64_t image = (first_row_ + r) / p_.tiles_h, ty = (first_row_ + r) % p_.tiles_h;
         output_tiles(y.data(), m_ + k * t + r * tw, p_.out_c * t, tw, bias_ ? bias_[k] : 0.f);
-        float* plane = output_ + (n * p_.out_c + k) * p_.out_h * p_.out_w;
-        interleave(plane + 2 * ty * p_.out_w, y.data(), y.data() + tw, p_.out_w);
-        if (2 * ty + 1 < p_.out_h) interleave(plane + (2 * ty + 1) * p_.out_w, y.data() + 2 * tw, y.data() + 3 * tw, p_.out_w);
+        float* out = output_plane(output_, image, k);
+        interleave(out + 2 * ty * p_.out_w, y.data(), y.data() + tw, p_.out_w);
+        if (2 * ty + 1 < p_.out_h) interleave(out + (2 * ty + 1) * p_.out_w, y.data() + 2 * tw, y.data() + 3 * tw, p_.out_w);
       }
     }
   }
 
-  // V[xi][tile][c] for the block's tiles [t0, t1).
+  // V[xi][tile][(kd, c)] for the block's tiles [t0, t1).
   void transform_input_nhwc(int64_t t0, int64_t t1) const {
     const std::vector<float> zeros(p_.in_c, 0.f);
     const float* d[16];
     for (int64_t t = t0; t < t1; ++t) {
-      tile_pixels(input_, p_.in_h, p_.in_w, p_.in_c, t, 4, -p_.pad_h, -p_.pad_w, zeros.data(), d);
-      input_vectors(v_ + t * p_.in_c, p_.block_tiles() * p_.in_c, d, p_.in_c);
+      for (int64_t kd = 0; kd < p_.taps_d; ++kd) {
+        const int64_t j = p_.input_image(tile_image(t), kd);
+        tile_pixels(j < 0 ? nullptr : input_ + j * p_.in_h * p_.in_w * p_.in_c, p_.in_h, p_.in_w, p_.in_c, t, 4,
+                    -p_.pad_h, -p_.pad_w, zeros.data(), d);
+        input_vectors(v_ + t * p_.k() + kd * p_.in_c, p_.block_tiles() * p_.k(), d, p_.in_c);
+      }
     }
   }
 
@@ -440,23 +490,27 @@ class BlockWork {
     std::vector<float> spare(p_.out_c), zeros(p_.out_c, 0.f);  // outputs beyond the image; no bias
     float* y[4];
     for (int64_t t = t0; t < t1; ++t) {
-      tile_pixels(output_, p_.out_h, p_.out_w, p_.out_c, t, 2, 0, 0, spare.data(), y);
+      tile_pixels(image_pixels(output_, t), p_.out_h, p_.out_w, p_.out_c, t, 2, 0, 0, spare.data(), y);
       output_vectors(y, m_ + t * p_.out_c, p_.block_tiles() * p_.out_c, bias_ ? bias_ : zeros.data(), p_.out_c);
     }
   }
 
-  // ptr[size * i + j] = pixel (2 ty + offset_h + i, 2 tx + offset_w + j) of the block's tile t in channels-last
-  // data (N, height, width, channels), or `outside` where that lies beyond the image.
+  // The output image of the block's tile t, and its first pixel in channels-last output-shaped data.
+  int64_t tile_image(int64_t t) const { return (first_row_ + t / p_.tiles_w) / p_.tiles_h; }
   template <typename T>
-  void tile_pixels(T* data, int64_t height, int64_t width, int64_t channels, int64_t t, int size, int64_t offset_h,
+  T* image_pixels(T* data, int64_t t) const { return data + tile_image(t) * p_.out_h * p_.out_w * p_.out_c; }
+
+  // ptr[size * i + j] = pixel (2 ty + offset_h + i, 2 tx + offset_w + j) of the block's tile t in the channels-last
+  // image (height, width, channels) at `image`, or `outside` where that lies beyond it (everywhere for a null image).
+  template <typename T>
+  void tile_pixels(T* image, int64_t height, int64_t width, int64_t channels, int64_t t, int size, int64_t offset_h,
                    int64_t offset_w, T* outside, T** ptr) const {
-    const int64_t row = first_row_ + t / p_.tiles_w, tx = t % p_.tiles_w;
-    const int64_t n = row / p_.tiles_h, ty = row % p_.tiles_h;
+    const int64_t ty = (first_row_ + t / p_.tiles_w) % p_.tiles_h, tx = t % p_.tiles_w;
     for (int i = 0; i < size; ++i) {
       for (int j = 0; j < size; ++j) {
         const int64_t h = 2 * ty + offset_h + i, w = 2 * tx + offset_w + j;
-        const bool inside = h >= 0 && h < height && w >= 0 && w < width;
-        ptr[size * i + j] = inside ? data + ((n * height + h) * width + w) * channels : outside;
+        const bool inside = image && h >= 0 && h < height && w >= 0 && w < width;
+        ptr[size * i + j] = inside ? image + (h * width + w) * channels : outside;
       }
     }
   }
@@ -464,7 +518,9 @@ class BlockWork {
   // dM[xi][k][tile] for output channels [k0, k1): each tile from two gradient rows, its columns split by parity.
   void transform_grad_output_nchw(int64_t k0, int64_t k1) const {
     const int64_t ld = p_.tiles_w;
-    for_each_tile_row(grad_output_, p_.out_c, p_.out_h, p_.out_w, k0, k1, 2, 0, 0, ld,
+    for_each_tile_row(k0, k1, 2, 0, 0, ld,
+                      [&](int64_t k, int64_t image) { return output_plane(grad_output_, image, k); },
+                      p_.out_h, p_.out_w,
                       [&](int64_t k, int64_t r, const float* even, const float* odd) {
                         grad_tiles(m_ + k * p_.block_tiles() + r * p_.tiles_w, p_.out_c * p_.block_tiles(), even, odd,
                                    ld, p_.tiles_w);
@@ -476,7 +532,7 @@ class BlockWork {
     const std::vector<float> zeros(p_.out_c, 0.f);
     const float* y[4];
     for (int64_t t = t0; t < t1; ++t) {
-      tile_pixels(grad_output_, p_.out_h, p_.out_w, p_.out_c, t, 2, 0, 0, zeros.data(), y);
+      tile_pixels(image_pixels(grad_output_, t), p_.out_h, p_.out_w, p_.out_c, t, 2, 0, 0, zeros.data(), y);
       grad_vectors(m_ + t * p_.out_c, p_.block_tiles() * p_.out_c, y, p_.out_c);
     }
   }
@@ -493,7 +549,7 @@ class BlockWork {
   int64_t first_row_ = 0, rows_ = 0;
 };
 
-// output = the convolution of input with the transformed weights u (16, out_c, in_c), + bias (may be null).
+// output = the convolution of input with the transformed weights u (16, out_c, k), + bias (may be null).
 void winograd_conv(float* output, const float* input, const float* u, const float* bias, const Plan& p) {
   if (p.blocks() >= 2 * at::get_num_threads()) {  // enough blocks: each task computes whole blocks
     parallel_tasks(p.blocks(), [&](int64_t begin, int64_t end) {
@@ -517,14 +573,14 @@ void winograd_conv(float* output, const float* input, const float* u, const floa
   }
 }
 
-// The weight gradient as filter taps (9, out_c, in_c): dU[xi] = the sum over every tile of dM[xi] V[xi]^T, then
+// The weight gradient as filter taps (9, out_c, k): dU[xi] = the sum over every tile of dM[xi] V[xi]^T, then
 // G^T dU G. With many blocks, slot s sums blocks s, s + slots, ... in order (one task each) and the slots are
 // added in slot order; with few, the threads share each block's steps and one dU. Which of the two, and the
 // number of slots, follow from the shapes alone.
 at::Tensor winograd_weight_taps(const float* input, const float* grad_output, const Plan& p) {
-  const int64_t uc = p.out_c * p.in_c;
+  const int64_t uc = p.out_c * p.k();
   const int64_t slots = p.blocks() < kMinSlotBlocks ? 1 : std::max<int64_t>(1, std::min(kMaxSlots, kMaxSlotElems / (16 * uc)));
-  at::Tensor du = at::empty({slots, 16, p.out_c, p.in_c}, at::kFloat);
+  at::Tensor du = at::empty({slots, 16, p.out_c, p.k()}, at::kFloat);
   const BlockWork::Operands operands{input, nullptr, nullptr, nullptr, grad_output};
   if (slots > 1) {
     parallel_tasks(slots, [&](int64_t begin, int64_t end) {
@@ -548,11 +604,11 @@ at::Tensor winograd_weight_taps(const float* input, const float* grad_output, co
       parallel_tasks(16, [&](int64_t xi0, int64_t xi1) { work.multiply_weight(xi0, xi1, du[0].data_ptr<float>(), block > 0); });
     }
   }
-  at::Tensor taps = at::empty({9, p.out_c, p.in_c}, at::kFloat);
+  at::Tensor taps = at::empty({9, p.out_c, p.k()}, at::kFloat);
   const float* sum = du.const_data_ptr<float>();
   float* out = taps.data_ptr<float>();
   at::parallel_for(0, p.out_c, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) filter_grads(out + k * p.in_c, sum + k * p.in_c, uc, p.in_c);
+    for (int64_t k = begin; k < end; ++k) filter_grads(out + k * p.k(), sum + k * p.k(), uc, p.k());
   });
   return taps;
 }
@@ -563,8 +619,10 @@ bool winograd_applies(const at::Tensor& input, const Geometry& g, bool backward)
   const Window& w = g.win;
   const char* choice = std::getenv("TORCH_MANUALGRAD_WINOGRAD");
   if (choice && std::string(choice) == "0") return false;
-  // 3-d: whether each depth tap's 2-d convolution would take it (the caller computes the taps apart, depth_taps.h).
-  const bool planes = g.spatial_dims == 2 ? input.dim() == 4 : g.spatial_dims == 3 && input.dim() == 5;
+  // 3-d: stride 1 in depth too, and a padding the input gradient takes, so that all three are computed here.
+  const bool planes = g.spatial_dims == 2 ? input.dim() == 4
+                                          : g.spatial_dims == 3 && input.dim() == 5 && w.stride_d == 1 && w.pad_h <= 2 &&
+                                                w.pad_w <= 2;
   if (input.scalar_type() != at::kFloat || !planes || g.empty() || g.groups != 1 ||
       w.kernel_h != 3 || w.kernel_w != 3 || w.stride_h != 1 || w.stride_w != 1 || w.dilation_h != 1 ||
       w.dilation_w != 1 || g.in_channels < kMinChannels || g.out_channels < kMinChannels ||
@@ -574,41 +632,52 @@ bool winograd_applies(const at::Tensor& input, const Geometry& g, bool backward)
   return side >= kWideSide || (side >= kMinSide && g.in_channels + g.out_channels <= kMaxChannelSum);
 }
 
+namespace {
+
+at::MemoryFormat layout_of(const Geometry& g, bool nhwc) {
+  if (!nhwc) return at::MemoryFormat::Contiguous;
+  return g.spatial_dims == 3 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
+}
+
+// A 2-d weight (C_out, C_in, 3, 3) as the 3-d one of depth 1 (C_out, C_in, 1, 3, 3).
+at::Tensor as_3d(const at::Tensor& weight) { return weight.dim() == 4 ? weight.unsqueeze(2) : weight; }
+
+}  // namespace
+
 at::Tensor winograd_forward_cpu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
-                                const Geometry& g, at::MemoryFormat format) {
-  const bool nhwc = format == at::MemoryFormat::ChannelsLast || !nchw_pays(g);
-  const at::MemoryFormat layout = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  const Plan p(g.batch, g.in_channels, g.out_channels, g.in_h, g.in_w, g.win.pad_h, g.win.pad_w, nhwc);
-  const at::Tensor x = input.contiguous(layout);
-  at::Tensor output = at::empty(g.output_shape(g.out_channels), input.options().memory_format(layout));
-  const at::Tensor u = transform_weights(weight.permute({2, 3, 0, 1}).contiguous());  // taps of (C_out, C_in)
+                                const Geometry& g, bool channels_last) {
+  const Plan p = Plan::forward(g, channels_last || !nchw_pays(g));
+  const at::Tensor x = input.contiguous(layout_of(g, p.nhwc));
+  at::Tensor output = at::empty(g.output_shape(g.out_channels), input.options().memory_format(layout_of(g, p.nhwc)));
+  // U of the taps (3, 3, C_out, (KD, C_in))
+  const at::Tensor u = transform_weights(as_3d(weight).permute({3, 4, 0, 2, 1}).reshape({3, 3, p.out_c, p.k()}).contiguous());
   winograd_conv(output.data_ptr<float>(), x.const_data_ptr<float>(), u.const_data_ptr<float>(),
                 bias.defined() ? bias.const_data_ptr<float>() : nullptr, p);
-  return output.contiguous(format);
+  return output.contiguous(layout_of(g, channels_last));
 }
 
 std::pair<at::Tensor, at::Tensor> winograd_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
                                                         const at::Tensor& weight, const Geometry& g,
-                                                        at::MemoryFormat format, bool want_input, bool want_weight) {
-  const bool nhwc = format == at::MemoryFormat::ChannelsLast || !nchw_pays(g);
-  const at::MemoryFormat layout = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+                                                        bool channels_last, bool want_input, bool want_weight) {
+  const bool nhwc = channels_last || !nchw_pays(g);
   at::Tensor grad_input, grad_weight;
   if (!want_input && !want_weight) return {grad_input, grad_weight};
-  const at::Tensor go = grad_output.contiguous(layout);  // once for both gradients
+  const at::Tensor go = grad_output.contiguous(layout_of(g, nhwc));  // once for both gradients
   if (want_input) {
     // A convolution of grad_output (C_out channels) into grad_input (C_in) with the flipped, transposed filters.
-    const Plan p(g.batch, g.out_channels, g.in_channels, g.out_h, g.out_w, 2 - g.win.pad_h, 2 - g.win.pad_w, nhwc);
-    grad_input = at::empty({g.batch, g.in_channels, g.in_h, g.in_w}, grad_output.options().memory_format(layout));
-    const at::Tensor u = transform_weights(weight.flip({2, 3}).permute({2, 3, 1, 0}).contiguous());  // of (C_in, C_out)
+    const Plan p = Plan::input_gradient(g, nhwc);
+    grad_input = at::empty(input.sizes(), grad_output.options().memory_format(layout_of(g, nhwc)));
+    const at::Tensor flipped = as_3d(weight).flip({2, 3, 4});  // taps (3, 3, C_in, (KD, C_out))
+    const at::Tensor u = transform_weights(flipped.permute({3, 4, 1, 2, 0}).reshape({3, 3, p.out_c, p.k()}).contiguous());
     winograd_conv(grad_input.data_ptr<float>(), go.const_data_ptr<float>(), u.const_data_ptr<float>(), nullptr, p);
-    grad_input = grad_input.contiguous(format);
+    grad_input = grad_input.contiguous(layout_of(g, channels_last));
   }
   if (want_weight) {
-    const Plan p(g.batch, g.in_channels, g.out_channels, g.in_h, g.in_w, g.win.pad_h, g.win.pad_w, nhwc);
-    const at::Tensor x = input.contiguous(layout);
+    const Plan p = Plan::forward(g, nhwc);
+    const at::Tensor x = input.contiguous(layout_of(g, nhwc));
     const at::Tensor taps = winograd_weight_taps(x.const_data_ptr<float>(), go.const_data_ptr<float>(), p);
-    grad_weight = at::empty({g.out_channels, g.in_channels, 3, 3}, input.options().memory_format(format));
-    grad_weight.copy_(taps.view({3, 3, g.out_channels, g.in_channels}).permute({2, 3, 0, 1}));
+    grad_weight = at::empty(weight.sizes(), input.options().memory_format(layout_of(g, channels_last)));
+    as_3d(grad_weight).copy_(taps.view({3, 3, p.out_c, p.taps_d, p.in_c}).permute({2, 4, 3, 0, 1}));
   }
   return {grad_input, grad_weight};
 }
