@@ -453,20 +453,32 @@ void conv_backward_input_nhwc(scalar_t* gi, const scalar_t* go, const scalar_t* 
     });
     return;
   }
-  const int64_t chunk = std::max<int64_t>(1, std::min(d.positions, kMaxColumnElems / width));
-  parallel_tasks(g.batch, [&](int64_t begin, int64_t end) {
+  // Tasks own whole images, so that col2im never adds across tasks. Small images go several to a task and to a
+  // product, as in the forward's blocks: per image, 3x3 512@7 made 8 products of 49 rows (125 GFLOP/s on a Zen 5
+  // core, against 179 with 98), each packing the whole weight again.
+  const int64_t positions = std::max<int64_t>(1, d.positions);
+  const int64_t images = std::max<int64_t>(1, std::min({ceil_div(kBlockColumns, positions), g.batch / kMinBlocks,
+                                                        kMaxColumnElems / (positions * width)}));
+  const int64_t chunk = std::max<int64_t>(1, std::min(images * d.positions, kMaxColumnElems / width));
+  parallel_tasks(ceil_div(g.batch, images), [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> workspace(chunk * width);
-    for (int64_t n = begin; n < end; ++n) {
-      scalar_t* image = gi + n * g.in_h * g.in_w * g.in_channels;
-      std::fill_n(image, g.in_h * g.in_w * g.in_channels, scalar_t(0));
-      for (int64_t q0 = 0; q0 < d.positions; q0 += chunk) {
-        const int64_t m = std::min(d.positions, q0 + chunk) - q0;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n0 = task * images, count = std::min(images, g.batch - n0);
+      scalar_t* block = gi + n0 * g.in_h * g.in_w * g.in_channels;
+      std::fill_n(block, count * g.in_h * g.in_w * g.in_channels, scalar_t(0));
+      // Rows r of the block's positions: image n0 + r / positions, position r % positions.
+      for (int64_t r0 = 0; r0 < count * d.positions; r0 += chunk) {
+        const int64_t m = std::min(count * d.positions, r0 + chunk) - r0;
         for (int64_t grp = 0; grp < d.groups; ++grp)
           gemm<scalar_t>(false, false, m, d.k_per_group, d.out_per_group, scalar_t(1),
-                         go + (n * d.positions + q0) * g.out_channels + grp * d.out_per_group, g.out_channels,
+                         go + (n0 * d.positions + r0) * g.out_channels + grp * d.out_per_group, g.out_channels,
                          wt + grp * d.out_per_group * d.k_per_group, d.k_per_group, scalar_t(0),
                          workspace.data() + grp * d.k_per_group, width);
-        col2im_nhwc_add(image, workspace.data(), g, q0, q0 + m);
+        for (int64_t r = r0; r < r0 + m;) {  // each image's share of these rows
+          const int64_t n = r / d.positions, q0 = r % d.positions, q1 = std::min(d.positions, q0 + r0 + m - r);
+          col2im_nhwc_add(block + n * g.in_h * g.in_w * g.in_channels, workspace.data() + (r - r0) * width, g, q0, q1);
+          r += q1 - q0;
+        }
       }
     }
   });
