@@ -10,6 +10,7 @@
 
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <atomic>
 #include <climits>
 #include <cstdlib>
@@ -125,6 +126,22 @@ template void gemm<float>(bool, bool, int64_t, int64_t, int64_t, float, const fl
                           float, float*, int64_t);
 template void gemm<double>(bool, bool, int64_t, int64_t, int64_t, double, const double*, int64_t, const double*,
                            int64_t, double, double*, int64_t);
+
+template <typename T>
+void gemm_in_chunks(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+                    const T* b, int64_t ldb, T beta, T* c, int64_t ldc, int64_t chunk) {
+  if (k <= chunk) return gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  for (int64_t k0 = 0; k0 < k; k0 += chunk) {
+    // column k0 of op(A), row k0 of op(B)
+    gemm(trans_a, trans_b, m, n, std::min(chunk, k - k0), alpha, trans_a ? a + k0 * lda : a + k0, lda,
+         trans_b ? b + k0 : b + k0 * ldb, ldb, k0 == 0 ? beta : T(1), c, ldc);
+  }
+}
+
+template void gemm_in_chunks<float>(bool, bool, int64_t, int64_t, int64_t, float, const float*, int64_t, const float*,
+                                    int64_t, float, float*, int64_t, int64_t);
+template void gemm_in_chunks<double>(bool, bool, int64_t, int64_t, int64_t, double, const double*, int64_t,
+                                     const double*, int64_t, double, double*, int64_t, int64_t);
 
 std::string use_openblas(const std::string& path) {
   const std::lock_guard<std::mutex> lock(loading);

@@ -15,6 +15,14 @@ template <typename T>
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
           int64_t ldb, T beta, T* c, int64_t ldc);
 
+// The same product with its sum over k cut into runs of `chunk` (the last may be shorter), each run a product of
+// its own added into C in order (beta = 1 after the first). A float32 product's rounding error grows with the
+// length of its longest sequential sum; summing short runs keeps the forward's error at or below torch's direct
+// convolutions' (benchmarks/NOTES.md), for a few more passes over C.
+template <typename T>
+void gemm_in_chunks(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+                    const T* b, int64_t ldb, T beta, T* c, int64_t ldc, int64_t chunk);
+
 // Loads OpenBLAS from `path` (private to us: RTLD_LOCAL, one thread) and makes it the backend. On a CPU with
 // AVX-512 it takes OpenBLAS's SkylakeX kernels (TORCH_MANUALGRAD_OPENBLAS_CORETYPE overrides): OpenBLAS 0.3.34
 // takes Zen 5 for an AVX2 (Haswell) machine, at half the speed. Returns "" on success, else why not (the

@@ -1,4 +1,5 @@
-// winograd_cpu.cpp — 3x3 stride-1 float32 convolutions (forward and input gradient) by Winograd's F(2x2, 3x3).
+// winograd_cpu.cpp — 3x3 stride-1 float32 convolutions (forward and both gradients, 2-d and 3-d) by Winograd's
+// F(2x2, 3x3).
 //
 // Each 2x2 tile of the output needs a 4x4 tile d of the input. With the fixed matrices B, G and A below,
 //   y = A^T [ (G w G^T) ⊙ (B^T d B) ] A,
@@ -15,6 +16,10 @@
 //
 // The input gradient of a 3x3 stride-1 convolution is itself one: grad_output padded by 2 - padding,
 // convolved with the weights flipped in both spatial dimensions and with C_in and C_out swapped.
+//
+// A 3-d convolution that is 3x3 and stride 1 in the plane and stride 1 in depth is the same computation with its
+// depth taps as extra input channels (Plan): one product per block over K = KD * C_in, the input read and the
+// output written where they lie, NCDHW or NDHWC.
 //
 // Deterministic: the blocks of tiles are cut from the shapes alone, every output element is one fixed sequence
 // of BLAS calls and transforms, whichever thread runs it, so results are the same at every thread count.
