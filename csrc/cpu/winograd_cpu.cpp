@@ -375,16 +375,12 @@ class BlockWork {
   void multiply(int64_t xi0, int64_t xi1) const {
     const int64_t t = p_.block_tiles(), k = p_.k(), uc = p_.out_c * k;
     for (int64_t xi = xi0; xi < xi1; ++xi) {
-      for (int64_t c = 0; c < k; c += kChunk) {
-        const int64_t cc = std::min(kChunk, k - c);
-        const float beta = c == 0 ? 0.f : 1.f;
-        if (p_.nhwc) {  // M[xi] (tiles, C_out) = V[xi] (tiles, k) @ U[xi]^T
-          gemm<float>(false, true, tiles(), p_.out_c, cc, 1.f, v_ + xi * t * k + c, k, u_ + xi * uc + c, k, beta,
-                      m_ + xi * t * p_.out_c, p_.out_c);
-        } else {  // M[xi] (C_out, tiles) = U[xi] @ V[xi] (k, tiles)
-          gemm<float>(false, false, p_.out_c, tiles(), cc, 1.f, u_ + xi * uc + c, k, v_ + (xi * k + c) * t, t, beta,
-                      m_ + xi * p_.out_c * t, t);
-        }
+      if (p_.nhwc) {  // M[xi] (tiles, C_out) = V[xi] (tiles, k) @ U[xi]^T
+        gemm_in_chunks<float>(false, true, tiles(), p_.out_c, k, 1.f, v_ + xi * t * k, k, u_ + xi * uc, k, 0.f,
+                              m_ + xi * t * p_.out_c, p_.out_c, kChunk);
+      } else {  // M[xi] (C_out, tiles) = U[xi] @ V[xi] (k, tiles)
+        gemm_in_chunks<float>(false, false, p_.out_c, tiles(), k, 1.f, u_ + xi * uc, k, v_ + xi * k * t, t, 0.f,
+                              m_ + xi * p_.out_c * t, t, kChunk);
       }
     }
   }
