@@ -74,20 +74,6 @@ MANUALGRAD_VECTOR_CLONES void axpy_channels(scalar_t* __restrict out, const scal
   for (int64_t c = 0; c < count; ++c) out[c] += w[c] * in[c];
 }
 
-// 64 bytes of scalar_t as one GCC vector (an AVX-512 register; two or four on narrower CPUs), whose arithmetic is,
-// lane by lane, exactly the scalar code's; load_vec fills one from any address (by reference: a vector this
-// wide passed by value would change the ABI between the clones).
-template <typename scalar_t>
-struct Vec64 {
-  typedef scalar_t type __attribute__((vector_size(64)));
-  static constexpr int64_t lanes = 64 / sizeof(scalar_t);
-};
-
-template <typename V, typename scalar_t>
-inline void load_vec(V& v, const scalar_t* p) {
-  std::memcpy(&v, p, sizeof(V));
-}
-
 // One output pixel of the NHWC forward, multiplier 1: out[c] = bias[c] (or 0) plus, for k < count in order,
 // w[taps[k]*C + c] * image[pixels[k]*C + c] (the pixel's taps inside the input). The same sums as
 // axpy_channels tap by tap, but each vector of channels stays in a register across the taps: the output is
