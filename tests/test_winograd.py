@@ -267,3 +267,18 @@ def test_conv3d(n, c, k, d, h, w, kernel, kwargs, layout, winograd_off):
         assert a.is_contiguous(memory_format=torch.channels_last_3d) == b.is_contiguous(memory_format=torch.channels_last_3d)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * max(1.0, b.abs().max().item()))
         assert torch.equal(a, b) != winograd
+
+
+@pytest.mark.parametrize("layout", ["ncdhw", "channels_last_3d"])
+def test_conv3d_huge_depth_padding_and_dilation(layout):
+    """Depth padding and dilation of 2**61: only the centre depth tap lands inside, and no depth index may overflow
+    (the sanitizer run checks the arithmetic; the values are the 2-d convolution of each depth)."""
+    gen = torch.Generator().manual_seed(25)
+    x = torch.randn(2, 16, 4, 14, 14, generator=gen)
+    if layout == "channels_last_3d":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    weight = torch.randn(16, 16, 3, 3, 3, generator=gen) / 12
+    out = tmg.functional.conv3d(x, weight, None, 1, (2**61, 1, 1), (2**61, 1, 1))
+    planes = x.permute(0, 2, 1, 3, 4).reshape(8, 16, 14, 14)
+    expected = F.conv2d(planes, weight[:, :, 1], padding=1).reshape(2, 4, 16, 14, 14).permute(0, 2, 1, 3, 4)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

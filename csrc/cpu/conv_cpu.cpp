@@ -27,7 +27,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <climits>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -412,8 +411,9 @@ constexpr int64_t kSmallK = 160;
 // small_k_pixels: GCC leaves them out of line otherwise, compiled for baseline x86-64 rather than for the clone
 // of small_k_rows that calls them, at a twentieth of the speed.)
 template <typename scalar_t, int R, int V>
-[[gnu::always_inline]] inline void small_k_block(scalar_t* out, int64_t ldo, const scalar_t* x, int64_t ldx, const int64_t* off,
-                          const scalar_t* wt, int64_t ldw, int64_t k, const scalar_t* bias, int64_t chunk) {
+[[gnu::always_inline]] inline void small_k_block(scalar_t* out, int64_t ldo, const scalar_t* x, int64_t ldx,
+                                                 const int64_t* off, const scalar_t* wt, int64_t ldw, int64_t k,
+                                                 const scalar_t* bias, int64_t chunk) {
   using vec = typename Vec64<scalar_t>::type;
   constexpr int64_t L = Vec64<scalar_t>::lanes;
   for (int64_t k0 = 0; k0 < k; k0 += chunk) {
@@ -443,9 +443,9 @@ template <typename scalar_t, int R, int V>
 
 // All o outputs of R pixels (rows of out, ldo apart); the last partial vector goes through a scratch tile.
 template <typename scalar_t, int R>
-[[gnu::always_inline]] inline void small_k_pixels(scalar_t* out, int64_t ldo, const scalar_t* x, int64_t ldx, const int64_t* off,
-                           const scalar_t* wt, int64_t o, int64_t o_pad, int64_t k, const scalar_t* bias,
-                           int64_t chunk) {
+[[gnu::always_inline]] inline void small_k_pixels(scalar_t* out, int64_t ldo, const scalar_t* x, int64_t ldx,
+                                                  const int64_t* off, const scalar_t* wt, int64_t o, int64_t o_pad,
+                                                  int64_t k, const scalar_t* bias, int64_t chunk) {
   constexpr int64_t L = Vec64<scalar_t>::lanes;
   int64_t c = 0;
   for (; c + 4 * L <= o; c += 4 * L)
@@ -474,8 +474,9 @@ MANUALGRAD_VECTOR_CLONES void small_k_rows(scalar_t* out, const scalar_t* in, co
   for (int64_t r = r0; r < r1;) {
     const int64_t n = r / (g.out_h * g.out_w), oh = r / g.out_w % g.out_h, ow = r % g.out_w;
     const int64_t ih = oh * w.stride_h - w.pad_h, iw = ow * w.stride_w - w.pad_w;
-    if (r + 4 <= r1 && ow + 4 <= g.out_w && ih >= 0 && ih + span_h < g.in_h && iw >= 0 &&
-        iw + 3 * w.stride_w + span_w < g.in_w) {
+    // (written so that no sum can overflow, whatever the padding and dilation)
+    if (r + 4 <= r1 && ow + 4 <= g.out_w && ih >= 0 && span_h < g.in_h - ih && iw >= 0 && span_w < g.in_w - iw &&
+        (g.in_w - 1 - iw - span_w) / w.stride_w >= 3) {
       small_k_pixels<scalar_t, 4>(out + r * o, o, in + ((n * g.in_h + ih) * g.in_w + iw) * C, w.stride_w * C, interior,
                                   wt, o, o_pad, k, bias, chunk);
       r += 4;
@@ -520,9 +521,12 @@ at::Tensor conv_forward_nhwc(const at::Tensor& input_, const at::Tensor& weight_
         for (int64_t kk = 0; kk < width; ++kk) wt_k[kk * o_pad + o] = wt[o * width + kk];
         if (b) b_pad[o] = b[o];
       }
-      for (int64_t kk = 0; kk < width; ++kk) {  // term kk = (i, j, c): tap (i, j) of channel c
+      // Term kk = (i, j, c): tap (i, j) of channel c. Its offset is only used (and only computed: it may not be
+      // representable otherwise) when a window fits inside the input.
+      const bool fits = (g.win.kernel_h - 1) * g.win.dilation_h < g.in_h && (g.win.kernel_w - 1) * g.win.dilation_w < g.in_w;
+      for (int64_t kk = 0; kk < width; ++kk) {
         const int64_t tap = kk / g.in_channels, i = tap / g.win.kernel_w, j = tap % g.win.kernel_w;
-        interior[kk] = (i * g.win.dilation_h * g.in_w + j * g.win.dilation_w) * g.in_channels + kk % g.in_channels;
+        if (fits) interior[kk] = (i * g.win.dilation_h * g.in_w + j * g.win.dilation_w) * g.in_channels + kk % g.in_channels;
         identity[kk] = kk;
       }
     }

@@ -621,9 +621,11 @@ bool winograd_applies(const at::Tensor& input, const Geometry& g, bool backward)
   const char* choice = std::getenv("TORCH_MANUALGRAD_WINOGRAD");
   if (choice && std::string(choice) == "0") return false;
   // 3-d: stride 1 in depth too, and a padding the input gradient takes, so that all three are computed here.
+  // (Depth padding and dilation within the input's depth keep the depth index arithmetic far from overflow.)
   const bool planes = g.spatial_dims == 2 ? input.dim() == 4
                                           : g.spatial_dims == 3 && input.dim() == 5 && w.stride_d == 1 && w.pad_h <= 2 &&
-                                                w.pad_w <= 2;
+                                                w.pad_w <= 2 && w.pad_d <= g.in_d &&
+                                                (w.kernel_d == 1 || w.dilation_d <= g.in_d);
   if (input.scalar_type() != at::kFloat || !planes || g.empty() || g.groups != 1 ||
       w.kernel_h != 3 || w.kernel_w != 3 || w.stride_h != 1 || w.stride_w != 1 || w.dilation_h != 1 ||
       w.dilation_w != 1 || g.in_channels < kMinChannels || g.out_channels < kMinChannels ||
