@@ -98,6 +98,9 @@ FLOAT32_FORWARD_CASES = [
     ((2, 64, 28, 28), (256, 64, 1, 1), {}),
     ((2, 256, 512), (256, 256, 3), dict(padding=1)),
     ((2, 96, 14, 14), (48, 96, 5, 5), dict(padding=2)),
+    # depthwise (depthwise_cpu.cpp): the taps summed first, then the bias, as torch does
+    ((2, 144, 28, 28), (144, 1, 3, 3), dict(padding=1, groups=144)),
+    ((2, 96, 14, 14), (96, 1, 5, 5), dict(stride=2, padding=2, groups=96)),
 ]
 
 
@@ -105,7 +108,7 @@ FLOAT32_FORWARD_CASES = [
 @pytest.mark.parametrize("x_shape, w_shape, kwargs", FLOAT32_FORWARD_CASES, ids=str)
 def test_float32_forward_error_no_worse_than_torchs(x_shape, w_shape, kwargs, channels_last):
     """The im2col forward sums its products in short runs (conv_cpu.cpp's forward_chunk): its float32 error against
-    float64 stays at torch's (one product over K = C_in * taps was 1.3-2x torch's)."""
+    float64 stays at torch's (one product over K = C_in * taps was 1.3-2x torch's); so does the depthwise kernels'."""
     if channels_last and len(x_shape) != 4:
         pytest.skip("channels_last is a 4-d layout")
     gen = torch.Generator().manual_seed(5)
