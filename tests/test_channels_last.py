@@ -118,10 +118,12 @@ def test_channels_last_bit_identical_across_thread_counts(case, restore_num_thre
 # --- NCHW tensors computed on channels-last copies (conv_cpu.cpp, via_nhwc) ------------------------------------
 # (in_channels, out_channels, size, stride, forward via NHWC, backward via NHWC): on both sides of each bound
 # (kSmallOutput = 14x14 output positions, kSmallImage = 28x28 input positions, kViaColumns = 512*9 columns,
-# kFewOutputChannels = 32 output channels).
+# kViaOutputChannels = 128: output channels for the forward, the fewer of input and output for the backward).
 VIA = [
-    (8, 32, 14, 1, True, True),
-    (8, 33, 14, 1, False, True),
+    (8, 128, 14, 1, True, True),
+    (8, 129, 14, 1, False, True),
+    (128, 129, 7, 1, False, True),
+    (129, 129, 7, 1, False, False),
     (8, 32, 15, 1, False, False),
     (4, 16, 28, 2, True, True),
     (4, 16, 29, 2, False, False),

@@ -733,20 +733,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_nhwc(const at::Tens
 //   over rows this short those calls cost more than the arithmetic (5x5 over 672 channels at 14x14: 3.9 ms,
 //   torch 0.27; transposed and back, 1.2).
 // - im2col convolutions over small images (at most kSmallImage input and kSmallOutput output positions): the
-//   backward when a position's columns are at most kViaColumns long, the forward when the layer has few output
-//   channels (DenseNet's 3x3 128->32). Interleaved A/B on a 2-core Xeon with MKL, copies included: backward
-//   0.85x for 3x3 256@14, 0.91x 512@7, 0.82x 128->256@28/2, 0.75x and 0.61x for 128->32 at 14 and 7, but
-//   1.17x for 1024->256@14 (columns of 9216); forward 0.68x and 0.49x for 128->32 at 14 and 7, about 1.0x
-//   for wider layers. Larger images stay: torch's channels-last -> NCHW copy slows to about 2 GB/s on planes
-//   of 56x56 and up.
+//   forward when the layer has at most kViaOutputChannels output channels a group; the backward when a position's
+//   columns are at most kViaColumns long and the input or the output has at most kViaOutputChannels channels a
+//   group. The NCHW GEMMs have the channels as rows and a block's positions as columns, which suits OpenBLAS
+//   poorly when the channels are few; with many channels on both sides the NCHW kernels win (their backward
+//   splits the channels over the whole batch; the channels-last input gradient packs the whole weight for every
+//   block of two images). Interleaved on a 2-core Zen 5 with OpenBLAS, NCHW kernels -> channels-last copies, f+b
+//   ours/torch: 5x5 128->128@14 1.8 -> 1.4-1.5, 5x5 64->64@14 2.1 -> 1.8; 3x3 512@7 the other way, 1.13-1.31 ->
+//   0.97-0.99 (input gradient 6.2-6.4 -> 5.4-5.5 ms, weight gradient 6.6-7.2 -> 5.8-6.4); 3x3/2 256->512@14
+//   and 2x2/2 384->768@14 within the noise. (On a Xeon with MKL, before OpenBLAS, the copies had won the
+//   backward of 512@7 too.) Larger images stay: torch's channels-last -> NCHW copy slows to about 2 GB/s on
+//   planes of 56x56 and up.
 constexpr int64_t kShortRows = 20;
-constexpr int64_t kSmallImage = 28 * 28, kSmallOutput = 14 * 14, kViaColumns = 512 * 9, kFewOutputChannels = 32;
+constexpr int64_t kSmallImage = 28 * 28, kSmallOutput = 14 * 14, kViaColumns = 512 * 9, kViaOutputChannels = 128;
 bool via_nhwc(const at::Tensor& input, const Geometry& g, bool backward) {
   if (g.spatial_dims != 2 || input.dim() != 4 || g.empty()) return false;
   if (is_depthwise(g)) return depthwise_nhwc_supported(g) && g.out_w < kShortRows;
   if (is_pointwise(g) || g.in_h * g.in_w > kSmallImage || g.out_h * g.out_w > kSmallOutput) return false;
   const GroupDims d(g);
-  return backward ? d.k_per_group <= kViaColumns : d.out_per_group <= kFewOutputChannels;
+  if (!backward) return d.out_per_group <= kViaOutputChannels;
+  return d.k_per_group <= kViaColumns && std::min(d.in_per_group, d.out_per_group) <= kViaOutputChannels;
 }
 
 at::Tensor conv_forward_cpu(const at::Tensor& input_, const at::Tensor& weight_, const std::optional<at::Tensor>& bias,
