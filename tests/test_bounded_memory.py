@@ -298,6 +298,41 @@ def test_depthwise_bits_do_not_depend_on_where_a_row_starts(dtype):
     assert torch.equal(tmg.functional.conv2d(x, w, b, 1, (1, 2), 1, 4), padded)
 
 
+# (C, H, W, kernel, padding, dilation, multiplier): rows of 1 to 5 vectors and a tail, kernels of 3, 5 and 7 taps
+# (unrolled) and 4 (not), dilation, output rows taken in pairs and alone at the borders, and a window whose taps
+# are all padding.
+TAP_ORDER_CASES = [
+    (3, 9, 56, 3, 1, 1, 1),
+    (2, 8, 70, 5, 2, 1, 1),
+    (2, 11, 100, 7, 3, 1, 2),
+    (2, 7, 33, 4, 1, 1, 1),
+    (2, 12, 40, 3, 2, 2, 1),
+    (2, 5, 24, 3, 7, 1, 1),
+]
+
+
+@pytest.mark.parametrize("case", TAP_ORDER_CASES, ids=str)
+def test_depthwise_forward_adds_the_taps_in_order_then_the_bias(case):
+    """Every float32 output is +0, plus each tap's rounded product in row-major tap order (a tap in the padding adds
+    weight * 0), plus the bias: the sums a plain float32 loop over the taps makes, bit for bit."""
+    c, h, width, k, pad, dil, mult = case
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, c, h, width, generator=gen)
+    w = torch.randn(c * mult, 1, k, k, generator=gen)
+    b = torch.randn(c * mult, generator=gen)
+    b[0] = -0.0
+    got = tmg.functional.conv2d(x, w, b, 1, pad, dil, c)
+    xp = F.pad(x, (pad, pad, pad, pad)).repeat_interleave(mult, dim=1)
+    oh, ow = got.shape[-2:]
+    want = torch.zeros_like(got)
+    for i in range(k):
+        for j in range(k):
+            tap = xp[..., i * dil : i * dil + oh, j * dil : j * dil + ow]
+            want = want + w[:, 0, i, j].view(1, -1, 1, 1) * tap
+    want = want + b.view(1, -1, 1, 1)
+    assert torch.equal(got, want)
+
+
 # Each runs in a fresh interpreter: allocate the input, then the peak resident set's growth over the call.
 MEMORY_CASES = {
     "pool stride [1, 2**26]": (

@@ -335,21 +335,6 @@ MANUALGRAD_VECTOR_CLONES void add_into(scalar_t* __restrict dst, const scalar_t*
 // Rows [r0, r1) of the columns into cols (row stride width). A run of taps that see neighbouring pixels is
 // one copy when there is one group (its channels are the run's whole stretch of memory): a 7×7 stem over 3
 // channels copies 21 values at a time instead of 3.
-// dst[0, n) = src[0, n) for the short runs of im2col_nhwc (a 3-channel stem's kernel row: 9 or 21 values) in
-// fixed-size moves, which compile inline: a memmove call per run took as long as the GEMM on the channels-last
-// 7x7 stem (a plain loop is turned back into that call).
-template <typename scalar_t>
-inline void copy_run(scalar_t* __restrict dst, const scalar_t* __restrict src, int64_t n) {
-  int64_t i = 0;
-  for (; i + 64 / int64_t(sizeof(scalar_t)) <= n; i += 64 / sizeof(scalar_t)) std::memcpy(dst + i, src + i, 64);
-  for (int64_t part = 32 / sizeof(scalar_t); part > 0; part /= 2) {
-    if (n - i >= part) {
-      std::memcpy(dst + i, src + i, part * sizeof(scalar_t));
-      i += part;
-    }
-  }
-}
-
 template <typename scalar_t>
 void im2col_nhwc(scalar_t* cols, const scalar_t* input, const Geometry& g, int64_t r0, int64_t r1) {
   const GroupDims d(g);

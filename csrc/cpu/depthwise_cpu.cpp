@@ -11,7 +11,10 @@
 // input rows from a small ring of zero-padded copies, so every tap sweeps the whole chunk as one
 // vectorised run; a zero there adds weight × 0 = ±0, which changes no sum (a sum starting from +0 is never
 // -0), and a tap whose factor is not finite takes the exact
-// in-bounds run instead. Which path a tap takes depends on the geometry and values alone.
+// in-bounds run instead. Which path a tap takes depends on the geometry and values alone. With stride 1 and
+// finite weights the forward sums all of an output row's taps in registers (taps_row), in the same order.
+// (NCHW forward, 2-core Zen 5, batch 8: 3x3 over 144 channels at 56x56 3.1-3.4 -> 1.6-1.7 ms, 5x5 over 240 at
+// 28x28 3.4 -> 1.2, 7x7 over 96 at 56x56 6.3 -> 2.3; torch 2.2-2.7, 0.45-0.7, 1.2-1.8.)
 #include "depthwise_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -45,6 +48,79 @@ MANUALGRAD_VECTOR_CLONES void axpy_row(scalar_t* __restrict out, const scalar_t*
     for (int64_t ow = 0; ow < count; ++ow) out[ow] += w * in[ow];
   } else {
     for (int64_t ow = 0; ow < count; ++ow) out[ow] += w * in[ow * stride];
+  }
+}
+
+// R output rows' out[q][ow] for ow < count, stride 1: the sum over kernel rows r < nrows, then taps k < ntaps, of
+// weights[r][k] * rows[q][r][ow + k * dilation], starting from +0. The same sums in the same order as axpy_row's
+// tap by tap passes over a zero-filled row, but R x V vectors of outputs stay in registers across all the taps: a
+// row is stored once rather than loaded and stored per tap, in one call rather than one per tap (3x3 over 144
+// channels at 56x56: those calls cost more than the arithmetic), and the R x V sums are independent chains that
+// overlap (a single chain waits on each of its adds in turn: 25 of them for a 5x5 kernel). The last partial
+// vector reads up to a vector's width past a row's end: the caller's rows have that slack.
+template <typename scalar_t, int R, int V, int K>
+[[gnu::always_inline]] inline void taps_vectors(scalar_t* const* out, const scalar_t* const* const* rows,
+                                                const scalar_t* const* weights, int64_t nrows, int64_t ntaps,
+                                                int64_t dilation, int64_t ow, int64_t count, const scalar_t* bias) {
+  using vec = typename Vec64<scalar_t>::type;
+  constexpr int64_t L = Vec64<scalar_t>::lanes;
+  vec acc[R][V] = {};
+  if (K > 0) ntaps = K, dilation = 1;  // a width known at compile time: the taps unrolled
+  for (int64_t r = 0; r < nrows; ++r) {
+    for (int64_t k = 0; k < ntaps; ++k) {
+      const scalar_t wt = weights[r][k];
+      for (int q = 0; q < R; ++q) {
+        const scalar_t* x = rows[q][r] + ow + k * dilation;
+        for (int v = 0; v < V; ++v) {
+          vec xv;
+          load_vec(xv, x + v * L);
+          acc[q][v] += wt * xv;
+        }
+      }
+    }
+  }
+  for (int q = 0; q < R; ++q) {
+    for (int v = 0; v < V; ++v) {
+      if (bias) acc[q][v] += *bias;
+      std::memcpy(out[q] + ow + v * L, &acc[q][v], std::min(L, count - ow - v * L) * sizeof(scalar_t));
+    }
+  }
+}
+
+template <typename scalar_t, int R, int K>
+[[gnu::always_inline]] inline void taps_rows(scalar_t* const* out, const scalar_t* const* const* rows,
+                                             const scalar_t* const* weights, int64_t nrows, int64_t ntaps,
+                                             int64_t dilation, int64_t count, const scalar_t* bias) {
+  constexpr int64_t L = Vec64<scalar_t>::lanes;
+  int64_t ow = 0;
+  for (; count - ow > 4 * L; ow += 4 * L)
+    taps_vectors<scalar_t, R, 4, K>(out, rows, weights, nrows, ntaps, dilation, ow, count, bias);
+  switch (ceil_div(count - ow, L)) {  // 1 to 4 vectors left
+    case 4: taps_vectors<scalar_t, R, 4, K>(out, rows, weights, nrows, ntaps, dilation, ow, count, bias); break;
+    case 3: taps_vectors<scalar_t, R, 3, K>(out, rows, weights, nrows, ntaps, dilation, ow, count, bias); break;
+    case 2: taps_vectors<scalar_t, R, 2, K>(out, rows, weights, nrows, ntaps, dilation, ow, count, bias); break;
+    case 1: taps_vectors<scalar_t, R, 1, K>(out, rows, weights, nrows, ntaps, dilation, ow, count, bias); break;
+  }
+}
+
+// One output row (pair = false) or two sharing their kernel rows' weights (pair = true); the bias, if any, is added
+// to each sum last, as torch adds it.
+template <typename scalar_t>
+MANUALGRAD_VECTOR_CLONES void taps_row(scalar_t* const* out, const scalar_t* const* const* rows,
+                                       const scalar_t* const* weights, int64_t nrows, int64_t ntaps, int64_t dilation,
+                                       int64_t count, const scalar_t* bias, bool pair) {
+  // (spelled out: a lambda here would be compiled apart from this clone, for baseline x86-64)
+  const int64_t k = dilation == 1 && (ntaps == 3 || ntaps == 5 || ntaps == 7) ? ntaps : 0;
+  if (pair) {
+    if (k == 3) taps_rows<scalar_t, 2, 3>(out, rows, weights, nrows, ntaps, dilation, count, bias);
+    else if (k == 5) taps_rows<scalar_t, 2, 5>(out, rows, weights, nrows, ntaps, dilation, count, bias);
+    else if (k == 7) taps_rows<scalar_t, 2, 7>(out, rows, weights, nrows, ntaps, dilation, count, bias);
+    else taps_rows<scalar_t, 2, 0>(out, rows, weights, nrows, ntaps, dilation, count, bias);
+  } else {
+    if (k == 3) taps_rows<scalar_t, 1, 3>(out, rows, weights, nrows, ntaps, dilation, count, bias);
+    else if (k == 5) taps_rows<scalar_t, 1, 5>(out, rows, weights, nrows, ntaps, dilation, count, bias);
+    else if (k == 7) taps_rows<scalar_t, 1, 7>(out, rows, weights, nrows, ntaps, dilation, count, bias);
+    else taps_rows<scalar_t, 1, 0>(out, rows, weights, nrows, ntaps, dilation, count, bias);
   }
 }
 
@@ -326,7 +402,8 @@ template <typename scalar_t>
 class PaddedRows {
  public:
   explicit PaddedRows(const RowPlan& plan)
-      : ring_(plan.padded_rows ? plan.ring_rows * plan.row_slots : 0), held_(plan.ring_rows), slots_(plan.row_slots) {}
+      : ring_(plan.padded_rows ? plan.ring_rows * plan.row_slots + Vec64<scalar_t>::lanes : 0),  // (taps_row's slack)
+        held_(plan.ring_rows), slots_(plan.row_slots) {}
 
   // A new plane or chunk: nothing held.
   void start(const scalar_t* plane, const ColumnChunk& c) {
@@ -341,10 +418,10 @@ class PaddedRows {
     if (held_[place] != ih) {
       const int64_t left = std::clamp<int64_t>(-chunk_.col0, 0, chunk_.span);  // slots [left, right) are inside
       const int64_t right = std::clamp<int64_t>(in_w - chunk_.col0, left, chunk_.span);
-      const scalar_t* src = plane_ + ih * in_w;
-      std::fill(r, r + left, scalar_t(0));
-      std::copy(src + (chunk_.col0 + left), src + (chunk_.col0 + right), r + left);
-      std::fill(r + right, r + chunk_.span, scalar_t(0));
+      const scalar_t* src = plane_ + ih * in_w + chunk_.col0;
+      zero_run(r, left);  // (inline moves: a call to memmove per short row cost as much as the row's taps)
+      copy_run(r + left, src + left, right - left);
+      zero_run(r + right, chunk_.span - right);
       held_[place] = ih;
     }
     return r;
@@ -418,22 +495,59 @@ void forward_kernel(scalar_t* out, const scalar_t* in, const scalar_t* weight, c
   const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w, s = w.stride_w;
   const TapColumns columns(g);
   const RowPlan plan = plan_rows(g, g.out_w);
+  // taps_row: stride 1, and a ring that holds the rows of two neighbouring windows at once
+  const bool whole_rows = plan.padded_rows && s == 1 &&
+                          plan.ring_rows >= std::min(g.in_h, window_extent(w.kernel_h, w.dilation_h) + w.stride_h);
   at::parallel_for(0, g.batch * g.in_channels, 1, [&](int64_t begin, int64_t end) {
     PaddedRows<scalar_t> rows(plan);
+    // taps_row's arguments: two output rows, each's input rows, the kernel rows' weights
+    std::vector<const scalar_t*> kernel_rows[2], kernel_weights(whole_rows ? w.kernel_h : 0);
+    for (auto& list : kernel_rows) list.resize(whole_rows ? w.kernel_h : 0);
+    scalar_t* out_rows[2];
     for (int64_t task = begin; task < end; ++task) {  // task = (n, c)
       const int64_t n = task / g.in_channels, c = task % g.in_channels;
       const scalar_t* plane = in + task * in_plane;
-      scalar_t* out_c = out + (n * g.out_channels + c * multiplier) * out_plane;  // (multiplier, OH, OW)
-      std::fill(out_c, out_c + multiplier * out_plane, scalar_t(0));  // the taps first, the bias last (as torch)
-      for (int64_t ow0 = 0; ow0 < g.out_w; ow0 += plan.chunk) {
-        const ColumnChunk chunk =
-            column_chunk(ow0, std::min(g.out_w, ow0 + plan.chunk), s, w.pad_w, w.kernel_w, w.dilation_w, g.in_w);
-        if (chunk.empty()) continue;
-        rows.start(plane, chunk);
-        for (int64_t m = 0; m < multiplier; ++m) {
-          scalar_t* o = out_c + m * out_plane;
-          const scalar_t* w_c = weight + (c * multiplier + m) * taps;  // (KH, KW)
-          const bool finite = all_finite(w_c, taps);  // else each tap is checked
+      for (int64_t m = 0; m < multiplier; ++m) {
+        scalar_t* o = out + (n * g.out_channels + c * multiplier + m) * out_plane;
+        const scalar_t* w_c = weight + (c * multiplier + m) * taps;  // (KH, KW)
+        const scalar_t* b = bias ? bias + c * multiplier + m : nullptr;
+        const bool finite = all_finite(w_c, taps);  // else each tap is checked
+        if (whole_rows && finite) {  // an output row's kernel rows at once, two rows at a time (taps_row), + bias
+          for (int64_t ow0 = 0; ow0 < g.out_w; ow0 += plan.chunk) {
+            const ColumnChunk chunk =
+                column_chunk(ow0, std::min(g.out_w, ow0 + plan.chunk), s, w.pad_w, w.kernel_w, w.dilation_w, g.in_w);
+            if (chunk.empty()) {  // every tap in the padding: no terms
+              for (int64_t oh = 0; oh < g.out_h; ++oh)
+                std::fill(o + oh * g.out_w + chunk.ow0, o + oh * g.out_w + chunk.ow1, scalar_t(0) + (b ? *b : scalar_t(0)));
+              continue;
+            }
+            rows.start(plane, chunk);
+            for (int64_t oh = 0; oh < g.out_h;) {
+              const int64_t h_start = oh * w.stride_h - w.pad_h;
+              int64_t i_lo, i_hi, next_lo = 0, next_hi = 0;
+              taps_inside(h_start, w.kernel_h, w.dilation_h, g.in_h, i_lo, i_hi);
+              if (oh + 1 < g.out_h) taps_inside(h_start + w.stride_h, w.kernel_h, w.dilation_h, g.in_h, next_lo, next_hi);
+              const bool pair = oh + 1 < g.out_h && i_lo == next_lo && i_hi == next_hi;  // the same kernel rows
+              for (int64_t q = 0; q < (pair ? 2 : 1); ++q) {
+                out_rows[q] = o + (oh + q) * g.out_w + chunk.ow0;
+                for (int64_t i = i_lo; i < i_hi; ++i)
+                  kernel_rows[q][i - i_lo] = rows.row(h_start + q * w.stride_h + i * w.dilation_h, g.in_w);
+              }
+              for (int64_t i = i_lo; i < i_hi; ++i) kernel_weights[i - i_lo] = w_c + i * w.kernel_w + chunk.tap_lo;
+              const scalar_t* const* row_lists[2] = {kernel_rows[0].data(), kernel_rows[1].data()};
+              taps_row(out_rows, row_lists, kernel_weights.data(), std::max<int64_t>(0, i_hi - i_lo),
+                       chunk.tap_hi - chunk.tap_lo, w.dilation_w, chunk.count(), b, pair);
+              oh += pair ? 2 : 1;
+            }
+          }
+          continue;
+        }
+        std::fill(o, o + out_plane, scalar_t(0));  // the taps first, the bias last (as torch)
+        for (int64_t ow0 = 0; ow0 < g.out_w; ow0 += plan.chunk) {
+          const ColumnChunk chunk =
+              column_chunk(ow0, std::min(g.out_w, ow0 + plan.chunk), s, w.pad_w, w.kernel_w, w.dilation_w, g.in_w);
+          if (chunk.empty()) continue;
+          rows.start(plane, chunk);
           for_each_kernel_row(g, [&](int64_t oh, int64_t ih, int64_t i) {
             scalar_t* o_row = o + oh * g.out_w;
             const scalar_t* padded = plan.padded_rows ? rows.row(ih, g.in_w) : nullptr;
@@ -448,11 +562,8 @@ void forward_kernel(scalar_t* out, const scalar_t* in, const scalar_t* weight, c
             }
           });
         }
-      }
-      if (bias) {
-        for (int64_t m = 0; m < multiplier; ++m) {
-          const scalar_t b = bias[c * multiplier + m];
-          for (scalar_t* o = out_c + m * out_plane; o < out_c + (m + 1) * out_plane; ++o) *o += b;
+        if (b) {
+          for (scalar_t* p = o; p < o + out_plane; ++p) *p += *b;
         }
       }
     }

@@ -27,4 +27,32 @@ inline void load_vec(V& v, const scalar_t* p) {
   std::memcpy(&v, p, sizeof(V));
 }
 
+// dst[0, n) = src[0, n), and zero_run's dst[0, n) = 0, for short runs (im2col_nhwc's: a 3-channel stem's kernel
+// row, 9 or 21 values; a depthwise plane's padded rows) in fixed-size moves, which compile inline: a call to
+// memmove or memset per run took as long as the GEMM on the channels-last 7x7 stem (a plain loop is turned back
+// into that call).
+template <typename scalar_t>
+inline void copy_run(scalar_t* __restrict dst, const scalar_t* __restrict src, int64_t n) {
+  int64_t i = 0;
+  for (; i + 64 / int64_t(sizeof(scalar_t)) <= n; i += 64 / sizeof(scalar_t)) std::memcpy(dst + i, src + i, 64);
+  for (int64_t part = 32 / sizeof(scalar_t); part > 0; part /= 2) {
+    if (n - i >= part) {
+      std::memcpy(dst + i, src + i, part * sizeof(scalar_t));
+      i += part;
+    }
+  }
+}
+
+template <typename scalar_t>
+inline void zero_run(scalar_t* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 64 / int64_t(sizeof(scalar_t)) <= n; i += 64 / sizeof(scalar_t)) std::memset(dst + i, 0, 64);
+  for (int64_t part = 32 / sizeof(scalar_t); part > 0; part /= 2) {
+    if (n - i >= part) {
+      std::memset(dst + i, 0, part * sizeof(scalar_t));
+      i += part;
+    }
+  }
+}
+
 }  // namespace manualgrad
