@@ -391,6 +391,10 @@ void col2im_nhwc_add(scalar_t* image, const scalar_t* cols, const Geometry& g, i
 // which read the input where it lies when all their taps are inside it (else one im2col row). The sums run as
 // gemm_in_chunks' do: over k in runs of `chunk`, each run's sum added into the output (holding the bias) in order.
 constexpr int64_t kSmallK = 160;
+// ...but a 1x1 convolution's product reads the input rows in place, with nothing to gather: BLAS wins there from
+// about 40 terms (channels-last inference, 2-core Zen 5, batch 8, BLAS / this kernel: 160->960@7 0.50x the time,
+// 112->672@14 0.66x, 64->384@14 0.68x, 40->240@28 0.89x; 32->16@112 and 16->96@112 1.0x, 24->144@56 1.31x).
+constexpr int64_t kSmallPointwiseK = 32;
 
 // Term kk of pixel r is x[r * ldx + off[kk]]; the weight is (k, o_pad), ldw = o_pad. (Always inlined, as is
 // small_k_pixels: GCC leaves them out of line otherwise, compiled for baseline x86-64 rather than for the clone
@@ -496,7 +500,7 @@ at::Tensor conv_forward_nhwc(const at::Tensor& input_, const at::Tensor& weight_
     const scalar_t* wt = weight.const_data_ptr<scalar_t>();
     const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* out = output.data_ptr<scalar_t>();
-    const bool small_k = d.groups == 1 && width <= kSmallK;
+    const bool small_k = d.groups == 1 && width <= (pointwise ? kSmallPointwiseK : kSmallK);
     // small_k: the weight as (K, C_out) and the bias, padded with zeros to whole vectors of outputs
     const int64_t o_pad = ceil_div(g.out_channels, Vec64<scalar_t>::lanes) * Vec64<scalar_t>::lanes;
     std::vector<scalar_t> wt_k(small_k ? width * o_pad : 0), b_pad(small_k && b ? o_pad : 0);
