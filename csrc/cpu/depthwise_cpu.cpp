@@ -58,14 +58,13 @@ MANUALGRAD_VECTOR_CLONES void axpy_row(scalar_t* __restrict out, const scalar_t*
 // channels at 56x56: those calls cost more than the arithmetic), and the R x V sums are independent chains that
 // overlap (a single chain waits on each of its adds in turn: 25 of them for a 5x5 kernel). The last partial
 // vector reads up to a vector's width past a row's end: the caller's rows have that slack.
-template <typename scalar_t, int R, int V, int K>
+template <typename scalar_t, int R, int V>
 [[gnu::always_inline]] inline void taps_vectors(scalar_t* const* out, const scalar_t* const* const* rows,
                                                 const scalar_t* const* weights, int64_t nrows, int64_t ntaps,
                                                 int64_t dilation, int64_t ow, int64_t count, const scalar_t* bias) {
   using vec = typename Vec64<scalar_t>::type;
   constexpr int64_t L = Vec64<scalar_t>::lanes;
   vec acc[R][V] = {};
-  if (K > 0) ntaps = K, dilation = 1;  // a width known at compile time: the taps unrolled
   for (int64_t r = 0; r < nrows; ++r) {
     for (int64_t k = 0; k < ntaps; ++k) {
       const scalar_t wt = weights[r][k];
@@ -87,19 +86,19 @@ template <typename scalar_t, int R, int V, int K>
   }
 }
 
-template <typename scalar_t, int R, int K>
+template <typename scalar_t, int R>
 [[gnu::always_inline]] inline void taps_rows(scalar_t* const* out, const scalar_t* const* const* rows,
                                              const scalar_t* const* weights, int64_t nrows, int64_t ntaps,
                                              int64_t dilation, int64_t count, const scalar_t* bias) {
   constexpr int64_t L = Vec64<scalar_t>::lanes;
   int64_t ow = 0;
   for (; count - ow > 4 * L; ow += 4 * L)
-    taps_vectors<scalar_t, R, 4, K>(out, rows, weights, nrows, ntaps, dilation, ow, count, bias);
+    taps_vectors<scalar_t, R, 4>(out, rows, weights, nrows, ntaps, dilation, ow, count, bias);
   switch (ceil_div(count - ow, L)) {  // 1 to 4 vectors left
-    case 4: taps_vectors<scalar_t, R, 4, K>(out, rows, weights, nrows, ntaps, dilation, ow, count, bias); break;
-    case 3: taps_vectors<scalar_t, R, 3, K>(out, rows, weights, nrows, ntaps, dilation, ow, count, bias); break;
-    case 2: taps_vectors<scalar_t, R, 2, K>(out, rows, weights, nrows, ntaps, dilation, ow, count, bias); break;
-    case 1: taps_vectors<scalar_t, R, 1, K>(out, rows, weights, nrows, ntaps, dilation, ow, count, bias); break;
+    case 4: taps_vectors<scalar_t, R, 4>(out, rows, weights, nrows, ntaps, dilation, ow, count, bias); break;
+    case 3: taps_vectors<scalar_t, R, 3>(out, rows, weights, nrows, ntaps, dilation, ow, count, bias); break;
+    case 2: taps_vectors<scalar_t, R, 2>(out, rows, weights, nrows, ntaps, dilation, ow, count, bias); break;
+    case 1: taps_vectors<scalar_t, R, 1>(out, rows, weights, nrows, ntaps, dilation, ow, count, bias); break;
   }
 }
 
@@ -109,19 +108,8 @@ template <typename scalar_t>
 MANUALGRAD_VECTOR_CLONES void taps_row(scalar_t* const* out, const scalar_t* const* const* rows,
                                        const scalar_t* const* weights, int64_t nrows, int64_t ntaps, int64_t dilation,
                                        int64_t count, const scalar_t* bias, bool pair) {
-  // (spelled out: a lambda here would be compiled apart from this clone, for baseline x86-64)
-  const int64_t k = dilation == 1 && (ntaps == 3 || ntaps == 5 || ntaps == 7) ? ntaps : 0;
-  if (pair) {
-    if (k == 3) taps_rows<scalar_t, 2, 3>(out, rows, weights, nrows, ntaps, dilation, count, bias);
-    else if (k == 5) taps_rows<scalar_t, 2, 5>(out, rows, weights, nrows, ntaps, dilation, count, bias);
-    else if (k == 7) taps_rows<scalar_t, 2, 7>(out, rows, weights, nrows, ntaps, dilation, count, bias);
-    else taps_rows<scalar_t, 2, 0>(out, rows, weights, nrows, ntaps, dilation, count, bias);
-  } else {
-    if (k == 3) taps_rows<scalar_t, 1, 3>(out, rows, weights, nrows, ntaps, dilation, count, bias);
-    else if (k == 5) taps_rows<scalar_t, 1, 5>(out, rows, weights, nrows, ntaps, dilation, count, bias);
-    else if (k == 7) taps_rows<scalar_t, 1, 7>(out, rows, weights, nrows, ntaps, dilation, count, bias);
-    else taps_rows<scalar_t, 1, 0>(out, rows, weights, nrows, ntaps, dilation, count, bias);
-  }
+  if (pair) taps_rows<scalar_t, 2>(out, rows, weights, nrows, ntaps, dilation, count, bias);
+  else taps_rows<scalar_t, 1>(out, rows, weights, nrows, ntaps, dilation, count, bias);
 }
 
 // in[ow * stride] += w * out[ow]: the mirror of axpy_row, adding a tap's share back into its slice.
