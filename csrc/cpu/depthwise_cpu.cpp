@@ -492,66 +492,72 @@ void forward_kernel(scalar_t* out, const scalar_t* in, const scalar_t* weight, c
     std::vector<const scalar_t*> kernel_rows[2], kernel_weights(whole_rows ? w.kernel_h : 0);
     for (auto& list : kernel_rows) list.resize(whole_rows ? w.kernel_h : 0);
     scalar_t* out_rows[2];
+    std::vector<char> in_registers(multiplier);  // each filter of the task: all finite, so by taps_row
+    // One filter's output rows of a chunk by taps_row, two at a time where they have the same kernel rows inside.
+    const auto register_rows = [&](scalar_t* o, const scalar_t* w_c, const scalar_t* b, const ColumnChunk& chunk) {
+      for (int64_t oh = 0; oh < g.out_h;) {
+        const int64_t h_start = oh * w.stride_h - w.pad_h;
+        int64_t i_lo, i_hi, next_lo = 0, next_hi = 0;
+        taps_inside(h_start, w.kernel_h, w.dilation_h, g.in_h, i_lo, i_hi);
+        if (oh + 1 < g.out_h) taps_inside(h_start + w.stride_h, w.kernel_h, w.dilation_h, g.in_h, next_lo, next_hi);
+        const bool pair = oh + 1 < g.out_h && i_lo == next_lo && i_hi == next_hi;
+        for (int64_t q = 0; q < (pair ? 2 : 1); ++q) {
+          out_rows[q] = o + (oh + q) * g.out_w + chunk.ow0;
+          for (int64_t i = i_lo; i < i_hi; ++i)
+            kernel_rows[q][i - i_lo] = rows.row(h_start + q * w.stride_h + i * w.dilation_h, g.in_w);
+        }
+        for (int64_t i = i_lo; i < i_hi; ++i) kernel_weights[i - i_lo] = w_c + i * w.kernel_w + chunk.tap_lo;
+        const scalar_t* const* row_lists[2] = {kernel_rows[0].data(), kernel_rows[1].data()};
+        taps_row(out_rows, row_lists, kernel_weights.data(), std::max<int64_t>(0, i_hi - i_lo),
+                 chunk.tap_hi - chunk.tap_lo, w.dilation_w, chunk.count(), b, pair);
+        oh += pair ? 2 : 1;
+      }
+    };
     for (int64_t task = begin; task < end; ++task) {  // task = (n, c)
       const int64_t n = task / g.in_channels, c = task % g.in_channels;
       const scalar_t* plane = in + task * in_plane;
+      scalar_t* out_c = out + (n * g.out_channels + c * multiplier) * out_plane;  // (multiplier, OH, OW)
       for (int64_t m = 0; m < multiplier; ++m) {
-        scalar_t* o = out + (n * g.out_channels + c * multiplier + m) * out_plane;
-        const scalar_t* w_c = weight + (c * multiplier + m) * taps;  // (KH, KW)
-        const scalar_t* b = bias ? bias + c * multiplier + m : nullptr;
-        const bool finite = all_finite(w_c, taps);  // else each tap is checked
-        if (whole_rows && finite) {  // an output row's kernel rows at once, two rows at a time (taps_row), + bias
-          for (int64_t ow0 = 0; ow0 < g.out_w; ow0 += plan.chunk) {
-            const ColumnChunk chunk =
-                column_chunk(ow0, std::min(g.out_w, ow0 + plan.chunk), s, w.pad_w, w.kernel_w, w.dilation_w, g.in_w);
-            if (chunk.empty()) {  // every tap in the padding: no terms
-              for (int64_t oh = 0; oh < g.out_h; ++oh)
-                std::fill(o + oh * g.out_w + chunk.ow0, o + oh * g.out_w + chunk.ow1, scalar_t(0) + (b ? *b : scalar_t(0)));
-              continue;
-            }
-            rows.start(plane, chunk);
-            for (int64_t oh = 0; oh < g.out_h;) {
-              const int64_t h_start = oh * w.stride_h - w.pad_h;
-              int64_t i_lo, i_hi, next_lo = 0, next_hi = 0;
-              taps_inside(h_start, w.kernel_h, w.dilation_h, g.in_h, i_lo, i_hi);
-              if (oh + 1 < g.out_h) taps_inside(h_start + w.stride_h, w.kernel_h, w.dilation_h, g.in_h, next_lo, next_hi);
-              const bool pair = oh + 1 < g.out_h && i_lo == next_lo && i_hi == next_hi;  // the same kernel rows
-              for (int64_t q = 0; q < (pair ? 2 : 1); ++q) {
-                out_rows[q] = o + (oh + q) * g.out_w + chunk.ow0;
-                for (int64_t i = i_lo; i < i_hi; ++i)
-                  kernel_rows[q][i - i_lo] = rows.row(h_start + q * w.stride_h + i * w.dilation_h, g.in_w);
+        in_registers[m] = whole_rows && all_finite(weight + (c * multiplier + m) * taps, taps);
+        // the taps first, the bias last (as torch); taps_row writes whole sums, the bias included
+        if (!in_registers[m]) std::fill(out_c + m * out_plane, out_c + (m + 1) * out_plane, scalar_t(0));
+      }
+      for (int64_t ow0 = 0; ow0 < g.out_w; ow0 += plan.chunk) {
+        const ColumnChunk chunk =
+            column_chunk(ow0, std::min(g.out_w, ow0 + plan.chunk), s, w.pad_w, w.kernel_w, w.dilation_w, g.in_w);
+        if (!chunk.empty()) rows.start(plane, chunk);
+        for (int64_t m = 0; m < multiplier; ++m) {
+          scalar_t* o = out_c + m * out_plane;
+          const scalar_t* w_c = weight + (c * multiplier + m) * taps;  // (KH, KW)
+          const scalar_t* b = bias ? bias + c * multiplier + m : nullptr;
+          if (in_registers[m] && chunk.empty()) {  // every tap in the padding: no terms
+            for (int64_t oh = 0; oh < g.out_h; ++oh)
+              std::fill(o + oh * g.out_w + chunk.ow0, o + oh * g.out_w + chunk.ow1, scalar_t(0) + (b ? *b : scalar_t(0)));
+          } else if (in_registers[m]) {
+            register_rows(o, w_c, b, chunk);
+          } else if (!chunk.empty()) {
+            const bool finite = all_finite(w_c, taps);  // else each tap is checked
+            for_each_kernel_row(g, [&](int64_t oh, int64_t ih, int64_t i) {
+              scalar_t* o_row = o + oh * g.out_w;
+              const scalar_t* padded = plan.padded_rows ? rows.row(ih, g.in_w) : nullptr;
+              for (int64_t j = chunk.tap_lo; j < chunk.tap_hi; ++j) {
+                const scalar_t wt = w_c[i * w.kernel_w + j];
+                if (padded != nullptr && (finite || std::isfinite(wt))) {
+                  axpy_row(o_row + chunk.ow0, padded + (j - chunk.tap_lo) * w.dilation_w, wt, chunk.count(), s);
+                } else {
+                  const TapRun r = columns.within(j, chunk.ow0, chunk.ow1);
+                  if (r.count > 0) axpy_row(o_row + r.lo, plane + ih * g.in_w + r.at, wt, r.count, s);
+                }
               }
-              for (int64_t i = i_lo; i < i_hi; ++i) kernel_weights[i - i_lo] = w_c + i * w.kernel_w + chunk.tap_lo;
-              const scalar_t* const* row_lists[2] = {kernel_rows[0].data(), kernel_rows[1].data()};
-              taps_row(out_rows, row_lists, kernel_weights.data(), std::max<int64_t>(0, i_hi - i_lo),
-                       chunk.tap_hi - chunk.tap_lo, w.dilation_w, chunk.count(), b, pair);
-              oh += pair ? 2 : 1;
-            }
+            });
           }
-          continue;
         }
-        std::fill(o, o + out_plane, scalar_t(0));  // the taps first, the bias last (as torch)
-        for (int64_t ow0 = 0; ow0 < g.out_w; ow0 += plan.chunk) {
-          const ColumnChunk chunk =
-              column_chunk(ow0, std::min(g.out_w, ow0 + plan.chunk), s, w.pad_w, w.kernel_w, w.dilation_w, g.in_w);
-          if (chunk.empty()) continue;
-          rows.start(plane, chunk);
-          for_each_kernel_row(g, [&](int64_t oh, int64_t ih, int64_t i) {
-            scalar_t* o_row = o + oh * g.out_w;
-            const scalar_t* padded = plan.padded_rows ? rows.row(ih, g.in_w) : nullptr;
-            for (int64_t j = chunk.tap_lo; j < chunk.tap_hi; ++j) {
-              const scalar_t wt = w_c[i * w.kernel_w + j];
-              if (padded != nullptr && (finite || std::isfinite(wt))) {
-                axpy_row(o_row + chunk.ow0, padded + (j - chunk.tap_lo) * w.dilation_w, wt, chunk.count(), s);
-              } else {
-                const TapRun r = columns.within(j, chunk.ow0, chunk.ow1);
-                if (r.count > 0) axpy_row(o_row + r.lo, plane + ih * g.in_w + r.at, wt, r.count, s);
-              }
-            }
-          });
-        }
-        if (b) {
-          for (scalar_t* p = o; p < o + out_plane; ++p) *p += *b;
+      }
+      if (bias) {
+        for (int64_t m = 0; m < multiplier; ++m) {
+          if (in_registers[m]) continue;
+          const scalar_t b = bias[c * multiplier + m];
+          for (scalar_t* o = out_c + m * out_plane; o < out_c + (m + 1) * out_plane; ++o) *o += b;
         }
       }
     }
