@@ -34,6 +34,9 @@ CASES = [
     ConvCase(2, 9, 12, 20, (3, 3), (7, 7), stride=1, padding=1),  # input gradient: blocks of 2 images and a last of 1
     ConvCase(2, 2, 3, 20, (7, 7), (23, 22), stride=2, padding=3),  # few terms (K = 147): small_k_rows, a partial vector
     ConvCase(2, 3, 5, 40, (3, 3), (13, 17), stride=(1, 2), padding=(2, 1), dilation=(2, 1), bias=False),  # K = 45
+    # fewer than 512 rows: the tasks split the output channels (two of 80 here; one per group below)
+    ConvCase(2, 2, 32, 160, (3, 3), (9, 9), stride=2, padding=1),
+    ConvCase(2, 1, 64, 96, (1, 1), (7, 7), groups=2, bias=False),
     # depthwise rows whose interior runs keep the taps' weights in registers (3x3 and 5x5), with a channel tail
     # past the last full vector, stride, dilation and padding that leaves no interior
     ConvCase(2, 2, 40, 40, (3, 3), (9, 13), padding=1, groups=40),

@@ -92,7 +92,9 @@ ANCHOR_CONV_CASES = [
     ConvCase(1, 1, 76, 16, (5,), (76,), bias=False),
     ConvCase(2, 2, 32, 64, (1, 1), (28, 28)),  # pointwise: no columns
     ConvCase(2, 2, 16, 32, (3, 3), (20, 20), padding=1, groups=16),  # depthwise, multiplier 2
-    ConvCase(2, 8, 64, 64, (3, 3), (7, 7), padding=1),  # small images: multi-image forward blocks, one-block backward
+    ConvCase(2, 8, 64, 64, (3, 3), (7, 7), padding=1),  # small images: one-block backward
+    ConvCase(2, 3, 16, 160, (3, 3), (9, 9), stride=2, padding=1),  # small images: one-block forward, channels split
+    ConvCase(1, 8, 512, 16, (9,), (400,)),  # small images whose columns outgrow one workspace: multi-image blocks
     ConvCase(2, 1, 16, 32, (3, 3), (64, 64), padding=1),  # cache tiles of one large image
     ConvCase(2, 2, 16, 16, (3, 3), (128, 128), padding=1),  # columns exceed one workspace: partial slots
     ConvCase(2, 3, 8, 12, (3, 3), (33, 31), stride=2, padding=(1, 0), dilation=(2, 1), groups=4),

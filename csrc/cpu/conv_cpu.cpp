@@ -119,6 +119,30 @@ bool whole_batch_backward(const Geometry& g) {
   return columns_fit_once(g) && !(is_pointwise(g) && g.out_positions() >= kPointwiseInPlace);
 }
 
+// Whether the forward takes the whole batch as one block (conv_forward_small_cpu): images too small for a
+// block of their own (fewer than kBlockColumns positions) whose columns fit once. Pointwise ones only where their
+// images are not read in place anyway (fewer than kPointwiseInPlace positions, or a batch of one, read in place
+// either way).
+bool whole_batch_forward(const Geometry& g) {
+  const bool in_place = is_pointwise(g) && g.out_positions() >= kPointwiseInPlace && g.batch > 1;
+  return !in_place && g.out_positions() < kBlockColumns && columns_fit_once(g);
+}
+
+// The tasks of a product split by output channel (the small-image forward and weight gradient): f(group, first
+// output channel, count), at least kMinWeightRows channels each and two tasks in all, whatever the threads.
+template <typename F>
+void output_channel_tasks(const Geometry& g, const F& f) {
+  const GroupDims d(g);
+  const Split rows = split(d.out_per_group, ceil_div(kMinTasks, d.groups), kMinWeightRows, ceil_div(2, d.groups));
+  parallel_tasks(d.groups * rows.count, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t grp = task / rows.count, r0 = (task % rows.count) * rows.size;
+      f(grp, grp * d.out_per_group + r0, std::min(rows.size, d.out_per_group - r0));
+    }
+  });
+}
+
+
 Block clamp_block(Block blk, const Geometry& g) {
   blk.images = std::min(blk.images, g.batch - blk.n0);
   blk.p1 = std::min(blk.p1, g.out_positions());
@@ -276,16 +300,40 @@ void scatter_block(at::Tensor& t, int64_t c0, const at::Tensor& matrix, const Bl
       .copy_(matrix.view({matrix.size(0), blk.images, positions}));
 }
 
-// im2col of the block's images k0..k1-1 into their places in the block's columns (in_channels*KH*KW,
-// width), image k at column k * (p1 - p0).
+// im2col of the block's images k0..k1-1, input channels [c0, c1), into their places in the block's columns
+// (in_channels*KH*KW, width), image k at column k * (p1 - p0).
 void im2col_images(at::Tensor& columns, const at::Tensor& input, const Block& blk, const Geometry& g, int64_t k0,
-                   int64_t k1) {
+                   int64_t k1, int64_t c0 = 0, int64_t c1 = -1) {
   const int64_t tile = blk.p1 - blk.p0;
+  if (c1 < 0) c1 = g.in_channels;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "im2col", [&] {
+    const scalar_t* images = input.const_data_ptr<scalar_t>();  // contiguous (N, C_in, ...)
     for (int64_t k = k0; k < k1; ++k)
-      im2col(columns.data_ptr<scalar_t>() + k * tile, blk.width(), input[blk.n0 + k].data_ptr<scalar_t>(),
-             g.in_channels, g, blk.p0, blk.p1);
+      im2col(columns.data_ptr<scalar_t>() + c0 * g.win.taps() * blk.width() + k * tile, blk.width(),
+             images + ((blk.n0 + k) * g.in_channels + c0) * g.in_positions(), c1 - c0, g, blk.p0, blk.p1);
   });
+}
+
+// The whole batch's columns (in_channels*KH*KW, batch*positions), in parallel over runs of input channels: each
+// task writes whole rows, where tasks over images shared the cache lines at their columns' edges.
+constexpr int64_t kIm2colChannels = 8;  // channels per run: its rows stay in the L2 while every image adds its part
+void im2col_batch(at::Tensor& columns, const at::Tensor& input, const Block& all, const Geometry& g) {
+  const int64_t runs = ceil_div(g.in_channels, kIm2colChannels);
+  parallel_tasks(runs, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      im2col_images(columns, input, all, g, 0, all.images, r * kIm2colChannels,
+                    std::min(g.in_channels, (r + 1) * kIm2colChannels));
+  });
+}
+
+// The whole batch's columns (in_channels*KH*KW, batch*positions): the images themselves when pointwise (a
+// gathered copy unless the batch is one image).
+at::Tensor batch_columns(const at::Tensor& input, const Geometry& g) {
+  const Block all{0, g.batch, 0, g.out_positions()};
+  if (is_pointwise(g)) return block_matrix(input, all);
+  at::Tensor columns = at::empty({g.in_channels * g.win.taps(), all.width()}, input.options());
+  im2col_batch(columns, input, all, g);
+  return columns;
 }
 
 // The block's columns (in_channels*KH*KW, width): the images themselves when pointwise, otherwise
@@ -519,6 +567,27 @@ at::Tensor conv_forward_nhwc(const at::Tensor& input_, const at::Tensor& weight_
         identity[kk] = kk;
       }
     }
+    // Fewer rows than one wide product (a small batch of small images): the tasks split the output channels
+    // instead, each packing its share of the weight once, where row tiles each packed all of it (and a batch of
+    // one 7x7 image had been one task). Interleaved on a 2-core Zen 4, ours/torch, batch 1: 3x3 512@7 1.62 ->
+    // 0.85, 3x3/2 256->512@14 1.74 -> 0.96, 1x1 512->2048@7 1.15 -> 0.63; batch 2: 3x3 512@7 1.79 -> 0.95,
+    // 1x1 1024->256@14 1.27 -> 1.09; batch 8 at 14x14 (1568 rows) mixed, 1.17-1.35 either way, so row tiles there.
+    if (rows < kBlockColumns && !small_k) {
+      std::vector<scalar_t> workspace(pointwise ? 0 : rows * width);
+      if (!pointwise)
+        parallel_tasks(rows, [&](int64_t r0, int64_t r1) { im2col_nhwc(workspace.data() + r0 * width, in, g, r0, r1); });
+      const scalar_t* cols = pointwise ? in : workspace.data();
+      output_channel_tasks(g, [&](int64_t grp, int64_t first, int64_t count) {
+        scalar_t* c = out + first;
+        if (b) {
+          for (int64_t r = 0; r < rows; ++r) std::copy_n(b + first, count, c + r * g.out_channels);
+        }
+        gemm_in_chunks<scalar_t>(false, true, rows, count, d.k_per_group, scalar_t(1), cols + grp * d.k_per_group,
+                                 width, wt + first * d.k_per_group, d.k_per_group, scalar_t(b ? 1 : 0), c,
+                                 g.out_channels, forward_chunk<scalar_t>(d.k_per_group));
+      });
+      return;
+    }
     parallel_tasks(tiles.count, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> workspace(small_k ? width : pointwise ? 0 : tiles.size * width);
       for (int64_t t = begin; t < end; ++t) {
@@ -744,6 +813,30 @@ bool via_nhwc(const at::Tensor& input, const Geometry& g, bool backward) {
   return d.k_per_group <= kViaColumns && std::min(d.in_per_group, d.out_per_group) <= kViaOutputChannels;
 }
 
+// The forward of small images (whole_batch_forward): the batch's columns built once, then one product per task of
+// output channels over every placement, scattered to (N, C_out, ...) at the end. Each task packs only its own
+// share of the weight, once, where blocks of two images had each packed all of it (512 -> 512 at 7x7: 12% of the
+// time); and a batch of one or two images is no longer a task or two: the channels split it. Interleaved on a
+// 2-core Zen 4, against blocks of images, ours/torch: batch 8 3x3 512@7 1.56 -> 1.41, 3x3/2 256->512@14 1.33 ->
+// 1.27, 1x1/2 1024->2048@14 1.08 -> 1.03, 1x1 2048->512@7 1.17 -> 1.07, 3x3/2 128->256@28 1.35 either way;
+// batch 1 3x3 512@7 1.89 -> 0.73, 3x3/2 128->256@28 2.20 -> 1.16, 1x1/2 1024->2048@14 1.98 -> 0.72, 1x1
+// 2048->512@7 1.75 -> 0.78, 1x1 1024->256@14 1.66 -> 0.93 (benchmarks/NOTES.md).
+void conv_forward_small_cpu(at::Tensor& output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                            const Geometry& g) {
+  const GroupDims d(g);
+  const Block all{0, g.batch, 0, d.positions};
+  const at::Tensor columns = batch_columns(input, g);  // (C_in*KH*KW, N * positions)
+  // (C_out, N * positions): one image's output itself
+  at::Tensor out = g.batch == 1 ? block_matrix(output, all) : at::empty({g.out_channels, all.width()}, output.options());
+  output_channel_tasks(g, [&](int64_t grp, int64_t first, int64_t count) {
+    at::Tensor out_rows = out.narrow(0, first, count);
+    if (bias.defined()) out_rows.copy_(bias.narrow(0, first, count).view({count, 1}).expand_as(out_rows));
+    matmul(out_rows, weight.narrow(0, first, count), columns.narrow(0, grp * d.k_per_group, d.k_per_group),
+           bias.defined() ? 1 : 0, /*forward=*/true);
+  });
+  if (g.batch > 1) scatter_block(output, 0, out, all);
+}
+
 at::Tensor conv_forward_cpu(const at::Tensor& input_, const at::Tensor& weight_, const std::optional<at::Tensor>& bias,
                             c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
                             int64_t groups) {
@@ -783,6 +876,10 @@ at::Tensor conv_forward_cpu(const at::Tensor& input_, const at::Tensor& weight_,
   }
   const at::Tensor bias_column = has_bias ? bias_.view({g.out_channels, 1}) : at::Tensor();
   const Blocking blocking = make_blocking(g, /*allow_tiles=*/true, /*cache_tiles=*/true);
+  if (whole_batch_forward(g)) {
+    conv_forward_small_cpu(output, input, weight, bias_, g);
+    return output;
+  }
   parallel_tasks(blocking.count, [&](int64_t begin, int64_t end) {
     const at::Tensor workspace = column_workspace(input, g, blocking);
     for (int64_t task = begin; task < end; ++task) {
@@ -850,31 +947,20 @@ void conv_backward_input_cpu(at::Tensor& grad_input, const at::Tensor& grad_outp
   });
 }
 
-// grad_weight when every image's columns fit one workspace (columns_fit_once): the columns are built once,
-// image by image in parallel, and the tasks split the output channels instead of the images, each one
+// grad_weight when every image's columns fit one workspace (columns_fit_once): the columns are built once
+// (batch_columns), and the tasks split the output channels instead of the images, each one
 // GEMM over every placement. No partial sums: for 512 channels at 7x7 the slots' zero-fill and sum moved
 // more bytes than the GEMMs' own reads, and the GEMMs were thin (98 placements).
 void conv_backward_weight_small_cpu(at::Tensor& grad_weight, const at::Tensor& grad_output, const at::Tensor& input,
                                     const Geometry& g) {
   const GroupDims d(g);
   const Block all{0, g.batch, 0, d.positions};
-  at::Tensor columns;  // (C_in*KH*KW, N * positions)
-  if (is_pointwise(g)) {
-    columns = block_matrix(input, all);
-  } else {
-    columns = at::empty({g.in_channels * d.taps, all.width()}, input.options());
-    parallel_tasks(g.batch, [&](int64_t begin, int64_t end) { im2col_images(columns, input, all, g, begin, end); });
-  }
+  const at::Tensor columns = batch_columns(input, g);  // (C_in*KH*KW, N * positions)
   const at::Tensor grad_out = block_matrix(grad_output, all);  // (C_out, N * positions)
-  const Split rows = split(d.out_per_group, ceil_div(kMinTasks, d.groups), kMinWeightRows, ceil_div(2, d.groups));
   at::Tensor flat = grad_weight.view({g.out_channels, d.k_per_group});
-  parallel_tasks(d.groups * rows.count, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t grp = task / rows.count, r0 = (task % rows.count) * rows.size;
-      const int64_t first = grp * d.out_per_group + r0, count = std::min(rows.size, d.out_per_group - r0);
-      at::Tensor out = flat.narrow(0, first, count);
-      matmul(out, grad_out.narrow(0, first, count), columns.narrow(0, grp * d.k_per_group, d.k_per_group).t(), 0);
-    }
+  output_channel_tasks(g, [&](int64_t grp, int64_t first, int64_t count) {
+    at::Tensor out = flat.narrow(0, first, count);
+    matmul(out, grad_out.narrow(0, first, count), columns.narrow(0, grp * d.k_per_group, d.k_per_group).t(), 0);
   });
 }
 
