@@ -119,21 +119,18 @@ bool whole_batch_backward(const Geometry& g) {
   return columns_fit_once(g) && !(is_pointwise(g) && g.out_positions() >= kPointwiseInPlace);
 }
 
-// Whether the forward takes the whole batch as one block (conv_forward_small_cpu): images too small for a
-// block of their own (fewer than kBlockColumns positions) whose columns fit once. Pointwise ones only where their
-// images are not read in place anyway (fewer than kPointwiseInPlace positions, or a batch of one, read in place
-// either way).
-bool whole_batch_forward(const Geometry& g) {
-  const bool in_place = is_pointwise(g) && g.out_positions() >= kPointwiseInPlace && g.batch > 1;
-  return !in_place && g.out_positions() < kBlockColumns && columns_fit_once(g);
+// The split of a product by output channel (the small-image forward and weight gradient): tasks of at least
+// kMinWeightRows channels of one group each, two tasks in all at least, whatever the threads.
+Split output_channel_split(const Geometry& g) {
+  const GroupDims d(g);
+  return split(d.out_per_group, ceil_div(kMinTasks, d.groups), kMinWeightRows, ceil_div(2, d.groups));
 }
 
-// The tasks of a product split by output channel (the small-image forward and weight gradient): f(group, first
-// output channel, count), at least kMinWeightRows channels each and two tasks in all, whatever the threads.
+// f(group, first output channel, count) for each task of output_channel_split, in parallel.
 template <typename F>
 void output_channel_tasks(const Geometry& g, const F& f) {
   const GroupDims d(g);
-  const Split rows = split(d.out_per_group, ceil_div(kMinTasks, d.groups), kMinWeightRows, ceil_div(2, d.groups));
+  const Split rows = output_channel_split(g);
   parallel_tasks(d.groups * rows.count, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t grp = task / rows.count, r0 = (task % rows.count) * rows.size;
@@ -142,6 +139,31 @@ void output_channel_tasks(const Geometry& g, const F& f) {
   });
 }
 
+// Whether a forward product over `width` placements is better split by output channel than by placement, as
+// `placement_tasks` tasks. Each task's BLAS call packs (copies) all of its other operand: split by placement, every
+// task packs the whole weight; by channel, every task packs all the columns. The split that packs fewer elements
+// wins, and one that leaves a single task never does. Interleaved on a 2-core Zen 4 (forward, batch 8 unless
+// said, ours/torch), channel split against placement split: 1x1/2 1024->2048@14 1.08 -> 1.03, 1x1 2048->512@7
+// 1.17 -> 1.07, 3x3 512@7 a tie (1.45-1.55, packing 7M elements against 9M); the other way, placements: 3x3/2
+// 128->256@28 1.35 either way, the input gradient of ConvTranspose 4x4/2 256->128@16 (a 4x4/2 forward whose
+// 16 MB of columns 2 tasks packed: f+b 1.42 -> 1.80), channels-last 3x3 512->64@7 1.65 -> 2.1; batch 1, one task
+// by placement: 3x3 512@7 1.89 -> 0.73, 3x3/2 128->256@28 2.20 -> 1.16, 1x1 2048->512@7 1.75 -> 0.78.
+bool channel_split_pays(const Geometry& g, int64_t placement_tasks, int64_t width) {
+  const GroupDims d(g);
+  const int64_t by_channel = output_channel_split(g).count * g.in_channels * d.taps * width;
+  const int64_t by_placement = placement_tasks * g.out_channels * d.k_per_group;
+  return placement_tasks < 2 || by_channel <= by_placement;
+}
+
+// Whether the NCHW forward takes the whole batch as one block (conv_forward_small_cpu) rather than the blocks of
+// make_blocking (`blocks` of them): images too small for a block of their own (fewer than kBlockColumns positions)
+// whose columns fit once, where the channel split pays. Pointwise ones only where their images are not read in
+// place anyway (fewer than kPointwiseInPlace positions, or a batch of one, read in place either way).
+bool whole_batch_forward(const Geometry& g, int64_t blocks) {
+  const bool in_place = is_pointwise(g) && g.out_positions() >= kPointwiseInPlace && g.batch > 1;
+  return !in_place && g.out_positions() < kBlockColumns && columns_fit_once(g) &&
+         channel_split_pays(g, blocks, g.batch * g.out_positions());
+}
 
 Block clamp_block(Block blk, const Geometry& g) {
   blk.images = std::min(blk.images, g.batch - blk.n0);
@@ -567,12 +589,11 @@ at::Tensor conv_forward_nhwc(const at::Tensor& input_, const at::Tensor& weight_
         identity[kk] = kk;
       }
     }
-    // Fewer rows than one wide product (a small batch of small images): the tasks split the output channels
-    // instead, each packing its share of the weight once, where row tiles each packed all of it (and a batch of
-    // one 7x7 image had been one task). Interleaved on a 2-core Zen 4, ours/torch, batch 1: 3x3 512@7 1.62 ->
-    // 0.85, 3x3/2 256->512@14 1.74 -> 0.96, 1x1 512->2048@7 1.15 -> 0.63; batch 2: 3x3 512@7 1.79 -> 0.95,
-    // 1x1 1024->256@14 1.27 -> 1.09; batch 8 at 14x14 (1568 rows) mixed, 1.17-1.35 either way, so row tiles there.
-    if (rows < kBlockColumns && !small_k) {
+    // Fewer rows than one wide product (a small batch of small images): the tasks may split the output channels
+    // instead (channel_split_pays). Interleaved on a 2-core Zen 4, ours/torch, batch 1: 3x3 512@7 1.62 -> 0.85,
+    // 3x3/2 256->512@14 1.74 -> 0.96, 1x1 512->2048@7 1.15 -> 0.63; batch 2: 3x3 512@7 1.79 -> 0.95. Batch 8 at
+    // 14x14 (1568 rows) was mixed, 1.17-1.35 either way, so row tiles there.
+    if (rows < kBlockColumns && !small_k && channel_split_pays(g, tiles.count, rows)) {
       std::vector<scalar_t> workspace(pointwise ? 0 : rows * width);
       if (!pointwise)
         parallel_tasks(rows, [&](int64_t r0, int64_t r1) { im2col_nhwc(workspace.data() + r0 * width, in, g, r0, r1); });
@@ -814,13 +835,7 @@ bool via_nhwc(const at::Tensor& input, const Geometry& g, bool backward) {
 }
 
 // The forward of small images (whole_batch_forward): the batch's columns built once, then one product per task of
-// output channels over every placement, scattered to (N, C_out, ...) at the end. Each task packs only its own
-// share of the weight, once, where blocks of two images had each packed all of it (512 -> 512 at 7x7: 12% of the
-// time); and a batch of one or two images is no longer a task or two: the channels split it. Interleaved on a
-// 2-core Zen 4, against blocks of images, ours/torch: batch 8 3x3 512@7 1.56 -> 1.41, 3x3/2 256->512@14 1.33 ->
-// 1.27, 1x1/2 1024->2048@14 1.08 -> 1.03, 1x1 2048->512@7 1.17 -> 1.07, 3x3/2 128->256@28 1.35 either way;
-// batch 1 3x3 512@7 1.89 -> 0.73, 3x3/2 128->256@28 2.20 -> 1.16, 1x1/2 1024->2048@14 1.98 -> 0.72, 1x1
-// 2048->512@7 1.75 -> 0.78, 1x1 1024->256@14 1.66 -> 0.93 (benchmarks/NOTES.md).
+// output channels over every placement, scattered to (N, C_out, ...) at the end (channel_split_pays says when).
 void conv_forward_small_cpu(at::Tensor& output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                             const Geometry& g) {
   const GroupDims d(g);
@@ -876,7 +891,7 @@ at::Tensor conv_forward_cpu(const at::Tensor& input_, const at::Tensor& weight_,
   }
   const at::Tensor bias_column = has_bias ? bias_.view({g.out_channels, 1}) : at::Tensor();
   const Blocking blocking = make_blocking(g, /*allow_tiles=*/true, /*cache_tiles=*/true);
-  if (whole_batch_forward(g)) {
+  if (whole_batch_forward(g, blocking.count)) {
     conv_forward_small_cpu(output, input, weight, bias_, g);
     return output;
   }
