@@ -249,7 +249,7 @@ MANUALGRAD_VECTOR_CLONES void forward_nhwc_run(scalar_t* __restrict out, const s
 }
 
 // The outputs of a row whose taps all lie inside the input, for kernels of 3x3 and 5x5 (the runs of
-// forward_nhwc_run and weight_nhwc_run): [ow_lo, ow_hi) in rows whose kernel rows all lie inside, the first at
+// forward_nhwc_run and weight_nhwc_row): [ow_lo, ow_hi) in rows whose kernel rows all lie inside, the first at
 // input pixel `first`, tap k at offset[k] from it.
 struct InteriorRuns {
   bool enabled;
