@@ -359,6 +359,12 @@ MEMORY_CASES = {
         "x = torch.randn(1, 2, 2 * 10**7); w = torch.randn(2, 1, 64)",
         "ops.conv_forward(x, w, None, [64], [0], [1], 2)",
     ),
+    # fewer than 512 output rows, which may split the output channels, but 180 MB of columns: row tiles instead
+    "channels-last 40x40 kernel, 441 rows of 102400 terms": (
+        "x = torch.randn(1, 64, 40, 40).contiguous(memory_format=torch.channels_last); "
+        "w = torch.randn(2, 64, 40, 40).contiguous(memory_format=torch.channels_last)",
+        "ops.conv_forward(x, w, None, [1, 1], [10, 10], [1, 1], 1)",
+    ),
 }
 
 

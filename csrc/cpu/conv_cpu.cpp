@@ -593,7 +593,8 @@ at::Tensor conv_forward_nhwc(const at::Tensor& input_, const at::Tensor& weight_
     // instead (channel_split_pays). Interleaved on a 2-core Zen 4, ours/torch, batch 1: 3x3 512@7 1.62 -> 0.85,
     // 3x3/2 256->512@14 1.74 -> 0.96, 1x1 512->2048@7 1.15 -> 0.63; batch 2: 3x3 512@7 1.79 -> 0.95. Batch 8 at
     // 14x14 (1568 rows) was mixed, 1.17-1.35 either way, so row tiles there.
-    if (rows < kBlockColumns && !small_k && channel_split_pays(g, tiles.count, rows)) {
+    if (rows < kBlockColumns && !small_k && (pointwise || rows * width <= kMaxColumnElems) &&
+        channel_split_pays(g, tiles.count, rows)) {
       std::vector<scalar_t> workspace(pointwise ? 0 : rows * width);
       if (!pointwise)
         parallel_tasks(rows, [&](int64_t r0, int64_t r1) { im2col_nhwc(workspace.data() + r0 * width, in, g, r0, r1); });
