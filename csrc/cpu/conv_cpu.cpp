@@ -48,7 +48,7 @@ constexpr int64_t kCacheColumnElems = 1 << 18;  // the forward's tile of a large
 constexpr int64_t kMinCacheTileColumns = 512;   // ...unless that would make its GEMM narrower than this
 constexpr int64_t kMaxPartialElems = 1 << 24;  // all partial weight gradients together
 constexpr int64_t kMaxSlots = 8;
-constexpr int64_t kMinWeightRows = 128;         // output channels per task of the small-input weight gradient
+constexpr int64_t kMinWeightRows = 128;         // output channels per task of output_channel_split
 
 // Cuts `extent` items into pieces of `size` (the last may be shorter): `wanted` pieces of at least
 // `min_size` items if possible, and never fewer than `forced`. Depends on shapes only.
@@ -597,7 +597,9 @@ at::Tensor conv_forward_nhwc(const at::Tensor& input_, const at::Tensor& weight_
         channel_split_pays(g, tiles.count, rows)) {
       std::vector<scalar_t> workspace(pointwise ? 0 : rows * width);
       if (!pointwise)
-        parallel_tasks(rows, [&](int64_t r0, int64_t r1) { im2col_nhwc(workspace.data() + r0 * width, in, g, r0, r1); });
+        parallel_tasks(rows, [&](int64_t r0, int64_t r1) {
+          im2col_nhwc(workspace.data() + r0 * width, in, g, r0, r1);
+        });
       const scalar_t* cols = pointwise ? in : workspace.data();
       output_channel_tasks(g, [&](int64_t grp, int64_t first, int64_t count) {
         scalar_t* c = out + first;
@@ -695,8 +697,8 @@ void conv_backward_input_nhwc(scalar_t* gi, const scalar_t* go, const scalar_t* 
 
 // grad_weight rows (C_out, KH·KW·C_in/g) = per group, grad_output rows^T @ columns, summed over every
 // position. When the whole batch's columns fit one workspace, and that packs fewer elements, they are built once
-// and the tasks split the output channels (no partial sums); otherwise tile t adds into partial slot t % slots, in tile order, and
-// the slots are added in slot order — the same plan as the NCHW weight gradient.
+// and the tasks split the output channels (no partial sums); otherwise tile t adds into partial slot t % slots,
+// in tile order, and the slots are added in slot order — the same plan as the NCHW weight gradient.
 template <typename scalar_t>
 void conv_backward_weight_nhwc(scalar_t* gw, const scalar_t* go, const scalar_t* in, const Geometry& g,
                                const at::TensorOptions& options) {
@@ -839,13 +841,14 @@ bool via_nhwc(const at::Tensor& input, const Geometry& g, bool backward) {
 
 // The forward of small images (whole_batch_forward): the batch's columns built once, then one product per task of
 // output channels over every placement, scattered to (N, C_out, ...) at the end (channel_split_pays says when).
-void conv_forward_small_cpu(at::Tensor& output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
-                            const Geometry& g) {
+void conv_forward_small_cpu(at::Tensor& output, const at::Tensor& input, const at::Tensor& weight,
+                            const at::Tensor& bias, const Geometry& g) {
   const GroupDims d(g);
   const Block all{0, g.batch, 0, d.positions};
   const at::Tensor columns = batch_columns(input, g);  // (C_in*KH*KW, N * positions)
   // (C_out, N * positions): one image's output itself
-  at::Tensor out = g.batch == 1 ? block_matrix(output, all) : at::empty({g.out_channels, all.width()}, output.options());
+  at::Tensor out =
+      g.batch == 1 ? block_matrix(output, all) : at::empty({g.out_channels, all.width()}, output.options());
   output_channel_tasks(g, [&](int64_t grp, int64_t first, int64_t count) {
     at::Tensor out_rows = out.narrow(0, first, count);
     if (bias.defined()) out_rows.copy_(bias.narrow(0, first, count).view({count, 1}).expand_as(out_rows));
@@ -892,12 +895,12 @@ at::Tensor conv_forward_cpu(const at::Tensor& input_, const at::Tensor& weight_,
     depthwise_forward_cpu(output, input, weight, bias_, g);
     return output;
   }
-  const at::Tensor bias_column = has_bias ? bias_.view({g.out_channels, 1}) : at::Tensor();
   const Blocking blocking = make_blocking(g, /*allow_tiles=*/true, /*cache_tiles=*/true);
   if (whole_batch_forward(g, blocking.count)) {
     conv_forward_small_cpu(output, input, weight, bias_, g);
     return output;
   }
+  const at::Tensor bias_column = has_bias ? bias_.view({g.out_channels, 1}) : at::Tensor();
   parallel_tasks(blocking.count, [&](int64_t begin, int64_t end) {
     const at::Tensor workspace = column_workspace(input, g, blocking);
     for (int64_t task = begin; task < end; ++task) {
