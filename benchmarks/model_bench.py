@@ -67,6 +67,7 @@ models = load_script(HERE / "models.py")    # the architectures
 MODELS = {
     "resnet18": dict(width=0.125),
     "resnet50": dict(width=0.125),
+    "resnext50_32x4d": dict(width=0.125),
     "mobilenet_v2": dict(width=0.25),
     "efficientnet_b0": dict(width=0.25, depth=0.34),
     "convnext_tiny": dict(width=1 / 12, depth=0.2),

@@ -1,5 +1,5 @@
-"""Model builders with the layer shapes of ResNet-18/50, Inception v3, EfficientNet-B0, MobileNetV2, ConvNeXt-T
-and DenseNet-121, in plain torch.nn.
+"""Model builders with the layer shapes of ResNet-18/50, ResNeXt-50, Inception v3, EfficientNet-B0, MobileNetV2,
+ConvNeXt-T and DenseNet-121, in plain torch.nn.
 
 No torchvision or timm needed (PyPI's torchvision does not import beside our CPU torch): each builder
 reproduces the published architecture's conv/pool shapes, normalisation and activations, with width
@@ -8,6 +8,8 @@ tests can run a narrow copy at small inputs. At their defaults the parameter cou
 Nothing here imports torch_manualgrad; tests and benchmarks (model_bench.py) convert the models themselves.
 
     resnet18(), resnet50()   11,689,512 / 25,557,032   He et al. 2016, "Deep Residual Learning", Table 1
+    resnext50_32x4d()        25,028,904                Xie et al. 2017, "Aggregated Residual Transformations",
+                                                       Table 1
     inception_v3()                                     Szegedy et al. 2016, "Rethinking the Inception
                                                        Architecture", Table 1 (up to the 17 x 17 grid)
     efficientnet_b0()        5,288,548                 Tan & Le 2019, "EfficientNet", Table 1
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["resnet18", "resnet50", "inception_v3", "efficientnet_b0", "mobilenet_v2", "convnext_tiny", "densenet121",
+__all__ = ["resnet18", "resnet50", "resnext50_32x4d", "inception_v3", "efficientnet_b0", "mobilenet_v2", "convnext_tiny", "densenet121",
            "Conv2dSame", "ResNet", "Inception3", "EfficientNet", "MobileNetV2", "ConvNeXt", "DenseNet"]
 
 
@@ -56,17 +58,19 @@ class BasicBlock(nn.Module):
 
 class Bottleneck(nn.Module):
     """1x1 reduce, 3x3, 1x1 expand (x4) (ResNet-50/101/152); the stride sits on the 3x3 conv, as in
-    torchvision's "v1.5" ResNet-50."""
+    torchvision's "v1.5" ResNet-50. With groups > 1 (ResNeXt) the 3x3 conv is grouped, `groups` paths of
+    `base_width` channels per 64 planes each."""
 
     expansion = 4
 
-    def __init__(self, inplanes, planes, stride=1):
+    def __init__(self, inplanes, planes, stride=1, groups=1, base_width=64):
         super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        inner = max(1, planes * base_width // 64) * groups
+        self.conv1 = nn.Conv2d(inplanes, inner, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(inner)
+        self.conv2 = nn.Conv2d(inner, inner, 3, stride, 1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(inner)
+        self.conv3 = nn.Conv2d(inner, planes * self.expansion, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = _projection(inplanes, planes * self.expansion, stride)
@@ -89,8 +93,9 @@ class ResNet(nn.Module):
     """Stem 7x7/2 conv (64) + BN + ReLU + 3x3/2 max-pool, four stages of blocks (64, 128, 256, 512
     planes; every stage but the first halves the resolution), global average pool, fully connected."""
 
-    def __init__(self, block, layers, num_classes=1000, width=1.0):
+    def __init__(self, block, layers, num_classes=1000, width=1.0, **block_args):
         super().__init__()
+        self.block_args = block_args  # groups and base_width of ResNeXt's bottlenecks
         planes = [_channels(p, width) for p in (64, 128, 256, 512)]
         self.inplanes = planes[0]
         self.conv1 = nn.Conv2d(3, self.inplanes, 7, 2, 3, bias=False)
@@ -105,9 +110,9 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(planes[3] * block.expansion, num_classes)
 
     def _stage(self, block, planes, blocks, stride):
-        stage = [block(self.inplanes, planes, stride)]
+        stage = [block(self.inplanes, planes, stride, **self.block_args)]
         self.inplanes = planes * block.expansion
-        stage += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        stage += [block(self.inplanes, planes, **self.block_args) for _ in range(1, blocks)]
         return nn.Sequential(*stage)
 
     def forward(self, x):
@@ -125,6 +130,12 @@ def resnet18(num_classes=1000, width=1.0):
 def resnet50(num_classes=1000, width=1.0):
     """ResNet-50: bottleneck blocks [3, 4, 6, 3]; 53 convs + 1 max-pool converted. Input N x 3 x 224 x 224."""
     return ResNet(Bottleneck, [3, 4, 6, 3], num_classes, width)
+
+
+def resnext50_32x4d(num_classes=1000, width=1.0):
+    """ResNeXt-50 (32x4d): ResNet-50's bottlenecks with their 3x3 convs in 32 groups of 4 channels per 64
+    planes (128..1024 channels, 4..32 a group); 53 convs (16 grouped) + 1 max-pool converted."""
+    return ResNet(Bottleneck, [3, 4, 6, 3], num_classes, width, groups=32, base_width=4)
 
 
 # ------------------------------------------------------------------------------------------- Inception

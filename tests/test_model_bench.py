@@ -16,7 +16,7 @@ models = load_script(os.path.join(ROOT, "benchmarks", "models.py"))
 model_bench = load_script(os.path.join(ROOT, "benchmarks", "model_bench.py"))
 # narrow, shallow copies that run at 64 x 64 in milliseconds
 SMALL = {"mobilenet_v2": dict(width=0.25), "convnext_tiny": dict(width=1 / 12, depth=0.2),
-         "densenet121": dict(width=0.25, blocks=(2, 2, 2, 2))}
+         "densenet121": dict(width=0.25, blocks=(2, 2, 2, 2)), "resnext50_32x4d": dict(width=0.125)}
 
 
 def _count(model, kind):
@@ -51,6 +51,16 @@ def test_convnext_tiny_has_the_papers_shape():
     assert _count(model, torch.nn.Conv2d) == 22 and _count(model, torch.nn.Linear) == 37
     assert model.stem[0].kernel_size == model.stem[0].stride == (4, 4)
     assert all(d[1].kernel_size == d[1].stride == (2, 2) for d in model.downsample)
+
+
+def test_resnext50_32x4d_has_the_papers_shape():
+    model = models.resnext50_32x4d()
+    assert sum(p.numel() for p in model.parameters()) == 25_028_904  # torchvision's resnext50_32x4d
+    grouped = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
+    assert len(grouped) == 16 and all(m.groups == 32 and m.kernel_size == (3, 3) for m in grouped)
+    assert sorted({m.in_channels for m in grouped}) == [128, 256, 512, 1024]  # 4, 8, 16 and 32 a group
+    assert [m.stride for m in grouped].count((2, 2)) == 3
+    assert _count(model, torch.nn.Conv2d) == 53
 
 
 def test_densenet121_has_the_papers_shape():
