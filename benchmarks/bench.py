@@ -134,6 +134,9 @@ CASES = [
     # Depthwise (MobileNet-style): groups == channels, very little work per byte.
     Case("depthwise 3x3", "conv", "conv2d", (144, 56, 56), (144, 1, 3, 3), dict(padding=1, groups=144)),
     Case("conv1d k3", "conv", "conv1d", (256, 1024), (256, 256, 3), dict(padding=1)),
+    # Grouped (ResNeXt-50 32x4d): 32 groups of 16 channels, and a stride-2 block's 32 groups of 8.
+    Case("grouped 3x3 512 g32", "conv", "conv2d", (512, 14, 14), (512, 16, 3, 3), dict(padding=1, groups=32)),
+    Case("grouped 3x3/2 256 g32", "conv", "conv2d", (256, 56, 56), (256, 8, 3, 3), dict(stride=2, padding=1, groups=32)),
     # A DCGAN/U-Net decoder layer: 4x4 stride 2 doubles the size.
     Case("convT 4x4/2", "conv", "conv_transpose2d", (256, 16, 16), (256, 128, 4, 4), dict(stride=2, padding=1)),
     # Max pooling: memory-bound, so judged in GB/s.

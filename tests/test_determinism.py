@@ -106,6 +106,10 @@ ANCHOR_CONV_CASES = [
     ConvCase(2, 8, 8, 64, (3, 3), (7, 7), padding=1),
     ConvCase(2, 1, 8, 32, (3, 3), (64, 64), padding=1),
     ConvCase(2, 2, 16, 16, (5, 5), (128, 128), padding=2),
+    # grouped convolutions with few channels a group: the direct kernels (grouped_cpu.cpp) — ResNeXt's shape, and
+    # a stride-2 one whose planes take several bands of rows
+    ConvCase(2, 8, 128, 128, (3, 3), (14, 14), padding=1, groups=32),
+    ConvCase(3, 2, 32, 32, (3, 3), (150, 40), stride=2, padding=1, groups=2),
 ]
 
 

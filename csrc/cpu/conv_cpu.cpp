@@ -2,7 +2,8 @@
 // the same NCHW kernels, whose im2col and col2im walk volumes (a column holds all KD*KH*KW taps, so one GEMM
 // has K = C*KD*KH*KW); a channels_last_3d or depthwise 3-d convolution is a sum of 2-d ones over the kernel's
 // depth taps (depth_taps.h), which keeps the NHWC and depthwise kernels and their layouts. Float32 3x3
-// stride-1 convolutions, 2-d and 3-d in either layout, go to Winograd (winograd_cpu.cpp). (For 3x3x3 over
+// stride-1 convolutions, 2-d and 3-d in either layout, go to Winograd (winograd_cpu.cpp); grouped ones with few
+// channels a group, 1-d and 2-d in either layout, to the direct kernels of grouped_cpu.cpp. (For 3x3x3 over
 // 32 channels at 64^3 the volume im2col took 0.75x the time of the depth taps forward; channels_last_3d inputs
 // through NCDHW copies took 1.1-1.6x the taps' time.)
 //   forward:      columns = im2col(input[n]);  output[n, g] = weight[g] @ columns[g] (+ bias)
@@ -19,6 +20,7 @@
 #include "../shape_checks.h"
 #include "blas.h"
 #include "depthwise_cpu.h"
+#include "grouped_cpu.h"
 #include "tasks.h"
 #include "vectorize.h"
 #include "winograd_cpu.h"
@@ -181,6 +183,9 @@ int64_t forward_chunk(int64_t k) {
   int64_t chunk = 64;
   while (chunk * chunk < 2 * k) chunk *= 2;
   return chunk;
+}
+int64_t forward_chunk(at::ScalarType dtype, int64_t k) {
+  return dtype == at::kFloat ? forward_chunk<float>(k) : forward_chunk<double>(k);
 }
 
 // out (m×n) = a (m×k) @ b (k×n) + beta·out, through blas.h on this thread (the forward's in runs, forward_chunk).
@@ -869,6 +874,13 @@ at::Tensor conv_forward_cpu(const at::Tensor& input_, const at::Tensor& weight_,
     return conv_forward_cpu(f(input_), f(weight_), bias_f, stride, padding, dilation, groups).to(input_.scalar_type());
   }
   const bool channels_last = channels_last_result(input_, g);
+  if (grouped_direct_applies(input_, g)) {  // few channels a group (grouped_cpu.cpp), any layout
+    at::Tensor output = at::empty(g.output_shape(g.out_channels), input_.options().memory_format(
+                                      channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+    grouped_forward_cpu(output, input_, weight_, bias.has_value() ? *bias : at::Tensor(), g,
+                        forward_chunk(input_.scalar_type(), GroupDims(g).k_per_group));
+    return output;
+  }
   if (winograd_applies(input_, g, /*backward=*/false)) {  // 3x3 stride 1 in the plane (winograd_cpu.cpp), any layout
     const at::Tensor bias_ = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
     return winograd_forward_cpu(input_, weight_, bias_, g, channels_last);
@@ -1060,42 +1072,59 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
     return {grad_input, grad_weight, output_mask[2] ? conv_backward_bias_cpu(grad_output_.contiguous(), g) : at::Tensor()};
   }
   const bool channels_last = channels_last_result(input_, g);
-  // The input and weight gradients of 3x3 stride-1 convolutions by Winograd (winograd_cpu.cpp), in either layout;
-  // `mask` keeps what the other kernels still compute, and with_winograd puts the two together.
+  // The input and weight gradients of 3x3 stride-1 convolutions by Winograd (winograd_cpu.cpp), and of grouped ones
+  // by the direct kernels (grouped_cpu.cpp), in either layout; `mask` keeps what the other kernels still compute,
+  // and with_computed puts the two together.
   std::array<bool, 3> mask = output_mask;
-  at::Tensor winograd_input, winograd_weight;
+  at::Tensor computed_input, computed_weight;
   if (winograd_applies(input_, g, /*backward=*/false)) {
     mask[0] = output_mask[0] && !winograd_applies(input_, g, /*backward=*/true);
     mask[1] = false;
-    std::tie(winograd_input, winograd_weight) = winograd_backward_cpu(
+    std::tie(computed_input, computed_weight) = winograd_backward_cpu(
         grad_output_, input_, weight_, g, channels_last, output_mask[0] && !mask[0], output_mask[1]);
     if (g.spatial_dims == 3)  // both gradients are Winograd's (winograd_applies)
-      return {winograd_input, winograd_weight,
+      return {computed_input, computed_weight,
               output_mask[2] ? conv_backward_bias_cpu(grad_output_.contiguous(), g) : at::Tensor()};
   }
+  // Grouped convolutions with few channels a group: the direct kernels (grouped_cpu.cpp), in either layout; the
+  // input gradient only where it is the forward of grad_output (stride 1, finite weights).
+  if (grouped_direct_applies(input_, g)) {
+    const auto layout = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+    if (mask[0] && grouped_backward_input_applies(weight_, g)) {
+      computed_input = at::empty(input_.sizes(), input_.options().memory_format(layout));
+      grouped_backward_input_cpu(computed_input, grad_output_, weight_, g,
+                                 forward_chunk(input_.scalar_type(), GroupDims(g).out_per_group * g.win.taps()));
+      mask[0] = false;
+    }
+    if (mask[1]) {
+      computed_weight = at::empty(weight_.sizes(), weight_.options().memory_format(layout));
+      grouped_backward_weight_cpu(computed_weight, grad_output_, input_, g);
+      mask[1] = false;
+    }
+  }
   using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-  const auto with_winograd = [&](const Grads& grads) -> Grads {
-    return {mask[0] ? std::get<0>(grads) : winograd_input, mask[1] ? std::get<1>(grads) : winograd_weight,
+  const auto with_computed = [&](const Grads& grads) -> Grads {
+    return {mask[0] ? std::get<0>(grads) : computed_input, mask[1] ? std::get<1>(grads) : computed_weight,
             std::get<2>(grads)};
   };
   if (channels_last && !g.empty() && (!is_depthwise(g) || depthwise_nhwc_supported(g)))
-    return with_winograd(conv_backward_nhwc(grad_output_, input_, weight_, g, mask));
+    return with_computed(conv_backward_nhwc(grad_output_, input_, weight_, g, mask));
   if (channels_last) {  // depthwise with a multiplier: the NCHW kernels, results laid out as promised
     auto grads = conv_backward_cpu(grad_output_, input_.contiguous(), weight_, stride, padding, dilation, groups,
                                    output_mask);
     const auto cl = [](const at::Tensor& t) { return t.defined() ? t.contiguous(at::MemoryFormat::ChannelsLast) : t; };
     return {cl(std::get<0>(grads)), cl(std::get<1>(grads)), std::get<2>(grads)};
   }
-  if (via_nhwc(input_, g, /*backward=*/true)) {  // on channels-last copies, as the forward
+  if ((mask[0] || mask[1]) && via_nhwc(input_, g, /*backward=*/true)) {  // on channels-last copies, as the forward
     // (the input's values are read for the weight gradient only: a transposed convolution passes a
     // zero-strided stand-in for its shape, functional.py)
     auto grads = conv_backward_nhwc(grad_output_, mask[1] ? input_.contiguous(at::MemoryFormat::ChannelsLast) : input_,
                                     weight_, g, mask);
     const auto nchw = [](const at::Tensor& t) { return t.defined() ? t.contiguous() : t; };
-    return with_winograd({nchw(std::get<0>(grads)), nchw(std::get<1>(grads)), std::get<2>(grads)});
+    return with_computed({nchw(std::get<0>(grads)), nchw(std::get<1>(grads)), std::get<2>(grads)});
   }
   const at::Tensor grad_output = grad_output_.contiguous();  // (N, C_out, OH, OW)
-  at::Tensor grad_input = winograd_input, grad_weight = winograd_weight, grad_bias;
+  at::Tensor grad_input = computed_input, grad_weight = computed_weight, grad_bias;
   if (mask[0]) {
     grad_input = at::empty(input_.sizes(), input_.options());  // (N, C_in, H, W)
     const at::Tensor weight = weight_.contiguous().view({g.out_channels, GroupDims(g).k_per_group});

@@ -1,0 +1,117 @@
+"""Grouped convolutions with few channels a group, which the CPU computes directly from phase planes
+(csrc/cpu/grouped_cpu.cpp): values and gradients against torch in float64 across strides, paddings, dilations,
+layouts and 1-d; gradcheck; the non-finite cases where the planes' dropped columns would differ from torch's sums;
+and float32 results against torch's."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torch_manualgrad as tmg
+
+# (batch, groups, in a group, out a group, kernel, input size, stride, padding, dilation, channels_last)
+CASES = [
+    (2, 32, 4, 4, (3, 3), (14, 14), 1, 1, 1, False),  # ResNeXt-50's first stage, narrow
+    (2, 32, 8, 8, (3, 3), (9, 9), 2, 1, 1, False),  # its stride-2 blocks: four phase planes
+    (1, 8, 32, 32, (3, 3), (7, 7), 1, 1, 1, True),  # its last stage, channels-last
+    (3, 4, 3, 5, (3, 2), (11, 13), (2, 3), (1, 2), (2, 1), False),  # in and out a group differ; every knob
+    (2, 2, 16, 8, (5, 5), (6, 8), 1, 4, 1, True),  # padding past the kernel's reach: the input gradient crops
+    (2, 4, 2, 6, (3, 3), (5, 5), 3, 0, 2, False),
+    (1, 2, 16, 16, (3, 3), (150, 40), 1, 1, 1, False),  # planes of several bands of rows
+    (5, 16, 2, 2, (1, 1), (8, 8), 2, 0, 1, True),  # pointwise with a stride: phases no tap reads
+    (2, 4, 4, 4, (7,), (50,), 1, 3, 1, False),  # 1-d
+    (2, 3, 5, 2, (4,), (33,), 3, 2, 2, False),
+]
+
+
+def _tensors(case, dtype, seed=0):
+    batch, groups, cin, cout, kernel, size, *_, channels_last = case
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, groups * cin, *size, generator=gen, dtype=dtype)
+    w = torch.randn(groups * cout, cin, *kernel, generator=gen, dtype=dtype)
+    b = torch.randn(groups * cout, generator=gen, dtype=dtype)
+    if channels_last:
+        x, w = x.contiguous(memory_format=torch.channels_last), w.contiguous(memory_format=torch.channels_last)
+    return x, w, b
+
+
+def _run(conv, case, x, w, b, grad_output=None):
+    *_, stride, padding, dilation, _cl = case
+    groups = case[1]
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+    y = conv(*leaves, stride, padding, dilation, groups)
+    if grad_output is None:
+        grad_output = torch.randn(y.shape, generator=torch.Generator().manual_seed(7), dtype=y.dtype)
+    return [y, *torch.autograd.grad(y, leaves, grad_output)], grad_output
+
+
+def _convs(case):
+    return (tmg.functional.conv1d, F.conv1d) if len(case[4]) == 1 else (tmg.functional.conv2d, F.conv2d)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_grouped_matches_torch_in_float64(case):
+    ours_conv, torch_conv = _convs(case)
+    x, w, b = _tensors(case, torch.float64)
+    theirs, go = _run(torch_conv, case, x, w, b)
+    ours, _ = _run(ours_conv, case, x, w, b, go)
+    for name, a, e in zip(("output", "grad_input", "grad_weight", "grad_bias"), ours, theirs):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10, msg=name)
+    if case[-1]:  # channels-last in, channels-last out, as torch's
+        assert ours[0].is_contiguous(memory_format=torch.channels_last)
+        assert ours[1].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_grouped_on_a_strided_view_matches_torch():
+    x = torch.randn(2, 24, 12, 20, dtype=torch.float64)[:, 4:20, :, ::2]  # channels and columns of a larger tensor
+    w = torch.randn(8, 4, 3, 3, dtype=torch.float64)
+    y = tmg.functional.conv2d(x, w, None, 1, 1, 1, 4)
+    torch.testing.assert_close(y, F.conv2d(x, w, None, 1, 1, 1, 4), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_grouped_gradcheck(stride):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, 6, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: tmg.functional.conv2d(*t, stride, (1, 2), (2, 1), 2), (x, w, b))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_grouped_non_finite_values_give_torchs_nan_and_inf(stride, dtype):
+    """An infinite or NaN input pixel, an infinite output gradient at the border, an infinite weight: NaN and inf
+    land exactly where torch's do. (The planes' dropped columns read input pixels that a tap never meets in torch's
+    sums; 0 × inf there would be NaN, so a band with a value that is not finite is summed exactly.)"""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 8, 7, 7, generator=gen, dtype=dtype)
+    w = torch.randn(8, 2, 3, 3, generator=gen, dtype=dtype)
+    x[0, 1, 6, 6], x[1, 4, 0, 3] = math.inf, math.nan
+    case = (2, 4, 2, 2, (3, 3), (7, 7), stride, 1, 1, False)
+    go = torch.randn(F.conv2d(x, w, None, stride, 1, 1, 4).shape, generator=gen, dtype=dtype)
+    go[0, 0, 0, 0] = math.inf
+    w_inf = w.clone()
+    w_inf[3, 1, 0, 0] = math.inf
+    for weight, x_used in ((w, x), (w_inf, torch.randn(x.shape, generator=gen, dtype=dtype))):
+        b = torch.zeros(8, dtype=dtype)
+        theirs, _ = _run(F.conv2d, case, x_used, weight, b, go)
+        ours, _ = _run(tmg.functional.conv2d, case, x_used, weight, b, go)
+        for a, e in zip(ours, theirs):
+            assert torch.equal(a.isnan(), e.isnan()) and torch.equal(a.isinf(), e.isinf())
+            torch.testing.assert_close(a.nan_to_num(0, 0, 0), e.nan_to_num(0, 0, 0), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", CASES[:4], ids=str)
+def test_grouped_float32_is_as_close_to_float64_as_torchs(case):
+    """Our float32 output and gradients against the float64 truth: no more than twice torch's float32 error."""
+    ours_conv, torch_conv = _convs(case)
+    x, w, b = _tensors(case, torch.float64, seed=1)
+    truth, go = _run(torch_conv, case, x, w, b)
+    f = [t.float() for t in (x, w, b)]
+    ours, _ = _run(ours_conv, case, *f, go.float())
+    theirs, _ = _run(torch_conv, case, *f, go.float())
+    for name, a, e, t in zip(("output", "grad_input", "grad_weight", "grad_bias"), ours, theirs, truth):
+        ours_err, torch_err = (a.double() - t).norm(), (e.double() - t).norm()
+        assert ours_err <= 2 * torch_err + 1e-6 * t.norm(), (name, ours_err.item(), torch_err.item())
