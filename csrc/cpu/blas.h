@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 namespace manualgrad {
 
@@ -22,6 +23,18 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
 template <typename T>
 void gemm_in_chunks(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
                     const T* b, int64_t ldb, T beta, T* c, int64_t ldc, int64_t chunk);
+
+// The forward's products sum float32 in runs of k (gemm_in_chunks; grouped_cpu.cpp's direct sums too), then the
+// runs' sums one after the other: runs of 64 while 64^2 >= 2k, else the next power of two that is. Both sums then
+// stay short; on the bench rows the error is then 0.84-1.02x torch's, where one product was 1.3-2.0x (a fixed 64
+// gave 1.12x at k = 4608, 128 gave 1.23x at k = 768, and runs of 32 up to sqrt(k) 1.04x there; benchmarks/NOTES.md).
+template <typename scalar_t>
+inline int64_t forward_chunk(int64_t k) {
+  if (!std::is_same_v<scalar_t, float>) return k;
+  int64_t chunk = 64;
+  while (chunk * chunk < 2 * k) chunk *= 2;
+  return chunk;
+}
 
 // Loads OpenBLAS from `path` (private to us: RTLD_LOCAL, one thread) and makes it the backend. On a CPU with
 // AVX-512 it takes OpenBLAS's SkylakeX kernels (TORCH_MANUALGRAD_OPENBLAS_CORETYPE overrides): OpenBLAS 0.3.34

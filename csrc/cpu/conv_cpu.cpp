@@ -173,21 +173,6 @@ Block clamp_block(Block blk, const Geometry& g) {
   return blk;
 }
 
-// The forward's products sum float32 in runs of k (gemm_in_chunks), then the runs' sums one after the other: runs
-// of 64 while 64^2 >= 2k, else the next power of two that is. Both sums then stay short; on the bench rows the
-// error is then 0.84-1.02x torch's, where one product was 1.3-2.0x (a fixed 64 gave 1.12x at k = 4608, 128 gave
-// 1.23x at k = 768, and runs of 32 up to sqrt(k) 1.04x there; benchmarks/NOTES.md).
-template <typename scalar_t>
-int64_t forward_chunk(int64_t k) {
-  if (!std::is_same_v<scalar_t, float>) return k;
-  int64_t chunk = 64;
-  while (chunk * chunk < 2 * k) chunk *= 2;
-  return chunk;
-}
-int64_t forward_chunk(at::ScalarType dtype, int64_t k) {
-  return dtype == at::kFloat ? forward_chunk<float>(k) : forward_chunk<double>(k);
-}
-
 // out (m×n) = a (m×k) @ b (k×n) + beta·out, through blas.h on this thread (the forward's in runs, forward_chunk).
 // Each operand is a 2-D view whose rows or columns are contiguous (a transposed view passes as a transposed
 // operand), so nothing is copied.
@@ -877,8 +862,7 @@ at::Tensor conv_forward_cpu(const at::Tensor& input_, const at::Tensor& weight_,
   if (grouped_direct_applies(input_, g)) {  // few channels a group (grouped_cpu.cpp), any layout
     at::Tensor output = at::empty(g.output_shape(g.out_channels), input_.options().memory_format(
                                       channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
-    grouped_forward_cpu(output, input_, weight_, bias.has_value() ? *bias : at::Tensor(), g,
-                        forward_chunk(input_.scalar_type(), GroupDims(g).k_per_group));
+    grouped_forward_cpu(output, input_, weight_, bias.has_value() ? *bias : at::Tensor(), g);
     return output;
   }
   if (winograd_applies(input_, g, /*backward=*/false)) {  // 3x3 stride 1 in the plane (winograd_cpu.cpp), any layout
@@ -1087,13 +1071,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
               output_mask[2] ? conv_backward_bias_cpu(grad_output_.contiguous(), g) : at::Tensor()};
   }
   // Grouped convolutions with few channels a group: the direct kernels (grouped_cpu.cpp), in either layout; the
-  // input gradient only where it is the forward of grad_output (stride 1, finite weights).
+  // input gradient where it is a forward of grad_output (finite weights).
   if (grouped_direct_applies(input_, g)) {
     const auto layout = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
     if (mask[0] && grouped_backward_input_applies(weight_, g)) {
       computed_input = at::empty(input_.sizes(), input_.options().memory_format(layout));
-      grouped_backward_input_cpu(computed_input, grad_output_, weight_, g,
-                                 forward_chunk(input_.scalar_type(), GroupDims(g).out_per_group * g.win.taps()));
+      grouped_backward_input_cpu(computed_input, grad_output_, weight_, g);
       mask[0] = false;
     }
     if (mask[1]) {

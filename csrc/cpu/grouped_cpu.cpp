@@ -2,7 +2,8 @@
 // of 4..32 channels), computed directly from each group's input planes, in either layout, with no columns.
 //   forward:      out[n, oc] = the sum over the group's input channels ic and taps (i, j) of w[oc, ic, i, j] × the
 //                 input slice tap (i, j) sees, + bias[oc]
-//   grad_input:   (stride 1) the forward of grad_output, each group's weight transposed and its taps flipped
+//   grad_input:   for each phase of the input modulo the stride, a forward of grad_output over the taps that reach
+//                 it, each group's weight transposed and those taps flipped
 //   grad_weight:  grad_w[oc, ic, i, j] = the sum over images and positions of grad_out[n, oc] × the slice tap (i, j)
 //                 saw
 // Why not im2col + BLAS: a group's product has only C_out/g rows, so writing and reading the columns (9 copies of
@@ -22,11 +23,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
 
+#include "blas.h"
 #include "tasks.h"
 #include "vectorize.h"
 
@@ -232,8 +235,9 @@ MANUALGRAD_VECTOR_CLONES void forward_planes(scalar_t* out, int64_t ldo, int64_t
 // The forward of a grouped convolution g with weight rows wt (C_out, k) contiguous: tasks are (image, group, band).
 template <typename scalar_t>
 void forward_kernel(scalar_t* out, const Strides& so, const scalar_t* in, const Strides& si, const scalar_t* wt,
-                    const scalar_t* bias, const Geometry& g, int64_t chunk) {
+                    const scalar_t* bias, const Geometry& g) {
   const GroupDims d(g);
+  const int64_t chunk = forward_chunk<scalar_t>(d.k_per_group);
   const Layout layout(g, Vec64<scalar_t>::lanes);
   const Bands& bands = layout.bands;
   const Planes& p = layout.planes;
@@ -417,19 +421,62 @@ void weight_kernel(scalar_t* gw, const scalar_t* go, const Strides& sg, const sc
   });
 }
 
-// The geometry of the input gradient as a forward (stride 1): grad_output convolved over the input's positions,
-// C_out channels in and C_in out, padded so that each input pixel sees every output its taps reached.
-Geometry transposed_geometry(const Geometry& g) {
+// One phase of the input gradient along one dimension: the input positions r + stride·u, u < outputs. Tap k
+// reaches them iff k·dilation ≡ r + pad (mod stride): every step-th tap from `first`, `count` of them, tap
+// first + m·step reading grad_output at u - c0 - m·dilation', c0 = (first·dilation - r - pad) / stride. Flipped,
+// that is a stride-1 convolution of grad_output with `count` taps, dilation', and padding c0 + (count-1)·dilation'.
+struct PhaseTaps {
+  int64_t first, count, step, dilation, pad, outputs;
+};
+PhaseTaps phase_taps(int64_t r, int64_t kernel, int64_t stride, int64_t dilation, int64_t pad, int64_t in_size) {
+  const int64_t common = std::gcd(stride, dilation);
+  PhaseTaps t{0, 0, stride / common, dilation / common, 0, in_size > r ? ceil_div(in_size - r, stride) : 0};
+  for (int64_t k = 0; k < std::min(kernel, t.step); ++k) {
+    if (((k * dilation - r - pad) % stride + stride) % stride != 0) continue;
+    t.first = k;
+    t.count = (kernel - 1 - k) / t.step + 1;
+    t.pad = (k * dilation - r - pad) / stride + (t.count - 1) * t.dilation;  // an exact division
+    break;
+  }
+  return t;
+}
+
+// The input gradient's phase (r_h, r_w) as a forward: grad_output (C_out channels in) convolved into C_in channels
+// over the phase's positions, with the taps that reach it.
+Geometry phase_geometry(const Geometry& g, const PhaseTaps& h, const PhaseTaps& w) {
   Geometry t = g;
   t.in_channels = g.out_channels;
   t.out_channels = g.in_channels;
   t.in_h = g.out_h;
   t.in_w = g.out_w;
-  t.out_h = g.in_h;
-  t.out_w = g.in_w;
-  t.win.pad_h = (g.win.kernel_h - 1) * g.win.dilation_h - g.win.pad_h;
-  t.win.pad_w = (g.win.kernel_w - 1) * g.win.dilation_w - g.win.pad_w;
+  t.out_h = h.outputs;
+  t.out_w = w.outputs;
+  t.win.kernel_h = h.count;
+  t.win.kernel_w = w.count;
+  t.win.stride_h = t.win.stride_w = 1;
+  t.win.dilation_h = h.dilation;
+  t.win.dilation_w = w.dilation;
+  t.win.pad_h = h.pad;
+  t.win.pad_w = w.pad;
   return t;
+}
+
+// f(r_h, r_w, taps along h, taps along w) for each phase of the input gradient.
+template <typename F>
+void for_each_phase(const Geometry& g, const F& f) {
+  const Window& w = g.win;
+  for (int64_t rh = 0; rh < w.stride_h; ++rh) {
+    const PhaseTaps th = phase_taps(rh, w.kernel_h, w.stride_h, w.dilation_h, w.pad_h, g.in_h);
+    for (int64_t rw = 0; rw < w.stride_w; ++rw)
+      f(rh, rw, th, phase_taps(rw, w.kernel_w, w.stride_w, w.dilation_w, w.pad_w, g.in_w));
+  }
+}
+
+// Whether a kernel over geometry g keeps one row's planes and output tile within kMaxTaskElems.
+bool bounded(const Geometry& g) {
+  const GroupDims d(g);
+  const Planes one = planes_for(g, 1, 16);
+  return d.in_per_group * one.per_channel() <= kMaxTaskElems && d.out_per_group * one.grid_padded() <= kMaxTaskElems;
 }
 
 }  // namespace
@@ -439,45 +486,54 @@ bool grouped_direct_applies(const at::Tensor& input, const Geometry& g) {
   if (!(g.spatial_dims == 2 && input.dim() == 4) && !(g.spatial_dims == 1 && input.dim() == 3)) return false;
   if (input.scalar_type() != at::kFloat && input.scalar_type() != at::kDouble) return false;
   const GroupDims d(g);
-  if (d.in_per_group > kMaxChannelsPerGroup || d.out_per_group > kMaxChannelsPerGroup) return false;
-  // One row's planes and output tile, for the forward and (transposed) for the input gradient, stay bounded.
-  for (const Geometry& geo : {g, transposed_geometry(g)}) {
-    const GroupDims gd(geo);
-    const Planes one = planes_for(geo, 1, 16);
-    if (gd.in_per_group * one.per_channel() > kMaxTaskElems || gd.out_per_group * one.grid_padded() > kMaxTaskElems)
-      return false;
-  }
-  return true;
+  return d.in_per_group <= kMaxChannelsPerGroup && d.out_per_group <= kMaxChannelsPerGroup && bounded(g);
 }
 
 void grouped_forward_cpu(at::Tensor& output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
-                         const Geometry& g, int64_t chunk) {
+                         const Geometry& g) {
   const at::Tensor wt = weight.contiguous();  // (C_out, C_in/g · KH · KW): each output channel's terms in order
   const at::Tensor b = bias.defined() ? bias.contiguous() : bias;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "grouped_forward_cpu", [&] {
     forward_kernel(output.data_ptr<scalar_t>(), strides_of(output), input.const_data_ptr<scalar_t>(),
                    strides_of(input), wt.const_data_ptr<scalar_t>(), b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
-                   g, chunk);
+                   g);
   });
 }
 
 bool grouped_backward_input_applies(const at::Tensor& weight, const Geometry& g) {
-  return g.win.stride_h == 1 && g.win.stride_w == 1 && at::isfinite(weight).all().item<bool>();
+  bool ok = true;
+  for_each_phase(g, [&](int64_t, int64_t, const PhaseTaps& h, const PhaseTaps& w) {
+    ok &= h.count == 0 || w.count == 0 || h.outputs == 0 || w.outputs == 0 || bounded(phase_geometry(g, h, w));
+  });
+  return ok && at::isfinite(weight).all().item<bool>();
 }
 
 void grouped_backward_input_cpu(at::Tensor& grad_input, const at::Tensor& grad_output, const at::Tensor& weight,
-                                const Geometry& g, int64_t chunk) {
+                                const Geometry& g) {
   const GroupDims d(g);
-  const Geometry t = transposed_geometry(g);
-  // (C_in, C_out/g · KH · KW): for input channel ic of group grp, weight[grp·C_out/g + oc, ic] over oc, taps flipped
-  const at::Tensor w = weight.reshape({d.groups, d.out_per_group, d.in_per_group, g.win.kernel_h, g.win.kernel_w})
-                           .flip({3, 4})
-                           .transpose(1, 2)
-                           .contiguous();
-  AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "grouped_backward_input_cpu", [&] {
-    forward_kernel(grad_input.data_ptr<scalar_t>(), strides_of(grad_input), grad_output.const_data_ptr<scalar_t>(),
-                   strides_of(grad_output), w.const_data_ptr<scalar_t>(), static_cast<const scalar_t*>(nullptr), t,
-                   chunk);
+  const int64_t dim_h = grad_input.dim() - 2, dim_w = grad_input.dim() - 1;  // dim_h is the channels' in 1-d: unused
+  // (groups, C_out/g, C_in/g, KH, KW)
+  const at::Tensor w5 = weight.reshape({d.groups, d.out_per_group, d.in_per_group, g.win.kernel_h, g.win.kernel_w});
+  for_each_phase(g, [&](int64_t rh, int64_t rw, const PhaseTaps& h, const PhaseTaps& w) {
+    if (h.outputs == 0 || w.outputs == 0) return;
+    at::Tensor phase = grad_input;  // the phase's positions, a strided view
+    if (g.spatial_dims == 2) phase = phase.slice(dim_h, rh, c10::nullopt, g.win.stride_h);
+    phase = phase.slice(dim_w, rw, c10::nullopt, g.win.stride_w);
+    if (h.count == 0 || w.count == 0) {  // no tap reaches these positions
+      phase.zero_();
+      return;
+    }
+    // (C_in, C_out/g · count_h · count_w): for input channel ic of group grp, weight[grp·C_out/g + oc, ic] over oc,
+    // at the phase's taps, flipped
+    const auto taps = [&](const PhaseTaps& t) {
+      return at::arange(t.first + (t.count - 1) * t.step, t.first - 1, -t.step, weight.options().dtype(at::kLong));
+    };
+    const at::Tensor wt = w5.index_select(3, taps(h)).index_select(4, taps(w)).transpose(1, 2).contiguous();
+    AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "grouped_backward_input_cpu", [&] {
+      forward_kernel(phase.data_ptr<scalar_t>(), strides_of(phase), grad_output.const_data_ptr<scalar_t>(),
+                     strides_of(grad_output), wt.const_data_ptr<scalar_t>(), static_cast<const scalar_t*>(nullptr),
+                     phase_geometry(g, h, w));
+    });
   });
 }
 
