@@ -55,7 +55,7 @@ Strides strides_of(const at::Tensor& t) {
 // holds the padded input's row stride_h * (oh0 + i) + a, column stride_w * j + b at [i][j] (zero in the padding),
 // i < height, j < pitch. Tap (kh, kw) of output (oh0 + i, ow) reads plane ((kh·dh) % sh, (kw·dw) % sw) at
 // (i + kh·dh / sh) * pitch + ow + kw·dw / sw. Every band has the layout of the tallest, so the taps' offsets hold
-// for all; a plane ends in `lanes` zeros, which the last vector of q may read.
+// for all; a plane ends in a row and a vector of zeros, which the last outputs' taps may read.
 struct Planes {
   int64_t rows, height, pitch, size, phases, lanes;
   int64_t grid() const { return rows * pitch; }  // the band's outputs, as q
@@ -67,7 +67,9 @@ Planes planes_for(const Geometry& g, int64_t rows, int64_t lanes) {
   const Window& w = g.win;
   const int64_t height = rows + (w.kernel_h - 1) * w.dilation_h / w.stride_h;
   const int64_t pitch = g.out_w + (w.kernel_w - 1) * w.dilation_w / w.stride_w;
-  return {rows, height, pitch, height * pitch + lanes, w.stride_h * w.stride_w, lanes};
+  // slack: the last row's dropped columns read up to the kernel's reach past the plane, and the last vector of q
+  // up to a vector past that
+  return {rows, height, pitch, height * pitch + pitch + lanes, w.stride_h * w.stride_w, lanes};
 }
 
 // The bands of output rows: as many rows as keep a group's planes within kMaxPlaneElems (one row at least),
@@ -126,7 +128,7 @@ bool build_planes(scalar_t* planes, const scalar_t* image, const Strides& s, int
           finite &= all_finite(dst + j_lo, j_hi - j_lo);
           std::fill_n(dst + j_hi, p.pitch - j_hi, scalar_t(0));
         }
-        std::fill_n(plane + p.height * p.pitch, p.lanes, scalar_t(0));
+        std::fill_n(plane + p.height * p.pitch, p.size - p.height * p.pitch, scalar_t(0));
       }
     }
   }
