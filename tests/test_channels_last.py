@@ -43,6 +43,11 @@ CASES = [
     ConvCase(2, 3, 20, 20, (5, 5), (12, 11), stride=2, padding=2, groups=20),
     ConvCase(2, 2, 18, 18, (3, 3), (10, 12), padding=2, dilation=2, groups=18, bias=False),
     ConvCase(2, 2, 17, 17, (5, 5), (4, 4), padding=2, groups=17),
+    # grouped, with whole vectors of output channels a group: the pixel kernels of grouped_cpu.cpp (16 a group in
+    # and out; 8 in and 16 out with a stride, whose input gradient has 32-byte vectors in float32; 48 a group)
+    ConvCase(2, 2, 64, 64, (3, 3), (9, 9), padding=1, groups=4),
+    ConvCase(2, 3, 16, 32, (3, 3), (11, 10), stride=2, padding=1, groups=2),
+    ConvCase(2, 2, 96, 96, (3, 3), (7, 7), padding=1, groups=2, bias=False),
 ]
 
 

@@ -1,7 +1,8 @@
-"""Grouped convolutions with few channels a group, which the CPU computes directly from phase planes
-(csrc/cpu/grouped_cpu.cpp): values and gradients against torch in float64 across strides, paddings, dilations,
-layouts and 1-d; gradcheck; the non-finite cases where the planes' dropped columns would differ from torch's sums;
-and float32 results against torch's."""
+"""Grouped convolutions with few channels a group, which the CPU computes directly from phase planes, or for
+channels-last outputs from pixel planes with vectors over a group's output channels (csrc/cpu/grouped_cpu.cpp):
+values and gradients against torch in float64 across strides, paddings, dilations, layouts and 1-d; gradcheck;
+the non-finite cases where the planes' dropped columns would differ from torch's sums; float32 results against
+torch's; and the two layouts' forwards and input gradients bit for bit."""
 import math
 
 import pytest
@@ -22,6 +23,14 @@ CASES = [
     (5, 16, 2, 2, (1, 1), (8, 8), 2, 0, 1, True),  # pointwise with a stride: phases no tap reads
     (2, 4, 4, 4, (7,), (50,), 1, 3, 1, False),  # 1-d
     (2, 3, 5, 2, (4,), (33,), 3, 2, 2, False),
+    # channels-last outputs whose group's output channels fill whole vectors: the pixel kernels (64-byte vectors
+    # of 16 floats or 8 doubles, 32-byte ones of 8 floats), blocks of groups, several vectors a group, bands
+    (2, 4, 16, 16, (3, 3), (9, 9), 1, 1, 1, True),
+    (2, 2, 8, 16, (3, 3), (11, 11), 2, 1, 1, True),  # input gradient: 8 a group, 32-byte vectors in float32
+    (1, 2, 48, 48, (3, 3), (7, 7), 1, 1, 1, True),  # three vectors a group
+    (1, 2, 64, 64, (3, 3), (6, 5), 1, 1, 1, True),  # four
+    (2, 2, 8, 24, (3, 2), (10, 13), (2, 3), (2, 1), (2, 1), True),
+    (1, 2, 16, 16, (3, 3), (150, 40), 1, 1, 1, True),  # bands of rows
 ]
 
 
@@ -103,7 +112,51 @@ def test_grouped_non_finite_values_give_torchs_nan_and_inf(stride, dtype):
             torch.testing.assert_close(a.nan_to_num(0, 0, 0), e.nan_to_num(0, 0, 0), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("case", CASES[:4], ids=str)
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_grouped_channels_last_non_finite_values_give_torchs_nan_and_inf(stride, dtype):
+    """The same through the pixel kernels (16 output channels a group, 8 input channels: both vector widths in
+    float32): an infinite and a NaN input pixel, an infinite output gradient at the border, an infinite weight.
+    Against torch's float64 results: its float32 kernels skip the padding for some shapes (no 0 × inf there) and
+    not for others, so their NaN at the border depend on the shape; ours, in both dtypes, are float64's."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 16, 9, 9, generator=gen, dtype=torch.float64)
+    w = torch.randn(32, 8, 3, 3, generator=gen, dtype=torch.float64)
+    x[0, 1, 8, 8], x[1, 12, 0, 3] = math.inf, math.nan
+    case = (2, 2, 8, 16, (3, 3), (9, 9), stride, 1, 1, True)
+    go = torch.randn(F.conv2d(x, w, None, stride, 1, 1, 2).shape, generator=gen, dtype=torch.float64)
+    go[0, 3, 0, 0] = -math.inf
+    go = go.contiguous(memory_format=torch.channels_last)
+    w_inf = w.clone()
+    w_inf[20, 5, 2, 1] = math.inf
+    for weight, x_used in ((w, x), (w_inf, torch.randn(x.shape, generator=gen, dtype=torch.float64))):
+        cl = [t.contiguous(memory_format=torch.channels_last) for t in (x_used, weight)]
+        b = torch.zeros(32, dtype=torch.float64)
+        theirs, _ = _run(F.conv2d, case, *cl, b, go)
+        ours, _ = _run(tmg.functional.conv2d, case, *[t.to(dtype) for t in (*cl, b, go)][:3], go.to(dtype))
+        for a, e in zip(ours, theirs):
+            assert torch.equal(a.isnan(), e.isnan()) and torch.equal(a.isinf(), e.isinf())
+            torch.testing.assert_close(a.double().nan_to_num(0, 0, 0), e.nan_to_num(0, 0, 0), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[-1] and len(c[4]) == 2], ids=str)
+def test_grouped_channels_last_forward_and_input_gradient_are_the_nchw_bits(case):
+    """The pixel kernels add each output's terms in the order, and in the runs, the plane kernels do (a weight
+    vector times a broadcast input instead of a weight times an input vector): the same float32 bits in either
+    layout. (The weight gradients differ: the plane kernels add lanes, the pixel kernels images.)"""
+    x, w, b = _tensors(case, torch.float32, seed=2)
+    go = None
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        inputs = [t.contiguous(memory_format=layout) if t.dim() == 4 else t for t in (x, w, b)]
+        (y, gx, _, _), go = _run(tmg.functional.conv2d, case, *inputs,
+                                 None if go is None else go.contiguous(memory_format=layout))
+        results.append((y, gx))
+    for a, e in zip(results[1], results[0]):
+        assert torch.equal(a, e)
+
+
+@pytest.mark.parametrize("case", CASES[:4] + CASES[-6:-1], ids=str)
 def test_grouped_float32_is_as_close_to_float64_as_torchs(case):
     """Our float32 output and gradients against the float64 truth: no more than twice torch's float32 error."""
     ours_conv, torch_conv = _convs(case)

@@ -16,7 +16,8 @@
 // fixed offset, for every q: one vector of consecutive q (across output rows) takes one load per tap, for any
 // stride, padding and dilation. The grid's columns past OW are computed and dropped (2 of 9 at 7x7, 2 of 58 at
 // 56x56). Each task owns its outputs (or weight-gradient entries) and sums them in a fixed order, so results do
-// not depend on the thread count.
+// not depend on the thread count. Channels-last outputs whose groups have whole vectors of output channels take
+// pixel planes instead (the input's channels side by side, vectors over output channels; below).
 #include "grouped_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -49,6 +50,23 @@ struct Strides {
 Strides strides_of(const at::Tensor& t) {
   if (t.dim() == 3) return {t.stride(0), t.stride(1), 0, t.stride(2)};
   return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+// A weight (C_out, C_in/g, [KH,] KW) in any layout: entry (oc, ic, kh, kw) at data + oc·n + ic·c + kh·h + kw·w
+// (the Strides of a 4-d tensor, read as weight dimensions), and term t = (ic·KH + kh)·KW + kw of output channel oc.
+template <typename scalar_t>
+struct WeightRef {
+  scalar_t* data;
+  Strides s;
+  int64_t kernel_h, kernel_w;
+  scalar_t& at(int64_t oc, int64_t t) const {
+    const int64_t taps = kernel_h * kernel_w;
+    return data[oc * s.n + t / taps * s.c + t % taps / kernel_w * s.h + t % kernel_w * s.w];
+  }
+};
+template <typename scalar_t>
+WeightRef<scalar_t> weight_ref(const at::Tensor& w, const Geometry& g) {
+  return {static_cast<scalar_t*>(w.data_ptr()), strides_of(w), g.win.kernel_h, g.win.kernel_w};
 }
 
 // The phase planes of a band of output rows [oh0, oh0 + rows): plane (a, b), for a < stride_h and b < stride_w,
@@ -94,42 +112,76 @@ bool all_finite(const scalar_t* v, int64_t n) {
   return ok;
 }
 
+// dst[r * ld + j] = src[r * rs + j * js] for r < rows, j < cols: `rows` channels of a strided row into contiguous
+// rows. In the order that reads src forwards: channel by channel when each channel's row is contiguous or strided
+// (NCHW), pixel by pixel when the channels lie side by side (NHWC: a channel at a time read one value a cache
+// line, and the line was read again for each of the group's channels).
+template <typename scalar_t>
+[[gnu::always_inline]] inline void gather_rows(scalar_t* __restrict dst, int64_t ld, const scalar_t* __restrict src,
+                                               int64_t rs, int64_t js, int64_t rows, int64_t cols) {
+  if (js == 1) {
+    for (int64_t r = 0; r < rows; ++r) std::copy_n(src + r * rs, cols, dst + r * ld);
+  } else if (rs < js) {
+    for (int64_t j = 0; j < cols; ++j)
+      for (int64_t r = 0; r < rows; ++r) dst[r * ld + j] = src[j * js + r * rs];
+  } else if (js == 2) {  // a stride-2 plane of an NCHW row: a constant step, which the compiler vectorises
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < cols; ++j) dst[r * ld + j] = src[r * rs + 2 * j];
+  } else {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < cols; ++j) dst[r * ld + j] = src[r * rs + j * js];
+  }
+}
+
+// dst[r * rs + j * js] = src[r * ld + j]: gather_rows the other way, writing dst forwards.
+template <typename scalar_t>
+[[gnu::always_inline]] inline void scatter_rows(scalar_t* __restrict dst, int64_t rs, int64_t js,
+                                                const scalar_t* __restrict src, int64_t ld, int64_t rows, int64_t cols) {
+  if (js == 1) {
+    for (int64_t r = 0; r < rows; ++r) std::copy_n(src + r * ld, cols, dst + r * rs);
+  } else if (rs < js) {
+    for (int64_t j = 0; j < cols; ++j)
+      for (int64_t r = 0; r < rows; ++r) dst[j * js + r * rs] = src[r * ld + j];
+  } else {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < cols; ++j) dst[r * rs + j * js] = src[r * ld + j];
+  }
+}
+
 // A band's phase planes for `channels` channels of one image (`image` points at its first channel): plane
 // (channel c, phase p) at planes + c * per_channel + p * size. Returns whether every value copied is finite.
 template <typename scalar_t>
-bool build_planes(scalar_t* planes, const scalar_t* image, const Strides& s, int64_t channels, const Geometry& g,
-                  const Planes& p, int64_t oh0) {
+MANUALGRAD_VECTOR_CLONES bool build_planes(scalar_t* planes, const scalar_t* image, const Strides& s,
+                                           int64_t channels, const Geometry& g, const Planes& p, int64_t oh0) {
   const Window& w = g.win;
-  const int64_t step = w.stride_w * s.w;
-  bool finite = true;
+  const int64_t ld = p.per_channel();
   for (int64_t a = 0; a < w.stride_h; ++a) {
-    for (int64_t b = 0; b < w.stride_w; ++b) {
-      // the columns j whose input column stride_w * j + b - pad_w lies in [0, in_w)
-      const int64_t first = b - w.pad_w;
-      const int64_t j_lo = std::min(p.pitch, first >= 0 ? int64_t(0) : ceil_div(-first, w.stride_w));
-      const int64_t j_hi = std::max(j_lo, std::min(p.pitch, g.in_w - 1 - first < 0 ? int64_t(0)
-                                                                                  : (g.in_w - 1 - first) / w.stride_w + 1));
-      for (int64_t c = 0; c < channels; ++c) {
-        scalar_t* plane = planes + c * p.per_channel() + (a * w.stride_w + b) * p.size;
-        for (int64_t i = 0; i < p.height; ++i) {
-          scalar_t* dst = plane + i * p.pitch;
-          const int64_t ih = w.stride_h * (oh0 + i) + a - w.pad_h;
-          if (ih < 0 || ih >= g.in_h) {
-            std::fill_n(dst, p.pitch, scalar_t(0));
-            continue;
-          }
-          const scalar_t* src = image + c * s.c + ih * s.h + (first + j_lo * w.stride_w) * s.w;
-          std::fill_n(dst, j_lo, scalar_t(0));
-          if (step == 1) {
-            std::copy_n(src, j_hi - j_lo, dst + j_lo);
-          } else {
-            for (int64_t j = j_lo; j < j_hi; ++j) dst[j] = src[(j - j_lo) * step];
-          }
-          finite &= all_finite(dst + j_lo, j_hi - j_lo);
-          std::fill_n(dst + j_hi, p.pitch - j_hi, scalar_t(0));
+    for (int64_t i = 0; i < p.height; ++i) {
+      const int64_t ih = w.stride_h * (oh0 + i) + a - w.pad_h;
+      for (int64_t b = 0; b < w.stride_w; ++b) {
+        scalar_t* dst = planes + (a * w.stride_w + b) * p.size + i * p.pitch;  // channel c's row at dst + c * ld
+        // the columns j whose input column stride_w * j + b - pad_w lies in [0, in_w)
+        const int64_t first = b - w.pad_w;
+        const int64_t j_lo = ih < 0 || ih >= g.in_h ? p.pitch
+                                                     : std::min(p.pitch, first >= 0 ? 0 : ceil_div(-first, w.stride_w));
+        const int64_t j_hi = std::max(j_lo, std::min(p.pitch, g.in_w - 1 - first < 0 ? int64_t(0)
+                                                                                    : (g.in_w - 1 - first) / w.stride_w + 1));
+        for (int64_t c = 0; c < channels; ++c) {
+          std::fill_n(dst + c * ld, j_lo, scalar_t(0));
+          std::fill_n(dst + c * ld + j_hi, p.pitch - j_hi, scalar_t(0));
         }
-        std::fill_n(plane + p.height * p.pitch, p.size - p.height * p.pitch, scalar_t(0));
+        if (j_hi > j_lo)
+          gather_rows(dst + j_lo, ld, image + ih * s.h + (first + j_lo * w.stride_w) * s.w, s.c, w.stride_w * s.w,
+                      channels, j_hi - j_lo);
       }
+    }
+  }
+  bool finite = true;
+  for (int64_t c = 0; c < channels; ++c) {
+    for (int64_t ph = 0; ph < p.phases; ++ph) {
+      scalar_t* plane = planes + c * ld + ph * p.size;
+      finite &= all_finite(plane, p.height * p.pitch);
+      std::fill_n(plane + p.height * p.pitch, p.size - p.height * p.pitch, scalar_t(0));
     }
   }
   return finite;
@@ -254,13 +306,9 @@ void forward_kernel(scalar_t* out, const Strides& so, const scalar_t* in, const 
       const int64_t oc0 = grp * d.out_per_group;
       forward_planes(tile.data(), ldo, rows * p.pitch, planes.data(), off.data(), wt + oc0 * d.k_per_group,
                      d.out_per_group, d.k_per_group, bias ? bias + oc0 : nullptr, chunk);
-      for (int64_t o = 0; o < d.out_per_group; ++o) {
-        for (int64_t i = 0; i < rows; ++i) {
-          scalar_t* dst = out + n * so.n + (oc0 + o) * so.c + (oh0 + i) * so.h;
-          const scalar_t* src = tile.data() + o * ldo + i * p.pitch;
-          for (int64_t ow = 0; ow < g.out_w; ++ow) dst[ow * so.w] = src[ow];
-        }
-      }
+      for (int64_t i = 0; i < rows; ++i)
+        scatter_rows(out + n * so.n + oc0 * so.c + (oh0 + i) * so.h, so.c, so.w, tile.data() + i * p.pitch, ldo,
+                     d.out_per_group, g.out_w);
     }
   });
 }
@@ -367,12 +415,12 @@ void weight_planes_exact(double* acc, const WeightChunk<scalar_t>& c, const int6
   }
 }
 
-// grad_weight rows gw (C_out, k) contiguous: tasks are (group, block of output channels), each summing over every
+// grad_weight gw: tasks are (group, block of output channels), each summing over every
 // band and chunk of images in order. A chunk holds as many images as fit kMaxPlaneElems twice over, so that the
 // lanes' sums are added up once per chunk, not once per small image.
 template <typename scalar_t>
-void weight_kernel(scalar_t* gw, const scalar_t* go, const Strides& sg, const scalar_t* in, const Strides& si,
-                   const Geometry& g) {
+void weight_kernel(const WeightRef<scalar_t>& gw, const scalar_t* go, const Strides& sg, const scalar_t* in,
+                   const Strides& si, const Geometry& g) {
   const GroupDims d(g);
   constexpr int64_t L = Vec64<scalar_t>::lanes;
   const Layout layout(g, L);
@@ -403,13 +451,9 @@ void weight_kernel(scalar_t* gw, const scalar_t* go, const Strides& sg, const sc
             const int64_t n = n0 + m;
             finite &= build_planes(planes.data() + m * plane_step, in + n * si.n + grp * d.in_per_group * si.c, si,
                                    d.in_per_group, g, p, oh0);
-            for (int64_t o = 0; o < channels; ++o) {
-              for (int64_t i = 0; i < rows; ++i) {
-                const scalar_t* src = go + n * sg.n + (oc0 + o) * sg.c + (oh0 + i) * sg.h;
-                scalar_t* dst = grad.data() + m * grad_step + o * ldg + i * p.pitch;
-                for (int64_t ow = 0; ow < g.out_w; ++ow) dst[ow] = src[ow * sg.w];
-              }
-            }
+            for (int64_t i = 0; i < rows; ++i)
+              gather_rows(grad.data() + m * grad_step + i * p.pitch, ldg, go + n * sg.n + oc0 * sg.c + (oh0 + i) * sg.h,
+                          sg.c, sg.w, channels, g.out_w);
           }
           const WeightChunk<scalar_t> c{planes.data(), grad.data(), plane_step, grad_step, ldg, images,
                                         ceil_div(rows * p.pitch, L) * L};
@@ -417,10 +461,359 @@ void weight_kernel(scalar_t* gw, const scalar_t* go, const Strides& sg, const sc
           else weight_planes_exact(acc.data(), c, off.data(), channels, d.k_per_group, p.pitch, rows, g.out_w);
         }
       }
-      for (int64_t e = 0; e < channels * d.k_per_group; ++e)
-        gw[oc0 * d.k_per_group + e] = static_cast<scalar_t>(acc[e]);
+      for (int64_t o = 0; o < channels; ++o)
+        for (int64_t t = 0; t < d.k_per_group; ++t) gw.at(oc0 + o, t) = static_cast<scalar_t>(acc[o * d.k_per_group + t]);
     }
   });
+}
+
+// ---- Channels-last outputs: vectors over a group's output channels ----
+// Where the output's channels are contiguous (channels-last) and a group's output channels a whole number of 64-byte
+// or 32-byte vectors (16 or 8 floats, 8 or 4 doubles), each output pixel's sums are vectors over its group's output
+// channels and each input value is broadcast: no lane sums, no transposes, results stored as whole vectors straight
+// into the output. (The plane kernels read and write NHWC a channel at a time: 1.6-2.9x torch's channels-last time
+// on ResNeXt's grouped layers, against 0.7-1.6x for these; benchmarks/NOTES.md.) A task copies a band of one image's
+// rows of a block of groups' input channels into row-phase planes with the channels side by side: plane a holds
+// the padded input's rows stride_h·(oh0 + i) + a, each `width` = stride_w·pitch pixels wide. Output q = i·pitch + ow
+// then reads pixel stride_w·q + a fixed offset per tap, so blocks of consecutive q run across output rows as the
+// plane kernels' vectors do, and each output's terms are added in the plane kernels' order: the same bits.
+
+// BYTES of scalar_t as one GCC vector (a struct: an alias template would drop the attribute).
+template <typename scalar_t, int BYTES>
+struct VecBytes {
+  typedef scalar_t type __attribute__((vector_size(BYTES)));
+  static constexpr int64_t lanes = BYTES / sizeof(scalar_t);
+};
+
+constexpr int64_t kPixelBlock = 12;            // q a block of the forward (12, 6, 4 or 3 of them: all divide it)
+constexpr int64_t kPixelChannels = 64;         // a forward task's groups: up to this many input channels side by side
+constexpr int64_t kMaxPixelElems = 1 << 16;    // a task's planes for a band of rows: 256 KB of float32, in L2
+
+struct PixelLayout {
+  int64_t groups, channels;  // groups a task (fewer in the last block) and their input channels, side by side
+  int64_t rows, count, height, pitch, width, size;  // bands of rows; size: one row phase's elements, slack included
+  std::vector<int64_t> offsets;  // each term (ic, kh, kw) of one group's sums, from its first channel's planes
+
+  PixelLayout(const Geometry& g, int64_t groups_per_task) {
+    const Window& w = g.win;
+    const GroupDims d(g);
+    groups = std::min(groups_per_task, d.groups);
+    channels = groups * d.in_per_group;
+    const int64_t reach_h = (w.kernel_h - 1) * w.dilation_h / w.stride_h;
+    pitch = g.out_w + (w.kernel_w - 1) * w.dilation_w / w.stride_w;
+    width = w.stride_w * pitch;
+    rows = std::clamp<int64_t>(kMaxPixelElems / (w.stride_h * width * channels) - reach_h, 1, g.out_h);
+    count = ceil_div(g.out_h, rows);
+    rows = ceil_div(g.out_h, count);
+    height = rows + reach_h;
+    // slack: the last row's dropped columns read up to the kernel's reach (< width) past the plane, and the last
+    // block of q up to a block of strides past that
+    size = (height * width + width + kPixelBlock * w.stride_w) * channels;
+    for (int64_t c = 0; c < d.in_per_group; ++c)
+      for (int64_t kh = 0; kh < w.kernel_h; ++kh)
+        for (int64_t kw = 0; kw < w.kernel_w; ++kw) {
+          const int64_t rh = kh * w.dilation_h;
+          offsets.push_back((rh % w.stride_h) * size + ((rh / w.stride_h) * width + kw * w.dilation_w) * channels + c);
+        }
+  }
+  // Whether one task's planes and output tile stay within kMaxTaskElems.
+  bool bounded(const Geometry& g) const {
+    return g.win.stride_h * size <= kMaxTaskElems;
+  }
+};
+
+// A band's planes for `count` input channels of one image (`image` points at the first): row phase a at
+// planes + a * size, pixel j of its row i at (i * width + j) * channels.
+template <typename scalar_t>
+MANUALGRAD_VECTOR_CLONES void build_pixel_planes(scalar_t* planes, const scalar_t* image, const Strides& s,
+                                                 int64_t count, const Geometry& g, const PixelLayout& p, int64_t oh0) {
+  const Window& w = g.win;
+  const int64_t ch = p.channels;
+  // pixel j is the input's column j - pad_w (the input gradient's phases may have a negative padding)
+  const int64_t j_lo = std::clamp<int64_t>(w.pad_w, 0, p.width), j_hi = std::clamp(g.in_w + w.pad_w, j_lo, p.width);
+  for (int64_t a = 0; a < w.stride_h; ++a) {
+    scalar_t* plane = planes + a * p.size;
+    for (int64_t i = 0; i < p.height; ++i) {
+      scalar_t* dst = plane + i * p.width * ch;
+      const int64_t ih = w.stride_h * (oh0 + i) + a - w.pad_h;
+      if (ih < 0 || ih >= g.in_h) {
+        std::fill_n(dst, p.width * ch, scalar_t(0));
+        continue;
+      }
+      std::fill_n(dst, j_lo * ch, scalar_t(0));
+      std::fill_n(dst + j_hi * ch, (p.width - j_hi) * ch, scalar_t(0));
+      const scalar_t* src = image + ih * s.h + (j_lo - w.pad_w) * s.w;
+      if (s.c == 1) {
+        for (int64_t j = j_lo; j < j_hi; ++j) copy_run(dst + j * ch, src + (j - j_lo) * s.w, count);
+      } else {
+        for (int64_t j = j_lo; j < j_hi; ++j)
+          for (int64_t c = 0; c < count; ++c) dst[j * ch + c] = src[(j - j_lo) * s.w + c * s.c];
+      }
+    }
+    std::fill_n(plane + p.height * p.width * ch, p.size - p.height * p.width * ch, scalar_t(0));
+  }
+}
+
+// out[b][v * N + lane] for b < B and v < VB: the sum over terms t < k of wt[t * ldw + v * N + lane] ×
+// x[off[t] + b * step], in runs of `chunk` terms added in order to the bias (or to nothing): the plane kernels'
+// sums, term for term (a weight vector times a broadcast input, where they had a weight times an input vector).
+template <typename scalar_t, int BYTES, int VB, int B>
+[[gnu::always_inline]] inline void pixel_forward_block(scalar_t* const* out, int64_t v0, const scalar_t* x,
+                                                       int64_t step, const int64_t* off, const scalar_t* wt,
+                                                       int64_t ldw, int64_t k, const scalar_t* bias, int64_t chunk) {
+  using vec = typename VecBytes<scalar_t, BYTES>::type;
+  constexpr int64_t N = VecBytes<scalar_t, BYTES>::lanes;
+  for (int64_t k0 = 0; k0 < k; k0 += chunk) {
+    vec acc[B][VB] = {};
+    const int64_t k1 = std::min(k, k0 + chunk);
+    for (int64_t t = k0; t < k1; ++t) {
+      vec wv[VB];
+      for (int v = 0; v < VB; ++v) load_vec(wv[v], wt + t * ldw + v * N);
+      const scalar_t* xt = x + off[t];
+      for (int b = 0; b < B; ++b) {
+        const scalar_t value = xt[b * step];
+        for (int v = 0; v < VB; ++v) acc[b][v] += value * wv[v];
+      }
+    }
+    for (int b = 0; b < B; ++b) {
+      for (int v = 0; v < VB; ++v) {
+        vec sum = acc[b][v];
+        scalar_t* o = out[b] + (v0 + v) * N;
+        if (k0 > 0) {
+          vec before;
+          load_vec(before, o);
+          sum = before + sum;
+        } else if (bias) {
+          vec bv;
+          load_vec(bv, bias + v * N);
+          sum = bv + sum;
+        }
+        std::memcpy(o, &sum, sizeof(vec));
+      }
+    }
+  }
+}
+
+// Where the pixel forward writes: output q = i * pitch + ow of a band at out + i * row + ow * col (its group's first
+// channel), or, for the dropped columns and the padding past the band, a scratch slot of its own.
+struct PixelOut {
+  int64_t row, col, pitch, out_w, grid;
+};
+
+// One band of one group: its `channels` output channels at each q < grid (whole blocks of kPixelBlock, the last
+// running past the grid), from its planes (x at its first input channel's) and its weight wt (k, channels).
+template <typename scalar_t, int BYTES>
+MANUALGRAD_VECTOR_CLONES_VL void pixel_forward_planes(scalar_t* out, const PixelOut& po, scalar_t* scratch,
+                                                   const scalar_t* x, int64_t step, const int64_t* off,
+                                                   const scalar_t* wt, int64_t channels, int64_t k,
+                                                   const scalar_t* bias, int64_t chunk) {
+  constexpr int64_t N = VecBytes<scalar_t, BYTES>::lanes;
+  const int64_t vectors = channels / N;
+  for (int64_t q = 0; q < po.grid; q += kPixelBlock) {
+    scalar_t* dst[kPixelBlock];
+    for (int64_t b = 0; b < kPixelBlock; ++b) {
+      const int64_t i = (q + b) / po.pitch, ow = (q + b) % po.pitch;
+      dst[b] = q + b < po.grid && ow < po.out_w ? out + i * po.row + ow * po.col : scratch + b * channels;
+    }
+    const scalar_t* xq = x + q * step;
+    for (int64_t v0 = 0; v0 < vectors; v0 += 4) {
+      const int vb = static_cast<int>(std::min<int64_t>(4, vectors - v0));
+      const scalar_t* w = wt + v0 * N;
+      const scalar_t* bv = bias ? bias + v0 * N : nullptr;
+      switch (vb) {  // kPixelBlock q in runs of 12 / vb
+        case 4:
+          for (int r = 0; r < 4; ++r)
+            pixel_forward_block<scalar_t, BYTES, 4, 3>(dst + r * 3, v0, xq + r * 3 * step, step, off, w, channels, k, bv, chunk);
+          break;
+        case 3:
+          for (int r = 0; r < 3; ++r)
+            pixel_forward_block<scalar_t, BYTES, 3, 4>(dst + r * 4, v0, xq + r * 4 * step, step, off, w, channels, k, bv, chunk);
+          break;
+        case 2:
+          for (int r = 0; r < 2; ++r)
+            pixel_forward_block<scalar_t, BYTES, 2, 6>(dst + r * 6, v0, xq + r * 6 * step, step, off, w, channels, k, bv, chunk);
+          break;
+        default:
+          pixel_forward_block<scalar_t, BYTES, 1, 12>(dst, v0, xq, step, off, w, channels, k, bv, chunk);
+          break;
+      }
+    }
+  }
+}
+
+// The forward with output channels contiguous (so.c == 1) and weight wt (groups, k, C_out/g) (each term's weights
+// for the group's output channels side by side): tasks are (image, band, block of groups), the block's input
+// channels copied side by side (whole cache lines).
+template <typename scalar_t, int BYTES>
+void pixel_forward_kernel(scalar_t* out, const Strides& so, const scalar_t* in, const Strides& si, const scalar_t* wt,
+                          const scalar_t* bias, const Geometry& g, const PixelLayout& p) {
+  const GroupDims d(g);
+  const int64_t chunk = forward_chunk<scalar_t>(d.k_per_group);
+  const int64_t blocks = ceil_div(d.groups, p.groups), step = g.win.stride_w * p.channels;
+  parallel_tasks(g.batch * p.count * blocks, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> planes(g.win.stride_h * p.size), scratch(kPixelBlock * d.out_per_group);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / (p.count * blocks), grp0 = task % blocks * p.groups;
+      const int64_t oh0 = task / blocks % p.count * p.rows, rows = std::min(p.rows, g.out_h - oh0);
+      const int64_t groups = std::min(p.groups, d.groups - grp0);
+      build_pixel_planes(planes.data(), in + n * si.n + grp0 * d.in_per_group * si.c, si, groups * d.in_per_group, g,
+                         p, oh0);
+      const PixelOut po{so.h, so.w, p.pitch, g.out_w, rows * p.pitch};
+      for (int64_t gi = 0; gi < groups; ++gi) {
+        const int64_t oc0 = (grp0 + gi) * d.out_per_group;
+        pixel_forward_planes<scalar_t, BYTES>(out + n * so.n + oh0 * so.h + oc0, po, scratch.data(), planes.data() + gi * d.in_per_group,
+                             step, p.offsets.data(), wt + (grp0 + gi) * d.k_per_group * d.out_per_group,
+                             d.out_per_group, d.k_per_group, bias ? bias + oc0 : nullptr, chunk);
+      }
+    }
+  });
+}
+
+// acc[t * ld + v * N + lane] += for t < T, v < VB: the sum over the band's outputs of grad[.., v * N + lane] ×
+// the input each term t met there, in scalar_t, each lane one weight-gradient entry (no lane sums).
+template <typename scalar_t, int BYTES, int VB, int T>
+[[gnu::always_inline]] inline void pixel_weight_block(double* acc, int64_t ld, const scalar_t* grad, const Strides& sg,
+                                                      const scalar_t* x, int64_t step, int64_t pitch, int64_t rows,
+                                                      int64_t out_w, const int64_t* off) {
+  using vec = typename VecBytes<scalar_t, BYTES>::type;
+  constexpr int64_t N = VecBytes<scalar_t, BYTES>::lanes;
+  vec sum[T][VB] = {};
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t ow = 0; ow < out_w; ++ow) {
+      vec gv[VB];
+      for (int v = 0; v < VB; ++v) load_vec(gv[v], grad + i * sg.h + ow * sg.w + v * N);
+      const scalar_t* xq = x + (i * pitch + ow) * step;
+      for (int t = 0; t < T; ++t) {
+        const scalar_t value = xq[off[t]];
+        for (int v = 0; v < VB; ++v) sum[t][v] += value * gv[v];
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int v = 0; v < VB; ++v)
+      for (int64_t lane = 0; lane < N; ++lane) acc[t * ld + v * N + lane] += sum[t][v][lane];
+}
+
+// acc (k, channels) rows [t0, t1) += one image's band: grad (at its first output row and the group's first channel;
+// sg.c == 1) against its planes.
+template <typename scalar_t, int BYTES>
+MANUALGRAD_VECTOR_CLONES_VL void pixel_weight_planes(double* acc, const scalar_t* grad, const Strides& sg,
+                                                  const scalar_t* planes, int64_t step, int64_t pitch, int64_t rows,
+                                                  int64_t out_w, const int64_t* off, int64_t channels, int64_t t0,
+                                                  int64_t t1) {
+  constexpr int64_t N = VecBytes<scalar_t, BYTES>::lanes;
+  const int64_t vectors = channels / N;
+  for (int64_t v0 = 0; v0 < vectors;) {
+    const bool two = vectors - v0 >= 2;
+    for (int64_t t = t0; t < t1;) {
+      double* a = acc + t * channels + v0 * N;
+      const scalar_t* gr = grad + v0 * N;
+      if (two && t1 - t >= 6) {
+        pixel_weight_block<scalar_t, BYTES, 2, 6>(a, channels, gr, sg, planes, step, pitch, rows, out_w, off + t);
+        t += 6;
+      } else if (!two && t1 - t >= 12) {
+        pixel_weight_block<scalar_t, BYTES, 1, 12>(a, channels, gr, sg, planes, step, pitch, rows, out_w, off + t);
+        t += 12;
+      } else if (two) {
+        pixel_weight_block<scalar_t, BYTES, 2, 1>(a, channels, gr, sg, planes, step, pitch, rows, out_w, off + t);
+        t += 1;
+      } else {
+        pixel_weight_block<scalar_t, BYTES, 1, 1>(a, channels, gr, sg, planes, step, pitch, rows, out_w, off + t);
+        t += 1;
+      }
+    }
+    v0 += two ? 2 : 1;
+  }
+}
+
+// grad_weight gw, with grad_output's channels contiguous (sg.c == 1): tasks are (group,
+// block of terms), each summing every band of every image in order, each image's band in scalar_t and that added
+// in double.
+template <typename scalar_t, int BYTES>
+void pixel_weight_kernel(const WeightRef<scalar_t>& gw, const scalar_t* go, const Strides& sg, const scalar_t* in,
+                         const Strides& si, const Geometry& g, const PixelLayout& p) {
+  const GroupDims d(g);
+  const int64_t step = g.win.stride_w * p.channels;
+  const int64_t blocks = std::min(ceil_div(kMinWeightTasks, d.groups), ceil_div(d.k_per_group, int64_t(12)));
+  const int64_t per_block = ceil_div(ceil_div(d.k_per_group, blocks), int64_t(12)) * 12;
+  parallel_tasks(d.groups * blocks, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> planes(g.win.stride_h * p.size);
+    std::vector<double> acc(d.k_per_group * d.out_per_group);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t grp = task / blocks, t0 = task % blocks * per_block, t1 = std::min(d.k_per_group, t0 + per_block);
+      if (t0 >= t1) continue;
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int64_t band = 0; band < p.count; ++band) {
+        const int64_t oh0 = band * p.rows, rows = std::min(p.rows, g.out_h - oh0);
+        for (int64_t n = 0; n < g.batch; ++n) {
+          build_pixel_planes(planes.data(), in + n * si.n + grp * d.in_per_group * si.c, si, d.in_per_group, g, p, oh0);
+          pixel_weight_planes<scalar_t, BYTES>(acc.data(), go + n * sg.n + oh0 * sg.h + grp * d.out_per_group, sg, planes.data(), step,
+                              p.pitch, rows, g.out_w, p.offsets.data(), d.out_per_group, t0, t1);
+        }
+      }
+      for (int64_t o = 0; o < d.out_per_group; ++o)
+        for (int64_t t = t0; t < t1; ++t)
+          gw.at(grp * d.out_per_group + o, t) = static_cast<scalar_t>(acc[t * d.out_per_group + o]);
+    }
+  });
+}
+
+// The vector bytes of the pixel kernels for geometry g with an output (or grad_output) of channel stride
+// `channel_stride`: 64 where a group's output channels fill 64-byte vectors, 32 where they fill 32-byte ones, else
+// 0 (the plane kernels).
+template <typename scalar_t>
+int pixel_bytes(const Geometry& g, int64_t channel_stride) {
+  if (channel_stride != 1) return 0;
+  const int64_t channels = GroupDims(g).out_per_group;
+  if (channels % VecBytes<scalar_t, 64>::lanes == 0) return 64;
+  if (channels % VecBytes<scalar_t, 32>::lanes == 0) return 32;
+  return 0;
+}
+
+// The weight of a forward over geometry fg (its terms (j, a, b), kernel fg.win) as fg's kernels read it, from
+// weight w of the convolution whose forward or input gradient fg is: entry (oc, ic, taps_h[a], taps_w[b]) with
+// (oc, ic) = (o, j) for the forward, (j, o) for the input gradient (`transposed`). Pixel kernels read (groups, k,
+// C_out/g), the plane kernels (C_out, k). One pass over the weight in any layout, where index_select, transpose
+// and copies to contiguous took five (at 7x7 the weight outweighs the images).
+struct WeightTaps {
+  std::vector<int64_t> h, w;
+  bool transposed;
+};
+template <typename scalar_t>
+at::Tensor gather_weight(const WeightRef<scalar_t>& w, const WeightTaps& taps, const Geometry& fg, bool term_major,
+                         const at::TensorOptions& options) {
+  const GroupDims d(fg);
+  const int64_t na = taps.h.size(), nb = taps.w.size(), k = d.k_per_group;
+  at::Tensor out = at::empty({fg.out_channels * k}, options);
+  scalar_t* dst = out.data_ptr<scalar_t>();
+  for (int64_t grp = 0; grp < d.groups; ++grp)
+    for (int64_t o = 0; o < d.out_per_group; ++o)
+      for (int64_t j = 0; j < d.in_per_group; ++j)
+        for (int64_t a = 0; a < na; ++a)
+          for (int64_t b = 0; b < nb; ++b) {
+            const int64_t oc = taps.transposed ? grp * d.in_per_group + j : grp * d.out_per_group + o;
+            const int64_t ic = taps.transposed ? o : j;
+            const int64_t t = (j * na + a) * nb + b;
+            dst[term_major ? (grp * k + t) * d.out_per_group + o : (grp * d.out_per_group + o) * k + t] =
+                w.data[oc * w.s.n + ic * w.s.c + taps.h[a] * w.s.h + taps.w[b] * w.s.w];
+          }
+  return out;
+}
+
+// The forward over geometry fg by whichever kernel suits the output's layout, with the weight of gather_weight.
+template <typename scalar_t>
+void forward_any(scalar_t* out, const Strides& so, const scalar_t* in, const Strides& si, const WeightRef<scalar_t>& w,
+                 const WeightTaps& taps, const scalar_t* bias, const Geometry& fg, const at::TensorOptions& options) {
+  if (const int bytes = pixel_bytes<scalar_t>(fg, so.c)) {
+    const PixelLayout p(fg, std::max<int64_t>(1, kPixelChannels / GroupDims(fg).in_per_group));
+    if (p.bounded(fg)) {
+      const at::Tensor wt = gather_weight(w, taps, fg, /*term_major=*/true, options);
+      if (bytes == 64) return pixel_forward_kernel<scalar_t, 64>(out, so, in, si, wt.const_data_ptr<scalar_t>(), bias, fg, p);
+      return pixel_forward_kernel<scalar_t, 32>(out, so, in, si, wt.const_data_ptr<scalar_t>(), bias, fg, p);
+    }
+  }
+  const at::Tensor wt = gather_weight(w, taps, fg, /*term_major=*/false, options);
+  forward_kernel(out, so, in, si, wt.const_data_ptr<scalar_t>(), bias, fg);
 }
 
 // One phase of the input gradient along one dimension: the input positions r + stride·u, u < outputs. Tap k
@@ -493,12 +886,14 @@ bool grouped_direct_applies(const at::Tensor& input, const Geometry& g) {
 
 void grouped_forward_cpu(at::Tensor& output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                          const Geometry& g) {
-  const at::Tensor wt = weight.contiguous();  // (C_out, C_in/g · KH · KW): each output channel's terms in order
   const at::Tensor b = bias.defined() ? bias.contiguous() : bias;
+  WeightTaps taps{{}, {}, false};
+  for (int64_t i = 0; i < g.win.kernel_h; ++i) taps.h.push_back(i);
+  for (int64_t i = 0; i < g.win.kernel_w; ++i) taps.w.push_back(i);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "grouped_forward_cpu", [&] {
-    forward_kernel(output.data_ptr<scalar_t>(), strides_of(output), input.const_data_ptr<scalar_t>(),
-                   strides_of(input), wt.const_data_ptr<scalar_t>(), b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
-                   g);
+    forward_any(output.data_ptr<scalar_t>(), strides_of(output), input.const_data_ptr<scalar_t>(), strides_of(input),
+                weight_ref<scalar_t>(weight, g), taps, b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, g,
+                weight.options());
   });
 }
 
@@ -507,15 +902,16 @@ bool grouped_backward_input_applies(const at::Tensor& weight, const Geometry& g)
   for_each_phase(g, [&](int64_t, int64_t, const PhaseTaps& h, const PhaseTaps& w) {
     ok &= h.count == 0 || w.count == 0 || h.outputs == 0 || w.outputs == 0 || bounded(phase_geometry(g, h, w));
   });
-  return ok && at::isfinite(weight).all().item<bool>();
+  if (!ok) return false;
+  if (!weight.is_non_overlapping_and_dense()) return at::isfinite(weight).all().item<bool>();
+  return AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "grouped_backward_input_applies", [&] {
+    return all_finite(weight.const_data_ptr<scalar_t>(), weight.numel());  // its storage, in any order
+  });
 }
 
 void grouped_backward_input_cpu(at::Tensor& grad_input, const at::Tensor& grad_output, const at::Tensor& weight,
                                 const Geometry& g) {
-  const GroupDims d(g);
   const int64_t dim_h = grad_input.dim() - 2, dim_w = grad_input.dim() - 1;  // dim_h is the channels' in 1-d: unused
-  // (groups, C_out/g, C_in/g, KH, KW)
-  const at::Tensor w5 = weight.reshape({d.groups, d.out_per_group, d.in_per_group, g.win.kernel_h, g.win.kernel_w});
   for_each_phase(g, [&](int64_t rh, int64_t rw, const PhaseTaps& h, const PhaseTaps& w) {
     if (h.outputs == 0 || w.outputs == 0) return;
     at::Tensor phase = grad_input;  // the phase's positions, a strided view
@@ -525,28 +921,35 @@ void grouped_backward_input_cpu(at::Tensor& grad_input, const at::Tensor& grad_o
       phase.zero_();
       return;
     }
-    // (C_in, C_out/g · count_h · count_w): for input channel ic of group grp, weight[grp·C_out/g + oc, ic] over oc,
-    // at the phase's taps, flipped
-    const auto taps = [&](const PhaseTaps& t) {
-      return at::arange(t.first + (t.count - 1) * t.step, t.first - 1, -t.step, weight.options().dtype(at::kLong));
+    // the phase's taps, flipped
+    const auto flipped = [](const PhaseTaps& t) {
+      std::vector<int64_t> taps;
+      for (int64_t m = t.count - 1; m >= 0; --m) taps.push_back(t.first + m * t.step);
+      return taps;
     };
-    const at::Tensor wt = w5.index_select(3, taps(h)).index_select(4, taps(w)).transpose(1, 2).contiguous();
+    const WeightTaps taps{flipped(h), flipped(w), true};
     AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "grouped_backward_input_cpu", [&] {
-      forward_kernel(phase.data_ptr<scalar_t>(), strides_of(phase), grad_output.const_data_ptr<scalar_t>(),
-                     strides_of(grad_output), wt.const_data_ptr<scalar_t>(), static_cast<const scalar_t*>(nullptr),
-                     phase_geometry(g, h, w));
+      forward_any(phase.data_ptr<scalar_t>(), strides_of(phase), grad_output.const_data_ptr<scalar_t>(),
+                  strides_of(grad_output), weight_ref<scalar_t>(weight, g), taps, static_cast<const scalar_t*>(nullptr),
+                  phase_geometry(g, h, w), weight.options());
     });
   });
 }
 
 void grouped_backward_weight_cpu(at::Tensor& grad_weight, const at::Tensor& grad_output, const at::Tensor& input,
                                  const Geometry& g) {
-  at::Tensor rows = at::empty({g.out_channels, GroupDims(g).k_per_group}, grad_weight.options());
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "grouped_backward_weight_cpu", [&] {
-    weight_kernel(rows.data_ptr<scalar_t>(), grad_output.const_data_ptr<scalar_t>(), strides_of(grad_output),
-                  input.const_data_ptr<scalar_t>(), strides_of(input), g);
+    const Strides sg = strides_of(grad_output), si = strides_of(input);
+    const WeightRef<scalar_t> gw = weight_ref<scalar_t>(grad_weight, g);
+    const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
+    const scalar_t* in = input.const_data_ptr<scalar_t>();
+    if (const int bytes = pixel_bytes<scalar_t>(g, sg.c)) {
+      const PixelLayout p(g, 1);
+      if (p.bounded(g) && bytes == 64) return pixel_weight_kernel<scalar_t, 64>(gw, go, sg, in, si, g, p);
+      if (p.bounded(g)) return pixel_weight_kernel<scalar_t, 32>(gw, go, sg, in, si, g, p);
+    }
+    weight_kernel(gw, go, sg, in, si, g);
   });
-  grad_weight.copy_(rows.view(grad_weight.sizes()));
 }
 
 }  // namespace manualgrad

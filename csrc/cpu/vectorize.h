@@ -7,8 +7,13 @@
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define MANUALGRAD_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+// The same for loops on 32-byte vectors as well as 64-byte ones: AVX-512F alone fuses only 64-byte multiply-adds
+// (a 32-byte one needs AVX512VL or FMA), so its 32-byte arithmetic would be a multiply and an add, slower and
+// rounded differently from the 64-byte code beside it. x86-64-v4 is AVX-512 F, BW, CD, DQ and VL, FMA included.
+#define MANUALGRAD_VECTOR_CLONES_VL __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #else
 #define MANUALGRAD_VECTOR_CLONES
+#define MANUALGRAD_VECTOR_CLONES_VL
 #endif
 
 namespace manualgrad {
