@@ -77,6 +77,7 @@ class Case:
     weight_shape: tuple = None   # conv only: (C_out, C_in / groups, *kernel); transposed: (C_in, C_out / groups, *kernel)
     kwargs: dict = field(default_factory=dict)
     batch: int = None      # overrides --batch (the GPU list fixes some cases' batch)
+    channels_last: bool = False  # input, weight and output gradient in torch.channels_last (2-d only)
 
     @property
     def transposed(self):
@@ -100,6 +101,8 @@ class Case:
                 text += f" p{_fmt(k['padding'])}"
             if k.get("groups", 1) != 1:
                 text += f" g{k['groups']}"
+            if self.channels_last:
+                text += " channels_last"
         else:
             text = f"{c}ch @{size} k{_fmt(k['kernel_size'])}"
             if "stride" in k:
@@ -137,6 +140,8 @@ CASES = [
     # Grouped (ResNeXt-50 32x4d): 32 groups of 16 channels, and a stride-2 block's 32 groups of 8.
     Case("grouped 3x3 512 g32", "conv", "conv2d", (512, 14, 14), (512, 16, 3, 3), dict(padding=1, groups=32)),
     Case("grouped 3x3/2 256 g32", "conv", "conv2d", (256, 56, 56), (256, 8, 3, 3), dict(stride=2, padding=1, groups=32)),
+    Case("grouped 3x3 512 g32 CL", "conv", "conv2d", (512, 14, 14), (512, 16, 3, 3), dict(padding=1, groups=32),
+         channels_last=True),
     # A DCGAN/U-Net decoder layer: 4x4 stride 2 doubles the size.
     Case("convT 4x4/2", "conv", "conv_transpose2d", (256, 16, 16), (256, 128, 4, 4), dict(stride=2, padding=1)),
     # Max pooling: memory-bound, so judged in GB/s.
@@ -266,6 +271,8 @@ def make_tensors(case, batch, device, dtype):
     fan_in = math.prod(case.weight_shape[1:])
     w = (torch.randn(case.weight_shape, generator=gen, dtype=dtype) / math.sqrt(fan_in)).to(device)
     b = torch.randn(case.out_channels, generator=gen, dtype=dtype).to(device)
+    if case.channels_last:
+        x, w = x.contiguous(memory_format=torch.channels_last), w.contiguous(memory_format=torch.channels_last)
     return (x, w, b)
 
 
@@ -325,6 +332,8 @@ def run_case(case, args, device):
         torch_out = call(F, case, tensors)
     gen = torch.Generator().manual_seed(1)
     grad_out = torch.randn(torch_out.shape, generator=gen).to(device, dtype)
+    if case.channels_last:
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last)
 
     # Check ours against torch once before timing anything.
     out_t, grads_t = forward_and_grads(F, case, tensors, grad_out)
