@@ -516,10 +516,8 @@ struct PixelLayout {
           offsets.push_back((rh % w.stride_h) * size + ((rh / w.stride_h) * width + kw * w.dilation_w) * channels + c);
         }
   }
-  // Whether one task's planes and output tile stay within kMaxTaskElems.
-  bool bounded(const Geometry& g) const {
-    return g.win.stride_h * size <= kMaxTaskElems;
-  }
+  // Whether one task's planes stay within kMaxTaskElems.
+  bool bounded(const Geometry& g) const { return g.win.stride_h * size <= kMaxTaskElems; }
 };
 
 // A band's planes for `count` input channels of one image (`image` points at the first): row phase a at
