@@ -90,18 +90,20 @@ Planes planes_for(const Geometry& g, int64_t rows, int64_t lanes) {
   return {rows, height, pitch, height * pitch + pitch + lanes, w.stride_h * w.stride_w, lanes};
 }
 
-// The bands of output rows: as many rows as keep a group's planes within kMaxPlaneElems (one row at least),
-// cut evenly. Depends on shapes only.
+// Bands of output rows: as many of the out_h rows as keep a task's planes within `budget` elements, each output row
+// costing per_row and each band `reach` rows more (one row at least), cut evenly. Depends on shapes only.
 struct Bands {
   int64_t rows, count;
 };
+Bands even_bands(int64_t out_h, int64_t per_row, int64_t reach, int64_t budget) {
+  const int64_t rows = std::clamp<int64_t>(budget / std::max<int64_t>(1, per_row) - reach, 1, out_h);
+  const int64_t count = ceil_div(out_h, rows);
+  return {ceil_div(out_h, count), count};
+}
+// ...for the plane kernels: a group's planes within kMaxPlaneElems.
 Bands bands_for(const Geometry& g, int64_t lanes) {
-  const GroupDims d(g);
   const Planes one = planes_for(g, 1, lanes);
-  const int64_t per_row = d.in_per_group * one.phases * one.pitch;
-  int64_t rows = std::clamp<int64_t>(kMaxPlaneElems / std::max<int64_t>(1, per_row) - (one.height - 1), 1, g.out_h);
-  const int64_t count = ceil_div(g.out_h, rows);
-  return {ceil_div(g.out_h, count), count};
+  return even_bands(g.out_h, GroupDims(g).in_per_group * one.phases * one.pitch, one.height - 1, kMaxPlaneElems);
 }
 
 // Whether n values are all finite (the comparison is false for NaN, and for infinities the bound excludes).
@@ -502,9 +504,9 @@ struct PixelLayout {
     const int64_t reach_h = (w.kernel_h - 1) * w.dilation_h / w.stride_h;
     pitch = g.out_w + (w.kernel_w - 1) * w.dilation_w / w.stride_w;
     width = w.stride_w * pitch;
-    rows = std::clamp<int64_t>(kMaxPixelElems / (w.stride_h * width * channels) - reach_h, 1, g.out_h);
-    count = ceil_div(g.out_h, rows);
-    rows = ceil_div(g.out_h, count);
+    const Bands bands = even_bands(g.out_h, w.stride_h * width * channels, reach_h, kMaxPixelElems);
+    rows = bands.rows;
+    count = bands.count;
     height = rows + reach_h;
     // slack: the last row's dropped columns read up to the kernel's reach (< width) past the plane, and the last
     // block of q up to a block of strides past that
