@@ -554,13 +554,30 @@ MANUALGRAD_VECTOR_CLONES void build_pixel_planes(scalar_t* planes, const scalar_
   }
 }
 
-// out[b][v * N + lane] for b < B and v < VB: the sum over terms t < k of wt[t * ldw + v * N + lane] ×
-// x[off[t] + b * step], in runs of `chunk` terms added in order to the bias (or to nothing): the plane kernels'
-// sums, term for term (a weight vector times a broadcast input, where they had a weight times an input vector).
-template <typename scalar_t, int BYTES, int VB, int B>
-[[gnu::always_inline]] inline void pixel_forward_block(scalar_t* const* out, int64_t v0, const scalar_t* x,
-                                                       int64_t step, const int64_t* off, const scalar_t* wt,
-                                                       int64_t ldw, int64_t k, const scalar_t* bias, int64_t chunk) {
+// Where a block of the pixel forward's outputs reads its terms: output b's term at offset o is at(b, o). ByStep: the
+// block is consecutive q of the grid, `step` apart (dropped columns among them); ByPointer: any outputs, each found
+// by its own pointer (real outputs only, at the cost of a register a pointer).
+template <typename scalar_t>
+struct ByStep {
+  const scalar_t* x;
+  int64_t step;
+  scalar_t at(int b, int64_t o) const { return x[o + b * step]; }
+  ByStep from(int b) const { return {x + b * step, step}; }
+};
+template <typename scalar_t>
+struct ByPointer {
+  const scalar_t* const* x;
+  scalar_t at(int b, int64_t o) const { return x[b][o]; }
+  ByPointer from(int b) const { return {x + b}; }
+};
+
+// out[b][v * N + lane] for b < B and v < VB: the sum over terms t < k of wt[t * ldw + v * N + lane] × input
+// at(b, off[t]), in runs of `chunk` terms added in order to the bias (or to nothing): the plane kernels' sums, term
+// for term (a weight vector times a broadcast input, where they had a weight times an input vector).
+template <typename scalar_t, int BYTES, int VB, int B, typename Inputs>
+[[gnu::always_inline]] inline void pixel_forward_block(scalar_t* const* out, int64_t v0, const Inputs& in,
+                                                       const int64_t* off, const scalar_t* wt, int64_t ldw, int64_t k,
+                                                       const scalar_t* bias, int64_t chunk) {
   using vec = typename VecBytes<scalar_t, BYTES>::type;
   constexpr int64_t N = VecBytes<scalar_t, BYTES>::lanes;
   for (int64_t k0 = 0; k0 < k; k0 += chunk) {
@@ -569,9 +586,9 @@ template <typename scalar_t, int BYTES, int VB, int B>
     for (int64_t t = k0; t < k1; ++t) {
       vec wv[VB];
       for (int v = 0; v < VB; ++v) load_vec(wv[v], wt + t * ldw + v * N);
-      const scalar_t* xt = x + off[t];
+      const int64_t o = off[t];
       for (int b = 0; b < B; ++b) {
-        const scalar_t value = xt[b * step];
+        const scalar_t value = in.at(b, o);
         for (int v = 0; v < VB; ++v) acc[b][v] += value * wv[v];
       }
     }
@@ -594,50 +611,85 @@ template <typename scalar_t, int BYTES, int VB, int B>
   }
 }
 
-// Where the pixel forward writes: output q = i * pitch + ow of a band at out + i * row + ow * col (its group's first
-// channel), or, for the dropped columns and the padding past the band, a scratch slot of its own.
+// All `channels` output channels of a block of kPixelBlock outputs (written at dst[b], read through `in`), in
+// runs of 12 / vb outputs for blocks of vb vectors. One vector a run takes 12 outputs by step, 6 by pointer (12
+// pointers would not stay in registers).
+template <typename scalar_t, int BYTES, typename Inputs>
+[[gnu::always_inline]] inline void pixel_forward_outputs(scalar_t* const* dst, const Inputs& in, const int64_t* off,
+                                                         const scalar_t* wt, int64_t channels, int64_t k,
+                                                         const scalar_t* bias, int64_t chunk) {
+  constexpr int64_t N = VecBytes<scalar_t, BYTES>::lanes;
+  const int64_t vectors = channels / N;
+  for (int64_t v0 = 0; v0 < vectors; v0 += 4) {
+    const int vb = static_cast<int>(std::min<int64_t>(4, vectors - v0));
+    const scalar_t* w = wt + v0 * N;
+    const scalar_t* bv = bias ? bias + v0 * N : nullptr;
+    switch (vb) {
+      case 4:
+        for (int r = 0; r < 4; ++r)
+          pixel_forward_block<scalar_t, BYTES, 4, 3>(dst + r * 3, v0, in.from(r * 3), off, w, channels, k, bv, chunk);
+        break;
+      case 3:
+        for (int r = 0; r < 3; ++r)
+          pixel_forward_block<scalar_t, BYTES, 3, 4>(dst + r * 4, v0, in.from(r * 4), off, w, channels, k, bv, chunk);
+        break;
+      case 2:
+        for (int r = 0; r < 2; ++r)
+          pixel_forward_block<scalar_t, BYTES, 2, 6>(dst + r * 6, v0, in.from(r * 6), off, w, channels, k, bv, chunk);
+        break;
+      default:
+        if constexpr (std::is_same_v<Inputs, ByStep<scalar_t>>) {
+          pixel_forward_block<scalar_t, BYTES, 1, 12>(dst, v0, in, off, w, channels, k, bv, chunk);
+        } else {
+          for (int r = 0; r < 2; ++r)
+            pixel_forward_block<scalar_t, BYTES, 1, 6>(dst + r * 6, v0, in.from(r * 6), off, w, channels, k, bv, chunk);
+        }
+        break;
+    }
+  }
+}
+
+// Where the pixel forward writes and reads: output (i, ow) of a band at out + i * row + ow * col (its group's first
+// channel), its terms at x + (i * pitch + ow) * step; `rows` rows of out_w outputs.
 struct PixelOut {
-  int64_t row, col, pitch, out_w, grid;
+  int64_t row, col, pitch, out_w, rows;
 };
 
-// One band of one group: its `channels` output channels at each q < grid (whole blocks of kPixelBlock, the last
-// running past the grid), from its planes (x at its first input channel's) and its weight wt (k, channels).
+// One band of one group: its `channels` output channels at each of its outputs, from its planes (x at its first
+// input channel's) and its weight wt (k, channels), in blocks of kPixelBlock outputs (a block's lanes past the
+// band computed into a scratch slot). Where the grid's dropped columns are a tenth of it or more (2 of every 9 at
+// 7x7), or a run has more than one vector (6 outputs, pointers that stay in registers), the blocks take the real
+// outputs only, by pointer; else consecutive q of the grid by step, the dropped columns computed too.
+// (ResNeXt's 7x7 layers, 2 vectors: forward 0.83x the time; 14x14, 1 vector: 0.9x; 28x28, 1 vector by pointer:
+// 1.02-1.05x, hence the tenth.)
 template <typename scalar_t, int BYTES>
 MANUALGRAD_VECTOR_CLONES_VL void pixel_forward_planes(scalar_t* out, const PixelOut& po, scalar_t* scratch,
                                                    const scalar_t* x, int64_t step, const int64_t* off,
                                                    const scalar_t* wt, int64_t channels, int64_t k,
                                                    const scalar_t* bias, int64_t chunk) {
-  constexpr int64_t N = VecBytes<scalar_t, BYTES>::lanes;
-  const int64_t vectors = channels / N;
-  for (int64_t q = 0; q < po.grid; q += kPixelBlock) {
-    scalar_t* dst[kPixelBlock];
+  const bool real_only = channels > VecBytes<scalar_t, BYTES>::lanes || 10 * (po.pitch - po.out_w) >= po.pitch;
+  scalar_t* dst[kPixelBlock];
+  if (real_only) {
+    const int64_t outputs = po.rows * po.out_w;
+    const scalar_t* src[kPixelBlock];
+    for (int64_t r = 0; r < outputs; r += kPixelBlock) {
+      for (int64_t b = 0; b < kPixelBlock; ++b) {
+        const int64_t i = (r + b) / po.out_w, ow = (r + b) % po.out_w;
+        const bool real = r + b < outputs;
+        dst[b] = real ? out + i * po.row + ow * po.col : scratch + b * channels;
+        src[b] = real ? x + (i * po.pitch + ow) * step : x;
+      }
+      pixel_forward_outputs<scalar_t, BYTES>(dst, ByPointer<scalar_t>{src}, off, wt, channels, k, bias, chunk);
+    }
+    return;
+  }
+  const int64_t grid = po.rows * po.pitch;
+  for (int64_t q = 0; q < grid; q += kPixelBlock) {
     for (int64_t b = 0; b < kPixelBlock; ++b) {
       const int64_t i = (q + b) / po.pitch, ow = (q + b) % po.pitch;
-      dst[b] = q + b < po.grid && ow < po.out_w ? out + i * po.row + ow * po.col : scratch + b * channels;
+      dst[b] = q + b < grid && ow < po.out_w ? out + i * po.row + ow * po.col : scratch + b * channels;
     }
-    const scalar_t* xq = x + q * step;
-    for (int64_t v0 = 0; v0 < vectors; v0 += 4) {
-      const int vb = static_cast<int>(std::min<int64_t>(4, vectors - v0));
-      const scalar_t* w = wt + v0 * N;
-      const scalar_t* bv = bias ? bias + v0 * N : nullptr;
-      switch (vb) {  // kPixelBlock q in runs of 12 / vb
-        case 4:
-          for (int r = 0; r < 4; ++r)
-            pixel_forward_block<scalar_t, BYTES, 4, 3>(dst + r * 3, v0, xq + r * 3 * step, step, off, w, channels, k, bv, chunk);
-          break;
-        case 3:
-          for (int r = 0; r < 3; ++r)
-            pixel_forward_block<scalar_t, BYTES, 3, 4>(dst + r * 4, v0, xq + r * 4 * step, step, off, w, channels, k, bv, chunk);
-          break;
-        case 2:
-          for (int r = 0; r < 2; ++r)
-            pixel_forward_block<scalar_t, BYTES, 2, 6>(dst + r * 6, v0, xq + r * 6 * step, step, off, w, channels, k, bv, chunk);
-          break;
-        default:
-          pixel_forward_block<scalar_t, BYTES, 1, 12>(dst, v0, xq, step, off, w, channels, k, bv, chunk);
-          break;
-      }
-    }
+    pixel_forward_outputs<scalar_t, BYTES>(dst, ByStep<scalar_t>{x + q * step, step}, off, wt, channels, k, bias, chunk);
   }
 }
 
@@ -658,7 +710,7 @@ void pixel_forward_kernel(scalar_t* out, const Strides& so, const scalar_t* in, 
       const int64_t groups = std::min(p.groups, d.groups - grp0);
       build_pixel_planes(planes.data(), in + n * si.n + grp0 * d.in_per_group * si.c, si, groups * d.in_per_group, g,
                          p, oh0);
-      const PixelOut po{so.h, so.w, p.pitch, g.out_w, rows * p.pitch};
+      const PixelOut po{so.h, so.w, p.pitch, g.out_w, rows};
       for (int64_t gi = 0; gi < groups; ++gi) {
         const int64_t oc0 = (grp0 + gi) * d.out_per_group;
         pixel_forward_planes<scalar_t, BYTES>(out + n * so.n + oh0 * so.h + oc0, po, scratch.data(), planes.data() + gi * d.in_per_group,
