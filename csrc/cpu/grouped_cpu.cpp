@@ -40,6 +40,7 @@ namespace {
 constexpr int64_t kMaxPlaneElems = 1 << 15;    // one task's planes for a band of rows: 128 KB of float32, in L2
 constexpr int64_t kMaxTaskElems = 1 << 22;     // ...and never more than this, however wide one row is
 constexpr int64_t kMaxChannelsPerGroup = 64;   // wider groups are products BLAS runs well
+constexpr int64_t kMinParallelGather = 1 << 15;  // weights gathered by one thread below this many elements
 constexpr int64_t kMinWeightTasks = 8;         // the weight gradient's tasks: groups × blocks of output channels
 constexpr int O_MAX = 4, V_MAX = 3, T_MAX = 3;  // register blocks: output channels × vectors of q (or taps)
 
@@ -845,8 +846,8 @@ at::Tensor gather_weight(const WeightRef<scalar_t>& w, const WeightTaps& taps, c
   for (int64_t a = 0; a < na; ++a) tap_h[a] = taps.h[a] * w.s.h;
   for (int64_t b = 0; b < nb; ++b) tap_w[b] = taps.w[b] * w.s.w;
   // In parallel over groups, each block written in order (the weight is as large as a batch of 7x7 images: gathered
-  // on one thread, with the other waiting, it took a tenth of a channels-last 1024@7 forward)
-  parallel_tasks(d.groups, [&](int64_t g0, int64_t g1) {
+  // on one thread, with the other waiting, it took a tenth of a channels-last 1024@7 forward); a small one inline
+  const auto gather = [&](int64_t g0, int64_t g1) {
     for (int64_t grp = g0; grp < g1; ++grp) {
       const scalar_t* src = w.data + grp * (taps.transposed ? d.in_per_group : d.out_per_group) * w.s.n;
       scalar_t* block = dst + grp * d.out_per_group * k;
@@ -865,7 +866,12 @@ at::Tensor gather_weight(const WeightRef<scalar_t>& w, const WeightTaps& taps, c
           for_terms([&](const scalar_t* term) { *block++ = term[o * o_step]; });
       }
     }
-  });
+  };
+  if (fg.out_channels * k < kMinParallelGather) {
+    gather(0, d.groups);
+  } else {
+    parallel_tasks(d.groups, gather);
+  }
   return out;
 }
 
