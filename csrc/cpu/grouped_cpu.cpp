@@ -481,13 +481,6 @@ void weight_kernel(const WeightRef<scalar_t>& gw, const scalar_t* go, const Stri
 // then reads pixel stride_w·q + a fixed offset per tap, so blocks of consecutive q run across output rows as the
 // plane kernels' vectors do, and each output's terms are added in the plane kernels' order: the same bits.
 
-// BYTES of scalar_t as one GCC vector (a struct: an alias template would drop the attribute).
-template <typename scalar_t, int BYTES>
-struct VecBytes {
-  typedef scalar_t type __attribute__((vector_size(BYTES)));
-  static constexpr int64_t lanes = BYTES / sizeof(scalar_t);
-};
-
 constexpr int64_t kPixelBlock = 12;            // q a block of the forward (12, 6, 4 or 3 of them: all divide it)
 constexpr int64_t kPixelChannels = 64;         // a forward task's groups: up to this many input channels side by side
 constexpr int64_t kMaxPixelElems = 1 << 16;    // a task's planes for a band of rows: 256 KB of float32, in L2
@@ -546,9 +539,8 @@ MANUALGRAD_VECTOR_CLONES void build_pixel_planes(scalar_t* planes, const scalar_
       const scalar_t* src = image + ih * s.h + (j_lo - w.pad_w) * s.w;
       if (s.c == 1) {
         for (int64_t j = j_lo; j < j_hi; ++j) copy_run(dst + j * ch, src + (j - j_lo) * s.w, count);
-      } else {
-        for (int64_t j = j_lo; j < j_hi; ++j)
-          for (int64_t c = 0; c < count; ++c) dst[j * ch + c] = src[(j - j_lo) * s.w + c * s.c];
+      } else {  // pixels as gather_rows' rows, channels as its columns
+        gather_rows(dst + j_lo * ch, ch, src, s.w, s.c, j_hi - j_lo, count);
       }
     }
     std::fill_n(plane + p.height * p.width * ch, p.size - p.height * p.width * ch, scalar_t(0));

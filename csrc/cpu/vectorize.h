@@ -18,14 +18,17 @@
 
 namespace manualgrad {
 
-// 64 bytes of scalar_t as one GCC vector (an AVX-512 register; two or four on narrower CPUs), whose arithmetic is,
-// lane by lane, exactly the scalar code's; load_vec fills one from any address (by reference: a vector this
-// wide passed by value would change the ABI between the clones).
-template <typename scalar_t>
-struct Vec64 {
-  typedef scalar_t type __attribute__((vector_size(64)));
-  static constexpr int64_t lanes = 64 / sizeof(scalar_t);
+// BYTES of scalar_t as one GCC vector, whose arithmetic is, lane by lane, exactly the scalar code's (a struct: an
+// alias template would drop the attribute); load_vec fills one from any address (by reference: a vector this wide
+// passed by value would change the ABI between the clones).
+template <typename scalar_t, int BYTES>
+struct VecBytes {
+  typedef scalar_t type __attribute__((vector_size(BYTES)));
+  static constexpr int64_t lanes = BYTES / sizeof(scalar_t);
 };
+// ...64 of them: an AVX-512 register, two or four on narrower CPUs.
+template <typename scalar_t>
+struct Vec64 : VecBytes<scalar_t, 64> {};
 
 template <typename V, typename scalar_t>
 inline void load_vec(V& v, const scalar_t* p) {
