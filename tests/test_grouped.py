@@ -72,6 +72,28 @@ def test_grouped_matches_torch_in_float64(case):
         assert ours[1].is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("layouts", ["x nchw, w cl, go nchw", "x cl, w nchw, go nchw", "x nchw, w cl, go cl"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_grouped_mixed_layouts_match_torch(layouts, stride):
+    """A channels-last weight with an NCHW input (or grad_output) makes a channels-last output: the pixel kernels
+    then read a tensor whose channels are strided, in float64 against torch."""
+    fmt = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
+    xl, wl, gl = (fmt[part.split()[1]] for part in layouts.split(", "))
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 32, 9, 9, generator=gen, dtype=torch.float64)
+    w = torch.randn(64, 8, 3, 3, generator=gen, dtype=torch.float64)
+    go = torch.randn(2, 64, (9 + 2 - 3) // stride + 1, (9 + 2 - 3) // stride + 1, generator=gen, dtype=torch.float64)
+    results = []
+    for conv, x_, w_ in ((F.conv2d, x, w), (tmg.functional.conv2d, x.contiguous(memory_format=xl),
+                                            w.contiguous(memory_format=wl))):
+        leaves = [t.detach().clone().requires_grad_() for t in (x_, w_)]
+        y = conv(*leaves, None, stride, 1, 1, 4)
+        results.append([y, *torch.autograd.grad(y, leaves, go.contiguous(memory_format=gl))])
+    assert results[1][0].is_contiguous(memory_format=torch.channels_last)
+    for a, e in zip(results[1], results[0]):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
 def test_grouped_on_a_strided_view_matches_torch():
     x = torch.randn(2, 24, 12, 20, dtype=torch.float64)[:, 4:20, :, ::2]  # channels and columns of a larger tensor
     w = torch.randn(8, 4, 3, 3, dtype=torch.float64)
