@@ -96,6 +96,9 @@ FLOAT32_FORWARD_CASES = [
     ((2, 512, 7, 7), (512, 512, 3, 3), dict(padding=1)),
     ((2, 3, 112, 112), (64, 3, 7, 7), dict(stride=2, padding=3)),
     ((2, 64, 28, 28), (256, 64, 1, 1), {}),
+    # pointwise with long sums (ResNet-50's 1024->256 and 2048->512), where channels-last runs are longer
+    ((2, 1024, 14, 14), (256, 1024, 1, 1), {}),
+    ((2, 2048, 7, 7), (512, 2048, 1, 1), {}),
     ((2, 256, 512), (256, 256, 3), dict(padding=1)),
     ((2, 96, 14, 14), (48, 96, 5, 5), dict(padding=2)),
     # depthwise (depthwise_cpu.cpp): the taps summed first, then the bias, as torch does
@@ -107,8 +110,9 @@ FLOAT32_FORWARD_CASES = [
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("x_shape, w_shape, kwargs", FLOAT32_FORWARD_CASES, ids=str)
 def test_float32_forward_error_no_worse_than_torchs(x_shape, w_shape, kwargs, channels_last):
-    """The im2col forward sums its products in short runs (conv_cpu.cpp's forward_chunk): its float32 error against
-    float64 stays at torch's (one product over K = C_in * taps was 1.3-2x torch's); so does the depthwise kernels'."""
+    """The im2col forward sums its products in short runs (blas.h's forward_chunk; channels-last, nhwc_forward_chunk's
+    longer ones, where torch's own error is larger): its float32 error against float64 stays at torch's (one NCHW
+    product over K = C_in * taps was 1.3-2x torch's); so does the depthwise kernels'."""
     if channels_last and len(x_shape) != 4:
         pytest.skip("channels_last is a 4-d layout")
     gen = torch.Generator().manual_seed(5)

@@ -541,8 +541,10 @@ MANUALGRAD_VECTOR_CLONES void small_k_rows(scalar_t* out, const scalar_t* in, co
 // channels-last weight, a copy of any other).
 at::Tensor weight_rows_nhwc(const at::Tensor& weight) { return weight.permute({0, 2, 3, 1}).contiguous(); }
 
+// long_runs: a channels-last caller's products, summed in blas.h's nhwc_forward_chunk runs (torch's error
+// there is larger); an NCHW caller's keep forward_chunk's, to stay at torch's NCHW error.
 at::Tensor conv_forward_nhwc(const at::Tensor& input_, const at::Tensor& weight_, const at::Tensor& bias,
-                             const Geometry& g) {
+                             const Geometry& g, bool long_runs) {
   const GroupDims d(g);
   const at::Tensor input = input_.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor weight = weight_rows_nhwc(weight_);
@@ -560,6 +562,8 @@ at::Tensor conv_forward_nhwc(const at::Tensor& input_, const at::Tensor& weight_
     const scalar_t* wt = weight.const_data_ptr<scalar_t>();
     const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* out = output.data_ptr<scalar_t>();
+    const int64_t chunk =
+        long_runs ? nhwc_forward_chunk<scalar_t>(d.k_per_group) : forward_chunk<scalar_t>(d.k_per_group);
     const bool small_k = d.groups == 1 && width <= (pointwise ? kSmallPointwiseK : kSmallK);
     // small_k: the weight as (K, C_out) and the bias, padded with zeros to whole vectors of outputs
     const int64_t o_pad = ceil_div(g.out_channels, Vec64<scalar_t>::lanes) * Vec64<scalar_t>::lanes;
@@ -598,7 +602,7 @@ at::Tensor conv_forward_nhwc(const at::Tensor& input_, const at::Tensor& weight_
         }
         gemm_in_chunks<scalar_t>(false, true, rows, count, d.k_per_group, scalar_t(1), cols + grp * d.k_per_group,
                                  width, wt + first * d.k_per_group, d.k_per_group, scalar_t(b ? 1 : 0), c,
-                                 g.out_channels, forward_chunk<scalar_t>(d.k_per_group));
+                                 g.out_channels, chunk);
       });
       return;
     }
@@ -624,7 +628,7 @@ at::Tensor conv_forward_nhwc(const at::Tensor& input_, const at::Tensor& weight_
           gemm_in_chunks<scalar_t>(false, true, m, d.out_per_group, d.k_per_group, scalar_t(1),
                                    cols + grp * d.k_per_group, width, wt + grp * d.out_per_group * d.k_per_group,
                                    d.k_per_group, scalar_t(b ? 1 : 0), c + grp * d.out_per_group, g.out_channels,
-                                   forward_chunk<scalar_t>(d.k_per_group));
+                                   chunk);
         }
       }
     });
@@ -872,13 +876,15 @@ at::Tensor conv_forward_cpu(const at::Tensor& input_, const at::Tensor& weight_,
   if (g.spatial_dims == 3 && (channels_last || is_depthwise(g)))
     return conv3d_forward_by_depth(input_, weight_, bias, g, channels_last, conv_forward_cpu);  // sum over depth taps
   if (channels_last && !g.empty() && (!is_depthwise(g) || depthwise_nhwc_supported(g)))
-    return conv_forward_nhwc(input_, weight_, bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor(), g);
+    return conv_forward_nhwc(input_, weight_, bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor(), g,
+                             /*long_runs=*/true);
   if (channels_last)  // depthwise with a channel multiplier: the NCHW kernel, its result laid out as promised
     return conv_forward_cpu(input_.contiguous(), weight_, bias, stride, padding, dilation, groups)
         .contiguous(at::MemoryFormat::ChannelsLast);
   if (via_nhwc(input_, g, /*backward=*/false)) {
     const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
-    return conv_forward_nhwc(input_.contiguous(at::MemoryFormat::ChannelsLast), weight_, b, g).contiguous();
+    return conv_forward_nhwc(input_.contiguous(at::MemoryFormat::ChannelsLast), weight_, b, g, /*long_runs=*/false)
+        .contiguous();
   }
   const at::Tensor input = input_.contiguous();  // (N, C_in, H, W)
   const GroupDims d(g);
