@@ -37,6 +37,10 @@ CASES = [
     # fewer than 512 rows: the tasks split the output channels (two of 80 here; one per group below)
     ConvCase(2, 2, 32, 160, (3, 3), (9, 9), stride=2, padding=1),
     ConvCase(2, 1, 64, 96, (1, 1), (7, 7), groups=2, bias=False),
+    # pointwise: tiles of rows fewer where the weight outweighs a tile (2 here); one tile of rows, where the input
+    # gradient's tasks split the input channels (5 of 128)
+    ConvCase(2, 2, 256, 64, (1, 1), (14, 14)),
+    ConvCase(2, 1, 640, 48, (1, 1), (7, 7)),
     # depthwise rows whose interior runs keep the taps' weights in registers (3x3 and 5x5), with a channel tail
     # past the last full vector, stride, dilation and padding that leaves no interior
     ConvCase(2, 2, 40, 40, (3, 3), (9, 13), padding=1, groups=40),
