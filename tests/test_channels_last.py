@@ -287,3 +287,23 @@ def test_channels_last_max_pool_bit_identical_across_thread_counts(pool, restore
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("size", [(14, 15), (28, 20), (7, 9), (16, 31)], ids=str)
+def test_channels_last_depthwise_7x7_is_the_nchw_bits_and_skips_padding_for_infinite_weights(size):
+    """ConvNeXt's 7x7 depthwise, channels-last: a band's input rows copied into zero-padded rows, each kernel row's
+    weights in registers (depthwise_cpu.cpp's forward_nhwc_padded). The padding's weight x 0 terms change no bits:
+    the NCHW forward's, which skips them; with an infinite weight the taps in the padding are skipped as torch does."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 20, *size, generator=gen)  # 20 channels: a vector of 16 and a tail of 4
+    w = torch.randn(20, 1, 7, 7, generator=gen)
+    b = torch.randn(20, generator=gen)
+    out = tmg.functional.conv2d(x.contiguous(memory_format=CL), w.contiguous(memory_format=CL), b, 1, 3, 1, 20)
+    assert out.is_contiguous(memory_format=CL)
+    assert torch.equal(out, tmg.functional.conv2d(x, w, b, 1, 3, 1, 20))
+    exact = F.conv2d(x.double(), w.double(), b.double(), 1, 3, 1, 20)
+    torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5)
+    w[:, :, 0, 0] = float("inf")
+    xo = torch.ones_like(x).contiguous(memory_format=CL)
+    ours = tmg.functional.conv2d(xo, w.contiguous(memory_format=CL), b, 1, 3, 1, 20)
+    assert torch.equal(ours, F.conv2d(xo, w, b, 1, 3, 1, 20)) and torch.isfinite(ours[..., 0, :]).all()
