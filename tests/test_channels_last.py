@@ -41,6 +41,12 @@ CASES = [
     # gradient's tasks split the input channels (5 of 128)
     ConvCase(2, 2, 256, 64, (1, 1), (14, 14)),
     ConvCase(2, 1, 640, 48, (1, 1), (7, 7)),
+    ConvCase(2, 1, 512, 160, (1, 1), (7, 7), groups=2),  # ...two tasks a group: the second group's offsets
+    # 7-wide depthwise kernels (depthwise_cpu.cpp's forward_nhwc_rows): ConvNeXt's 7x7 over zero-padded rows, a 3x7
+    # with a stride, a 1x7 with a dilation (the runs that step through the row one tap at a time)
+    ConvCase(2, 2, 20, 20, (7, 7), (16, 16), padding=3, groups=20),
+    ConvCase(2, 2, 20, 20, (3, 7), (12, 23), stride=2, padding=(1, 3), groups=20),
+    ConvCase(2, 2, 20, 20, (1, 7), (9, 30), dilation=(1, 2), padding=(0, 6), groups=20),
     # depthwise rows whose interior runs keep the taps' weights in registers (3x3 and 5x5), with a channel tail
     # past the last full vector, stride, dilation and padding that leaves no interior
     ConvCase(2, 2, 40, 40, (3, 3), (9, 13), padding=1, groups=40),
@@ -289,7 +295,8 @@ def test_channels_last_max_pool_bit_identical_across_thread_counts(pool, restore
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("size", [(14, 15), (28, 20), (7, 9), (16, 31)], ids=str)
+# widths of 20 and more, so that the NCHW call runs the NCHW kernel (narrower rows go through the channels-last one)
+@pytest.mark.parametrize("size", [(14, 22), (28, 20), (7, 21), (16, 31)], ids=str)
 def test_channels_last_depthwise_7x7_is_the_nchw_bits_and_skips_padding_for_infinite_weights(size):
     """ConvNeXt's 7x7 depthwise, channels-last: a band's input rows copied into zero-padded rows, each kernel row's
     weights in registers (depthwise_cpu.cpp's forward_nhwc_padded). The padding's weight x 0 terms change no bits:

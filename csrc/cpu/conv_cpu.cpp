@@ -388,14 +388,15 @@ Split nhwc_tiles(const Geometry& g, bool pointwise) {
   int64_t forced = pointwise ? 1 : ceil_div(rows * width, kMaxColumnElems);
   if (!pointwise) forced = std::max(forced, std::min(ceil_div(rows * width, kCacheColumnElems), rows / kMinCacheTileColumns));
   // Each tile's product packs the whole weight again. Pointwise, fewer tiles while a tile has fewer rows than the
-  // weight's longer side (4 or 2 tiles, still a power of two to share evenly). Interleaved ours/torch, 2-core Zen
-  // 4, batch 8, channels-last, 8 tiles -> fewer: forward 1x1 1024->256@14 1.24-1.26 -> 1.11-1.12, 1024->512@14
-  // 1.21-1.22 -> 1.09-1.10, 160->960@7 1.16-1.26 -> 0.93-0.96, 1024->128@7 1.18 -> 0.99; input and weight
-  // gradients 0-12% faster, within the noise at worst.
+  // weight's longer side, and than kMinCacheTileColumns (4 or 2 tiles, still a power of two to share evenly; the
+  // larger batches of many-core machines keep 8). Interleaved ours/torch, 2-core Zen 4, batch 8, channels-last,
+  // 8 tiles -> fewer: forward 1x1 1024->256@14 1.24-1.26 -> 1.11-1.12, 1024->512@14 1.21-1.22 -> 1.09-1.10,
+  // 160->960@7 1.16-1.26 -> 0.93-0.96, 1024->128@7 1.18 -> 0.99; input and weight gradients 0-12% faster, within
+  // the noise at worst.
   int64_t wanted = kMinTasks;
   if (pointwise) {
     const int64_t side = std::max(d.in_per_group, d.out_per_group);
-    while (wanted > 2 && rows < wanted * side) wanted /= 2;
+    while (wanted > 2 && rows < wanted * std::min(side, kMinCacheTileColumns)) wanted /= 2;
   }
   return split(rows, wanted, kMinNhwcRows, forced);
 }
