@@ -192,6 +192,20 @@ MANUALGRAD_VECTOR_CLONES void forward_nhwc_pixel(scalar_t* __restrict out, const
   }
 }
 
+// The channels past the last whole vector of a run (forward_nhwc_run, forward_nhwc_rows): channel by channel, the
+// taps in order, then the bias.
+template <typename scalar_t>
+void channel_tail(scalar_t* out, const scalar_t* image, const scalar_t* wt, const scalar_t* bias, const int64_t* offset,
+                  int64_t taps, int64_t count, int64_t step, int64_t C, int64_t c0) {
+  for (int64_t c = c0; c < C; ++c) {
+    for (int64_t p = 0; p < count; ++p) {
+      scalar_t acc = 0;
+      for (int64_t k = 0; k < taps; ++k) acc += wt[k * C + c] * image[p * step + offset[k] + c];
+      out[p * C + c] = bias ? acc + bias[c] : acc;
+    }
+  }
+}
+
 // A run of `count` output pixels of one row whose taps all lie inside the input, `step` elements apart in the
 // input: out[p*C + c] = the sum, for tap k < TAPS in order, of wt[k*C + c] * image[p*step + offset[k] + c], + bias[c]:
 // forward_nhwc_pixel's sums, in its order, but with a vector of channels outermost, its TAPS weight vectors stay
@@ -240,13 +254,7 @@ MANUALGRAD_VECTOR_CLONES void forward_nhwc_run(scalar_t* __restrict out, const s
       std::memcpy(out + p * C + c, &acc, sizeof(vec));
     }
   }
-  for (; c < C; ++c) {
-    for (int64_t p = 0; p < count; ++p) {
-      scalar_t acc = 0;
-      for (int k = 0; k < TAPS; ++k) acc += wt[k * C + c] * image[p * step + off[k] + c];
-      out[p * C + c] = bias ? acc + bias[c] : acc;
-    }
-  }
+  channel_tail(out, image, wt, bias, off, TAPS, count, step, C, c);
 }
 
 // forward_nhwc_run for kernels whose taps outnumber the registers (KW = 7: ConvNeXt's 7x7): the run's sums kernel
@@ -308,45 +316,32 @@ MANUALGRAD_VECTOR_CLONES void forward_nhwc_rows(scalar_t* __restrict out, const 
         if (p + 2 <= count) block(std::integral_constant<int, 2>{});
         if (p < count) block(std::integral_constant<int, 1>{});
       }
-      for (; p + 4 <= count; p += 4) {  // four pixels' chains overlap, as in forward_nhwc_run
+      // Any step: blocks of 4 pixels, whose chains overlap as in forward_nhwc_run, then one at a time.
+      const auto strided = [&](auto pixels) {
+        constexpr int P = decltype(pixels)::value;
         const scalar_t* at = image + p * step + c;
-        vec acc[4], x;
-        for (int jj = 0; jj < 4; ++jj) {
-          acc[jj] = vec{};
-          if (!first) load_vec(acc[jj], out + (p + jj) * C + c);
+        vec acc[P], x;
+        for (int q = 0; q < P; ++q) {
+          acc[q] = vec{};
+          if (!first) load_vec(acc[q], out + (p + q) * C + c);
         }
         for (int j = 0; j < KW; ++j) {
-          for (int jj = 0; jj < 4; ++jj) {
-            load_vec(x, at + jj * step + off[j]);
-            acc[jj] += w[j] * x;
+          for (int q = 0; q < P; ++q) {
+            load_vec(x, at + q * step + off[j]);
+            acc[q] += w[j] * x;
           }
         }
-        for (int jj = 0; jj < 4; ++jj) {
-          if (last && bias) acc[jj] += b;
-          std::memcpy(out + (p + jj) * C + c, &acc[jj], sizeof(vec));
+        for (int q = 0; q < P; ++q) {
+          if (last && bias) acc[q] += b;
+          std::memcpy(out + (p + q) * C + c, &acc[q], sizeof(vec));
         }
-      }
-      for (; p < count; ++p) {
-        const scalar_t* at = image + p * step + c;
-        vec acc{}, x;
-        if (!first) load_vec(acc, out + p * C + c);
-        for (int j = 0; j < KW; ++j) {
-          load_vec(x, at + off[j]);
-          acc += w[j] * x;
-        }
-        if (last && bias) acc += b;
-        std::memcpy(out + p * C + c, &acc, sizeof(vec));
-      }
+        p += P;
+      };
+      while (p + 4 <= count) strided(std::integral_constant<int, 4>{});
+      while (p < count) strided(std::integral_constant<int, 1>{});
     }
   }
-  const int64_t taps = kh * KW;
-  for (; c < C; ++c) {
-    for (int64_t p = 0; p < count; ++p) {
-      scalar_t acc = 0;
-      for (int64_t k = 0; k < taps; ++k) acc += wt[k * C + c] * image[p * step + offset[k] + c];
-      out[p * C + c] = bias ? acc + bias[c] : acc;
-    }
-  }
+  channel_tail(out, image, wt, bias, offset, kh * KW, count, step, C, c);
 }
 
 // The outputs of a row whose taps all lie inside the input, for kernels of 3x3 and 5x5 (the runs of
