@@ -53,6 +53,7 @@ constexpr int64_t kMaxSlotElems = 1 << 24;  // ...of together at most this many 
 constexpr int64_t kNchwSide = 28;        // NCHW computed as it lies from this side on, with at most kMaxChannelSum
 constexpr int64_t kChunk = 32;         // input channels per product (accuracy, above)
 constexpr int64_t kBlockTiles = 256;   // tiles per block: its V and M stay in the caches while its products run
+constexpr int64_t kMinBlockTiles = 96; // ...and at least this many where blocks are cut to share evenly (Plan)
 
 bool nchw_pays(const Geometry& g) {
   return std::min(g.out_h, g.out_w) >= kNchwSide && g.in_channels + g.out_channels <= kMaxChannelSum;
@@ -101,7 +102,21 @@ struct Plan {
       : batch(batch), in_c(in_c), out_c(out_c), in_h(in_h), in_w(in_w), out_h(in_h + 2 * pad_h - 2),
         out_w(in_w + 2 * pad_w - 2), pad_h(pad_h), pad_w(pad_w), in_d(in_d), out_d(out_d), taps_d(taps_d),
         dilation_d(dilation_d), pad_d(pad_d), tiles_h(ceil_div(out_h, 2)), tiles_w(ceil_div(out_w, 2)),
-        rows_per_block(std::max<int64_t>(1, kBlockTiles / tiles_w)), nhwc(nhwc) {}
+        rows_per_block(block_rows(batch * out_d * tiles_h, tiles_w, out_c)), nhwc(nhwc) {}
+
+  // Tile rows per block: at most kBlockTiles tiles, at least kMinBlockTiles and half the output channels (a
+  // product's rows), and a count of blocks that is a multiple of 8, 4 or 2 where one fits, so that 2, 4 or 8 threads
+  // get equal shares. From the shapes alone.
+  static int64_t block_rows(int64_t tile_rows, int64_t tiles_w, int64_t out_c) {
+    const int64_t most = std::max<int64_t>(1, kBlockTiles / tiles_w);
+    const int64_t least = ceil_div(std::max(kMinBlockTiles, out_c / 2), tiles_w);
+    for (const int64_t multiple : {8, 4, 2}) {
+      const int64_t blocks = ceil_div(ceil_div(tile_rows, most), multiple) * multiple;
+      const int64_t rows = ceil_div(tile_rows, blocks);
+      if (rows >= least && ceil_div(tile_rows, rows) == blocks) return rows;
+    }
+    return most;
+  }
 };
 
 // U[xi][o][i] = (G w G^T)[a][b] for the 3x3 filters w(o, i), i in [0, count), of one o. G = [1 0 0;
