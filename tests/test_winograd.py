@@ -137,6 +137,22 @@ def test_padding_over_two_takes_im2col_for_the_input_gradient(winograd_off):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+def test_many_channels_on_small_images_take_it_for_the_forward_and_weight_gradient(layout, winograd_off):
+    """512 -> 512 at 7x7 (ResNet's last stage): with a batch of 8 (128 tiles) the forward and the weight gradient
+    are Winograd's and the input gradient im2col's; with a batch of 2, all three are im2col's."""
+    x, weight, bias, p = make((8, 272, 240, 7, 7, 1), seed=4, layout=layout)
+    out, gi, _, gw = forward_and_grads(x, weight, bias, p)
+    out0, gi0, _, gw0 = winograd_off(forward_and_grads, x, weight, bias, p)
+    assert not torch.equal(out, out0) and not torch.equal(gw, gw0)
+    assert torch.equal(gi, gi0)
+    torch.testing.assert_close(out, out0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gw, gw0, rtol=1e-5, atol=1e-4)
+    out, gi, _, gw = forward_and_grads(x[:2], weight, bias, p)
+    out0, gi0, _, gw0 = winograd_off(forward_and_grads, x[:2], weight, bias, p)
+    assert torch.equal(out, out0) and torch.equal(gi, gi0) and torch.equal(gw, gw0)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("case", [(8, 64, 64, 56, 56, 1), (8, 128, 128, 28, 28, 1), (8, 128, 32, 14, 14, 1),
                                   (8, 256, 256, 14, 14, 1)], ids=ids)
 def test_forward_error_no_worse_than_torchs(case, layout):
@@ -155,7 +171,16 @@ def test_forward_error_no_worse_than_torchs(case, layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("case", [CASES[0], CASES[6], CASES[7], CASES[8], CASES[10]], ids=ids)
+def test_many_channels_forward_error_no_worse_than_torchs(layout):
+    """512 -> 512 at 7x7, batch 8: only the forward (and weight gradient) are Winograd's there."""
+    x, weight, bias, p = make((8, 512, 512, 7, 7, 1), seed=7, layout=layout)
+    truth = F.conv2d(x.double(), weight.double(), bias.double(), padding=p)
+    ours = tmg.functional.conv2d(x, weight, bias, padding=p)
+    assert relative_error(ours, truth) <= 1.1 * relative_error(F.conv2d(x, weight, bias, padding=p), truth)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", [CASES[0], CASES[6], CASES[7], CASES[8], CASES[10], (8, 272, 240, 7, 7, 1)], ids=ids)
 def test_bit_identical_at_every_thread_count(case, layout):
     x, weight, bias, p = make(case, seed=9, layout=layout)
     before = torch.get_num_threads()

@@ -40,6 +40,9 @@ namespace {
 // Where it pays, measured against the im2col kernels (interleaved, 2-core Zen 5, OpenBLAS, batch 8; forward and
 // input gradient, benchmarks/NOTES.md): in channels-last 0.4-0.8x the time on 14x14 images and up, whatever the
 // channels (256 -> 256 at 14x14: 0.6-0.7x), 0.85-0.9x at 7x7 with 128 -> 32 channels but 1.0-1.1x with 512 -> 512.
+// Since the blocks share evenly (Plan::block_rows; 2-core Zen 4, batch 8, ours/torch), 512 -> 512 at 7x7 is
+// forward 1.16 -> 1.04 channels-last and 1.54 -> 1.40 NCHW, weight gradient 0.71 -> 0.52 and 0.92 -> 0.67, but input
+// gradient 1.20 -> 1.37; at batch 2 all three lose (forward 0.90 -> 1.44).
 // The NCHW transforms work plane by plane, vectorised along a row of tiles: as fast as channels-last on images
 // of 28x28 and up with few channels, slower on smaller ones (7 tiles a row) or many channels (the planes of V
 // outgrow the caches), which therefore take channels-last copies (nchw_pays).
@@ -47,6 +50,7 @@ constexpr int64_t kMinChannels = 16;     // fewer input or output channels: the 
 constexpr int64_t kWideSide = 14;        // output sides from which it pays whatever the channels
 constexpr int64_t kMinSide = 7;          // ...and from which it pays with at most kMaxChannelSum channels in and out
 constexpr int64_t kMaxChannelSum = 384;  // C_in + C_out
+constexpr int64_t kManyChannelTiles = 128;  // ...or, for the forward and weight gradient, this many 2x2 tiles (batch 8 at 7x7)
 constexpr int64_t kMinSlotBlocks = 8;     // the weight gradient's blocks from which each task sums its own
 constexpr int64_t kMaxSlots = 8;          // ...in at most this many partial sums
 constexpr int64_t kMaxSlotElems = 1 << 24;  // ...of together at most this many floats
@@ -647,7 +651,12 @@ bool winograd_applies(const at::Tensor& input, const Geometry& g, bool backward)
       (backward && (w.pad_h > 2 || w.pad_w > 2)))
     return false;
   const int64_t side = std::min(g.out_h, g.out_w);
-  return side >= kWideSide || (side >= kMinSide && g.in_channels + g.out_channels <= kMaxChannelSum);
+  if (side >= kWideSide) return true;
+  if (side < kMinSide) return false;
+  if (g.in_channels + g.out_channels <= kMaxChannelSum) return true;
+  // Many channels on small images (ResNet's 512 -> 512 at 7x7): the forward and the weight gradient, once the batch
+  // has kManyChannelTiles tiles; the input gradient stays with im2col. (2-d only: a 3-d one computes all three here.)
+  return g.spatial_dims == 2 && !backward && g.batch * ceil_div(g.out_h, 2) * ceil_div(g.out_w, 2) >= kManyChannelTiles;
 }
 
 namespace {
