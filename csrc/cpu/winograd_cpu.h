@@ -9,8 +9,9 @@ namespace manualgrad {
 // Whether the Winograd path computes this convolution: float32, one group, a 3x3 kernel of stride 1 and
 // dilation 1 in the plane, images and channels where it was measured to pay. For the input gradient
 // (backward=true) the padding must also be at most 2 (the gradient is a 3x3 convolution of grad_output padded by
-// 2 - padding), and a 2-d output at least 14x14 (on smaller ones im2col's input gradient is faster). A 3-d convolution (any depth kernel, padding and dilation) also needs stride 1 in depth and that
-// padding, so that its forward and both gradients are all computed here.
+// 2 - padding), and a 2-d output at least 14x14 (on smaller ones im2col's input gradient is faster). A 3-d
+// convolution (any depth kernel, padding and dilation) also needs stride 1 in depth and that padding, so that its
+// forward and both gradients are all computed here.
 bool winograd_applies(const at::Tensor& input, const Geometry& g, bool backward);
 
 // input (N, C_in, [D,] H, W) convolved with weight (C_out, C_in, [KD,] 3, 3), + bias if defined: the output, laid
