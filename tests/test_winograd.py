@@ -102,7 +102,7 @@ def test_agrees_with_the_im2col_kernels_and_differs_in_bits(case, layout, winogr
     input_gradient_too = min(wino[0].shape[-2:]) >= 14  # below, the input gradient is im2col's
     for i, (a, b) in enumerate(zip(wino[:2] + wino[3:], im2col[:2] + im2col[3:])):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * max(1.0, b.abs().max().item()))
-        # the Winograd path was taken: another order of rounding
+        # Winograd's sums round in another order; below 14x14 the input gradient is im2col's own
         assert torch.equal(a, b) if i == 1 and not input_gradient_too else not torch.equal(a, b)
 
 
@@ -140,8 +140,9 @@ def test_padding_over_two_takes_im2col_for_the_input_gradient(winograd_off):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_many_channels_on_small_images_take_it_for_the_forward_and_weight_gradient(layout, winograd_off):
-    """512 -> 512 at 7x7 (ResNet's last stage): with a batch of 8 (128 tiles) the forward and the weight gradient
-    are Winograd's and the input gradient im2col's; with a batch of 2, all three are im2col's."""
+    """More than 384 channels in and out at 7x7 (272 -> 240 here, as ResNet's 512 -> 512): with a batch of 8 (128
+    tiles) the forward and the weight gradient are Winograd's and the input gradient im2col's; with a batch of 2,
+    all three are im2col's."""
     x, weight, bias, p = make((8, 272, 240, 7, 7, 1), seed=4, layout=layout)
     out, gi, _, gw = forward_and_grads(x, weight, bias, p)
     out0, gi0, _, gw0 = winograd_off(forward_and_grads, x, weight, bias, p)
