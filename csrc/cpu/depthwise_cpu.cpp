@@ -284,6 +284,21 @@ MANUALGRAD_VECTOR_CLONES void forward_nhwc_rows(scalar_t* __restrict out, const 
       }
       const bool first = i == 0, last = i + 1 == kh;
       int64_t p = 0;
+      // The P pixels from p: their partial sums from `out` (+0 on the first kernel row), and back into it (+ the bias
+      // after the last row), then on to the next pixels.
+      const auto start = [&](vec* acc, int P) __attribute__((always_inline)) {
+        for (int q = 0; q < P; ++q) {
+          acc[q] = vec{};
+          if (!first) load_vec(acc[q], out + (p + q) * C + c);
+        }
+      };
+      const auto finish = [&](vec* acc, int P) __attribute__((always_inline)) {
+        for (int q = 0; q < P; ++q) {
+          if (last && bias) acc[q] += b;
+          std::memcpy(out + (p + q) * C + c, &acc[q], sizeof(vec));
+        }
+        p += P;
+      };
       if (unit_step) {
         // Stride and dilation 1: pixel q's tap j reads input pixel q + j of the row, so a block of P pixels loads
         // each of its P + KW - 1 input vectors once, for every pixel that reads it (tap j of pixel q gets its term
@@ -292,10 +307,7 @@ MANUALGRAD_VECTOR_CLONES void forward_nhwc_rows(scalar_t* __restrict out, const 
           constexpr int P = decltype(pixels)::value;
           const scalar_t* at = image + p * step + c + off[0];
           vec acc[P], x;
-          for (int q = 0; q < P; ++q) {
-            acc[q] = vec{};
-            if (!first) load_vec(acc[q], out + (p + q) * C + c);
-          }
+          start(acc, P);
 #pragma GCC unroll 16
           for (int xi = 0; xi < P + KW - 1; ++xi) {
             load_vec(x, at + xi * C);
@@ -305,11 +317,7 @@ MANUALGRAD_VECTOR_CLONES void forward_nhwc_rows(scalar_t* __restrict out, const 
               if (j >= 0 && j < KW) acc[q] += w[j] * x;
             }
           }
-          for (int q = 0; q < P; ++q) {
-            if (last && bias) acc[q] += b;
-            std::memcpy(out + (p + q) * C + c, &acc[q], sizeof(vec));
-          }
-          p += P;
+          finish(acc, P);
         };
         while (p + 8 <= count) block(std::integral_constant<int, 8>{});
         if (p + 4 <= count) block(std::integral_constant<int, 4>{});
@@ -321,21 +329,14 @@ MANUALGRAD_VECTOR_CLONES void forward_nhwc_rows(scalar_t* __restrict out, const 
         constexpr int P = decltype(pixels)::value;
         const scalar_t* at = image + p * step + c;
         vec acc[P], x;
-        for (int q = 0; q < P; ++q) {
-          acc[q] = vec{};
-          if (!first) load_vec(acc[q], out + (p + q) * C + c);
-        }
+        start(acc, P);
         for (int j = 0; j < KW; ++j) {
           for (int q = 0; q < P; ++q) {
             load_vec(x, at + q * step + off[j]);
             acc[q] += w[j] * x;
           }
         }
-        for (int q = 0; q < P; ++q) {
-          if (last && bias) acc[q] += b;
-          std::memcpy(out + (p + q) * C + c, &acc[q], sizeof(vec));
-        }
-        p += P;
+        finish(acc, P);
       };
       while (p + 4 <= count) strided(std::integral_constant<int, 4>{});
       while (p < count) strided(std::integral_constant<int, 1>{});
