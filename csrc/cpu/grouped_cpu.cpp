@@ -123,7 +123,7 @@ template <typename scalar_t>
 [[gnu::always_inline]] inline void gather_rows(scalar_t* __restrict dst, int64_t ld, const scalar_t* __restrict src,
                                                int64_t rs, int64_t js, int64_t rows, int64_t cols) {
   if (js == 1) {
-    for (int64_t r = 0; r < rows; ++r) std::copy_n(src + r * rs, cols, dst + r * ld);
+    for (int64_t r = 0; r < rows; ++r) copy_run(dst + r * ld, src + r * rs, cols);
   } else if (rs < js) {
     for (int64_t j = 0; j < cols; ++j)
       for (int64_t r = 0; r < rows; ++r) dst[r * ld + j] = src[j * js + r * rs];
@@ -141,7 +141,7 @@ template <typename scalar_t>
 [[gnu::always_inline]] inline void scatter_rows(scalar_t* __restrict dst, int64_t rs, int64_t js,
                                                 const scalar_t* __restrict src, int64_t ld, int64_t rows, int64_t cols) {
   if (js == 1) {
-    for (int64_t r = 0; r < rows; ++r) std::copy_n(src + r * ld, cols, dst + r * rs);
+    for (int64_t r = 0; r < rows; ++r) copy_run(dst + r * rs, src + r * ld, cols);
   } else if (rs < js) {
     for (int64_t j = 0; j < cols; ++j)
       for (int64_t r = 0; r < rows; ++r) dst[j * js + r * rs] = src[r * ld + j];
@@ -170,8 +170,8 @@ MANUALGRAD_VECTOR_CLONES bool build_planes(scalar_t* planes, const scalar_t* ima
         const int64_t j_hi = std::max(j_lo, std::min(p.pitch, g.in_w - 1 - first < 0 ? int64_t(0)
                                                                                     : (g.in_w - 1 - first) / w.stride_w + 1));
         for (int64_t c = 0; c < channels; ++c) {
-          std::fill_n(dst + c * ld, j_lo, scalar_t(0));
-          std::fill_n(dst + c * ld + j_hi, p.pitch - j_hi, scalar_t(0));
+          zero_run(dst + c * ld, j_lo);
+          zero_run(dst + c * ld + j_hi, p.pitch - j_hi);
         }
         if (j_hi > j_lo)
           gather_rows(dst + j_lo, ld, image + ih * s.h + (first + j_lo * w.stride_w) * s.w, s.c, w.stride_w * s.w,
@@ -534,8 +534,8 @@ MANUALGRAD_VECTOR_CLONES void build_pixel_planes(scalar_t* planes, const scalar_
         std::fill_n(dst, p.width * ch, scalar_t(0));
         continue;
       }
-      std::fill_n(dst, j_lo * ch, scalar_t(0));
-      std::fill_n(dst + j_hi * ch, (p.width - j_hi) * ch, scalar_t(0));
+      zero_run(dst, j_lo * ch);
+      zero_run(dst + j_hi * ch, (p.width - j_hi) * ch);
       const scalar_t* src = image + ih * s.h + (j_lo - w.pad_w) * s.w;
       if (s.c == 1) {
         for (int64_t j = j_lo; j < j_hi; ++j) copy_run(dst + j * ch, src + (j - j_lo) * s.w, count);
