@@ -58,6 +58,11 @@ CASES = [
     ConvCase(2, 2, 64, 64, (3, 3), (9, 9), padding=1, groups=4),
     ConvCase(2, 3, 16, 32, (3, 3), (11, 10), stride=2, padding=1, groups=2),
     ConvCase(2, 2, 96, 96, (3, 3), (7, 7), padding=1, groups=2, bias=False),
+    # pointwise with few channels: where the BLAS has small-matrix kernels (OpenBLAS on AVX-512), the forward and
+    # the input gradient as products of a few dozen rows (small_product_rows: 61 rows a product here, the last one
+    # shorter; 162 and 138 below, the forward in runs of 256 and 44 terms)
+    ConvCase(2, 4, 256, 64, (1, 1), (20, 21)),
+    ConvCase(2, 2, 300, 24, (1, 1), (16, 16), bias=False),
 ]
 
 

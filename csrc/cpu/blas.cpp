@@ -28,6 +28,7 @@ struct OpenBlas {
   CblasGemm<float> sgemm = nullptr;
   CblasGemm<double> dgemm = nullptr;
   std::string description;
+  bool small_kernels = false;  // small_product_rows
 };
 
 std::atomic<const OpenBlas*> active{nullptr};  // null: ATen's product
@@ -138,6 +139,29 @@ void gemm_in_chunks(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
   }
 }
 
+template <typename T>
+void gemm_by_rows(bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+                  int64_t ldb, T beta, T* c, int64_t ldc, int64_t chunk, int64_t rows) {
+  if (rows <= 0) rows = m;
+  for (int64_t r0 = 0; r0 < m; r0 += rows)
+    gemm_in_chunks(false, trans_b, std::min(rows, m - r0), n, k, alpha, a + r0 * lda, lda, b, ldb, beta, c + r0 * ldc,
+                   ldc, chunk);
+}
+
+template <typename T>
+int64_t small_product_rows(int64_t n, int64_t k) {
+  const OpenBlas* blas = active.load(std::memory_order_acquire);
+  if (!std::is_same_v<T, float> || !blas || !blas->small_kernels || n <= 0 || k <= 0) return 0;
+  return 1000000 / (n * k);
+}
+
+template void gemm_by_rows<float>(bool, int64_t, int64_t, int64_t, float, const float*, int64_t, const float*, int64_t,
+                                  float, float*, int64_t, int64_t, int64_t);
+template void gemm_by_rows<double>(bool, int64_t, int64_t, int64_t, double, const double*, int64_t, const double*,
+                                   int64_t, double, double*, int64_t, int64_t, int64_t);
+template int64_t small_product_rows<float>(int64_t, int64_t);
+template int64_t small_product_rows<double>(int64_t, int64_t);
+
 template void gemm_in_chunks<float>(bool, bool, int64_t, int64_t, int64_t, float, const float*, int64_t, const float*,
                                     int64_t, float, float*, int64_t, int64_t);
 template void gemm_in_chunks<double>(bool, bool, int64_t, int64_t, int64_t, double, const double*, int64_t,
@@ -164,7 +188,9 @@ std::string use_openblas(const std::string& path) {
   set_threads(1);
   std::string version = config ? config() : "OpenBLAS";
   version = version.substr(0, version.find(' ', version.find(' ') + 1));  // "OpenBLAS 0.3.34..."
-  blas->description = version + " (" + (corename ? corename() : "?") + " kernels)";
+  const std::string kernels = corename ? corename() : "?";
+  blas->description = version + " (" + kernels + " kernels)";
+  blas->small_kernels = kernels == "SkylakeX" || kernels == "Cooperlake" || kernels == "SapphireRapids";
   active.store(blas, std::memory_order_release);
   return "";
 }

@@ -25,6 +25,19 @@ template <typename T>
 void gemm_in_chunks(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
                     const T* b, int64_t ldb, T beta, T* c, int64_t ldc, int64_t chunk);
 
+// C = alpha·A·op(B) + beta·C (A not transposed) as products of at most `rows` rows of A and C each, every one
+// gemm_in_chunks' with this chunk (rows <= 0: one product). The blocks depend on m and rows alone.
+template <typename T>
+void gemm_by_rows(bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+                  int64_t ldb, T beta, T* c, int64_t ldc, int64_t chunk, int64_t rows);
+
+// The most rows m for which the backend runs an m×n×k product with neither operand transposed by kernels that read
+// A where it lies: OpenBLAS's small-matrix kernels for AVX-512 (SkylakeX, Cooperlake, Sapphire Rapids), which it
+// takes while m·n·k <= 100^3 (its sgemm_small_kernel_permit), where its blocked kernels first copy (pack) all of A.
+// 0 where the backend has no such kernels (ATen's product, OpenBLAS's others) and for double (not measured).
+template <typename T>
+int64_t small_product_rows(int64_t n, int64_t k);
+
 // The forward's products sum float32 in runs of k (gemm_in_chunks; grouped_cpu.cpp's direct sums too), then the
 // runs' sums one after the other: runs of 64 while 64^2 >= 2k, else the next power of two that is. Both sums then
 // stay short; on the bench rows the error is then 0.84-1.02x torch's, where one product was 1.3-2.0x (a fixed 64
