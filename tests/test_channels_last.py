@@ -63,6 +63,8 @@ CASES = [
     # shorter; 162 and 138 below, the forward in runs of 256 and 44 terms)
     ConvCase(2, 4, 256, 64, (1, 1), (20, 21)),
     ConvCase(2, 2, 300, 24, (1, 1), (16, 16), bias=False),
+    # ...and columns: a 3x3 stride 2 (K = 288: products of 81 rows in runs of 256 and 32 terms; input gradient 72)
+    ConvCase(2, 4, 32, 48, (3, 3), (30, 29), stride=2, padding=1),
 ]
 
 

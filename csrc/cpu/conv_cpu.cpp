@@ -380,9 +380,11 @@ at::Tensor column_workspace(const at::Tensor& input, const Geometry& g, const Bl
 
 constexpr int64_t kMinNhwcRows = 96;  // rows per task at least: narrower products lose more than they spread
 
-// Pointwise products with few channels (MobileNet's and EfficientNet's narrowing 1x1s, ResNet's 256->64) run
-// faster as BLAS's small-matrix products (small_product_rows: no packed copy of the input rows, which cost more
-// than the few multiply-adds each element takes part in), when each still has this many rows. Interleaved on a
+// Products with few channels (MobileNet's and EfficientNet's narrowing 1x1s, ResNet's 256->64, the stride-2 3x3s
+// of 64) run faster as BLAS's small-matrix products (small_product_rows: no packed copy of the input rows or
+// columns, which cost more than the few multiply-adds each element takes part in), when each still has this many
+// rows. Columns too (3x3 stride 2, channels-last, forward: 64@56 1.25 -> 1.08 (61 rows), 128@56 1.23 -> 1.13 (30);
+// input gradient: 64@56 1.17 -> 1.07 (27), 64@7 stride 1 1.16 -> 0.96). Interleaved on a
 // 2-core Zen 4, channels-last, batch 8, ours/torch one product -> small ones (rows each): forward 256->64@56
 // 1.23 -> 0.96 (61), 144->24@56 1.18 -> 0.99, 64->64@56 1.22 -> 0.80, 384->64@14 1.09 -> 0.92, 256->128@28 1.14 ->
 // 1.08 (30), but 1152->192@7 1.04 -> 1.07 (20), 512->128@28 1.18 -> 1.20 (15); input gradient 64->256@56 1.19 ->
@@ -631,9 +633,9 @@ at::Tensor conv_forward_nhwc(const at::Tensor& input_, const at::Tensor& weight_
       });
       return;
     }
-    // A narrow pointwise product (few output channels for its input's) in products of small_rows rows where that
-    // is at least kMinSmallForwardRows (small_product_rows), with the weight as (K, C_out)
-    const int64_t small_rows = pointwise && d.groups == 1 && !small_k
+    // Few output channels: products of small_rows rows where that is at least kMinSmallForwardRows
+    // (small_product_rows), with the weight as (K, C_out)
+    const int64_t small_rows = d.groups == 1 && !small_k
                                    ? small_product_rows<scalar_t>(g.out_channels, std::min(width, chunk))
                                    : 0;
     const bool by_rows = small_rows >= kMinSmallForwardRows;
@@ -720,6 +722,8 @@ void conv_backward_input_nhwc(scalar_t* gi, const scalar_t* go, const scalar_t* 
   const int64_t images = std::max<int64_t>(1, std::min({ceil_div(kBlockColumns, positions), g.batch / kMinBlocks,
                                                         kMaxColumnElems / (positions * width)}));
   const int64_t chunk = std::max<int64_t>(1, std::min(images * d.positions, kMaxColumnElems / width));
+  // few channels on both sides: the columns in products of small_rows rows (as the pointwise ones above)
+  const int64_t small_rows = d.groups == 1 ? small_product_rows<scalar_t>(width, g.out_channels) : 0;
   parallel_tasks(ceil_div(g.batch, images), [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> workspace(chunk * width);
     for (int64_t task = begin; task < end; ++task) {
@@ -729,11 +733,17 @@ void conv_backward_input_nhwc(scalar_t* gi, const scalar_t* go, const scalar_t* 
       // Rows r of the block's positions: image n0 + r / positions, position r % positions.
       for (int64_t r0 = 0; r0 < count * d.positions; r0 += chunk) {
         const int64_t m = std::min(count * d.positions, r0 + chunk) - r0;
-        for (int64_t grp = 0; grp < d.groups; ++grp)
-          gemm<scalar_t>(false, false, m, d.k_per_group, d.out_per_group, scalar_t(1),
-                         go + (n0 * d.positions + r0) * g.out_channels + grp * d.out_per_group, g.out_channels,
-                         wt + grp * d.out_per_group * d.k_per_group, d.k_per_group, scalar_t(0),
-                         workspace.data() + grp * d.k_per_group, width);
+        if (small_rows >= kMinSmallInputRows) {
+          gemm_by_rows<scalar_t>(false, m, width, g.out_channels, scalar_t(1),
+                                 go + (n0 * d.positions + r0) * g.out_channels, g.out_channels, wt, width, scalar_t(0),
+                                 workspace.data(), width, g.out_channels, small_rows);
+        } else {
+          for (int64_t grp = 0; grp < d.groups; ++grp)
+            gemm<scalar_t>(false, false, m, d.k_per_group, d.out_per_group, scalar_t(1),
+                           go + (n0 * d.positions + r0) * g.out_channels + grp * d.out_per_group, g.out_channels,
+                           wt + grp * d.out_per_group * d.k_per_group, d.k_per_group, scalar_t(0),
+                           workspace.data() + grp * d.k_per_group, width);
+        }
         for (int64_t r = r0; r < r0 + m;) {  // each image's share of these rows
           const int64_t n = r / d.positions, q0 = r % d.positions, q1 = std::min(d.positions, q0 + r0 + m - r);
           col2im_nhwc_add(block + n * g.in_h * g.in_w * g.in_channels, workspace.data() + (r - r0) * width, g, q0, q1);
