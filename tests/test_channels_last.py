@@ -191,6 +191,31 @@ def test_nchw_small_images_take_the_channels_last_kernels(via, restore_num_threa
         assert all(torch.equal(a, r) for a, r in zip(again, grads))
 
 
+def test_nchw_small_images_in_small_products_match_torch(restore_num_threads):
+    """float32 NCHW tensors on the channels-last kernels (via_nhwc) whose products are cut for BLAS's
+    small-matrix kernels where it has them (784 rows; the NCHW caller's runs of 64 terms: 325 rows a product in
+    the forward, 72 in the input gradient): torch's values, and the same bits for every thread count."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(4, 32, 28, 28, generator=g).requires_grad_()
+    w = (torch.randn(48, 32, 3, 3, generator=g) / 10).requires_grad_()
+    b = torch.randn(48, generator=g).requires_grad_()
+    go = torch.randn(4, 48, 14, 14, generator=g)
+    results = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        out = tmg.functional.conv2d(x, w, b, stride=2, padding=1)
+        results.append([out.detach(), *torch.autograd.grad(out, (x, w, b), go)])
+    assert all(torch.equal(a, r) for other in results[1:] for a, r in zip(results[0], other))
+    wide = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    truth = F.conv2d(*wide, stride=2, padding=1)
+    theirs = F.conv2d(x, w, b, stride=2, padding=1)
+    exact = [truth, *torch.autograd.grad(truth, wide, go.double())]
+    torch_results = [theirs, *torch.autograd.grad(theirs, (x, w, b), go)]
+    for o, t, e in zip(results[0], torch_results, exact):
+        assert o.is_contiguous()
+        assert _normwise(o, e) <= 4 * _normwise(t, e) + 8 * torch.finfo(torch.float32).eps
+
+
 # --- max-pool ---------------------------------------------------------------------------------------------
 # (shape, kernel_size, stride, padding, dilation, ceil_mode): windows in the padding, overlapping and
 # disjoint windows, dilation, ceil_mode's partial windows, channel counts below, at and above the backward's
