@@ -381,15 +381,17 @@ at::Tensor column_workspace(const at::Tensor& input, const Geometry& g, const Bl
 constexpr int64_t kMinNhwcRows = 96;  // rows per task at least: narrower products lose more than they spread
 
 // Products with few channels (MobileNet's and EfficientNet's narrowing 1x1s, ResNet's 256->64, the stride-2 3x3s
-// of 64) run faster as BLAS's small-matrix products (small_product_rows: no packed copy of the input rows or
-// columns, which cost more than the few multiply-adds each element takes part in), when each still has this many
-// rows. Columns too (3x3 stride 2, channels-last, forward: 64@56 1.25 -> 1.08 (61 rows), 128@56 1.23 -> 1.13 (30);
-// input gradient: 64@56 1.17 -> 1.07 (27), 64@7 stride 1 1.16 -> 0.96). Interleaved on a
-// 2-core Zen 4, channels-last, batch 8, ours/torch one product -> small ones (rows each): forward 256->64@56
-// 1.23 -> 0.96 (61), 144->24@56 1.18 -> 0.99, 64->64@56 1.22 -> 0.80, 384->64@14 1.09 -> 0.92, 256->128@28 1.14 ->
-// 1.08 (30), but 1152->192@7 1.04 -> 1.07 (20), 512->128@28 1.18 -> 1.20 (15); input gradient 64->256@56 1.19 ->
-// 0.97, 24->144@56 1.20 -> 0.95, 576->96@14 0.90 -> 0.80 (18), 672->112@14 0.99 -> 0.89 (13), but 256->512@28
-// 1.15 -> 1.33 (7), 1024->256@14 1.08 -> 3.2 (3). (The forward's products are longer: runs of 256 terms of k.)
+// over 64) run faster as BLAS's small-matrix products (small_product_rows: no packed copy of the input rows or
+// columns, which cost more than the few multiply-adds each element takes part in), as long as each product keeps
+// this many rows. Interleaved on a 2-core Zen 4, channels-last, batch 8, ours/torch, one product -> small ones
+// (rows each):
+//   forward         1x1 256->64@56 1.23 -> 0.96 (61), 144->24@56 1.18 -> 0.99, 64->64@56 1.22 -> 0.80, 384->64@14
+//                   1.09 -> 0.92, 256->128@28 1.14 -> 1.08 (30), 3x3/2 64@56 1.25 -> 1.08 (61), 128@56 1.23 -> 1.13
+//                   (30); but 1152->192@7 1.04 -> 1.07 (20), 512->128@28 1.18 -> 1.20 (15)
+//   input gradient  1x1 64->256@56 1.19 -> 0.97, 24->144@56 1.20 -> 0.95, 576->96@14 0.90 -> 0.80 (18),
+//                   672->112@14 0.99 -> 0.89 (13), 3x3/2 64@56 1.17 -> 1.07 (27), 3x3 64@7 1.16 -> 0.96; but
+//                   256->512@28 1.15 -> 1.33 (7), 1024->256@14 1.08 -> 3.2 (3)
+// (The forward's products sum runs of 256 terms of k, the input gradient's fewer.)
 constexpr int64_t kMinSmallForwardRows = 30, kMinSmallInputRows = 12;
 
 // The row tiles of the NHWC products: rows of the output at most kMaxColumnElems columns wide each, cut
