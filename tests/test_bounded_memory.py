@@ -282,6 +282,57 @@ def test_depthwise_skips_padding_taps_for_infinite_weights_and_gradients_as_torc
     assert torch.isfinite(grads[1][0, 0, 0]).all()  # only padding meets the infinite gradient there
 
 
+# (x shape, multiplier, kernel, stride, padding, dilation): NCHW depthwise gradients (depthwise_cpu.cpp). The weight
+# gradient's partial sums in registers (weight_rows_in_registers): 3x3 over rows of one vector and of two (28 and 21
+# wide, the second vector partly past the row), 5x5 over one; a row stride of 2, a row dilation, no column padding;
+# and shapes just outside (stride 2 in the columns, 5x5 over 20 columns), which keep the row-by-row sums. The input
+# gradient as the forward of grad_output with the kernel flipped (multiplier 1, stride 1, padding within the
+# kernel's span), else scattered: a multiplier of 2, strides, a padding past the span.
+DEPTHWISE_GRADIENT_CASES = [
+    ((3, 8, 12, 13), 2, 3, 1, 1, 1),
+    ((4, 6, 28, 28), 1, 3, 1, 1, 1),
+    ((2, 5, 21, 21), 1, 3, (2, 1), 1, 1),
+    ((2, 4, 22, 22), 1, 3, 1, (1, 0), (2, 1)),
+    ((2, 5, 16, 16), 2, 5, 1, 2, 1),
+    ((2, 4, 25, 25), 1, 3, 2, 1, 1),
+    ((2, 4, 20, 20), 1, 5, 1, 2, 1),
+    ((2, 4, 10, 11), 1, 3, 1, (3, 1), 1),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", DEPTHWISE_GRADIENT_CASES, ids=str)
+def test_depthwise_nchw_gradients_match_torch(case, dtype, restore_num_threads):
+    shape, multiplier, kernel, stride, padding, dilation = case
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(shape, generator=gen, dtype=dtype, requires_grad=True)
+    w = torch.randn(shape[1] * multiplier, 1, kernel, kernel, generator=gen, dtype=dtype, requires_grad=True)
+    args = (None, stride, padding, dilation, shape[1])
+    wide = [t.detach().double().requires_grad_() for t in (x, w)]
+    truth = F.conv2d(*wide, *args)
+    go = torch.randn(truth.shape, generator=gen, dtype=dtype)
+    want = torch.autograd.grad(truth, wide, go.double())
+    theirs = torch.autograd.grad(F.conv2d(x, w, *args), (x, w), go)
+    results = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        results.append(torch.autograd.grad(tmg.functional.conv2d(x, w, *args), (x, w), go))
+    for name, ours, t, exact in zip(("grad_input", "grad_weight"), results[0], theirs, want):
+        assert all(torch.equal(ours, r[name == "grad_weight"]) for r in results[1:]), name
+        err = ((ours.double() - exact).norm() / exact.norm()).item()
+        err_torch = ((t.double() - exact).norm() / exact.norm()).item()
+        assert err <= 4 * err_torch + 8 * torch.finfo(dtype).eps, (name, err, err_torch)
+    # an infinite gradient in one image: the weight gradient's sums for that image take the exact in-bounds runs
+    go[1, 2, 3, 4] = math.inf
+    ours = torch.autograd.grad(tmg.functional.conv2d(x, w, *args), (x, w), go)
+    theirs = torch.autograd.grad(F.conv2d(x, w, *args), (x, w), go)
+    for o, t in zip(ours, theirs):
+        assert torch.equal(o.isfinite(), t.isfinite()) and torch.equal(o.isnan(), t.isnan())
+        finite = o.isfinite()
+        diff = (o[finite].double() - t[finite].double()).norm() / t[finite].double().norm()
+        assert diff <= 64 * torch.finfo(dtype).eps, diff.item()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_depthwise_bits_do_not_depend_on_where_a_row_starts(dtype):
     """Each output adds its products in the same rounded steps wherever its run of columns starts, so
