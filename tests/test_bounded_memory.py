@@ -282,21 +282,23 @@ def test_depthwise_skips_padding_taps_for_infinite_weights_and_gradients_as_torc
     assert torch.isfinite(grads[1][0, 0, 0]).all()  # only padding meets the infinite gradient there
 
 
-# (x shape, multiplier, kernel, stride, padding, dilation): NCHW depthwise gradients (depthwise_cpu.cpp). The weight
+# (x shape, multiplier, kernel, stride, padding, dilation): NCHW depthwise gradients on the NCHW kernels
+# (depthwise_cpu.cpp; multiplier 1 only at 20 output columns and more, below which they go channels-last). The weight
 # gradient's partial sums in registers (weight_rows_in_registers): 3x3 over rows of one vector and of two (28 and 21
-# wide, the second vector partly past the row), 5x5 over one; a row stride of 2, a row dilation, no column padding;
-# and shapes just outside (stride 2 in the columns, 5x5 over 20 columns), which keep the row-by-row sums. The input
-# gradient as the forward of grad_output with the kernel flipped (multiplier 1, stride 1, padding within the
-# kernel's span), else scattered: a multiplier of 2, strides, a padding past the span.
+# wide: the second vector partly past the row), 5x5 over one; a row stride of 2, a row dilation, no column padding;
+# and shapes just outside (stride 2 in the columns, 5x5 over 20 columns), which keep the row-by-row sums. In float64
+# (8 lanes) only the multiplier-2 shapes and 3x3 over 13 columns fit. The input gradient as the forward of
+# grad_output with the kernel flipped (multiplier 1, stride 1, padding within the kernel's span), else scattered: a
+# multiplier of 2, strides, a padding past the span.
 DEPTHWISE_GRADIENT_CASES = [
     ((3, 8, 12, 13), 2, 3, 1, 1, 1),
     ((4, 6, 28, 28), 1, 3, 1, 1, 1),
     ((2, 5, 21, 21), 1, 3, (2, 1), 1, 1),
     ((2, 4, 22, 22), 1, 3, 1, (1, 0), (2, 1)),
     ((2, 5, 16, 16), 2, 5, 1, 2, 1),
-    ((2, 4, 25, 25), 1, 3, 2, 1, 1),
+    ((2, 4, 25, 45), 1, 3, 2, 1, 1),
     ((2, 4, 20, 20), 1, 5, 1, 2, 1),
-    ((2, 4, 10, 11), 1, 3, 1, (3, 1), 1),
+    ((2, 4, 10, 24), 1, 3, 1, (3, 1), 1),
 ]
 
 
@@ -322,10 +324,16 @@ def test_depthwise_nchw_gradients_match_torch(case, dtype, restore_num_threads):
         err = ((ours.double() - exact).norm() / exact.norm()).item()
         err_torch = ((t.double() - exact).norm() / exact.norm()).item()
         assert err <= 4 * err_torch + 8 * torch.finfo(dtype).eps, (name, err, err_torch)
-    # an infinite gradient in one image: the weight gradient's sums for that image take the exact in-bounds runs
+    # an infinite gradient in one image (the weight gradient's sums for that image take the exact in-bounds runs),
+    # and an infinite weight at a corner tap (the flipped forward, like the scatter, skips the taps in the padding)
     go[1, 2, 3, 4] = math.inf
     ours = torch.autograd.grad(tmg.functional.conv2d(x, w, *args), (x, w), go)
     theirs = torch.autograd.grad(F.conv2d(x, w, *args), (x, w), go)
+    w_inf = w.detach().clone()
+    w_inf[1, 0, 0, 0] = math.inf
+    go_ones = torch.ones_like(go)
+    ours += torch.autograd.grad(tmg.functional.conv2d(x, w_inf, *args), x, go_ones)
+    theirs += torch.autograd.grad(F.conv2d(x, w_inf, *args), x, go_ones)
     for o, t in zip(ours, theirs):
         assert torch.equal(o.isfinite(), t.isfinite()) and torch.equal(o.isnan(), t.isnan())
         finite = o.isfinite()
@@ -405,6 +413,10 @@ MEMORY_CASES = {
     "depthwise1d of a 4*10^7 row, weight gradient": (
         "x = torch.randn(1, 2, 4 * 10**7); w = torch.randn(2, 1, 3, requires_grad=True)",
         "torch.autograd.grad(tmg.functional.conv1d(x, w, None, 1000, 1, 1, 2).sum(), (w,))",
+    ),
+    "depthwise 3x3 weight gradient of a 10^6 x 1 plane, multiplier 2": (  # no whole padded planes
+        "x = torch.randn(1, 2, 10**6, 1); w = torch.randn(4, 1, 3, 3, requires_grad=True)",
+        "torch.autograd.grad(tmg.functional.conv2d(x, w, None, 1, 1, 1, 2).sum(), (w,))",
     ),
     "depthwise1d of 2*10^7 rows, kernel 64": (  # through the padded rows
         "x = torch.randn(1, 2, 2 * 10**7); w = torch.randn(2, 1, 64)",

@@ -193,8 +193,9 @@ def test_nchw_small_images_take_the_channels_last_kernels(via, restore_num_threa
 
 def test_nchw_small_images_in_small_products_match_torch(restore_num_threads):
     """float32 NCHW tensors on the channels-last kernels (via_nhwc) whose products are cut for BLAS's
-    small-matrix kernels where it has them (784 rows; the NCHW caller's runs of 64 terms: 325 rows a product in
-    the forward, 72 in the input gradient): torch's values, and the same bits for every thread count."""
+    small-matrix kernels where it has them (784 rows in tiles of 98, each within the forward's 325 rows a product
+    at the NCHW caller's runs of 64 terms; 72 rows a product in the input gradient): torch's values, and the same
+    bits for every thread count."""
     g = torch.Generator().manual_seed(12)
     x = torch.randn(4, 32, 28, 28, generator=g).requires_grad_()
     w = (torch.randn(48, 32, 3, 3, generator=g) / 10).requires_grad_()

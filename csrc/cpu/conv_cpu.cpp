@@ -391,7 +391,8 @@ constexpr int64_t kMinNhwcRows = 96;  // rows per task at least: narrower produc
 //   input gradient  1x1 64->256@56 1.19 -> 0.97, 24->144@56 1.20 -> 0.95, 576->96@14 0.90 -> 0.80 (18),
 //                   672->112@14 0.99 -> 0.89 (13), 3x3/2 64@56 1.17 -> 1.07 (27), 3x3 64@7 1.16 -> 0.96; but
 //                   256->512@28 1.15 -> 1.33 (7), 1024->256@14 1.08 -> 3.2 (3)
-// (The forward's products sum runs of 256 terms of k, the input gradient's fewer.)
+// (A channels-last caller's forward sums runs of 256 terms of k, an NCHW one's through channels-last copies
+// runs of 64 or more, forward_chunk; the input gradient's products are one run of C_out terms.)
 constexpr int64_t kMinSmallForwardRows = 30, kMinSmallInputRows = 12;
 
 // The row tiles of the NHWC products: rows of the output at most kMaxColumnElems columns wide each, cut

@@ -730,7 +730,8 @@ void backward_input_kernel(scalar_t* grad_in, const scalar_t* grad_out, const sc
 // One image's terms of the weight gradient's partial sums, acc (KH·KW taps, V·L columns), for a KH×KW kernel of
 // unit column step whose output rows fit V vectors: acc[tap (i, j)][k] += go_pad[oh][k] · x_pad[ih][k + j] for each
 // output row oh and kernel row i inside the input, in that order. The terms and their order are dot_row's (the
-// padded-rows path of backward_weight_kernel); the taps' sums stay in registers across the image's rows instead
+// padded-rows path of backward_weight_kernel; taps that never meet the input add zeros to their +0 sums, which dot_row
+// skips); the taps' sums stay in registers across the image's rows instead
 // of a load and a store per tap, row and column (12% of a 3x3 192@28 weight gradient's samples were call and
 // loop overhead around 28-wide rows). go_pad: (out_h, V·L), zero past out_w; x_pad: the input rows at column pad_w
 // of rows `pitch` wide, zero around them.
@@ -770,15 +771,19 @@ MANUALGRAD_VECTOR_CLONES void weight_rows_in_registers(scalar_t* __restrict acc,
 
 // Which weight_rows_in_registers fits g (its vectors of columns; 0: none): unit column step, no column dilation, a
 // 3x3 kernel over rows of up to 2 vectors or a 5x5 over one (the partial sums then fill 18 or 25 of AVX-512's 32
-// registers), where the weight gradient takes padded rows in one chunk of columns.
+// registers), where the weight gradient takes padded rows in one chunk of columns, and a plane's padded copies
+// (x_pad, go_pad) fit a ring's room, kRingSlots.
 template <typename scalar_t>
 int registers_fit(const Geometry& g, const RowPlan& plan) {
   const Window& w = g.win;
   constexpr int64_t L = Vec64<scalar_t>::lanes;
   if (!plan.padded_rows || w.stride_w != 1 || w.dilation_w != 1 || plan.chunk < g.out_w) return 0;
-  if (w.kernel_h == 3 && w.kernel_w == 3 && g.out_w <= 2 * L) return g.out_w <= L ? 1 : 2;
-  if (w.kernel_h == 5 && w.kernel_w == 5 && g.out_w <= L) return 1;
-  return 0;
+  int vectors = 0;
+  if (w.kernel_h == 3 && w.kernel_w == 3 && g.out_w <= 2 * L) vectors = g.out_w <= L ? 1 : 2;
+  if (w.kernel_h == 5 && w.kernel_w == 5 && g.out_w <= L) vectors = 1;
+  const bool fits = g.in_h <= kRingSlots && g.out_h <= kRingSlots &&
+                    g.in_h * (vectors * L + w.kernel_w) + g.out_h * vectors * L <= kRingSlots;
+  return fits ? vectors : 0;
 }
 
 template <typename scalar_t>
@@ -795,7 +800,7 @@ void backward_weight_kernel(scalar_t* grad_weight, const scalar_t* grad_out, con
   // registers: the partial sums' rows are vectors·L wide, and each image's rows are copied padded (zero-filled)
   const int64_t pitch = vectors * L + w.kernel_w;
   at::parallel_for(0, g.out_channels, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> acc(taps * std::max<int64_t>(plan.chunk, vectors * L));  // (taps, chunk)
+    std::vector<scalar_t> acc(taps * std::max<int64_t>(plan.chunk, vectors * L));  // (taps, ld) below
     std::vector<scalar_t> go_pad(vectors ? g.out_h * vectors * L : 0), x_pad(vectors ? g.in_h * pitch : 0);
     PaddedRows<scalar_t> rows(plan);
     for (int64_t oc = begin; oc < end; ++oc) {
