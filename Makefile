@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(PY) setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
+$(STAMP): $(PY) setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cpu/*.inc csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
 	$(PY) -m pip install -q --upgrade pip "setuptools>=77"  # the builds use this venv's setuptools (no build isolation)
 	$(PY) -m pip install -q $(TORCH_PIN) pytest hypothesis ninja numpy scipy-openblas32  # OpenBLAS: the CPU kernels' BLAS
 	$(PY) -m pip install -q onnx onnxscript onnxruntime  # the test extra: tests export to ONNX and run it

@@ -489,12 +489,12 @@ constexpr int64_t kSmallPointwiseK = 32;
 // Term kk of pixel r is x[r * ldx + off[kk]]; the weight is (k, o_pad), ldw = o_pad. (Always inlined, as is
 // small_k_pixels: GCC leaves them out of line otherwise, compiled for baseline x86-64 rather than for the clone
 // of small_k_rows that calls them, at a twentieth of the speed.)
-template <typename scalar_t, int R, int V>
+template <typename scalar_t, int BYTES, int R, int V>
 [[gnu::always_inline]] inline void small_k_block(scalar_t* out, int64_t ldo, const scalar_t* x, int64_t ldx,
                                                  const int64_t* off, const scalar_t* wt, int64_t ldw, int64_t k,
                                                  const scalar_t* bias, int64_t chunk) {
-  using vec = typename Vec64<scalar_t>::type;
-  constexpr int64_t L = Vec64<scalar_t>::lanes;
+  using vec = typename VecBytes<scalar_t, BYTES>::type;
+  constexpr int64_t L = VecBytes<scalar_t, BYTES>::lanes;
   for (int64_t k0 = 0; k0 < k; k0 += chunk) {
     vec acc[R][V] = {};
     for (int64_t kk = k0; kk < std::min(k, k0 + chunk); ++kk) {
@@ -520,20 +520,22 @@ template <typename scalar_t, int R, int V>
   }
 }
 
-// All o outputs of R pixels (rows of out, ldo apart); the last partial vector goes through a scratch tile.
-template <typename scalar_t, int R>
+// All o outputs of R pixels (rows of out, ldo apart); the last partial vector goes through a scratch tile. Blocks of
+// R x 4 vectors of 64 bytes, R x 2 of 32 (AVX2's 16 registers: 4 x 4 spilled).
+template <typename scalar_t, int BYTES, int R>
 [[gnu::always_inline]] inline void small_k_pixels(scalar_t* out, int64_t ldo, const scalar_t* x, int64_t ldx,
                                                   const int64_t* off, const scalar_t* wt, int64_t o, int64_t o_pad,
                                                   int64_t k, const scalar_t* bias, int64_t chunk) {
-  constexpr int64_t L = Vec64<scalar_t>::lanes;
+  constexpr int64_t L = VecBytes<scalar_t, BYTES>::lanes;
+  constexpr int V = BYTES == 64 ? 4 : 2;
   int64_t c = 0;
-  for (; c + 4 * L <= o; c += 4 * L)
-    small_k_block<scalar_t, R, 4>(out + c, ldo, x, ldx, off, wt + c, o_pad, k, bias ? bias + c : nullptr, chunk);
+  for (; c + V * L <= o; c += V * L)
+    small_k_block<scalar_t, BYTES, R, V>(out + c, ldo, x, ldx, off, wt + c, o_pad, k, bias ? bias + c : nullptr, chunk);
   for (; c + L <= o; c += L)
-    small_k_block<scalar_t, R, 1>(out + c, ldo, x, ldx, off, wt + c, o_pad, k, bias ? bias + c : nullptr, chunk);
+    small_k_block<scalar_t, BYTES, R, 1>(out + c, ldo, x, ldx, off, wt + c, o_pad, k, bias ? bias + c : nullptr, chunk);
   if (c < o) {
     scalar_t tail[R * L];
-    small_k_block<scalar_t, R, 1>(tail, L, x, ldx, off, wt + c, o_pad, k, bias ? bias + c : nullptr, chunk);
+    small_k_block<scalar_t, BYTES, R, 1>(tail, L, x, ldx, off, wt + c, o_pad, k, bias ? bias + c : nullptr, chunk);
     for (int r = 0; r < R; ++r) std::copy_n(tail + r * L, o - c, out + r * ldo + c);
   }
 }
@@ -541,12 +543,13 @@ template <typename scalar_t, int R>
 // Output rows [r0, r1) (pixels of the flattened N·OH·OW) of the channels-last forward: four pixels at a time
 // where four neighbours of one output row have all their taps inside, else one from its im2col row (row, with
 // offsets `identity`). interior: the taps' offsets from the first tap's input element. wt (K, o_pad) and bias
-// (o_pad) are padded with zeros.
-template <typename scalar_t>
-MANUALGRAD_VECTOR_CLONES void small_k_rows(scalar_t* out, const scalar_t* in, const scalar_t* wt, const scalar_t* bias,
-                                           const Geometry& g, int64_t o_pad, int64_t r0, int64_t r1,
-                                           const int64_t* interior, const int64_t* identity, scalar_t* row,
-                                           int64_t chunk) {
+// (o_pad) are padded with zeros. BYTES: the vectors', 64 on CPUs with AVX-512, else 32 (vectorize.h).
+template <typename scalar_t, int BYTES>
+MANUALGRAD_VECTOR_CLONES_VL void small_k_rows(scalar_t* out, const scalar_t* in, const scalar_t* wt,
+                                              const scalar_t* bias,
+                                              const Geometry& g, int64_t o_pad, int64_t r0, int64_t r1,
+                                              const int64_t* interior, const int64_t* identity, scalar_t* row,
+                                              int64_t chunk) {
   const Window& w = g.win;
   const int64_t C = g.in_channels, k = C * w.kernel_h * w.kernel_w, o = g.out_channels;
   const int64_t span_h = (w.kernel_h - 1) * w.dilation_h, span_w = (w.kernel_w - 1) * w.dilation_w;
@@ -556,12 +559,12 @@ MANUALGRAD_VECTOR_CLONES void small_k_rows(scalar_t* out, const scalar_t* in, co
     // (written so that no sum can overflow, whatever the padding and dilation)
     if (r + 4 <= r1 && ow + 4 <= g.out_w && ih >= 0 && span_h < g.in_h - ih && iw >= 0 && span_w < g.in_w - iw &&
         (g.in_w - 1 - iw - span_w) / w.stride_w >= 3) {
-      small_k_pixels<scalar_t, 4>(out + r * o, o, in + ((n * g.in_h + ih) * g.in_w + iw) * C, w.stride_w * C, interior,
+      small_k_pixels<scalar_t, BYTES, 4>(out + r * o, o, in + ((n * g.in_h + ih) * g.in_w + iw) * C, w.stride_w * C, interior,
                                   wt, o, o_pad, k, bias, chunk);
       r += 4;
     } else {
       im2col_nhwc(row, in, g, r, r + 1);
-      small_k_pixels<scalar_t, 1>(out + r * o, o, row, 0, identity, wt, o, o_pad, k, bias, chunk);
+      small_k_pixels<scalar_t, BYTES, 1>(out + r * o, o, row, 0, identity, wt, o, o_pad, k, bias, chunk);
       r += 1;
     }
   }
@@ -596,7 +599,7 @@ at::Tensor conv_forward_nhwc(const at::Tensor& input_, const at::Tensor& weight_
         long_runs ? nhwc_forward_chunk<scalar_t>(d.k_per_group) : forward_chunk<scalar_t>(d.k_per_group);
     const bool small_k = d.groups == 1 && width <= (pointwise ? kSmallPointwiseK : kSmallK);
     // small_k: the weight as (K, C_out) and the bias, padded with zeros to whole vectors of outputs
-    const int64_t o_pad = ceil_div(g.out_channels, Vec64<scalar_t>::lanes) * Vec64<scalar_t>::lanes;
+    const int64_t o_pad = ceil_div(g.out_channels, Vec<scalar_t>::lanes) * Vec<scalar_t>::lanes;
     std::vector<scalar_t> wt_k(small_k ? width * o_pad : 0), b_pad(small_k && b ? o_pad : 0);
     std::vector<int64_t> interior(small_k ? width : 0), identity(small_k ? width : 0);
     if (small_k) {
@@ -650,8 +653,9 @@ at::Tensor conv_forward_nhwc(const at::Tensor& input_, const at::Tensor& weight_
       for (int64_t t = begin; t < end; ++t) {
         const int64_t r0 = t * tiles.size, m = std::min(rows, r0 + tiles.size) - r0;
         if (small_k) {
-          small_k_rows(out, in, wt_k.data(), b ? b_pad.data() : nullptr, g, o_pad, r0, r0 + m, interior.data(),
-                       identity.data(), workspace.data(), forward_chunk<scalar_t>(width));
+          (wide_vectors() ? small_k_rows<scalar_t, 64> : small_k_rows<scalar_t, 32>)(
+              out, in, wt_k.data(), b ? b_pad.data() : nullptr, g, o_pad, r0, r0 + m, interior.data(), identity.data(),
+              workspace.data(), forward_chunk<scalar_t>(width));
           continue;
         }
         const scalar_t* cols = in + r0 * width;  // pointwise: the input rows themselves

@@ -29,6 +29,7 @@
 #include "vectorize.h"
 
 namespace manualgrad {
+namespace MANUALGRAD_WIDTH {  // (vectorize.h: this copy's vector width)
 namespace {
 
 // Each product is rounded before it is added (no fused multiply-add): otherwise the compiler fuses some
@@ -63,8 +64,8 @@ template <typename scalar_t, int R, int V>
 [[gnu::always_inline]] inline void taps_vectors(scalar_t* const* out, const scalar_t* const* const* rows,
                                                 const scalar_t* const* weights, int64_t nrows, int64_t ntaps,
                                                 int64_t dilation, int64_t ow, int64_t count, const scalar_t* bias) {
-  using vec = typename Vec64<scalar_t>::type;
-  constexpr int64_t L = Vec64<scalar_t>::lanes;
+  using vec = typename Vec<scalar_t>::type;
+  constexpr int64_t L = Vec<scalar_t>::lanes;
   vec acc[R][V] = {};
   for (int64_t r = 0; r < nrows; ++r) {
     for (int64_t k = 0; k < ntaps; ++k) {
@@ -91,7 +92,7 @@ template <typename scalar_t, int R>
 [[gnu::always_inline]] inline void taps_rows(scalar_t* const* out, const scalar_t* const* const* rows,
                                              const scalar_t* const* weights, int64_t nrows, int64_t ntaps,
                                              int64_t dilation, int64_t count, const scalar_t* bias) {
-  constexpr int64_t L = Vec64<scalar_t>::lanes;
+  constexpr int64_t L = Vec<scalar_t>::lanes;
   int64_t ow = 0;
   for (; count - ow > 4 * L; ow += 4 * L)
     taps_vectors<scalar_t, R, 4>(out, rows, weights, nrows, ntaps, dilation, ow, count, bias);
@@ -149,8 +150,8 @@ MANUALGRAD_VECTOR_CLONES void forward_nhwc_pixel(scalar_t* __restrict out, const
                                                  const scalar_t* __restrict wt, const scalar_t* __restrict bias,
                                                  const int64_t* __restrict pixels, const int64_t* __restrict taps,
                                                  int64_t count, int64_t C) {
-  using vec = typename Vec64<scalar_t>::type;
-  constexpr int64_t L = Vec64<scalar_t>::lanes;
+  using vec = typename Vec<scalar_t>::type;
+  constexpr int64_t L = Vec<scalar_t>::lanes;
   int64_t c = 0;
   // Four vectors of channels at a time: four independent chains of multiply-adds overlap their latencies (one
   // chain of up to 25 dependent ones made the edges of 5x5 layers slower than their interiors). Each channel's
@@ -216,8 +217,8 @@ MANUALGRAD_VECTOR_CLONES void forward_nhwc_run(scalar_t* __restrict out, const s
                                                const scalar_t* __restrict wt, const scalar_t* __restrict bias,
                                                const int64_t* __restrict offset, int64_t count, int64_t step,
                                                int64_t C) {
-  using vec = typename Vec64<scalar_t>::type;
-  constexpr int64_t L = Vec64<scalar_t>::lanes;
+  using vec = typename Vec<scalar_t>::type;
+  constexpr int64_t L = Vec<scalar_t>::lanes;
   int64_t off[TAPS];
   for (int k = 0; k < TAPS; ++k) off[k] = offset[k];
   int64_t c = 0;
@@ -267,8 +268,8 @@ MANUALGRAD_VECTOR_CLONES void forward_nhwc_rows(scalar_t* __restrict out, const 
                                                 const scalar_t* __restrict wt, const scalar_t* __restrict bias,
                                                 const int64_t* __restrict offset, int64_t kh, int64_t count,
                                                 int64_t step, int64_t C) {
-  using vec = typename Vec64<scalar_t>::type;
-  constexpr int64_t L = Vec64<scalar_t>::lanes;
+  using vec = typename Vec<scalar_t>::type;
+  constexpr int64_t L = Vec<scalar_t>::lanes;
   bool unit_step = step == C;
   for (int j = 1; j < KW; ++j) unit_step &= offset[j] - offset[j - 1] == C;
   int64_t c = 0;
@@ -387,8 +388,8 @@ MANUALGRAD_VECTOR_CLONES void weight_nhwc_row(double* __restrict acc, int64_t ac
                                               const scalar_t* __restrict grad, const scalar_t* __restrict image,
                                               const Geometry& g, const InteriorRuns& runs, int64_t oh, int64_t cb,
                                               int64_t C) {
-  using vec = typename Vec64<scalar_t>::type;
-  constexpr int64_t L = Vec64<scalar_t>::lanes;
+  using vec = typename Vec<scalar_t>::type;
+  constexpr int64_t L = Vec<scalar_t>::lanes;
   const Window& w = g.win;
   int64_t off[TAPS], row_at[TAPS];  // tap k's offset from the run's pixel; its kernel row's input row (-1: outside)
   for (int k = 0; k < TAPS; ++k) {
@@ -459,8 +460,8 @@ template <typename scalar_t>
 MANUALGRAD_VECTOR_CLONES void dot_run_channels(double* __restrict acc, const scalar_t* __restrict grad,
                                                const scalar_t* __restrict in, int64_t count, int64_t in_step,
                                                int64_t cb, int64_t C) {
-  using vec = typename Vec64<scalar_t>::type;
-  constexpr int64_t L = Vec64<scalar_t>::lanes;
+  using vec = typename Vec<scalar_t>::type;
+  constexpr int64_t L = Vec<scalar_t>::lanes;
   int64_t c = 0;
   for (; c + L <= cb; c += L) {
     vec sum{}, g, x;
@@ -528,7 +529,7 @@ template <typename scalar_t>
 class PaddedRows {
  public:
   explicit PaddedRows(const RowPlan& plan)
-      : ring_(plan.padded_rows ? plan.ring_rows * plan.row_slots + Vec64<scalar_t>::lanes : 0),  // (taps_row's slack)
+      : ring_(plan.padded_rows ? plan.ring_rows * plan.row_slots + Vec<scalar_t>::lanes : 0),  // (taps_row's slack)
         held_(plan.ring_rows), slots_(plan.row_slots) {}
 
   // A new plane or chunk: nothing held.
@@ -739,8 +740,8 @@ template <typename scalar_t, int KH, int KW, int V>
 MANUALGRAD_VECTOR_CLONES void weight_rows_in_registers(scalar_t* __restrict acc, const scalar_t* __restrict go_pad,
                                                        const scalar_t* __restrict x_pad, int64_t pitch,
                                                        const Geometry& g) {
-  using vec = typename Vec64<scalar_t>::type;
-  constexpr int64_t L = Vec64<scalar_t>::lanes;
+  using vec = typename Vec<scalar_t>::type;
+  constexpr int64_t L = Vec<scalar_t>::lanes;
   const Window& w = g.win;
   vec a[KH][KW][V];
   for (int i = 0; i < KH; ++i)
@@ -771,16 +772,17 @@ MANUALGRAD_VECTOR_CLONES void weight_rows_in_registers(scalar_t* __restrict acc,
 
 // Which weight_rows_in_registers fits g (its vectors of columns; 0: none): unit column step, no column dilation, a
 // 3x3 kernel over rows of up to 2 vectors or a 5x5 over one (the partial sums then fill 18 or 25 of AVX-512's 32
-// registers), where the weight gradient takes padded rows in one chunk of columns, and a plane's padded copies
-// (x_pad, go_pad) fit a ring's room, kRingSlots.
+// registers; with AVX2's 16, only a 3x3 over one), where the weight gradient takes padded rows in one chunk of
+// columns, and a plane's padded copies (x_pad, go_pad) fit a ring's room, kRingSlots.
 template <typename scalar_t>
 int registers_fit(const Geometry& g, const RowPlan& plan) {
   const Window& w = g.win;
-  constexpr int64_t L = Vec64<scalar_t>::lanes;
+  constexpr int64_t L = Vec<scalar_t>::lanes;
   if (!plan.padded_rows || w.stride_w != 1 || w.dilation_w != 1 || plan.chunk < g.out_w) return 0;
   int vectors = 0;
   if (w.kernel_h == 3 && w.kernel_w == 3 && g.out_w <= 2 * L) vectors = g.out_w <= L ? 1 : 2;
   if (w.kernel_h == 5 && w.kernel_w == 5 && g.out_w <= L) vectors = 1;
+  if (w.kernel_h * w.kernel_w * vectors + 2 > kVectorRegisters) return 0;  // (+2: the row's operands)
   const bool fits = g.in_h <= kRingSlots && g.out_h <= kRingSlots &&
                     g.in_h * (vectors * L + w.kernel_w) + g.out_h * vectors * L <= kRingSlots;
   return fits ? vectors : 0;
@@ -795,7 +797,7 @@ void backward_weight_kernel(scalar_t* grad_weight, const scalar_t* grad_out, con
   // Each (tap, column) partial sum runs over images and rows in the same order whatever the chunk, and
   // the running total over columns continues from chunk to chunk: results do not depend on the chunks.
   const RowPlan plan = plan_rows(g, std::max<int64_t>(1, kPartialSums / taps));
-  constexpr int64_t L = Vec64<scalar_t>::lanes;
+  constexpr int64_t L = Vec<scalar_t>::lanes;
   const int vectors = registers_fit<scalar_t>(g, plan);
   // registers: the partial sums' rows are vectors·L wide, and each image's rows are copied padded (zero-filled)
   const int64_t pitch = vectors * L + w.kernel_w;
@@ -1128,4 +1130,5 @@ void depthwise_backward_weight_cpu(at::Tensor& grad_weight, const at::Tensor& gr
   });
 }
 
+}  // namespace MANUALGRAD_WIDTH
 }  // namespace manualgrad

@@ -35,6 +35,7 @@
 #include "vectorize.h"
 
 namespace manualgrad {
+namespace MANUALGRAD_WIDTH {  // (vectorize.h: this copy's vector width)
 namespace {
 
 constexpr int64_t kMaxPlaneElems = 1 << 15;    // one task's planes for a band of rows: 128 KB of float32, in L2
@@ -42,7 +43,9 @@ constexpr int64_t kMaxTaskElems = 1 << 22;     // ...and never more than this, h
 constexpr int64_t kMaxChannelsPerGroup = 64;   // wider groups are products BLAS runs well
 constexpr int64_t kMinParallelGather = 1 << 15;  // weights gathered by one thread below this many elements
 constexpr int64_t kMinWeightTasks = 8;         // the weight gradient's tasks: groups × blocks of output channels
-constexpr int O_MAX = 4, V_MAX = 3, T_MAX = 3;  // register blocks: output channels × vectors of q (or taps)
+// Register blocks: output channels × vectors of q (or taps); 4 × 3 accumulators (and 3 + 1 operands) would take all
+// of AVX2's 16 registers.
+constexpr int O_MAX = 4, V_MAX = kVectorRegisters >= 32 ? 3 : 2, T_MAX = V_MAX;
 
 // Element strides of a (N, C, H, W) or (N, C, W) tensor, whatever its layout.
 struct Strides {
@@ -226,8 +229,8 @@ template <typename scalar_t, int O, int V>
 [[gnu::always_inline]] inline void forward_block(scalar_t* out, int64_t ldo, const scalar_t* planes,
                                                  const int64_t* off, const scalar_t* wt, int64_t k,
                                                  const scalar_t* bias, int64_t chunk) {
-  using vec = typename Vec64<scalar_t>::type;
-  constexpr int64_t L = Vec64<scalar_t>::lanes;
+  using vec = typename Vec<scalar_t>::type;
+  constexpr int64_t L = Vec<scalar_t>::lanes;
   for (int64_t k0 = 0; k0 < k; k0 += chunk) {
     vec acc[O][V] = {};
     const int64_t k1 = std::min(k, k0 + chunk);
@@ -270,7 +273,7 @@ template <typename scalar_t>
 MANUALGRAD_VECTOR_CLONES void forward_planes(scalar_t* out, int64_t ldo, int64_t grid, const scalar_t* planes,
                                              const int64_t* off, const scalar_t* wt, int64_t channels, int64_t k,
                                              const scalar_t* bias, int64_t chunk) {
-  constexpr int64_t L = Vec64<scalar_t>::lanes;
+  constexpr int64_t L = Vec<scalar_t>::lanes;
   for (int64_t o0 = 0; o0 < channels; o0 += O_MAX) {
     const int64_t oc = std::min<int64_t>(O_MAX, channels - o0);
     const scalar_t* b = bias ? bias + o0 : nullptr;
@@ -295,7 +298,7 @@ void forward_kernel(scalar_t* out, const Strides& so, const scalar_t* in, const 
                     const scalar_t* bias, const Geometry& g) {
   const GroupDims d(g);
   const int64_t chunk = forward_chunk<scalar_t>(d.k_per_group);
-  const Layout layout(g, Vec64<scalar_t>::lanes);
+  const Layout layout(g, Vec<scalar_t>::lanes);
   const Bands& bands = layout.bands;
   const Planes& p = layout.planes;
   const std::vector<int64_t>& off = layout.offsets;
@@ -348,8 +351,8 @@ template <typename scalar_t, int64_t BYTES>
 template <typename scalar_t, int O, int T>
 [[gnu::always_inline]] inline void weight_block(double* acc, int64_t lda, const WeightChunk<scalar_t>& c, int64_t o0,
                                                 const int64_t* off) {
-  using vec = typename Vec64<scalar_t>::type;
-  constexpr int64_t L = Vec64<scalar_t>::lanes;
+  using vec = typename Vec<scalar_t>::type;
+  constexpr int64_t L = Vec<scalar_t>::lanes;
   vec sum[O][T] = {};
   for (int64_t m = 0; m < c.images; ++m) {
     const scalar_t* planes = c.planes + m * c.plane_step;
@@ -425,7 +428,7 @@ template <typename scalar_t>
 void weight_kernel(const WeightRef<scalar_t>& gw, const scalar_t* go, const Strides& sg, const scalar_t* in,
                    const Strides& si, const Geometry& g) {
   const GroupDims d(g);
-  constexpr int64_t L = Vec64<scalar_t>::lanes;
+  constexpr int64_t L = Vec<scalar_t>::lanes;
   const Layout layout(g, L);
   const Bands& bands = layout.bands;
   const Planes& p = layout.planes;
@@ -804,13 +807,13 @@ void pixel_weight_kernel(const WeightRef<scalar_t>& gw, const scalar_t* go, cons
 }
 
 // The vector bytes of the pixel kernels for geometry g with an output (or grad_output) of channel stride
-// `channel_stride`: 64 where a group's output channels fill 64-byte vectors, 32 where they fill 32-byte ones, else
-// 0 (the plane kernels).
+// `channel_stride`: 64 where a group's output channels fill 64-byte vectors (in the copy of this file for AVX-512),
+// 32 where they fill 32-byte ones, else 0 (the plane kernels).
 template <typename scalar_t>
 int pixel_bytes(const Geometry& g, int64_t channel_stride) {
   if (channel_stride != 1) return 0;
   const int64_t channels = GroupDims(g).out_per_group;
-  if (channels % VecBytes<scalar_t, 64>::lanes == 0) return 64;
+  if (MANUALGRAD_VECTOR_BYTES == 64 && channels % VecBytes<scalar_t, 64>::lanes == 0) return 64;
   if (channels % VecBytes<scalar_t, 32>::lanes == 0) return 32;
   return 0;
 }
@@ -1019,4 +1022,5 @@ void grouped_backward_weight_cpu(at::Tensor& grad_weight, const at::Tensor& grad
   });
 }
 
+}  // namespace MANUALGRAD_WIDTH
 }  // namespace manualgrad

@@ -3,28 +3,37 @@
 #pragma once
 
 #include "../shape_checks.h"
+#include "vectorize.h"
 
 namespace manualgrad {
 
-// Whether the direct kernels compute this convolution: 1-d or 2-d, more than one group but not depthwise (those
-// have their own kernels), and few enough channels a group that im2col + BLAS runs poorly; `input` is the tensor
-// the convolution reads (for the input gradient, the layout of the forward's input).
-bool grouped_direct_applies(const at::Tensor& input, const Geometry& g);
+// grouped_cpu.cpp is compiled twice, with 64-byte vectors (namespace w64) and with 32-byte ones
+// (grouped_cpu_w32.cpp: w32).
+namespace w64 {
+#include "grouped_cpu_api.inc"
+}  // namespace w64
+namespace w32 {
+#include "grouped_cpu_api.inc"
+}  // namespace w32
 
-// output (N, C_out, [OH,] OW) = the grouped convolution of input (N, C_in, [H,] W) with weight (C_out, C_in/g,
-// [KH,] KW), + bias if defined; each output's sum in runs of blas.h's forward_chunk terms. Input and output in any
-// layout (their strides are read).
-void grouped_forward_cpu(at::Tensor& output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
-                         const Geometry& g);
-// Whether grouped_backward_input_cpu computes this input gradient: a finite weight (the gradient is computed as
-// forwards of grad_output over its padding, where an infinite weight would meet zeros that torch never multiplies)
-// and bounded planes.
-bool grouped_backward_input_applies(const at::Tensor& weight, const Geometry& g);
-// grad_input (N, C_in, [H,] W), any layout, from grad_output (N, C_out, [OH,] OW) and weight.
-void grouped_backward_input_cpu(at::Tensor& grad_input, const at::Tensor& grad_output, const at::Tensor& weight,
-                                const Geometry& g);
-// grad_weight (C_out, C_in/g, [KH,] KW), any layout, from grad_output and input.
-void grouped_backward_weight_cpu(at::Tensor& grad_weight, const at::Tensor& grad_output, const at::Tensor& input,
-                                 const Geometry& g);
+// The copy this CPU takes (vectorize.h's wide_vectors).
+inline bool grouped_direct_applies(const at::Tensor& input, const Geometry& g) {
+  return MANUALGRAD_BY_WIDTH(grouped_direct_applies(input, g));
+}
+inline void grouped_forward_cpu(at::Tensor& output, const at::Tensor& input, const at::Tensor& weight,
+                                const at::Tensor& bias, const Geometry& g) {
+  MANUALGRAD_BY_WIDTH(grouped_forward_cpu(output, input, weight, bias, g));
+}
+inline bool grouped_backward_input_applies(const at::Tensor& weight, const Geometry& g) {
+  return MANUALGRAD_BY_WIDTH(grouped_backward_input_applies(weight, g));
+}
+inline void grouped_backward_input_cpu(at::Tensor& grad_input, const at::Tensor& grad_output, const at::Tensor& weight,
+                                       const Geometry& g) {
+  MANUALGRAD_BY_WIDTH(grouped_backward_input_cpu(grad_input, grad_output, weight, g));
+}
+inline void grouped_backward_weight_cpu(at::Tensor& grad_weight, const at::Tensor& grad_output, const at::Tensor& input,
+                                        const Geometry& g) {
+  MANUALGRAD_BY_WIDTH(grouped_backward_weight_cpu(grad_weight, grad_output, input, g));
+}
 
 }  // namespace manualgrad

@@ -1,16 +1,36 @@
 // vectorize.h — marks hot CPU loops to be compiled for AVX-512, AVX2 and baseline x86-64 alike (the loader picks
-// the best the CPU has, so the wheel stays portable), and the 64-byte vector type those loops use.
+// the best the CPU has, so the wheel stays portable), and the vector type those loops use: 64 bytes (an AVX-512
+// register) in most files; depthwise_cpu.cpp and grouped_cpu.cpp are compiled a second time with 32-byte vectors
+// (*_w32.cpp, which define MANUALGRAD_VECTOR_BYTES first), for CPUs without AVX-512, and wide_vectors() picks one
+// of the two at each call.
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
+#ifndef MANUALGRAD_VECTOR_BYTES
+#define MANUALGRAD_VECTOR_BYTES 64
+#endif
+#if MANUALGRAD_VECTOR_BYTES == 64
+#define MANUALGRAD_WIDTH w64
+#elif MANUALGRAD_VECTOR_BYTES == 32
+#define MANUALGRAD_WIDTH w32
+#else
+#error "MANUALGRAD_VECTOR_BYTES is 64 or 32"
+#endif
+
+// The AVX2 clones are x86-64-v3's (AVX2 with FMA): with "avx2" alone GCC had no fused multiply-add there.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MANUALGRAD_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#if MANUALGRAD_VECTOR_BYTES == 64
+#define MANUALGRAD_VECTOR_CLONES __attribute__((target_clones("avx512f", "arch=x86-64-v3", "default")))
+#else  // 32-byte arithmetic on an AVX-512 CPU needs VL to be fused as the scalar tails are (below)
+#define MANUALGRAD_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
 // The same for loops on 32-byte vectors as well as 64-byte ones: AVX-512F alone fuses only 64-byte multiply-adds
 // (a 32-byte one needs AVX512VL or FMA), so its 32-byte arithmetic would be a multiply and an add, slower and
 // rounded differently from the 64-byte code beside it. x86-64-v4 is AVX-512 F, BW, CD, DQ and VL, FMA included.
-#define MANUALGRAD_VECTOR_CLONES_VL __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#define MANUALGRAD_VECTOR_CLONES_VL __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define MANUALGRAD_VECTOR_CLONES
 #define MANUALGRAD_VECTOR_CLONES_VL
@@ -26,9 +46,39 @@ struct VecBytes {
   typedef scalar_t type __attribute__((vector_size(BYTES)));
   static constexpr int64_t lanes = BYTES / sizeof(scalar_t);
 };
-// ...64 of them: an AVX-512 register, two or four on narrower CPUs.
+// ...MANUALGRAD_VECTOR_BYTES of them: one register of the CPUs this build's copy of a file is for, and how many
+// such registers there are (AVX-512: 32; AVX2: 16 of 32 bytes, where a 64-byte vector takes two and the kernels'
+// register blocks, sized for AVX-512, spilled to the stack: a channels-last 7x7 stem took 16x torch's time on a
+// Zen 3, a grouped 3x3 at 14x14 17x).
+// (In a namespace of their width: the two copies' types and inline functions must not be taken for each other.)
+namespace MANUALGRAD_WIDTH {
 template <typename scalar_t>
-struct Vec64 : VecBytes<scalar_t, 64> {};
+struct Vec : VecBytes<scalar_t, MANUALGRAD_VECTOR_BYTES> {};
+constexpr int kVectorRegisters = MANUALGRAD_VECTOR_BYTES == 64 ? 32 : 16;
+}  // namespace MANUALGRAD_WIDTH
+using MANUALGRAD_WIDTH::kVectorRegisters;
+using MANUALGRAD_WIDTH::Vec;
+
+// Whether this CPU takes the 64-byte copies of the kernels (it has AVX-512F) or the 32-byte ones.
+// TORCH_MANUALGRAD_VECTOR_BYTES=32 or 64, read at each call, overrides it (the tests run both on any CPU).
+inline bool wide_vectors() {
+  if (const char* choice = std::getenv("TORCH_MANUALGRAD_VECTOR_BYTES")) {
+    if (std::strcmp(choice, "32") == 0) return false;
+    if (std::strcmp(choice, "64") == 0) return true;
+  }
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool avx512 = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return avx512;
+#else
+  return false;
+#endif
+}
+
+// `call` (a function of the file compiled twice) in the copy this CPU takes.
+#define MANUALGRAD_BY_WIDTH(call) (::manualgrad::wide_vectors() ? w64::call : w32::call)
 
 template <typename V, typename scalar_t>
 inline void load_vec(V& v, const scalar_t* p) {

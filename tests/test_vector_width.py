@@ -1,0 +1,61 @@
+"""Both copies of the hand-vectorised CPU kernels, whatever this CPU is: depthwise_cpu.cpp and grouped_cpu.cpp are
+compiled with 64-byte vectors (for CPUs with AVX-512) and again with 32-byte ones (for AVX2: 64-byte register blocks
+spilled to the stack there), and the channels-last small-K forward (a stem's) is a template over the two widths
+(csrc/cpu/vectorize.h). TORCH_MANUALGRAD_VECTOR_BYTES picks one at each call, so the tests below, from the suites
+that reach those kernels, run here once for each: values against torch (float64 and float32), the bits at 1, 2
+and 3 threads, the two layouts' bits where they are promised equal, and the non-finite cases."""
+import pytest
+import torch
+
+import torch_manualgrad as tmg
+from test_bounded_memory import test_depthwise_nchw_gradients_match_torch  # noqa: F401
+from test_channels_last import (  # noqa: F401
+    test_channels_last_bit_identical_across_thread_counts,
+    test_channels_last_depthwise_7x7_is_the_nchw_bits_and_skips_padding_for_infinite_weights,
+    test_channels_last_values_and_gradients,
+    test_nchw_small_images_take_the_channels_last_kernels,
+)
+from test_determinism import test_conv_bit_identical_across_thread_counts  # noqa: F401
+from test_grouped import (  # noqa: F401
+    test_grouped_channels_last_forward_and_input_gradient_are_the_nchw_bits,
+    test_grouped_channels_last_non_finite_values_give_torchs_nan_and_inf,
+    test_grouped_float32_is_as_close_to_float64_as_torchs,
+    test_grouped_matches_torch_in_float64,
+    test_grouped_non_finite_values_give_torchs_nan_and_inf,
+)
+
+
+@pytest.fixture(autouse=True, params=["32", "64"], ids=lambda b: f"{b}-byte vectors")
+def vector_bytes(request, monkeypatch):
+    monkeypatch.setenv("TORCH_MANUALGRAD_VECTOR_BYTES", request.param)
+    return int(request.param)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("case", [
+    (3, 64, 7, 2, 3, 27),  # a ResNet stem: K = 147 terms (small-K kernel), 64 outputs: whole blocks of vectors
+    (3, 20, 3, 2, 1, 27),  # a MobileNet stem, partial vectors of outputs
+    (8, 12, 1, 1, 0, 21),  # pointwise, few terms (channels-last)
+], ids=str)
+def test_small_k_forward_matches_torch_and_the_other_width(case, layout, vector_bytes, monkeypatch,
+                                                            restore_num_threads):
+    """The small-K forward of both widths against torch's float64 result, torch's float32 error, and each other:
+    the same terms in the same order, so they differ only by the fused multiply-adds the CPU has. (NCHW images this
+    small take the channels-last kernels too.)"""
+    c_in, c_out, k, stride, padding, size = case
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4, c_in, size, size, generator=gen).contiguous(memory_format=layout)
+    w = torch.randn(c_out, c_in, k, k, generator=gen)
+    b = torch.randn(c_out, generator=gen)
+    exact = torch.nn.functional.conv2d(x.double(), w.double(), b.double(), stride, padding)
+    outs = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        outs.append(tmg.functional.conv2d(x, w, b, stride, padding))
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    err = ((outs[0].double() - exact).norm() / exact.norm()).item()
+    err_torch = ((torch.nn.functional.conv2d(x, w, b, stride, padding).double() - exact).norm() / exact.norm()).item()
+    assert err <= 2 * err_torch + 4 * torch.finfo(torch.float32).eps
+    monkeypatch.setenv("TORCH_MANUALGRAD_VECTOR_BYTES", "64" if vector_bytes == 32 else "32")
+    other = tmg.functional.conv2d(x, w, b, stride, padding)
+    torch.testing.assert_close(outs[0], other, rtol=2e-6, atol=2e-6)
