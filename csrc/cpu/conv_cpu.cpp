@@ -648,14 +648,14 @@ at::Tensor conv_forward_nhwc(const at::Tensor& input_, const at::Tensor& weight_
     std::vector<scalar_t> wt_t(by_rows ? width * g.out_channels : 0);
     for (int64_t o = 0; by_rows && o < g.out_channels; ++o)
       for (int64_t kk = 0; kk < width; ++kk) wt_t[kk * g.out_channels + o] = wt[o * width + kk];
+    const auto small_k_kernel = wide_vectors() ? small_k_rows<scalar_t, 64> : small_k_rows<scalar_t, 32>;
     parallel_tasks(tiles.count, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> workspace(small_k ? width : pointwise ? 0 : tiles.size * width);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t r0 = t * tiles.size, m = std::min(rows, r0 + tiles.size) - r0;
         if (small_k) {
-          (wide_vectors() ? small_k_rows<scalar_t, 64> : small_k_rows<scalar_t, 32>)(
-              out, in, wt_k.data(), b ? b_pad.data() : nullptr, g, o_pad, r0, r0 + m, interior.data(), identity.data(),
-              workspace.data(), forward_chunk<scalar_t>(width));
+          small_k_kernel(out, in, wt_k.data(), b ? b_pad.data() : nullptr, g, o_pad, r0, r0 + m, interior.data(),
+                         identity.data(), workspace.data(), forward_chunk<scalar_t>(width));
           continue;
         }
         const scalar_t* cols = in + r0 * width;  // pointwise: the input rows themselves

@@ -34,7 +34,9 @@ namespace {
 
 // Each product is rounded before it is added (no fused multiply-add): otherwise the compiler fuses some
 // lanes of a loop and not others (the vector body, but not its remainder), and an output's bits would
-// depend on where its run of columns starts; unfused, they are the same for any run and on every CPU.
+// depend on where its run of columns starts; unfused, they are the same for any run and on every CPU. (The
+// kernels after this region, weight_rows_in_registers among them, are fused where the CPU has FMA: whole
+// vectors only, so their bits too depend on the geometry alone.)
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #elif defined(__GNUC__)
@@ -732,7 +734,8 @@ void backward_input_kernel(scalar_t* grad_in, const scalar_t* grad_out, const sc
 // unit column step whose output rows fit V vectors: acc[tap (i, j)][k] += go_pad[oh][k] · x_pad[ih][k + j] for each
 // output row oh and kernel row i inside the input, in that order. The terms and their order are dot_row's (the
 // padded-rows path of backward_weight_kernel; taps that never meet the input add zeros to their +0 sums, which dot_row
-// skips); the taps' sums stay in registers across the image's rows instead
+// skips), but fused where the CPU has FMA (dot_row's are not), so the bits differ in the products' rounding; which
+// of the two a plane takes depends on its geometry and this copy's width. The taps' sums stay in registers instead
 // of a load and a store per tap, row and column (12% of a 3x3 192@28 weight gradient's samples were call and
 // loop overhead around 28-wide rows). go_pad: (out_h, V·L), zero past out_w; x_pad: the input rows at column pad_w
 // of rows `pitch` wide, zero around them.
