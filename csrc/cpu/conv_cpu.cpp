@@ -530,9 +530,11 @@ template <typename scalar_t, int BYTES, int R>
   constexpr int V = BYTES == 64 ? 4 : 2;
   int64_t c = 0;
   for (; c + V * L <= o; c += V * L)
-    small_k_block<scalar_t, BYTES, R, V>(out + c, ldo, x, ldx, off, wt + c, o_pad, k, bias ? bias + c : nullptr, chunk);
+    small_k_block<scalar_t, BYTES, R, V>(out + c, ldo, x, ldx, off, wt + c, o_pad, k, bias ? bias + c : nullptr,
+                                         chunk);
   for (; c + L <= o; c += L)
-    small_k_block<scalar_t, BYTES, R, 1>(out + c, ldo, x, ldx, off, wt + c, o_pad, k, bias ? bias + c : nullptr, chunk);
+    small_k_block<scalar_t, BYTES, R, 1>(out + c, ldo, x, ldx, off, wt + c, o_pad, k, bias ? bias + c : nullptr,
+                                         chunk);
   if (c < o) {
     scalar_t tail[R * L];
     small_k_block<scalar_t, BYTES, R, 1>(tail, L, x, ldx, off, wt + c, o_pad, k, bias ? bias + c : nullptr, chunk);
@@ -546,10 +548,9 @@ template <typename scalar_t, int BYTES, int R>
 // (o_pad) are padded with zeros. BYTES: the vectors', 64 on CPUs with AVX-512, else 32 (vectorize.h).
 template <typename scalar_t, int BYTES>
 MANUALGRAD_VECTOR_CLONES_VL void small_k_rows(scalar_t* out, const scalar_t* in, const scalar_t* wt,
-                                              const scalar_t* bias,
-                                              const Geometry& g, int64_t o_pad, int64_t r0, int64_t r1,
-                                              const int64_t* interior, const int64_t* identity, scalar_t* row,
-                                              int64_t chunk) {
+                                              const scalar_t* bias, const Geometry& g, int64_t o_pad, int64_t r0,
+                                              int64_t r1, const int64_t* interior, const int64_t* identity,
+                                              scalar_t* row, int64_t chunk) {
   const Window& w = g.win;
   const int64_t C = g.in_channels, k = C * w.kernel_h * w.kernel_w, o = g.out_channels;
   const int64_t span_h = (w.kernel_h - 1) * w.dilation_h, span_w = (w.kernel_w - 1) * w.dilation_w;
@@ -559,8 +560,8 @@ MANUALGRAD_VECTOR_CLONES_VL void small_k_rows(scalar_t* out, const scalar_t* in,
     // (written so that no sum can overflow, whatever the padding and dilation)
     if (r + 4 <= r1 && ow + 4 <= g.out_w && ih >= 0 && span_h < g.in_h - ih && iw >= 0 && span_w < g.in_w - iw &&
         (g.in_w - 1 - iw - span_w) / w.stride_w >= 3) {
-      small_k_pixels<scalar_t, BYTES, 4>(out + r * o, o, in + ((n * g.in_h + ih) * g.in_w + iw) * C, w.stride_w * C, interior,
-                                  wt, o, o_pad, k, bias, chunk);
+      small_k_pixels<scalar_t, BYTES, 4>(out + r * o, o, in + ((n * g.in_h + ih) * g.in_w + iw) * C, w.stride_w * C,
+                                         interior, wt, o, o_pad, k, bias, chunk);
       r += 4;
     } else {
       im2col_nhwc(row, in, g, r, r + 1);

@@ -2,7 +2,7 @@
 // the best the CPU has, so the wheel stays portable), and the vector type those loops use: 64 bytes (an AVX-512
 // register) in most files; depthwise_cpu.cpp and grouped_cpu.cpp are compiled a second time with 32-byte vectors
 // (*_w32.cpp, which define MANUALGRAD_VECTOR_BYTES first), for CPUs without AVX-512, and wide_vectors() picks one
-// of the two at each call.
+// of the two at each call (conv_cpu.cpp's small-K kernel, the one such kernel there, is a template over both widths).
 #pragma once
 
 #include <cstdint>
