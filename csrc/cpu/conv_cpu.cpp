@@ -880,9 +880,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_nhwc(const at::Tens
 
 // NCHW tensors that the NHWC kernels compute faster run there, on channels-last copies, their results copied
 // back to NCHW. The choice depends on the shapes alone, so results stay the same for every run and thread count.
-// - Depthwise layers with short output rows: the NCHW kernel makes a vectorised call per (output row, tap), and
-//   over rows this short those calls cost more than the arithmetic (5x5 over 672 channels at 14x14: 3.9 ms,
-//   torch 0.27; transposed and back, 1.2).
+// - Depthwise layers with short output rows that the tiles (depthwise_cpu.cpp) do not take: the NCHW kernel makes
+//   a vectorised call per (output row, tap), and over rows this short those calls cost more than the arithmetic
+//   (5x5 over 672 channels at 14x14: 3.9 ms, torch 0.27; transposed and back, 1.2). The tiles take the forward and
+//   the stride-1 input gradient where the weights are finite, and the weight gradient where an image's tiles fit;
+//   what is left here is the scatter input gradient of strides over 1 (and non-finite weights).
 // - im2col convolutions over small images (at most kSmallImage input and kSmallOutput output positions): the
 //   forward when the layer has at most kViaOutputChannels output channels a group; the backward when a position's
 //   columns are at most kViaColumns long and the input or the output has at most kViaOutputChannels channels a
@@ -896,6 +898,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_nhwc(const at::Tens
 //   backward of 512@7 too.) Larger images stay: torch's channels-last -> NCHW copy slows to about 2 GB/s on
 //   planes of 56x56 and up.
 constexpr int64_t kShortRows = 20;
+
 constexpr int64_t kSmallImage = 28 * 28, kSmallOutput = 14 * 14, kViaColumns = 512 * 9, kViaOutputChannels = 128;
 bool via_nhwc(const at::Tensor& input, const Geometry& g, bool backward) {
   if (g.spatial_dims != 2 || input.dim() != 4 || g.empty()) return false;
@@ -945,6 +948,17 @@ at::Tensor conv_forward_cpu(const at::Tensor& input_, const at::Tensor& weight_,
   if (winograd_applies(input_, g, /*backward=*/false)) {  // 3x3 stride 1 in the plane (winograd_cpu.cpp), any layout
     const at::Tensor bias_ = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
     return winograd_forward_cpu(input_, weight_, bias_, g, channels_last);
+  }
+  // NCHW depthwise on channels-last tiles of one vector of channels (depthwise_cpu.cpp): faster than the NCHW
+  // kernel at every size measured, and than whole channels-last copies of short rows. Interleaved, 2-core Zen 3,
+  // batch 8, forward ours/torch: 5x5 1152@7 2.3 -> 1.2, 3x3 672@14 1.7 -> 0.7-0.8, 5x5/2 144@56 3.3 -> 0.9,
+  // 3x3 144@56 (the NCHW kernel) 2.3 -> 1.7 ms. Channels-last tensors keep their kernels, which read the channels
+  // in place (the tiles' copies took twice their time).
+  if (is_depthwise(g) && !channels_last && depthwise_tiles_apply(weight_, g)) {
+    at::Tensor output = at::empty(g.output_shape(g.out_channels), input_.options());
+    depthwise_forward_tiles_cpu(output, input_.contiguous(), weight_,
+                                bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor(), g, false);
+    return output;
   }
   if (g.spatial_dims == 3 && (channels_last || is_depthwise(g)))
     return conv3d_forward_by_depth(input_, weight_, bias, g, channels_last, conv_forward_cpu);  // sum over depth taps
@@ -1163,6 +1177,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
       grouped_backward_weight_cpu(computed_weight, grad_output_, input_, g);
       mask[1] = false;
     }
+  }
+  // NCHW depthwise gradients on tiles (as the forward): the stride-1 input gradient as a forward of grad_output,
+  // the weight gradient on whole-image tiles.
+  Geometry flipped;
+  if (mask[0] && !channels_last && is_depthwise(g) && input_gradient_as_forward(g, flipped) &&
+      depthwise_tiles_apply(weight_, flipped)) {
+    computed_input = at::empty(input_.sizes(), input_.options());
+    depthwise_forward_tiles_cpu(computed_input, grad_output_.contiguous(), weight_, at::Tensor(), flipped, true);
+    mask[0] = false;
+  }
+  if (mask[1] && !channels_last && is_depthwise(g) && depthwise_image_tiles_apply(g)) {
+    computed_weight = at::empty(weight_.sizes(), weight_.options());
+    depthwise_backward_weight_tiles_cpu(computed_weight, grad_output_.contiguous(), input_.contiguous(), g);
+    mask[1] = false;
   }
   using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
   const auto with_computed = [&](const Grads& grads) -> Grads {

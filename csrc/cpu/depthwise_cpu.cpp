@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../window_taps.h"
@@ -346,6 +347,64 @@ MANUALGRAD_VECTOR_CLONES void forward_nhwc_rows(scalar_t* __restrict out, const 
     }
   }
   channel_tail(out, image, wt, bias, offset, kh * KW, count, step, C, c);
+}
+
+// The outputs of a tile's band (forward_tiles_kernel): `count` output pixels, row by row of out_w, each one vector
+// of channels: out[q * L] = the sum, for tap k < taps in order, of wt[k * L] * tile[at(q) + offset[k]], + bias,
+// where at(q) = (q / out_w) * row_step + (q % out_w) * col_step. forward_nhwc_run's sums in its order (so its
+// bits), but blocks of P pixels run across the band's rows: a 7-wide row took one block of four and three pixels
+// alone, each a chain of 25 dependent adds for a 5x5 kernel (a third of the time in the chains' latency). Eight
+// sums in registers, a weight vector loaded once for all of them: any kernel shape, its weights need not fit the
+// registers (a 5x5 kernel's 25 did not fit AVX2's 16).
+template <typename scalar_t, int P>
+__attribute__((always_inline)) inline void band_block(scalar_t* __restrict out, const scalar_t* __restrict tile,
+                                                      const scalar_t* __restrict wt, const scalar_t* __restrict bias,
+                                                      const int64_t* __restrict offset, int64_t taps, int64_t r,
+                                                      int64_t ow, int64_t out_w, int64_t row_step, int64_t col_step) {
+  using vec = typename Vec<scalar_t>::type;
+  constexpr int64_t L = Vec<scalar_t>::lanes;
+  const scalar_t* at[P];
+  for (int j = 0; j < P; ++j) {
+    at[j] = tile + r * row_step + ow * col_step;
+    if (++ow == out_w) ow = 0, ++r;
+  }
+  vec acc[P], w, x;
+  for (int j = 0; j < P; ++j) acc[j] = vec{};
+  for (int64_t k = 0; k < taps; ++k) {
+    load_vec(w, wt + k * L);
+    const int64_t off = offset[k];
+    for (int j = 0; j < P; ++j) {
+      load_vec(x, at[j] + off);
+      acc[j] += w * x;
+    }
+  }
+  if (bias) {
+    load_vec(w, bias);
+    for (int j = 0; j < P; ++j) acc[j] += w;
+  }
+  for (int j = 0; j < P; ++j) std::memcpy(out + j * L, &acc[j], sizeof(vec));
+}
+
+template <typename scalar_t>
+MANUALGRAD_VECTOR_CLONES void forward_band(scalar_t* __restrict out, const scalar_t* __restrict tile,
+                                           const scalar_t* __restrict wt, const scalar_t* __restrict bias,
+                                           const int64_t* __restrict offset, int64_t taps, int64_t count,
+                                           int64_t out_w, int64_t row_step, int64_t col_step) {
+  constexpr int64_t L = Vec<scalar_t>::lanes;
+  int64_t q = 0, r = 0, ow = 0;
+  const auto advance = [&](int64_t n) {
+    q += n;
+    ow += n;
+    while (ow >= out_w) ow -= out_w, ++r;
+  };
+  for (; q + 8 <= count; advance(8))
+    band_block<scalar_t, 8>(out + q * L, tile, wt, bias, offset, taps, r, ow, out_w, row_step, col_step);
+  if (q + 4 <= count) {
+    band_block<scalar_t, 4>(out + q * L, tile, wt, bias, offset, taps, r, ow, out_w, row_step, col_step);
+    advance(4);
+  }
+  for (; q < count; advance(1))
+    band_block<scalar_t, 1>(out + q * L, tile, wt, bias, offset, taps, r, ow, out_w, row_step, col_step);
 }
 
 // The outputs of a row whose taps all lie inside the input, for kernels of 3x3 and 5x5 (the runs of
@@ -982,13 +1041,37 @@ void backward_input_nhwc_kernel(scalar_t* gi, const scalar_t* go, const scalar_t
   });
 }
 
+// The weight gradient's terms of output row oh of one image, for cb channels C apart (the image's and the row's):
+// acc[k * acc_stride + c] += tap k's sum over the row, formed in scalar_t in output order and added in double.
+template <typename scalar_t>
+void weight_row_terms(double* acc, int64_t acc_stride, const scalar_t* grad_row, const scalar_t* image,
+                      const Geometry& g, const InteriorRuns& runs, int64_t oh, int64_t cb, int64_t C) {
+  const Window& w = g.win;
+  const int64_t taps = w.kernel_h * w.kernel_w;
+  if (runs.enabled && taps == 9) return weight_nhwc_row<scalar_t, 9>(acc, acc_stride, grad_row, image, g, runs, oh, cb, C);
+  if (runs.enabled) return weight_nhwc_row<scalar_t, 25>(acc, acc_stride, grad_row, image, g, runs, oh, cb, C);
+  // Tap by tap over the row's outputs.
+  for (int64_t i = 0; i < w.kernel_h; ++i) {
+    const int64_t ih = oh * w.stride_h - w.pad_h + i * w.dilation_h;
+    if (ih < 0 || ih >= g.in_h) continue;
+    for (int64_t j = 0; j < w.kernel_w; ++j) {
+      // the outputs whose tap j sees a column iw = ow * stride_w + shift inside the input
+      const int64_t shift = j * w.dilation_w - w.pad_w;
+      int64_t ow0, ow1;
+      outputs_inside(0, g.out_w, shift, w.stride_w, g.in_w, ow0, ow1);
+      if (ow1 > ow0)
+        dot_run_channels(acc + (i * w.kernel_w + j) * acc_stride, grad_row + ow0 * C,
+                         image + (ih * g.in_w + ow0 * w.stride_w + shift) * C, ow1 - ow0, w.stride_w * C, cb, C);
+    }
+  }
+}
+
 // grad_weight (KH·KW, C): per tap, the sum over every image and position of grad_output times the pixel the
 // tap saw, in double, in position order; tasks own blocks of kChannelBlock channels (the split is the
 // shapes', and each sum's order is the same for any split).
 template <typename scalar_t>
 void backward_weight_nhwc_kernel(scalar_t* gw, const scalar_t* go, const scalar_t* in, const Geometry& g) {
   const int64_t C = g.in_channels, taps = g.win.kernel_h * g.win.kernel_w;
-  const Window& w = g.win;
   // Blocks of kChannelBlock channels when there are at least two per thread, else of 16 (one vector), so that
   // few channels still spread over the threads (MobileNet's 32 channels at 112x112; 96 and 144 at 56x56: 0.7-0.8x
   // the time of blocks of 64 on 2 threads). Each channel's sums are the same whatever block it is in (a vector
@@ -1002,32 +1085,9 @@ void backward_weight_nhwc_kernel(scalar_t* gw, const scalar_t* go, const scalar_
       std::fill(acc.begin(), acc.end(), 0.0);
       for (int64_t n = 0; n < g.batch; ++n) {
         const scalar_t* image = in + n * g.in_h * g.in_w * C + c0;
-        for (int64_t oh = 0; oh < g.out_h; ++oh) {
-          const scalar_t* grad_row = go + (n * g.out_h + oh) * g.out_w * C + c0;
-          // Tap by tap over the outputs [a, b) of this row.
-          const auto taps_over = [&](int64_t a, int64_t b) {
-            for (int64_t i = 0; i < w.kernel_h; ++i) {
-              const int64_t ih = oh * w.stride_h - w.pad_h + i * w.dilation_h;
-              if (ih < 0 || ih >= g.in_h) continue;
-              for (int64_t j = 0; j < w.kernel_w; ++j) {
-                // the outputs whose tap j sees a column iw = ow * stride_w + shift inside the input
-                const int64_t shift = j * w.dilation_w - w.pad_w;
-                int64_t ow0, ow1;
-                outputs_inside(a, b, shift, w.stride_w, g.in_w, ow0, ow1);
-                if (ow1 > ow0)
-                  dot_run_channels(acc.data() + (i * w.kernel_w + j) * kChannelBlock, grad_row + ow0 * C,
-                                   image + (ih * g.in_w + ow0 * w.stride_w + shift) * C, ow1 - ow0, w.stride_w * C, cb, C);
-              }
-            }
-          };
-          if (!runs.enabled) {
-            taps_over(0, g.out_w);
-          } else if (taps == 9) {
-            weight_nhwc_row<scalar_t, 9>(acc.data(), kChannelBlock, grad_row, image, g, runs, oh, cb, C);
-          } else {
-            weight_nhwc_row<scalar_t, 25>(acc.data(), kChannelBlock, grad_row, image, g, runs, oh, cb, C);
-          }
-        }
+        for (int64_t oh = 0; oh < g.out_h; ++oh)
+          weight_row_terms(acc.data(), kChannelBlock, go + (n * g.out_h + oh) * g.out_w * C + c0, image, g, runs, oh,
+                           cb, C);
       }
       for (int64_t tap = 0; tap < taps; ++tap)
         for (int64_t c = 0; c < cb; ++c) gw[tap * C + c0 + c] = static_cast<scalar_t>(acc[tap * kChannelBlock + c]);
@@ -1035,9 +1095,242 @@ void backward_weight_nhwc_kernel(scalar_t* gw, const scalar_t* go, const scalar_
   });
 }
 
+
+// ---- NCHW on tiles: an image's band of output rows for one vector of channels ---------------------------------
+// The NCHW forward (and the stride-1 input gradient, the same forward of grad_output): a task transposes the input
+// rows one band of output rows reads, for L channels (one vector), into a zero-padded channels-last tile (L
+// positions by L channels in registers), computes the band's outputs over the tile (forward_band), and transposes
+// them back into the output's planes. Every output is then a run: no output gathers its taps one by one (a 5x5
+// kernel at 7x7 has all its taps inside for 9 of the 49 outputs), the NCHW kernel's calls per row and tap are gone,
+// and no channels-last copy of the whole tensor is made (torch's transposes of 14x14 planes ran at 4-6 GB/s). The
+// padding's terms add weight x 0 = +-0 to sums that start at +0, which changes no bits (so the weights must be
+// finite), and each output's sum is the channels-last kernels', whatever the band or thread.
+constexpr int64_t kTileElems = 1 << 14;  // a task's input tile, about; wider rows keep the other kernels
+
+struct TilePlan {
+  int64_t tile_w = 0;  // tile columns: column t holds input column t - pad_w
+  int64_t band = 1, bands = 1;  // output rows per task, and tasks per (image, channel block)
+  std::vector<int64_t> offset;  // tap (i, j)'s element offset in the tile from its output's first tap
+  TilePlan(const Geometry& g, int64_t L) {
+    const Window& w = g.win;
+    const int64_t span_h = (w.kernel_h - 1) * w.dilation_h, span_w = (w.kernel_w - 1) * w.dilation_w;
+    tile_w = (g.out_w - 1) * w.stride_w + span_w + 1;
+    const int64_t rows = std::max<int64_t>(1, ((kTileElems / (tile_w * L)) - span_h - 1) / w.stride_h + 1);
+    bands = ceil_div(g.out_h, std::min(rows, g.out_h));
+    band = ceil_div(g.out_h, bands);  // cut evenly
+    for (int64_t i = 0; i < w.kernel_h; ++i)
+      for (int64_t j = 0; j < w.kernel_w; ++j) offset.push_back((i * w.dilation_h * tile_w + j * w.dilation_w) * L);
+  }
+};
+
+// The L x L block r (r[i]: L values of channel i) transposed in place (r[j]: the L channels of position j): bit D
+// of the row index and of the lane swapped, for D = L/2, ..., 1. Inlined, so it is compiled for its caller's clone.
+template <int D, typename vec, int... J>
+__attribute__((always_inline)) inline void swap_bit(vec* r, std::integer_sequence<int, J...>) {
+  constexpr int L = sizeof...(J);
+  for (int i = 0; i < L; ++i) {
+    if (i & D) continue;
+    const vec a = r[i], b = r[i + D];
+    r[i] = __builtin_shufflevector(a, b, ((J & D) ? L + J - D : J)...);
+    r[i + D] = __builtin_shufflevector(a, b, ((J & D) ? L + J : J + D)...);
+  }
+}
+
+template <typename vec, int L>
+__attribute__((always_inline)) inline void transpose_block(vec* r) {
+  using lanes = std::make_integer_sequence<int, L>;
+  if constexpr (L >= 16) swap_bit<8>(r, lanes{});
+  if constexpr (L >= 8) swap_bit<4>(r, lanes{});
+  if constexpr (L >= 4) swap_bit<2>(r, lanes{});
+  swap_bit<1>(r, lanes{});
+}
+
+// NCHW input to tile: positions [p_begin, p_end) of `channels` (<= L) planes `plane` apart (p = ih * in_w + iw),
+// each to tile pixel (ih - ih0) * tile_w + iw + pad_w if that column is in the tile; lanes past `channels` zero.
+template <typename scalar_t>
+MANUALGRAD_VECTOR_CLONES void planes_to_tile(scalar_t* __restrict tile, int64_t tile_w, const scalar_t* __restrict planes,
+                                             int64_t plane, int64_t channels, int64_t in_w, int64_t pad_w,
+                                             int64_t ih0, int64_t p_begin, int64_t p_end) {
+  using vec = typename Vec<scalar_t>::type;
+  constexpr int L = Vec<scalar_t>::lanes;
+  vec r[L];
+  int64_t iw = p_begin % in_w;
+  scalar_t* dst = tile + ((p_begin / in_w - ih0) * tile_w + iw + pad_w) * L;  // position p's pixel
+  for (int64_t p0 = p_begin; p0 < p_end; p0 += L) {
+    const int64_t n = std::min<int64_t>(L, p_end - p0);
+    if (n == L && channels == L) {
+#pragma GCC unroll 16
+      for (int i = 0; i < L; ++i) load_vec(r[i], planes + i * plane + p0);
+    } else {
+      for (int i = 0; i < L; ++i) {
+        r[i] = vec{};
+        if (i < channels) std::memcpy(&r[i], planes + i * plane + p0, n * sizeof(scalar_t));
+      }
+    }
+    transpose_block<vec, L>(r);
+    // (unrolled, so that r stays in registers)
+#pragma GCC unroll 16
+    for (int j = 0; j < L; ++j) {
+      if (j < n && iw + pad_w < tile_w) std::memcpy(dst, &r[j], sizeof(vec));
+      dst += L;
+      if (++iw == in_w) iw = 0, dst += (tile_w - in_w) * L;
+    }
+  }
+}
+
+// Tile to NCHW output: the tile's `count` pixels (L channels each) to positions [0, count) of `channels` planes.
+template <typename scalar_t>
+MANUALGRAD_VECTOR_CLONES void tile_to_planes(scalar_t* __restrict planes, int64_t plane, int64_t channels,
+                                             const scalar_t* __restrict tile, int64_t count) {
+  using vec = typename Vec<scalar_t>::type;
+  constexpr int L = Vec<scalar_t>::lanes;
+  vec r[L];
+  for (int64_t q0 = 0; q0 < count; q0 += L) {
+    const int64_t n = std::min<int64_t>(L, count - q0);
+#pragma GCC unroll 16
+    for (int j = 0; j < L; ++j) {
+      if (j < n) load_vec(r[j], tile + (q0 + j) * L);
+      else r[j] = vec{};
+    }
+    transpose_block<vec, L>(r);
+    if (n == L) {
+#pragma GCC unroll 16
+      for (int i = 0; i < L; ++i)
+        if (i < channels) std::memcpy(planes + i * plane + q0, &r[i], sizeof(vec));
+    } else {
+      for (int64_t i = 0; i < channels; ++i) std::memcpy(planes + i * plane + q0, &r[i], n * sizeof(scalar_t));
+    }
+  }
+}
+
+template <typename scalar_t>
+void forward_tiles_kernel(scalar_t* out, const scalar_t* in, const scalar_t* wt, const scalar_t* bias,
+                          const Geometry& g) {
+  constexpr int64_t L = Vec<scalar_t>::lanes;
+  const Window& w = g.win;
+  const TilePlan plan(g, L);
+  const int64_t C = g.in_channels, blocks = ceil_div(C, L), taps = w.kernel_h * w.kernel_w;
+  const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w, tile_w = plan.tile_w;
+  const int64_t span_h = (w.kernel_h - 1) * w.dilation_h;
+  at::parallel_for(0, g.batch * blocks * plan.bands, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> tile(((plan.band - 1) * w.stride_h + span_h + 1) * tile_w * L), outs(plan.band * g.out_w * L);
+    for (int64_t task = begin; task < end; ++task) {  // task = (n, block, band)
+      const int64_t n = task / (blocks * plan.bands), block = task / plan.bands % blocks, band = task % plan.bands;
+      const int64_t oh0 = band * plan.band, rows = std::min(plan.band, g.out_h - oh0);
+      const int64_t ih0 = oh0 * w.stride_h - w.pad_h, tile_h = (rows - 1) * w.stride_h + span_h + 1;
+      const int64_t c0 = block * L, cb = std::min(L, C - c0);
+      // The tile: zero rows and columns outside the input, then the input's.
+      for (int64_t t = 0; t < tile_h; ++t) {
+        scalar_t* row = tile.data() + t * tile_w * L;
+        const int64_t ih = ih0 + t;
+        if (ih < 0 || ih >= g.in_h) {
+          zero_run(row, tile_w * L);
+          continue;
+        }
+        zero_run(row, std::min(w.pad_w, tile_w) * L);
+        if (w.pad_w + g.in_w < tile_w) zero_run(row + (w.pad_w + g.in_w) * L, (tile_w - w.pad_w - g.in_w) * L);
+      }
+      const int64_t ih_lo = std::max<int64_t>(ih0, 0), ih_hi = std::min(ih0 + tile_h, g.in_h);
+      if (ih_lo < ih_hi)
+        planes_to_tile(tile.data(), tile_w, in + (n * C + c0) * in_plane, in_plane, cb, g.in_w, w.pad_w, ih0,
+                       ih_lo * g.in_w, ih_hi * g.in_w);
+      forward_band(outs.data(), tile.data(), wt + block * taps * L, bias ? bias + block * L : nullptr,
+                   plan.offset.data(), taps, rows * g.out_w, g.out_w, w.stride_h * tile_w * L, w.stride_w * L);
+      tile_to_planes(out + (n * C + c0) * out_plane + oh0 * g.out_w, out_plane, cb, outs.data(), rows * g.out_w);
+    }
+  });
+}
+
+
+// The NCHW weight gradient on whole-image tiles of one vector of channels: a task's images' L planes of the input
+// and of grad_output transposed into (H, W, L) and (OH, OW, L) tiles, and the channels-last kernel's terms of each
+// image taken from them with C = L. Each sum is then backward_weight_nhwc_kernel's, in its order, with no
+// channels-last copies of the whole tensors. (The input gradient's scatter, for strides over 1, was slower on such
+// tiles than on channels-last copies: a call per pixel and tap for one vector of channels, 240@28 3x3/2 1.0 -> 1.3 ms.)
+constexpr int64_t kImageTileElems = 1 << 16;  // a task's tiles, at most
+
+template <typename scalar_t>
+void weight_tiles_kernel(scalar_t* gw, const scalar_t* go, const scalar_t* in, const Geometry& g) {
+  constexpr int64_t L = Vec<scalar_t>::lanes;
+  const int64_t C = g.in_channels, blocks = ceil_div(C, L), taps = g.win.kernel_h * g.win.kernel_w;
+  const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w;
+  const InteriorRuns runs(g, L);
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> image(in_plane * L), grad(out_plane * L);
+    std::vector<double> acc(taps * L);
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t c0 = block * L, cb = std::min(L, C - c0);
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int64_t n = 0; n < g.batch; ++n) {
+        planes_to_tile(image.data(), g.in_w, in + (n * C + c0) * in_plane, in_plane, cb, g.in_w, 0, 0, 0, in_plane);
+        planes_to_tile(grad.data(), g.out_w, go + (n * C + c0) * out_plane, out_plane, cb, g.out_w, 0, 0, 0, out_plane);
+        for (int64_t oh = 0; oh < g.out_h; ++oh)  // (the lanes past cb are zero, and dropped)
+          weight_row_terms(acc.data(), L, grad.data() + oh * g.out_w * L, image.data(), g, runs, oh, L, L);
+      }
+      for (int64_t c = 0; c < cb; ++c)
+        for (int64_t tap = 0; tap < taps; ++tap) gw[(c0 + c) * taps + tap] = static_cast<scalar_t>(acc[tap * L + c]);
+    }
+  });
+}
+
 }  // namespace
 
 bool depthwise_nhwc_supported(const Geometry& g) { return is_depthwise(g) && g.out_channels == g.in_channels; }
+
+bool depthwise_tiles_apply(const at::Tensor& weight, const Geometry& g) {
+  const Window& w = g.win;
+  if (!MANUALGRAD_WIDTH::depthwise_nhwc_supported(g) || g.spatial_dims != 2 || g.empty()) return false;
+  // A band of one output row fits 4 tiles' room (each factor bounded first, so nothing overflows).
+  const int64_t columns = kTileElems / Vec<float>::lanes;
+  for (const int64_t v : {g.out_w, w.stride_w, w.dilation_w, w.kernel_w, w.dilation_h, w.kernel_h})
+    if (v > columns) return false;
+  const int64_t tile_w = (g.out_w - 1) * w.stride_w + (w.kernel_w - 1) * w.dilation_w + 1;
+  if (tile_w > columns || ((w.kernel_h - 1) * w.dilation_h + 1) * tile_w > 4 * columns) return false;
+  const at::Tensor wt = weight.contiguous();
+  return AT_DISPATCH_FLOATING_TYPES(wt.scalar_type(), "depthwise_tiles_apply",
+                                    [&] { return all_finite(wt.const_data_ptr<scalar_t>(), wt.numel()); });
+}
+
+namespace {
+// (blocks, taps, L): each block's weights (taps in reverse order if flip), zero past the last channel.
+at::Tensor blocked_weights(const at::Tensor& weight, const Geometry& g, int64_t L, bool flip) {
+  const int64_t C = g.in_channels, taps = g.win.kernel_h * g.win.kernel_w, blocks = ceil_div(C, L);
+  at::Tensor rows = weight.reshape({C, taps});
+  if (flip) rows = rows.flip({1});
+  at::Tensor wt = at::zeros({blocks * L, taps}, weight.options());
+  wt.narrow(0, 0, C).copy_(rows);
+  return wt.view({blocks, L, taps}).transpose(1, 2).contiguous();
+}
+}  // namespace
+
+void depthwise_forward_tiles_cpu(at::Tensor& output, const at::Tensor& input, const at::Tensor& weight,
+                                 const at::Tensor& bias, const Geometry& g, bool flip) {
+  TORCH_INTERNAL_ASSERT(input.is_contiguous() && output.is_contiguous());
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "depthwise_forward_tiles_cpu", [&] {
+    constexpr int64_t L = Vec<scalar_t>::lanes;
+    const at::Tensor wt = blocked_weights(weight, g, L, flip);
+    at::Tensor b;  // (blocks * L): zero past the last channel
+    if (bias.defined()) {
+      b = at::zeros({wt.size(0) * L}, bias.options());
+      b.narrow(0, 0, g.in_channels).copy_(bias);
+    }
+    forward_tiles_kernel(output.data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(), wt.const_data_ptr<scalar_t>(),
+                         b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, g);
+  });
+}
+
+bool depthwise_image_tiles_apply(const Geometry& g) {
+  return MANUALGRAD_WIDTH::depthwise_nhwc_supported(g) && g.spatial_dims == 2 && !g.empty() &&
+         (g.in_h * g.in_w + g.out_h * g.out_w) * Vec<float>::lanes <= kImageTileElems;
+}
+
+void depthwise_backward_weight_tiles_cpu(at::Tensor& grad_weight, const at::Tensor& grad_output,
+                                         const at::Tensor& input, const Geometry& g) {
+  AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "depthwise_backward_weight_tiles_cpu", [&] {
+    weight_tiles_kernel(grad_weight.data_ptr<scalar_t>(), grad_output.const_data_ptr<scalar_t>(),
+                        input.const_data_ptr<scalar_t>(), g);
+  });
+}
 
 void depthwise_forward_nhwc_cpu(at::Tensor& output, const at::Tensor& input, const at::Tensor& weight,
                                 const at::Tensor& bias, const Geometry& g) {
@@ -1052,18 +1345,10 @@ void depthwise_forward_nhwc_cpu(at::Tensor& output, const at::Tensor& input, con
 void depthwise_backward_input_nhwc_cpu(at::Tensor& grad_input, const at::Tensor& grad_output,
                                        const at::Tensor& weight, const Geometry& g) {
   const int64_t taps = g.win.kernel_h * g.win.kernel_w;
-  const Window& w = g.win;
-  const int64_t span_h = (w.kernel_h - 1) * w.dilation_h, span_w = (w.kernel_w - 1) * w.dilation_w;
-  if (w.stride_h == 1 && w.stride_w == 1 && w.pad_h <= span_h && w.pad_w <= span_w) {
-    // With stride 1 the input gradient is itself a depthwise convolution: of grad_output, padded by span - pad,
-    // with the kernel flipped (its taps in reverse order). Gathering each input pixel's taps in registers
-    // (forward_nhwc_run) beats adding every output's taps into the pixels they came from: 3x3 over 144 channels
-    // at 56x56, batch 8, 4.7 -> 1.2 ms (torch 3.7; Zen 5).
-    Geometry flipped = g;
-    std::swap(flipped.in_h, flipped.out_h);
-    std::swap(flipped.in_w, flipped.out_w);
-    flipped.win.pad_h = span_h - w.pad_h;
-    flipped.win.pad_w = span_w - w.pad_w;
+  Geometry flipped;
+  if (input_gradient_as_forward(g, flipped)) {
+    // Gathering each input pixel's taps in registers (forward_nhwc_run) beats adding every output's taps into the
+    // pixels they came from: 3x3 over 144 channels at 56x56, batch 8, 4.7 -> 1.2 ms (torch 3.7; Zen 5).
     const at::Tensor wt = weight.reshape({g.out_channels, taps}).flip({1}).t().contiguous();  // (taps, C), reversed
     AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "depthwise_backward_input_nhwc_cpu", [&] {
       forward_nhwc_kernel(grad_input.data_ptr<scalar_t>(), grad_output.const_data_ptr<scalar_t>(),
@@ -1100,18 +1385,12 @@ void depthwise_forward_cpu(at::Tensor& output, const at::Tensor& input, const at
 void depthwise_backward_input_cpu(at::Tensor& grad_input, const at::Tensor& grad_output, const at::Tensor& weight,
                                   const Geometry& g) {
   const Window& w = g.win;
-  const int64_t span_h = (w.kernel_h - 1) * w.dilation_h, span_w = (w.kernel_w - 1) * w.dilation_w;
-  if (g.out_channels == g.in_channels && w.stride_h == 1 && w.stride_w == 1 && w.pad_h <= span_h &&
-      w.pad_w <= span_w) {
-    // Multiplier 1, stride 1: the forward of grad_output with the kernel flipped, as the channels-last input
-    // gradient does (depthwise_backward_input_nhwc_cpu), each input pixel's taps summed in the forward's rows
-    // rather than every output's taps added into the rows they came from. NCHW, batch 8, 2-core Zen 4, ours/torch:
-    // 3x3 192@28 2.79 -> 1.44, 144@56 1.09 -> 0.68, 96@112 0.77 -> 0.50; 5x5 240@28 2.92 -> 0.97.
-    Geometry flipped = g;
-    std::swap(flipped.in_h, flipped.out_h);
-    std::swap(flipped.in_w, flipped.out_w);
-    flipped.win.pad_h = span_h - w.pad_h;
-    flipped.win.pad_w = span_w - w.pad_w;
+  Geometry flipped;
+  if (input_gradient_as_forward(g, flipped)) {
+    // The forward of grad_output with the kernel flipped, as the channels-last input gradient does
+    // (depthwise_backward_input_nhwc_cpu), each input pixel's taps summed in the forward's rows rather than every
+    // output's taps added into the rows they came from. NCHW, batch 8, 2-core Zen 4, ours/torch: 3x3 192@28
+    // 2.79 -> 1.44, 144@56 1.09 -> 0.68, 96@112 0.77 -> 0.50; 5x5 240@28 2.92 -> 0.97.
     const at::Tensor reversed = weight.reshape({g.out_channels, w.kernel_h * w.kernel_w}).flip({1}).contiguous();
     AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "depthwise_backward_input_cpu", [&] {
       forward_kernel(grad_input.data_ptr<scalar_t>(), grad_output.data_ptr<scalar_t>(), reversed.data_ptr<scalar_t>(),
