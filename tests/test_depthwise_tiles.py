@@ -1,6 +1,7 @@
-"""NCHW depthwise convolutions on tiles of one vector of channels (csrc/cpu/depthwise_cpu.cpp): the forward, and the
-stride-1 input gradient as a forward of grad_output, on zero-padded channels-last tiles of a band of rows; the weight
-gradient on whole-image tiles. Held to torch's float64 values and our reference implementation, to the channels-last
+"""Depthwise convolutions on tiles (csrc/cpu/depthwise_cpu.cpp). NCHW: the forward, and the stride-1 input gradient
+as a forward of grad_output, on zero-padded channels-last tiles of a band of rows and one vector of channels; the
+weight gradient on whole-image tiles. Channels-last 5x5 and 7x7 kernels of stride 1 over short rows: the forward
+and the stride-1 input gradient on zero-padded tiles of a few vectors of channels. Held to torch's float64 values and our reference implementation, to the channels-last
 kernels' bits (the same sums in the same order), to the same bits at every thread count and at both vector widths'
 lanes, and to torch's NaN and infinity where the weights are not finite (the tiles' zero padding would turn inf x 0
 into NaN, so those layers keep the kernels that skip the padding)."""
@@ -26,6 +27,10 @@ CASES = [
     (8, 15, 12, (1, 9), (3, 1), (0, 4), (1, 1)),
     (17, 16, 16, (3, 5), (2, 3), (2, 0), (2, 1)),
     (3, 9, 9, (2, 4), (1, 1), (3, 1), (1, 2)),
+    # whole vectors of channels, 5x5 and 7x7 of stride 1 over short rows: channels-last tensors take tiles too
+    (32, 7, 7, (5, 5), (1, 1), (2, 2), (1, 1)),
+    (48, 14, 14, (7, 7), (1, 1), (3, 3), (1, 1)),
+    (32, 9, 12, (5, 5), (1, 1), (1, 3), (2, 1)),
 ]
 
 
@@ -44,13 +49,15 @@ def vector_bytes(request, monkeypatch):
     monkeypatch.setenv("TORCH_MANUALGRAD_VECTOR_BYTES", request.param)
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_values_match_torch_and_the_reference_in_float64(case, vector_bytes):
+def test_values_match_torch_and_the_reference_in_float64(case, layout, vector_bytes):
     gen = torch.Generator().manual_seed(3)
     x, wt, b, go, args = _inputs(case, torch.float64, gen)
+    x, go = x.contiguous(memory_format=layout), go.contiguous(memory_format=layout)
     out = ops.conv_forward(x, wt, b, *args)
     gi, gw, gb = ops.conv_backward(go, x, wt, *args, [True, True, True])
-    assert out.is_contiguous() and gi.is_contiguous() and gw.is_contiguous()
+    assert out.is_contiguous(memory_format=layout) and gi.is_contiguous(memory_format=layout)
     x_t, w_t, b_t = (t.clone().requires_grad_() for t in (x, wt, b))
     out_t = F.conv2d(x_t, w_t, b_t, *args)
     torch.testing.assert_close(out, out_t, rtol=1e-12, atol=1e-12)

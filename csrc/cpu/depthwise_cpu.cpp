@@ -353,29 +353,34 @@ MANUALGRAD_VECTOR_CLONES void forward_nhwc_rows(scalar_t* __restrict out, const 
   channel_tail(out, image, wt, bias, offset, kh * KW, count, step, C, c);
 }
 
-// The outputs of a tile's band (forward_tiles_kernel): `count` output pixels, row by row of out_w, each one vector
-// of channels: out[q * L] = the sum, for tap k < taps in order, of wt[k * L] * tile[at(q) + offset[k]], + bias,
-// where at(q) = (q / out_w) * row_step + (q % out_w) * col_step. forward_nhwc_run's sums in its order (so its
-// bits), but blocks of P pixels run across the band's rows: a 7-wide row took one block of four and three pixels
-// alone, each a chain of 25 dependent adds for a 5x5 kernel (a third of the time in the chains' latency). Eight
-// sums in registers, a weight vector loaded once for all of them: any kernel shape, its weights need not fit the
-// registers (a 5x5 kernel's 25 did not fit AVX2's 16).
+// Where forward_band reads and writes: output q of a band (its row r = q / out_w, column ow = q % out_w) reads the
+// tile at r * row_step + ow * col_step, tap k at offset[k] from there, and is written at out + q * out_step; tap k's
+// weights are at wt + k * w_step.
+struct BandLayout {
+  int64_t out_w, row_step, col_step, out_step, w_step;
+};
+
+// The outputs of a band of a tile (forward_tiles_kernel, forward_nhwc_tiles): `count` outputs of one vector of
+// channels each: out = the sum, for tap k < taps in order, of wt[k] * the tile's vector tap k sees, + bias.
+// forward_nhwc_run's sums in its order (so its bits), but blocks of P outputs run across the band's rows: a 7-wide
+// row took one block of four and three pixels alone, each a chain of 25 dependent adds for a 5x5 kernel (a third
+// of the time in the chains' latency). Eight sums in registers, a weight vector loaded once for all of them: any
+// kernel shape, its weights need not fit the registers (a 5x5 kernel's 25 did not fit AVX2's 16).
 template <typename scalar_t, int P>
 __attribute__((always_inline)) inline void band_block(scalar_t* __restrict out, const scalar_t* __restrict tile,
                                                       const scalar_t* __restrict wt, const scalar_t* __restrict bias,
                                                       const int64_t* __restrict offset, int64_t taps, int64_t r,
-                                                      int64_t ow, int64_t out_w, int64_t row_step, int64_t col_step) {
+                                                      int64_t ow, const BandLayout& b) {
   using vec = typename Vec<scalar_t>::type;
-  constexpr int64_t L = Vec<scalar_t>::lanes;
   const scalar_t* at[P];
   for (int j = 0; j < P; ++j) {
-    at[j] = tile + r * row_step + ow * col_step;
-    if (++ow == out_w) ow = 0, ++r;
+    at[j] = tile + r * b.row_step + ow * b.col_step;
+    if (++ow == b.out_w) ow = 0, ++r;
   }
   vec acc[P], w, x;
   for (int j = 0; j < P; ++j) acc[j] = vec{};
   for (int64_t k = 0; k < taps; ++k) {
-    load_vec(w, wt + k * L);
+    load_vec(w, wt + k * b.w_step);
     const int64_t off = offset[k];
     for (int j = 0; j < P; ++j) {
       load_vec(x, at[j] + off);
@@ -386,29 +391,27 @@ __attribute__((always_inline)) inline void band_block(scalar_t* __restrict out, 
     load_vec(w, bias);
     for (int j = 0; j < P; ++j) acc[j] += w;
   }
-  for (int j = 0; j < P; ++j) std::memcpy(out + j * L, &acc[j], sizeof(vec));
+  for (int j = 0; j < P; ++j) std::memcpy(out + j * b.out_step, &acc[j], sizeof(vec));
 }
 
 template <typename scalar_t>
 MANUALGRAD_VECTOR_CLONES void forward_band(scalar_t* __restrict out, const scalar_t* __restrict tile,
                                            const scalar_t* __restrict wt, const scalar_t* __restrict bias,
                                            const int64_t* __restrict offset, int64_t taps, int64_t count,
-                                           int64_t out_w, int64_t row_step, int64_t col_step) {
-  constexpr int64_t L = Vec<scalar_t>::lanes;
+                                           const BandLayout& b) {
   int64_t q = 0, r = 0, ow = 0;
   const auto advance = [&](int64_t n) {
     q += n;
     ow += n;
-    while (ow >= out_w) ow -= out_w, ++r;
+    while (ow >= b.out_w) ow -= b.out_w, ++r;
   };
   for (; q + 8 <= count; advance(8))
-    band_block<scalar_t, 8>(out + q * L, tile, wt, bias, offset, taps, r, ow, out_w, row_step, col_step);
+    band_block<scalar_t, 8>(out + q * b.out_step, tile, wt, bias, offset, taps, r, ow, b);
   if (q + 4 <= count) {
-    band_block<scalar_t, 4>(out + q * L, tile, wt, bias, offset, taps, r, ow, out_w, row_step, col_step);
+    band_block<scalar_t, 4>(out + q * b.out_step, tile, wt, bias, offset, taps, r, ow, b);
     advance(4);
   }
-  for (; q < count; advance(1))
-    band_block<scalar_t, 1>(out + q * L, tile, wt, bias, offset, taps, r, ow, out_w, row_step, col_step);
+  for (; q < count; advance(1)) band_block<scalar_t, 1>(out + q * b.out_step, tile, wt, bias, offset, taps, r, ow, b);
 }
 
 // The outputs of a row whose taps all lie inside the input, for kernels of 3x3 and 5x5 (the runs of
@@ -982,11 +985,17 @@ void forward_nhwc_padded(scalar_t* out, const scalar_t* in, const scalar_t* wt, 
   });
 }
 
+bool nhwc_tiles_pay(const Geometry& g);  // (with the tiles, below)
+template <typename scalar_t>
+void forward_nhwc_tiles(scalar_t* out, const scalar_t* in, const scalar_t* wt, const scalar_t* bias, const Geometry& g);
+
 template <typename scalar_t>
 void forward_nhwc_kernel(scalar_t* out, const scalar_t* in, const scalar_t* wt, const scalar_t* bias,
                          const Geometry& g) {
   const int64_t C = g.in_channels;
   const int64_t taps = g.win.kernel_h * g.win.kernel_w;
+  if (nhwc_tiles_pay(g) && C % Vec<scalar_t>::lanes == 0 && all_finite(wt, taps * C))
+    return forward_nhwc_tiles(out, in, wt, bias, g);
   if (padded_rows_apply(g) && all_finite(wt, taps * C)) return forward_nhwc_padded(out, in, wt, bias, g);
   const InteriorRuns runs(g, C);  // the outputs whose taps all lie inside: forward_nhwc_run
   // Tasks own output rows (n, oh), so each output is computed whole by one task in one order.
@@ -1127,6 +1136,34 @@ struct TilePlan {
   }
 };
 
+// A tile task (n, block, band): its image, block of channels, output rows [oh0, oh0 + rows), and the tile_h input
+// rows from ih0 they read (tile row t is input row ih0 + t).
+struct TileTask {
+  int64_t n, block, oh0, rows, ih0, tile_h;
+  TileTask(const TilePlan& plan, const Geometry& g, int64_t blocks, int64_t task)
+      : n(task / (blocks * plan.bands)), block(task / plan.bands % blocks), oh0(task % plan.bands * plan.band),
+        rows(std::min(plan.band, g.out_h - oh0)), ih0(oh0 * g.win.stride_h - g.win.pad_h),
+        tile_h((rows - 1) * g.win.stride_h + (g.win.kernel_h - 1) * g.win.dilation_h + 1) {}
+};
+
+// The tile's zeros: its rows outside the input, and the columns outside it of the others (`pixel` elements a
+// column); then copy(row, ih) for each row inside, whose columns [pad_w, pad_w + in_w) within the tile it fills.
+template <typename scalar_t, typename F>
+void fill_tile(scalar_t* tile, int64_t pixel, int64_t tile_w, const Geometry& g, const TileTask& t, const F& copy) {
+  const int64_t pad_w = g.win.pad_w;
+  for (int64_t r = 0; r < t.tile_h; ++r) {
+    scalar_t* row = tile + r * tile_w * pixel;
+    const int64_t ih = t.ih0 + r;
+    if (ih < 0 || ih >= g.in_h) {
+      zero_run(row, tile_w * pixel);
+      continue;
+    }
+    zero_run(row, std::min(pad_w, tile_w) * pixel);
+    if (pad_w + g.in_w < tile_w) zero_run(row + (pad_w + g.in_w) * pixel, (tile_w - pad_w - g.in_w) * pixel);
+    copy(row, ih);
+  }
+}
+
 // The L x L block r (r[i]: L values of channel i) transposed in place (r[j]: the L channels of position j): bit D
 // of the row index and of the lane swapped, for D = L/2, ..., 1. Inlined, so it is compiled for its caller's clone.
 template <int D, typename vec, int... J>
@@ -1218,33 +1255,90 @@ void forward_tiles_kernel(scalar_t* out, const scalar_t* in, const scalar_t* wt,
   const int64_t span_h = (w.kernel_h - 1) * w.dilation_h;
   at::parallel_for(0, g.batch * blocks * plan.bands, 1, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> tile(((plan.band - 1) * w.stride_h + span_h + 1) * tile_w * L), outs(plan.band * g.out_w * L);
-    for (int64_t task = begin; task < end; ++task) {  // task = (n, block, band)
-      const int64_t n = task / (blocks * plan.bands), block = task / plan.bands % blocks, band = task % plan.bands;
-      const int64_t oh0 = band * plan.band, rows = std::min(plan.band, g.out_h - oh0);
-      const int64_t ih0 = oh0 * w.stride_h - w.pad_h, tile_h = (rows - 1) * w.stride_h + span_h + 1;
-      const int64_t c0 = block * L, cb = std::min(L, C - c0);
-      // The tile: zero rows and columns outside the input, then the input's.
-      for (int64_t t = 0; t < tile_h; ++t) {
-        scalar_t* row = tile.data() + t * tile_w * L;
-        const int64_t ih = ih0 + t;
-        if (ih < 0 || ih >= g.in_h) {
-          zero_run(row, tile_w * L);
-          continue;
-        }
-        zero_run(row, std::min(w.pad_w, tile_w) * L);
-        if (w.pad_w + g.in_w < tile_w) zero_run(row + (w.pad_w + g.in_w) * L, (tile_w - w.pad_w - g.in_w) * L);
-      }
-      const int64_t ih_lo = std::max<int64_t>(ih0, 0), ih_hi = std::min(ih0 + tile_h, g.in_h);
+    for (int64_t task = begin; task < end; ++task) {
+      const TileTask t(plan, g, blocks, task);
+      const int64_t c0 = t.block * L, cb = std::min(L, C - c0);
+      fill_tile(tile.data(), L, tile_w, g, t, [](scalar_t*, int64_t) {});  // the inside rows: transposed below
+      const int64_t ih_lo = std::max<int64_t>(t.ih0, 0), ih_hi = std::min(t.ih0 + t.tile_h, g.in_h);
       if (ih_lo < ih_hi)
-        planes_to_tile(tile.data(), tile_w, in + (n * C + c0) * in_plane, in_plane, cb, g.in_w, w.pad_w, ih0,
+        planes_to_tile(tile.data(), tile_w, in + (t.n * C + c0) * in_plane, in_plane, cb, g.in_w, w.pad_w, t.ih0,
                        ih_lo * g.in_w, ih_hi * g.in_w);
-      forward_band(outs.data(), tile.data(), wt + block * taps * L, bias ? bias + block * L : nullptr,
-                   plan.offset.data(), taps, rows * g.out_w, g.out_w, w.stride_h * tile_w * L, w.stride_w * L);
-      tile_to_planes(out + (n * C + c0) * out_plane + oh0 * g.out_w, out_plane, cb, outs.data(), rows * g.out_w);
+      forward_band(outs.data(), tile.data(), wt + t.block * taps * L, bias ? bias + t.block * L : nullptr,
+                   plan.offset.data(), taps, t.rows * g.out_w,
+                   BandLayout{g.out_w, w.stride_h * tile_w * L, w.stride_w * L, L, L});
+      tile_to_planes(out + (t.n * C + c0) * out_plane + t.oh0 * g.out_w, out_plane, cb, outs.data(), t.rows * g.out_w);
     }
   });
 }
 
+
+// Channels-last 5x5 and 7x7 kernels of stride 1 over short rows (EfficientNet's and ConvNeXt's 14x14 and 7x7
+// stages; the stride-1 input gradient too, a forward of grad_output): the forward on zero-padded tiles of an image's
+// band of rows and a block of kTileVectors vectors of channels, copied from the input's pixels; forward_band then
+// writes each vector of channels' outputs straight into the output. At 7x7 a 5x5 kernel's taps all lie inside for 9
+// of 49 outputs, and forward_nhwc_run keeps its 25 weight vectors in registers, which AVX2's 16 do not hold: two
+// loads a term there, 1.125 in forward_band's blocks. Interleaved on a 2-core Zen 3, batch 8, forward ours/torch:
+// 5x5 1152@7 1.31 -> 1.03, 480@14 1.38 -> 1.01, 7x7 384@14 1.54 -> 0.88, 768@7 1.25 -> 1.01. 3x3 kernels, strides
+// over 1 and rows of 28 and more lost or tied (the copies cost what the kernels save: 3x3 672@14 1.03 -> 1.57).
+// The channels must be whole vectors.
+constexpr int64_t kTileVectors = 4;
+constexpr int64_t kShortTileRows = 20;
+
+bool tiles_fit(const Geometry& g) {
+  // A band of one output row fits 4 tiles' room (each factor bounded first, so nothing overflows).
+  const Window& w = g.win;
+  const int64_t columns = kTileElems / Vec<float>::lanes;
+  for (const int64_t v : {g.out_w, w.stride_w, w.dilation_w, w.kernel_w, w.dilation_h, w.kernel_h})
+    if (v > columns) return false;
+  const int64_t tile_w = (g.out_w - 1) * w.stride_w + (w.kernel_w - 1) * w.dilation_w + 1;
+  return tile_w <= columns && ((w.kernel_h - 1) * w.dilation_h + 1) * tile_w <= 4 * columns;
+}
+
+bool nhwc_tiles_pay(const Geometry& g) {
+  const Window& w = g.win;
+  return g.spatial_dims == 2 && !g.empty() && w.stride_h == 1 && w.stride_w == 1 && w.kernel_h * w.kernel_w >= 25 &&
+         g.out_w < kShortTileRows && tiles_fit(g);
+}
+
+template <typename scalar_t>
+MANUALGRAD_VECTOR_CLONES void pixels_to_tile(scalar_t* __restrict row, int64_t pixel, const scalar_t* __restrict src,
+                                             int64_t count, int64_t C, int64_t cb) {
+  using vec = typename Vec<scalar_t>::type;
+  constexpr int64_t L = Vec<scalar_t>::lanes;
+  for (int64_t p = 0; p < count; ++p) {
+    for (int64_t v = 0; v < cb; v += L) {
+      vec x;
+      load_vec(x, src + p * C + v);
+      std::memcpy(row + p * pixel + v, &x, sizeof(vec));
+    }
+  }
+}
+
+template <typename scalar_t>
+void forward_nhwc_tiles(scalar_t* out, const scalar_t* in, const scalar_t* wt, const scalar_t* bias, const Geometry& g) {
+  constexpr int64_t L = Vec<scalar_t>::lanes;
+  const Window& w = g.win;
+  const int64_t C = g.in_channels, CB = std::min(C, kTileVectors * L), blocks = ceil_div(C, CB);
+  const int64_t taps = w.kernel_h * w.kernel_w, span_h = (w.kernel_h - 1) * w.dilation_h;
+  const TilePlan plan(g, CB);
+  const int64_t tile_w = plan.tile_w;
+  at::parallel_for(0, g.batch * blocks * plan.bands, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> tile(((plan.band - 1) * w.stride_h + span_h + 1) * tile_w * CB);
+    for (int64_t task = begin; task < end; ++task) {
+      const TileTask t(plan, g, blocks, task);
+      const int64_t c0 = t.block * CB, cb = std::min(CB, C - c0);
+      fill_tile(tile.data(), CB, tile_w, g, t, [&](scalar_t* row, int64_t ih) {
+        if (w.pad_w < tile_w)
+          pixels_to_tile(row + w.pad_w * CB, CB, in + ((t.n * g.in_h + ih) * g.in_w) * C + c0,
+                         std::min(g.in_w, tile_w - w.pad_w), C, cb);
+      });
+      for (int64_t v = 0; v < cb; v += L)
+        forward_band(out + ((t.n * g.out_h + t.oh0) * g.out_w) * C + c0 + v, tile.data() + v, wt + c0 + v,
+                     bias ? bias + c0 + v : nullptr, plan.offset.data(), taps, t.rows * g.out_w,
+                     BandLayout{g.out_w, w.stride_h * tile_w * CB, w.stride_w * CB, C, C});
+    }
+  });
+}
 
 // The NCHW weight gradient on whole-image tiles of one vector of channels: a task's images' L planes of the input
 // and of grad_output transposed into (H, W, L) and (OH, OW, L) tiles, and the channels-last kernel's terms of each
@@ -1282,14 +1376,7 @@ void weight_tiles_kernel(scalar_t* gw, const scalar_t* go, const scalar_t* in, c
 bool depthwise_nhwc_supported(const Geometry& g) { return is_depthwise(g) && g.out_channels == g.in_channels; }
 
 bool depthwise_tiles_apply(const at::Tensor& weight, const Geometry& g) {
-  const Window& w = g.win;
-  if (!MANUALGRAD_WIDTH::depthwise_nhwc_supported(g) || g.spatial_dims != 2 || g.empty()) return false;
-  // A band of one output row fits 4 tiles' room (each factor bounded first, so nothing overflows).
-  const int64_t columns = kTileElems / Vec<float>::lanes;
-  for (const int64_t v : {g.out_w, w.stride_w, w.dilation_w, w.kernel_w, w.dilation_h, w.kernel_h})
-    if (v > columns) return false;
-  const int64_t tile_w = (g.out_w - 1) * w.stride_w + (w.kernel_w - 1) * w.dilation_w + 1;
-  if (tile_w > columns || ((w.kernel_h - 1) * w.dilation_h + 1) * tile_w > 4 * columns) return false;
+  if (!MANUALGRAD_WIDTH::depthwise_nhwc_supported(g) || g.spatial_dims != 2 || g.empty() || !tiles_fit(g)) return false;
   const at::Tensor wt = weight.contiguous();
   return AT_DISPATCH_FLOATING_TYPES(wt.scalar_type(), "depthwise_tiles_apply",
                                     [&] { return all_finite(wt.const_data_ptr<scalar_t>(), wt.numel()); });
