@@ -15,6 +15,10 @@
 // finite weights the forward sums all of an output row's taps in registers (taps_row), in the same order.
 // (NCHW forward, 2-core Zen 5, batch 8: 3x3 over 144 channels at 56x56 3.1-3.4 -> 1.6-1.7 ms, 5x5 over 240 at
 // 28x28 3.4 -> 1.2, 7x7 over 96 at 56x56 6.3 -> 2.3; torch 2.2-2.7, 0.45-0.7, 1.2-1.8.)
+// Where the weights are finite, NCHW tensors (and channels-last 5x5 and 7x7 kernels over short rows) take tiles
+// instead: a band of rows for a few channels copied into a small zero-padded channels-last tile, its outputs
+// computed there in blocks of eight ("NCHW on tiles", below). Those kernels above stay for the rest, and as the
+// readable version.
 #include "depthwise_cpu.h"
 
 #include <ATen/Parallel.h>
