@@ -898,7 +898,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_nhwc(const at::Tens
 //   backward of 512@7 too.) Larger images stay: torch's channels-last -> NCHW copy slows to about 2 GB/s on
 //   planes of 56x56 and up.
 constexpr int64_t kShortRows = 20;
-
 constexpr int64_t kSmallImage = 28 * 28, kSmallOutput = 14 * 14, kViaColumns = 512 * 9, kViaOutputChannels = 128;
 bool via_nhwc(const at::Tensor& input, const Geometry& g, bool backward) {
   if (g.spatial_dims != 2 || input.dim() != 4 || g.empty()) return false;
@@ -953,7 +952,7 @@ at::Tensor conv_forward_cpu(const at::Tensor& input_, const at::Tensor& weight_,
   // kernel at every size measured, and than whole channels-last copies of short rows. Interleaved, 2-core Zen 3,
   // batch 8, forward ours/torch: 5x5 1152@7 2.3 -> 1.2, 3x3 672@14 1.7 -> 0.7-0.8, 5x5/2 144@56 3.3 -> 0.9,
   // 3x3 144@56 (the NCHW kernel) 2.3 -> 1.7 ms. Channels-last tensors keep their kernels, which read the channels
-  // in place (the tiles' copies took twice their time).
+  // in place (the tiles' copies took twice their time), but for 5x5 and 7x7 over short rows (forward_nhwc_kernel).
   if (is_depthwise(g) && !channels_last && depthwise_tiles_apply(weight_, g)) {
     at::Tensor output = at::empty(g.output_shape(g.out_channels), input_.options());
     depthwise_forward_tiles_cpu(output, input_.contiguous(), weight_,

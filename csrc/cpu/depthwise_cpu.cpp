@@ -1127,16 +1127,19 @@ constexpr int64_t kTileElems = 1 << 14;  // a task's input tile, about; wider ro
 struct TilePlan {
   int64_t tile_w = 0;  // tile columns: column t holds input column t - pad_w
   int64_t band = 1, bands = 1;  // output rows per task, and tasks per (image, channel block)
+  int64_t tile_elems = 0;  // the tallest band's tile
   std::vector<int64_t> offset;  // tap (i, j)'s element offset in the tile from its output's first tap
-  TilePlan(const Geometry& g, int64_t L) {
+  // pixel: the elements of one tile column (its channels)
+  TilePlan(const Geometry& g, int64_t pixel) {
     const Window& w = g.win;
     const int64_t span_h = (w.kernel_h - 1) * w.dilation_h, span_w = (w.kernel_w - 1) * w.dilation_w;
     tile_w = (g.out_w - 1) * w.stride_w + span_w + 1;
-    const int64_t rows = std::max<int64_t>(1, ((kTileElems / (tile_w * L)) - span_h - 1) / w.stride_h + 1);
+    const int64_t rows = std::max<int64_t>(1, ((kTileElems / (tile_w * pixel)) - span_h - 1) / w.stride_h + 1);
     bands = ceil_div(g.out_h, std::min(rows, g.out_h));
     band = ceil_div(g.out_h, bands);  // cut evenly
+    tile_elems = ((band - 1) * w.stride_h + span_h + 1) * tile_w * pixel;
     for (int64_t i = 0; i < w.kernel_h; ++i)
-      for (int64_t j = 0; j < w.kernel_w; ++j) offset.push_back((i * w.dilation_h * tile_w + j * w.dilation_w) * L);
+      for (int64_t j = 0; j < w.kernel_w; ++j) offset.push_back((i * w.dilation_h * tile_w + j * w.dilation_w) * pixel);
   }
 };
 
@@ -1256,9 +1259,8 @@ void forward_tiles_kernel(scalar_t* out, const scalar_t* in, const scalar_t* wt,
   const TilePlan plan(g, L);
   const int64_t C = g.in_channels, blocks = ceil_div(C, L), taps = w.kernel_h * w.kernel_w;
   const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w, tile_w = plan.tile_w;
-  const int64_t span_h = (w.kernel_h - 1) * w.dilation_h;
   at::parallel_for(0, g.batch * blocks * plan.bands, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> tile(((plan.band - 1) * w.stride_h + span_h + 1) * tile_w * L), outs(plan.band * g.out_w * L);
+    std::vector<scalar_t> tile(plan.tile_elems), outs(plan.band * g.out_w * L);
     for (int64_t task = begin; task < end; ++task) {
       const TileTask t(plan, g, blocks, task);
       const int64_t c0 = t.block * L, cb = std::min(L, C - c0);
@@ -1323,11 +1325,11 @@ void forward_nhwc_tiles(scalar_t* out, const scalar_t* in, const scalar_t* wt, c
   constexpr int64_t L = Vec<scalar_t>::lanes;
   const Window& w = g.win;
   const int64_t C = g.in_channels, CB = std::min(C, kTileVectors * L), blocks = ceil_div(C, CB);
-  const int64_t taps = w.kernel_h * w.kernel_w, span_h = (w.kernel_h - 1) * w.dilation_h;
+  const int64_t taps = w.kernel_h * w.kernel_w;
   const TilePlan plan(g, CB);
   const int64_t tile_w = plan.tile_w;
   at::parallel_for(0, g.batch * blocks * plan.bands, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> tile(((plan.band - 1) * w.stride_h + span_h + 1) * tile_w * CB);
+    std::vector<scalar_t> tile(plan.tile_elems);
     for (int64_t task = begin; task < end; ++task) {
       const TileTask t(plan, g, blocks, task);
       const int64_t c0 = t.block * CB, cb = std::min(CB, C - c0);
