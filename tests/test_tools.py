@@ -166,6 +166,26 @@ def _export(onnx, model, x, dynamo):
 
 
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_our_export_flag_reads_torchs(dynamo, onnx):
+    """_exporting.exporting_to_onnx reads torch's flags itself (torch.onnx.is_in_onnx_export imports two modules
+    a call): it must give torch's answer before, during and after an export by either exporter."""
+    from torch_manualgrad import _exporting
+
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append((_exporting.exporting_to_onnx(), torch.onnx.is_in_onnx_export()))
+            return x * 2
+
+    assert seen == [] and not _exporting.exporting_to_onnx()
+    _export(onnx, Probe(), torch.randn(2, 3), dynamo)
+    assert seen and all(ours == torchs for ours, torchs in seen)
+    assert any(torchs for _, torchs in seen)
+    assert not _exporting.exporting_to_onnx() and not torch.onnx.is_in_onnx_export()
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
 def test_onnx_export_gives_standard_nodes_that_onnxruntime_runs(dynamo, onnx):
     import onnxruntime
 

@@ -27,10 +27,32 @@ _TORCH_EXPORT_HINT = ("TorchScript is deprecated in favour of torch.export: torc
                       "records our ops, and torch.compile compiles them with their gradients")
 
 
+_ONNX_STATE = None  # (the dynamo exporter's _flags module, the TorchScript exporter's GLOBALS), once found
+
+
 def exporting_to_onnx():
     """Whether torch.onnx.export (either exporter) is tracing the model now."""
     onnx = sys.modules.get("torch.onnx")  # never imported: no export can be running
-    return onnx is not None and onnx.is_in_onnx_export()
+    if onnx is None:
+        return False
+    # torch.onnx.is_in_onnx_export() reads the same two flags, but imports their modules on every call, which
+    # cost 2-4 µs of each of our calls (every convolution and max-pool asks); torch versions that keep them
+    # elsewhere, and Dynamo (which knows that function, not the flags' property), get its answer.
+    if torch.compiler.is_compiling():
+        return onnx.is_in_onnx_export()
+    global _ONNX_STATE
+    if _ONNX_STATE is None:
+        try:
+            from torch.onnx._internal.exporter import _flags
+            from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+
+            _ONNX_STATE = (_flags, GLOBALS) if hasattr(_flags, "_is_onnx_exporting") and hasattr(GLOBALS, "in_onnx_export") else False
+        except ImportError:
+            _ONNX_STATE = False
+    if _ONNX_STATE is False:
+        return onnx.is_in_onnx_export()
+    flags, state = _ONNX_STATE
+    return bool(state.in_onnx_export or flags._is_onnx_exporting)
 
 
 def refuse_script(module):

@@ -51,6 +51,16 @@ def _index(value):
 
 def _expand(value, dims, name, op):
     """An int or a 1-/dims-long sequence of ints → a dims-long list, as torch accepts them."""
+    # the usual cases first, without the general checks' cost (these run on every call)
+    kind = type(value)
+    if kind is int:
+        return [value] * dims
+    if (kind is tuple or kind is list) and len(value) == dims:
+        for v in value:
+            if type(v) is not int:
+                break
+        else:
+            return list(value)
     value = _index(value)
     if isinstance(value, bool) or not isinstance(value, (int, tuple, list, torch.Size)):
         raise TypeError(f"{op}: expected {name} to be an int or a tuple of {dims} ints, but got {name}={value!r}")
@@ -117,6 +127,8 @@ def _as_channels_last(t, dims):
     torch.channels_last_3d, a 3-d one as the 4-d one of height 1. Where a dimension of size 1 makes t
     channels-last already, contiguous() keeps its strides; they are then rewritten (the same memory order, no
     copy) to those torch gives its outputs."""
+    if dims != 1 and 1 not in t.shape and 0 not in t.shape and t.is_contiguous(memory_format=channels_last_format(t.dim())):
+        return t  # dense channels-last with no sizes of 1: torch's strides already (the usual case, on every call)
     t4 = t.unsqueeze(2) if dims == 1 else t
     t4 = t4.contiguous(memory_format=channels_last_format(t4.dim()))
     strides, span = [1] * t4.dim(), t4.shape[1]  # C's stride is 1; each dimension's from W back to N, the span
@@ -161,10 +173,15 @@ def _pool_channels_last(input, dims, unbatched, with_indices):
     return not unbatched and _suggests_channels_last(input)
 
 
+_ANY_AUTOCAST = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
 def _autocast(input, weight, bias):
     """Inside torch.autocast, a convolution runs in the autocast dtype, as torch's does: float32 tensors
     are cast (float64 ones are left alone, as autocast leaves them); the casts are differentiable, so
     gradients reach float32 parameters as float32."""
+    if _ANY_AUTOCAST is not None and not _ANY_AUTOCAST():  # (one cheap check on every call outside autocast)
+        return input, weight, bias
     device_type = input.device.type
     if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
         return input, weight, bias
@@ -190,20 +207,22 @@ def _conv(dims, op, input, weight, bias, stride, padding, dilation, groups):
     else:
         padding = _expand(padding, dims, "padding", op)
 
-    def real_conv(x, w, b=None):
-        path = call_path(x, w, b)
-        if path == FUNCTION:
-            return ConvFunction.apply(x, w, b, stride, padding, dilation, groups)
-        if path == OP:  # the op's autograd is ConvFunction's formulas
-            return ops.conv_forward(x, w, b, stride, padding, dilation, groups)
-        return below_autograd(ops.conv_forward, x, w, b, stride, padding, dilation, groups)
-
+    geometry = (stride, padding, dilation, groups)
     if input.is_complex() and weight.dtype == input.dtype and (bias is None or bias.dtype == input.dtype):
-        output = complex_conv(real_conv, input, weight, bias)
+        output = complex_conv(lambda x, w, b=None: _real_conv(x, w, b, geometry), input, weight, bias)
     else:  # real, or dtypes that differ: the op's checks report those
-        output = real_conv(input, weight, bias)
+        output = _real_conv(input, weight, bias, geometry)
     output = _in_torchs_layout(output, _conv_channels_last(input, weight, dims, stride, dilation, groups), dims)
     return output.squeeze(0) if unbatched else output
+
+
+def _real_conv(x, w, b, geometry):
+    path = call_path(x, w, b)
+    if path == FUNCTION:
+        return ConvFunction.apply(x, w, b, *geometry)
+    if path == OP:  # the op's autograd is ConvFunction's formulas
+        return ops.conv_forward(x, w, b, *geometry)
+    return below_autograd(ops.conv_forward, x, w, b, *geometry)
 
 
 def _string_padding(op, padding, input, weight, stride, dilation, dims):
