@@ -92,6 +92,33 @@ def test_backward_with_and_without_create_graph_agree(device):
         assert torch.equal(p, q.detach())
 
 
+def test_functions_apply_without_binding_matches_torchs_apply(device, monkeypatch):
+    """Our Functions skip torch.autograd.Function.apply's argument binding (autograd._Function.apply) where it changes
+    nothing. The graph they record must be the one torch's apply records: same outputs, gradients, double backward,
+    and the same Function class as grad_fn. On the pinned torch the shortcut is taken at all."""
+    from torch_manualgrad import autograd as ag
+
+    if torch.__version__.startswith("2.13."):
+        assert ag._UNWRAP_DEAD is not None
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 9, 8, device=device, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, device=device, dtype=torch.float64, requires_grad=True)
+
+    def run():
+        y = tmg.functional.max_pool2d(tmg.functional.conv2d(x, w, padding=1), 3, 2, 1)
+        g = torch.ones_like(y)
+        first = torch.autograd.grad(y, (x, w), g, create_graph=True)
+        second = torch.autograd.grad(sum(t.square().sum() for t in first), (x, w))
+        return y, first, second, type(y.grad_fn).__name__
+
+    fast = run()
+    monkeypatch.setattr(ag, "_UNWRAP_DEAD", None)
+    slow = run()
+    assert fast[3] == slow[3] == "MaxPoolFunctionBackward"
+    for a, b in zip([fast[0], *fast[1], *fast[2]], [slow[0], *slow[1], *slow[2]]):
+        assert torch.equal(a.detach(), b.detach())
+
+
 def test_channels_last_in_channels_last_out(device):
     x = torch.randn(2, 3, 9, 8, device=device).contiguous(memory_format=torch.channels_last).requires_grad_()
     w = torch.randn(5, 3, 3, 3, device=device)

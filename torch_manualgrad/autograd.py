@@ -291,12 +291,40 @@ class _Whole(tuple):
     __slots__ = ()
 
 
+# torch.autograd.Function.apply first binds the arguments to forward's signature (inspect.signature, about 30 µs a
+# call, a third of a small convolution's whole forward under autograd) to fill in defaults. Our callers pass every
+# argument, so outside torch.func transforms and torch.compile that binding changes nothing, and _Function.apply
+# goes straight on to what follows it there: dropping dead functorch wrappers, then the C++ apply. Only where
+# Function.apply reads exactly the names it reads in the torch versions we know (else it may do more now).
+_APPLY_NAMES = {"_is_setup_context_defined", "setup_context", "forward", "torch", "_C", "_are_functorch_transforms_active",
+                "_functorch", "utils", "unwrap_dead_wrappers", "super", "apply", "RuntimeError", "custom_function_call"}
+def _fast_apply_usable():
+    try:
+        names = set(torch.autograd.Function.apply.__func__.__code__.co_names)
+        from torch._functorch.utils import unwrap_dead_wrappers
+    except (AttributeError, ImportError):
+        return None
+    usable = names <= _APPLY_NAMES and hasattr(torch._C, "_are_functorch_transforms_active")
+    return unwrap_dead_wrappers if usable else None
+
+
+_UNWRAP_DEAD = _fast_apply_usable()
+
+
 class _Function(torch.autograd.Function):
     """Our Functions' apply: list arguments are passed as _Whole values (see there)."""
 
     @classmethod
     def apply(cls, *args):
-        return super().apply(*[_Whole(a) if type(a) is list else a for a in args])
+        args = tuple(_Whole(a) if type(a) is list else a for a in args)
+        if (_UNWRAP_DEAD is not None and len(args) == cls._arity and not torch._C._are_functorch_transforms_active()
+                and not torch.compiler.is_compiling()):
+            return super(torch.autograd.Function, cls).apply(*_UNWRAP_DEAD(args))
+        return super().apply(*args)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls._arity = cls.forward.__code__.co_argcount  # forward is a staticmethod: its parameters, all positional
 
 
 class ConvFunction(_Function):
