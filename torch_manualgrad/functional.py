@@ -127,7 +127,8 @@ def _as_channels_last(t, dims):
     torch.channels_last_3d, a 3-d one as the 4-d one of height 1. Where a dimension of size 1 makes t
     channels-last already, contiguous() keeps its strides; they are then rewritten (the same memory order, no
     copy) to those torch gives its outputs."""
-    if dims != 1 and 1 not in t.shape and 0 not in t.shape and t.is_contiguous(memory_format=channels_last_format(t.dim())):
+    if (dims != 1 and t.dim() == dims + 2 and 1 not in t.shape and 0 not in t.shape
+            and t.is_contiguous(memory_format=channels_last_format(t.dim()))):
         return t  # dense channels-last with no sizes of 1: torch's strides already (the usual case, on every call)
     t4 = t.unsqueeze(2) if dims == 1 else t
     t4 = t4.contiguous(memory_format=channels_last_format(t4.dim()))
