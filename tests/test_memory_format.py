@@ -34,6 +34,29 @@ def layouts_4d(shape):
 SHAPES = [(2, 3, 6, 7), (2, 1, 6, 6), (1, 4, 5, 5), (3, 2, 1, 1), (2, 3, 1, 6)]
 
 
+def test_fake_kernel_never_guesses_a_layout_for_an_unknown_batch():
+    """A batch size with no value yet (data-dependent, under torch.compile) cannot tell whether the channels-last
+    rule's tie-breaks apply. The fake kernel must then either raise or give the strides the real kernel gives,
+    never contiguous strides for a channels-last result (Inductor trusts a custom op's fake strides)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    op = torch.ops.manualgrad.conv_forward
+    args = (None, [1, 1], [0, 0], [1, 1], 1)
+    eager = op(torch.randn(4, 8, 8, 3).permute(0, 3, 1, 2), torch.randn(5, 3, 3, 3), *args)
+    assert eager.stride()[1] == 1
+    env = ShapeEnv()
+    with FakeTensorMode(shape_env=env):
+        batch = env.create_unbacked_symint()
+        torch._check(batch >= 0)
+        x = torch.empty(batch, 8, 8, 3).permute(0, 3, 1, 2)
+        try:
+            fake = op(x, torch.empty(5, 3, 3, 3), *args)
+        except RuntimeError:  # GuardOnDataDependentSymNode: torch.compile then asks for a hint or breaks the graph
+            return
+        assert fake.stride()[1:] == eager.stride()[1:]
+
+
 def test_suggest_rule_is_torchs():
     """Our Python reading of ATen's suggest_memory_format against torch's own Python one."""
     prims = pytest.importorskip("torch._prims_common")

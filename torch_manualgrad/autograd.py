@@ -123,14 +123,20 @@ def _suggests_channels_last(t):
         return False
     try:
         sizes, strides = t.shape, t.stride()
-        # Without sizes of 0 or 1 no tie-break applies, and a dense tensor answers at once (this runs on every call)
-        if 1 not in sizes and 0 not in sizes:
-            if t.is_contiguous():
-                return False
-            if t.is_contiguous(memory_format=channels_last_format(t.dim())):
-                return True
     except RuntimeError:  # inside torch.func.vmap layouts cannot be queried; keep the ops' contiguous output
         return False
+    # Without sizes of 0 or 1 no tie-break applies, and a dense tensor answers at once (this runs on every call).
+    # (Outside the try above: a size that has no value yet, under torch.compile, must raise, not answer False.)
+    if 1 not in sizes and 0 not in sizes:
+        try:
+            dense = t.is_contiguous()
+            dense_channels_last = not dense and t.is_contiguous(memory_format=channels_last_format(t.dim()))
+        except RuntimeError:  # inside vmap only the contiguous format can be asked: the rule below answers
+            dense = dense_channels_last = False
+        if dense:
+            return False
+        if dense_channels_last:
+            return True
     if strides[1] == 0:
         return False
     floor = 0
