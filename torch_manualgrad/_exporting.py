@@ -46,7 +46,8 @@ def exporting_to_onnx():
             from torch.onnx._internal.exporter import _flags
             from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
 
-            _ONNX_STATE = (_flags, GLOBALS) if hasattr(_flags, "_is_onnx_exporting") and hasattr(GLOBALS, "in_onnx_export") else False
+            known = hasattr(_flags, "_is_onnx_exporting") and hasattr(GLOBALS, "in_onnx_export")
+            _ONNX_STATE = (_flags, GLOBALS) if known else False
         except ImportError:
             _ONNX_STATE = False
     if _ONNX_STATE is False:

@@ -304,7 +304,10 @@ class _Whole(tuple):
 # Function.apply reads exactly the names it reads in the torch versions we know (else it may do more now).
 _APPLY_NAMES = {"_is_setup_context_defined", "setup_context", "forward", "torch", "_C", "_are_functorch_transforms_active",
                 "_functorch", "utils", "unwrap_dead_wrappers", "super", "apply", "RuntimeError", "custom_function_call"}
+
+
 def _fast_apply_usable():
+    """unwrap_dead_wrappers where _Function.apply may skip the binding (see above), else None."""
     try:
         names = set(torch.autograd.Function.apply.__func__.__code__.co_names)
         from torch._functorch.utils import unwrap_dead_wrappers
