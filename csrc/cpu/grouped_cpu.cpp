@@ -43,9 +43,10 @@ constexpr int64_t kMaxTaskElems = 1 << 22;     // ...and never more than this, h
 constexpr int64_t kMaxChannelsPerGroup = 64;   // wider groups are products BLAS runs well
 constexpr int64_t kMinParallelGather = 1 << 15;  // weights gathered by one thread below this many elements
 constexpr int64_t kMinWeightTasks = 8;         // the weight gradient's tasks: groups × blocks of output channels
-// Register blocks: output channels × vectors of q (or taps); 4 × 3 accumulators (and 3 + 1 operands) would take all
-// of AVX2's 16 registers.
-constexpr int O_MAX = 4, V_MAX = kVectorRegisters >= 32 ? 3 : 2, T_MAX = V_MAX;
+// Register blocks: output channels × vectors of q; 4 × 3 accumulators (and 3 + 1 operands) would take all of AVX2's
+// 16 registers. The weight gradient's blocks are output channels × terms: 4 × 3 on AVX2 too, where its 4 grad
+// vectors are 17 registers and GCC takes one of them from memory (1.5x 4 × 2's rate on a Zen 3; benchmarks/NOTES.md).
+constexpr int O_MAX = 4, V_MAX = kVectorRegisters >= 32 ? 3 : 2, T_MAX = 3;
 
 // Element strides of a (N, C, H, W) or (N, C, W) tensor, whatever its layout.
 struct Strides {
@@ -63,9 +64,18 @@ struct WeightRef {
   scalar_t* data;
   Strides s;
   int64_t kernel_h, kernel_w;
-  scalar_t& at(int64_t oc, int64_t t) const {
-    const int64_t taps = kernel_h * kernel_w;
-    return data[oc * s.n + t / taps * s.c + t % taps / kernel_w * s.h + t % kernel_w * s.w];
+  // f(t, the entry of term t of output channel oc) for t in [t0, t1), stepping the indices (finding each entry's
+  // with three divisions took 5% of a grouped weight gradient's time)
+  template <typename F>
+  void for_terms(int64_t oc, int64_t t0, int64_t t1, const F& f) const {
+    int64_t ic = t0 / (kernel_h * kernel_w), kh = t0 / kernel_w % kernel_h, kw = t0 % kernel_w;
+    for (int64_t t = t0; t < t1; ++t) {
+      f(t, data[oc * s.n + ic * s.c + kh * s.h + kw * s.w]);
+      if (++kw == kernel_w) {
+        kw = 0;
+        if (++kh == kernel_h) kh = 0, ++ic;
+      }
+    }
   }
 };
 template <typename scalar_t>
@@ -110,12 +120,13 @@ Bands bands_for(const Geometry& g, int64_t lanes) {
   return even_bands(g.out_h, GroupDims(g).in_per_group * one.phases * one.pitch, one.height - 1, kMaxPlaneElems);
 }
 
-// Whether n values are all finite (the comparison is false for NaN, and for infinities the bound excludes).
+// Whether n values are all finite: x - x is 0 for those, NaN for infinities and NaN. (In this form GCC vectorises
+// the loop; a bound on |x| it compiled to a compare and branch a value, 40% of the weight gradient's plane copies.)
 template <typename scalar_t>
-bool all_finite(const scalar_t* v, int64_t n) {
-  bool ok = true;
-  for (int64_t i = 0; i < n; ++i) ok &= std::abs(v[i]) <= std::numeric_limits<scalar_t>::max();
-  return ok;
+bool all_finite(const scalar_t* __restrict v, int64_t n) {
+  int bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad |= !(v[i] - v[i] == scalar_t(0));
+  return bad == 0;
 }
 
 // dst[r * ld + j] = src[r * rs + j * js] for r < rows, j < cols: `rows` channels of a strided row into contiguous
@@ -155,10 +166,12 @@ template <typename scalar_t>
 }
 
 // A band's phase planes for `channels` channels of one image (`image` points at its first channel): plane
-// (channel c, phase p) at planes + c * per_channel + p * size. Returns whether every value copied is finite.
+// (channel c, phase p) at planes + c * per_channel + p * size. Returns whether every value copied is finite, where
+// asked to check (the weight gradient), else true.
 template <typename scalar_t>
 MANUALGRAD_VECTOR_CLONES bool build_planes(scalar_t* planes, const scalar_t* image, const Strides& s,
-                                           int64_t channels, const Geometry& g, const Planes& p, int64_t oh0) {
+                                           int64_t channels, const Geometry& g, const Planes& p, int64_t oh0,
+                                           bool check_finite) {
   const Window& w = g.win;
   const int64_t ld = p.per_channel();
   for (int64_t a = 0; a < w.stride_h; ++a) {
@@ -186,7 +199,7 @@ MANUALGRAD_VECTOR_CLONES bool build_planes(scalar_t* planes, const scalar_t* ima
   for (int64_t c = 0; c < channels; ++c) {
     for (int64_t ph = 0; ph < p.phases; ++ph) {
       scalar_t* plane = planes + c * ld + ph * p.size;
-      finite &= all_finite(plane, p.height * p.pitch);
+      if (check_finite) finite &= all_finite(plane, p.height * p.pitch);
       std::fill_n(plane + p.height * p.pitch, p.size - p.height * p.pitch, scalar_t(0));
     }
   }
@@ -308,7 +321,7 @@ void forward_kernel(scalar_t* out, const Strides& so, const scalar_t* in, const 
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / (d.groups * bands.count), grp = task / bands.count % d.groups;
       const int64_t oh0 = task % bands.count * bands.rows, rows = std::min(bands.rows, g.out_h - oh0);
-      build_planes(planes.data(), in + n * si.n + grp * d.in_per_group * si.c, si, d.in_per_group, g, p, oh0);
+      build_planes(planes.data(), in + n * si.n + grp * d.in_per_group * si.c, si, d.in_per_group, g, p, oh0, false);
       const int64_t oc0 = grp * d.out_per_group;
       forward_planes(tile.data(), ldo, rows * p.pitch, planes.data(), off.data(), wt + oc0 * d.k_per_group,
                      d.out_per_group, d.k_per_group, bias ? bias + oc0 : nullptr, chunk);
@@ -347,7 +360,8 @@ template <typename scalar_t, int64_t BYTES>
 
 // acc[o * lda + t] += for o < O and t < T, the sum over the chunk's images and q of grad[o * ldg + q] ×
 // planes[off[t] + q]: each vector lane's partial sum formed in scalar_t, the lanes then added (lane_sum), and that
-// added in double.
+// added in double. The grad vectors (aligned) are held and each term's vector (at any offset) loaded once and used
+// O times: with the terms held instead, GCC folded the O grad loads into each multiply-add, twice the loads.
 template <typename scalar_t, int O, int T>
 [[gnu::always_inline]] inline void weight_block(double* acc, int64_t lda, const WeightChunk<scalar_t>& c, int64_t o0,
                                                 const int64_t* off) {
@@ -358,12 +372,11 @@ template <typename scalar_t, int O, int T>
     const scalar_t* planes = c.planes + m * c.plane_step;
     const scalar_t* grad = c.grad + m * c.grad_step + o0 * c.ldg;
     for (int64_t q = 0; q < c.count; q += L) {
-      vec x[T];
-      for (int t = 0; t < T; ++t) load_vec(x[t], planes + off[t] + q);
-      for (int o = 0; o < O; ++o) {
-        vec gv;
-        load_vec(gv, grad + o * c.ldg + q);
-        for (int t = 0; t < T; ++t) sum[o][t] += gv * x[t];
+      vec gv[O];
+      for (int o = 0; o < O; ++o) gv[o] = vec_at(grad + o * c.ldg + q);
+      for (int t = 0; t < T; ++t) {
+        const vec x = vec_at(planes + off[t] + q);
+        for (int o = 0; o < O; ++o) sum[o][t] += gv[o] * x;
       }
     }
   }
@@ -421,6 +434,19 @@ void weight_planes_exact(double* acc, const WeightChunk<scalar_t>& c, const int6
   }
 }
 
+// A band's grad_output tile for the weight gradient: tile (channels, ld) holds grad_output's row oh0 + i, column ow
+// of each channel at i * pitch + ow, for q < count, and zeros at the grid's dropped columns and past its rows.
+template <typename scalar_t>
+MANUALGRAD_VECTOR_CLONES void grad_tile(scalar_t* tile, int64_t ld, int64_t count, const scalar_t* grad,
+                                        const Strides& sg, int64_t channels, int64_t rows, int64_t pitch,
+                                        int64_t out_w) {
+  for (int64_t i = 0; i < rows; ++i) gather_rows(tile + i * pitch, ld, grad + i * sg.h, sg.c, sg.w, channels, out_w);
+  for (int64_t o = 0; o < channels; ++o) {
+    for (int64_t i = 0; i < rows; ++i) zero_run(tile + o * ld + i * pitch + out_w, pitch - out_w);
+    zero_run(tile + o * ld + rows * pitch, count - rows * pitch);
+  }
+}
+
 // grad_weight gw: tasks are (group, block of output channels), each summing over every
 // band and chunk of images in order. A chunk holds as many images as fit kMaxPlaneElems twice over, so that the
 // lanes' sums are added up once per chunk, not once per small image.
@@ -439,7 +465,7 @@ void weight_kernel(const WeightRef<scalar_t>& gw, const scalar_t* go, const Stri
   const int64_t plane_step = d.in_per_group * p.per_channel(), grad_step = block * ldg;
   const int64_t chunk = std::clamp<int64_t>(2 * kMaxPlaneElems / (plane_step + grad_step), 1, g.batch);
   parallel_tasks(d.groups * blocks, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> planes(chunk * plane_step), grad(chunk * grad_step);
+    aligned_vector<scalar_t> planes(chunk * plane_step), grad(chunk * grad_step);
     std::vector<double> acc(block * d.k_per_group);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t grp = task / blocks, o_first = task % blocks * block;
@@ -451,24 +477,23 @@ void weight_kernel(const WeightRef<scalar_t>& gw, const scalar_t* go, const Stri
         const int64_t oh0 = band * bands.rows, rows = std::min(bands.rows, g.out_h - oh0);
         for (int64_t n0 = 0; n0 < g.batch; n0 += chunk) {
           const int64_t images = std::min(chunk, g.batch - n0);
+          const int64_t count = ceil_div(rows * p.pitch, L) * L;
           bool finite = true;
-          std::fill(grad.begin(), grad.end(), scalar_t(0));
           for (int64_t m = 0; m < images; ++m) {
             const int64_t n = n0 + m;
             finite &= build_planes(planes.data() + m * plane_step, in + n * si.n + grp * d.in_per_group * si.c, si,
-                                   d.in_per_group, g, p, oh0);
-            for (int64_t i = 0; i < rows; ++i)
-              gather_rows(grad.data() + m * grad_step + i * p.pitch, ldg, go + n * sg.n + oc0 * sg.c + (oh0 + i) * sg.h,
-                          sg.c, sg.w, channels, g.out_w);
+                                   d.in_per_group, g, p, oh0, true);
+            grad_tile(grad.data() + m * grad_step, ldg, count, go + n * sg.n + oc0 * sg.c + oh0 * sg.h, sg, channels,
+                      rows, p.pitch, g.out_w);
           }
-          const WeightChunk<scalar_t> c{planes.data(), grad.data(), plane_step, grad_step, ldg, images,
-                                        ceil_div(rows * p.pitch, L) * L};
+          const WeightChunk<scalar_t> c{planes.data(), grad.data(), plane_step, grad_step, ldg, images, count};
           if (finite) weight_planes(acc.data(), c, off.data(), channels, d.k_per_group);
           else weight_planes_exact(acc.data(), c, off.data(), channels, d.k_per_group, p.pitch, rows, g.out_w);
         }
       }
       for (int64_t o = 0; o < channels; ++o)
-        for (int64_t t = 0; t < d.k_per_group; ++t) gw.at(oc0 + o, t) = static_cast<scalar_t>(acc[o * d.k_per_group + t]);
+        gw.for_terms(oc0 + o, 0, d.k_per_group,
+                     [&](int64_t t, scalar_t& entry) { entry = static_cast<scalar_t>(acc[o * d.k_per_group + t]); });
     }
   });
 }
@@ -800,8 +825,8 @@ void pixel_weight_kernel(const WeightRef<scalar_t>& gw, const scalar_t* go, cons
         }
       }
       for (int64_t o = 0; o < d.out_per_group; ++o)
-        for (int64_t t = t0; t < t1; ++t)
-          gw.at(grp * d.out_per_group + o, t) = static_cast<scalar_t>(acc[t * d.out_per_group + o]);
+        gw.for_terms(grp * d.out_per_group + o, t0, t1,
+                     [&](int64_t t, scalar_t& entry) { entry = static_cast<scalar_t>(acc[t * d.out_per_group + o]); });
     }
   });
 }
