@@ -627,7 +627,7 @@ class PaddedRows {
   }
 
  private:
-  std::vector<scalar_t> ring_;  // (ring_rows, row_slots)
+  aligned_vector<scalar_t> ring_;  // (ring_rows, row_slots)
   std::vector<int64_t> held_;   // (ring_rows,) the input row each place holds, or -1
   int64_t slots_;
   const scalar_t* plane_ = nullptr;
@@ -875,8 +875,8 @@ void backward_weight_kernel(scalar_t* grad_weight, const scalar_t* grad_out, con
   // registers: the partial sums' rows are vectors·L wide, and each image's rows are copied padded (zero-filled)
   const int64_t pitch = vectors * L + w.kernel_w;
   at::parallel_for(0, g.out_channels, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> acc(taps * std::max<int64_t>(plan.chunk, vectors * L));  // (taps, ld) below
-    std::vector<scalar_t> go_pad(vectors ? g.out_h * vectors * L : 0), x_pad(vectors ? g.in_h * pitch : 0);
+    aligned_vector<scalar_t> acc(taps * std::max<int64_t>(plan.chunk, vectors * L));  // (taps, ld) below
+    aligned_vector<scalar_t> go_pad(vectors ? g.out_h * vectors * L : 0), x_pad(vectors ? g.in_h * pitch : 0);
     PaddedRows<scalar_t> rows(plan);
     for (int64_t oc = begin; oc < end; ++oc) {
       const int64_t c = oc / multiplier;
@@ -966,7 +966,7 @@ void forward_nhwc_padded(scalar_t* out, const scalar_t* in, const scalar_t* wt, 
     for (int64_t j = 0; j < w.kernel_w; ++j) offset[i * w.kernel_w + j] = (i * width + j) * C;
   const int64_t bands = ceil_div(g.out_h, kPaddedBand);
   at::parallel_for(0, g.batch * bands, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> rows(band_rows * width * C);
+    aligned_vector<scalar_t> rows(band_rows * width * C);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / bands, oh0 = task % bands * kPaddedBand;
       const int64_t count = std::min(kPaddedBand, g.out_h - oh0);
@@ -1260,7 +1260,7 @@ void forward_tiles_kernel(scalar_t* out, const scalar_t* in, const scalar_t* wt,
   const int64_t C = g.in_channels, blocks = ceil_div(C, L), taps = w.kernel_h * w.kernel_w;
   const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w, tile_w = plan.tile_w;
   at::parallel_for(0, g.batch * blocks * plan.bands, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> tile(plan.tile_elems), outs(plan.band * g.out_w * L);
+    aligned_vector<scalar_t> tile(plan.tile_elems), outs(plan.band * g.out_w * L);
     for (int64_t task = begin; task < end; ++task) {
       const TileTask t(plan, g, blocks, task);
       const int64_t c0 = t.block * L, cb = std::min(L, C - c0);
@@ -1329,7 +1329,7 @@ void forward_nhwc_tiles(scalar_t* out, const scalar_t* in, const scalar_t* wt, c
   const TilePlan plan(g, CB);
   const int64_t tile_w = plan.tile_w;
   at::parallel_for(0, g.batch * blocks * plan.bands, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> tile(plan.tile_elems);
+    aligned_vector<scalar_t> tile(plan.tile_elems);
     for (int64_t task = begin; task < end; ++task) {
       const TileTask t(plan, g, blocks, task);
       const int64_t c0 = t.block * CB, cb = std::min(CB, C - c0);
@@ -1360,7 +1360,7 @@ void weight_tiles_kernel(scalar_t* gw, const scalar_t* go, const scalar_t* in, c
   const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w;
   const InteriorRuns runs(g, L);
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> image(in_plane * L), grad(out_plane * L);
+    aligned_vector<scalar_t> image(in_plane * L), grad(out_plane * L);
     std::vector<double> acc(taps * L);
     for (int64_t block = begin; block < end; ++block) {
       const int64_t c0 = block * L, cb = std::min(L, C - c0);

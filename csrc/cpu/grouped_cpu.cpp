@@ -317,7 +317,7 @@ void forward_kernel(scalar_t* out, const Strides& so, const scalar_t* in, const 
   const std::vector<int64_t>& off = layout.offsets;
   const int64_t ldo = p.grid_padded();
   parallel_tasks(g.batch * d.groups * bands.count, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> planes(d.in_per_group * p.per_channel()), tile(d.out_per_group * ldo);
+    aligned_vector<scalar_t> planes(d.in_per_group * p.per_channel()), tile(d.out_per_group * ldo);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / (d.groups * bands.count), grp = task / bands.count % d.groups;
       const int64_t oh0 = task % bands.count * bands.rows, rows = std::min(bands.rows, g.out_h - oh0);
@@ -724,7 +724,7 @@ void pixel_forward_kernel(scalar_t* out, const Strides& so, const scalar_t* in, 
   const int64_t chunk = forward_chunk<scalar_t>(d.k_per_group);
   const int64_t blocks = ceil_div(d.groups, p.groups), step = g.win.stride_w * p.channels;
   parallel_tasks(g.batch * p.count * blocks, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> planes(g.win.stride_h * p.size), scratch(kPixelBlock * d.out_per_group);
+    aligned_vector<scalar_t> planes(g.win.stride_h * p.size), scratch(kPixelBlock * d.out_per_group);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / (p.count * blocks), grp0 = task % blocks * p.groups;
       const int64_t oh0 = task / blocks % p.count * p.rows, rows = std::min(p.rows, g.out_h - oh0);
@@ -810,7 +810,7 @@ void pixel_weight_kernel(const WeightRef<scalar_t>& gw, const scalar_t* go, cons
   const int64_t blocks = std::min(ceil_div(kMinWeightTasks, d.groups), ceil_div(d.k_per_group, int64_t(12)));
   const int64_t per_block = ceil_div(ceil_div(d.k_per_group, blocks), int64_t(12)) * 12;
   parallel_tasks(d.groups * blocks, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> planes(g.win.stride_h * p.size);
+    aligned_vector<scalar_t> planes(g.win.stride_h * p.size);
     std::vector<double> acc(d.k_per_group * d.out_per_group);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t grp = task / blocks, t0 = task % blocks * per_block, t1 = std::min(d.k_per_group, t0 + per_block);
