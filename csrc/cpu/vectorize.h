@@ -103,16 +103,22 @@ using aligned_vector = std::vector<T, LineAligned<T>>;
 // `call` (a function of the file compiled twice) in the copy this CPU takes.
 #define MANUALGRAD_BY_WIDTH(call) (::manualgrad::wide_vectors() ? w64::call : w32::call)
 
+// v = the vector at p, any scalar_t's address. Through the unaligned vector type, not memcpy: GCC copied the 32-byte
+// vectors that memcpy put into an array of three or more (a kernel's weight vectors, say) through the stack in
+// 16-byte halves, then read each back whole, a failed store-to-load forwarding in every iteration (the AVX2 copy of
+// the channels-last grouped forward at 7x7 ran at a quarter of torch's speed, the grouped weight gradient at half).
 template <typename V, typename scalar_t>
-inline void load_vec(V& v, const scalar_t* p) {
-  std::memcpy(&v, p, sizeof(V));
+[[gnu::always_inline]] inline void load_vec(V& v, const scalar_t* p) {
+  static_assert(sizeof(v[0]) == sizeof(scalar_t), "a vector of scalar_t");
+  v = *reinterpret_cast<const typename VecBytes<scalar_t, sizeof(V)>::unaligned*>(p);
 }
-// The vector at p, as a value: for arrays of loaded vectors (GCC copied an array of four that load_vec filled
-// through the stack, 16 bytes at a time, in every iteration of the grouped weight gradient's loop).
+// ...as a value, of this width's vectors.
 namespace MANUALGRAD_WIDTH {
 template <typename scalar_t>
 [[gnu::always_inline]] inline typename Vec<scalar_t>::type vec_at(const scalar_t* p) {
-  return *reinterpret_cast<const typename Vec<scalar_t>::unaligned*>(p);
+  typename Vec<scalar_t>::type v;
+  load_vec(v, p);
+  return v;
 }
 }  // namespace MANUALGRAD_WIDTH
 using MANUALGRAD_WIDTH::vec_at;
