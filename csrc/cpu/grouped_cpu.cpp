@@ -373,9 +373,10 @@ template <typename scalar_t, int O, int T>
     const scalar_t* grad = c.grad + m * c.grad_step + o0 * c.ldg;
     for (int64_t q = 0; q < c.count; q += L) {
       vec gv[O];
-      for (int o = 0; o < O; ++o) gv[o] = vec_at(grad + o * c.ldg + q);
+      for (int o = 0; o < O; ++o) load_vec(gv[o], grad + o * c.ldg + q);
       for (int t = 0; t < T; ++t) {
-        const vec x = vec_at(planes + off[t] + q);
+        vec x;
+        load_vec(x, planes + off[t] + q);
         for (int o = 0; o < O; ++o) sum[o][t] += gv[o] * x;
       }
     }

@@ -46,7 +46,7 @@ namespace manualgrad {
 template <typename scalar_t, int BYTES>
 struct VecBytes {
   typedef scalar_t type __attribute__((vector_size(BYTES)));
-  // the same vector at any scalar_t's address, for vec_at
+  // the same vector at any scalar_t's address, for load_vec
   typedef scalar_t unaligned __attribute__((vector_size(BYTES), aligned(sizeof(scalar_t)), may_alias));
   static constexpr int64_t lanes = BYTES / sizeof(scalar_t);
 };
@@ -112,16 +112,6 @@ template <typename V, typename scalar_t>
   static_assert(sizeof(v[0]) == sizeof(scalar_t), "a vector of scalar_t");
   v = *reinterpret_cast<const typename VecBytes<scalar_t, sizeof(V)>::unaligned*>(p);
 }
-// ...as a value, of this width's vectors.
-namespace MANUALGRAD_WIDTH {
-template <typename scalar_t>
-[[gnu::always_inline]] inline typename Vec<scalar_t>::type vec_at(const scalar_t* p) {
-  typename Vec<scalar_t>::type v;
-  load_vec(v, p);
-  return v;
-}
-}  // namespace MANUALGRAD_WIDTH
-using MANUALGRAD_WIDTH::vec_at;
 
 // dst[0, n) = src[0, n), and zero_run's dst[0, n) = 0, for short runs (im2col_nhwc's: a 3-channel stem's kernel
 // row, 9 or 21 values; a depthwise plane's padded rows) in fixed-size moves, which compile inline: a call to
