@@ -555,14 +555,6 @@ MANUALGRAD_VECTOR_CLONES void dot_run_channels(double* __restrict acc, const sca
 #pragma GCC pop_options
 #endif
 
-// Finite values give x - x == 0; inf and NaN give NaN.
-template <typename scalar_t>
-MANUALGRAD_VECTOR_CLONES bool all_finite(const scalar_t* __restrict v, int64_t count) {
-  int bad = 0;
-  for (int64_t k = 0; k < count; ++k) bad |= !(v[k] - v[k] == scalar_t(0));
-  return bad == 0;
-}
-
 constexpr int64_t kChunkSlots = 8192;    // input columns one chunk of output columns reaches, about
 constexpr int64_t kRingSlots = 1 << 17;  // elements of a task's ring of padded rows
 constexpr int64_t kPartialSums = 1 << 16;  // the weight gradient's partial sums per task, or one per tap

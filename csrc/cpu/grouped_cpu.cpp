@@ -120,15 +120,6 @@ Bands bands_for(const Geometry& g, int64_t lanes) {
   return even_bands(g.out_h, GroupDims(g).in_per_group * one.phases * one.pitch, one.height - 1, kMaxPlaneElems);
 }
 
-// Whether n values are all finite: x - x is 0 for those, NaN for infinities and NaN. (In this form GCC vectorises
-// the loop; a bound on |x| it compiled to a compare and branch a value, 40% of the weight gradient's plane copies.)
-template <typename scalar_t>
-bool all_finite(const scalar_t* __restrict v, int64_t n) {
-  int bad = 0;
-  for (int64_t i = 0; i < n; ++i) bad |= !(v[i] - v[i] == scalar_t(0));
-  return bad == 0;
-}
-
 // dst[r * ld + j] = src[r * rs + j * js] for r < rows, j < cols: `rows` channels of a strided row into contiguous
 // rows. In the order that reads src forwards: channel by channel when each channel's row is contiguous or strided
 // (NCHW), pixel by pixel when the channels lie side by side (NHWC: a channel at a time read one value a cache
@@ -476,9 +467,9 @@ void weight_kernel(const WeightRef<scalar_t>& gw, const scalar_t* go, const Stri
       std::fill(acc.begin(), acc.end(), 0.0);
       for (int64_t band = 0; band < bands.count; ++band) {
         const int64_t oh0 = band * bands.rows, rows = std::min(bands.rows, g.out_h - oh0);
+        const int64_t count = ceil_div(rows * p.pitch, L) * L;
         for (int64_t n0 = 0; n0 < g.batch; n0 += chunk) {
           const int64_t images = std::min(chunk, g.batch - n0);
-          const int64_t count = ceil_div(rows * p.pitch, L) * L;
           bool finite = true;
           for (int64_t m = 0; m < images; ++m) {
             const int64_t n = n0 + m;
