@@ -5,6 +5,7 @@ import random
 import pytest
 import torch
 
+import torch_manualgrad as tmg
 from common import ConvCase, PoolCase
 
 pytestmark = pytest.mark.threads
@@ -182,3 +183,55 @@ def run_pool_inference(case, dtype, threads):
 def test_max_pool_bit_identical_across_thread_counts(case, dtype, restore_num_threads):
     assert_same_for_every_thread_count(run_pool, case, dtype)
     assert_same_for_every_thread_count(run_pool_inference, case, dtype)
+
+
+# --- Arithmetic of functional.py's own around the ops ------------------------------------------------
+# A transposed convolution adds its bias after the op, and a complex convolution is four real ones of the parts;
+# their gradients must not bring back torch's reductions, whose order may depend on the thread count (the gradient
+# of a broadcast bias add, reduced from a complex gradient's real part, a strided view, did).
+# (dims, batch, in, out, kernel, size, stride, padding, output_padding, groups, dilation)
+TRANSPOSED_CASES = [
+    (2, 3, 2, 25, 3, (12, 15), 2, 0, 0, 1, 1),
+    (2, 4, 8, 32, 4, (16, 16), 2, 1, 0, 1, 1),
+    (2, 2, 8, 12, (3, 2), (9, 11), (2, 1), 1, (1, 0), 4, (1, 2)),
+    (1, 4, 6, 9, 5, (200,), 3, 2, 1, 3, 1),
+    (3, 2, 4, 6, 3, (5, 6, 7), (1, 2, 2), 1, 0, 2, 1),
+]
+
+
+def run_transposed(case, dtype, layout, threads, functional=None):
+    """Output and gradients (input, weight, bias) of a transposed convolution by `functional` (ours unless
+    given), its grad_output in `layout`."""
+    functional = functional or tmg.functional
+    dims, batch, cin, cout, kernel, size, stride, padding, output_padding, groups, dilation = case
+    kernel = (kernel,) * dims if isinstance(kernel, int) else kernel
+    gen = torch.Generator().manual_seed(31)
+    drawn = torch.complex128 if dtype.is_complex else torch.float64  # the same values in every dtype
+    x, w, b = (torch.randn(shape, dtype=drawn, generator=gen).to(dtype)
+               for shape in ((batch, cin, *size), (cin, cout // groups, *kernel), (cout,)))
+    fn = getattr(functional, f"conv_transpose{dims}d")
+    args = (stride, padding, output_padding, groups, dilation)
+    grad_output = torch.randn(fn(x, w, b, *args).shape, dtype=drawn, generator=gen).to(dtype)
+    if layout == "channels_last":
+        fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
+        x, grad_output = x.contiguous(memory_format=fmt), grad_output.contiguous(memory_format=fmt)
+    torch.set_num_threads(threads)
+    leaves = [t.requires_grad_() for t in (x, w, b)]
+    out = fn(*leaves, *args)
+    return [out.detach(), *torch.autograd.grad(out, leaves, grad_output)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64, torch.complex128], ids=str)
+@pytest.mark.parametrize("case, layout", [(case, layout) for case in TRANSPOSED_CASES
+                                          for layout in ("contiguous", "channels_last")[:2 if case[0] > 1 else 1]],
+                         ids=str)
+def test_transposed_bit_identical_across_thread_counts(case, dtype, layout, restore_num_threads):
+    assert_same_for_every_thread_count(lambda c, d, threads: run_transposed(c, d, layout, threads), case, dtype)
+    # and they are the transposed convolution's values: torch's, in double precision
+    wide = torch.complex128 if dtype.is_complex else torch.float64
+    tol = 1e-10 if dtype in (torch.float64, torch.complex128) else 1e-4
+    ours = run_transposed(case, dtype, layout, 2)
+    theirs = run_transposed(case, wide, layout, 2, torch.nn.functional)
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        scale = b.abs().max().item()
+        assert (a.to(wide) - b).abs().max().item() <= tol * max(scale, 1.0), f"result {i} differs from torch's"

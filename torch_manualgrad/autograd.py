@@ -435,6 +435,55 @@ class ConvBackwardFunction(_Function):
         return tuple(tangents)
 
 
+def add_channel_bias(output, bias):
+    """output + bias along dim 1: a transposed convolution's bias, which functional.py adds after the op.
+    Through ChannelBiasFunction where autograd records the call, so that the bias gradient is conv_backward's
+    (_channel_sums); under torch.compile (which traces the plain add) and where nothing is recorded, plainly."""
+    if needs_function(output, bias):
+        return ChannelBiasFunction.apply(output, bias)
+    return output + bias.reshape(1, -1, *[1] * (output.dim() - 2))
+
+
+def _channel_sums(grad_output):
+    """grad_output summed over every dimension but 1: the bias gradient of any convolution with these output
+    deltas, so conv_backward's, asked for nothing else, of a 1×1 convolution from one channel, whose input and
+    weight (never read) are zero-strided stand-ins. Its order is fixed by the shapes; torch's gradient of a
+    broadcast add is not: it reduced a complex gradient's real part (a strided view) in an order that depended
+    on the thread count."""
+    batch, channels, *spatial = grad_output.shape
+    ones, zeros = [1] * len(spatial), [0] * len(spatial)
+    input = grad_output.new_zeros(()).expand(batch, 1, *spatial)
+    weight = grad_output.new_zeros(()).expand(channels, 1, *ones)
+    return _conv_grads(grad_output, input, weight, (ones, zeros, ones, 1), [False, False, True])[2]
+
+
+class ChannelBiasFunction(_Function):
+    """output + bias, the bias along dim 1; backward gives (grad_output, its channel sums)."""
+
+    generate_vmap_rule = True  # under torch.func.vmap, the ops' own vmap rules apply (_ops.py)
+
+    @staticmethod
+    def forward(output, bias):
+        return output + bias.reshape(1, -1, *[1] * (output.dim() - 2))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.output_shape = output.shape
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_bias = _channel_sums(grad_output) if ctx.needs_input_grad[1] else None
+        return grad_output, grad_bias
+
+    @staticmethod
+    def jvp(ctx, d_output, d_bias):
+        _refuse_nested_forward_mode()
+        if d_bias is None:
+            return d_output
+        d_bias = d_bias.reshape(1, -1, *[1] * (len(ctx.output_shape) - 2)).expand(ctx.output_shape)
+        return d_bias if d_output is None else d_output + d_bias
+
+
 class MaxPoolFunction(_Function):
     """(output, indices) = max_pool(input); the gradient goes only to each window's argmax, and the
     output's tangent is the input's tangent read at each argmax."""

@@ -25,7 +25,7 @@ from ._complex import complex_conv
 from ._ops import ops
 from .autograd import (BELOW, FUNCTION, OP, ConvBackwardFunction, ConvFunction, MaxPoolFunction,
                        _suggests_channels_last, below_autograd, call_path, channels_last_format,
-                       conv_keeps_channels_last, inside_vmap)
+                       add_channel_bias, conv_keeps_channels_last, inside_vmap)
 
 __all__ = ["conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "max_pool1d",
            "max_pool2d", "max_pool3d"]
@@ -429,7 +429,7 @@ def _conv_transpose(dims, op, input, weight, bias, stride, padding, output_paddi
             tie = sum(t.sum() for t in (x, w, b) if t is not None).mul(0)
             return tie.expand(output_shape).clone(memory_format=torch.contiguous_format)
         out = _conv_input_gradient(x, w, output_shape, stride, padding, dilation, groups, channels_last)
-        return out if b is None else out + b.reshape(1, -1, *([1] * dims))
+        return out if b is None else add_channel_bias(out, b)
 
     if input.is_complex() and weight.dtype == input.dtype and (bias is None or bias.dtype == input.dtype):
         output = complex_conv(real_transposed, input, weight, bias)
