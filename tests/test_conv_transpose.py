@@ -274,6 +274,26 @@ def test_an_output_without_positions(dtype):
     assert grads[0].shape == empty.shape and not grads[1].any() and not grads[2].any()
 
 
+@pytest.mark.parametrize("dims", (1, 2, 3))
+def test_an_empty_batch_of_inputs_without_positions(dims):
+    """An empty batch whose input has a size of 0 still has positions in its output (the kernel's): torch returns
+    that empty output; the convolution the op would run has no valid shape then. A batch that is not empty is
+    refused, as torch refuses it."""
+    w = torch.randn(4, 3, *(3, 2, 2)[:dims], dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    fn, ref_fn = (getattr(m, f"conv_transpose{dims}d") for m in (ours, F))
+    for size in ((0, 2, 1)[:dims], (1, 0, 2)[:dims] if dims > 1 else (0,)):
+        x = torch.randn(0, 4, *size, dtype=torch.float64, requires_grad=True)
+        out, ref = fn(x, w, b, stride=2), ref_fn(x, w, b, stride=2)
+        assert out.shape == ref.shape and out.numel() == 0
+        grads = torch.autograd.grad(out.sum(), (x, w, b))
+        assert grads[0].shape == x.shape and not grads[1].any() and not grads[2].any()
+        full = torch.randn(2, 4, *size, dtype=torch.float64)
+        with pytest.raises(RuntimeError, match="Only zero batch or zero channel inputs are supported"):
+            ref_fn(full, w.detach())
+        _raises(lambda: fn(full, w), "Only zero batch or zero channel inputs are supported")
+
+
 @st.composite
 def _random_configs(draw):
     dims = draw(st.sampled_from((1, 2, 3)))

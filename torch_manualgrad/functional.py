@@ -423,9 +423,11 @@ def _conv_transpose(dims, op, input, weight, bias, stride, padding, output_paddi
         input, weight = input.contiguous(), weight.contiguous()
 
     def real_transposed(x, w, b=None):
-        if 0 in sizes:
-            # An output without positions (for an empty input): nothing to compute. Tied to the arguments so
-            # that their gradients come back as zeros, as torch's do, with torch's contiguous strides.
+        if 0 in sizes or 0 in x.shape[2:]:
+            # An output without positions, or an input without (both only for an empty batch, which torch
+            # accepts; the convolution the op would run has no valid shape then): nothing to compute. Tied to
+            # the arguments so that their gradients come back as zeros, as torch's do, with torch's contiguous
+            # strides.
             tie = sum(t.sum() for t in (x, w, b) if t is not None).mul(0)
             return tie.expand(output_shape).clone(memory_format=torch.contiguous_format)
         out = _conv_input_gradient(x, w, output_shape, stride, padding, dilation, groups, channels_last)
