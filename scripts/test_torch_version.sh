@@ -20,8 +20,9 @@ if [ -z "${VENV:-}" ]; then
   fi
 fi
 PY=$VENV/bin/python
-# The test and demo extras, as pyproject.toml lists them (one list for every set-up).
-EXTRAS=$("$PY" -c "import tomllib; d = tomllib.load(open('$ROOT/pyproject.toml', 'rb'))['project']['optional-dependencies']; print(' '.join(d['test'] + d['demo']))")
+# The package's own dependencies but torch (OpenBLAS) and the test and demo extras, as pyproject.toml lists them
+# (one list for every set-up).
+EXTRAS=$("$PY" -c "import tomllib; p = tomllib.load(open('$ROOT/pyproject.toml', 'rb'))['project']; d = p['optional-dependencies']; print(' '.join([r for r in p['dependencies'] if not r.startswith('torch')] + d['test'] + d['demo']))")
 # shellcheck disable=SC2086
 "$PY" -m pip install -q $EXTRAS ninja numpy "setuptools>=77"  # the build uses this venv's setuptools
 SCRATCH=$(mktemp -d)
