@@ -435,6 +435,10 @@ def _conv_transpose(dims, op, input, weight, bias, stride, padding, output_paddi
 
     if input.is_complex() and weight.dtype == input.dtype and (bias is None or bias.dtype == input.dtype):
         output = complex_conv(real_transposed, input, weight, bias)
+    elif bias is not None and input.device.type == "cpu" and input.dtype in (torch.float16, torch.bfloat16):
+        # The CPU op computes these in float32 and rounds once (README): the bias is added before that rounding,
+        # not to the rounded result
+        output = real_transposed(input.float(), weight.float(), bias.float()).to(input.dtype)
     else:
         output = real_transposed(input, weight, bias)
     output = _in_torchs_layout(output, channels_last, dims)
