@@ -160,6 +160,9 @@ def test_max_pool1d_output_layout():
             for o, t in zip(ours if return_indices else [ours], theirs if return_indices else [theirs]):
                 assert o.stride() == t.stride(), layout.stride()
                 torch.testing.assert_close(o, t)
+            if grad:  # and the gradient handed back, laid out as torch's 2-d backward lays it out
+                ours, theirs = (torch.autograd.grad(out.sum(), layout)[0] for out in (ours, theirs))
+                assert ours.stride() == theirs.stride(), layout.stride()
 
 
 def test_max_pool_leaf_gradient_layouts():
@@ -210,13 +213,16 @@ def test_gradient_strides_through_autograd_grad_are_torchs(dims, transposed, bat
     included (there torch's follow the input's and the weight's own strides, a permuted weight's too)."""
     name = f"conv_transpose{dims}d" if transposed else f"conv{dims}d"
     ours, theirs = getattr(tmg.functional, name), getattr(F, name)
-    x_layouts = ("contiguous",) if dims == 1 else ("contiguous", "channels_last")
-    w_layouts = ("contiguous",) if dims == 1 else ("contiguous", "channels_last", "permuted")
+    def channels_last(t):  # a 3-d tensor as torch's 1-d kernels see it: channels last, as the 4-d one of height 1
+        return t.transpose(1, 2).contiguous().transpose(1, 2) if dims == 1 else t.contiguous(memory_format=_CL[dims])
+
+    x_layouts = ("contiguous", "channels_last")
+    w_layouts = ("contiguous", "channels_last") + (() if dims == 1 else ("permuted",))
     for x_layout, w_layout in itertools.product(x_layouts, w_layouts):
         x = torch.randn(batch, 3, *(4,) * dims)
         w = torch.randn(3, 3, *(2,) * dims)
-        x = x.contiguous(memory_format=_CL[dims]) if x_layout == "channels_last" else x
-        w = {"channels_last": lambda: w.contiguous(memory_format=_CL.get(dims)), "permuted": lambda: w.transpose(-1, -2),
+        x = channels_last(x) if x_layout == "channels_last" else x
+        w = {"channels_last": lambda: channels_last(w), "permuted": lambda: w.transpose(-1, -2),
              "contiguous": lambda: w}[w_layout]()
         strides = []
         for fn in (theirs, ours):

@@ -152,6 +152,14 @@ def channels_last_format(dims):
     return torch.channels_last_3d if dims == 5 else torch.channels_last
 
 
+def _to_channels_last(t):
+    """t laid out channels-last: a 4-d or 5-d tensor in torch's format, a 3-d one as the 4-d one of height 1 (torch
+    computes 1-d convolutions and max-pools with gradients on such views)."""
+    if t.dim() == 3:
+        return t.unsqueeze(2).contiguous(memory_format=torch.channels_last).squeeze(2)
+    return t.contiguous(memory_format=channels_last_format(t.dim()))
+
+
 def _onednn_supports(dtype_check):
     check = getattr(torch.ops.mkldnn, dtype_check, None)
     return torch.backends.mkldnn.is_available() and check is not None and bool(check())
@@ -213,13 +221,16 @@ def _in_layout_of(grads, input, weight, geometry):
         grad_input, grad_weight = grads
         return (None if grad_input is None else torch.zeros_like(input),
                 None if grad_weight is None else torch.zeros_like(weight))
+    if input.dim() == 3:  # 1-d: torch computes it on views of height 1, and as for its output only the weight counts
+        if weight.dim() != 3 or not _suggests_channels_last(weight.unsqueeze(2)):
+            return grads
+        return tuple(_to_channels_last(g) if g is not None else g for g in grads)
     if not (_suggests_channels_last(input) or _suggests_channels_last(weight)):
         return grads
     stride, _padding, dilation, groups = geometry
     if not conv_keeps_channels_last(input, weight, stride, dilation, groups):
         return tuple(g.contiguous() if g is not None else g for g in grads)
-    return tuple(g.contiguous(memory_format=channels_last_format(g.dim())) if g is not None and g.dim() in (4, 5)
-                 else g for g in grads)
+    return tuple(_to_channels_last(g) if g is not None and g.dim() in (4, 5) else g for g in grads)
 
 
 def _conv_grads(grad_output, input, weight, geometry, output_mask):
@@ -506,7 +517,8 @@ class MaxPoolFunction(_Function):
         ctx.save_for_forward(kept)
         ctx.indices_from_input = not compute_indices
         ctx.input_size = list(input.shape)
-        ctx.channels_last_input = _suggests_channels_last(input)  # of its rank, 4-d or 5-d
+        # of its rank, 4-d or 5-d; 1-d as torch's backward sees it, of height 1
+        ctx.channels_last_input = _suggests_channels_last(input.unsqueeze(2) if input.dim() == 3 else input)
         ctx.geometry = (kernel_size, stride, padding, dilation)
         ctx.ceil_mode = ceil_mode
         ctx.mark_non_differentiable(indices)
@@ -520,7 +532,7 @@ class MaxPoolFunction(_Function):
             return None, None, None, None, None, None, None
         grad_input = _route_to_argmax(grad_output, _saved_indices(ctx), ctx.input_size, ctx.geometry)
         if ctx.channels_last_input and not inside_vmap():
-            grad_input = grad_input.contiguous(memory_format=channels_last_format(grad_input.dim()))
+            grad_input = _to_channels_last(grad_input)
         return grad_input, None, None, None, None, None, None
 
     @staticmethod
