@@ -389,9 +389,12 @@ inline Geometry check_conv(const at::Tensor& input, const at::Tensor& weight, co
   TORCH_CHECK(kernel_fits, op, ": Calculated padded input size per channel: (", padded_sizes.str(), "). Kernel size: (",
               kernel_sizes.str(), "). Kernel size can't be greater than actual input size (input of shape ",
               input.sizes(), ", weight of shape ", weight.sizes(), ", padding=", padding, ", dilation=", dilation, ")");
-  for (int64_t i = 2; i < input.dim(); ++i)  // padding alone would fill the output: torch refuses that too
-    TORCH_CHECK(input.size(i) > 0, op, ": Only zero batch or zero channel inputs are supported, but got input shape: ",
-                input.sizes(), " (input has an empty spatial dimension)");
+  // padding alone would fill the output: torch refuses that too, unless the batch or the channels are empty (then
+  // the output is empty whatever its positions)
+  for (int64_t i = 2; i < input.dim(); ++i)
+    TORCH_CHECK(input.size(i) > 0 || input.size(0) == 0 || input.size(1) == 0, op,
+                ": Only zero batch or zero channel inputs are supported, but got input shape: ", input.sizes(),
+                " (input has an empty spatial dimension)");
 
   Geometry g;
   g.spatial_dims = d;

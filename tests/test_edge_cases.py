@@ -196,3 +196,29 @@ def test_groups_that_are_not_ints_are_type_errors_as_in_torch(groups):
         F.conv2d(x, w, None, 1, 0, 1, groups)
     with pytest.raises(TypeError, match="groups"):
         tmg.functional.conv2d(x, w, None, 1, 0, 1, groups)
+
+
+@pytest.mark.parametrize("dims", (1, 2, 3))
+@pytest.mark.parametrize("channels_last", (False, True))
+def test_an_empty_batch_of_inputs_without_positions_convolves_as_torchs(dims, channels_last):
+    """An empty batch whose input has a size of 0, padded into positions: torch returns the empty output of those
+    positions and zero gradients; a batch that is not empty is refused, by both, with torch's words."""
+    w = torch.randn(3, 4, *(2,) * dims, dtype=torch.float64)
+    b = torch.randn(3, dtype=torch.float64)
+    ours, theirs = getattr(tmg.functional, f"conv{dims}d"), getattr(torch.nn.functional, f"conv{dims}d")
+    for size in ((0, 3, 1), (1, 0, 3), (3, 1, 0))[:dims]:
+        x = torch.randn(0, 4, *size[:dims], dtype=torch.float64)
+        if channels_last and dims > 1:
+            x = x.contiguous(memory_format=torch.channels_last if dims == 2 else torch.channels_last_3d)
+        results = []
+        for fn in (theirs, ours):
+            leaves = [t.detach().requires_grad_() for t in (x, w, b)]
+            y = fn(*leaves, padding=1)
+            results.append((y.shape, y.stride(), *torch.autograd.grad(y.sum(), leaves)))
+        assert results[1][:2] == results[0][:2] and results[1][0][2:] == tuple(s + 1 for s in size[:dims])
+        for mine, torchs in zip(results[1][2:], results[0][2:]):
+            assert mine.shape == torchs.shape and not mine.any() and not torchs.any()
+        full = torch.randn(2, 4, *size[:dims], dtype=torch.float64)
+        for fn in (theirs, ours):
+            with pytest.raises(RuntimeError, match="Only zero batch or zero channel inputs are supported"):
+                fn(full, w, b, padding=1)
