@@ -452,7 +452,7 @@ def add_channel_bias(output, bias):
     (_channel_sums); under torch.compile (which traces the plain add) and where nothing is recorded, plainly."""
     if needs_function(output, bias):
         return ChannelBiasFunction.apply(output, bias)
-    return output + bias.reshape(1, -1, *[1] * (output.dim() - 2))
+    return ChannelBiasFunction.forward(output, bias)
 
 
 def _channel_sums(grad_output):
