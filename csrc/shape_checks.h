@@ -140,14 +140,16 @@ inline void check_conv_dtypes(const char* op, const at::Tensor& input, const at:
               input.scalar_type(), " but found ", weight.scalar_type(),
               ": expected input and weight to have the same dtype, but got input ", input.scalar_type(), " and weight ",
               weight.scalar_type(), ")");
-  TORCH_CHECK(weight.scalar_type() == input.scalar_type(), op, ": expected scalar type ", input.scalar_type(),
-              " but found ", weight.scalar_type(), " (expected input and weight to have the same dtype, but got input ",
-              input.scalar_type(), " and weight ", weight.scalar_type(), ")");
+  // the bias before the weight, as torch's convolution checks them (its transposed one the other way round:
+  // functional.py)
   if (bias.has_value() && bias->defined())
     TORCH_CHECK(bias->scalar_type() == input.scalar_type(), op, ": Input type (", cpp_type_name(input.scalar_type()),
                 ") and bias type (", cpp_type_name(bias->scalar_type()),
                 ") should be the same (expected input and bias to have the same dtype, but got input ",
                 input.scalar_type(), " and bias ", bias->scalar_type(), ")");
+  TORCH_CHECK(weight.scalar_type() == input.scalar_type(), op, ": expected scalar type ", input.scalar_type(),
+              " but found ", weight.scalar_type(), " (expected input and weight to have the same dtype, but got input ",
+              input.scalar_type(), " and weight ", weight.scalar_type(), ")");
 }
 
 inline void check_same_device_and_dtype(const char* op, const char* name, const at::Tensor& t,

@@ -220,3 +220,23 @@ def test_ddp_gloo_two_processes_matches_single_process(tmp_path):
     trained = torch.load(out_path)
     for name, value in single.state_dict().items():
         torch.testing.assert_close(trained[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("dims", (1, 2, 3))
+def test_flop_counter_counts_a_converted_model_as_the_original(dims):
+    """torch.utils.flop_counter.FlopCounterMode: our ops carry torch's formulas for its convolution ops, so a
+    converted model's forward and backward count what the original's did (it counted 0 before), transposed and
+    grouped layers included; max-pool counts nothing in either."""
+    nn = torch.nn
+    conv, transposed, pool = (getattr(nn, f"{name}{dims}d") for name in ("Conv", "ConvTranspose", "MaxPool"))
+    model = nn.Sequential(conv(3, 8, 3, padding=1), pool(2), conv(8, 8, 3, groups=4, bias=False),
+                          transposed(8, 4, 3, stride=2), transposed(4, 4, 2, groups=2))
+    converted = tmg.convert(copy.deepcopy(model))
+    x = torch.randn(2, 3, *(10,) * dims)
+    totals = []
+    for m in (model, converted):
+        with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+            m(x).sum().backward()
+        counts = counter.get_flop_counts()["Global"]
+        totals.append((counter.get_total_flops(), sorted(counts.values())))
+    assert totals[0][0] > 0 and totals[1] == totals[0]

@@ -43,6 +43,10 @@ CASES = {
     "conv2d-complex-weight-complex128": lambda f: f.conv2d(rn(1, 3, 4, 4, dtype=torch.complex64), rn(6, 3, 3, 3, dtype=torch.complex128)),
     "conv1d-complex-weight-real": lambda f: f.conv1d(rn(1, 3, 4, dtype=torch.complex128), rn(6, 3, 3, dtype=torch.float64)),
     "conv2d-bias-dtype": lambda f: f.conv2d(rn(1, 3, 4, 4), rn(6, 3, 3, 3), rn(6, dtype=torch.float64)),
+    # both wrong: torch names the bias (its transposed convolution the weight)
+    "conv2d-weight-and-bias-dtype": lambda f: f.conv2d(rn(1, 3, 4, 4, dtype=torch.float64), rn(6, 3, 3, 3), rn(6)),
+    "conv_transpose2d-weight-and-bias-dtype": lambda f: f.conv_transpose2d(rn(1, 3, 4, 4, dtype=torch.float64),
+                                                                           rn(3, 6, 3, 3), rn(6)),
     "conv2d-complex-bias-real": lambda f: f.conv2d(rn(1, 3, 4, 4, dtype=torch.complex64), rn(6, 3, 3, 3, dtype=torch.complex64), rn(6)),
     "conv2d-stride-length": lambda f: f.conv2d(rn(1, 3, 4, 4), rn(6, 3, 3, 3), stride=(1, 1, 1)),
     "conv2d-padding-length": lambda f: f.conv2d(rn(1, 3, 4, 4), rn(6, 3, 3, 3), padding=(1, 1, 1)),

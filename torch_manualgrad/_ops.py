@@ -217,3 +217,33 @@ def _conv_backward_vmap(info, in_dims, grad_output, input, weight, stride, paddi
     slices = [ops.conv_backward(*(t[b] for t in tensors), stride, padding, dilation, groups, output_mask) for b in range(size)]
     outs = tuple(None if slices[0][k] is None else torch.stack([s[k] for s in slices]) for k in range(3))
     return outs, tuple(None if o is None else 0 for o in outs)
+
+
+# --- FLOP counts (torch.utils.flop_counter.FlopCounterMode) ---------------------------------------
+# torch's own formulas for its convolution ops, so that a converted model counts what the original did: 2 ×
+# batch × C_out × C_in/groups × the kernel's taps × the output positions for a forward (bias not counted), and
+# for a backward that of each gradient asked for (the input gradient a transposed convolution's forward).
+# Max-pool counts nothing, as torch's does. (torch.profiler's with_flops knows only aten's op names.)
+try:
+    from torch.utils.flop_counter import conv_flop_count, register_flop_formula
+except ImportError:  # a torch without them: nothing to count for
+    register_flop_formula = None
+
+if register_flop_formula is not None:
+
+    @register_flop_formula(ops.conv_forward)
+    def _conv_forward_flops(input_shape, weight_shape, *_args, out_shape=None, **_kwargs):
+        return conv_flop_count(input_shape, weight_shape, out_shape)
+
+    @register_flop_formula(ops.conv_backward)
+    def _conv_backward_flops(grad_output_shape, input_shape, weight_shape, _stride, _padding, _dilation, _groups,
+                             output_mask, out_shape=None, **_kwargs):
+        def swapped(shape):  # (N, C, ...) → (C, N, ...): the weight gradient as a convolution over the batch
+            return [shape[1], shape[0], *shape[2:]]
+
+        flops = 0
+        if output_mask[0]:
+            flops += conv_flop_count(grad_output_shape, weight_shape, out_shape[0], transposed=True)
+        if output_mask[1]:
+            flops += conv_flop_count(swapped(input_shape), swapped(grad_output_shape), swapped(out_shape[1]))
+        return flops
