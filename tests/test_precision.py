@@ -23,7 +23,7 @@ def leaves(device, dtype, *shapes):
 @pytest.mark.parametrize("dims", (1, 2, 3))
 def test_half_forward_on_the_cpu_is_rounded_once(dtype, dims):
     """On the CPU a float16/bfloat16 convolution is computed in float32 and rounded once, a transposed one's bias
-    included (it is added after the op: added to the rounded result, 10-40% of the outputs were a unit in the last
+    included (it is added after the op: added to the rounded result, about 30% of the outputs were a unit in the last
     place off, more near 0): the exact result of the rounded arguments, rounded to the dtype, but where the float32
     sums' own error crosses a rounding boundary (rare: then a unit in the last place off, or that error near 0)."""
     size = ((40,), (9, 8), (4, 5, 6))[dims - 1]
