@@ -147,6 +147,12 @@ def _suggests_channels_last(t):
     return True
 
 
+def suggests_channels_last_as_2d(t):
+    """_suggests_channels_last, a 3-d (1-d) tensor taken as torch's 1-d convolutions and max-pools take it: the
+    4-d one of height 1; any other as it is."""
+    return _suggests_channels_last(t.unsqueeze(2) if t.dim() == 3 else t)
+
+
 def channels_last_format(dims):
     """The channels-last memory format of tensors with `dims` dimensions (4 or 5)."""
     return torch.channels_last_3d if dims == 5 else torch.channels_last
@@ -222,7 +228,7 @@ def _in_layout_of(grads, input, weight, geometry):
         return (None if grad_input is None else torch.zeros_like(input),
                 None if grad_weight is None else torch.zeros_like(weight))
     if input.dim() == 3:  # 1-d: torch computes it on views of height 1, and as for its output only the weight counts
-        if weight.dim() != 3 or not _suggests_channels_last(weight.unsqueeze(2)):
+        if weight.dim() != 3 or not suggests_channels_last_as_2d(weight):
             return grads
         return tuple(_to_channels_last(g) if g is not None else g for g in grads)
     if not (_suggests_channels_last(input) or _suggests_channels_last(weight)):
@@ -518,7 +524,7 @@ class MaxPoolFunction(_Function):
         ctx.indices_from_input = not compute_indices
         ctx.input_size = list(input.shape)
         # of its rank, 4-d or 5-d; 1-d as torch's backward sees it, of height 1
-        ctx.channels_last_input = _suggests_channels_last(input.unsqueeze(2) if input.dim() == 3 else input)
+        ctx.channels_last_input = suggests_channels_last_as_2d(input)
         ctx.geometry = (kernel_size, stride, padding, dilation)
         ctx.ceil_mode = ceil_mode
         ctx.mark_non_differentiable(indices)

@@ -25,7 +25,7 @@ from ._complex import complex_conv
 from ._ops import ops
 from .autograd import (BELOW, FUNCTION, OP, ConvBackwardFunction, ConvFunction, MaxPoolFunction,
                        _suggests_channels_last, below_autograd, call_path, channels_last_format,
-                       add_channel_bias, conv_keeps_channels_last, inside_vmap)
+                       add_channel_bias, conv_keeps_channels_last, inside_vmap, suggests_channels_last_as_2d)
 
 __all__ = ["conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "max_pool1d",
            "max_pool2d", "max_pool3d"]
@@ -148,7 +148,7 @@ def _conv_channels_last(input, weight, dims, stride, dilation, groups, output_pa
     if input.numel() == 0 or inside_vmap():
         return False
     if dims == 1:
-        return weight.dim() == 3 and _suggests_channels_last(weight.unsqueeze(2))
+        return weight.dim() == 3 and suggests_channels_last_as_2d(weight)
     return ((_suggests_channels_last(input) or _suggests_channels_last(weight))
             and conv_keeps_channels_last(input, weight, stride, dilation, groups, output_padding))
 
@@ -170,7 +170,7 @@ def _pool_channels_last(input, dims, unbatched, with_indices):
     if inside_vmap():
         return False
     if dims == 1:
-        return (with_indices or input.device.type != "cpu") and _suggests_channels_last(input.unsqueeze(2))
+        return (with_indices or input.device.type != "cpu") and suggests_channels_last_as_2d(input)
     return not unbatched and _suggests_channels_last(input)
 
 
