@@ -1,4 +1,5 @@
-"""Max-pool of integer tensors (uint8, int8, int16, int32, int64), as torch's max_pool2d takes them on the CPU:
+"""Max-pool of integer tensors (uint8, int8, int16, int32, int64), as torch's max_pool2d takes them on the CPU
+(on CUDA too, where torch's refuses them; its CPU result is the reference there):
 maxima and indices bit for bit against torch on every forward path (phase sweep, direct loop, 1-d rows,
 chunked long planes), windows of nothing but the type's lowest value, padding that must never win, ties,
 channels-last input; and no gradient (integer tensors cannot require grad)."""
@@ -31,13 +32,14 @@ def int_input(shape, dtype, gen, low=False):
 
 def check_against_torch(x, kwargs, dims, device):
     pool_ours, pool_theirs = getattr(tf, f"max_pool{dims}d"), getattr(F, f"max_pool{dims}d")
+    # torch's CUDA max-pool refuses integers ("not implemented for 'Int'"): its CPU one is the reference
+    theirs, their_indices = pool_theirs(x.cpu(), **kwargs, return_indices=True)
     x = x.to(device)
-    theirs, their_indices = pool_theirs(x, **kwargs, return_indices=True)
-    ours, our_indices = pool_ours(x, **kwargs, return_indices=True)
-    assert ours.dtype == x.dtype and torch.equal(ours.cpu(), theirs.cpu())
-    assert torch.equal(pool_ours(x, **kwargs).cpu(), theirs.cpu())  # the path without indices
+    ours, our_indices = (t.cpu() for t in pool_ours(x, **kwargs, return_indices=True))
+    assert ours.dtype == x.dtype and torch.equal(ours, theirs)
+    assert torch.equal(pool_ours(x, **kwargs).cpu(), theirs)  # the path without indices
     in_window = our_indices >= 0  # -1: a window wholly in the padding, where torch's index is arbitrary
-    assert torch.equal(our_indices[in_window].cpu(), their_indices[in_window].cpu())
+    assert torch.equal(our_indices[in_window], their_indices[in_window])
     info = torch.iinfo(x.dtype)
     assert (ours[~in_window] == info.min).all()  # such a window's maximum is the lowest value, as torch's
 
