@@ -97,8 +97,12 @@ def test_every_call_is_served_by_ours_with_gradients_matching_torch(device):
     for got, expected in zip(grads, want_grads):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
     assert type(model.plain) is torch.nn.Conv2d  # nothing was swapped
-    _, after = _run(model, x)  # and after the block, torch's again
-    assert all(torch.equal(a, b) for a, b in zip(after, want_grads))
+    with torch.profiler.profile() as prof:  # and after the block, torch's again
+        _, after = _run(model, x)
+    events = {e.name for e in prof.events()}
+    assert not events & OUR_OPS and "aten::convolution_backward" in events, events & OUR_OPS
+    for got, expected in zip(after, want_grads):  # torch's CUDA kernels need not repeat their bits (atomics)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
 
 
 def test_a_model_trains_under_everywhere_as_under_torch():
