@@ -7,7 +7,8 @@
 # on request), TEST_TIMEOUT (s, for the CUDA tests, default 400), CPU_TEST_TIMEOUT (s, for the CPU-only
 # rest, default 300; 0 skips it), TEST_WORKERS (pytest-xdist workers, default 12), PRECISIONS (default
 # "float32 tf32 bfloat16"), BENCH_BUDGET (s per measurement, default 1.0), TORCH_CUDA_ARCH_LIST
-# (default 9.0), MAX_JOBS, SANITIZE_TIMEOUT (s per compute-sanitizer tool, default 240).
+# (default 9.0), MAX_JOBS, SANITIZE_TIMEOUT (s per compute-sanitizer tool, default 240), SANITIZE_TOOLS
+# (default "memcheck racecheck"), SANITIZE_SELECT (pytest -k for memcheck's tests of test_cuda.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:-python3}
@@ -74,10 +75,12 @@ run_bench() {
 # that reads kernel names from torch.profiler is left out: under the sanitizer CUPTI has no room for it.
 run_sanitize() {
   sanitize=0
-  timeout -s INT -k 30 ${SANITIZE_TIMEOUT:-240} compute-sanitizer --tool memcheck --error-exitcode 99 \
-    "$PY" -m pytest tests/test_cuda.py -q -x -p no:cacheprovider -k "not columns_match_one_output" \
-    > "$OUT/sanitize_memcheck.log" 2>&1 || sanitize=1
-  timeout -s INT -k 30 ${SANITIZE_TIMEOUT:-240} compute-sanitizer --tool racecheck --error-exitcode 99 "$PY" -c "
+  local tools=${SANITIZE_TOOLS:-memcheck racecheck}
+  [[ " $tools " == *" memcheck "* ]] && { timeout -s INT -k 30 ${SANITIZE_TIMEOUT:-240} \
+    compute-sanitizer --tool memcheck --error-exitcode 99 "$PY" -m pytest tests/test_cuda.py -q -x -p no:cacheprovider \
+    -k "${SANITIZE_SELECT:-not columns_match_one_output}" > "$OUT/sanitize_memcheck.log" 2>&1 || sanitize=1; }
+  [[ " $tools " == *" racecheck "* ]] && { timeout -s INT -k 30 ${SANITIZE_TIMEOUT:-240} \
+    compute-sanitizer --tool racecheck --error-exitcode 99 "$PY" -c "
 import torch, torch_manualgrad as tmg
 for k, n, c, size, stride in ((3, 2, 8, 20, 1), (5, 3, 4, 17, 2), (7, 1, 6, 12, 1)):
     x = torch.randn(n, c, size, size, device='cuda', requires_grad=True)
@@ -85,9 +88,9 @@ for k, n, c, size, stride in ((3, 2, 8, 20, 1), (5, 3, 4, 17, 2), (7, 1, 6, 12, 
     tmg.functional.conv2d(x, w, None, stride, k // 2, 1, c).sum().backward()
 torch.cuda.synchronize()
 print('racecheck ran the depthwise weight gradient')
-" > "$OUT/sanitize_racecheck.log" 2>&1 || sanitize=1
+" > "$OUT/sanitize_racecheck.log" 2>&1 || sanitize=1; }
   local tool
-  for tool in memcheck racecheck; do
+  for tool in $tools; do
     echo "compute-sanitizer $tool: $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed|ran the" "$OUT/sanitize_$tool.log" | tail -2 | tr '\n' ' ')"
   done
 }
