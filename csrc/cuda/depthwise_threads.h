@@ -145,17 +145,22 @@ MANUALGRAD_HOST_DEVICE inline void depthwise_output_column(scalar_t* out, const 
       values[k][j] = inside[k][j] ? static_cast<acc_t>(plane[ih * g.in_w + iw]) : acc_t(0);
     }
   }
+  acc_t sums[kColumnRows];
   MANUALGRAD_UNROLL
   for (int r = 0; r < kColumnRows; ++r) {
-    acc_t sum = start;
+    sums[r] = start;
     MANUALGRAD_UNROLL
     for (int i = 0; i < KH; ++i) {
       MANUALGRAD_UNROLL
       for (int j = 0; j < KW; ++j)
-        if (inside[r + i][j]) sum += weights[i * KW + j] * values[r + i][j];
+        if (inside[r + i][j]) sums[r] += weights[i * KW + j] * values[r + i][j];
     }
-    if (oh0 + r < g.out_h) out[(oh0 + r) * g.out_w] = static_cast<scalar_t>(sum);
   }
+  // Stored after every sum, as in the build timed on the H100: with each row's store right after its sum,
+  // nvcc 13 issued the 7x7 window's loads two at a time between the multiply-adds instead of all at once
+  MANUALGRAD_UNROLL
+  for (int r = 0; r < kColumnRows; ++r)
+    if (oh0 + r < g.out_h) out[(oh0 + r) * g.out_w] = static_cast<scalar_t>(sums[r]);
 }
 
 // sum + the gradient that input element (ih, iw) of one plane receives from one output channel: over
