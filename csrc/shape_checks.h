@@ -272,6 +272,12 @@ inline bool channels_last_result(const at::Tensor& t, const Geometry& g) {
   return g.spatial_dims == 2 && t.dim() == 4 && t.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
 }
 
+// t laid out as NCHW with the standard strides. contiguous() alone can keep a size-1 dimension's odd stride:
+// (1, 3, 1, 1) with strides (3, 1, 3, 3), as torch.empty(..., memory_format=channels_last) makes it, is already
+// contiguous and still suggests channels-last, so a caller that asks for NCHW to leave its channels-last path
+// would be sent back into it (a recursion that overflowed the stack). The standard strides never suggest it.
+inline at::Tensor standard_nchw(const at::Tensor& t) { return t.contiguous().view({-1}).view(t.sizes()); }
+
 // The memory format of channels-last results of g's rank.
 inline at::MemoryFormat channels_last_format(const Geometry& g) {
   return g.spatial_dims == 3 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;

@@ -249,3 +249,36 @@ def test_transposed_3d_with_output_padding_past_the_stride_is_contiguous_as_torc
     for theirs, ours in zip(*results):
         assert ours.stride() == theirs.stride()
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+# Inputs whose size-1 dimensions carry channels-last strides (torch.empty(..., memory_format=channels_last) of
+# (N, C, 1, 1) gives (C, 1, C, C)): contiguous() keeps them, so they still suggest channels-last after it. The CPU's
+# depthwise-with-a-multiplier kernels, which take channels-last inputs through their NCHW path, recursed on such
+# an input until the stack overflowed (a segfault). Values and gradients against torch.
+@pytest.mark.parametrize("size,stride,padding", [((1, 1), (3, 2), (2, 1)), ((1, 1), 1, (1, 0)), ((1, 5), 1, 1),
+                                                 ((4, 1), (1, 2), (1, 0))])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_ambiguous_channels_last_strides_of_size_one_dimensions(size, stride, padding, batch):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.empty((batch, 3, *size), dtype=torch.float64, memory_format=torch.channels_last)
+    x.copy_(torch.randn(x.shape, generator=gen, dtype=torch.float64))
+    w = torch.randn(6, 1, 3, 1, generator=gen, dtype=torch.float64)  # 3 groups, 2 output channels each
+    if size == (1, 1):  # both layouts at once (the shapes beside it: channels-last only, for contrast)
+        assert x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    ws = [w.clone().requires_grad_() for _ in range(2)]
+    outs = [f(xi, wi, None, stride, padding, 1, 3) for f, xi, wi in zip((F.conv2d, tmg.functional.conv2d), xs, ws)]
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-12, atol=1e-12)
+    g = torch.randn(outs[0].shape, generator=gen, dtype=torch.float64)
+    grads = [torch.autograd.grad(o, [xi, wi], g) for o, xi, wi in zip(outs, xs, ws)]
+    for ours, theirs in zip(grads[1], grads[0]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    # the transposed convolution runs the same kernel with a channels-last stand-in of its output's shape
+    y = torch.empty((batch, 6, *size), dtype=torch.float64, memory_format=torch.channels_last)
+    y.copy_(torch.randn(y.shape, generator=gen, dtype=torch.float64))
+    try:
+        want = F.conv_transpose2d(y, w, None, stride, padding, 0, 3)
+    except RuntimeError:
+        return  # torch refuses the geometry (an output size below 1)
+    torch.testing.assert_close(tmg.functional.conv_transpose2d(y, w, None, stride, padding, 0, 3), want,
+                               rtol=1e-12, atol=1e-12)

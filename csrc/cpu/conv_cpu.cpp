@@ -965,7 +965,7 @@ at::Tensor conv_forward_cpu(const at::Tensor& input_, const at::Tensor& weight_,
     return conv_forward_nhwc(input_, weight_, bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor(), g,
                              /*long_runs=*/true);
   if (channels_last)  // depthwise with a channel multiplier: the NCHW kernel, its result laid out as promised
-    return conv_forward_cpu(input_.contiguous(), weight_, bias, stride, padding, dilation, groups)
+    return conv_forward_cpu(standard_nchw(input_), weight_, bias, stride, padding, dilation, groups)
         .contiguous(at::MemoryFormat::ChannelsLast);
   if (via_nhwc(input_, g, /*backward=*/false)) {
     const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
@@ -1199,7 +1199,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
   if (channels_last && !g.empty() && (!is_depthwise(g) || depthwise_nhwc_supported(g)))
     return with_computed(conv_backward_nhwc(grad_output_, input_, weight_, g, mask));
   if (channels_last) {  // depthwise with a multiplier: the NCHW kernels, results laid out as promised
-    auto grads = conv_backward_cpu(grad_output_, input_.contiguous(), weight_, stride, padding, dilation, groups,
+    auto grads = conv_backward_cpu(grad_output_, standard_nchw(input_), weight_, stride, padding, dilation, groups,
                                    output_mask);
     const auto cl = [](const at::Tensor& t) { return t.defined() ? t.contiguous(at::MemoryFormat::ChannelsLast) : t; };
     return {cl(std::get<0>(grads)), cl(std::get<1>(grads)), std::get<2>(grads)};
