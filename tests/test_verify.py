@@ -195,6 +195,27 @@ def test_near_zero_gradient_still_fails_an_error_at_the_scale_of_its_terms(sibli
     assert all(j.ok for j in floored[:20])
 
 
+def test_planted_error_in_a_small_weight_gradient_is_named(monkeypatch):
+    # A layer fed tiny inputs (1e-5: raw sensor data in SI units) has a weight gradient far below the model's
+    # others, but torch keeps its digits there: a 1% error in it is 1% of the tensor, not noise over a
+    # cancelled sum, and must still be named (a first near-zero rule, floored at the model's scale, hid it)
+    _plant(monkeypatch, weight_grad=1.01)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+    model[0].planted = True
+    result = verify_function(model, torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 1e-5)
+    assert [layer.name for layer in result.failed] == ["0"], result.report()
+    assert result.layers[0].grad_error == pytest.approx(0.01, rel=1e-3)
+
+
+def test_near_zero_floor_leaves_small_tensors_that_keep_their_digits_alone():
+    # tiny (rms 1e-9 where the model's gradients are 0.1) but computed to float32 precision by torch: no floor
+    judged = _judged_params(1e-9, 1e-11, [1e-16])
+    assert not judged[20].ill and not judged[20].ok  # ours 1% off
+    floored = verify_module._near_zero_floor(judged, verify_module._typical_rms(judged), 10.0)
+    assert floored[20].used == judged[20].used
+
+
 def test_planted_error_in_a_depthwise_conv_of_efficientnet_is_named(monkeypatch):
     _plant(monkeypatch, weight_grad=1.01)
     model = _small("efficientnet_b0", True)

@@ -25,7 +25,7 @@ are ~1e-5. The floor rtol is ~84 float32 epsilons (1e-5): torch's own error can 
 is exact), and rounding in sums of a few hundred terms reaches that. atol (default 0) is an absolute
 rms error always allowed. A planted 1% error (1e-2) is ~1000x beyond the allowance of a layer (~1e-5).
 A gradient whose true value cancels to near zero (rms under 1e-3 of the typical one among the tensors
-judged together) is rounding noise at the scale of its terms, and torch's own can be exactly 0 by luck
+judged together, and torch's own result lost over half its digits) is rounding noise at the scale of its terms, and torch's own can be exactly 0 by luck
 (cuDNN's batch-norm backward on an H200): it is also allowed rtol times the typical rms per element, or
 `ratio` times torch's own rms error pooled over the near-zero tensors (_near_zero_floor).
 
@@ -364,7 +364,8 @@ def _typical_rms(judged):
 
 
 def _near_zero_floor(judged, typical_rms, ratio):
-    """Re-judge the tensors whose true value cancels to near zero (rms under NEAR_ZERO of typical_rms).
+    """Re-judge the tensors whose true value cancels to near zero (rms under NEAR_ZERO of typical_rms, and
+    torch's own result lost over half its digits: a sum of terms that cancel, not merely a small tensor).
 
     Their float32 results are rounding noise at the scale of the terms that cancel, not of the tiny
     result, and torch's own can be exactly 0 by luck: on an H200, cuDNN's batch-norm backward gave an
@@ -372,11 +373,13 @@ def _near_zero_floor(judged, typical_rms, ratio):
     eight sibling tensors, and the allowance, 10x torch's error, was 0 there. So each such tensor may
     also be off by rtol times the typical rms per element, or by `ratio` times torch's own rms error
     per element pooled (the median) over all the near-zero tensors, whichever is larger. A real error
-    upstream shows at the scale of the terms, far beyond this (a 1% error by a factor of 1000).
+    upstream shows at the scale of the terms, far beyond this (a 1% error by a factor of 1000). A tensor
+    that is merely small (a weight gradient of a layer fed tiny inputs) keeps torch's digits, and the
+    plain rule: there an error is a share of the tensor itself, which the floor would hide.
     """
     if not typical_rms:
         return judged
-    near = [j for j in judged if j.rms < NEAR_ZERO * typical_rms and j.numel > 0]
+    near = [j for j in judged if j.rms < NEAR_ZERO * typical_rms and j.numel > 0 and j.ill]
     if not near:
         return judged
     noise = sorted(j.torch_rms_error for j in near)
