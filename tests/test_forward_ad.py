@@ -357,3 +357,42 @@ def test_nested_forward_mode_is_refused_not_wrong(device):
     torch.testing.assert_close(jvp(torch.func.grad(f_ours), (x,), (t1,))[1],
                                jvp(torch.func.grad(f_torch), (x,), (t1,))[1])
     torch.testing.assert_close(torch.func.hessian(f_ours)(x), torch.func.hessian(f_torch)(x))
+
+
+# --- batched gradients of channels-last inputs --------------------------------------------------------
+# autograd.grad(is_grads_batched=True) and gradcheck(check_batched_grad=True) run the backward under a vmap
+# whose batched tensors cannot be asked their layout: laying the gradient out channels-last there raised
+# "NYI: querying is_contiguous inside of vmap" (found by fuzzing).
+
+def _channels_last_calls():
+    g = torch.Generator().manual_seed(3)
+
+    def cl(*shape):
+        t = torch.randn(*shape, generator=g, dtype=torch.float64)
+        return t.contiguous(memory_format=torch.channels_last_3d if t.dim() == 5 else torch.channels_last)
+
+    w2, w3, wt = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((4, 3, 3, 3), (4, 3, 2, 2, 2), (3, 2, 3, 3)))
+    w1 = torch.randn(4, 3, 3, generator=g, dtype=torch.float64).transpose(1, 2).contiguous().transpose(1, 2)
+    return [
+        ("conv1d", lambda f, x: f.conv1d(x, w1, None, 1, 1), torch.randn(2, 3, 7, generator=g, dtype=torch.float64)),
+        ("conv2d", lambda f, x: f.conv2d(x, w2, None, 2, 1), cl(2, 3, 6, 5)),
+        ("conv3d", lambda f, x: f.conv3d(x, w3, None, 1, 0), cl(2, 3, 4, 3, 3)),
+        ("conv_transpose2d", lambda f, x: f.conv_transpose2d(x, wt, None, 2, 1), cl(2, 3, 4, 4)),
+        ("max_pool2d", lambda f, x: f.max_pool2d(x, 3, 2, 1), cl(2, 3, 7, 6)),
+        ("max_pool3d", lambda f, x: f.max_pool3d(x, 2), cl(2, 3, 4, 4, 4)),
+    ]
+
+
+@pytest.mark.parametrize("call", _channels_last_calls(), ids=lambda c: c[0])
+def test_batched_gradients_of_channels_last_inputs_match_torch(call):
+    _, fn, x0 = call
+    grads = []
+    for f in (F, tmg.functional):
+        x = x0.clone().requires_grad_()
+        y = fn(f, x)
+        v = torch.randn(4, *y.shape, generator=torch.Generator().manual_seed(5), dtype=y.dtype)
+        (g,) = torch.autograd.grad(y, x, v, is_grads_batched=True)
+        grads.append(g)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-12)
+    x = x0.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: fn(tmg.functional, t), (x,), check_batched_grad=True, fast_mode=True)

@@ -158,9 +158,19 @@ def channels_last_format(dims):
     return torch.channels_last_3d if dims == 5 else torch.channels_last
 
 
+def _is_batched(t):
+    """Whether t is a batched tensor of a vmap (torch.func's, or the one autograd.grad(is_grads_batched=True) and
+    gradcheck(check_batched_grad=True) run the backward under): its layout can be neither queried nor set."""
+    functorch = torch._C._functorch
+    return functorch.is_batchedtensor(t) or (hasattr(functorch, "is_legacy_batchedtensor")
+                                             and functorch.is_legacy_batchedtensor(t))
+
+
 def _to_channels_last(t):
     """t laid out channels-last: a 4-d or 5-d tensor in torch's format, a 3-d one as the 4-d one of height 1 (torch
-    computes 1-d convolutions and max-pools with gradients on such views)."""
+    computes 1-d convolutions and max-pools with gradients on such views). A batched tensor stays as it is."""
+    if _is_batched(t):
+        return t
     if t.dim() == 3:
         return t.unsqueeze(2).contiguous(memory_format=torch.channels_last).squeeze(2)
     return t.contiguous(memory_format=channels_last_format(t.dim()))
