@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import torch_manualgrad as tmg
 from common import conv_samples, pool_samples
@@ -77,3 +78,26 @@ def test_hessian_vector_product_matches_torch_nn(device):
 
     for a, b in zip(hvp(ours), hvp(theirs)):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+# An empty batch: the first gradients are laid out like their tensors (zeros for the weight), and they were made
+# anew, cutting the graph: with create_graph=True a second derivative raised "element 0 of tensors does not require
+# grad" where torch's works (found by fuzzing).
+@pytest.mark.parametrize("name,x_shape,w_shape,kwargs", [
+    ("conv1d", (0, 2, 7), (3, 2, 3), dict(padding=1)),
+    ("conv2d", (0, 2, 5, 4), (3, 2, 3, 2), dict(stride=2)),
+    ("conv3d", (0, 2, 3, 4, 3), (3, 2, 2, 2, 2), {}),
+    ("conv_transpose2d", (0, 2, 3, 4), (2, 3, 3, 3), dict(stride=2, output_padding=1)),
+])
+def test_second_derivatives_through_an_empty_batch(name, x_shape, w_shape, kwargs):
+    results = []
+    for f in (F, tmg.functional):
+        x = torch.zeros(x_shape, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(w_shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64, requires_grad=True)
+        y = getattr(f, name)(x, w, None, **kwargs)
+        gx, gw = torch.autograd.grad(y.sum(), (x, w), create_graph=True)
+        assert gx.requires_grad and gw.requires_grad
+        results.append((gx, gw, *torch.autograd.grad(gw.sum() + gx.sum(), (w,), allow_unused=True, materialize_grads=True)))
+    for ours, theirs in zip(results[1], results[0]):
+        assert ours.shape == theirs.shape and ours.stride() == theirs.stride()
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)

@@ -233,10 +233,11 @@ def _in_layout_of(grads, input, weight, geometry):
         return grads
     if input.dim() > 2 and input.shape[0] == 0:
         # an empty batch: torch's gradients are laid out like the tensors they belong to (the input's is empty;
-        # the weight's is zeros), whatever their strides
+        # the weight's is zeros), whatever their strides; copied, not made anew, so that a graph built for a
+        # higher derivative (create_graph=True) still runs through them
         grad_input, grad_weight = grads
-        return (None if grad_input is None else torch.zeros_like(input),
-                None if grad_weight is None else torch.zeros_like(weight))
+        return (None if grad_input is None else torch.empty_like(input).copy_(grad_input),
+                None if grad_weight is None else torch.empty_like(weight).copy_(grad_weight))
     if input.dim() == 3:  # 1-d: torch computes it on views of height 1, and as for its output only the weight counts
         if weight.dim() != 3 or not suggests_channels_last_as_2d(weight):
             return grads
