@@ -109,3 +109,42 @@ def test_channels_last_tensors_under_transforms(device):
     for name, run in cases.items():
         torch.testing.assert_close(run(tmg.functional.conv2d, tmg.functional.max_pool2d), run(F.conv2d, F.max_pool2d),
                                    **TOL, msg=name)
+
+
+# A vmap over an empty dimension (what jacrev and jacfwd make for an empty output or input): the vmap rules folded
+# the vmapped dimension into the batch and read the batch back by division (ZeroDivisionError), and the backward's
+# rule, slice by slice, had no slice (IndexError); found by fuzzing. Each result is as a vmap of size 1 over the
+# same slice would have it, but with no slices. (torch's own vmap rule for max_pool2d and conv2d loses the inner
+# batch there: (0, 0, ...) for (0, 2, ...).)
+def test_vmap_over_an_empty_dimension():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(0, 2, 1, 5, 5, generator=g, dtype=torch.float64)
+    w, wt = torch.randn(3, 1, 3, 3, generator=g, dtype=torch.float64), torch.randn(1, 3, 3, 3, generator=g, dtype=torch.float64)
+    ws = torch.randn(0, 3, 1, 3, 3, dtype=torch.float64)
+    calls = [(lambda a: tmg.functional.max_pool2d(a, 2), (x,)),
+             (lambda a: tmg.functional.max_pool2d(a, 2, return_indices=True)[1], (x,)),
+             (lambda a: tmg.functional.conv2d(a, w), (x,)),
+             (lambda a, b: tmg.functional.conv2d(a, b), (x, ws)),
+             (lambda a: tmg.functional.conv_transpose2d(a, wt, stride=2), (x,))]
+    for fn, args in calls:
+        one = vmap(fn)(*(torch.zeros(1, *a.shape[1:], dtype=a.dtype) for a in args))
+        none = vmap(fn)(*args)
+        assert none.shape == (0, *one.shape[1:]) and none.dtype == one.dtype
+
+
+@pytest.mark.parametrize("name", ["max_pool2d", "conv2d", "conv_transpose2d"])
+def test_jacobians_of_an_empty_batch_match_torch(name):
+    g = torch.Generator().manual_seed(1)
+    xe = torch.randn(0, 1, 5, 5, generator=g, dtype=torch.float64)
+    w = torch.randn(1, 3, 3, 3, generator=g, dtype=torch.float64)
+    extra = {"max_pool2d": (2,), "conv2d": (w.transpose(0, 1),), "conv_transpose2d": (w,)}[name]
+    for transform in (jacrev, jacfwd):
+        theirs = transform(lambda a: getattr(F, name)(a, *extra))(xe)
+        ours = transform(lambda a: getattr(tmg.functional, name)(a, *extra))(xe)
+        assert ours.shape == theirs.shape
+    ours = jacfwd(jacrev(lambda a: (tmg.functional.max_pool2d(a, 2) ** 3).sum()))(xe)
+    assert ours.shape == (0, 1, 5, 5, 0, 1, 5, 5)
+    # and the weight's Jacobian, through the backward's rule (torch's own raises here: "expected weight to be at
+    # least 1 at dimension 0, but got weight of size [0, 1, 3, 3]")
+    ours = jacrev(lambda v: tmg.functional.conv2d(xe, v))(w.transpose(0, 1))
+    assert ours.shape == (0, 3, 3, 3, 3, 1, 3, 3)

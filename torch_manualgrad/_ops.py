@@ -165,35 +165,41 @@ def _fold(t):
     return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
 
 
-def _unfold(t, size):
-    return t.reshape(size, t.shape[0] // size, *t.shape[1:])
+def _unfold(t, size, inner):
+    """(B*N, ...) → (B, N, ...), N given: with B = 0 it cannot be read off t (a vmap over an empty dimension, as
+    jacrev and jacfwd make for an empty output or input)."""
+    return t.reshape(size, inner, *t.shape[1:])
 
 
 @torch.library.register_vmap("manualgrad::conv_forward")
 def _conv_forward_vmap(info, in_dims, input, weight, bias, stride, padding, dilation, groups):
     size = info.batch_size
     input_dim, weight_dim, bias_dim = in_dims[:3]
-    if weight_dim is None and bias_dim is None:
-        # a shared weight: the vmapped images are just more images
-        out = ops.conv_forward(_fold(_front(input, input_dim, size)), weight, bias, stride, padding, dilation, groups)
-        return _unfold(out, size), 0
-    # a weight per vmapped slice: put the slices side by side as groups of one convolution
     x = _front(input, input_dim, size)  # (B, N, C, *spatial)
+    if (weight_dim is None and bias_dim is None) or size == 0:
+        # a shared weight: the vmapped images are just more images (with no slices, any weight's shape will do)
+        w = weight if weight_dim is None else weight.new_zeros(_front(weight, weight_dim, size).shape[1:])
+        b = bias if bias is None or bias_dim is None else bias.new_zeros(_front(bias, bias_dim, size).shape[1:])
+        out = ops.conv_forward(_fold(x), w, b, stride, padding, dilation, groups)
+        return _unfold(out, size, x.shape[1]), 0
+    # a weight per vmapped slice: put the slices side by side as groups of one convolution
     x = x.transpose(0, 1).reshape(x.shape[1], size * x.shape[2], *x.shape[3:])  # (N, B*C, *spatial)
-    w = _fold(_front(weight, weight_dim, size))  # (B*C_out, C/g, *kernel)
+    w = _front(weight, weight_dim, size)
+    out_channels = w.shape[1]
+    w = _fold(w)  # (B*C_out, C/g, *kernel)
     b = None if bias is None else _fold(_front(bias, bias_dim, size).unsqueeze(-1)).squeeze(-1)
     out = ops.conv_forward(x, w, b, stride, padding, dilation, groups * size)  # (N, B*C_out, *spatial)
-    return out.reshape(out.shape[0], size, out.shape[1] // size, *out.shape[2:]), 1
+    return out.reshape(out.shape[0], size, out_channels, *out.shape[2:]), 1
 
 
 @torch.library.register_vmap("manualgrad::max_pool_forward")
 def _max_pool_forward_vmap(info, in_dims, input, kernel_size, stride, padding, dilation, ceil_mode, compute_indices=True):
     size = info.batch_size
-    x = _fold(_front(input, in_dims[0], size))
-    out, idx = ops.max_pool_forward(x, kernel_size, stride, padding, dilation, ceil_mode, compute_indices)
+    x = _front(input, in_dims[0], size)
+    out, idx = ops.max_pool_forward(_fold(x), kernel_size, stride, padding, dilation, ceil_mode, compute_indices)
     if not compute_indices:  # the empty placeholder has no batch dimension
-        return (_unfold(out, size), idx), (0, None)
-    return (_unfold(out, size), _unfold(idx, size)), (0, 0)
+        return (_unfold(out, size, x.shape[1]), idx), (0, None)
+    return (_unfold(out, size, x.shape[1]), _unfold(idx, size, x.shape[1])), (0, 0)
 
 
 @torch.library.register_vmap("manualgrad::max_pool_backward")
@@ -206,7 +212,7 @@ def _max_pool_backward_vmap(
     grad = ops.max_pool_backward(
         go, idx, [size * input_size[0], *input_size[1:]], kernel_size, stride, padding, dilation, check_indices
     )
-    return _unfold(grad, size), 0
+    return _unfold(grad, size, input_size[0]), 0
 
 
 @torch.library.register_vmap("manualgrad::conv_backward")
@@ -214,6 +220,11 @@ def _conv_backward_vmap(info, in_dims, grad_output, input, weight, stride, paddi
     # Several arguments may carry their own slice, so this one goes slice by slice.
     size = info.batch_size
     tensors = [_front(t, d, size) for t, d in zip((grad_output, input, weight), in_dims[:3])]
+    if size == 0:  # no slices: empty gradients of one slice's shapes (the bias's is C_out long)
+        go, x, w = (t.new_empty(t.shape[1:]) for t in tensors)
+        outs = tuple(t.new_empty((0, *t.shape)) if want else None
+                     for want, t in zip(output_mask, (x, w, go.new_empty(w.shape[:1]))))
+        return outs, tuple(None if o is None else 0 for o in outs)
     slices = [ops.conv_backward(*(t[b] for t in tensors), stride, padding, dilation, groups, output_mask) for b in range(size)]
     outs = tuple(None if slices[0][k] is None else torch.stack([s[k] for s in slices]) for k in range(3))
     return outs, tuple(None if o is None else 0 for o in outs)
