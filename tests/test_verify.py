@@ -510,3 +510,17 @@ def test_efficientnet_with_tf_same_padding_lists_its_convs():
     same = [r for r in result.unconverted if r.type == "Conv2dSame"]
     assert len(same) == sum(isinstance(m, models.Conv2dSame) for m in model.modules()) > 20
     assert {layer.name.rsplit(".", 1)[-1] for layer in result.layers} == {"conv_reduce", "conv_expand"}
+
+
+def test_a_model_that_changes_its_input_in_place_is_verified():
+    # verify differentiates with respect to the inputs, made leaves that require grad; a first in-place step
+    # (ReLU(inplace=True)) raised "a leaf Variable that requires grad is being used in an in-place operation"
+    # (found by fuzzing verify). The model now gets copies of the leaves.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.ReLU(inplace=True), torch.nn.Conv2d(3, 4, 3), torch.nn.MaxPool2d(2))
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    before = x.clone()
+    result = verify_function(model, x)
+    assert result.ok, result.report()
+    assert "input gradient" in {c.name for c in result.end_to_end}
+    assert torch.equal(x, before)  # the caller's input is left alone

@@ -727,8 +727,11 @@ def _run_model(model, args, kwargs, layer_names, seed, keep_inputs, branches=Non
     try:
         with torch.random.fork_rng(devices=_cuda_devices(model, [args, kwargs])), torch.enable_grad():
             torch.manual_seed(seed)
+            # the model gets copies of the leaves, which an in-place first step (ReLU(inplace=True)) may change
+            # where a leaf that requires grad may not be
+            fed_args, fed_kwargs = (_map_tensors(a, lambda t: t.clone() if t.requires_grad else t) for a in (args, kwargs))
             with branches or contextlib.nullcontext(), everywhere or contextlib.nullcontext():
-                output = model(*args, **kwargs)
+                output = model(*fed_args, **fed_kwargs)
             outputs = [t for t in _floating(_tensors(output)) if t.requires_grad]
             grads = [None] * (len(input_leaves) + len(named_params))
             projected = [o.dtype for o in outputs]
