@@ -3,6 +3,7 @@ error) on ResNet/Inception/EfficientNet-shaped models, planted 1% errors, and th
 import collections
 import copy
 import importlib.util
+import math
 import os
 import re
 
@@ -524,3 +525,22 @@ def test_a_model_that_changes_its_input_in_place_is_verified():
     assert result.ok, result.report()
     assert "input gradient" in {c.name for c in result.end_to_end}
     assert torch.equal(x, before)  # the caller's input is left alone
+
+
+def test_entries_both_float32_runs_overflowed_are_left_out():
+    # A model whose float32 runs overflow to inf (a DenseNet fed large inputs) where float64 does not: every
+    # layer downstream was reported FAILED with "ours inf, torch inf" (found by fuzzing verify)
+    g = torch.Generator().manual_seed(0)
+    truth = torch.randn(64, generator=g, dtype=torch.float64) * 1e38
+    theirs = (truth * (1 + 1e-7 * torch.randn(64, generator=g, dtype=torch.float64))).float()
+    ours = (truth * (1 + 1e-7 * torch.randn(64, generator=g, dtype=torch.float64))).float()
+    theirs[:5] = ours[:5] = float("inf")
+    theirs[5] = ours[5] = float("nan")
+    judged = verify_module._judge("x", ours, theirs, truth, truth, None, None, 10.0)
+    assert judged.ok and math.isfinite(judged.error)
+    wrong = ours.clone()
+    wrong[10:] *= 1.01  # a 1% error on the entries that are still finite
+    assert not verify_module._judge("x", wrong, theirs, truth, truth, None, None, 10.0).ok
+    alone = ours.clone()
+    alone[6] = float("inf")  # ours overflows where torch's does not
+    assert not verify_module._judge("x", alone, theirs, truth, truth, None, None, 10.0).ok
