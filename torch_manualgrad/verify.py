@@ -25,9 +25,11 @@ are ~1e-5. The floor rtol is ~84 float32 epsilons (1e-5): torch's own error can 
 is exact), and rounding in sums of a few hundred terms reaches that. atol (default 0) is an absolute
 rms error always allowed. A planted 1% error (1e-2) is ~1000x beyond the allowance of a layer (~1e-5).
 A gradient whose true value cancels to near zero (rms under 1e-3 of the typical one among the tensors
-judged together, and torch's own result lost over half its digits) is rounding noise at the scale of its terms, and torch's own can be exactly 0 by luck
-(cuDNN's batch-norm backward on an H200): it is also allowed rtol times the typical rms per element, or
-`ratio` times torch's own rms error pooled over the near-zero tensors (_near_zero_floor).
+judged together, and torch's own result lost over half its digits) is rounding noise at the scale of
+its terms, and torch's own can be exactly 0 by luck (cuDNN's batch-norm backward on an H200): it is
+also allowed rtol times the typical rms per element, or `ratio` times torch's own rms error pooled over
+the near-zero tensors (_near_zero_floor). Entries that both float32 runs overflowed in the same places
+are left out.
 
 Each converted layer is also checked *in isolation*: forward hooks in the torch float32 run record
 the input of every call, and the torch.nn layer, ours and the torch.nn layer in float64 all run on
