@@ -62,6 +62,7 @@ except ImportError:
     # Running from a source checkout that was built in place but not installed.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import torch_manualgrad as tmg
+from torch_manualgrad._cli import device as cli_device, positive_int  # noqa: E402
 
 
 # ---------------------------------------------------------------------------
@@ -437,11 +438,11 @@ def parse_args(argv=None):
         epilog="The model-level benchmark (a training step and inference of ResNet-18/50, MobileNetV2, "
                "EfficientNet-B0, ConvNeXt-T and DenseNet-121, converted vs torch.nn) is the same command with "
                "'models' first: see 'models --help'.")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own choice)")
+    p.add_argument("--device", type=cli_device, default="cpu", help="cpu (default) or cuda[:N]")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's own choice)")
     p.add_argument("--only", choices=["conv", "pool"], default=None, help="run only one family of cases")
     p.add_argument("--match", default=None, metavar="TEXT", help="run only the cases whose name contains TEXT")
-    p.add_argument("--batch", type=int, default=None, help="batch size N (default 8; 1 with --quick)")
+    p.add_argument("--batch", type=positive_int, default=None, help="batch size N (default 8; 1 with --quick)")
     p.add_argument("--repeat", type=int, default=None, help="most timed runs per measurement (default 15; 1 with --quick)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 2; 0 with --quick)")
     p.add_argument("--budget", type=float, default=2.0,

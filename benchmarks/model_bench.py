@@ -58,6 +58,7 @@ except ImportError:
     # Running from a source checkout that was built in place but not installed.
     sys.path.insert(0, str(HERE.parent))
     import torch_manualgrad as tmg
+from torch_manualgrad._cli import positive_int  # noqa: E402
 from torch_manualgrad.bench import load_script  # noqa: E402
 
 bench = load_script(HERE / "bench.py")      # interleaved_samples (the timing), describe_machine
@@ -251,7 +252,7 @@ def parse_args(argv=None, prog=None):
     p.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated: nchw, channels_last")
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated: train (forward + loss + backward), "
                                                           "infer (eval forward under inference_mode)")
-    p.add_argument("--batch", type=int, default=None, help="batch size (default 8; 2 with --quick)")
+    p.add_argument("--batch", type=positive_int, default=None, help="batch size (default 8; 2 with --quick)")
     p.add_argument("--size", type=int, default=None, help="input height and width (default 224; 64 with --quick)")
     p.add_argument("--repeat", type=int, default=None, help="most timed samples per side and measurement "
                                                           "(default 10; 1 with --quick)")
@@ -260,7 +261,7 @@ def parse_args(argv=None, prog=None):
     p.add_argument("--budget", type=float, default=10.0,
                    help="seconds (both sides together) after which one measurement (model, layout, mode) stops "
                         "taking samples, once it has 3")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own choice)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's own choice)")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: narrow, shallow copies of the models (10 classes) at batch 2, 64 x 64, one sample")
     args = p.parse_args(argv)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 import torch_manualgrad as tmg
@@ -208,6 +209,30 @@ def test_verify_cli_usage_errors(capsys):
     assert main(["verify", f"{os.path.join(ROOT, 'tests', 'test_cli.py')}:small_cnn"]) == 2  # no input, no shape
     err = capsys.readouterr().err
     assert "no_such_module_xyz" in err and "--input-shape" in err
+
+
+@pytest.mark.parametrize("args,says", [
+    (["verify", "{cnn}", "--input-shape", "1,4,12,12"], "expected input[1, 4, 12, 12] to have 3 channels"),
+    (["verify", "{cnn}", "--input-shape", "1,3,2,2"], "RuntimeError"),
+    (["verify", "{cnn}", "--input-shape", "1,3,12,12", "--device", "meta"], "argument --device"),
+    (["verify", "{cnn}", "--input-shape", "1,3,12,12", "--atol", "nan"], "argument --atol"),
+    (["explain", "conv1d", "--plot", "{file}"], "FileExistsError"),
+    (["demo", "--epochs", "0"], "argument --epochs: expected a positive integer, got 0"),
+    (["demo", "--epochs", "-1"], "argument --epochs"),
+    (["demo", "--batch-size", "0"], "argument --batch-size"),
+    (["demo", "--device", "foo"], "argument --device"),
+    (["bench", "--threads", "0", "--quick"], "argument --threads"),
+    (["bench", "models", "--threads", "0", "--quick"], "argument --threads"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_cli_user_mistakes_are_one_line_errors(args, says, tmp_path):
+    # a user's shape, path or option that does not work: exit 2 and a message naming it, never a Python
+    # traceback (a fuzzer found 16 such tracebacks)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    cnn = f"{os.path.join(ROOT, 'tests', 'test_cli.py')}:small_cnn"
+    proc = _cli(*(a.format(cnn=cnn, file=a_file) for a in args))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and says in proc.stderr, proc.stderr
 
 
 # ----------------------------------------------------------------------------------------------- check

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from . import functional
+from . import _cli
 
 __all__ = ["CheckConfig", "CheckResult", "configurations", "run_config", "run_checks", "add_parser", "run"]
 
@@ -279,7 +280,7 @@ def add_parser(commands):
                     "conv_transpose1d/2d/3d and max_pool1d/2d/3d; each forward is also compared with "
                     "torch.nn.functional's.",
     )
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    p.add_argument("--device", type=_cli.device, default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument("--quick", action="store_true", help="a smaller subset: one option changed at a time")
     p.add_argument("--full-jacobian", action="store_true",
                    help="compare every Jacobian entry (gradcheck fast_mode=False); much slower")

@@ -7,13 +7,14 @@ import time
 import torch
 
 from .convert import convert
+from . import _cli
 
 
 def add_parser(commands):
     p = commands.add_parser("demo", help="train a small CNN with torch.nn and with our layers side by side on digits")
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--epochs", type=_cli.positive_int, default=12)
+    p.add_argument("--batch-size", type=_cli.positive_int, default=32)
+    p.add_argument("--device", type=_cli.device, default="cpu", help="cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
     return p
 

@@ -67,6 +67,7 @@ from . import functional as ours_functional
 from . import nn as ours_nn
 from . import routing
 from .convert import Unconverted, convert, revert, unconverted
+from . import _cli
 
 __all__ = ["verify", "VerifyResult", "LayerRecord", "Comparison", "Unconverted", "default_tolerances",
            "DEFAULT_RATIO", "add_parser", "run"]
@@ -1203,12 +1204,12 @@ def add_parser(commands):
                                                        "(required unless the factory returns an example input)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
                    help="cast the model and input to this dtype (default: as the factory made them)")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    p.add_argument("--device", type=_cli.device, default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument("--eval", action="store_true", help="put the model in eval mode first (default: as returned)")
-    p.add_argument("--ratio", type=float, default=DEFAULT_RATIO,
+    p.add_argument("--ratio", type=_cli.non_negative_float, default=DEFAULT_RATIO,
                    help=f"how many times torch's own error ours may reach (default {DEFAULT_RATIO:g})")
-    p.add_argument("--rtol", type=float, default=None, help="relative error always allowed (default: by dtype)")
-    p.add_argument("--atol", type=float, default=None, help="absolute rms error always allowed (default: by dtype)")
+    p.add_argument("--rtol", type=_cli.non_negative_float, default=None, help="relative error always allowed (default: by dtype)")
+    p.add_argument("--atol", type=_cli.non_negative_float, default=None, help="absolute rms error always allowed (default: by dtype)")
     p.add_argument("--seed", type=int, default=0, help="seed for the random input, dropout and projections")
     p.add_argument("--everywhere", action="store_true",
                    help="run the converted model inside torch_manualgrad.everywhere(), so that F.conv2d/"
