@@ -38,7 +38,7 @@ class _OurConvTranspose(_OurLayer):
 
     def forward(self, input, output_size=None):
         if self.padding_mode != "zeros":
-            raise ValueError(f"Only 'zeros' padding mode is supported for {type(self).__name__}")
+            raise ValueError(f"Only `zeros` padding mode is supported for {type(self).__name__}")
         output_padding = self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size,
                                               len(self.kernel_size), self.dilation)
         return type(self)._functional(input, self.weight, self.bias, self.stride, self.padding, output_padding,
