@@ -102,6 +102,10 @@ CASES = {
     "max_pool3d-zero-stride": lambda f: f.max_pool3d(rn(1, 2, 4, 4, 4), 2, (1, 0, 1)),
     "max_pool3d-padding-over-half-kernel": lambda f: f.max_pool3d(rn(1, 2, 4, 4, 4), 2, 1, (0, 2, 0)),
     "max_pool3d-output-too-small": lambda f: f.max_pool3d(rn(1, 1, 4, 4, 4), 3, stride=2, dilation=2),
+    # transposed convolutions' dilation: torch names each entry (a 1-d one as 2-d of height 1)
+    "conv_transpose1d-zero-dilation": lambda f: f.conv_transpose1d(rn(1, 2, 5), rn(2, 3, 3), dilation=0),
+    "conv_transpose2d-zero-dilation": lambda f: f.conv_transpose2d(rn(1, 2, 5, 5), rn(2, 3, 3, 3), dilation=(1, 0)),
+    "conv_transpose3d-negative-dilation": lambda f: f.conv_transpose3d(rn(1, 2, 4, 4, 4), rn(2, 3, 2, 2, 2), dilation=-2),
 }
 
 

@@ -328,7 +328,11 @@ def _check_transposed(op, dims, input, weight, bias, stride, padding, output_pad
     if any(p < 0 for p in output_padding):
         raise RuntimeError(f"negative output_padding is not supported ({op}: got output_padding={output_padding})")
     if any(d <= 0 for d in dilation):
-        raise RuntimeError(f"dilation should be greater than zero ({op}: got dilation={dilation})")
+        # torch's words, with its names of the entries (a 1-d one as 2-d, of height 1)
+        shown = list(dilation) if dims > 1 else [1, *dilation]
+        names = ("depth", "height", "width")[3 - len(shown):]
+        got = ", ".join(f"dilation_{name}: {d}" for name, d in zip(names, shown))
+        raise RuntimeError(f"dilation should be greater than zero, but got {got} ({op}: got dilation={dilation})")
     if groups <= 0:
         raise RuntimeError(f"non-positive groups is not supported ({op}: got groups={groups})")
     if weight.shape[0] < groups:
