@@ -105,6 +105,9 @@ CASES = {
     # transposed convolutions' dilation: torch names each entry (a 1-d one as 2-d of height 1)
     "conv_transpose1d-zero-dilation": lambda f: f.conv_transpose1d(rn(1, 2, 5), rn(2, 3, 3), dilation=0),
     "conv_transpose2d-zero-dilation": lambda f: f.conv_transpose2d(rn(1, 2, 5, 5), rn(2, 3, 3, 3), dilation=(1, 0)),
+    "conv_transpose1d-output-too-small": lambda f: f.conv_transpose1d(rn(2, 2, 1, dtype=torch.float64),
+                                                                      rn(2, 2, 1, dtype=torch.float64), stride=2,
+                                                                      padding=2, dilation=2),
     "conv_transpose3d-negative-dilation": lambda f: f.conv_transpose3d(rn(1, 2, 4, 4, 4), rn(2, 3, 2, 2, 2), dilation=-2),
 }
 

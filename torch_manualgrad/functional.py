@@ -364,8 +364,11 @@ def _check_transposed(op, dims, input, weight, bias, stride, padding, output_pad
     # torch refuses an output without positions, except for an empty input (its float32 CPU path, oneDNN's,
     # returns an empty tensor instead: we refuse it in every dtype, as torch's own check does)
     if any(o < 0 for o in sizes) or (input.numel() > 0 and 0 in sizes):
-        raise RuntimeError(f"Given input size per channel: ({' x '.join(map(str, input.shape[2:]))}). Calculated "
-                           f"output size per channel: ({' x '.join(map(str, sizes))}). Output size is too small")
+        shown_in, shown_out = list(input.shape[2:]), list(sizes)
+        if dims == 1:  # torch computes a 1-d one as 2-d of height 1, and shows those sizes
+            shown_in, shown_out = [1, *shown_in], [1, *shown_out]
+        raise RuntimeError(f"Given input size per channel: ({' x '.join(map(str, shown_in))}). Calculated "
+                           f"output size per channel: ({' x '.join(map(str, shown_out))}). Output size is too small")
     shape = [input.shape[0], weight.shape[1] * groups, *sizes]
     if all(isinstance(v, int) for v in shape) and math.prod(shape[1:]) * max(shape[0], 1) >= 2 ** 63:
         # (a stand-in of that shape could not even be made: torch's words would be "numel: integer multiplication
