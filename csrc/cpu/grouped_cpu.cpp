@@ -45,8 +45,9 @@ constexpr int64_t kMinParallelGather = 1 << 15;  // weights gathered by one thre
 constexpr int64_t kMinWeightTasks = 8;         // the weight gradient's tasks: groups × blocks of output channels
 // Register blocks: output channels × vectors of q; 4 × 3 accumulators (and 3 + 1 operands) would take all of AVX2's
 // 16 registers. The weight gradient's blocks are output channels × terms: 4 × 3 on AVX2 too, where its 4 grad
-// vectors are 17 registers and GCC takes one of them from memory (1.5x 4 × 2's rate on a Zen 3; benchmarks/NOTES.md).
-constexpr int O_MAX = 4, V_MAX = kVectorRegisters >= 32 ? 3 : 2, T_MAX = 3;
+// vectors are 17 registers and GCC takes one of them from memory (1.5x 4 × 2's rate on a Zen 3; benchmarks/NOTES.md);
+// 4 × 6 with AVX-512's 32 (29 registers; GCC keeps one sum on the stack, still faster than 4 × 3 or 4 × 5 on a Zen 4).
+constexpr int O_MAX = 4, V_MAX = kVectorRegisters >= 32 ? 3 : 2, T_MAX = kVectorRegisters >= 32 ? 6 : 3;
 
 // Element strides of a (N, C, H, W) or (N, C, W) tensor, whatever its layout.
 struct Strides {
@@ -352,7 +353,10 @@ template <typename scalar_t, int64_t BYTES>
 // acc[o * lda + t] += for o < O and t < T, the sum over the chunk's images and q of grad[o * ldg + q] ×
 // planes[off[t] + q]: each vector lane's partial sum formed in scalar_t, the lanes then added (lane_sum), and that
 // added in double. The grad vectors (aligned) are held and each term's vector (at any offset) loaded once and used
-// O times: with the terms held instead, GCC folded the O grad loads into each multiply-add, twice the loads.
+// O times: with the terms held instead, GCC folded the O grad loads into each multiply-add, twice the loads. The
+// 64-byte copy loads the grad vectors as volatile: otherwise GCC folded them into the multiply-adds there too (15
+// loads per 12 on a Zen 4, which loads one 64-byte vector a cycle; 7 now). AVX2's 16 registers cannot hold a fifth
+// grad vector beside 4 x 3 sums and a term, so GCC's choice stays there (one grad vector from memory).
 template <typename scalar_t, int O, int T>
 [[gnu::always_inline]] inline void weight_block(double* acc, int64_t lda, const WeightChunk<scalar_t>& c, int64_t o0,
                                                 const int64_t* off) {
@@ -364,7 +368,12 @@ template <typename scalar_t, int O, int T>
     const scalar_t* grad = c.grad + m * c.grad_step + o0 * c.ldg;
     for (int64_t q = 0; q < c.count; q += L) {
       vec gv[O];
-      for (int o = 0; o < O; ++o) load_vec(gv[o], grad + o * c.ldg + q);
+      for (int o = 0; o < O; ++o) {
+        if constexpr (kVectorRegisters >= 32)  // a volatile load: it cannot be folded into each multiply-add
+          gv[o] = *reinterpret_cast<const volatile vec*>(grad + o * c.ldg + q);
+        else
+          load_vec(gv[o], grad + o * c.ldg + q);
+      }
       for (int t = 0; t < T; ++t) {
         vec x;
         load_vec(x, planes + off[t] + q);
@@ -379,6 +388,11 @@ template <typename scalar_t, int O, int T>
 template <typename scalar_t, int O>
 [[gnu::always_inline]] inline void weight_terms(int terms, double* acc, int64_t lda, const WeightChunk<scalar_t>& c,
                                                 int64_t o0, const int64_t* off) {
+  if constexpr (T_MAX >= 5) {
+    if (terms == 6) return weight_block<scalar_t, O, 6>(acc, lda, c, o0, off);
+    if (terms == 5) return weight_block<scalar_t, O, 5>(acc, lda, c, o0, off);
+    if (terms == 4) return weight_block<scalar_t, O, 4>(acc, lda, c, o0, off);
+  }
   if (terms == 3) weight_block<scalar_t, O, 3>(acc, lda, c, o0, off);
   else if (terms == 2) weight_block<scalar_t, O, 2>(acc, lda, c, o0, off);
   else weight_block<scalar_t, O, 1>(acc, lda, c, o0, off);
@@ -854,28 +868,33 @@ at::Tensor gather_weight(const WeightRef<scalar_t>& w, const WeightTaps& taps, c
   // (oc, ic) = (o, j) for the forward, (j, o) for the input gradient: the weight's steps along o and j, and each
   // tap's offset
   const int64_t o_step = taps.transposed ? w.s.c : w.s.n, j_step = taps.transposed ? w.s.n : w.s.c;
-  std::vector<int64_t> tap_h(na), tap_w(nb);
-  for (int64_t a = 0; a < na; ++a) tap_h[a] = taps.h[a] * w.s.h;
-  for (int64_t b = 0; b < nb; ++b) tap_w[b] = taps.w[b] * w.s.w;
+  // term t = (j, a, b) of a group's sums: its offset from output 0's entry, in order
+  std::vector<int64_t> term(k);
+  for (int64_t j = 0, t = 0; j < d.in_per_group; ++j)
+    for (int64_t a = 0; a < na; ++a)
+      for (int64_t b = 0; b < nb; ++b) term[t++] = j * j_step + taps.h[a] * w.s.h + taps.w[b] * w.s.w;
+  // A weight already in the plane kernels' order (a contiguous one's forward): a group's block is one run
+  bool in_order = !term_major && o_step == k;
+  for (int64_t t = 0; t < k && in_order; ++t) in_order = term[t] == t;
+  const int64_t* offset = term.data();
   // In parallel over groups, each block written in order (the weight is as large as a batch of 7x7 images: gathered
-  // on one thread, with the other waiting, it took a tenth of a channels-last 1024@7 forward); a small one inline
+  // on one thread, with the other waiting, it took a tenth of a channels-last 1024@7 forward); a small one inline.
+  // Through the table of offsets: nested loops over (j, a, b) with a call per term compiled to a copy of 3 values
+  // at a time with its counters on the stack, 29% of the NCHW grouped forward at 1024@7 on a Zen 4.
   const auto gather = [&](int64_t g0, int64_t g1) {
     for (int64_t grp = g0; grp < g1; ++grp) {
       const scalar_t* src = w.data + grp * (taps.transposed ? d.in_per_group : d.out_per_group) * w.s.n;
       scalar_t* block = dst + grp * d.out_per_group * k;
-      // f(the weight at term (j, a, b) of output 0) for each term of a group's sums, in order
-      const auto for_terms = [&](const auto& f) {
-        for (int64_t j = 0; j < d.in_per_group; ++j)
-          for (int64_t a = 0; a < na; ++a)
-            for (int64_t b = 0; b < nb; ++b) f(src + j * j_step + tap_h[a] + tap_w[b]);
-      };
-      if (term_major) {
-        for_terms([&](const scalar_t* term) {
-          for (int64_t o = 0; o < d.out_per_group; ++o) *block++ = term[o * o_step];
-        });
+      if (in_order) {
+        std::copy_n(src, d.out_per_group * k, block);
+      } else if (term_major) {
+        for (int64_t t = 0; t < k; ++t)
+          for (int64_t o = 0; o < d.out_per_group; ++o) *block++ = src[offset[t] + o * o_step];
       } else {
-        for (int64_t o = 0; o < d.out_per_group; ++o)
-          for_terms([&](const scalar_t* term) { *block++ = term[o * o_step]; });
+        for (int64_t o = 0; o < d.out_per_group; ++o) {
+          const scalar_t* row = src + o * o_step;
+          for (int64_t t = 0; t < k; ++t) *block++ = row[offset[t]];
+        }
       }
     }
   };
