@@ -203,7 +203,7 @@ void matmul(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double be
 // [ow0, ow1), where row is od*out_h + oh (oh in 2-d) and `at` is position (row, ow0)'s column in a buffer
 // whose column 0 is position p0. Only the first and last rows can be partial.
 template <typename F>
-void for_each_row(const Geometry& g, int64_t p0, int64_t p1, const F& f) {
+[[gnu::always_inline]] inline void for_each_row(const Geometry& g, int64_t p0, int64_t p1, const F& f) {
   if (p1 <= p0) return;
   const int64_t first = p0 / g.out_w, last = (p1 - 1) / g.out_w;
   for (int64_t oh = first; oh <= last; ++oh) {
@@ -220,8 +220,8 @@ void for_each_row(const Geometry& g, int64_t p0, int64_t p1, const F& f) {
 // (no division per row); the rows' short runs are plain loops, since at 7x7..56x56 a call to memcpy or
 // memset per run cost more than the copying.
 template <typename scalar_t>
-void im2col(scalar_t* columns, int64_t ld, const scalar_t* image, int64_t channels, const Geometry& g, int64_t p0,
-            int64_t p1) {
+MANUALGRAD_VECTOR_CLONES void im2col(scalar_t* columns, int64_t ld, const scalar_t* image, int64_t channels,
+                                     const Geometry& g, int64_t p0, int64_t p1) {
   const Window& w = g.win;
   for (int64_t c = 0; c < channels; ++c) {
     const scalar_t* volume = image + c * g.in_positions();
@@ -249,6 +249,8 @@ void im2col(scalar_t* columns, int64_t ld, const scalar_t* image, int64_t channe
           scalar_t* out = dst + (a - ow0);
           if (w.stride_w == 1) {
             for (int64_t k = 0; k < b - a; ++k) out[k] = src[k];
+          } else if (w.stride_w == 2) {  // a constant stride, which the vector clones turn into loads and shuffles
+            for (int64_t k = 0; k < b - a; ++k) out[k] = src[2 * k];
           } else {
             for (int64_t k = 0; k < b - a; ++k) out[k] = src[k * w.stride_w];
           }
