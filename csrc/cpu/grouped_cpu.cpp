@@ -370,7 +370,7 @@ template <typename scalar_t, int O, int T>
       vec gv[O];
       for (int o = 0; o < O; ++o) {
         if constexpr (kVectorRegisters >= 32)  // a volatile load: it cannot be folded into each multiply-add
-          gv[o] = *reinterpret_cast<const volatile vec*>(grad + o * c.ldg + q);
+          gv[o] = *reinterpret_cast<const volatile typename Vec<scalar_t>::unaligned*>(grad + o * c.ldg + q);
         else
           load_vec(gv[o], grad + o * c.ldg + q);
       }
