@@ -315,6 +315,12 @@ def _check_transposed_tensors(op, input, weight, bias):
                            f"but got input of dtype {a}")
 
 
+def _as_torch_shows(values, dims):
+    """Per-dimension values as torch's transposed-convolution messages show them: a 1-d one's as those of the 2-d
+    convolution of height 1 it computes."""
+    return list(values) if dims > 1 else [1, *values]
+
+
 def _check_transposed(op, dims, input, weight, bias, stride, padding, output_padding, dilation, groups):
     """torch's checks of a transposed convolution's arguments, in torch's words (its tests match them)."""
     _check_transposed_tensors(op, input, weight, bias)
@@ -329,7 +335,7 @@ def _check_transposed(op, dims, input, weight, bias, stride, padding, output_pad
         raise RuntimeError(f"negative output_padding is not supported ({op}: got output_padding={output_padding})")
     if any(d <= 0 for d in dilation):
         # torch's words, with its names of the entries (a 1-d one as 2-d, of height 1)
-        shown = list(dilation) if dims > 1 else [1, *dilation]
+        shown = _as_torch_shows(dilation, dims)
         names = ("depth", "height", "width")[3 - len(shown):]
         got = ", ".join(f"dilation_{name}: {d}" for name, d in zip(names, shown))
         raise RuntimeError(f"dilation should be greater than zero, but got {got} ({op}: got dilation={dilation})")
@@ -364,9 +370,7 @@ def _check_transposed(op, dims, input, weight, bias, stride, padding, output_pad
     # torch refuses an output without positions, except for an empty input (its float32 CPU path, oneDNN's,
     # returns an empty tensor instead: we refuse it in every dtype, as torch's own check does)
     if any(o < 0 for o in sizes) or (input.numel() > 0 and 0 in sizes):
-        shown_in, shown_out = list(input.shape[2:]), list(sizes)
-        if dims == 1:  # torch computes a 1-d one as 2-d of height 1, and shows those sizes
-            shown_in, shown_out = [1, *shown_in], [1, *shown_out]
+        shown_in, shown_out = _as_torch_shows(input.shape[2:], dims), _as_torch_shows(sizes, dims)
         raise RuntimeError(f"Given input size per channel: ({' x '.join(map(str, shown_in))}). Calculated "
                            f"output size per channel: ({' x '.join(map(str, shown_out))}). Output size is too small")
     shape = [input.shape[0], weight.shape[1] * groups, *sizes]

@@ -399,9 +399,10 @@ def _near_zero_floor(judged, typical_rms, ratio):
         return judged
     noise = sorted(j.torch_rms_error for j in near)
     pooled = ratio * noise[len(noise) // 2]
+    near_ids = {id(j) for j in near}
     out = []
     for j in judged:
-        if any(j is k for k in near) and math.isfinite(j.distance):
+        if id(j) in near_ids and math.isfinite(j.distance):
             floor = max(j.rtol * typical_rms, pooled if math.isfinite(pooled) else 0.0) * math.sqrt(j.numel)
             allowance = max(j.allowance, floor)
             used = j.distance / allowance if allowance > 0 else (0.0 if j.distance == 0 else math.inf)

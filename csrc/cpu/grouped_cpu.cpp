@@ -388,7 +388,8 @@ template <typename scalar_t, int O, int T>
 template <typename scalar_t, int O>
 [[gnu::always_inline]] inline void weight_terms(int terms, double* acc, int64_t lda, const WeightChunk<scalar_t>& c,
                                                 int64_t o0, const int64_t* off) {
-  if constexpr (T_MAX >= 5) {
+  static_assert(T_MAX == 3 || T_MAX == 6, "the blocks below");
+  if constexpr (T_MAX == 6) {
     if (terms == 6) return weight_block<scalar_t, O, 6>(acc, lda, c, o0, off);
     if (terms == 5) return weight_block<scalar_t, O, 5>(acc, lda, c, o0, off);
     if (terms == 4) return weight_block<scalar_t, O, 4>(acc, lda, c, o0, off);
