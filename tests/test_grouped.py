@@ -21,6 +21,8 @@ CASES = [
     (2, 4, 2, 6, (3, 3), (5, 5), 3, 0, 2, False),
     (1, 2, 16, 16, (3, 3), (150, 40), 1, 1, 1, False),  # planes of several bands of rows
     (5, 16, 2, 2, (1, 1), (8, 8), 2, 0, 1, True),  # pointwise with a stride: phases no tap reads
+    (2, 4, 4, 4, (1, 2), (10, 9), 3, 0, 1, False),  # ...as rows of phases, in NCHW
+    (1, 2, 16, 16, (3, 3), (151, 41), 2, 1, 1, False),  # the input gradient's phases in several bands of rows
     (2, 4, 4, 4, (7,), (50,), 1, 3, 1, False),  # 1-d
     (2, 3, 5, 2, (4,), (33,), 3, 2, 2, False),
     # channels-last outputs whose group's output channels fill whole vectors: the pixel kernels (64-byte vectors
