@@ -196,3 +196,16 @@ def test_grouped_float32_is_as_close_to_float64_as_torchs(case):
     for name, a, e, t in zip(("output", "grad_input", "grad_weight", "grad_bias"), ours, theirs, truth):
         ours_err, torch_err = (a.double() - t).norm(), (e.double() - t).norm()
         assert ours_err <= 2 * torch_err + 1e-6 * t.norm(), (name, ours_err.item(), torch_err.item())
+
+
+def test_strided_input_gradient_whose_phases_together_pass_the_task_bound_matches_torch():
+    """Stride 4x4, 64 input channels but one output channel a group, 4100 wide: every phase's tile of a band together
+    would pass a task's bound (4M elements), so the phases run one after another; the values are torch's."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 128, 16, 4100, generator=gen)
+    w = torch.randn(2, 64, 4, 4, generator=gen)
+    go = torch.randn(1, 2, 4, 1025, generator=gen)
+    ours = torch.ops.manualgrad.conv_backward(go, x, w, [4, 4], [0, 0], [1, 1], 2, [True, False, False])[0]
+    theirs = torch.ops.aten.convolution_backward(go, x, w, None, [4, 4], [0, 0], [1, 1], False, [0, 0], 2,
+                                                 [True, False, False])[0]
+    torch.testing.assert_close(ours, theirs)

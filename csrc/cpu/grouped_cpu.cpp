@@ -982,6 +982,13 @@ PhaseTaps phase_taps(int64_t r, int64_t kernel, int64_t stride, int64_t dilation
   return t;
 }
 
+// A phase's taps, flipped: its forward's taps in order.
+std::vector<int64_t> flipped_taps(const PhaseTaps& t) {
+  std::vector<int64_t> taps;
+  for (int64_t m = t.count - 1; m >= 0; --m) taps.push_back(t.first + m * t.step);
+  return taps;
+}
+
 // The input gradient's phase (r_h, r_w) as a forward: grad_output (C_out channels in) convolved into C_in channels
 // over the phase's positions, with the taps that reach it.
 Geometry phase_geometry(const Geometry& g, const PhaseTaps& h, const PhaseTaps& w) {
@@ -1046,8 +1053,9 @@ MANUALGRAD_VECTOR_CLONES void interleave_row(scalar_t* __restrict dst, int64_t s
 // writes the band's input rows once, the phases' columns interleaved. Phase by phase, each pass stored every
 // stride-th value of rows the other passes wrote too, a scalar store each: for 3x3/2 over 32 groups of 8 channels at
 // 56x56 (a Zen 4), 36% of the input gradient's time. The sums are forward_kernel's, term for term.
+// Returns false, having done nothing, where a task's tiles of every phase together would pass kMaxTaskElems.
 template <typename scalar_t>
-void backward_input_rows_kernel(scalar_t* gi, const Strides& so, const scalar_t* go, const Strides& sg,
+bool backward_input_rows_kernel(scalar_t* gi, const Strides& so, const scalar_t* go, const Strides& sg,
                                 const WeightRef<scalar_t>& w, const Geometry& g, const at::TensorOptions& options) {
   constexpr int64_t lanes = Vec<scalar_t>::lanes;
   const Window& win = g.win;
@@ -1072,18 +1080,18 @@ void backward_input_rows_kernel(scalar_t* gi, const Strides& so, const scalar_t*
   for_each_phase(g, [&](int64_t rh, int64_t rw, const PhaseTaps& h, const PhaseTaps& t) {
     Phase& ph = phases[rh * sw + rw];
     if (h.count == 0 || t.count == 0 || h.outputs == 0 || t.outputs == 0) return;
-    const auto flipped = [](const PhaseTaps& p) {  // the phase's taps, flipped
-      std::vector<int64_t> taps;
-      for (int64_t m = p.count - 1; m >= 0; --m) taps.push_back(p.first + m * p.step);
-      return taps;
-    };
-    ph.wt = gather_weight(w, WeightTaps{flipped(h), flipped(t), true}, ph.fg, /*term_major=*/false, options);
     ph.layout.emplace(ph.fg, lanes, bands);
     const GroupDims fd(ph.fg);
     ph.chunk = forward_chunk<scalar_t>(fd.k_per_group);
     ph.tile = tile_elems;
     plane_elems = std::max(plane_elems, fd.in_per_group * ph.layout->planes.per_channel());
     tile_elems += fd.out_per_group * ph.layout->planes.grid_padded();
+  });
+  if (tile_elems > kMaxTaskElems) return false;
+  for_each_phase(g, [&](int64_t rh, int64_t rw, const PhaseTaps& h, const PhaseTaps& t) {
+    Phase& ph = phases[rh * sw + rw];
+    if (ph.layout)
+      ph.wt = gather_weight(w, WeightTaps{flipped_taps(h), flipped_taps(t), true}, ph.fg, /*term_major=*/false, options);
   });
   const GroupDims d(g);
   parallel_tasks(g.batch * d.groups * bands.count, [&](int64_t begin, int64_t end) {
@@ -1119,6 +1127,7 @@ void backward_input_rows_kernel(scalar_t* gi, const Strides& so, const scalar_t*
       }
     }
   });
+  return true;
 }
 
 }  // namespace
@@ -1160,11 +1169,11 @@ void grouped_backward_input_cpu(at::Tensor& grad_input, const at::Tensor& grad_o
                                 const Geometry& g) {
   const Strides so = strides_of(grad_input);
   if (g.win.stride_h * g.win.stride_w > 1 && so.w == 1 && so.c != 1) {  // contiguous rows: the phases together
-    AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "grouped_backward_input_cpu", [&] {
-      backward_input_rows_kernel(grad_input.data_ptr<scalar_t>(), so, grad_output.const_data_ptr<scalar_t>(),
-                                 strides_of(grad_output), weight_ref<scalar_t>(weight, g), g, weight.options());
+    const bool done = AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "grouped_backward_input_cpu", [&] {
+      return backward_input_rows_kernel(grad_input.data_ptr<scalar_t>(), so, grad_output.const_data_ptr<scalar_t>(),
+                                        strides_of(grad_output), weight_ref<scalar_t>(weight, g), g, weight.options());
     });
-    return;
+    if (done) return;
   }
   const int64_t dim_h = grad_input.dim() - 2, dim_w = grad_input.dim() - 1;  // dim_h is the channels' in 1-d: unused
   for_each_phase(g, [&](int64_t rh, int64_t rw, const PhaseTaps& h, const PhaseTaps& w) {
@@ -1176,13 +1185,7 @@ void grouped_backward_input_cpu(at::Tensor& grad_input, const at::Tensor& grad_o
       phase.zero_();
       return;
     }
-    // the phase's taps, flipped
-    const auto flipped = [](const PhaseTaps& t) {
-      std::vector<int64_t> taps;
-      for (int64_t m = t.count - 1; m >= 0; --m) taps.push_back(t.first + m * t.step);
-      return taps;
-    };
-    const WeightTaps taps{flipped(h), flipped(w), true};
+    const WeightTaps taps{flipped_taps(h), flipped_taps(w), true};
     AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "grouped_backward_input_cpu", [&] {
       forward_any(phase.data_ptr<scalar_t>(), strides_of(phase), grad_output.const_data_ptr<scalar_t>(),
                   strides_of(grad_output), weight_ref<scalar_t>(weight, g), taps, static_cast<const scalar_t*>(nullptr),
