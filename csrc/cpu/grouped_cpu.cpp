@@ -125,12 +125,19 @@ Bands bands_for(const Geometry& g, int64_t lanes) {
   const Planes one = planes_for(g, 1, lanes);
   return even_bands(g.out_h, GroupDims(g).in_per_group * one.phases * one.pitch, one.height - 1, kMaxPlaneElems);
 }
+// The most rows a band of bands_for may have, however few g.out_h are.
+int64_t band_rows_budget(const Geometry& g, int64_t lanes) {
+  const Planes one = planes_for(g, 1, lanes);
+  const int64_t per_row = std::max<int64_t>(1, GroupDims(g).in_per_group * one.phases * one.pitch);
+  return std::max<int64_t>(1, kMaxPlaneElems / per_row - (one.height - 1));
+}
 
-// The channels-last case of gather_rows and scatter_rows for float32 (rs == 1 < js: a pixel's channels side by side),
-// in blocks of 4 channels × 4 pixels through SSE transposes: element (r, j) is read at src[j * sj + r * sr] and
-// written at dst[j * dj + r * dr], where one of each pair is 1. Returns false (nothing done) for other cases. Value
-// by value, a group of 4 channels took a scalar load and store each: with 4 channels a group (ResNeXt-50's first
-// stage, channels-last), building the planes and scattering the tiles took half of the input gradient's time.
+// The case rs == 1 < js of gather_rows and scatter_rows for float32 (rows side by side, as a pixel's channels are in
+// a channels-last tensor), in blocks of 4 rows × 4 columns through SSE transposes: element (r, j) is read at
+// src[j * sj + r * sr] and written at dst[j * dj + r * dr], where one of each pair is 1. Returns false (nothing done)
+// for other cases. Value by value, a group of 4 channels took a scalar load and store each: with 4 channels a group
+// (ResNeXt-50's first stage, channels-last), building the planes and scattering the tiles took half of the input
+// gradient's time.
 template <typename scalar_t>
 [[gnu::always_inline]] inline bool transpose_4x4_rows(scalar_t* __restrict dst, int64_t dj, int64_t dr,
                                                       const scalar_t* __restrict src, int64_t sj, int64_t sr, int64_t rs,
@@ -1072,7 +1079,8 @@ bool backward_input_rows_kernel(scalar_t* gi, const Strides& so, const scalar_t*
   for_each_phase(g, [&](int64_t rh, int64_t rw, const PhaseTaps& h, const PhaseTaps& t) {
     if (h.count == 0 || t.count == 0 || h.outputs == 0 || t.outputs == 0) return;
     phases[rh * sw + rw].fg = phase_geometry(g, h, t);
-    rows = std::min(rows, bands_for(phases[rh * sw + rw].fg, lanes).rows);
+    // (not bands_for's rows, which a phase with a row fewer than the tallest would cut in two)
+    rows = std::min(rows, band_rows_budget(phases[rh * sw + rw].fg, lanes));
   });
   const int64_t band_count = ceil_div(phase_rows, rows);
   const Bands bands{ceil_div(phase_rows, band_count), band_count};
