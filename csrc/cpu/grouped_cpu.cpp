@@ -115,21 +115,32 @@ Planes planes_for(const Geometry& g, int64_t rows, int64_t lanes) {
 struct Bands {
   int64_t rows, count;
 };
+// The rows a band may have: one at least.
+int64_t rows_within(int64_t per_row, int64_t reach, int64_t budget) {
+  return std::max<int64_t>(1, budget / std::max<int64_t>(1, per_row) - reach);
+}
 Bands even_bands(int64_t out_h, int64_t per_row, int64_t reach, int64_t budget) {
-  const int64_t rows = std::clamp<int64_t>(budget / std::max<int64_t>(1, per_row) - reach, 1, out_h);
+  const int64_t rows = std::clamp<int64_t>(rows_within(per_row, reach, budget), 1, out_h);
   const int64_t count = ceil_div(out_h, rows);
   return {ceil_div(out_h, count), count};
 }
-// ...for the plane kernels: a group's planes within kMaxPlaneElems.
-Bands bands_for(const Geometry& g, int64_t lanes) {
+// ...for the plane kernels: a group's planes within kMaxPlaneElems, each output row costing per_row and a band reach
+// rows more.
+struct RowCost {
+  int64_t per_row, reach;
+};
+RowCost plane_row_cost(const Geometry& g, int64_t lanes) {
   const Planes one = planes_for(g, 1, lanes);
-  return even_bands(g.out_h, GroupDims(g).in_per_group * one.phases * one.pitch, one.height - 1, kMaxPlaneElems);
+  return {GroupDims(g).in_per_group * one.phases * one.pitch, one.height - 1};
+}
+Bands bands_for(const Geometry& g, int64_t lanes) {
+  const RowCost c = plane_row_cost(g, lanes);
+  return even_bands(g.out_h, c.per_row, c.reach, kMaxPlaneElems);
 }
 // The most rows a band of bands_for may have, however few g.out_h are.
 int64_t band_rows_budget(const Geometry& g, int64_t lanes) {
-  const Planes one = planes_for(g, 1, lanes);
-  const int64_t per_row = std::max<int64_t>(1, GroupDims(g).in_per_group * one.phases * one.pitch);
-  return std::max<int64_t>(1, kMaxPlaneElems / per_row - (one.height - 1));
+  const RowCost c = plane_row_cost(g, lanes);
+  return rows_within(c.per_row, c.reach, kMaxPlaneElems);
 }
 
 // The case rs == 1 < js of gather_rows and scatter_rows for float32 (rows side by side, as a pixel's channels are in
