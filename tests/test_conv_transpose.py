@@ -343,6 +343,24 @@ def test_random_configurations_agree_with_torch(c):
         torch.testing.assert_close(ours_grad, ref_grad)
 
 
+@pytest.mark.parametrize("dims", (1, 2, 3))
+@pytest.mark.parametrize("stride", (2, 3, 4))
+@pytest.mark.parametrize("dilation", (1, 2))
+def test_strided_rows_of_every_width_match_torch(dims, stride, dilation):
+    """A stride over the width: col2im adds each tap into the rows' phases, then interleaves them. Every output
+    width's remainder by the stride (output_padding), kernels shorter and longer than the stride, against torch in
+    float64 (the channels keep it off the grouped and depthwise kernels, the 2-d size off conv_backward_nhwc)."""
+    g = torch.Generator().manual_seed(stride * 10 + dilation + dims)
+    for kernel in (stride - 1, stride + 1, 2 * stride):
+        for extra in range(min(stride, dilation * stride)):  # output_padding < max(stride, dilation)
+            size = (15, 15) if dims == 2 else (3,) * (dims - 1) + (5,)  # 2-d: past the small images' NHWC path
+            x = torch.randn((2, 6) + size, generator=g, dtype=torch.float64)
+            w = torch.randn((6, 5) + (2,) * (dims - 1) + (kernel,), generator=g, dtype=torch.float64)
+            kwargs = dict(stride=(1,) * (dims - 1) + (stride,), padding=(0,) * (dims - 1) + (1,),
+                          output_padding=(0,) * (dims - 1) + (extra,), dilation=(1,) * (dims - 1) + (dilation,))
+            torch.testing.assert_close(OURS[dims](x, w, **kwargs), TORCHS[dims](x, w, **kwargs), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_runs_repeat_bit_for_bit(device):
     """Deterministic by construction on both devices (no atomics in conv_backward's input gradient, nor in the

@@ -151,4 +151,26 @@ inline void zero_run(scalar_t* dst, int64_t n) {
   }
 }
 
+// dst[x * step] = src[x % phases][x / phases] for x < width, 0 where src[x % phases] is null: a row of a strided
+// convolution's input gradient from its phases' rows. Inline, to run at the caller's clone's width: the common case
+// (stride 2, a contiguous row, both phases reached) is a loop the vector clones turn into permutes and whole-vector
+// stores.
+template <typename scalar_t>
+[[gnu::always_inline]] inline void interleave_phases(scalar_t* __restrict dst, int64_t step, const scalar_t* const* src,
+                                                     int64_t phases, int64_t width) {
+  if (step == 1 && phases == 2 && src[0] && src[1]) {
+    const scalar_t* __restrict a = src[0];
+    const scalar_t* __restrict b = src[1];
+    const int64_t pairs = width / 2;
+    for (int64_t j = 0; j < pairs; ++j) {
+      dst[2 * j] = a[j];
+      dst[2 * j + 1] = b[j];
+    }
+    if (width % 2) dst[width - 1] = a[pairs];
+    return;
+  }
+  for (int64_t x = 0, j = 0; x < width; ++j)
+    for (int64_t r = 0; r < phases && x < width; ++r, ++x) dst[x * step] = src[r] ? src[r][j] : scalar_t(0);
+}
+
 }  // namespace manualgrad
