@@ -122,17 +122,18 @@ bool whole_batch_backward(const Geometry& g) {
 }
 
 // The split of a product by channel, `per_group` of them in each of `groups` (output channels for the small-image
-// forward and weight gradient, input channels for the pointwise input gradient of few rows): tasks of at least
-// kMinWeightRows channels of one group each, two tasks in all at least, whatever the threads.
-Split channel_split(int64_t per_group, int64_t groups) {
-  return split(per_group, ceil_div(kMinTasks, groups), kMinWeightRows, ceil_div(2, groups));
+// forward, input channels for the pointwise input gradient of few rows, rows of the columns for the small-image
+// weight gradient): tasks of at least `least` channels of one group each, two tasks in all at least, whatever the
+// threads.
+Split channel_split(int64_t per_group, int64_t groups, int64_t least = kMinWeightRows) {
+  return split(per_group, ceil_div(kMinTasks, groups), least, ceil_div(2, groups));
 }
 Split output_channel_split(const Geometry& g) { return channel_split(GroupDims(g).out_per_group, g.groups); }
 
-// f(group, first channel, count) for each task of channel_split(per_group, groups), in parallel.
+// f(group, first channel, count) for each task of channel_split(per_group, groups, least), in parallel.
 template <typename F>
-void channel_tasks(int64_t per_group, int64_t groups, const F& f) {
-  const Split rows = channel_split(per_group, groups);
+void channel_tasks(int64_t per_group, int64_t groups, const F& f, int64_t least = kMinWeightRows) {
+  const Split rows = channel_split(per_group, groups, least);
   parallel_tasks(groups * rows.count, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t grp = task / rows.count, r0 = (task % rows.count) * rows.size;
@@ -1073,9 +1074,15 @@ void conv_backward_input_cpu(at::Tensor& grad_input, const at::Tensor& grad_outp
 }
 
 // grad_weight when every image's columns fit one workspace (columns_fit_once): the columns are built once
-// (batch_columns), and the tasks split the output channels instead of the images, each one
-// GEMM over every placement. No partial sums: for 512 channels at 7x7 the slots' zero-fill and sum moved
-// more bytes than the GEMMs' own reads, and the GEMMs were thin (98 placements).
+// (batch_columns), and the tasks split the weight's columns (the columns' rows: taps of input channels) instead of
+// the images, each one GEMM over every placement. No partial sums: for 512 channels at 7x7 the slots' zero-fill and
+// sum moved more bytes than the GEMMs' own reads, and the GEMMs were thin (98 placements). Not split by output
+// channel: each task's BLAS call packs (copies) all of its other operand, so every task packed all the columns, where
+// now each packs its own rows of them and the group's grad_output (the smaller). One core, OpenBLAS, batch 8, the
+// products alone, output channels in tasks of 128 -> column rows in tasks of 512: ConvTranspose 4x4/2 256->128@16
+// 25.4 -> 23.0 ms, 3x3 256@14 19.4 -> 18.1, 3x3/2 128->256@28 9.2 -> 8.9, 3x3 512@7 and 1x1 2048->512@7 the same
+// (a Zen 4; tasks of 128 rows gave less). Each weight entry is the same sum either way.
+constexpr int64_t kMinColumnRows = 512;
 void conv_backward_weight_small_cpu(at::Tensor& grad_weight, const at::Tensor& grad_output, const at::Tensor& input,
                                     const Geometry& g) {
   const GroupDims d(g);
@@ -1083,10 +1090,10 @@ void conv_backward_weight_small_cpu(at::Tensor& grad_weight, const at::Tensor& g
   const at::Tensor columns = batch_columns(input, g);  // (C_in*KH*KW, N * positions)
   const at::Tensor grad_out = block_matrix(grad_output, all);  // (C_out, N * positions)
   at::Tensor flat = grad_weight.view({g.out_channels, d.k_per_group});
-  output_channel_tasks(g, [&](int64_t grp, int64_t first, int64_t count) {
-    at::Tensor out = flat.narrow(0, first, count);
-    matmul(out, grad_out.narrow(0, first, count), columns.narrow(0, grp * d.k_per_group, d.k_per_group).t(), 0);
-  });
+  channel_tasks(d.k_per_group, d.groups, [&](int64_t grp, int64_t first, int64_t count) {
+    at::Tensor out = flat.narrow(0, grp * d.out_per_group, d.out_per_group).narrow(1, first - grp * d.k_per_group, count);
+    matmul(out, grad_out.narrow(0, grp * d.out_per_group, d.out_per_group), columns.narrow(0, first, count).t(), 0);
+  }, kMinColumnRows);
 }
 
 // grad_weight = the sum over blocks of grad_output_block @ columns_block^T. Block t adds into partial
