@@ -422,6 +422,11 @@ MEMORY_CASES = {
         "x = torch.randn(1, 2, 2 * 10**7); w = torch.randn(2, 1, 64)",
         "ops.conv_forward(x, w, None, [64], [0], [1], 2)",
     ),
+    # col2im keeps a strided row's phases apart: at most a row plus a stride each, not a stride's worth of phases
+    "conv1d input gradient, stride 2**26": (
+        "x = torch.randn(1, 2, 1); w = torch.randn(3, 2, 2); go = torch.randn(1, 3, 1)",
+        "ops.conv_backward(go, x, w, [2**26], [1], [1], 1, [True, False, False])",
+    ),
     # fewer than 512 output rows, which may split the output channels, but 180 MB of columns: row tiles instead
     "channels-last 40x40 kernel, 441 rows of 102400 terms": (
         "x = torch.randn(1, 64, 40, 40).contiguous(memory_format=torch.channels_last); "

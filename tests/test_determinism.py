@@ -96,6 +96,8 @@ ANCHOR_CONV_CASES = [
     ConvCase(2, 8, 64, 64, (3, 3), (7, 7), padding=1),  # small images: one-block backward
     ConvCase(2, 3, 16, 160, (3, 3), (9, 9), stride=2, padding=1),  # small images: one-block forward, channels split
     ConvCase(1, 8, 512, 16, (9,), (400,)),  # small images whose columns outgrow one workspace: multi-image blocks
+    # small images' weight gradient over groups of 1152 columns' rows: two tasks of rows a group
+    ConvCase(1, 3, 256, 64, (9,), (40,), stride=2, padding=4, groups=2),
     ConvCase(2, 1, 16, 32, (3, 3), (64, 64), padding=1),  # cache tiles of one large image
     ConvCase(2, 2, 16, 16, (3, 3), (128, 128), padding=1),  # columns exceed one workspace: partial slots
     ConvCase(2, 3, 8, 12, (3, 3), (33, 31), stride=2, padding=(1, 0), dilation=(2, 1), groups=4),

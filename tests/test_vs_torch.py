@@ -62,6 +62,8 @@ def test_conv_matches_torch(case, seed, layout, device, dtype):
         ConvCase(1, 1, 1, 1, (3,), (1,), padding=2, dilation=2),
         ConvCase(1, 2, 2, 2, (4,), (2,), padding=3, dilation=2, stride=2),
         ConvCase(2, 1, 2, 3, (4, 3), (3, 1), padding=(2, 2), dilation=(2, 2)),
+        # small images' weight gradient in tasks of the columns' rows, two a group (1152 rows each)
+        ConvCase(1, 3, 256, 64, (9,), (40,), stride=2, padding=4, groups=2),
     ],
     ids=str,
 )

@@ -302,12 +302,14 @@ MANUALGRAD_VECTOR_CLONES void im2col(scalar_t* columns, int64_t ld, const scalar
 // the row's phases, kept apart (pixel x at phase x % stride, place x / stride) so that every add is a contiguous run,
 // and one pass per channel interleaves the phases into the image. Each pixel gets the same terms in the same order as
 // added in place, bit for bit. In place, stride-2 adds were scalar: ConvTranspose 4x4/2 256->128@16 spent 11% of its
-// samples in col2im and its fill, now 9% (a Zen 4; what is left waits on the columns, read back from memory).
+// samples in col2im and its fill, now 9% (a Zen 4; what is left waits on the columns, read back from memory). A stride
+// of at least the row's width puts at most one entry of a tap in a row: those add in place (stride 1 below), so the
+// phases never take more than a row plus a stride each.
 template <typename scalar_t>
 MANUALGRAD_VECTOR_CLONES void col2im(scalar_t* image, const scalar_t* columns, int64_t ld, int64_t channels,
                                      const Geometry& g) {
   const Window& w = g.win;
-  const int64_t stride = w.stride_w, rows = g.in_d * g.in_h;
+  const int64_t stride = w.stride_w < g.in_w ? w.stride_w : 1, rows = g.in_d * g.in_h;
   const int64_t place_count = ceil_div(g.in_w, stride);  // a phase row's length
   const int64_t row_step = stride == 1 ? g.in_w : place_count, phase_size = rows * place_count;
   std::vector<scalar_t> phases(stride == 1 ? 0 : stride * phase_size);
@@ -323,7 +325,7 @@ MANUALGRAD_VECTOR_CLONES void col2im(scalar_t* image, const scalar_t* columns, i
       int64_t lo, hi;
       outputs_inside(0, g.out_w, col_offset, w.stride_w, g.in_w, lo, hi);
       if (hi <= lo) continue;
-      const int64_t x = lo * stride + col_offset;  // the pixel output column lo came from: inside the row
+      const int64_t x = lo * w.stride_w + col_offset;  // the pixel output column lo came from: inside the row
       scalar_t* first = sums + (x % stride) * phase_size + x / stride;  // in its row 0
       for (int64_t r = 0; r < g.out_d * g.out_h; ++r) {
         const int64_t od = g.out_d == 1 ? 0 : r / g.out_h, oh = r - od * g.out_h;
@@ -1115,7 +1117,8 @@ void conv_backward_input_cpu(at::Tensor& grad_input, const at::Tensor& grad_outp
 // now each packs its own rows of them and the group's grad_output (the smaller). One core, OpenBLAS, batch 8, the
 // products alone, output channels in tasks of 128 -> column rows in tasks of 512: ConvTranspose 4x4/2 256->128@16
 // 25.4 -> 23.0 ms, 3x3 256@14 19.4 -> 18.1, 3x3/2 128->256@28 9.2 -> 8.9, 3x3 512@7 and 1x1 2048->512@7 the same
-// (a Zen 4; tasks of 128 rows gave less). Each weight entry is the same sum either way.
+// (a Zen 4; tasks of 128 rows gave less). Each weight entry has the same terms either way; its bits may differ from
+// the channel split's (other shapes can take other BLAS kernels), never with the thread count.
 constexpr int64_t kMinColumnRows = 512;
 void conv_backward_weight_small_cpu(at::Tensor& grad_weight, const at::Tensor& grad_output, const at::Tensor& input,
                                     const Geometry& g) {
