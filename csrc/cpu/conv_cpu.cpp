@@ -232,16 +232,8 @@ __attribute__((target("avx512f"))) void copy_even_avx512(float* out, const float
     _mm512_mask_storeu_ps(out + k, mask(m), _mm512_permutex2var_ps(a, even, b));
   }
 }
-bool has_avx512f() {
-  static const bool yes = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") != 0;
-  }();
-  return yes;
-}
 #else
-void copy_even_avx512(float*, const float*, int64_t) {}
-bool has_avx512f() { return false; }
+void copy_even_avx512(float*, const float*, int64_t) {}  // never called: cpu_has_avx512f() is false
 #endif
 
 // columns (channels*KD*KH*KW rows, row stride ld) ← for each kernel tap (c, k, i, j), the input pixel it
@@ -254,7 +246,7 @@ template <typename scalar_t>
 MANUALGRAD_VECTOR_CLONES void im2col(scalar_t* columns, int64_t ld, const scalar_t* image, int64_t channels,
                                      const Geometry& g, int64_t p0, int64_t p1) {
   const Window& w = g.win;
-  const bool even_by_avx512 = std::is_same_v<scalar_t, float> && w.stride_w == 2 && has_avx512f();
+  const bool even_by_avx512 = std::is_same_v<scalar_t, float> && w.stride_w == 2 && cpu_has_avx512f();
   for (int64_t c = 0; c < channels; ++c) {
     const scalar_t* volume = image + c * g.in_positions();
     for (int64_t tap = 0; tap < w.taps(); ++tap) {

@@ -63,13 +63,8 @@ constexpr int kVectorRegisters = MANUALGRAD_VECTOR_BYTES == 64 ? 32 : 16;
 using MANUALGRAD_WIDTH::kVectorRegisters;
 using MANUALGRAD_WIDTH::Vec;
 
-// Whether this CPU takes the 64-byte copies of the kernels (it has AVX-512F) or the 32-byte ones.
-// TORCH_MANUALGRAD_VECTOR_BYTES=32 or 64, read at each call, overrides it (the tests run both on any CPU).
-inline bool wide_vectors() {
-  if (const char* choice = std::getenv("TORCH_MANUALGRAD_VECTOR_BYTES")) {
-    if (std::strcmp(choice, "32") == 0) return false;
-    if (std::strcmp(choice, "64") == 0) return true;
-  }
+// Whether this CPU has AVX-512F (asked once): what code written for it with intrinsics needs, whatever the settings.
+inline bool cpu_has_avx512f() {
 #if defined(__x86_64__) && defined(__GNUC__)
   static const bool avx512 = [] {
     __builtin_cpu_init();
@@ -79,6 +74,16 @@ inline bool wide_vectors() {
 #else
   return false;
 #endif
+}
+
+// Whether this CPU takes the 64-byte copies of the kernels (it has AVX-512F) or the 32-byte ones.
+// TORCH_MANUALGRAD_VECTOR_BYTES=32 or 64, read at each call, overrides it (the tests run both on any CPU).
+inline bool wide_vectors() {
+  if (const char* choice = std::getenv("TORCH_MANUALGRAD_VECTOR_BYTES")) {
+    if (std::strcmp(choice, "32") == 0) return false;
+    if (std::strcmp(choice, "64") == 0) return true;
+  }
+  return cpu_has_avx512f();
 }
 
 // A std::vector whose data starts on a 64-byte line: scratch that vectors are loaded from at multiples of their
