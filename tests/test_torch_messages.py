@@ -149,3 +149,26 @@ def test_conv_of_an_input_with_no_channels(dims, groups, batch, device):
     assert module(x).shape == theirs.shape
     with pytest.raises(RuntimeError, match="Given groups=1, weight"):  # torch's test_conv_empty_channel
         module(torch.randn(2, 1, *(0,) * dims, device=device))
+
+
+@pytest.mark.parametrize("dims, kernel, dilation, warns", [
+    (1, 4, 1, True), (2, (3, 2), 1, True), (3, (2, 3, 3), 3, True),  # even kernel, odd dilation: a padded copy
+    (2, 3, 1, False), (2, 2, 2, False), (1, 5, 3, False),  # odd kernel or even dilation: symmetric, no copy
+])
+def test_uneven_same_padding_warns_as_torch_does(monkeypatch, dims, kernel, dilation, warns):
+    """torch warns, once a process, that 'same' with an even kernel and odd dilation copies the input padded;
+    ours gives torch's text once too, and nothing where the padding is symmetric."""
+    import warnings
+    kernel = (kernel,) * dims if isinstance(kernel, int) else kernel
+    x, w = rn(1, 2, *(9,) * dims), rn(3, 2, *kernel)
+    conv = getattr(tf, f"conv{dims}d")
+    monkeypatch.setattr(tmg.functional, "_warned_same_padding_copy", False)
+    for _ in range(2):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = conv(x, w, padding="same", dilation=dilation)
+        expected = getattr(F, f"conv{dims}d")(x, w, padding="same", dilation=dilation)
+        torch.testing.assert_close(out, expected)
+        texts = [str(c.message) for c in caught]
+        want = warns and _ == 0
+        assert any("Using padding='same' with even kernel lengths and odd dilation" in t for t in texts) == want, texts

@@ -16,6 +16,7 @@ see our function by name.
 """
 import math
 import operator
+import warnings
 
 import torch
 from torch.overrides import handle_torch_function, has_torch_function, has_torch_function_unary
@@ -242,8 +243,22 @@ def _string_padding(op, padding, input, weight, stride, dilation, dims):
     left = [t // 2 for t in total]
     extra = [t - 2 * l for t, l in zip(total, left)]
     if any(extra):
+        _warn_same_padding_copy()
         input = torch.nn.functional.pad(input, [v for e in reversed(extra) for v in (0, e)])
     return input, left
+
+
+_warned_same_padding_copy = False
+
+
+def _warn_same_padding_copy():
+    """torch's own warning for the padded copy an uneven 'same' needs, and like torch's once a process (not
+    while torch.compile traces: a warning there would break the graph)."""
+    global _warned_same_padding_copy
+    if not _warned_same_padding_copy and not torch.compiler.is_compiling():
+        _warned_same_padding_copy = True
+        warnings.warn("Using padding='same' with even kernel lengths and odd dilation may require a zero-padded "
+                      "copy of the input be created", UserWarning, stacklevel=5)
 
 
 def conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
