@@ -229,14 +229,47 @@ def test_conv3d_bit_identical_at_every_thread_count(shape, layout):
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
 
 
-def test_non_contiguous_operands():
+WEIGHT_LAYOUTS = {
+    "taps-transposed": lambda w: w.transpose(2, 3).contiguous().transpose(2, 3),
+    "channels-last": lambda w: w.contiguous(memory_format=torch.channels_last),
+    "sliced": lambda w: torch.zeros(2 * w.shape[0], w.shape[1] + 5, 4, 5)[::2, 3:-2, 1:, 1:4].copy_(w),
+    "channels-outermost": lambda w: w.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3),
+}
+
+
+@pytest.mark.parametrize("weight_layout", WEIGHT_LAYOUTS)
+def test_non_contiguous_operands(weight_layout):
+    """The filters are read, and the input gradient's flipped, where they lie (any strides): the same bits as from
+    contiguous operands, for all three results (each Winograd's here: a 20x18 output)."""
     x, weight, bias, p = make((2, 32, 24, 20, 18, 1), seed=11)
     xs = torch.randn(2, 64, 20, 18)[:, ::2]  # sliced channels
     xs.copy_(x)
-    ws = weight.transpose(2, 3).contiguous().transpose(2, 3)  # same values, permuted strides
+    ws = WEIGHT_LAYOUTS[weight_layout](weight)
+    assert torch.equal(ws, weight) and not ws.is_contiguous()
     out, gi, _, gw = forward_and_grads(xs, ws, bias, p)
     ref, gref, _, gwref = forward_and_grads(x.contiguous(), weight.contiguous(), bias, p)
     assert torch.equal(out, ref) and torch.equal(gi, gref) and torch.equal(gw, gwref)
+
+
+@pytest.mark.parametrize("layout", ["ncdhw", "channels_last_3d"])
+def test_conv3d_weight_read_where_it_lies(layout):
+    """A 3-d weight's depth taps (the input gradient's flipped too) read through its strides: a weight sliced out of
+    a larger one gives the bits of its contiguous copy."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 16, 5, 9, 10, generator=gen)
+    if layout == "channels_last_3d":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    big = torch.randn(40, 20, 4, 3, 3, generator=gen)
+    ws = big[::2, 2:18, 1:]  # (20, 16, 3, 3, 3)
+    results = []
+    for w in (ws, ws.contiguous()):
+        xs, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+        out = tmg.functional.conv3d(xs, w, padding=1)
+        go = torch.randn(out.shape, generator=torch.Generator().manual_seed(6))
+        results.append((out.detach(), *torch.autograd.grad(out, (xs, w), go)))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    truth = F.conv3d(x.double(), ws.double(), padding=1)
+    assert relative_error(results[0][0], truth) < 1e-6
 
 
 def test_reduced_precision_goes_through_float32():
