@@ -139,20 +139,41 @@ def test_padding_over_two_takes_im2col_for_the_input_gradient(winograd_off):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_many_channels_on_small_images_take_it_for_the_forward_and_weight_gradient(layout, winograd_off):
+def test_many_channels_on_small_images_take_it_with_a_batch_of_tiles(layout, winograd_off):
     """More than 384 channels in and out at 7x7 (272 -> 240 here, as ResNet's 512 -> 512): with a batch of 8 (128
-    tiles) the forward and the weight gradient are Winograd's and the input gradient im2col's; with a batch of 2,
-    all three are im2col's."""
+    tiles) the forward and both gradients are Winograd's; with a batch of 2, all three are im2col's. With fewer
+    channels (64 -> 64) the forward and weight gradient are Winograd's at any batch, the input gradient im2col's."""
     x, weight, bias, p = make((8, 272, 240, 7, 7, 1), seed=4, layout=layout)
     out, gi, _, gw = forward_and_grads(x, weight, bias, p)
     out0, gi0, _, gw0 = winograd_off(forward_and_grads, x, weight, bias, p)
-    assert not torch.equal(out, out0) and not torch.equal(gw, gw0)
-    assert torch.equal(gi, gi0)
+    assert not torch.equal(out, out0) and not torch.equal(gi, gi0) and not torch.equal(gw, gw0)
     torch.testing.assert_close(out, out0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gi, gi0, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gw, gw0, rtol=1e-5, atol=1e-4)
     out, gi, _, gw = forward_and_grads(x[:2], weight, bias, p)
     out0, gi0, _, gw0 = winograd_off(forward_and_grads, x[:2], weight, bias, p)
     assert torch.equal(out, out0) and torch.equal(gi, gi0) and torch.equal(gw, gw0)
+    x, weight, bias, p = make((8, 64, 64, 7, 7, 1), seed=4, layout=layout)
+    out, gi, _, gw = forward_and_grads(x, weight, bias, p)
+    out0, gi0, _, gw0 = winograd_off(forward_and_grads, x, weight, bias, p)
+    assert not torch.equal(out, out0) and torch.equal(gi, gi0) and not torch.equal(gw, gw0)
+
+
+def errors_against_float64(made, winograd_off):
+    """Relative errors against float64 of our forward and input gradient, torch's, and the im2col kernels' input
+    gradient, for make()'s (x, weight, bias, padding)."""
+    x, weight, bias, p = made
+    out, gi, go, _ = forward_and_grads(x, weight, bias, p)
+    x64 = x.double().requires_grad_()
+    out64 = F.conv2d(x64, weight.double(), bias.double(), padding=p)
+    (gi64,) = torch.autograd.grad(out64, x64, go.double())
+    xt = x.detach().requires_grad_()
+    out_t = F.conv2d(xt, weight, bias, padding=p)
+    (gi_t,) = torch.autograd.grad(out_t, xt, go)
+    _, gi_im2col, _, _ = winograd_off(forward_and_grads, x, weight, bias, p)
+    return {"forward": relative_error(out, out64), "torch forward": relative_error(out_t, out64),
+            "input gradient": relative_error(gi, gi64), "torch input gradient": relative_error(gi_t, gi64),
+            "im2col input gradient": relative_error(gi_im2col, gi64)}
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -164,26 +185,18 @@ def test_forward_error_no_worse_than_torchs(case, layout, winograd_off):
     transforms' own rounding: torch's error there depends on the CPU (64 -> 64 at 56x56, NCHW: on a Zen 3 with
     AVX2 torch's is 1.61e-7, ours 2.02e-7 by Winograd and 1.55e-7 by im2col; with AVX-512 torch's was larger), so
     ours is held to torch's or to 1.35x the im2col product's error, whichever is larger."""
-    x, weight, bias, p = make(case, seed=7, layout=layout)
-    out, gi, go, _ = forward_and_grads(x, weight, bias, p)
-    x64 = x.double().requires_grad_()
-    out64 = F.conv2d(x64, weight.double(), bias.double(), padding=p)
-    (gi64,) = torch.autograd.grad(out64, x64, go.double())
-    xt = x.detach().requires_grad_()
-    out_t = F.conv2d(xt, weight, bias, padding=p)
-    (gi_t,) = torch.autograd.grad(out_t, xt, go)
-    _, gi_im2col, _, _ = winograd_off(forward_and_grads, x, weight, bias, p)
-    assert relative_error(out, out64) <= 1.1 * relative_error(out_t, out64)
-    assert relative_error(gi, gi64) <= 1.1 * max(relative_error(gi_t, gi64), 1.35 * relative_error(gi_im2col, gi64))
+    e = errors_against_float64(make(case, seed=7, layout=layout), winograd_off)
+    assert e["forward"] <= 1.1 * e["torch forward"]
+    assert e["input gradient"] <= 1.1 * max(e["torch input gradient"], 1.35 * e["im2col input gradient"])
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_many_channels_forward_error_no_worse_than_torchs(layout):
-    """512 -> 512 at 7x7, batch 8: only the forward (and weight gradient) are Winograd's there."""
-    x, weight, bias, p = make((8, 512, 512, 7, 7, 1), seed=7, layout=layout)
-    truth = F.conv2d(x.double(), weight.double(), bias.double(), padding=p)
-    ours = tmg.functional.conv2d(x, weight, bias, padding=p)
-    assert relative_error(ours, truth) <= 1.1 * relative_error(F.conv2d(x, weight, bias, padding=p), truth)
+def test_many_channels_error_no_worse_than_torchs(layout, winograd_off):
+    """512 -> 512 at 7x7, batch 8, all three Winograd's: the forward's error within torch's, the input gradient's
+    within torch's or the im2col product's (2.35e-7 against 2.9e-7 on a Zen 4; torch's NCHW 2.3e-7)."""
+    e = errors_against_float64(make((8, 512, 512, 7, 7, 1), seed=7, layout=layout), winograd_off)
+    assert e["forward"] <= 1.1 * e["torch forward"]
+    assert e["input gradient"] <= 1.1 * min(e["torch input gradient"], e["im2col input gradient"])
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
