@@ -53,7 +53,7 @@ constexpr int64_t kMinChannels = 16;     // fewer input or output channels: the 
 constexpr int64_t kWideSide = 14;        // output sides from which it pays whatever the channels
 constexpr int64_t kMinSide = 7;          // ...and from which it pays with at most kMaxChannelSum channels in and out
 constexpr int64_t kMaxChannelSum = 384;  // C_in + C_out
-constexpr int64_t kManyChannelTiles = 128;  // ...or, for the forward and weight gradient, this many 2x2 tiles (batch 8 at 7x7)
+constexpr int64_t kManyChannelTiles = 128;  // ...or, with more, this many 2x2 tiles (batch 8 at 7x7)
 constexpr int64_t kMinSlotBlocks = 8;     // the weight gradient's blocks from which each task sums its own
 constexpr int64_t kMaxSlots = 8;          // ...in at most this many partial sums
 constexpr int64_t kMaxSlotElems = 1 << 24;  // ...of together at most this many floats
@@ -172,18 +172,19 @@ struct Filters {
     stride_s = sign * w.stride(4);
     origin = input_gradient ? (w.size(2) - 1) * w.stride(2) + 2 * w.stride(3) + 2 * w.stride(4) : 0;
   }
-  // at[j] = the offset of filter (o, kk0 + j)'s tap 0 for j < count, and taps[t] that of its tap t from there.
-  void run(int64_t o, int64_t kk0, int64_t count, int64_t* at, int64_t (&taps)[9]) const {
+  // first[j] = the offset of filter (o, kk0 + j)'s tap 0 for j < count, and taps[t] that of its tap t from there.
+  void run(int64_t o, int64_t kk0, int64_t count, int64_t* first, int64_t (&taps)[9]) const {
     for (int t = 0; t < 9; ++t) taps[t] = t / 3 * stride_r + t % 3 * stride_s;
     int64_t kd = kk0 / ins, i = kk0 % ins;
     for (int64_t j = 0; j < count; ++j) {
-      at[j] = origin + o * stride_o + i * stride_i + kd * stride_d;
+      first[j] = origin + o * stride_o + i * stride_i + kd * stride_d;
       if (++i == ins) i = 0, ++kd;
     }
   }
 };
 
 constexpr int64_t kFilterRun = kChunk;  // filters gathered tap-major at a time: one chunk of U's (below)
+static_assert(kFilterRun == kChunk, "transform_weights writes one chunk of U per run");
 constexpr int64_t kFilterRows = 16;      // ...for this many rows, before the next chunk
 
 // U as the products read it: (16, chunks, outs, kChunk), chunk c holding columns [c kChunk, (c + 1) kChunk) of
@@ -200,21 +201,21 @@ at::Tensor transform_weights(const at::Tensor& weight, bool input_gradient) {
   float* out = u.data_ptr<float>();
   at::parallel_for(0, f.outs, 1, [&](int64_t begin, int64_t end) {
     float taps[9 * kFilterRun];
-    int64_t at[kFilterRun], tap[9];
+    int64_t first[kFilterRun], tap[9];
     // kFilterRows rows at a time, chunk by chunk: U is written in runs of kFilterRows * kChunk values a plane (row
     // by row wrote to 16 planes x every chunk at once: 1.6x the time), the weight read along kFilterRows rows
     for (int64_t o0 = begin; o0 < end; o0 += kFilterRows) {
       for (int64_t kk0 = 0; kk0 < k; kk0 += kFilterRun) {
         const int64_t count = std::min(kFilterRun, k - kk0);
         for (int64_t o = o0; o < std::min(end, o0 + kFilterRows); ++o) {
-          f.run(o, kk0, count, at, tap);
-          if (o + 1 < end) {  // the next row's run, while this one is transformed
+          f.run(o, kk0, count, first, tap);
+          if (o + 1 < std::min(end, o0 + kFilterRows)) {  // the next row's run, while this one is transformed
             int64_t next[kFilterRun], unused[9];
             f.run(o + 1, kk0, count, next, unused);
             for (int64_t j = 0; j < count; j += 2) __builtin_prefetch(w + next[j]);
           }
           for (int64_t j = 0; j < count; ++j) {  // each filter's taps in turn: the weight read in its order
-            for (int t = 0; t < 9; ++t) taps[t * kFilterRun + j] = w[at[j] + tap[t]];
+            for (int t = 0; t < 9; ++t) taps[t * kFilterRun + j] = w[first[j] + tap[t]];
           }
           transform_filters(out + kk0 / kChunk * chunk_size + o * kChunk, u_chunks(k) * chunk_size, taps, kFilterRun,
                             count);
@@ -699,14 +700,14 @@ void winograd_weight_grad(at::Tensor& grad_weight, const float* input, const flo
   float* out = grad_weight.data_ptr<float>();
   at::parallel_for(0, p.out_c, 1, [&](int64_t begin, int64_t end) {
     float taps[9 * kFilterRun];
-    int64_t at[kFilterRun], tap[9];
+    int64_t first[kFilterRun], tap[9];
     for (int64_t o = begin; o < end; ++o) {
       for (int64_t kk0 = 0; kk0 < p.k(); kk0 += kFilterRun) {
         const int64_t count = std::min(kFilterRun, p.k() - kk0);
         filter_grads(taps, sum + o * p.k() + kk0, uc, kFilterRun, count);
-        f.run(o, kk0, count, at, tap);
+        f.run(o, kk0, count, first, tap);
         for (int64_t j = 0; j < count; ++j) {
-          for (int t = 0; t < 9; ++t) out[at[j] + tap[t]] = taps[t * kFilterRun + j];
+          for (int t = 0; t < 9; ++t) out[first[j] + tap[t]] = taps[t * kFilterRun + j];
         }
       }
     }
@@ -737,7 +738,7 @@ bool winograd_applies(const at::Tensor& input, const Geometry& g, bool backward)
   // im2col's 0.9-1.3x (7x7 to 12x12, 2-core Zen 4, batch 8; 64 -> 64 at 7x7 channels-last 1.89 -> 1.03).
   if (g.in_channels + g.out_channels <= kMaxChannelSum) return !(backward && g.spatial_dims == 2);
   // Many channels on small images (ResNet's 512 -> 512 at 7x7): all three, once the batch has kManyChannelTiles
-  // tiles. (2-d only: a 3-d one computes all three here.)
+  // tiles. (2-d only: not measured in 3-d.)
   return g.spatial_dims == 2 && g.batch * ceil_div(g.out_h, 2) * ceil_div(g.out_w, 2) >= kManyChannelTiles;
 }
 

@@ -9,7 +9,8 @@ namespace manualgrad {
 // Whether the Winograd path computes this convolution: float32, one group, a 3x3 kernel of stride 1 and
 // dilation 1 in the plane, images and channels where it was measured to pay. For the input gradient
 // (backward=true) the padding must also be at most 2 (the gradient is a 3x3 convolution of grad_output padded by
-// 2 - padding), and a 2-d output at least 14x14 (on smaller ones im2col's input gradient is faster). A 3-d
+// 2 - padding), and a 2-d output at least 14x14 or, on smaller ones, more than 384 channels in and out together and
+// a batch of at least 128 tiles (with fewer, im2col's input gradient is faster there). A 3-d
 // convolution (any depth kernel, padding and dilation) also needs stride 1 in depth and that padding, so that its
 // forward and both gradients are all computed here.
 bool winograd_applies(const at::Tensor& input, const Geometry& g, bool backward);
