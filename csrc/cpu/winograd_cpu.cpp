@@ -158,23 +158,23 @@ MANUALGRAD_VECTOR_CLONES void transform_filters(float* __restrict u, int64_t xi_
 // permuted and flipped copies this replaces took 1.3 and 5.6 ms for 512 -> 512 on one core.)
 struct Filters {
   int64_t origin;  // offset of filter (0, 0)'s tap 0 from the weight's first element
-  int64_t outs, ins, stride_o, stride_i, stride_d, stride_r, stride_s;
+  int64_t outs, ins, k, stride_o, stride_i, stride_d;
+  int64_t tap[9];  // offset of tap t from a filter's tap 0
 
   Filters(const at::Tensor& weight, bool input_gradient) {
     const at::Tensor w = weight.dim() == 4 ? weight.unsqueeze(2) : weight;
     const int64_t sign = input_gradient ? -1 : 1;
     outs = w.size(input_gradient ? 1 : 0);
     ins = w.size(input_gradient ? 0 : 1);
+    k = w.size(2) * ins;
     stride_o = w.stride(input_gradient ? 1 : 0);
     stride_i = w.stride(input_gradient ? 0 : 1);
     stride_d = sign * w.stride(2);
-    stride_r = sign * w.stride(3);
-    stride_s = sign * w.stride(4);
+    for (int t = 0; t < 9; ++t) tap[t] = sign * (t / 3 * w.stride(3) + t % 3 * w.stride(4));
     origin = input_gradient ? (w.size(2) - 1) * w.stride(2) + 2 * w.stride(3) + 2 * w.stride(4) : 0;
   }
-  // first[j] = the offset of filter (o, kk0 + j)'s tap 0 for j < count, and taps[t] that of its tap t from there.
-  void run(int64_t o, int64_t kk0, int64_t count, int64_t* first, int64_t (&taps)[9]) const {
-    for (int t = 0; t < 9; ++t) taps[t] = t / 3 * stride_r + t % 3 * stride_s;
+  // first[j] = the offset of filter (o, kk0 + j)'s tap 0, for j < count.
+  void run(int64_t o, int64_t kk0, int64_t count, int64_t* first) const {
     int64_t kd = kk0 / ins, i = kk0 % ins;
     for (int64_t j = 0; j < count; ++j) {
       first[j] = origin + o * stride_o + i * stride_i + kd * stride_d;
@@ -183,41 +183,39 @@ struct Filters {
   }
 };
 
-constexpr int64_t kFilterRun = kChunk;  // filters gathered tap-major at a time: one chunk of U's (below)
-static_assert(kFilterRun == kChunk, "transform_weights writes one chunk of U per run");
-constexpr int64_t kFilterRows = 16;      // ...for this many rows, before the next chunk
+constexpr int64_t kFilterRows = 16;  // rows whose filters are gathered, one chunk of U (below) each, before the next
 
 // U as the products read it: (16, chunks, outs, kChunk), chunk c holding columns [c kChunk, (c + 1) kChunk) of
 // U[xi] (outs, k), the last one's padding never read. Each product then reads its operand contiguous, where a
 // chunk of (outs, k) rows took BLAS a strided copy: 5% off the products of 512 -> 512 at 7x7 (one core, Zen 4).
 int64_t u_chunks(int64_t k) { return ceil_div(k, kChunk); }
 
-// U of the weight's filters (Filters).
+// U of the weight's filters (Filters), gathered tap-major a chunk of U at a time for transform_filters' vector loop.
 at::Tensor transform_weights(const at::Tensor& weight, bool input_gradient) {
   const Filters f(weight, input_gradient);
-  const int64_t k = weight.numel() / (9 * f.outs), chunk_size = f.outs * kChunk;
+  const int64_t k = f.k, chunk_size = f.outs * kChunk;
   at::Tensor u = at::empty({16, u_chunks(k), f.outs, kChunk}, at::kFloat);
   const float* w = weight.const_data_ptr<float>();
   float* out = u.data_ptr<float>();
   at::parallel_for(0, f.outs, 1, [&](int64_t begin, int64_t end) {
-    float taps[9 * kFilterRun];
-    int64_t first[kFilterRun], tap[9];
+    float taps[9 * kChunk];
+    int64_t first[kChunk];
     // kFilterRows rows at a time, chunk by chunk: U is written in runs of kFilterRows * kChunk values a plane (row
     // by row wrote to 16 planes x every chunk at once: 1.6x the time), the weight read along kFilterRows rows
     for (int64_t o0 = begin; o0 < end; o0 += kFilterRows) {
-      for (int64_t kk0 = 0; kk0 < k; kk0 += kFilterRun) {
-        const int64_t count = std::min(kFilterRun, k - kk0);
+      for (int64_t kk0 = 0; kk0 < k; kk0 += kChunk) {
+        const int64_t count = std::min(kChunk, k - kk0);
         for (int64_t o = o0; o < std::min(end, o0 + kFilterRows); ++o) {
-          f.run(o, kk0, count, first, tap);
+          f.run(o, kk0, count, first);
           if (o + 1 < std::min(end, o0 + kFilterRows)) {  // the next row's run, while this one is transformed
-            int64_t next[kFilterRun], unused[9];
-            f.run(o + 1, kk0, count, next, unused);
+            int64_t next[kChunk];
+            f.run(o + 1, kk0, count, next);
             for (int64_t j = 0; j < count; j += 2) __builtin_prefetch(w + next[j]);
           }
           for (int64_t j = 0; j < count; ++j) {  // each filter's taps in turn: the weight read in its order
-            for (int t = 0; t < 9; ++t) taps[t * kFilterRun + j] = w[first[j] + tap[t]];
+            for (int t = 0; t < 9; ++t) taps[t * kChunk + j] = w[first[j] + f.tap[t]];
           }
-          transform_filters(out + kk0 / kChunk * chunk_size + o * kChunk, u_chunks(k) * chunk_size, taps, kFilterRun,
+          transform_filters(out + kk0 / kChunk * chunk_size + o * kChunk, u_chunks(k) * chunk_size, taps, kChunk,
                             count);
         }
       }
@@ -699,15 +697,15 @@ void winograd_weight_grad(at::Tensor& grad_weight, const float* input, const flo
   const float* sum = du.const_data_ptr<float>();
   float* out = grad_weight.data_ptr<float>();
   at::parallel_for(0, p.out_c, 1, [&](int64_t begin, int64_t end) {
-    float taps[9 * kFilterRun];
-    int64_t first[kFilterRun], tap[9];
+    float taps[9 * kChunk];
+    int64_t first[kChunk];
     for (int64_t o = begin; o < end; ++o) {
-      for (int64_t kk0 = 0; kk0 < p.k(); kk0 += kFilterRun) {
-        const int64_t count = std::min(kFilterRun, p.k() - kk0);
-        filter_grads(taps, sum + o * p.k() + kk0, uc, kFilterRun, count);
-        f.run(o, kk0, count, first, tap);
+      for (int64_t kk0 = 0; kk0 < p.k(); kk0 += kChunk) {
+        const int64_t count = std::min(kChunk, p.k() - kk0);
+        filter_grads(taps, sum + o * p.k() + kk0, uc, kChunk, count);
+        f.run(o, kk0, count, first);
         for (int64_t j = 0; j < count; ++j) {
-          for (int t = 0; t < 9; ++t) out[first[j] + tap[t]] = taps[t * kFilterRun + j];
+          for (int t = 0; t < 9; ++t) out[first[j] + f.tap[t]] = taps[t * kChunk + j];
         }
       }
     }
