@@ -209,3 +209,122 @@ def test_strided_input_gradient_whose_phases_together_pass_the_task_bound_matche
     theirs = torch.ops.aten.convolution_backward(go, x, w, None, [4, 4], [0, 0], [1, 1], False, [0, 0], 2,
                                                  [True, False, False])[0]
     torch.testing.assert_close(ours, theirs)
+
+
+# ---- 3x3 stride-1 groups of 16 channels and more: Winograd's F(2x2, 3x3) (float32) ----
+# (batch, groups, in a group, out a group, input size, padding, layout)
+WINOGRAD_CASES = [
+    (2, 4, 16, 16, (14, 14), 1, "nchw"),
+    (2, 4, 16, 16, (14, 14), 1, "channels_last"),
+    (1, 2, 32, 32, (7, 7), 1, "channels_last"),  # ResNeXt-50's last stage
+    (2, 3, 16, 32, (15, 20), 1, "nchw"),  # odd and non-square: tiles past the output
+    (1, 2, 16, 16, (150, 40), 1, "nchw"),  # bands of tile rows
+    (2, 2, 64, 64, (9, 11), 0, "channels_last"),
+    (2, 2, 16, 16, (10, 10), 2, "nchw"),  # the input gradient's padding 0
+    (1, 2, 16, 16, (12, 12), 3, "nchw"),  # ...and -1: it crops
+    (2, 2, 48, 16, (8, 9), 1, "nchw"),  # in and out a group differ
+]
+
+
+def _winograd_tensors(case, seed=0):
+    batch, groups, cin, cout, size, padding, layout = case
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, groups * cin, *size, generator=gen)
+    w = torch.randn(groups * cout, cin, 3, 3, generator=gen) / (9 * cin) ** 0.5
+    b = torch.randn(groups * cout, generator=gen)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, w, b
+
+
+def _winograd_run(case, x, w, b, go=None, conv=tmg.functional.conv2d, dtype=torch.float32):
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (x, w, b)]
+    y = conv(*leaves, 1, case[5], 1, case[1])
+    if go is None:
+        go = torch.randn(y.shape, generator=torch.Generator().manual_seed(9))
+        if case[-1] == "channels_last":
+            go = go.contiguous(memory_format=torch.channels_last)
+    return [y.detach(), *torch.autograd.grad(y, leaves[:2], go.to(dtype))], go
+
+
+@pytest.fixture
+def winograd_off(monkeypatch):
+    """Runs a function with TORCH_MANUALGRAD_WINOGRAD=0: the direct kernels."""
+
+    def run(fn, *args, **kwargs):
+        monkeypatch.setenv("TORCH_MANUALGRAD_WINOGRAD", "0")
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            monkeypatch.delenv("TORCH_MANUALGRAD_WINOGRAD")
+
+    return run
+
+
+@pytest.mark.parametrize("case", WINOGRAD_CASES, ids=str)
+def test_grouped_winograd_against_float64_and_the_direct_kernels(case, winograd_off):
+    """Forward and input gradient by Winograd (its sums regrouped: close to the direct kernels' but other bits), within
+    float32's rounding of the float64 truth; the weight gradient stays the direct kernels'."""
+    x, w, b = _winograd_tensors(case)
+    ours, go = _winograd_run(case, x, w, b)
+    direct, _ = winograd_off(_winograd_run, case, x, w, b, go)
+    truth, _ = _winograd_run(case, x, w, b, go, F.conv2d, torch.float64)
+    for i, (a, d, t) in enumerate(zip(ours, direct, truth)):
+        assert a.shape == t.shape and a.is_contiguous(memory_format=torch.channels_last) == d.is_contiguous(
+            memory_format=torch.channels_last)
+        assert ((a.double() - t).norm() / t.norm()).item() < 1e-6
+        torch.testing.assert_close(a, d, rtol=1e-5, atol=1e-5 * max(1.0, d.abs().max().item()))
+        assert torch.equal(a, d) == (i == 2), i
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("where", ["input", "weight", "grad_output"])
+def test_grouped_winograd_values_that_are_not_finite_take_the_direct_sums(where, layout, winograd_off):
+    """An infinity spreads through the transforms (inf - inf) to outputs a direct sum keeps finite or infinite: a
+    piece with a value that is not finite is the direct kernels' own, bit for bit, NaN and infinities where torch's
+    float64 sums have them. (An infinite weight sends the input gradient to im2col: grouped_backward_input_applies.)"""
+    case = (2, 2, 16, 16, (9, 10), 1, layout)
+    x, w, b = _winograd_tensors(case, seed=4)
+    go = torch.randn(2, 32, 9, 10, generator=torch.Generator().manual_seed(5))
+    if where == "input":
+        x[0, 3, 4, 4], x[1, 20, 0, 9] = math.inf, math.nan
+    elif where == "weight":
+        w[5, 2, 0, 1] = -math.inf
+    else:
+        go[1, 17, 8, 0] = math.inf
+    if layout == "channels_last":
+        x, go = x.contiguous(memory_format=torch.channels_last), go.contiguous(memory_format=torch.channels_last)
+    ours, _ = _winograd_run(case, x, w, b, go)
+    direct, _ = winograd_off(_winograd_run, case, x, w, b, go)
+    truth, _ = _winograd_run(case, x, w, b, go, F.conv2d, torch.float64)
+    reads = {"input": (0, 2), "weight": (0, 1), "grad_output": (1, 2)}[where]
+    for i, (a, d, t) in enumerate(zip(ours, direct, truth)):
+        assert torch.equal(a.isnan(), t.isnan()) and torch.equal(a.isinf(), t.isinf()), i
+        if i in reads:
+            assert not a.isfinite().all()
+            torch.testing.assert_close(a, d, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("case", [WINOGRAD_CASES[0], WINOGRAD_CASES[2], WINOGRAD_CASES[4]], ids=str)
+def test_grouped_winograd_bit_identical_at_every_thread_count(case, restore_num_threads):
+    x, w, b = _winograd_tensors(case, seed=6)
+    results = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        results.append(_winograd_run(case, x, w, b)[0])
+    for other in results[1:]:
+        assert all(torch.equal(a, e) for a, e in zip(results[0], other))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_grouped_winograd_error_no_worse_than_torchs(layout):
+    """ResNeXt-50's 3x3 over 32 groups of 16 at 14x14, batch 8: forward and input gradient in float32 against the
+    float64 truth, normwise, at most torch's float32 error."""
+    case = (8, 32, 16, 16, (14, 14), 1, layout)
+    x, w, b = _winograd_tensors(case, seed=8)
+    truth, go = _winograd_run(case, x, w, b, None, F.conv2d, torch.float64)
+    ours, _ = _winograd_run(case, x, w, b, go)
+    theirs, _ = _winograd_run(case, x, w, b, go, F.conv2d)
+    for i in (0, 1):
+        ours_err, torch_err = (ours[i].double() - truth[i]).norm(), (theirs[i].double() - truth[i]).norm()
+        assert ours_err <= torch_err, (i, ours_err.item(), torch_err.item())

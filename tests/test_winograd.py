@@ -114,7 +114,7 @@ def test_agrees_with_the_im2col_kernels_and_differs_in_bits(case, layout, winogr
         (2, 8, 16, 16, 16, dict(padding=1)),  # too few input channels
         (2, 16, 16, 16, 16, dict(padding=1, stride=2)),
         (2, 16, 16, 16, 16, dict(padding=2, dilation=2)),
-        (2, 32, 32, 16, 16, dict(padding=1, groups=2)),
+        (2, 32, 32, 16, 16, dict(padding=1, groups=4)),  # 8 channels a group (16 and more: test_grouped.py)
     ],
 )
 def test_not_taken_outside_its_shapes(n, c, k, h, w, kwargs, winograd_off):
@@ -361,3 +361,61 @@ def test_conv3d_huge_depth_padding_and_dilation(layout):
     planes = x.permute(0, 2, 1, 3, 4).reshape(8, 16, 14, 14)
     expected = F.conv2d(planes, weight[:, :, 1], padding=1).reshape(2, 4, 16, 14, 14).permute(0, 2, 1, 3, 4)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+NON_FINITE_CASES = [
+    ((2, 32, 14, 14), "nchw"),
+    ((2, 32, 14, 14), "channels_last"),
+    ((3, 24, 28, 29), "nchw"),  # NCHW computed as it lies
+    ((8, 200, 7, 7), "nchw"),  # many channels at 7x7: all three pieces
+    ((2, 16, 4, 14, 14), "ncdhw"),
+    ((2, 16, 4, 14, 14), "channels_last_3d"),
+]
+
+
+@pytest.mark.parametrize("where", ["input", "weight", "grad_output"])
+@pytest.mark.parametrize("shape, layout", NON_FINITE_CASES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else v)
+def test_values_that_are_not_finite_take_the_direct_sums(shape, layout, where, winograd_off):
+    """An infinity in a tile spreads through the transforms (inf - inf) to outputs that a direct sum keeps infinite or
+    finite: where a Winograd result has a value that is not finite, that piece is computed by the kernels a
+    TORCH_MANUALGRAD_WINOGRAD=0 run takes, bit for bit theirs, with the NaN and infinities of torch's float64 sums."""
+    gen = torch.Generator().manual_seed(31)
+    c = shape[1]
+    x = torch.randn(*shape, generator=gen)
+    weight = torch.randn(c, c, *(3,) * (len(shape) - 2), generator=gen) / (9 * c) ** 0.5
+    go = torch.randn(*shape, generator=gen)  # padding 1: the output has the input's shape
+    spot = (0, 3) + (2,) * (len(shape) - 2)
+    if where == "input":
+        x[spot] = float("inf")
+        x[(1, 5) + (0,) * (len(shape) - 2)] = float("nan")
+    elif where == "weight":
+        weight[(2, 1) + (0,) * (len(shape) - 2)] = -float("inf")
+    else:
+        go[spot] = float("inf")
+    fmt = {"channels_last": torch.channels_last, "channels_last_3d": torch.channels_last_3d}.get(layout)
+    if fmt is not None:
+        x, go = x.contiguous(memory_format=fmt), go.contiguous(memory_format=fmt)
+    conv = {4: (tmg.functional.conv2d, F.conv2d), 5: (tmg.functional.conv3d, F.conv3d)}[len(shape)]
+
+    def run(fn=conv[0], dtype=torch.float32):
+        xs, ws = x.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_()
+        out = fn(xs, ws, None, padding=1)
+        return (out.detach(), *torch.autograd.grad(out, (xs, ws), go.to(dtype)))
+
+    ours, direct, truth = run(), winograd_off(run), run(conv[1], torch.float64)
+    reads = {"input": (0, 2), "weight": (0, 1), "grad_output": (1, 2)}[where]  # the pieces that meet the value
+    for i, (a, b, t) in enumerate(zip(ours, direct, truth)):
+        if i in reads:
+            assert not a.isfinite().all()
+            if layout != "channels_last_3d":
+                torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"piece {i}: {m}")
+            else:  # a sum of 2-d convolutions over the depth taps, whose finite ones are Winograd's
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * max(1.0, b.nan_to_num(0, 0, 0).abs().max().item()),
+                                           equal_nan=True)
+        else:  # Winograd's own, finite
+            assert a.isfinite().all()
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * max(1.0, b.abs().max().item()))
+        # (not channels-last 3-d: its sums over the depth taps skip the depth padding, where torch multiplies an
+        # infinite weight or output gradient by the padding's zeros, NaN; depth_taps.h, the same without Winograd)
+        if layout != "channels_last_3d":
+            assert torch.equal(a.isnan(), t.isnan()) and torch.equal(a.isinf(), t.isinf())

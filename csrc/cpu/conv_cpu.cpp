@@ -991,7 +991,9 @@ at::Tensor conv_forward_cpu(const at::Tensor& input_, const at::Tensor& weight_,
   }
   if (winograd_applies(input_, g, /*backward=*/false)) {  // 3x3 stride 1 in the plane (winograd_cpu.cpp), any layout
     const at::Tensor bias_ = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
-    return winograd_forward_cpu(input_, weight_, bias_, g, channels_last);
+    at::Tensor output = winograd_forward_cpu(input_, weight_, bias_, g, channels_last);
+    if (output.defined()) return output;
+    // else an output was not finite: the kernels below give a direct sum's infinities and NaN, as torch's
   }
   // NCHW depthwise on channels-last tiles of one vector of channels (depthwise_cpu.cpp): faster than the NCHW
   // kernel at every size measured, and than whole channels-last copies of short rows. Interleaved, 2-core Zen 3,
@@ -1193,12 +1195,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
     const auto back = [&](const at::Tensor& t) { return t.defined() ? t.to(input_.scalar_type()) : t; };
     return {back(std::get<0>(grads)), back(std::get<1>(grads)), back(std::get<2>(grads))};
   }
-  if (g.spatial_dims == 3 && (channels_last_result(input_, g) || is_depthwise(g)) &&  // over depth taps (depth_taps.h)
-      !winograd_applies(input_, g, /*backward=*/false)) {
-    auto [grad_input, grad_weight] = conv3d_backward_by_depth(grad_output_, input_, weight_, g, channels_last_result(input_, g),
-                                                              output_mask[0], output_mask[1], conv_backward_cpu);
-    return {grad_input, grad_weight, output_mask[2] ? conv_backward_bias_cpu(grad_output_.contiguous(), g) : at::Tensor()};
-  }
   const bool channels_last = channels_last_result(input_, g);
   // The input and weight gradients of 3x3 stride-1 convolutions by Winograd (winograd_cpu.cpp), and of grouped ones
   // by the direct kernels (grouped_cpu.cpp), in either layout; `mask` keeps what the other kernels still compute,
@@ -1206,13 +1202,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
   std::array<bool, 3> mask = output_mask;
   at::Tensor computed_input, computed_weight;
   if (winograd_applies(input_, g, /*backward=*/false)) {
-    mask[0] = output_mask[0] && !winograd_applies(input_, g, /*backward=*/true);
-    mask[1] = false;
     std::tie(computed_input, computed_weight) = winograd_backward_cpu(
-        grad_output_, input_, weight_, g, channels_last, output_mask[0] && !mask[0], output_mask[1]);
-    if (g.spatial_dims == 3)  // both gradients are Winograd's (winograd_applies)
-      return {computed_input, computed_weight,
-              output_mask[2] ? conv_backward_bias_cpu(grad_output_.contiguous(), g) : at::Tensor()};
+        grad_output_, input_, weight_, g, channels_last,
+        output_mask[0] && winograd_applies(input_, g, /*backward=*/true), output_mask[1]);
+    // what it did not compute, or left undefined for a value that is not finite, the kernels below compute
+    mask[0] = output_mask[0] && !computed_input.defined();
+    mask[1] = output_mask[1] && !computed_weight.defined();
+  }
+  if (g.spatial_dims == 3 && (channels_last || is_depthwise(g))) {  // over depth taps (depth_taps.h)
+    if (mask[0] || mask[1]) {
+      auto [grad_input, grad_weight] = conv3d_backward_by_depth(grad_output_, input_, weight_, g, channels_last,
+                                                                mask[0], mask[1], conv_backward_cpu);
+      if (mask[0]) computed_input = grad_input;
+      if (mask[1]) computed_weight = grad_weight;
+    }
+    return {computed_input, computed_weight,
+            output_mask[2] ? conv_backward_bias_cpu(grad_output_.contiguous(), g) : at::Tensor()};
   }
   // Grouped convolutions with few channels a group: the direct kernels (grouped_cpu.cpp), in either layout; the
   // input gradient where it is a forward of grad_output (finite weights).

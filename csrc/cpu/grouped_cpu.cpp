@@ -26,7 +26,10 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <atomic>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #if defined(__SSE2__)
 #include <immintrin.h>
 #endif
@@ -38,6 +41,8 @@
 #include "blas.h"
 #include "tasks.h"
 #include "vectorize.h"
+#include "winograd_cpu.h"
+#include "winograd_tiles.h"
 
 namespace manualgrad {
 namespace MANUALGRAD_WIDTH {  // (vectorize.h: this copy's vector width)
@@ -964,10 +969,218 @@ at::Tensor gather_weight(const WeightRef<scalar_t>& w, const WeightTaps& taps, c
   return out;
 }
 
+// ---- 3x3 stride-1 groups of many channels: Winograd's F(2x2, 3x3) ----
+// With 16 or more channels a group on both sides, a group's 2x2 output tile costs 16 multiply-adds per input and
+// output channel pair instead of 36, as for the dense layers (winograd_cpu.cpp, whose tile transforms these use).
+// A task (image, group, band of tile rows) copies its padded input pixels, the group's channels side by side,
+// transforms each tile (V: 16 × tiles × in channels), multiplies by the group's U (16 × in × out) with the pixel
+// kernels' blocks (a vector of output channels times a broadcast V value), and writes each tile's outputs through
+// the output transform: in place where the output's channels are contiguous, else into pixel rows scattered after.
+// Each output is one task's fixed sequence: the same bits at every thread count. float32 only.
+constexpr int64_t kWinogradGroupChannels = 16;  // fewer in or out channels a group: the transforms outweigh the gain
+constexpr int64_t kWinogradBandTiles = 64;      // a task's tiles at most: its V and M, 64 KB each at 16 channels
+constexpr int64_t kWinogradChunk = 32;          // input channels a run of the products (winograd_cpu.cpp's kChunk)
+
+// Whether winograd_group_forward computes forward geometry fg (a whole number of this copy's vectors of output
+// channels a group).
+template <typename scalar_t>
+bool winograd_group_applies(const Geometry& fg) {
+  const Window& w = fg.win;
+  const GroupDims d(fg);
+  if (!std::is_same_v<scalar_t, float> || fg.spatial_dims != 2 || w.kernel_h != 3 || w.kernel_w != 3 ||
+      w.stride_h != 1 || w.stride_w != 1 || w.dilation_h != 1 || w.dilation_w != 1)
+    return false;
+  if (std::getenv("TORCH_MANUALGRAD_WINOGRAD") && std::string(std::getenv("TORCH_MANUALGRAD_WINOGRAD")) == "0")
+    return false;
+  return d.in_per_group >= kWinogradGroupChannels && d.out_per_group % Vec<float>::lanes == 0 &&
+         d.out_per_group >= kWinogradGroupChannels && std::min(fg.out_h, fg.out_w) >= 7;
+}
+
+// U[xi][group][j][o] for forward geometry fg (j < its input channels a group, o < output ones) from the weight as
+// gather_weight reads it.
+at::Tensor winograd_group_filters(const WeightRef<float>& w, const WeightTaps& taps, const Geometry& fg) {
+  const GroupDims d(fg);
+  const int64_t pairs = d.in_per_group * d.out_per_group;
+  at::Tensor u = at::empty({16, d.groups, pairs}, at::kFloat);
+  const int64_t o_step = taps.transposed ? w.s.c : w.s.n, j_step = taps.transposed ? w.s.n : w.s.c;
+  parallel_tasks(d.groups, [&](int64_t g0, int64_t g1) {
+    std::vector<float> gathered(9 * pairs);
+    for (int64_t grp = g0; grp < g1; ++grp) {
+      const float* src = w.data + grp * (taps.transposed ? d.in_per_group : d.out_per_group) * w.s.n;
+      for (int64_t j = 0; j < d.in_per_group; ++j)
+        for (int64_t o = 0; o < d.out_per_group; ++o)
+          for (int t = 0; t < 9; ++t)
+            gathered[t * pairs + j * d.out_per_group + o] =
+                src[o * o_step + j * j_step + taps.h[t / 3] * w.s.h + taps.w[t % 3] * w.s.w];
+      winograd_tile_filters(u.data_ptr<float>() + grp * pairs, d.groups * pairs, gathered.data(), pairs, pairs);
+    }
+  });
+  return u;
+}
+
+// A band's padded input pixels, `channels` side by side from `image`'s first: input row 2 ty0 + r - pad_h, column
+// j - pad_w at pixels[(r * width + j) * channels], zero outside the input.
+MANUALGRAD_VECTOR_CLONES void winograd_group_pixels(float* pixels, const float* image, const Strides& si,
+                                                    int64_t channels, const Geometry& fg, int64_t ty0, int64_t rows,
+                                                    int64_t width) {
+  const int64_t j_lo = std::clamp<int64_t>(fg.win.pad_w, 0, width);
+  const int64_t j_hi = std::clamp<int64_t>(fg.in_w + fg.win.pad_w, j_lo, width);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* dst = pixels + r * width * channels;
+    const int64_t ih = 2 * ty0 + r - fg.win.pad_h;
+    if (ih < 0 || ih >= fg.in_h) {
+      std::fill_n(dst, width * channels, 0.f);
+      continue;
+    }
+    std::fill_n(dst, j_lo * channels, 0.f);
+    std::fill_n(dst + j_hi * channels, (width - j_hi) * channels, 0.f);
+    gather_rows(dst + j_lo * channels, channels, image + ih * si.h + (j_lo - fg.win.pad_w) * si.w, si.w, si.c,
+                j_hi - j_lo, channels);
+  }
+}
+
+// V[xi][t][c] (plane stride xi_stride) of the band's `count` tiles from its pixels (winograd_group_pixels, `width` a
+// row, ic channels side by side), tiles_w a row of tiles.
+MANUALGRAD_VECTOR_CLONES void winograd_group_inputs(float* __restrict v, int64_t xi_stride,
+                                                    const float* __restrict pixels, int64_t width, int64_t ic,
+                                                    int64_t tiles_w, int64_t count) {
+  using vec = Vec<float>::type;
+  constexpr int64_t L = Vec<float>::lanes;
+  for (int64_t t = 0; t < count; ++t) {
+    const float* tile = pixels + (2 * (t / tiles_w) * width + 2 * (t % tiles_w)) * ic;
+    float* dst = v + t * ic;
+    int64_t c = 0;
+    for (; c + L <= ic; c += L) {
+      vec d[4][4], r[16];
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) load_vec(d[i][j], tile + (i * width + j) * ic + c);
+      winograd_input_transform(d, r);
+      for (int xi = 0; xi < 16; ++xi) std::memcpy(dst + xi * xi_stride + c, &r[xi], sizeof(vec));
+    }
+    for (; c < ic; ++c) {
+      float d[4][4], r[16];
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) d[i][j] = tile[(i * width + j) * ic + c];
+      winograd_input_transform(d, r);
+      for (int xi = 0; xi < 16; ++xi) dst[xi * xi_stride + c] = r[xi];
+    }
+  }
+}
+
+// Each tile t's 2x2 outputs (oc channels, a whole number of vectors) from M[xi][t] (plane stride xi_stride), +
+// bias, into the pixels y[4t + 2p + q]. Returns whether one of them is not finite.
+MANUALGRAD_VECTOR_CLONES bool winograd_group_outputs(float* const* y, const float* __restrict m, int64_t xi_stride,
+                                                     const float* __restrict bias, int64_t oc, int64_t count) {
+  using vec = Vec<float>::type;
+  constexpr int64_t L = Vec<float>::lanes;
+  vec check = {};  // x - x: 0 for every finite x, NaN for an infinity or a NaN, and NaN stays
+  for (int64_t t = 0; t < count; ++t) {
+    for (int64_t c = 0; c < oc; c += L) {
+      vec mt[16], b, out[4];
+      for (int xi = 0; xi < 16; ++xi) load_vec(mt[xi], m + xi * xi_stride + t * oc + c);
+      load_vec(b, bias + c);
+      winograd_output_transform(mt, b, out);
+      for (int k = 0; k < 4; ++k) {
+        std::memcpy(y[4 * t + k] + c, &out[k], sizeof(vec));
+        check += out[k] - out[k];
+      }
+    }
+  }
+  float lanes[L];
+  std::memcpy(lanes, &check, sizeof(check));
+  for (int64_t i = 0; i < L; ++i)
+    if (lanes[i] != 0.f) return true;
+  return false;
+}
+
+// M[xi] (count tiles × oc, plane stride `stride` tiles) = V[xi] (tiles × ic) U[xi] (ic × oc) for the 16 positions,
+// u at the group's U[0], in blocks of kPixelBlock tiles (a block's lanes past `count` into `spare`).
+template <int BYTES>
+MANUALGRAD_VECTOR_CLONES_VL void winograd_group_products(float* m, const float* v, const float* u, int64_t u_step,
+                                                         int64_t stride, int64_t count, int64_t ic, int64_t oc,
+                                                         const int64_t* terms, float* spare) {
+  float* dst[kPixelBlock];
+  for (int xi = 0; xi < 16; ++xi) {
+    for (int64_t t0 = 0; t0 < count; t0 += kPixelBlock) {
+      for (int64_t b = 0; b < kPixelBlock; ++b) dst[b] = t0 + b < count ? m + (xi * stride + t0 + b) * oc : spare;
+      pixel_forward_outputs<float, BYTES>(dst, ByStep<float>{v + (xi * stride + t0) * ic, ic}, terms, u + xi * u_step,
+                                          oc, ic, nullptr, kWinogradChunk);
+    }
+  }
+}
+
+// Pixel rows (rows × out_w pixels of `channels`) scattered into an output of any strides at `out`.
+MANUALGRAD_VECTOR_CLONES void winograd_group_scatter(float* out, const Strides& so, const float* rows, int64_t count,
+                                                     int64_t out_w, int64_t channels) {
+  for (int64_t i = 0; i < count; ++i)
+    scatter_rows(out + i * so.h, so.w, so.c, rows + i * out_w * channels, channels, out_w, channels);
+}
+
+// The forward over fg (winograd_group_applies) into out, with U from winograd_group_filters. Returns whether every
+// output is finite; where one is not, the caller computes it again by the direct kernels.
+template <int BYTES>
+bool winograd_group_forward(float* out, const Strides& so, const float* in, const Strides& si, const float* u,
+                            const float* bias, const Geometry& fg) {
+  const GroupDims d(fg);
+  const int64_t ic = d.in_per_group, oc = d.out_per_group;
+  const int64_t tiles_h = ceil_div(fg.out_h, 2), tiles_w = ceil_div(fg.out_w, 2);
+  const int64_t band = std::max<int64_t>(1, std::min(tiles_h, kWinogradBandTiles / tiles_w));  // tile rows a task
+  const int64_t bands = ceil_div(tiles_h, band);
+  const int64_t width = 2 * tiles_w + 2;  // padded input pixels a row
+  const int64_t stride = ceil_div(band * tiles_w, kPixelBlock) * kPixelBlock;  // V's and M's tiles a plane
+  const std::vector<int64_t> terms = [&] {
+    std::vector<int64_t> t(ic);
+    std::iota(t.begin(), t.end(), 0);
+    return t;
+  }();
+  std::atomic<bool> bad{false};
+  parallel_tasks(fg.batch * d.groups * bands, [&](int64_t begin, int64_t end) {
+    aligned_vector<float> pixels((2 * band + 2) * width * ic), v(16 * stride * ic, 0.f), m(16 * stride * oc);
+    aligned_vector<float> rows(so.c == 1 ? 0 : 2 * band * fg.out_w * oc), spare(oc), zeros(oc, 0.f);
+    std::vector<float*> y(4 * band * tiles_w);  // each tile's four output pixels
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / (d.groups * bands), grp = task / bands % d.groups, ty0 = task % bands * band;
+      const int64_t tile_rows = std::min(band, tiles_h - ty0), count = tile_rows * tiles_w;
+      winograd_group_pixels(pixels.data(), in + n * si.n + grp * ic * si.c, si, ic, fg, ty0, 2 * tile_rows + 2, width);
+      winograd_group_inputs(v.data(), stride * ic, pixels.data(), width, ic, tiles_w, count);
+      winograd_group_products<BYTES>(m.data(), v.data(), u + grp * ic * oc, d.groups * ic * oc, stride, count, ic, oc,
+                                     terms.data(), spare.data());
+      // each tile's outputs, into the output (channels contiguous) or pixel rows (else)
+      for (int64_t t = 0; t < count; ++t) {
+        const int64_t ty = t / tiles_w, tx = t % tiles_w;
+        for (int q = 0; q < 4; ++q) {
+          const int64_t oh = 2 * (ty0 + ty) + q / 2, ow = 2 * tx + q % 2;
+          if (oh >= fg.out_h || ow >= fg.out_w) {
+            y[4 * t + q] = spare.data();
+          } else if (so.c == 1) {
+            y[4 * t + q] = out + n * so.n + oh * so.h + ow * so.w + grp * oc;
+          } else {
+            y[4 * t + q] = rows.data() + ((oh - 2 * ty0) * fg.out_w + ow) * oc;
+          }
+        }
+      }
+      const bool seen = winograd_group_outputs(y.data(), m.data(), stride * oc, bias ? bias + grp * oc : zeros.data(),
+                                               oc, count);
+      if (so.c != 1)
+        winograd_group_scatter(out + n * so.n + grp * oc * so.c + 2 * ty0 * so.h, so, rows.data(),
+                               std::min(2 * tile_rows, fg.out_h - 2 * ty0), fg.out_w, oc);
+      if (seen) bad.store(true, std::memory_order_relaxed);
+    }
+  });
+  return !bad.load();
+}
+
 // The forward over geometry fg by whichever kernel suits the output's layout, with the weight of gather_weight.
 template <typename scalar_t>
 void forward_any(scalar_t* out, const Strides& so, const scalar_t* in, const Strides& si, const WeightRef<scalar_t>& w,
                  const WeightTaps& taps, const scalar_t* bias, const Geometry& fg, const at::TensorOptions& options) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (winograd_group_applies<scalar_t>(fg)) {
+      const at::Tensor u = winograd_group_filters(w, taps, fg);
+      if (winograd_group_forward<MANUALGRAD_VECTOR_BYTES>(out, so, in, si, u.const_data_ptr<float>(), bias, fg)) return;
+      // else an output was not finite (an infinity or NaN spread through the transforms): the direct sums below
+    }
+  }
   if (const int bytes = pixel_bytes<scalar_t>(fg, so.c)) {
     const PixelLayout p(fg, std::max<int64_t>(1, kPixelChannels / GroupDims(fg).in_per_group));
     if (p.bounded(fg)) {

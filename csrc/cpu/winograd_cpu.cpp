@@ -28,8 +28,10 @@
 #include "blas.h"
 #include "tasks.h"
 #include "vectorize.h"
+#include "winograd_tiles.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -224,36 +226,6 @@ at::Tensor transform_weights(const at::Tensor& weight, bool input_gradient) {
   return u;
 }
 
-// B^T d B of one 4x4 input tile d: v[4a + b]. B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1].
-inline void input_transform(const float (&d)[4][4], float (&v)[16]) {
-  float r[4][4];  // d B, row by row
-  for (int i = 0; i < 4; ++i) {
-    r[i][0] = d[i][0] - d[i][2];
-    r[i][1] = d[i][1] + d[i][2];
-    r[i][2] = d[i][2] - d[i][1];
-    r[i][3] = d[i][1] - d[i][3];
-  }
-  for (int b = 0; b < 4; ++b) {
-    v[b] = r[0][b] - r[2][b];
-    v[4 + b] = r[1][b] + r[2][b];
-    v[8 + b] = r[2][b] - r[1][b];
-    v[12 + b] = r[1][b] - r[3][b];
-  }
-}
-
-// A^T M A + bias of one tile's 16 products m[4a + b]: y[2p + q]. A^T = [1 1 1 0; 0 1 -1 -1].
-inline void output_transform(const float (&m)[16], float bias, float (&y)[4]) {
-  float s[2][4];  // A^T M
-  for (int b = 0; b < 4; ++b) {
-    s[0][b] = m[b] + m[4 + b] + m[8 + b];
-    s[1][b] = m[4 + b] - m[8 + b] - m[12 + b];
-  }
-  for (int p = 0; p < 2; ++p) {
-    y[2 * p] = s[p][0] + s[p][1] + s[p][2] + bias;
-    y[2 * p + 1] = s[p][1] - s[p][2] - s[p][3] + bias;
-  }
-}
-
 // V for one row of `count` tiles of one channel: v[xi * xi_stride + x] for tile x, whose input columns are
 // even[x], odd[x], even[x + 1], odd[x + 1] of the four input rows (row r at even/odd + r * ld). Vectorised over
 // the tiles.
@@ -268,9 +240,15 @@ MANUALGRAD_VECTOR_CLONES void input_tiles(float* __restrict v, int64_t xi_stride
       d[i][2] = even[i * ld + x + 1];
       d[i][3] = odd[i * ld + x + 1];
     }
-    input_transform(d, t);
+    winograd_input_transform(d, t);
     for (int xi = 0; xi < 16; ++xi) v[xi * xi_stride + x] = t[xi];
   }
+}
+
+// Whether one of values[0, count), just written, is an infinity or a NaN (vectorize.h's all_finite, in this
+// clone).
+MANUALGRAD_VECTOR_CLONES bool any_not_finite(const float* __restrict values, int64_t count) {
+  return !all_finite(values, count);
 }
 
 // The 2x2 outputs of `count` tiles from M (m[xi * xi_stride + x]), plus bias, as four rows at out + q * count:
@@ -281,7 +259,7 @@ MANUALGRAD_VECTOR_CLONES void output_tiles(float* __restrict out, const float* _
   for (int64_t x = 0; x < count; ++x) {
     float t[16], y[4];
     for (int xi = 0; xi < 16; ++xi) t[xi] = m[xi * xi_stride + x];
-    output_transform(t, bias, y);
+    winograd_output_transform(t, bias, y);
     for (int q = 0; q < 4; ++q) out[q * count + x] = y[q];
   }
 }
@@ -307,7 +285,7 @@ MANUALGRAD_VECTOR_CLONES void input_vectors(float* __restrict v, int64_t xi_stri
   for (int64_t x = 0; x < count; ++x) {
     float tile[4][4], t[16];
     for (int k = 0; k < 16; ++k) tile[k / 4][k % 4] = p[k][x];
-    input_transform(tile, t);
+    winograd_input_transform(tile, t);
     for (int xi = 0; xi < 16; ++xi) v[xi * xi_stride + x] = t[xi];
   }
 }
@@ -324,29 +302,11 @@ MANUALGRAD_VECTOR_CLONES void output_vectors(float* const* y, const float* __res
   for (int64_t x = 0; x < count; ++x) {
     float t[16], out[4];
     for (int xi = 0; xi < 16; ++xi) t[xi] = m[xi * xi_stride + x];
-    output_transform(t, bias[x], out);
+    winograd_output_transform(t, bias[x], out);
     y00[x] = out[0];
     y01[x] = out[1];
     y10[x] = out[2];
     y11[x] = out[3];
-  }
-}
-
-// The weight gradient's transform of one tile's 2x2 output gradient: A dY A^T, m[4a + b] (the adjoint of
-// output_transform). A = [1 0; 1 1; 1 -1; 0 -1].
-inline void grad_transform(const float (&dy)[2][2], float (&m)[16]) {
-  float r[2][4];  // dY A^T, row by row
-  for (int p = 0; p < 2; ++p) {
-    r[p][0] = dy[p][0];
-    r[p][1] = dy[p][0] + dy[p][1];
-    r[p][2] = dy[p][0] - dy[p][1];
-    r[p][3] = -dy[p][1];
-  }
-  for (int b = 0; b < 4; ++b) {
-    m[b] = r[0][b];
-    m[4 + b] = r[0][b] + r[1][b];
-    m[8 + b] = r[0][b] - r[1][b];
-    m[12 + b] = -r[1][b];
   }
 }
 
@@ -358,7 +318,7 @@ MANUALGRAD_VECTOR_CLONES void grad_tiles(float* __restrict m, int64_t xi_stride,
   for (int64_t x = 0; x < count; ++x) {
     const float dy[2][2] = {{even[x], odd[x]}, {even[ld + x], odd[ld + x]}};
     float t[16];
-    grad_transform(dy, t);
+    winograd_grad_transform(dy, t);
     for (int xi = 0; xi < 16; ++xi) m[xi * xi_stride + x] = t[xi];
   }
 }
@@ -375,7 +335,7 @@ MANUALGRAD_VECTOR_CLONES void grad_vectors(float* __restrict m, int64_t xi_strid
   for (int64_t x = 0; x < count; ++x) {
     const float dy[2][2] = {{y00[x], y01[x]}, {y10[x], y11[x]}};
     float t[16];
-    grad_transform(dy, t);
+    winograd_grad_transform(dy, t);
     for (int xi = 0; xi < 16; ++xi) m[xi * xi_stride + x] = t[xi];
   }
 }
@@ -471,13 +431,9 @@ class BlockWork {
       }
     }
   }
-  // The outputs of output units [begin, end).
-  void transform_output(int64_t begin, int64_t end) const {
-    if (p_.nhwc) {
-      transform_output_nhwc(begin, end);
-    } else {
-      transform_output_nchw(begin, end);
-    }
+  // The outputs of output units [begin, end). Returns whether one of them is not finite.
+  bool transform_output(int64_t begin, int64_t end) const {
+    return p_.nhwc ? transform_output_nhwc(begin, end) : transform_output_nchw(begin, end);
   }
 
   // The weight gradient's dM for output units [begin, end), from the output gradient.
@@ -544,19 +500,22 @@ class BlockWork {
     }
   }
 
-  // The outputs of channels [k0, k1).
-  void transform_output_nchw(int64_t k0, int64_t k1) const {
+  // The outputs of channels [k0, k1); whether one is not finite (a tile's dropped outputs count too).
+  bool transform_output_nchw(int64_t k0, int64_t k1) const {
     const int64_t tw = p_.tiles_w, t = p_.block_tiles();
     std::vector<float> y(4 * tw);  // y00, y01, y10, y11 of one row of tiles
+    bool bad = false;
     for (int64_t k = k0; k < k1; ++k) {
       for (int64_t r = 0; r < rows_; ++r) {
         const int64_t image = (first_row_ + r) / p_.tiles_h, ty = (first_row_ + r) % p_.tiles_h;
         output_tiles(y.data(), m_ + k * t + r * tw, p_.out_c * t, tw, bias_ ? bias_[k] : 0.f);
+        bad |= any_not_finite(y.data(), 4 * tw);
         float* out = output_plane(output_, image, k);
         interleave(out + 2 * ty * p_.out_w, y.data(), y.data() + tw, p_.out_w);
         if (2 * ty + 1 < p_.out_h) interleave(out + (2 * ty + 1) * p_.out_w, y.data() + 2 * tw, y.data() + 3 * tw, p_.out_w);
       }
     }
+    return bad;
   }
 
   // V[xi][tile][(kd, c)] for the block's tiles [t0, t1).
@@ -574,13 +533,16 @@ class BlockWork {
   }
 
   // The output pixels of the block's tiles [t0, t1), all channels.
-  void transform_output_nhwc(int64_t t0, int64_t t1) const {
+  bool transform_output_nhwc(int64_t t0, int64_t t1) const {
     std::vector<float> spare(p_.out_c), zeros(p_.out_c, 0.f);  // outputs beyond the image; no bias
     float* y[4];
+    bool bad = false;
     for (int64_t t = t0; t < t1; ++t) {
       tile_pixels(image_pixels(output_, t), p_.out_h, p_.out_w, p_.out_c, t, 2, 0, 0, spare.data(), y);
       output_vectors(y, m_ + t * p_.out_c, p_.block_tiles() * p_.out_c, bias_ ? bias_ : zeros.data(), p_.out_c);
+      for (float* pixel : y) bad |= any_not_finite(pixel, p_.out_c);
     }
+    return bad;
   }
 
   // The output image of the block's tile t, and its first pixel in channels-last output-shaped data.
@@ -638,7 +600,10 @@ class BlockWork {
 };
 
 // output = the convolution of input with the transformed weights u (transform_weights), + bias (may be null).
-void winograd_conv(float* output, const float* input, const float* u, const float* bias, const Plan& p) {
+// Returns whether every output (and every dropped output of a tile) is finite; where one is not, the caller
+// computes the convolution another way (winograd_forward_cpu).
+bool winograd_conv(float* output, const float* input, const float* u, const float* bias, const Plan& p) {
+  std::atomic<bool> bad{false};  // only ever set: the same result whichever task sets it
   if (p.blocks() >= 2 * at::get_num_threads()) {  // enough blocks: each task computes whole blocks
     parallel_tasks(p.blocks(), [&](int64_t begin, int64_t end) {
       BlockWork work(p, {input, u, bias, output});
@@ -646,10 +611,10 @@ void winograd_conv(float* output, const float* input, const float* u, const floa
         work.set_block(block);
         work.transform_input(0, work.input_units());
         work.multiply(0, 16);
-        work.transform_output(0, work.output_units());
+        if (work.transform_output(0, work.output_units())) bad.store(true, std::memory_order_relaxed);
       }
     });
-    return;
+    return !bad.load();
   }
   // Few blocks (small images): the threads share each block's steps.
   BlockWork work(p, {input, u, bias, output});
@@ -657,15 +622,19 @@ void winograd_conv(float* output, const float* input, const float* u, const floa
     work.set_block(block);
     parallel_tasks(work.input_units(), [&](int64_t u0, int64_t u1) { work.transform_input(u0, u1); });
     parallel_tasks(16, [&](int64_t xi0, int64_t xi1) { work.multiply(xi0, xi1); });
-    parallel_tasks(work.output_units(), [&](int64_t u0, int64_t u1) { work.transform_output(u0, u1); });
+    parallel_tasks(work.output_units(), [&](int64_t u0, int64_t u1) {
+      if (work.transform_output(u0, u1)) bad.store(true, std::memory_order_relaxed);
+    });
   }
+  return !bad.load();
 }
 
 // The weight gradient into grad_weight (C_out, C_in, KD, 3, 3), any strides: dU[xi] = the sum over every tile of
 // dM[xi] V[xi]^T, then G^T dU G. With many blocks, slot s sums blocks s, s + slots, ... in order (one task each)
 // and the slots are added in slot order; with few, the threads share each block's steps and one dU. Which of the
-// two, and the number of slots, follow from the shapes alone.
-void winograd_weight_grad(at::Tensor& grad_weight, const float* input, const float* grad_output, const Plan& p) {
+// two, and the number of slots, follow from the shapes alone. Returns whether every entry is finite (as
+// winograd_conv).
+bool winograd_weight_grad(at::Tensor& grad_weight, const float* input, const float* grad_output, const Plan& p) {
   const int64_t uc = p.out_c * p.k();
   const int64_t slots = p.blocks() < kMinSlotBlocks ? 1 : std::max<int64_t>(1, std::min(kMaxSlots, kMaxSlotElems / (16 * uc)));
   at::Tensor du = at::empty({slots, 16, p.out_c, p.k()}, at::kFloat);
@@ -696,20 +665,25 @@ void winograd_weight_grad(at::Tensor& grad_weight, const float* input, const flo
   const Filters f(grad_weight, /*input_gradient=*/false);
   const float* sum = du.const_data_ptr<float>();
   float* out = grad_weight.data_ptr<float>();
+  std::atomic<bool> bad{false};
   at::parallel_for(0, p.out_c, 1, [&](int64_t begin, int64_t end) {
     float taps[9 * kChunk];
     int64_t first[kChunk];
+    bool seen = false;
     for (int64_t o = begin; o < end; ++o) {
       for (int64_t kk0 = 0; kk0 < p.k(); kk0 += kChunk) {
         const int64_t count = std::min(kChunk, p.k() - kk0);
         filter_grads(taps, sum + o * p.k() + kk0, uc, kChunk, count);
+        for (int t = 0; t < 9; ++t) seen |= any_not_finite(taps + t * kChunk, count);
         f.run(o, kk0, count, first);
         for (int64_t j = 0; j < count; ++j) {
           for (int t = 0; t < 9; ++t) out[first[j] + f.tap[t]] = taps[t * kChunk + j];
         }
       }
     }
+    if (seen) bad.store(true, std::memory_order_relaxed);
   });
+  return !bad.load();
 }
 
 }  // namespace
@@ -755,9 +729,14 @@ at::Tensor winograd_forward_cpu(const at::Tensor& input, const at::Tensor& weigh
   const at::Tensor x = input.contiguous(layout_of(g, p.nhwc));
   at::Tensor output = at::empty(g.output_shape(g.out_channels), input.options().memory_format(layout_of(g, p.nhwc)));
   const at::Tensor u = transform_weights(weight, /*input_gradient=*/false);
-  winograd_conv(output.data_ptr<float>(), x.const_data_ptr<float>(), u.const_data_ptr<float>(),
-                bias.defined() ? bias.const_data_ptr<float>() : nullptr, p);
+  if (!winograd_conv(output.data_ptr<float>(), x.const_data_ptr<float>(), u.const_data_ptr<float>(),
+                     bias.defined() ? bias.const_data_ptr<float>() : nullptr, p))
+    return at::Tensor();
   return output.contiguous(layout_of(g, channels_last));
+}
+
+void winograd_tile_filters(float* u, int64_t xi_stride, const float* taps, int64_t tap_stride, int64_t count) {
+  transform_filters(u, xi_stride, taps, tap_stride, count);
 }
 
 std::pair<at::Tensor, at::Tensor> winograd_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
@@ -772,14 +751,17 @@ std::pair<at::Tensor, at::Tensor> winograd_backward_cpu(const at::Tensor& grad_o
     const Plan p = Plan::input_gradient(g, nhwc);
     grad_input = at::empty(input.sizes(), grad_output.options().memory_format(layout_of(g, nhwc)));
     const at::Tensor u = transform_weights(weight, /*input_gradient=*/true);
-    winograd_conv(grad_input.data_ptr<float>(), go.const_data_ptr<float>(), u.const_data_ptr<float>(), nullptr, p);
-    grad_input = grad_input.contiguous(layout_of(g, channels_last));
+    if (winograd_conv(grad_input.data_ptr<float>(), go.const_data_ptr<float>(), u.const_data_ptr<float>(), nullptr, p))
+      grad_input = grad_input.contiguous(layout_of(g, channels_last));
+    else
+      grad_input = at::Tensor();
   }
   if (want_weight) {
     const Plan p = Plan::forward(g, nhwc);
     const at::Tensor x = input.contiguous(layout_of(g, nhwc));
     grad_weight = at::empty(weight.sizes(), input.options().memory_format(layout_of(g, channels_last)));
-    winograd_weight_grad(grad_weight, x.const_data_ptr<float>(), go.const_data_ptr<float>(), p);
+    if (!winograd_weight_grad(grad_weight, x.const_data_ptr<float>(), go.const_data_ptr<float>(), p))
+      grad_weight = at::Tensor();
   }
   return {grad_input, grad_weight};
 }

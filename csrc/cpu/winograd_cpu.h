@@ -16,14 +16,21 @@ namespace manualgrad {
 bool winograd_applies(const at::Tensor& input, const Geometry& g, bool backward);
 
 // input (N, C_in, [D,] H, W) convolved with weight (C_out, C_in, [KD,] 3, 3), + bias if defined: the output, laid
-// out channels-last (ChannelsLast or ChannelsLast3d) or contiguous, whatever the input's layout.
+// out channels-last (ChannelsLast or ChannelsLast3d) or contiguous, whatever the input's layout. Undefined where
+// an output is not finite: an infinity or NaN in the input or weight spreads through the transforms to outputs
+// a direct sum keeps finite or infinite (inf - inf), so the caller then computes the convolution by im2col.
 at::Tensor winograd_forward_cpu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                                 const Geometry& g, bool channels_last);
 // (grad_input, grad_weight) shaped as input and weight, each laid out as the forward's output and undefined unless
 // wanted, from grad_output, input (read for the weight gradient only) and weight. The input gradient needs
-// padding <= 2 (winograd_applies with backward=true).
+// padding <= 2 (winograd_applies with backward=true). Each is undefined, though wanted, where one of its values is
+// not finite (as the forward).
 std::pair<at::Tensor, at::Tensor> winograd_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
                                                         const at::Tensor& weight, const Geometry& g,
                                                         bool channels_last, bool want_input, bool want_weight);
+
+// U = G w G^T of `count` 3x3 filters, tap 3r + s of filter x at taps[(3r + s) * tap_stride + x], into
+// u[xi * xi_stride + x], xi = 4a + b: the filters' transform, for the grouped kernels (grouped_cpu.cpp) too.
+void winograd_tile_filters(float* u, int64_t xi_stride, const float* taps, int64_t tap_stride, int64_t count);
 
 }  // namespace manualgrad
