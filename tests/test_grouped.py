@@ -213,16 +213,19 @@ def test_strided_input_gradient_whose_phases_together_pass_the_task_bound_matche
 
 # ---- 3x3 stride-1 groups of 16 channels and more: Winograd's F(2x2, 3x3) (float32) ----
 # (batch, groups, in a group, out a group, input size, padding, layout)
+# Forward and input gradient from 14x14 outputs (of the forward, and of the input gradient's: the input), the weight
+# gradient from 7x7 (grouped_cpu.cpp's winograd_group_applies).
 WINOGRAD_CASES = [
-    (2, 4, 16, 16, (14, 14), 1, "nchw"),
+    (2, 4, 16, 16, (14, 14), 1, "nchw"),  # a block of tile rows spans both images
     (2, 4, 16, 16, (14, 14), 1, "channels_last"),
-    (1, 2, 32, 32, (7, 7), 1, "channels_last"),  # ResNeXt-50's last stage
+    (3, 2, 16, 16, (14, 14), 1, "channels_last"),  # blocks of 17 and 4 tile rows
+    (1, 2, 32, 32, (7, 7), 1, "channels_last"),  # ResNeXt-50's last stage: the weight gradient only
     (2, 3, 16, 32, (15, 20), 1, "nchw"),  # odd and non-square: tiles past the output
-    (1, 2, 16, 16, (150, 40), 1, "nchw"),  # bands of tile rows
-    (2, 2, 64, 64, (9, 11), 0, "channels_last"),
-    (2, 2, 16, 16, (10, 10), 2, "nchw"),  # the input gradient's padding 0
-    (1, 2, 16, 16, (12, 12), 3, "nchw"),  # ...and -1: it crops
-    (2, 2, 48, 16, (8, 9), 1, "nchw"),  # in and out a group differ
+    (1, 2, 16, 16, (150, 40), 1, "nchw"),  # many blocks in one image
+    (2, 2, 64, 64, (16, 18), 0, "channels_last"),
+    (2, 2, 16, 16, (14, 15), 2, "nchw"),  # the input gradient's padding 0
+    (1, 2, 16, 16, (16, 16), 3, "nchw"),  # ...and -1: it crops
+    (2, 2, 48, 16, (8, 9), 1, "nchw"),  # in and out a group differ; the weight gradient only
 ]
 
 
@@ -263,8 +266,8 @@ def winograd_off(monkeypatch):
 
 @pytest.mark.parametrize("case", WINOGRAD_CASES, ids=str)
 def test_grouped_winograd_against_float64_and_the_direct_kernels(case, winograd_off):
-    """Forward and input gradient by Winograd (its sums regrouped: close to the direct kernels' but other bits), within
-    float32's rounding of the float64 truth; the weight gradient stays the direct kernels'."""
+    """Forward and both gradients by Winograd where it applies: its sums regrouped, close to the direct kernels' but
+    in other bits, within float32's rounding of the float64 truth."""
     x, w, b = _winograd_tensors(case)
     ours, go = _winograd_run(case, x, w, b)
     direct, _ = winograd_off(_winograd_run, case, x, w, b, go)
@@ -274,7 +277,9 @@ def test_grouped_winograd_against_float64_and_the_direct_kernels(case, winograd_
             memory_format=torch.channels_last)
         assert ((a.double() - t).norm() / t.norm()).item() < 1e-6
         torch.testing.assert_close(a, d, rtol=1e-5, atol=1e-5 * max(1.0, d.abs().max().item()))
-        assert torch.equal(a, d) == (i == 2), i
+        out_side = min(s + 2 * case[5] - 2 for s in case[4])
+        winograd = (out_side >= 14, min(case[4]) >= 14, out_side >= 7)[i]
+        assert torch.equal(a, d) != winograd, i
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -283,15 +288,15 @@ def test_grouped_winograd_values_that_are_not_finite_take_the_direct_sums(where,
     """An infinity spreads through the transforms (inf - inf) to outputs a direct sum keeps finite or infinite: a
     piece with a value that is not finite is the direct kernels' own, bit for bit, NaN and infinities where torch's
     float64 sums have them. (An infinite weight sends the input gradient to im2col: grouped_backward_input_applies.)"""
-    case = (2, 2, 16, 16, (9, 10), 1, layout)
+    case = (2, 2, 16, 16, (14, 15), 1, layout)
     x, w, b = _winograd_tensors(case, seed=4)
-    go = torch.randn(2, 32, 9, 10, generator=torch.Generator().manual_seed(5))
+    go = torch.randn(2, 32, 14, 15, generator=torch.Generator().manual_seed(5))
     if where == "input":
-        x[0, 3, 4, 4], x[1, 20, 0, 9] = math.inf, math.nan
+        x[0, 3, 4, 4], x[1, 20, 0, 14] = math.inf, math.nan
     elif where == "weight":
         w[5, 2, 0, 1] = -math.inf
     else:
-        go[1, 17, 8, 0] = math.inf
+        go[1, 17, 13, 0] = math.inf
     if layout == "channels_last":
         x, go = x.contiguous(memory_format=torch.channels_last), go.contiguous(memory_format=torch.channels_last)
     ours, _ = _winograd_run(case, x, w, b, go)
@@ -305,7 +310,7 @@ def test_grouped_winograd_values_that_are_not_finite_take_the_direct_sums(where,
             torch.testing.assert_close(a, d, rtol=0, atol=0, equal_nan=True)
 
 
-@pytest.mark.parametrize("case", [WINOGRAD_CASES[0], WINOGRAD_CASES[2], WINOGRAD_CASES[4]], ids=str)
+@pytest.mark.parametrize("case", [WINOGRAD_CASES[0], WINOGRAD_CASES[2], WINOGRAD_CASES[3], WINOGRAD_CASES[5]], ids=str)
 def test_grouped_winograd_bit_identical_at_every_thread_count(case, restore_num_threads):
     x, w, b = _winograd_tensors(case, seed=6)
     results = []
@@ -318,13 +323,14 @@ def test_grouped_winograd_bit_identical_at_every_thread_count(case, restore_num_
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_grouped_winograd_error_no_worse_than_torchs(layout):
-    """ResNeXt-50's 3x3 over 32 groups of 16 at 14x14, batch 8: forward and input gradient in float32 against the
-    float64 truth, normwise, at most torch's float32 error."""
+    """ResNeXt-50's 3x3 over 32 groups of 16 at 14x14, batch 8: forward and both gradients in float32 against the
+    float64 truth, normwise, at most torch's float32 error; the weight gradient at most 1.25x it (on this seed torch's
+    channels-last one is 2.00e-7 relative, ours 1.98e-7, the direct kernels' 2.41e-7; torch's NCHW one 6.8e-7)."""
     case = (8, 32, 16, 16, (14, 14), 1, layout)
     x, w, b = _winograd_tensors(case, seed=8)
     truth, go = _winograd_run(case, x, w, b, None, F.conv2d, torch.float64)
     ours, _ = _winograd_run(case, x, w, b, go)
     theirs, _ = _winograd_run(case, x, w, b, go, F.conv2d)
-    for i in (0, 1):
+    for i in (0, 1, 2):
         ours_err, torch_err = (ours[i].double() - truth[i]).norm(), (theirs[i].double() - truth[i]).norm()
-        assert ours_err <= torch_err, (i, ours_err.item(), torch_err.item())
+        assert ours_err <= (1.25 if i == 2 else 1.0) * torch_err, (i, ours_err.item(), torch_err.item())

@@ -972,19 +972,22 @@ at::Tensor gather_weight(const WeightRef<scalar_t>& w, const WeightTaps& taps, c
 // ---- 3x3 stride-1 groups of many channels: Winograd's F(2x2, 3x3) ----
 // With 16 or more channels a group on both sides, a group's 2x2 output tile costs 16 multiply-adds per input and
 // output channel pair instead of 36, as for the dense layers (winograd_cpu.cpp, whose tile transforms these use).
-// A task (image, group, band of tile rows) copies its padded input pixels, the group's channels side by side,
+// A task (block of tile rows, group) copies its padded input pixels, the group's channels side by side,
 // transforms each tile (V: 16 × tiles × in channels), multiplies by the group's U (16 × in × out) with the pixel
 // kernels' blocks (a vector of output channels times a broadcast V value), and writes each tile's outputs through
 // the output transform: in place where the output's channels are contiguous, else into pixel rows scattered after.
 // Each output is one task's fixed sequence: the same bits at every thread count. float32 only.
 constexpr int64_t kWinogradGroupChannels = 16;  // fewer in or out channels a group: the transforms outweigh the gain
-constexpr int64_t kWinogradBandTiles = 64;      // a task's tiles at most: its V and M, 64 KB each at 16 channels
+constexpr int64_t kWinogradBlockTiles = 120;    // a task's tiles at most: V and M 120 KB each at 16 channels
 constexpr int64_t kWinogradChunk = 32;          // input channels a run of the products (winograd_cpu.cpp's kChunk)
+constexpr int64_t kWinogradWeightRun = 32;      // tiles a float sum of the weight gradient's (then added in double)
 
-// Whether winograd_group_forward computes forward geometry fg (a whole number of this copy's vectors of output
-// channels a group).
+// Whether winograd_group_forward (weight_gradient false) or winograd_group_weight computes forward geometry fg: a
+// whole number of this copy's vectors of output channels a group, and outputs of at least 14x14, or 7x7 for the
+// weight gradient. (1024 -> 1024 over 32 groups at 7x7, 2-core Zen 4, batch 8: forward NCHW 1.7 -> 2.3 ms,
+// channels-last 1.4 -> 2.1, input gradient no faster; weight gradient 2.2 -> 1.4 and 1.7 -> 1.5 ms.)
 template <typename scalar_t>
-bool winograd_group_applies(const Geometry& fg) {
+bool winograd_group_applies(const Geometry& fg, bool weight_gradient) {
   const Window& w = fg.win;
   const GroupDims d(fg);
   if (!std::is_same_v<scalar_t, float> || fg.spatial_dims != 2 || w.kernel_h != 3 || w.kernel_w != 3 ||
@@ -993,8 +996,31 @@ bool winograd_group_applies(const Geometry& fg) {
   if (std::getenv("TORCH_MANUALGRAD_WINOGRAD") && std::string(std::getenv("TORCH_MANUALGRAD_WINOGRAD")) == "0")
     return false;
   return d.in_per_group >= kWinogradGroupChannels && d.out_per_group % Vec<float>::lanes == 0 &&
-         d.out_per_group >= kWinogradGroupChannels && std::min(fg.out_h, fg.out_w) >= 7;
+         d.out_per_group >= kWinogradGroupChannels && std::min(fg.out_h, fg.out_w) >= (weight_gradient ? 7 : 14);
 }
+
+// The batch's tile rows (image, row of tiles) in order, cut into blocks of whole rows that may span images: a block's
+// tiles then fill the pixel kernels' blocks of kPixelBlock (one 14x14 image's 49 tiles took 5 of them, 60 lanes).
+struct TileBlocks {
+  int64_t tiles_h, tiles_w, total, rows, blocks;  // rows: tile rows a block (fewer in the last)
+  int64_t width, stride;  // padded pixels a row; V's and M's tiles a plane (whole blocks of kPixelBlock)
+  explicit TileBlocks(const Geometry& g)
+      : tiles_h(ceil_div(g.out_h, 2)), tiles_w(ceil_div(g.out_w, 2)), total(g.batch * tiles_h),
+        rows(std::max<int64_t>(1, std::min(total, kWinogradBlockTiles / tiles_w))), blocks(ceil_div(total, rows)),
+        width(2 * tiles_w + 2), stride(ceil_div(rows * tiles_w, kPixelBlock) * kPixelBlock) {}
+  int64_t rows_in(int64_t block) const { return std::min(rows, total - block * rows); }
+  // f(r, n, ty, count) for each run of the block's tile rows within one image: rows r .. r + count - 1 of the block,
+  // image n's tile rows ty .. ty + count - 1.
+  template <typename F>
+  void for_each_run(int64_t block, const F& f) const {
+    for (int64_t r = 0; r < rows_in(block);) {
+      const int64_t row = block * rows + r, n = row / tiles_h, ty = row % tiles_h;
+      const int64_t count = std::min(rows_in(block) - r, tiles_h - ty);
+      f(r, n, ty, count);
+      r += count;
+    }
+  }
+};
 
 // U[xi][group][j][o] for forward geometry fg (j < its input channels a group, o < output ones) from the weight as
 // gather_weight reads it.
@@ -1003,15 +1029,25 @@ at::Tensor winograd_group_filters(const WeightRef<float>& w, const WeightTaps& t
   const int64_t pairs = d.in_per_group * d.out_per_group;
   at::Tensor u = at::empty({16, d.groups, pairs}, at::kFloat);
   const int64_t o_step = taps.transposed ? w.s.c : w.s.n, j_step = taps.transposed ? w.s.n : w.s.c;
+  int64_t tap[9];
+  for (int t = 0; t < 9; ++t) tap[t] = taps.h[t / 3] * w.s.h + taps.w[t % 3] * w.s.w;
   parallel_tasks(d.groups, [&](int64_t g0, int64_t g1) {
     std::vector<float> gathered(9 * pairs);
     for (int64_t grp = g0; grp < g1; ++grp) {
       const float* src = w.data + grp * (taps.transposed ? d.in_per_group : d.out_per_group) * w.s.n;
-      for (int64_t j = 0; j < d.in_per_group; ++j)
+      // the weight read along its smaller step (its own order for a contiguous one: 14% of a 1024@7 forward's time
+      // went to reading it across)
+      const auto entry = [&](int64_t j, int64_t o) {
+        const float* filter = src + o * o_step + j * j_step;
+        for (int t = 0; t < 9; ++t) gathered[t * pairs + j * d.out_per_group + o] = filter[tap[t]];
+      };
+      if (o_step <= j_step) {
+        for (int64_t j = 0; j < d.in_per_group; ++j)
+          for (int64_t o = 0; o < d.out_per_group; ++o) entry(j, o);
+      } else {
         for (int64_t o = 0; o < d.out_per_group; ++o)
-          for (int t = 0; t < 9; ++t)
-            gathered[t * pairs + j * d.out_per_group + o] =
-                src[o * o_step + j * j_step + taps.h[t / 3] * w.s.h + taps.w[t % 3] * w.s.w];
+          for (int64_t j = 0; j < d.in_per_group; ++j) entry(j, o);
+      }
       winograd_tile_filters(u.data_ptr<float>() + grp * pairs, d.groups * pairs, gathered.data(), pairs, pairs);
     }
   });
@@ -1039,15 +1075,14 @@ MANUALGRAD_VECTOR_CLONES void winograd_group_pixels(float* pixels, const float* 
   }
 }
 
-// V[xi][t][c] (plane stride xi_stride) of the band's `count` tiles from its pixels (winograd_group_pixels, `width` a
-// row, ic channels side by side), tiles_w a row of tiles.
-MANUALGRAD_VECTOR_CLONES void winograd_group_inputs(float* __restrict v, int64_t xi_stride,
-                                                    const float* __restrict pixels, int64_t width, int64_t ic,
-                                                    int64_t tiles_w, int64_t count) {
+// V[xi][t][c] (plane stride xi_stride) of a block's `count` tiles from its pixels (winograd_group_pixels: `width` a
+// row, ic channels side by side), tile row r's first padded row at rows[r], tiles_w tiles a row.
+MANUALGRAD_VECTOR_CLONES void winograd_group_inputs(float* __restrict v, int64_t xi_stride, const float* const* rows,
+                                                    int64_t width, int64_t ic, int64_t tiles_w, int64_t count) {
   using vec = Vec<float>::type;
   constexpr int64_t L = Vec<float>::lanes;
   for (int64_t t = 0; t < count; ++t) {
-    const float* tile = pixels + (2 * (t / tiles_w) * width + 2 * (t % tiles_w)) * ic;
+    const float* tile = rows[t / tiles_w] + 2 * (t % tiles_w) * ic;
     float* dst = v + t * ic;
     int64_t c = 0;
     for (; c + L <= ic; c += L) {
@@ -1123,51 +1158,198 @@ bool winograd_group_forward(float* out, const Strides& so, const float* in, cons
                             const float* bias, const Geometry& fg) {
   const GroupDims d(fg);
   const int64_t ic = d.in_per_group, oc = d.out_per_group;
-  const int64_t tiles_h = ceil_div(fg.out_h, 2), tiles_w = ceil_div(fg.out_w, 2);
-  const int64_t band = std::max<int64_t>(1, std::min(tiles_h, kWinogradBandTiles / tiles_w));  // tile rows a task
-  const int64_t bands = ceil_div(tiles_h, band);
-  const int64_t width = 2 * tiles_w + 2;  // padded input pixels a row
-  const int64_t stride = ceil_div(band * tiles_w, kPixelBlock) * kPixelBlock;  // V's and M's tiles a plane
+  const TileBlocks tb(fg);
   const std::vector<int64_t> terms = [&] {
     std::vector<int64_t> t(ic);
     std::iota(t.begin(), t.end(), 0);
     return t;
   }();
   std::atomic<bool> bad{false};
-  parallel_tasks(fg.batch * d.groups * bands, [&](int64_t begin, int64_t end) {
-    aligned_vector<float> pixels((2 * band + 2) * width * ic), v(16 * stride * ic, 0.f), m(16 * stride * oc);
-    aligned_vector<float> rows(so.c == 1 ? 0 : 2 * band * fg.out_w * oc), spare(oc), zeros(oc, 0.f);
-    std::vector<float*> y(4 * band * tiles_w);  // each tile's four output pixels
+  parallel_tasks(tb.blocks * d.groups, [&](int64_t begin, int64_t end) {
+    // pixels: each run of rows in one image 2 padded rows more than its tiles', so at most 4 a tile row
+    aligned_vector<float> pixels(4 * tb.rows * tb.width * ic), v(16 * tb.stride * ic, 0.f), m(16 * tb.stride * oc);
+    aligned_vector<float> rows(so.c == 1 ? 0 : 2 * tb.rows * fg.out_w * oc), spare(oc), zeros(oc, 0.f);
+    std::vector<const float*> row_pixels(tb.rows);
+    std::vector<float*> y(4 * tb.rows * tb.tiles_w);  // each tile's four output pixels
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / (d.groups * bands), grp = task / bands % d.groups, ty0 = task % bands * band;
-      const int64_t tile_rows = std::min(band, tiles_h - ty0), count = tile_rows * tiles_w;
-      winograd_group_pixels(pixels.data(), in + n * si.n + grp * ic * si.c, si, ic, fg, ty0, 2 * tile_rows + 2, width);
-      winograd_group_inputs(v.data(), stride * ic, pixels.data(), width, ic, tiles_w, count);
-      winograd_group_products<BYTES>(m.data(), v.data(), u + grp * ic * oc, d.groups * ic * oc, stride, count, ic, oc,
-                                     terms.data(), spare.data());
-      // each tile's outputs, into the output (channels contiguous) or pixel rows (else)
-      for (int64_t t = 0; t < count; ++t) {
-        const int64_t ty = t / tiles_w, tx = t % tiles_w;
-        for (int q = 0; q < 4; ++q) {
-          const int64_t oh = 2 * (ty0 + ty) + q / 2, ow = 2 * tx + q % 2;
-          if (oh >= fg.out_h || ow >= fg.out_w) {
-            y[4 * t + q] = spare.data();
-          } else if (so.c == 1) {
-            y[4 * t + q] = out + n * so.n + oh * so.h + ow * so.w + grp * oc;
-          } else {
-            y[4 * t + q] = rows.data() + ((oh - 2 * ty0) * fg.out_w + ow) * oc;
+      const int64_t block = task / d.groups, grp = task % d.groups, count = tb.rows_in(block) * tb.tiles_w;
+      int64_t used = 0;  // pixel rows
+      tb.for_each_run(block, [&](int64_t r, int64_t n, int64_t ty, int64_t rows_here) {
+        float* p = pixels.data() + used * tb.width * ic;
+        winograd_group_pixels(p, in + n * si.n + grp * ic * si.c, si, ic, fg, ty, 2 * rows_here + 2, tb.width);
+        for (int64_t i = 0; i < rows_here; ++i) row_pixels[r + i] = p + 2 * i * tb.width * ic;
+        used += 2 * rows_here + 2;
+      });
+      winograd_group_inputs(v.data(), tb.stride * ic, row_pixels.data(), tb.width, ic, tb.tiles_w, count);
+      winograd_group_products<BYTES>(m.data(), v.data(), u + grp * ic * oc, d.groups * ic * oc, tb.stride, count, ic,
+                                     oc, terms.data(), spare.data());
+      // each tile's outputs, into the output (channels contiguous) or the block's pixel rows (else)
+      tb.for_each_run(block, [&](int64_t r, int64_t n, int64_t ty, int64_t rows_here) {
+        for (int64_t t = r * tb.tiles_w; t < (r + rows_here) * tb.tiles_w; ++t) {
+          for (int q = 0; q < 4; ++q) {
+            const int64_t oh = 2 * (ty + t / tb.tiles_w - r) + q / 2, ow = 2 * (t % tb.tiles_w) + q % 2;
+            if (oh >= fg.out_h || ow >= fg.out_w) {
+              y[4 * t + q] = spare.data();
+            } else if (so.c == 1) {
+              y[4 * t + q] = out + n * so.n + oh * so.h + ow * so.w + grp * oc;
+            } else {
+              y[4 * t + q] = rows.data() + ((2 * (t / tb.tiles_w) + q / 2) * fg.out_w + ow) * oc;
+            }
           }
         }
+      });
+      if (winograd_group_outputs(y.data(), m.data(), tb.stride * oc, bias ? bias + grp * oc : zeros.data(), oc, count))
+        bad.store(true, std::memory_order_relaxed);
+      if (so.c != 1) {
+        tb.for_each_run(block, [&](int64_t r, int64_t n, int64_t ty, int64_t rows_here) {
+          winograd_group_scatter(out + n * so.n + grp * oc * so.c + 2 * ty * so.h, so,
+                                 rows.data() + 2 * r * fg.out_w * oc, std::min(2 * rows_here, fg.out_h - 2 * ty),
+                                 fg.out_w, oc);
+        });
       }
-      const bool seen = winograd_group_outputs(y.data(), m.data(), stride * oc, bias ? bias + grp * oc : zeros.data(),
-                                               oc, count);
-      if (so.c != 1)
-        winograd_group_scatter(out + n * so.n + grp * oc * so.c + 2 * ty0 * so.h, so, rows.data(),
-                               std::min(2 * tile_rows, fg.out_h - 2 * ty0), fg.out_w, oc);
-      if (seen) bad.store(true, std::memory_order_relaxed);
     }
   });
   return !bad.load();
+}
+
+// dM[xi][t][o] (plane stride xi_stride) of a block's `count` tiles from its output-gradient pixels (tile row r's two
+// rows from rows[r], `width` pixels a row, oc channels side by side, zero past the output): the adjoint of the output
+// transform.
+MANUALGRAD_VECTOR_CLONES void winograd_group_grads(float* __restrict dm, int64_t xi_stride, const float* const* rows,
+                                                   int64_t width, int64_t oc, int64_t tiles_w, int64_t count) {
+  using vec = Vec<float>::type;
+  constexpr int64_t L = Vec<float>::lanes;
+  for (int64_t t = 0; t < count; ++t) {
+    const float* tile = rows[t / tiles_w] + 2 * (t % tiles_w) * oc;
+    for (int64_t c = 0; c < oc; c += L) {
+      vec dy[2][2], r[16];
+      for (int p = 0; p < 2; ++p)
+        for (int q = 0; q < 2; ++q) load_vec(dy[p][q], tile + (p * width + q) * oc + c);
+      winograd_grad_transform(dy, r);
+      for (int xi = 0; xi < 16; ++xi) std::memcpy(dm + xi * xi_stride + t * oc + c, &r[xi], sizeof(vec));
+    }
+  }
+}
+
+// acc[xi][j][o] (ic × oc a position) += the sum over the band's `count` tiles of V[xi][t][j] dM[xi][t][o], in
+// float, for the 16 positions: register blocks of JB input channels × VB vectors of output channels, each
+// tile's dM vectors loaded once and its V values broadcast.
+template <int JB, int VB>
+[[gnu::always_inline]] inline void winograd_weight_block(float* acc, const float* v, const float* dm, int64_t ic,
+                                                         int64_t oc, int64_t count, int64_t j0, int64_t c0) {
+  using vec = Vec<float>::type;
+  constexpr int64_t L = Vec<float>::lanes;
+  vec sum[JB][VB] = {};
+  for (int64_t t = 0; t < count; ++t) {
+    vec g[VB];
+    for (int b = 0; b < VB; ++b) load_vec(g[b], dm + t * oc + c0 + b * L);
+    for (int a = 0; a < JB; ++a) {
+      const float x = v[t * ic + j0 + a];
+      for (int b = 0; b < VB; ++b) sum[a][b] += x * g[b];
+    }
+  }
+  for (int a = 0; a < JB; ++a)
+    for (int b = 0; b < VB; ++b) {
+      vec before;
+      float* dst = acc + (j0 + a) * oc + c0 + b * L;
+      load_vec(before, dst);
+      before += sum[a][b];
+      std::memcpy(dst, &before, sizeof(vec));
+    }
+}
+
+MANUALGRAD_VECTOR_CLONES void winograd_group_weight_products(float* acc, const float* v, const float* dm,
+                                                             int64_t v_stride, int64_t m_stride, int64_t ic, int64_t oc,
+                                                             int64_t count) {
+  constexpr int64_t L = Vec<float>::lanes;
+  constexpr int J = kVectorRegisters >= 32 ? 16 : 8;  // accumulators a block (and an operand or two besides)
+  for (int xi = 0; xi < 16; ++xi) {
+    float* a = acc + xi * ic * oc;
+    const float* vx = v + xi * v_stride;
+    const float* mx = dm + xi * m_stride;
+    for (int64_t c0 = 0; c0 < oc; c0 += (oc - c0 >= 2 * L ? 2 * L : L)) {
+      const bool two = oc - c0 >= 2 * L;
+      for (int64_t j0 = 0; j0 < ic;) {
+        const int64_t left = ic - j0;
+        if (two && left >= J / 2) {
+          winograd_weight_block<J / 2, 2>(a, vx, mx, ic, oc, count, j0, c0);
+          j0 += J / 2;
+        } else if (two) {
+          winograd_weight_block<1, 2>(a, vx, mx, ic, oc, count, j0, c0);
+          j0 += 1;
+        } else if (left >= J) {
+          winograd_weight_block<J, 1>(a, vx, mx, ic, oc, count, j0, c0);
+          j0 += J;
+        } else {
+          winograd_weight_block<1, 1>(a, vx, mx, ic, oc, count, j0, c0);
+          j0 += 1;
+        }
+      }
+    }
+  }
+}
+
+// The weight gradient of forward geometry g (winograd_group_applies) into gw (any strides): dU[xi][j][o] = the sum
+// over every tile of V[xi][t][j] dM[xi][t][o], then G^T dU G. A task per group sums the blocks of tiles in order,
+// in runs of kWinogradWeightRun tiles summed in float and added to a double sum. Returns whether every entry is finite (else the caller computes
+// it again by the direct kernels).
+bool winograd_group_weight(const WeightRef<float>& gw, const float* go, const Strides& sg, const float* in,
+                           const Strides& si, const Geometry& g) {
+  const GroupDims d(g);
+  const int64_t ic = d.in_per_group, oc = d.out_per_group, pairs = ic * oc;
+  const TileBlocks tb(g);
+  Geometry gg = g;  // grad_output's pixels: the output's rows and columns, no padding
+  gg.in_h = g.out_h;
+  gg.in_w = g.out_w;
+  gg.win.pad_h = gg.win.pad_w = 0;
+  std::atomic<bool> bad{false};
+  parallel_tasks(d.groups, [&](int64_t g0, int64_t g1) {
+    aligned_vector<float> pixels(4 * tb.rows * tb.width * ic), grads(2 * tb.rows * tb.width * oc);
+    aligned_vector<float> v(16 * tb.stride * ic), dm(16 * tb.stride * oc), block_sum(16 * pairs), taps(9 * pairs);
+    std::vector<const float*> row_pixels(tb.rows), row_grads(tb.rows);
+    std::vector<double> total(16 * pairs);
+    for (int64_t grp = g0; grp < g1; ++grp) {
+      std::fill(total.begin(), total.end(), 0.0);
+      for (int64_t block = 0; block < tb.blocks; ++block) {
+        const int64_t count = tb.rows_in(block) * tb.tiles_w;
+        int64_t used = 0, used_grads = 0;  // pixel rows
+        tb.for_each_run(block, [&](int64_t r, int64_t n, int64_t ty, int64_t rows_here) {
+          float* p = pixels.data() + used * tb.width * ic;
+          float* q = grads.data() + used_grads * tb.width * oc;
+          winograd_group_pixels(p, in + n * si.n + grp * ic * si.c, si, ic, g, ty, 2 * rows_here + 2, tb.width);
+          winograd_group_pixels(q, go + n * sg.n + grp * oc * sg.c, sg, oc, gg, ty, 2 * rows_here, tb.width);
+          for (int64_t i = 0; i < rows_here; ++i) {
+            row_pixels[r + i] = p + 2 * i * tb.width * ic;
+            row_grads[r + i] = q + 2 * i * tb.width * oc;
+          }
+          used += 2 * rows_here + 2;
+          used_grads += 2 * rows_here;
+        });
+        winograd_group_inputs(v.data(), tb.stride * ic, row_pixels.data(), tb.width, ic, tb.tiles_w, count);
+        winograd_group_grads(dm.data(), tb.stride * oc, row_grads.data(), tb.width, oc, tb.tiles_w, count);
+        for (int64_t t0 = 0; t0 < count; t0 += kWinogradWeightRun) {
+          std::fill(block_sum.begin(), block_sum.end(), 0.f);
+          winograd_group_weight_products(block_sum.data(), v.data() + t0 * ic, dm.data() + t0 * oc, tb.stride * ic,
+                                         tb.stride * oc, ic, oc, std::min(kWinogradWeightRun, count - t0));
+          for (int64_t i = 0; i < 16 * pairs; ++i) total[i] += block_sum[i];
+        }
+      }
+      for (int64_t i = 0; i < 16 * pairs; ++i) block_sum[i] = static_cast<float>(total[i]);
+      winograd_tile_filter_grads(taps.data(), block_sum.data(), pairs, pairs, pairs);
+      if (!all_finite(taps.data(), 9 * pairs)) bad.store(true, std::memory_order_relaxed);
+      for (int64_t o = 0; o < oc; ++o)
+        for (int64_t j = 0; j < ic; ++j)
+          for (int t = 0; t < 9; ++t)
+            gw.data[(grp * oc + o) * gw.s.n + j * gw.s.c + t / 3 * gw.s.h + t % 3 * gw.s.w] = taps[t * pairs + j * oc + o];
+    }
+  });
+  return !bad.load();
+}
+// ...and for float64, which it never computes.
+template <typename scalar_t>
+bool winograd_group_weight(const WeightRef<scalar_t>&, const scalar_t*, const Strides&, const scalar_t*, const Strides&,
+                           const Geometry&) {
+  return false;
 }
 
 // The forward over geometry fg by whichever kernel suits the output's layout, with the weight of gather_weight.
@@ -1175,7 +1357,7 @@ template <typename scalar_t>
 void forward_any(scalar_t* out, const Strides& so, const scalar_t* in, const Strides& si, const WeightRef<scalar_t>& w,
                  const WeightTaps& taps, const scalar_t* bias, const Geometry& fg, const at::TensorOptions& options) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (winograd_group_applies<scalar_t>(fg)) {
+    if (winograd_group_applies<scalar_t>(fg, /*weight_gradient=*/false)) {
       const at::Tensor u = winograd_group_filters(w, taps, fg);
       if (winograd_group_forward<MANUALGRAD_VECTOR_BYTES>(out, so, in, si, u.const_data_ptr<float>(), bias, fg)) return;
       // else an output was not finite (an infinity or NaN spread through the transforms): the direct sums below
@@ -1419,6 +1601,8 @@ void grouped_backward_weight_cpu(at::Tensor& grad_weight, const at::Tensor& grad
     const WeightRef<scalar_t> gw = weight_ref<scalar_t>(grad_weight, g);
     const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
     const scalar_t* in = input.const_data_ptr<scalar_t>();
+    if (winograd_group_applies<scalar_t>(g, /*weight_gradient=*/true) && winograd_group_weight(gw, go, sg, in, si, g))
+      return;
     if (const int bytes = pixel_bytes<scalar_t>(g, sg.c)) {
       const PixelLayout p(g, 1);
       if (p.bounded(g) && bytes == 64) return pixel_weight_kernel<scalar_t, 64>(gw, go, sg, in, si, g, p);

@@ -738,6 +738,9 @@ at::Tensor winograd_forward_cpu(const at::Tensor& input, const at::Tensor& weigh
 void winograd_tile_filters(float* u, int64_t xi_stride, const float* taps, int64_t tap_stride, int64_t count) {
   transform_filters(u, xi_stride, taps, tap_stride, count);
 }
+void winograd_tile_filter_grads(float* taps, const float* du, int64_t xi_stride, int64_t tap_stride, int64_t count) {
+  filter_grads(taps, du, xi_stride, tap_stride, count);
+}
 
 std::pair<at::Tensor, at::Tensor> winograd_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
                                                         const at::Tensor& weight, const Geometry& g,

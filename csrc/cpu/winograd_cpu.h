@@ -32,5 +32,7 @@ std::pair<at::Tensor, at::Tensor> winograd_backward_cpu(const at::Tensor& grad_o
 // U = G w G^T of `count` 3x3 filters, tap 3r + s of filter x at taps[(3r + s) * tap_stride + x], into
 // u[xi * xi_stride + x], xi = 4a + b: the filters' transform, for the grouped kernels (grouped_cpu.cpp) too.
 void winograd_tile_filters(float* u, int64_t xi_stride, const float* taps, int64_t tap_stride, int64_t count);
+// Its adjoint, the filters' gradient G^T dU G: du[xi * xi_stride + x] → taps[(3r + s) * tap_stride + x].
+void winograd_tile_filter_grads(float* taps, const float* du, int64_t xi_stride, int64_t tap_stride, int64_t count);
 
 }  // namespace manualgrad
