@@ -310,6 +310,30 @@ def test_grouped_winograd_values_that_are_not_finite_take_the_direct_sums(where,
             torch.testing.assert_close(a, d, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_grouped_winograd_takes_a_strided_input_gradients_3x3_phases(layout, winograd_off):
+    """A 5x5/2 layer's input gradient is a forward per phase of the input; the even-even phase's taps {4, 2, 0} in
+    both dimensions make a 3x3 stride-1 forward over 15x15 outputs, which Winograd computes into the strided phase
+    (the channels-last one; NCHW rows take the phases together, one kernel): float64's values, and in
+    channels-last other bits than the direct kernels'."""
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 32, 30, 30, generator=gen)
+    w = torch.randn(32, 16, 5, 5, generator=gen) / 20
+    go = torch.randn(2, 32, 15, 15, generator=gen)
+    if layout == "channels_last":
+        x, go = x.contiguous(memory_format=torch.channels_last), go.contiguous(memory_format=torch.channels_last)
+
+    def grad_input(dtype=torch.float32, conv=tmg.functional.conv2d):
+        xs = x.to(dtype).requires_grad_()
+        y = conv(xs, w.to(dtype), None, 2, 2, 1, 2)
+        return torch.autograd.grad(y, xs, go.to(dtype))[0]
+
+    ours, direct, truth = grad_input(), winograd_off(grad_input), grad_input(torch.float64, F.conv2d)
+    assert ((ours.double() - truth).norm() / truth.norm()).item() < 1e-6
+    torch.testing.assert_close(ours, direct, rtol=1e-5, atol=1e-5 * direct.abs().max().item())
+    assert torch.equal(ours, direct) == (layout == "nchw")
+
+
 @pytest.mark.parametrize("case", [WINOGRAD_CASES[0], WINOGRAD_CASES[2], WINOGRAD_CASES[3], WINOGRAD_CASES[5]], ids=str)
 def test_grouped_winograd_bit_identical_at_every_thread_count(case, restore_num_threads):
     x, w, b = _winograd_tensors(case, seed=6)

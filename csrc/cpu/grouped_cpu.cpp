@@ -984,7 +984,8 @@ constexpr int64_t kWinogradWeightRun = 32;      // tiles a float sum of the weig
 
 // Whether winograd_group_forward (weight_gradient false) or winograd_group_weight computes forward geometry fg: a
 // whole number of this copy's vectors of output channels a group, and outputs of at least 14x14, or 7x7 for the
-// weight gradient. (1024 -> 1024 over 32 groups at 7x7, 2-core Zen 4, batch 8: forward NCHW 1.7 -> 2.3 ms,
+// weight gradient. fg may be a phase of a strided input gradient whose taps make a 3x3 stride-1 forward (5x5/2's
+// even phases, say). (1024 -> 1024 over 32 groups at 7x7, 2-core Zen 4, batch 8: forward NCHW 1.7 -> 2.3 ms,
 // channels-last 1.4 -> 2.1, input gradient no faster; weight gradient 2.2 -> 1.4 and 1.7 -> 1.5 ms.)
 template <typename scalar_t>
 bool winograd_group_applies(const Geometry& fg, bool weight_gradient) {
@@ -1298,8 +1299,8 @@ MANUALGRAD_VECTOR_CLONES void add_in_double(double* __restrict total, const floa
 
 // The weight gradient of forward geometry g (winograd_group_applies) into gw (any strides): dU[xi][j][o] = the sum
 // over every tile of V[xi][t][j] dM[xi][t][o], then G^T dU G. A task per group sums the blocks of tiles in order,
-// in runs of kWinogradWeightRun tiles summed in float and added to a double sum. Returns whether every entry is finite (else the caller computes
-// it again by the direct kernels).
+// in runs of kWinogradWeightRun tiles summed in float and added to a double sum. Returns whether every entry is
+// finite (else the caller computes it again by the direct kernels).
 bool winograd_group_weight(const WeightRef<float>& gw, const float* go, const Strides& sg, const float* in,
                            const Strides& si, const Geometry& g) {
   const GroupDims d(g);
@@ -1347,7 +1348,8 @@ bool winograd_group_weight(const WeightRef<float>& gw, const float* go, const St
       for (int64_t o = 0; o < oc; ++o)
         for (int64_t j = 0; j < ic; ++j)
           for (int t = 0; t < 9; ++t)
-            gw.data[(grp * oc + o) * gw.s.n + j * gw.s.c + t / 3 * gw.s.h + t % 3 * gw.s.w] = taps[t * pairs + j * oc + o];
+            gw.data[(grp * oc + o) * gw.s.n + j * gw.s.c + t / 3 * gw.s.h + t % 3 * gw.s.w] =
+                taps[t * pairs + j * oc + o];
     }
   });
   return !bad.load();

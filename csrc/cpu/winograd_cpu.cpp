@@ -600,8 +600,8 @@ class BlockWork {
 };
 
 // output = the convolution of input with the transformed weights u (transform_weights), + bias (may be null).
-// Returns whether every output (and every dropped output of a tile) is finite; where one is not, the caller
-// computes the convolution another way (winograd_forward_cpu).
+// Returns whether every output is finite (dropped outputs of a tile may count too: they can only cause a needless
+// fallback); where one is not, the caller computes the convolution another way (winograd_forward_cpu).
 bool winograd_conv(float* output, const float* input, const float* u, const float* bias, const Plan& p) {
   std::atomic<bool> bad{false};  // only ever set: the same result whichever task sets it
   if (p.blocks() >= 2 * at::get_num_threads()) {  // enough blocks: each task computes whole blocks

@@ -18,7 +18,8 @@ bool winograd_applies(const at::Tensor& input, const Geometry& g, bool backward)
 // input (N, C_in, [D,] H, W) convolved with weight (C_out, C_in, [KD,] 3, 3), + bias if defined: the output, laid
 // out channels-last (ChannelsLast or ChannelsLast3d) or contiguous, whatever the input's layout. Undefined where
 // an output is not finite: an infinity or NaN in the input or weight spreads through the transforms to outputs
-// a direct sum keeps finite or infinite (inf - inf), so the caller then computes the convolution by im2col.
+// a direct sum keeps finite or infinite (inf - inf), so the caller then computes it by the kernels it takes
+// without Winograd.
 at::Tensor winograd_forward_cpu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                                 const Geometry& g, bool channels_last);
 // (grad_input, grad_weight) shaped as input and weight, each laid out as the forward's output and undefined unless
