@@ -27,9 +27,7 @@
 #include <cmath>
 #include <numeric>
 #include <atomic>
-#include <cstdlib>
 #include <cstring>
-#include <string>
 #if defined(__SSE2__)
 #include <immintrin.h>
 #endif
@@ -994,8 +992,7 @@ bool winograd_group_applies(const Geometry& fg, bool weight_gradient) {
   if (!std::is_same_v<scalar_t, float> || fg.spatial_dims != 2 || w.kernel_h != 3 || w.kernel_w != 3 ||
       w.stride_h != 1 || w.stride_w != 1 || w.dilation_h != 1 || w.dilation_w != 1)
     return false;
-  if (std::getenv("TORCH_MANUALGRAD_WINOGRAD") && std::string(std::getenv("TORCH_MANUALGRAD_WINOGRAD")) == "0")
-    return false;
+  if (winograd_switched_off()) return false;
   return d.in_per_group >= kWinogradGroupChannels && d.out_per_group % Vec<float>::lanes == 0 &&
          d.out_per_group >= kWinogradGroupChannels && std::min(fg.out_h, fg.out_w) >= (weight_gradient ? 7 : 14);
 }

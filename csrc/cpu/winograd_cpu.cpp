@@ -688,10 +688,14 @@ bool winograd_weight_grad(at::Tensor& grad_weight, const float* input, const flo
 
 }  // namespace
 
+bool winograd_switched_off() {
+  const char* choice = std::getenv("TORCH_MANUALGRAD_WINOGRAD");
+  return choice && std::string(choice) == "0";
+}
+
 bool winograd_applies(const at::Tensor& input, const Geometry& g, bool backward) {
   const Window& w = g.win;
-  const char* choice = std::getenv("TORCH_MANUALGRAD_WINOGRAD");
-  if (choice && std::string(choice) == "0") return false;
+  if (winograd_switched_off()) return false;
   // 3-d: stride 1 in depth too, and a padding the input gradient takes, so that all three are computed here.
   // (Depth padding and dilation within the input's depth keep the depth index arithmetic far from overflow.)
   const bool planes = g.spatial_dims == 2 ? input.dim() == 4

@@ -14,6 +14,9 @@ namespace manualgrad {
 // convolution (any depth kernel, padding and dilation) also needs stride 1 in depth and that padding, so that its
 // forward and both gradients are all computed here.
 bool winograd_applies(const at::Tensor& input, const Geometry& g, bool backward);
+// Whether TORCH_MANUALGRAD_WINOGRAD=0 (read at each call) sends every Winograd layer, dense or grouped, to the
+// direct kernels.
+bool winograd_switched_off();
 
 // input (N, C_in, [D,] H, W) convolved with weight (C_out, C_in, [KD,] 3, 3), + bias if defined: the output, laid
 // out channels-last (ChannelsLast or ChannelsLast3d) or contiguous, whatever the input's layout. Undefined where
