@@ -877,35 +877,54 @@ MANUALGRAD_VECTOR_CLONES_VL void pixel_weight_planes(double* acc, const scalar_t
   }
 }
 
-// grad_weight gw, with grad_output's channels contiguous (sg.c == 1): tasks are (group,
-// block of terms), each summing every band of every image in order, each image's band in scalar_t and that added
-// in double.
+// The groups a task of pixel_weight_kernel copies and sums together. With a stride, each copied pixel feeds a
+// quarter of the sums, and copying one group of 8 or 16 channels a pixel (pixels 1-2 KB apart) waited on memory:
+// 4 groups but at most 64 channels (2-core Zen 4, one thread, channels-last, ms: 512 g32 3x3/2 28 -> 14 7.0 -> 5.6,
+// 256 g32 56 -> 28 13.4 -> 11.1, 1024 g32 14 -> 7 4.6 -> 4.5). Without one, the kernel's reads over wider planes
+// cost what the copy saves (128 g16 @56: 13.8 ms -> 14.3 with 4 groups, 18.7 with 8), so one group.
+int64_t pixel_weight_groups(const Geometry& g) {
+  if (g.win.stride_h * g.win.stride_w == 1) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(4, kPixelChannels / GroupDims(g).in_per_group));
+}
+
+// grad_weight gw, with grad_output's channels contiguous (sg.c == 1): tasks are (block of p.groups groups, block of
+// terms), each summing every band of every image in order, each image's band in scalar_t and that added in double.
+// A task copies its groups' input channels side by side, as the forward does: one group's 64 bytes a pixel, lines
+// 2 KB apart at 512 channels, kept the copy waiting on memory (a quarter of a strided layer's samples).
 template <typename scalar_t, int BYTES>
 void pixel_weight_kernel(const WeightRef<scalar_t>& gw, const scalar_t* go, const Strides& sg, const scalar_t* in,
                          const Strides& si, const Geometry& g, const PixelLayout& p) {
   const GroupDims d(g);
-  const int64_t step = g.win.stride_w * p.channels;
+  const int64_t step = g.win.stride_w * p.channels, k = d.k_per_group, entries = k * d.out_per_group;
+  const int64_t group_blocks = ceil_div(d.groups, p.groups);
   const int64_t terms = 24;  // a task's terms a multiple of pixel_weight_planes' blocks of 6 and of 8
-  const int64_t blocks = std::min(ceil_div(kMinWeightTasks, d.groups), ceil_div(d.k_per_group, terms));
-  const int64_t per_block = ceil_div(ceil_div(d.k_per_group, blocks), terms) * terms;
-  parallel_tasks(d.groups * blocks, [&](int64_t begin, int64_t end) {
+  const int64_t blocks = std::min(ceil_div(kMinWeightTasks, group_blocks), ceil_div(k, terms));
+  const int64_t per_block = ceil_div(ceil_div(k, blocks), terms) * terms;
+  parallel_tasks(group_blocks * blocks, [&](int64_t begin, int64_t end) {
     aligned_vector<scalar_t> planes(g.win.stride_h * p.size);
-    std::vector<double> acc(d.k_per_group * d.out_per_group);
+    std::vector<double> acc(p.groups * entries);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t grp = task / blocks, t0 = task % blocks * per_block, t1 = std::min(d.k_per_group, t0 + per_block);
+      const int64_t grp0 = task / blocks * p.groups, groups = std::min(p.groups, d.groups - grp0);
+      const int64_t t0 = task % blocks * per_block, t1 = std::min(k, t0 + per_block);
       if (t0 >= t1) continue;
       std::fill(acc.begin(), acc.end(), 0.0);
       for (int64_t band = 0; band < p.count; ++band) {
         const int64_t oh0 = band * p.rows, rows = std::min(p.rows, g.out_h - oh0);
         for (int64_t n = 0; n < g.batch; ++n) {
-          build_pixel_planes(planes.data(), in + n * si.n + grp * d.in_per_group * si.c, si, d.in_per_group, g, p, oh0);
-          pixel_weight_planes<scalar_t, BYTES>(acc.data(), go + n * sg.n + oh0 * sg.h + grp * d.out_per_group, sg, planes.data(), step,
-                              p.pitch, rows, g.out_w, p.offsets.data(), d.out_per_group, t0, t1);
+          build_pixel_planes(planes.data(), in + n * si.n + grp0 * d.in_per_group * si.c, si, groups * d.in_per_group,
+                             g, p, oh0);
+          for (int64_t gi = 0; gi < groups; ++gi)
+            pixel_weight_planes<scalar_t, BYTES>(acc.data() + gi * entries,
+                                                 go + n * sg.n + oh0 * sg.h + (grp0 + gi) * d.out_per_group, sg,
+                                                 planes.data() + gi * d.in_per_group, step, p.pitch, rows, g.out_w,
+                                                 p.offsets.data(), d.out_per_group, t0, t1);
         }
       }
-      for (int64_t o = 0; o < d.out_per_group; ++o)
-        gw.for_terms(grp * d.out_per_group + o, t0, t1,
-                     [&](int64_t t, scalar_t& entry) { entry = static_cast<scalar_t>(acc[t * d.out_per_group + o]); });
+      for (int64_t gi = 0; gi < groups; ++gi)
+        for (int64_t o = 0; o < d.out_per_group; ++o)
+          gw.for_terms((grp0 + gi) * d.out_per_group + o, t0, t1, [&](int64_t t, scalar_t& entry) {
+            entry = static_cast<scalar_t>(acc[gi * entries + t * d.out_per_group + o]);
+          });
     }
   });
 }
@@ -1622,7 +1641,7 @@ void grouped_backward_weight_cpu(at::Tensor& grad_weight, const at::Tensor& grad
     if (winograd_group_applies<scalar_t>(g, /*weight_gradient=*/true) && winograd_group_weight(gw, go, sg, in, si, g))
       return;
     if (const int bytes = pixel_bytes<scalar_t>(g, sg.c)) {
-      const PixelLayout p(g, 1);
+      const PixelLayout p(g, pixel_weight_groups(g));
       if (p.bounded(g) && bytes == 64) return pixel_weight_kernel<scalar_t, 64>(gw, go, sg, in, si, g, p);
       if (p.bounded(g)) return pixel_weight_kernel<scalar_t, 32>(gw, go, sg, in, si, g, p);
     }
