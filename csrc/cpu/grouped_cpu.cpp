@@ -1641,7 +1641,8 @@ void grouped_backward_weight_cpu(at::Tensor& grad_weight, const at::Tensor& grad
     if (winograd_group_applies<scalar_t>(g, /*weight_gradient=*/true) && winograd_group_weight(gw, go, sg, in, si, g))
       return;
     if (const int bytes = pixel_bytes<scalar_t>(g, sg.c)) {
-      const PixelLayout p(g, pixel_weight_groups(g));
+      PixelLayout p(g, pixel_weight_groups(g));
+      if (p.groups > 1 && !p.bounded(g)) p = PixelLayout(g, 1);  // one group's planes may still fit
       if (p.bounded(g) && bytes == 64) return pixel_weight_kernel<scalar_t, 64>(gw, go, sg, in, si, g, p);
       if (p.bounded(g)) return pixel_weight_kernel<scalar_t, 32>(gw, go, sg, in, si, g, p);
     }
