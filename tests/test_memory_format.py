@@ -131,6 +131,27 @@ def test_conv1d_output_layout_follows_the_weight():
             _check_conv(x_layout, w, 1)
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv1d", "conv_transpose1d"])
+def test_conv1d_input_that_is_contiguous_through_a_size_of_1_keeps_its_strides(transposed):
+    """...but contiguous() keeps the strides of an input that counts as contiguous through a length or a channel
+    count of 1, and torch's kernel then reads those as the 4-d tensor of height 1 they are: a (N, 1, L) input
+    with channel stride 1 gives a channels-last-strided output."""
+    conv_ours, conv_theirs = (tf.conv_transpose1d, F.conv_transpose1d) if transposed else (tf.conv1d, F.conv1d)
+    cases = [
+        (torch.randn(3, 5, 1, dtype=torch.float64).transpose(1, 2), 1, 3),  # one channel, channel stride 1
+        (torch.randn(2, 1, 4, dtype=torch.float64).transpose(1, 2), 4, 3),  # length 1, channels side by side
+        (torch.randn(2, 1, 4, dtype=torch.float64).transpose(1, 2), 4, 1),
+        (torch.randn(3, 1, 5, dtype=torch.float64), 1, 3),  # plainly contiguous: contiguous results
+    ]
+    for x, c_in, c_out in cases:
+        w = torch.randn(c_in, c_out, 2, dtype=torch.float64) if transposed else torch.randn(c_out, c_in, 2, dtype=torch.float64)
+        assert x.is_contiguous()
+        padding = 0 if transposed else 1
+        ours, theirs = conv_ours(x, w, padding=padding), conv_theirs(x, w, padding=padding)
+        assert ours.stride() == theirs.stride(), (x.stride(), theirs.stride())
+        torch.testing.assert_close(ours, theirs)
+
+
 def test_conv_output_layout_empty_input():
     x, w = torch.randn(0, 3, 5, 5, dtype=torch.float64), torch.randn(4, 3, 3, 3, dtype=torch.float64).contiguous(memory_format=CL)
     assert tf.conv2d(x, w).stride() == F.conv2d(x, w).stride()
@@ -163,6 +184,23 @@ def test_max_pool1d_output_layout():
             if grad:  # and the gradient handed back, laid out as torch's 2-d backward lays it out
                 ours, theirs = (torch.autograd.grad(out.sum(), layout)[0] for out in (ours, theirs))
                 assert ours.stride() == theirs.stride(), layout.stride()
+
+
+def test_unbatched_max_pool1d_of_length_1_with_channel_stride_1_is_contiguous():
+    """An unbatched (C, 1) input with channel stride 1 counts as contiguous; torch pools it as an unbatched 2-d
+    input, whose results are never channels-last, where the batched (N, C, 1) one gives channels-last ones."""
+    for c, kernel, padding in ((3, 2, 1), (24, 4, 2), (24, 1, 0)):
+        x = torch.randn(1, c, dtype=torch.float64).t()
+        for return_indices, grad in ((False, False), (True, False), (False, True)):
+            x = x.detach().requires_grad_(grad)
+            ours = tf.max_pool1d(x, kernel, 1, padding, return_indices=return_indices)
+            theirs = F.max_pool1d(x, kernel, 1, padding, return_indices=return_indices)
+            for o, t in zip(ours if return_indices else [ours], theirs if return_indices else [theirs]):
+                assert o.stride() == t.stride(), (c, kernel, return_indices, grad)
+                torch.testing.assert_close(o, t)
+        xb = x.detach().unsqueeze(0)  # batched: channels-last, torch's and ours
+        ours, theirs = tf.max_pool1d(xb, kernel, 1, padding, return_indices=True), F.max_pool1d(xb, kernel, 1, padding, return_indices=True)
+        assert ours[0].stride() == theirs[0].stride() and ours[1].stride() == theirs[1].stride()
 
 
 def test_max_pool_leaf_gradient_layouts():

@@ -144,12 +144,15 @@ def _as_channels_last(t, dims):
 
 def _conv_channels_last(input, weight, dims, stride, dilation, groups, output_padding=None):
     """Whether torch lays out this convolution's output channels-last: when the input or the weight
-    suggests it (a 1-d input is made contiguous first, so only its weight counts), unless the input is empty or
-    (3-d) torch's kernel for it returns contiguous results (autograd.conv_keeps_channels_last)."""
+    suggests it, unless the input is empty or (3-d) torch's kernel for it returns contiguous results
+    (autograd.conv_keeps_channels_last). A 1-d input is made contiguous first, which keeps the strides of one
+    that counts as contiguous already through a size of 1 (a length-1 or 1-channel input may then suggest
+    channels-last as a 4-d one of height 1)."""
     if input.numel() == 0 or inside_vmap():
         return False
     if dims == 1:
-        return weight.dim() == 3 and suggests_channels_last_as_2d(weight)
+        return ((weight.dim() == 3 and suggests_channels_last_as_2d(weight))
+                or suggests_channels_last_as_2d(input.contiguous()))
     return ((_suggests_channels_last(input) or _suggests_channels_last(weight))
             and conv_keeps_channels_last(input, weight, stride, dilation, groups, output_padding))
 
@@ -166,12 +169,13 @@ def _in_torchs_layout(output, channels_last, dims):
 
 def _pool_channels_last(input, dims, unbatched, with_indices):
     """Whether torch lays out this max-pool's output (and indices) channels-last: as the input suggests; an
-    unbatched 2-d or 3-d input never. A 1-d input is seen as height 1 where torch's max_pool1d goes through its
-    2-d kernel (indices wanted, a gradient to come, or not the CPU); its CPU-only path returns contiguous."""
+    unbatched input never. A 1-d input is seen as height 1 where torch's max_pool1d goes through its 2-d kernel
+    (indices wanted, a gradient to come, or not the CPU), an unbatched one as an unbatched 2-d input; its
+    CPU-only path returns contiguous."""
     if inside_vmap():
         return False
     if dims == 1:
-        return (with_indices or input.device.type != "cpu") and suggests_channels_last_as_2d(input)
+        return not unbatched and (with_indices or input.device.type != "cpu") and suggests_channels_last_as_2d(input)
     return not unbatched and _suggests_channels_last(input)
 
 
