@@ -151,8 +151,9 @@ def _conv_channels_last(input, weight, dims, stride, dilation, groups, output_pa
     if input.numel() == 0 or inside_vmap():
         return False
     if dims == 1:
-        return ((weight.dim() == 3 and suggests_channels_last_as_2d(weight))
-                or suggests_channels_last_as_2d(input.contiguous()))
+        # the strides torch's contiguous() leaves, without a copy: the input's own, or a fresh tensor's
+        as_made = input if input.is_contiguous() else torch.empty(input.shape, dtype=input.dtype, device="meta")
+        return (weight.dim() == 3 and suggests_channels_last_as_2d(weight)) or suggests_channels_last_as_2d(as_made)
     return ((_suggests_channels_last(input) or _suggests_channels_last(weight))
             and conv_keeps_channels_last(input, weight, stride, dilation, groups, output_padding))
 
