@@ -57,6 +57,16 @@ constexpr int64_t kMinWeightTasks = 8;         // the weight gradient's tasks: g
 // 4 × 6 with AVX-512's 32 (29 registers; GCC keeps one sum on the stack, still faster than 4 × 3 or 4 × 5 on a Zen 4).
 constexpr int O_MAX = 4, V_MAX = kVectorRegisters >= 32 ? 3 : 2, T_MAX = kVectorRegisters >= 32 ? 6 : 3;
 
+// v = the vector at p, held in a register where AVX-512's 32 registers leave room: a volatile load, which GCC cannot
+// fold into each multiply-add that uses v (it did, loading v again for every one); load_vec with AVX2's 16.
+template <typename V, typename scalar_t>
+[[gnu::always_inline]] inline void load_vec_held(V& v, const scalar_t* p) {
+  if constexpr (kVectorRegisters >= 32)
+    v = *reinterpret_cast<const volatile typename VecBytes<scalar_t, sizeof(V)>::unaligned*>(p);
+  else
+    load_vec(v, p);
+}
+
 // Element strides of a (N, C, H, W) or (N, C, W) tensor, whatever its layout.
 struct Strides {
   int64_t n, c, h, w;
@@ -428,12 +438,7 @@ template <typename scalar_t, int O, int T>
     const scalar_t* grad = c.grad + m * c.grad_step + o0 * c.ldg;
     for (int64_t q = 0; q < c.count; q += L) {
       vec gv[O];
-      for (int o = 0; o < O; ++o) {
-        if constexpr (kVectorRegisters >= 32)  // a volatile load: it cannot be folded into each multiply-add
-          gv[o] = *reinterpret_cast<const volatile typename Vec<scalar_t>::unaligned*>(grad + o * c.ldg + q);
-        else
-          load_vec(gv[o], grad + o * c.ldg + q);
-      }
+      for (int o = 0; o < O; ++o) load_vec_held(gv[o], grad + o * c.ldg + q);
       for (int t = 0; t < T; ++t) {
         vec x;
         load_vec(x, planes + off[t] + q);
@@ -661,11 +666,9 @@ struct ByPointer {
 
 // out[b][v * N + lane] for b < B and v < VB: the sum over terms t < k of wt[t * ldw + v * N + lane] × input
 // at(b, off[t]), in runs of `chunk` terms added in order to the bias (or to nothing): the plane kernels' sums, term
-// for term (a weight vector times a broadcast input, where they had a weight times an input vector). With AVX-512's
-// 32 registers the weight vectors are loaded as volatile, once a term: GCC otherwise folded each into every
-// multiply-add that uses it, B loads of it where one is needed (15 loads per 12 multiply-adds at 3 × 4; a Zen 4
-// loads one 64-byte vector a cycle). AVX2's 16 registers cannot hold 4 of them beside 3 × 4 sums, so there GCC's
-// choice stays.
+// for term (a weight vector times a broadcast input, where they had a weight times an input vector). The weight
+// vectors are held (load_vec_held): folded into each multiply-add, they were B loads where one is needed (15 loads
+// per 12 multiply-adds at 3 × 4; a Zen 4 loads one 64-byte vector a cycle).
 template <typename scalar_t, int BYTES, int VB, int B, typename Inputs>
 [[gnu::always_inline]] inline void pixel_forward_block(scalar_t* const* out, int64_t v0, const Inputs& in,
                                                        const int64_t* off, const scalar_t* wt, int64_t ldw, int64_t k,
@@ -677,12 +680,7 @@ template <typename scalar_t, int BYTES, int VB, int B, typename Inputs>
     const int64_t k1 = std::min(k, k0 + chunk);
     for (int64_t t = k0; t < k1; ++t) {
       vec wv[VB];
-      for (int v = 0; v < VB; ++v) {
-        if constexpr (kVectorRegisters >= 32)
-          wv[v] = *reinterpret_cast<const volatile typename VecBytes<scalar_t, BYTES>::unaligned*>(wt + t * ldw + v * N);
-        else
-          load_vec(wv[v], wt + t * ldw + v * N);
-      }
+      for (int v = 0; v < VB; ++v) load_vec_held(wv[v], wt + t * ldw + v * N);
       const int64_t o = off[t];
       for (int b = 0; b < B; ++b) {
         const scalar_t value = in.at(b, o);
