@@ -168,6 +168,40 @@ def test_planes_wider_than_a_chunk_match_torch(shape, kernel, stride, padding, c
         assert torch.equal(idx, want[1])
 
 
+# The grid sweep (a band of output rows a sweep, max_pool_cpu.cpp's plan_grid): bands of rows where a volume's
+# phase planes would pass a task's 64K elements, blocks of 1024 outputs that end inside a row, phases a stride skips.
+GRID_GEOMETRIES = [
+    ((1, 2, 400, 300), (3, 3), (1, 1), (1, 1), (1, 1)),  # 2 bands, rows of 302 across the blocks
+    ((1, 2, 4, 200, 200), (3, 3, 3), (2, 2, 2), (1, 1, 1), (1, 1, 1)),  # 2 bands of 50 rows, 4 phases, 3 slices
+    ((2, 1, 5, 90, 70), (2, 3, 2), (1, 3, 2), (1, 1, 0), (2, 1, 3)),  # dilated depth: a ring of 3 slices
+    ((1, 1, 300, 90), (2, 2), (5, 4), (1, 1), (1, 1)),  # strides above the kernel: 2 of 5 row phases, 2 of 4 column phases
+    ((1, 3, 140, 33), (5, 1), (1, 1), (2, 0), (30, 1)),  # a window 121 rows tall over 140: planes of 144 rows for 24
+]
+
+
+@pytest.mark.parametrize("values", ["ties", "nan", "-inf"])
+@pytest.mark.parametrize("shape, kernel, stride, padding, dilation", GRID_GEOMETRIES, ids=str)
+def test_grid_bands_and_blocks_match_torch(shape, kernel, stride, padding, dilation, values):
+    x = make_input(shape, torch.float32, values)
+    pool = F.max_pool2d if len(kernel) == 2 else F.max_pool3d
+    want = pool(x, kernel, stride, padding, dilation, return_indices=True)
+    args = (list(kernel), list(stride), list(padding), list(dilation), False)
+    got = ops.max_pool_forward(x, *args)
+    assert_same_pool(got, want)
+    assert torch.equal(ops.max_pool_forward(x, *args, False)[0].nan_to_num(), want[0].nan_to_num())
+
+
+def test_grid_gives_the_same_bits_at_any_thread_count(restore_num_threads):
+    """Tasks are (band, volume), each output one task's: 1 or 3 threads, the same values and indices."""
+    x = make_input((2, 3, 4, 200, 200), torch.float32, "ties")
+    results = []
+    for threads in (1, 3):
+        torch.set_num_threads(threads)
+        results.append(ops.max_pool_forward(x, [3, 3, 3], [2, 2, 2], [1, 1, 1], [1, 1, 1], False))
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
+
+
 @pytest.mark.parametrize("geometry", [POOL_GEOMETRIES[4], POOL_GEOMETRIES[7]], ids=str)
 def test_max_pool_backward_takes_indices_of_extreme_geometry(geometry):
     spatial, kernel, stride, padding, dilation, ceil_mode = geometry

@@ -18,15 +18,17 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 namespace manualgrad {
 namespace {
 
-// The forward's scratch is bounded whatever the geometry: a volume is swept in chunks of output columns,
-// each input row a chunk reads is laid out as phases (below) in a small ring of rows, and a geometry
-// whose phases would mostly go unread (a stride far above the kernel, a dilation that is a multiple of
-// the stride) skips them for a direct loop over each window's in-bounds taps.
+// The forward's scratch is bounded whatever the geometry: a volume is swept in bands of output rows (the
+// grid, below) where a band's phase planes fit, else in chunks of output columns, each input row a chunk
+// reads laid out as phases (below) in a small ring of rows; a geometry whose phases would mostly go unread
+// (a stride far above the kernel, a dilation that is a multiple of the stride) skips them for a direct
+// loop over each window's in-bounds taps.
 constexpr int64_t kChunkSlots = 8192;    // input columns one chunk of output columns reaches, about
 constexpr int64_t kRingSlots = 1 << 17;  // elements in the whole ring: 0.5 MB in float32, 1 MB in float64
 
@@ -340,6 +342,316 @@ void max_pool_row_values(scalar_t* out, const scalar_t* in, const Geometry& g) {
   for (int64_t j = 1; j < w.kernel_w; ++j) sweep_strided_values(out + lo, first + j * d, s, hi - lo);
 }
 
+// ---- Short rows: a band of output rows a sweep ----
+// A sweep per tap and output row cost more in its set-up than in comparisons where rows are short: 3x3x3/2 over
+// 16x56x56 (28 outputs a row) spent 40% of its time in the sweeps' calls, 15% in the rows' set-up and 9% in
+// de-interleaving each row again for every output row that reads it. Here a task takes a band of output rows of
+// one volume, lays out each input depth slice its windows read as phase planes once (row phase a, column phase
+// b: the padded input's rows stride_h·(oh0 + r) + a and columns stride_w·j + b, pool_lowest outside the input),
+// and numbers the band's outputs q = i·pitch + ow, pitch = out_w + the kernel's reach in strides. Tap (kh, kw)
+// then reads its plane at q + a fixed offset for every q, so one sweep per tap (and depth tap) covers the band,
+// taps in (d, h, w) order as everywhere here; the columns ow >= out_w are computed and dropped. An output's flat
+// input index for a tap is position[q] + the tap's offset, position[q] = stride_h·oh·in_w + stride_w·ow.
+constexpr int64_t kGridLanes = 1024;     // outputs swept together: running maxima, indices and positions in L1
+constexpr int64_t kGridSlots = 1 << 16;  // a task's phase planes: 256 KB of float32, in L2
+
+struct GridPlan {
+  bool use = false;
+  int64_t pitch = 0, rows = 0, bands = 0, height = 0, plane = 0, phases = 0, ring = 1;
+  // each tap (kh, kw) in order: where it reads in a depth slice's planes and its flat index offset in the slice
+  std::vector<int64_t> read, offset;
+  std::vector<int64_t> row_phase, col_phase;  // each row (column) phase's place among those read, or -1
+  int64_t cols = 0;                           // column phases read
+};
+
+// The grid for geometry g, if a band of one output row or more fits kGridSlots and every index it forms (even
+// the dropped columns') fits index_t.
+template <typename index_t>
+GridPlan plan_grid(const Geometry& g) {
+  const Window& w = g.win;
+  GridPlan plan;
+  if (g.out_d * g.out_h <= 1) return plan;  // one row: the chunk sweep's rows are as long
+  const int64_t sh = w.stride_h, sw = w.stride_w;
+  // (a phase table a stride long, a list of taps: bounded before either is made; window_extent cannot overflow)
+  if (sh > kGridSlots || sw > kGridSlots || w.kernel_h > kGridSlots || w.kernel_w > kGridSlots ||
+      w.kernel_h * w.kernel_w > kGridSlots)
+    return plan;
+  // phases mostly unread (a stride far above the kernel): the direct loop reads only the taps
+  if (!columns_mostly_read(w.kernel_h, sh, w.dilation_h) || !columns_mostly_read(w.kernel_w, sw, w.dilation_w))
+    return plan;
+  const int64_t reach_h = (w.kernel_h - 1) * w.dilation_h / sh, reach_w = (w.kernel_w - 1) * w.dilation_w / sw;
+  plan.pitch = g.out_w + reach_w;
+  if (plan.pitch > kGridSlots) return plan;
+  // only the phases some tap reads
+  std::vector<int64_t>& row_phase = plan.row_phase;
+  std::vector<int64_t>& col_phase = plan.col_phase;
+  row_phase.assign(sh, -1);
+  col_phase.assign(sw, -1);
+  int64_t rows_used = 0, cols_used = 0;
+  for (int64_t kh = 0; kh < w.kernel_h; ++kh)
+    if (row_phase[kh * w.dilation_h % sh] < 0) row_phase[kh * w.dilation_h % sh] = rows_used++;
+  for (int64_t kw = 0; kw < w.kernel_w; ++kw)
+    if (col_phase[kw * w.dilation_w % sw] < 0) col_phase[kw * w.dilation_w % sw] = cols_used++;
+  plan.phases = rows_used * cols_used;
+  plan.cols = cols_used;
+  plan.ring = std::min(g.in_d, window_extent(w.kernel_d, w.dilation_d));  // a window's depth slices, each its place
+  if (plan.ring > kGridSlots) return plan;
+  const int64_t per_row = plan.ring * plan.phases * plan.pitch;  // a plane also ends in a row of slack
+  if (per_row > kGridSlots) return plan;
+  const int64_t most = kGridSlots / per_row - reach_h - 1;
+  if (most < 1) return plan;
+  plan.bands = ceil_div(g.out_h, std::min(most, g.out_h));
+  plan.rows = ceil_div(g.out_h, plan.bands);
+  plan.height = plan.rows + reach_h;
+  plan.plane = (plan.height + 1) * plan.pitch;
+  // The largest and smallest index formed: depth slice, position, and tap offset at their extremes.
+  const int64_t extent_h = window_extent(w.kernel_h, w.dilation_h), extent_w = window_extent(w.kernel_w, w.dilation_w);
+  const int64_t largest = (g.in_d - 1) * g.in_h * g.in_w + ((g.out_h - 1) * sh + extent_h) * g.in_w +
+                          (plan.pitch - 1) * sw + extent_w;
+  if (largest > std::numeric_limits<index_t>::max() || w.pad_h * g.in_w + w.pad_w > std::numeric_limits<index_t>::max())
+    return plan;
+  for (int64_t kh = 0; kh < w.kernel_h; ++kh)
+    for (int64_t kw = 0; kw < w.kernel_w; ++kw) {
+      const int64_t rh = kh * w.dilation_h, rw = kw * w.dilation_w;
+      const int64_t phase = row_phase[rh % sh] * cols_used + col_phase[rw % sw];
+      plan.read.push_back(phase * plan.plane + rh / sh * plan.pitch + rw / sw);
+      plan.offset.push_back((rh - w.pad_h) * g.in_w + rw - w.pad_w);
+    }
+  plan.use = true;
+  return plan;
+}
+
+// dst[j] = row[stride·j + first] for j < count, pool_lowest where that column lies outside [0, width).
+template <typename scalar_t>
+[[gnu::always_inline]] inline void gather_columns(scalar_t* __restrict dst, const scalar_t* __restrict row, int64_t width,
+                                             int64_t first, int64_t stride, int64_t count) {
+  const scalar_t lowest = pool_lowest<scalar_t>();
+  // columns j_lo <= j < j_hi lie inside the row
+  const int64_t j_lo = std::clamp<int64_t>(first >= 0 ? 0 : ceil_div(-first, stride), 0, count);
+  const int64_t j_hi = std::clamp<int64_t>(width - first > 0 ? ceil_div(width - first, stride) : 0, j_lo, count);
+  std::fill(dst, dst + j_lo, lowest);
+  const scalar_t* src = row + first + stride * j_lo;
+  if (stride == 1) {
+    std::copy(src, src + (j_hi - j_lo), dst + j_lo);
+  } else if (stride == 2) {  // spelled out so that it vectorises
+    for (int64_t j = 0; j < j_hi - j_lo; ++j) dst[j_lo + j] = src[2 * j];
+  } else {
+    for (int64_t j = 0; j < j_hi - j_lo; ++j) dst[j_lo + j] = src[stride * j];
+  }
+  std::fill(dst + j_hi, dst + count, lowest);
+}
+
+// Depth slice `slice` of a volume (its in_h × in_w values) as the band's phase planes at `planes`, the input's rows
+// read in order, each once (phase by phase, the rows of one phase then the next: 0.8x the rate of the chunk sweep's
+// reads from memory on a 2-d 3x3/2).
+template <typename scalar_t>
+MANUALGRAD_VECTOR_CLONES void fill_grid_planes(scalar_t* planes, const scalar_t* slice, const Geometry& g,
+                                               const GridPlan& plan, int64_t oh0) {
+  const Window& w = g.win;
+  const scalar_t lowest = pool_lowest<scalar_t>();
+  for (int64_t r = 0; r < plan.height; ++r) {
+    for (int64_t a = 0; a < w.stride_h; ++a) {  // padded row stride_h·(oh0 + r) + a: phase a's row r
+      if (plan.row_phase[a] < 0) continue;
+      const int64_t ih = w.stride_h * (oh0 + r) + a - w.pad_h;
+      for (int64_t b = 0; b < w.stride_w; ++b) {
+        if (plan.col_phase[b] < 0) continue;
+        scalar_t* dst = planes + (plan.row_phase[a] * plan.cols + plan.col_phase[b]) * plan.plane + r * plan.pitch;
+        if (ih < 0 || ih >= g.in_h) {
+          std::fill(dst, dst + plan.pitch, lowest);
+        } else {
+          gather_columns(dst, slice + ih * g.in_w, g.in_w, b - w.pad_w, w.stride_w, plan.pitch);
+        }
+      }
+    }
+  }
+  for (int64_t phase = 0; phase < plan.phases; ++phase)  // the slack the last taps read
+    std::fill(planes + phase * plan.plane + plan.height * plan.pitch, planes + (phase + 1) * plan.plane, lowest);
+}
+
+// The input a task will read next, fetched into L2 a part at each step of the sweeps before: the planes' copies,
+// reading in a burst, waited on memory (a third of the forward's time), where the chunk sweep's copies overlapped
+// its sweeps.
+class Prefetcher {
+ public:
+  void clear() {
+    ranges_.clear();
+    range_ = 0;
+    at_ = 0;
+  }
+  void add(const void* p, int64_t bytes) {
+    if (bytes > 0) ranges_.push_back({static_cast<const char*>(p), bytes});
+  }
+  // Spread over `steps` calls of step().
+  void spread(int64_t steps) {
+    int64_t bytes = 0;
+    for (const auto& r : ranges_) bytes += r.second;
+    per_step_ = ceil_div(bytes, std::max<int64_t>(1, steps));
+  }
+  void step() {
+    for (int64_t done = 0; done < per_step_ && range_ < ranges_.size(); done += kLine) {
+      __builtin_prefetch(ranges_[range_].first + at_, 0, 2);
+      at_ += kLine;
+      if (at_ >= ranges_[range_].second) {
+        ++range_;
+        at_ = 0;
+      }
+    }
+  }
+
+ private:
+  static constexpr int64_t kLine = 64;
+  std::vector<std::pair<const char*, int64_t>> ranges_;
+  size_t range_ = 0;
+  int64_t at_ = 0, per_step_ = 0;
+};
+
+// One tap across a block of the grid: best_index takes base + position[q] where the tap's value wins.
+template <typename scalar_t, typename index_t>
+MANUALGRAD_VECTOR_CLONES void sweep_grid(scalar_t* __restrict best, index_t* __restrict best_index,
+                                         const scalar_t* __restrict values, const index_t* __restrict position,
+                                         int64_t count, index_t base) {
+  for (int64_t q = 0; q < count; ++q) {
+    const scalar_t v = values[q];
+    const bool take = (v > best[q]) | (v != v);  // strictly greater, or NaN
+    best[q] = take ? v : best[q];
+    best_index[q] = take ? static_cast<index_t>(base + position[q]) : best_index[q];
+  }
+}
+
+// best_index[q] = the window's first tap inside (its slice's `first[q]` in depth slice `first_slice`), or -1 where
+// the window has none. (Here and in store_outputs, in the vector clones: in the task's loop, compiled for baseline
+// x86-64, these two took a third of a 2-d 3x3/2's time.)
+template <typename index_t>
+MANUALGRAD_VECTOR_CLONES void first_taps(index_t* __restrict best_index, const index_t* __restrict first,
+                                         int64_t first_slice, int64_t count) {
+  if (first_slice < 0) {
+    std::fill_n(best_index, count, index_t(-1));
+    return;
+  }
+  const index_t base = static_cast<index_t>(first_slice);
+  for (int64_t q = 0; q < count; ++q) best_index[q] = first[q] < 0 ? index_t(-1) : static_cast<index_t>(base + first[q]);
+}
+
+// out[i] = best[i] and (unless idx is null) idx[i] = best_index[i], widened, for i < count.
+template <typename scalar_t, typename index_t>
+MANUALGRAD_VECTOR_CLONES void store_outputs(scalar_t* __restrict out, int64_t* __restrict idx,
+                                            const scalar_t* __restrict best, const index_t* __restrict best_index,
+                                            int64_t count) {
+  for (int64_t i = 0; i < count; ++i) out[i] = best[i];
+  if (idx != nullptr)
+    for (int64_t i = 0; i < count; ++i) idx[i] = best_index[i];
+}
+
+// The forward of a batch's volumes by the grid (plan_grid): tasks are (band, volume), band-major, so that a
+// thread's consecutive tasks share the band's positions and first taps.
+template <typename scalar_t, typename index_t>
+void max_pool_grid(scalar_t* out, int64_t* idx, const scalar_t* in, const Geometry& g, const GridPlan& plan) {
+  const Window& w = g.win;
+  const int64_t volumes = g.batch * g.in_channels, in_plane = g.in_positions(), out_plane = g.out_positions();
+  const int64_t slice = g.in_h * g.in_w, slice_elems = plan.phases * plan.plane;
+  const scalar_t lowest = pool_lowest<scalar_t>();
+  at::parallel_for(0, plan.bands * volumes, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> planes(plan.ring * slice_elems);
+    std::vector<int64_t> held(plan.ring);
+    const int64_t lanes = plan.rows * plan.pitch;
+    std::vector<index_t> position(lanes), first(lanes);  // first: the window's first tap inside, in its slice
+    std::vector<scalar_t> best(kGridLanes);
+    std::vector<index_t> best_index(kGridLanes);
+    int64_t band_of = -1;
+    Prefetcher prefetch;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t band = task / volumes, p = task % volumes;
+      const int64_t oh0 = band * plan.rows, rows = std::min(plan.rows, g.out_h - oh0), grid = rows * plan.pitch;
+      if (band != band_of) {
+        for (int64_t i = 0; i < rows; ++i) {
+          const int64_t h_start = (oh0 + i) * w.stride_h - w.pad_h;
+          int64_t i_lo, i_hi;
+          taps_inside(h_start, w.kernel_h, w.dilation_h, g.in_h, i_lo, i_hi);
+          for (int64_t ow = 0; ow < plan.pitch; ++ow) {
+            const int64_t w_start = ow * w.stride_w - w.pad_w;
+            int64_t j_lo = 0, j_hi = 0;
+            if (ow < g.out_w) taps_inside(w_start, w.kernel_w, w.dilation_w, g.in_w, j_lo, j_hi);
+            const int64_t q = i * plan.pitch + ow;
+            position[q] = static_cast<index_t>((oh0 + i) * w.stride_h * g.in_w + ow * w.stride_w);
+            first[q] = i_lo < i_hi && j_lo < j_hi
+                           ? static_cast<index_t>((h_start + i_lo * w.dilation_h) * g.in_w + w_start + j_lo * w.dilation_w)
+                           : index_t(-1);
+          }
+        }
+        band_of = band;
+      }
+      std::fill(held.begin(), held.end(), int64_t{-1});
+      const scalar_t* volume = in + p * in_plane;
+      // the input rows the band reads of a depth slice
+      const int64_t ih0 = std::max<int64_t>(0, w.stride_h * oh0 - w.pad_h);
+      const int64_t ih1 = std::clamp<int64_t>(w.stride_h * (oh0 + plan.height) - w.pad_h, ih0, g.in_h);
+      const auto band_rows = [&](const scalar_t* v, int64_t id) {
+        prefetch.add(v + id * slice + ih0 * g.in_w, (ih1 - ih0) * g.in_w * int64_t(sizeof(scalar_t)));
+      };
+      for (int64_t od = 0; od < g.out_d; ++od) {
+        const int64_t d_start = od * w.stride_d - w.pad_d;
+        int64_t k_lo, k_hi;
+        taps_inside(d_start, w.kernel_d, w.dilation_d, g.in_d, k_lo, k_hi);
+        for (int64_t k = k_lo; k < k_hi; ++k) {  // the depth slices this output depth reads, laid out once
+          const int64_t id = d_start + k * w.dilation_d, place = id % plan.ring;
+          if (held[place] != id) {
+            fill_grid_planes(planes.data() + place * slice_elems, volume + id * slice, g, plan, oh0);
+            held[place] = id;
+          }
+        }
+        // what the next output depth lays out, or the next task's first (the same band of the next volume)
+        prefetch.clear();
+        if (od + 1 < g.out_d) {
+          const int64_t next = d_start + w.stride_d;
+          int64_t n_lo, n_hi;
+          taps_inside(next, w.kernel_d, w.dilation_d, g.in_d, n_lo, n_hi);
+          for (int64_t k = n_lo; k < n_hi; ++k) {
+            const int64_t id = next + k * w.dilation_d;
+            if (held[id % plan.ring] != id) band_rows(volume, id);
+          }
+        } else if (task + 1 < end && p + 1 < volumes) {
+          const int64_t next = -w.pad_d;
+          int64_t n_lo, n_hi;
+          taps_inside(next, w.kernel_d, w.dilation_d, g.in_d, n_lo, n_hi);
+          for (int64_t k = n_lo; k < n_hi; ++k) band_rows(volume + in_plane, next + k * w.dilation_d);
+        }
+        prefetch.spread(ceil_div(grid, kGridLanes) * std::max<int64_t>(0, k_hi - k_lo) *
+                        static_cast<int64_t>(plan.read.size()));
+        const int64_t first_slice = k_lo < k_hi ? (d_start + k_lo * w.dilation_d) * slice : -1;
+        scalar_t* out_rows = out + p * out_plane + (od * g.out_h + oh0) * g.out_w;
+        int64_t* idx_rows = idx == nullptr ? nullptr : idx + p * out_plane + (od * g.out_h + oh0) * g.out_w;
+        for (int64_t q0 = 0; q0 < grid; q0 += kGridLanes) {
+          const int64_t count = std::min(kGridLanes, grid - q0);
+          std::fill_n(best.data(), count, lowest);
+          if (idx != nullptr) first_taps(best_index.data(), first.data() + q0, first_slice, count);
+          for (int64_t k = k_lo; k < k_hi; ++k) {
+            const int64_t id = d_start + k * w.dilation_d;
+            const scalar_t* planes_k = planes.data() + id % plan.ring * slice_elems + q0;
+            for (size_t t = 0; t < plan.read.size(); ++t) {
+              prefetch.step();
+              if (idx == nullptr) {
+                sweep_tap_values(best.data(), planes_k + plan.read[t], count);
+              } else {
+                sweep_grid(best.data(), best_index.data(), planes_k + plan.read[t], position.data() + q0, count,
+                           static_cast<index_t>(id * slice + plan.offset[t]));
+              }
+            }
+          }
+          // the block's real outputs: row i's columns ow < out_w
+          for (int64_t q = q0; q < q0 + count;) {
+            const int64_t i = q / plan.pitch, ow = q % plan.pitch;
+            const int64_t n = std::min(q0 + count, i * plan.pitch + plan.pitch) - q;  // to the row's end
+            const int64_t real = std::clamp<int64_t>(g.out_w - ow, 0, n);
+            store_outputs(out_rows + i * g.out_w + ow, idx_rows == nullptr ? nullptr : idx_rows + i * g.out_w + ow,
+                          best.data() + (q - q0), best_index.data() + (q - q0), real);
+            q += n;
+          }
+        }
+      }
+    }
+  });
+}
+
 template <typename scalar_t, typename index_t>
 void max_pool_volumes(scalar_t* out, int64_t* idx, const scalar_t* in, const Geometry& g) {
   const int64_t planes = g.batch * g.in_channels;  // (n, c) volumes
@@ -351,6 +663,8 @@ void max_pool_volumes(scalar_t* out, int64_t* idx, const scalar_t* in, const Geo
     });
     return;
   }
+  const GridPlan grid = plan_grid<index_t>(g);
+  if (grid.use) return max_pool_grid<scalar_t, index_t>(out, idx, in, g, grid);
   const PoolPlan plan = plan_pool(g);
   if (!plan.phases) {
     at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
