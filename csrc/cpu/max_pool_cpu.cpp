@@ -109,7 +109,7 @@ struct PhaseScratch {
   std::vector<scalar_t> padded; // (stride_w * len,) one row's slots before de-interleaving
   std::vector<scalar_t> best;   // (chunk,) running maximum of the current output row's chunk
   std::vector<index_t> best_index;
-  std::vector<int64_t> first_col;  // (chunk,) first in-bounds column of each window (torch's initial argmax), or -1
+  std::vector<index_t> first_col;  // (chunk,) first in-bounds column of each window (torch's initial argmax), or -1
   int64_t first_col_of = -1;       // the ow0 first_col was computed for
 
   explicit PhaseScratch(const PoolPlan& plan)
@@ -175,6 +175,33 @@ MANUALGRAD_VECTOR_CLONES void sweep_tap_run_values(scalar_t* __restrict best, co
   for (int64_t t = 0; t < taps; ++t) sweep_tap_values_body(best, values + t * tap_step, count);
 }
 
+// Each output's start, before its taps: best[q] = pool_lowest and (unless best_index is null) best_index[q] = its
+// window's first tap inside, base + first[q], or -1 where the window has none (base < 0: none has). (Here and in
+// store_outputs, in the vector clones: in the tasks' loops, compiled for baseline x86-64, these two took a third
+// of a 2-d 3x3/2's time, and of a 1-d one's.)
+template <typename scalar_t, typename index_t>
+MANUALGRAD_VECTOR_CLONES void start_outputs(scalar_t* __restrict best, index_t* __restrict best_index,
+                                            const index_t* __restrict first, int64_t base, int64_t count) {
+  std::fill_n(best, count, pool_lowest<scalar_t>());
+  if (best_index == nullptr) return;
+  if (base < 0) {
+    std::fill_n(best_index, count, index_t(-1));
+    return;
+  }
+  const index_t b = static_cast<index_t>(base);
+  for (int64_t q = 0; q < count; ++q) best_index[q] = first[q] < 0 ? index_t(-1) : static_cast<index_t>(b + first[q]);
+}
+
+// out[i] = best[i] and (unless idx is null) idx[i] = best_index[i], widened, for i < count.
+template <typename scalar_t, typename index_t>
+MANUALGRAD_VECTOR_CLONES void store_outputs(scalar_t* __restrict out, int64_t* __restrict idx,
+                                            const scalar_t* __restrict best, const index_t* __restrict best_index,
+                                            int64_t count) {
+  for (int64_t i = 0; i < count; ++i) out[i] = best[i];
+  if (idx != nullptr)
+    for (int64_t i = 0; i < count; ++i) idx[i] = best_index[i];
+}
+
 // phases[r * len + k] = padded[s * k + r]: phase r of a padded row, as contiguous runs.
 template <typename scalar_t>
 MANUALGRAD_VECTOR_CLONES void deinterleave(scalar_t* __restrict phases, const scalar_t* __restrict padded, int64_t s,
@@ -216,7 +243,6 @@ void max_pool_chunk(scalar_t* output, int64_t* indices, const scalar_t* input, c
   const int64_t s = w.stride_w, len = c.len, count = c.count();
   const int64_t h_mask = scratch.ring_h - 1, d_mask = static_cast<int64_t>(scratch.held.size()) / scratch.ring_h - 1;
   const int64_t row_slots = s * len;
-  const scalar_t lowest = pool_lowest<scalar_t>();
   scalar_t* best = scratch.best.data();
   index_t* best_index = scratch.best_index.data();
   if (scratch.first_col_of != c.ow0) {
@@ -224,7 +250,7 @@ void max_pool_chunk(scalar_t* output, int64_t* indices, const scalar_t* input, c
       const int64_t start = (c.ow0 + m) * s - w.pad_w;
       int64_t j_lo, j_hi;
       taps_inside(start, w.kernel_w, w.dilation_w, g.in_w, j_lo, j_hi);
-      scratch.first_col[m] = j_lo < j_hi ? start + j_lo * w.dilation_w : -1;
+      scratch.first_col[m] = j_lo < j_hi ? static_cast<index_t>(start + j_lo * w.dilation_w) : index_t(-1);
     }
     scratch.first_col_of = c.ow0;
   }
@@ -232,13 +258,10 @@ void max_pool_chunk(scalar_t* output, int64_t* indices, const scalar_t* input, c
   for (int64_t orow = 0; orow < g.out_d * g.out_h; ++orow) {
     const WindowRows rows(g, orow);  // only the kernel rows that land inside the input
     const int64_t first_row = rows.first();
-    for (int64_t m = 0; m < count; ++m) {
-      best[m] = lowest;
-      // A window whose taps all fall in the padding has no argmax: -1, torch's "none" (its output is
-      // -inf and its gradient goes nowhere).
-      const bool empty = rows.empty() || scratch.first_col[m] < 0;
-      best_index[m] = empty ? index_t(-1) : static_cast<index_t>(first_row * g.in_w + scratch.first_col[m]);
-    }
+    // A window whose taps all fall in the padding has no argmax: -1, torch's "none" (its output is -inf and
+    // its gradient goes nowhere).
+    start_outputs(best, indices == nullptr ? nullptr : best_index, scratch.first_col.data(),
+                  rows.empty() ? -1 : first_row * g.in_w, count);
     if (!c.empty()) rows.for_each([&](int64_t id, int64_t ih) {
       const int64_t row = id * g.in_h + ih;
       const int64_t place = (id & d_mask) * scratch.ring_h + (ih & h_mask);
@@ -258,8 +281,8 @@ void max_pool_chunk(scalar_t* output, int64_t* indices, const scalar_t* input, c
         }
       }
     });
-    std::copy(best, best + count, output + orow * g.out_w + c.ow0);
-    if (indices != nullptr) std::copy(best_index, best_index + count, indices + orow * g.out_w + c.ow0);
+    store_outputs(output + orow * g.out_w + c.ow0, indices == nullptr ? nullptr : indices + orow * g.out_w + c.ow0,
+                  best, best_index, count);
   }
 }
 
@@ -518,30 +541,6 @@ MANUALGRAD_VECTOR_CLONES void sweep_grid(scalar_t* __restrict best, index_t* __r
   }
 }
 
-// best_index[q] = the window's first tap inside (its slice's `first[q]` in depth slice `first_slice`), or -1 where
-// the window has none. (Here and in store_outputs, in the vector clones: in the task's loop, compiled for baseline
-// x86-64, these two took a third of a 2-d 3x3/2's time.)
-template <typename index_t>
-MANUALGRAD_VECTOR_CLONES void first_taps(index_t* __restrict best_index, const index_t* __restrict first,
-                                         int64_t first_slice, int64_t count) {
-  if (first_slice < 0) {
-    std::fill_n(best_index, count, index_t(-1));
-    return;
-  }
-  const index_t base = static_cast<index_t>(first_slice);
-  for (int64_t q = 0; q < count; ++q) best_index[q] = first[q] < 0 ? index_t(-1) : static_cast<index_t>(base + first[q]);
-}
-
-// out[i] = best[i] and (unless idx is null) idx[i] = best_index[i], widened, for i < count.
-template <typename scalar_t, typename index_t>
-MANUALGRAD_VECTOR_CLONES void store_outputs(scalar_t* __restrict out, int64_t* __restrict idx,
-                                            const scalar_t* __restrict best, const index_t* __restrict best_index,
-                                            int64_t count) {
-  for (int64_t i = 0; i < count; ++i) out[i] = best[i];
-  if (idx != nullptr)
-    for (int64_t i = 0; i < count; ++i) idx[i] = best_index[i];
-}
-
 // The forward of a batch's volumes by the grid (plan_grid): tasks are (band, volume), band-major, so that a
 // thread's consecutive tasks share the band's positions and first taps.
 template <typename scalar_t, typename index_t>
@@ -549,7 +548,6 @@ void max_pool_grid(scalar_t* out, int64_t* idx, const scalar_t* in, const Geomet
   const Window& w = g.win;
   const int64_t volumes = g.batch * g.in_channels, in_plane = g.in_positions(), out_plane = g.out_positions();
   const int64_t slice = g.in_h * g.in_w, slice_elems = plan.phases * plan.plane;
-  const scalar_t lowest = pool_lowest<scalar_t>();
   at::parallel_for(0, plan.bands * volumes, 1, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> planes(plan.ring * slice_elems);
     std::vector<int64_t> held(plan.ring);
@@ -622,8 +620,7 @@ void max_pool_grid(scalar_t* out, int64_t* idx, const scalar_t* in, const Geomet
         int64_t* idx_rows = idx == nullptr ? nullptr : idx + p * out_plane + (od * g.out_h + oh0) * g.out_w;
         for (int64_t q0 = 0; q0 < grid; q0 += kGridLanes) {
           const int64_t count = std::min(kGridLanes, grid - q0);
-          std::fill_n(best.data(), count, lowest);
-          if (idx != nullptr) first_taps(best_index.data(), first.data() + q0, first_slice, count);
+          start_outputs(best.data(), idx == nullptr ? nullptr : best_index.data(), first.data() + q0, first_slice, count);
           for (int64_t k = k_lo; k < k_hi; ++k) {
             const int64_t id = d_start + k * w.dilation_d;
             const scalar_t* planes_k = planes.data() + id % plan.ring * slice_elems + q0;
