@@ -313,6 +313,40 @@ def test_channels_last_max_pool_refuses_foreign_indices():
         ops.max_pool_backward(out, bad, [1, 3, 6, 6], *args)
 
 
+# The channels-last backward adds each output's gradient by comparing its window's taps with every lane's index
+# (strides above 1) or by scatter (stride 1): both against the NCHW scatter's bits, for the indices of a forward and
+# for raw ones (check_indices=False) that point anywhere in the plane, even from windows wholly in the padding.
+@pytest.mark.parametrize(
+    "shape, kernel, stride, padding, dilation",
+    [
+        ((2, 130, 9, 11), (3, 3), (2, 2), (1, 1), (1, 1)),  # 130 channels: blocks of 64 where the batch is short
+        ((3, 16, 8, 8), (2, 2), (2, 2), (0, 0), (1, 1)),
+        ((2, 24, 7, 9), (3, 3), (1, 1), (1, 1), (1, 1)),  # stride 1: the scatter
+        ((2, 20, 1, 6), (2, 2), (2, 3), (1, 1), (2, 1)),  # dilated: a row of windows wholly in the padding
+        ((2, 18, 5, 6, 7), (3, 3, 3), (2, 2, 2), (1, 1, 1), (1, 1, 1)),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("raw", [False, True], ids=["own-indices", "raw-indices"])
+def test_channels_last_max_pool_backward_is_the_nchw_bits(shape, kernel, stride, padding, dilation, raw,
+                                                          restore_num_threads):
+    gen = torch.Generator().manual_seed(12)
+    layout = CL if len(shape) == 4 else torch.channels_last_3d
+    x = torch.randint(0, 3, shape, generator=gen).float()  # ties
+    args = [list(kernel), list(stride), list(padding), list(dilation)]
+    out, idx = ops.max_pool_forward(x.contiguous(memory_format=layout), *args, False)
+    if raw:  # anywhere in the plane, or -1
+        idx = torch.randint(-1, x[0, 0].numel(), idx.shape, generator=gen)
+    go = torch.randn(out.shape, generator=gen)
+    want = ops.max_pool_backward(go.contiguous(), idx.contiguous(), list(shape), *args, check_indices=False)
+    for threads in (1, 3):
+        torch.set_num_threads(threads)
+        got = ops.max_pool_backward(go.contiguous(memory_format=layout), idx.contiguous(memory_format=layout),
+                                    list(shape), *args, check_indices=False)
+        assert got.is_contiguous(memory_format=layout)
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("pool", POOLS[:4], ids=str)
 def test_channels_last_max_pool_bit_identical_across_thread_counts(pool, restore_num_threads):
     shape, kernel, stride, padding, dilation, ceil_mode = pool
