@@ -191,6 +191,34 @@ def test_grid_bands_and_blocks_match_torch(shape, kernel, stride, padding, dilat
     assert torch.equal(ops.max_pool_forward(x, *args, False)[0].nan_to_num(), want[0].nan_to_num())
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32, torch.uint8], ids=str)
+@pytest.mark.parametrize("shape, kernel, stride, padding, dilation", GRID_GEOMETRIES[:2], ids=str)
+def test_grid_dtypes_and_ceil_mode_match_torch(shape, kernel, stride, padding, dilation, dtype):
+    """Integers' padding is their lowest value (0 for uint8, a tie with the zeros inside, which keep the first);
+    ceil_mode adds a window hanging over the end of the 3-d geometry (199 and 3 not multiples of its stride 2)."""
+    x = make_input(shape, torch.float32, "ties").to(dtype)
+    pool = F.max_pool2d if len(kernel) == 2 else F.max_pool3d
+    for ceil_mode in (False, True):
+        want = pool(x.double(), kernel, stride, padding, dilation, ceil_mode, return_indices=True)
+        got = ops.max_pool_forward(x, list(kernel), list(stride), list(padding), list(dilation), ceil_mode)
+        assert torch.equal(got[0], want[0].to(dtype)) and torch.equal(got[1], want[1])
+
+
+def test_grid_keeps_its_work_to_the_taps_inside():
+    """A kernel 16384 times wider than the (padded) input: the grid would sweep 32767 taps over a band of 32768 lanes
+    for each output row (hours); the chunk sweep reads the two taps inside. Run in a fresh interpreter, bounded."""
+    script = textwrap.dedent("""
+        import torch, torch.nn.functional as F, torch_manualgrad
+        x = torch.randn(1, 2, 1000, 2)
+        got = torch.ops.manualgrad.max_pool_forward(x, [1, 32767], [1, 1], [0, 16383], [1, 1], False)
+        want = F.max_pool2d(x, [1, 32767], 1, [0, 16383], return_indices=True)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.split()[-1] == "ok", done.stderr
+
+
 def test_grid_gives_the_same_bits_at_any_thread_count(restore_num_threads):
     """Tasks are (band, volume), each output one task's: 1 or 3 threads, the same values and indices."""
     x = make_input((2, 3, 4, 200, 200), torch.float32, "ties")

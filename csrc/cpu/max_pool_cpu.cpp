@@ -403,7 +403,12 @@ GridPlan plan_grid(const Geometry& g) {
   // phases mostly unread (a stride far above the kernel): the direct loop reads only the taps
   if (!columns_mostly_read(w.kernel_h, sh, w.dilation_h) || !columns_mostly_read(w.kernel_w, sw, w.dilation_w))
     return plan;
+  // Work: every tap is swept over every lane, the padding's and the dropped columns' too. A window no wider or
+  // taller than the input has half its taps inside at least, and a reach within out_w drops half the lanes at
+  // most; a kernel far larger than the input (padded) or a row of few outputs keeps the sweeps over taps inside.
+  const int64_t extent_h = window_extent(w.kernel_h, w.dilation_h), extent_w = window_extent(w.kernel_w, w.dilation_w);
   const int64_t reach_h = (w.kernel_h - 1) * w.dilation_h / sh, reach_w = (w.kernel_w - 1) * w.dilation_w / sw;
+  if (extent_h > g.in_h || extent_w > g.in_w || reach_w > g.out_w) return plan;
   plan.pitch = g.out_w + reach_w;
   if (plan.pitch > kGridSlots) return plan;
   // only the phases some tap reads
@@ -429,7 +434,6 @@ GridPlan plan_grid(const Geometry& g) {
   plan.height = plan.rows + reach_h;
   plan.plane = (plan.height + 1) * plan.pitch;
   // The largest and smallest index formed: depth slice, position, and tap offset at their extremes.
-  const int64_t extent_h = window_extent(w.kernel_h, w.dilation_h), extent_w = window_extent(w.kernel_w, w.dilation_w);
   const int64_t largest = (g.in_d - 1) * g.in_h * g.in_w + ((g.out_h - 1) * sh + extent_h) * g.in_w +
                           (plan.pitch - 1) * sw + extent_w;
   if (largest > std::numeric_limits<index_t>::max() || w.pad_h * g.in_w + w.pad_w > std::numeric_limits<index_t>::max())
@@ -454,7 +458,7 @@ template <typename scalar_t>
   const int64_t j_lo = std::clamp<int64_t>(first >= 0 ? 0 : ceil_div(-first, stride), 0, count);
   const int64_t j_hi = std::clamp<int64_t>(width - first > 0 ? ceil_div(width - first, stride) : 0, j_lo, count);
   std::fill(dst, dst + j_lo, lowest);
-  const scalar_t* src = row + first + stride * j_lo;
+  const scalar_t* src = row + (j_hi > j_lo ? first + stride * j_lo : 0);  // (no pointer past the row is formed)
   if (stride == 1) {
     std::copy(src, src + (j_hi - j_lo), dst + j_lo);
   } else if (stride == 2) {  // spelled out so that it vectorises
@@ -780,7 +784,8 @@ void max_pool_backward_nhwc(scalar_t* gi, const scalar_t* go, const int64_t* idx
   const int64_t blocks = ceil_div(C, block);
   // (with a stride of 1 an input pixel is a tap of up to a kernel's worth of outputs: 3x3 64@56 1.44 ms by taps, 1.21
   // by scatter, torch's 1.01-1.12)
-  const bool by_taps = w.kernel_d * w.kernel_h * w.kernel_w <= kNhwcWindowTaps && w.stride_h > 1 && w.stride_w > 1 &&
+  const bool by_taps = w.kernel_d <= kNhwcWindowTaps && w.kernel_h <= kNhwcWindowTaps && w.kernel_w <= kNhwcWindowTaps &&
+                       w.kernel_d * w.kernel_h * w.kernel_w <= kNhwcWindowTaps && w.stride_h > 1 && w.stride_w > 1 &&
                        (g.in_d == 1 || w.stride_d > 1);
   const int64_t in_rows = g.in_d * g.in_h;
   at::parallel_for(0, g.batch * blocks, 1, [&](int64_t begin, int64_t end) {
@@ -890,8 +895,8 @@ std::tuple<at::Tensor, at::Tensor> max_pool_forward_cpu(const at::Tensor& input_
                                        : at::empty({0}, input.options().dtype(at::kLong));
   if (output.numel() == 0) return {output, indices};
   // 32-bit indices inside the sweep keep twice as many lanes per vector; volumes past 2^31 use 64.
-  // (every index a sweep forms, even for padding lanes, lies within a volume plus one chunk's reach,
-  // less than kChunkSlots)
+  // (every index the chunk sweep forms, even for padding lanes, lies within a volume plus one chunk's reach, less
+  // than kRingSlots; the grid checks its own, plan_grid)
   const bool small_plane = g.in_positions() + kRingSlots < (int64_t{1} << 31);
   // Integers as torch's CPU max_pool2d takes them (uint8 to int64); they have no gradient.
   AT_DISPATCH_ALL_TYPES(input.scalar_type(), "max_pool_forward_cpu", [&] {
