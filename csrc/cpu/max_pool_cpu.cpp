@@ -367,9 +367,9 @@ void max_pool_row_values(scalar_t* out, const scalar_t* in, const Geometry& g) {
 }
 
 // ---- Short rows: a band of output rows a sweep ----
-// A sweep per tap and output row cost more in its set-up than in comparisons where rows are short: 3x3x3/2 over
-// 16x56x56 (28 outputs a row) spent 40% of its time in the sweeps' calls, 15% in the rows' set-up and 9% in
-// de-interleaving each row again for every output row that reads it. Here a task takes a band of output rows of
+// A sweep per tap and output row does little where rows are short: 3x3x3/2 over 16x56x56 (28 outputs a row) spent
+// 38% of its time in sweeps of 28, 15% in each output row's set-up and 9% in de-interleaving an input row again
+// for every output row that reads it. Here a task takes a band of output rows of
 // one volume, lays out each input depth slice its windows read as phase planes once (row phase a, column phase
 // b: the padded input's rows stride_h·(oh0 + r) + a and columns stride_w·j + b, pool_lowest outside the input),
 // and numbers the band's outputs q = i·pitch + ow, pitch = out_w + the kernel's reach in strides. Tap (kh, kw)
