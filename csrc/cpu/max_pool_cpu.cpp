@@ -107,7 +107,6 @@ struct PhaseScratch {
   std::vector<scalar_t> ring;   // (ring_d * ring_h, stride_w, len): input rows as phases
   std::vector<int64_t> held;    // (ring_d * ring_h,) the flat input row each place holds for the current chunk, or -1
   int64_t ring_h;
-  std::vector<scalar_t> padded; // (stride_w * len,) one row's slots before de-interleaving
   std::vector<scalar_t> best;   // (chunk,) running maximum of the current output row's chunk
   std::vector<index_t> best_index;
   std::vector<index_t> first_col;  // (chunk,) first in-bounds column of each window (torch's initial argmax), or -1
@@ -115,7 +114,7 @@ struct PhaseScratch {
 
   explicit PhaseScratch(const PoolPlan& plan)
       : ring(plan.ring_d * plan.ring_h * plan.row_slots), held(plan.ring_d * plan.ring_h), ring_h(plan.ring_h),
-        padded(plan.row_slots), best(plan.chunk),
+        best(plan.chunk),
         best_index(plan.chunk), first_col(plan.chunk) {}
 };
 
@@ -203,35 +202,33 @@ MANUALGRAD_VECTOR_CLONES void store_outputs(scalar_t* __restrict out, int64_t* _
     for (int64_t i = 0; i < count; ++i) idx[i] = best_index[i];
 }
 
-// phases[r * len + k] = padded[s * k + r]: phase r of a padded row, as contiguous runs.
+// dst[j] = row[stride·j + first] for j < count, pool_lowest where that column lies outside [0, width).
 template <typename scalar_t>
-MANUALGRAD_VECTOR_CLONES void deinterleave(scalar_t* __restrict phases, const scalar_t* __restrict padded, int64_t s,
-                                           int64_t len) {
-  if (s == 2) {  // the common stride, spelled out so that it vectorises
-    for (int64_t k = 0; k < len; ++k) {
-      phases[k] = padded[2 * k];
-      phases[len + k] = padded[2 * k + 1];
-    }
+[[gnu::always_inline]] inline void gather_columns(scalar_t* __restrict dst, const scalar_t* __restrict row, int64_t width,
+                                             int64_t first, int64_t stride, int64_t count) {
+  const scalar_t lowest = pool_lowest<scalar_t>();
+  // columns j_lo <= j < j_hi lie inside the row
+  const int64_t j_lo = std::clamp<int64_t>(first >= 0 ? 0 : ceil_div(-first, stride), 0, count);
+  const int64_t j_hi = std::clamp<int64_t>(width - first > 0 ? ceil_div(width - first, stride) : 0, j_lo, count);
+  std::fill(dst, dst + j_lo, lowest);
+  const scalar_t* src = row + (j_hi > j_lo ? first + stride * j_lo : 0);  // (no pointer past the row is formed)
+  if (stride == 1) {
+    std::copy(src, src + (j_hi - j_lo), dst + j_lo);
+  } else if (stride == 2) {  // spelled out so that it vectorises
+    for (int64_t j = 0; j < j_hi - j_lo; ++j) dst[j_lo + j] = src[2 * j];
   } else {
-    for (int64_t r = 0; r < s; ++r)
-      for (int64_t k = 0; k < len; ++k) phases[r * len + k] = padded[s * k + r];
+    for (int64_t j = 0; j < j_hi - j_lo; ++j) dst[j_lo + j] = src[stride * j];
   }
+  std::fill(dst + j_hi, dst + count, lowest);
 }
 
-// Input row `row` (in_w values) → the chunk's slots as phases: slot t is column col0 + t, pool_lowest
-// (window_taps.h: -inf, or an integer type's lowest value) outside the row. Only offsets inside the row are ever formed. Stride 1 has a single phase, written directly.
-template <typename scalar_t, typename index_t>
-void fill_row(scalar_t* phases, const scalar_t* row, const Chunk& c, const Geometry& g,
-              PhaseScratch<scalar_t, index_t>& scratch) {
-  const int64_t s = g.win.stride_w, slots = s * c.len;
-  const scalar_t lowest = pool_lowest<scalar_t>();
-  const int64_t left = std::clamp<int64_t>(-c.col0, 0, slots);  // slots [left, right) lie inside the row
-  const int64_t right = std::clamp<int64_t>(g.in_w - c.col0, left, slots);
-  scalar_t* padded = s == 1 ? phases : scratch.padded.data();
-  std::fill(padded, padded + left, lowest);
-  std::copy(row + (c.col0 + left), row + (c.col0 + right), padded + left);
-  std::fill(padded + right, padded + slots, lowest);
-  if (s > 1) deinterleave(phases, padded, s, c.len);
+// Input row `row` (in_w values) → the chunk's slots as phases: phase r's slot k is column col0 + s·k + r,
+// pool_lowest (window_taps.h: -inf, or an integer type's lowest value) outside the row. Only offsets inside the
+// row are ever formed.
+template <typename scalar_t>
+MANUALGRAD_VECTOR_CLONES void fill_row(scalar_t* phases, const scalar_t* row, const Chunk& c, const Geometry& g) {
+  const int64_t s = g.win.stride_w;
+  for (int64_t r = 0; r < s; ++r) gather_columns(phases + r * c.len, row, g.in_w, c.col0 + r, s, c.len);
 }
 
 // One chunk of one (D, H, W) volume → its maxima (output rows of out_w, (od, oh) in order) and, unless
@@ -268,7 +265,7 @@ void max_pool_chunk(scalar_t* output, int64_t* indices, const scalar_t* input, c
       const int64_t place = (id & d_mask) * scratch.ring_h + (ih & h_mask);
       scalar_t* phases = scratch.ring.data() + place * row_slots;
       if (scratch.held[place] != row) {  // rows shared by neighbouring windows are laid out once
-        fill_row(phases, input + row * g.in_w, c, g, scratch);
+        fill_row(phases, input + row * g.in_w, c, g);
         scratch.held[place] = row;
       }
       for (int64_t j = c.tap_lo; j < c.tap_hi; ++j) {
@@ -447,26 +444,6 @@ GridPlan plan_grid(const Geometry& g) {
     }
   plan.use = true;
   return plan;
-}
-
-// dst[j] = row[stride·j + first] for j < count, pool_lowest where that column lies outside [0, width).
-template <typename scalar_t>
-[[gnu::always_inline]] inline void gather_columns(scalar_t* __restrict dst, const scalar_t* __restrict row, int64_t width,
-                                             int64_t first, int64_t stride, int64_t count) {
-  const scalar_t lowest = pool_lowest<scalar_t>();
-  // columns j_lo <= j < j_hi lie inside the row
-  const int64_t j_lo = std::clamp<int64_t>(first >= 0 ? 0 : ceil_div(-first, stride), 0, count);
-  const int64_t j_hi = std::clamp<int64_t>(width - first > 0 ? ceil_div(width - first, stride) : 0, j_lo, count);
-  std::fill(dst, dst + j_lo, lowest);
-  const scalar_t* src = row + (j_hi > j_lo ? first + stride * j_lo : 0);  // (no pointer past the row is formed)
-  if (stride == 1) {
-    std::copy(src, src + (j_hi - j_lo), dst + j_lo);
-  } else if (stride == 2) {  // spelled out so that it vectorises
-    for (int64_t j = 0; j < j_hi - j_lo; ++j) dst[j_lo + j] = src[2 * j];
-  } else {
-    for (int64_t j = 0; j < j_hi - j_lo; ++j) dst[j_lo + j] = src[stride * j];
-  }
-  std::fill(dst + j_hi, dst + count, lowest);
 }
 
 // Depth slice `slice` of a volume (its in_h × in_w values) as the band's phase planes at `planes`, the input's rows
@@ -729,6 +706,12 @@ void max_pool_nhwc(scalar_t* out, int64_t* idx, const scalar_t* in, const Geomet
   });
 }
 
+// The CPU backward's check of index i of plane `plane` (each index as it is used: an error names it).
+inline void check_in_plane(int64_t i, int64_t in_plane, int64_t plane, c10::IntArrayRef input_size) {
+  TORCH_CHECK(i >= 0 && i < in_plane, "max_pool backward: index ", i, " of plane ", plane,
+              " is out of range for an input plane of ", in_plane, " elements (input_size=", input_size, ")");
+}
+
 constexpr int64_t kNhwcBackwardChannels = 64;  // channels per backward task: tasks for a batch of one too
 constexpr int64_t kNhwcWindowTaps = 32;        // the most taps a window may have for add_row_grads
 
@@ -809,8 +792,7 @@ void max_pool_backward_nhwc(scalar_t* gi, const scalar_t* go, const int64_t* idx
         for (int64_t c = c0; c < c1; ++c) {
           const int64_t i = ix[c];
           if (i == -1 || std::find(skip.begin(), skip.end(), i) != skip.end()) continue;
-          TORCH_CHECK(i >= 0 && i < in_plane, "max_pool backward: index ", i, " of plane ", n * C + c,
-                      " is out of range for an input plane of ", in_plane, " elements (input_size=", input_size, ")");
+          check_in_plane(i, in_plane, n * C + c, input_size);
           if (i >= zeroed * g.in_w) zero_rows(i / g.in_w + 1);
           gi_n[i * C + c] += g_o[c];
         }
@@ -823,8 +805,7 @@ void max_pool_backward_nhwc(scalar_t* gi, const scalar_t* go, const int64_t* idx
           for (int64_t c = c0; c < c1; ++c) {
             const int64_t i = ix[c];
             if (i == -1) continue;
-            TORCH_CHECK(i >= 0 && i < in_plane, "max_pool backward: index ", i, " of plane ", n * C + c,
-                        " is out of range for an input plane of ", in_plane, " elements (input_size=", input_size, ")");
+            check_in_plane(i, in_plane, n * C + c, input_size);
             gi_n[i * C + c] += g_o[c];
           }
         }
@@ -977,8 +958,7 @@ at::Tensor max_pool_backward_cpu(const at::Tensor& grad_output_, const at::Tenso
         for (int64_t o = 0; o < out_plane; ++o) {
           const int64_t i = idx_p[o];
           if (i == -1) continue;  // an empty window (all padding) sends its gradient nowhere
-          TORCH_CHECK(i >= 0 && i < in_plane, "max_pool backward: index ", i, " of plane ", p,
-                      " is out of range for an input plane of ", in_plane, " elements (input_size=", input_size, ")");
+          check_in_plane(i, in_plane, p, input_size);
           gi_p[i] += go_p[o];
         }
       }
