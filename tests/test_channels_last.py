@@ -42,6 +42,9 @@ CASES = [
     ConvCase(2, 2, 256, 64, (1, 1), (14, 14)),
     ConvCase(2, 1, 640, 48, (1, 1), (7, 7)),
     ConvCase(2, 1, 512, 160, (1, 1), (7, 7), groups=2),  # ...two tasks a group: the second group's offsets
+    # a batch of one at 14x14: two tiles of 98 rows, each one blocked product (small products of 40 rows would cut
+    # it in three)
+    ConvCase(2, 1, 192, 128, (1, 1), (14, 14)),
     # 7-wide depthwise kernels (depthwise_cpu.cpp's forward_nhwc_rows): ConvNeXt's 7x7 over zero-padded rows, a 3x7
     # with a stride, a 1x7 with a dilation (the runs that step through the row one tap at a time)
     ConvCase(2, 2, 20, 20, (7, 7), (16, 16), padding=3, groups=20),

@@ -92,6 +92,8 @@ ANCHOR_CONV_CASES = [
     ConvCase(1, 1, 76, 16, (5,), (31,)),  # one task, GEMM 16x380x27: MKL threads it at 3-4 threads unless held to one
     ConvCase(1, 1, 76, 16, (5,), (76,), bias=False),
     ConvCase(2, 2, 32, 64, (1, 1), (28, 28)),  # pointwise: no columns
+    ConvCase(2, 1, 32, 64, (1, 1), (28, 28)),  # a batch of one: 784 positions in 2 tiles (a power of two), not 3
+    ConvCase(2, 1, 16, 48, (3, 3), (28, 28), padding=1),  # ...and a 3x3's cache tiles of that image
     ConvCase(2, 2, 16, 32, (3, 3), (20, 20), padding=1, groups=16),  # depthwise, multiplier 2
     ConvCase(2, 8, 64, 64, (3, 3), (7, 7), padding=1),  # small images: one-block backward
     ConvCase(2, 3, 16, 160, (3, 3), (9, 9), stride=2, padding=1),  # small images: one-block forward, channels split

@@ -442,9 +442,10 @@ constexpr int64_t kMinNhwcRows = 96;  // rows per task at least: narrower produc
 // (A channels-last caller's forward sums runs of 256 terms of k, an NCHW one's through channels-last copies
 // runs of 64 or more, forward_chunk; the input gradient's products are one run of C_out terms.)
 constexpr int64_t kMinSmallForwardRows = 30, kMinSmallInputRows = 12;
-// ...and the forward's only in row tiles of this many rows: the few rows of a small batch of small images ran faster
-// as one product a tile (1x1 960->128@14 at batch 1, 98-row tiles: 0.33 -> 0.26 ms, torch's 0.26; at batch 8 small
-// products of 30 rows stay faster, 1.84 against 1.89 ms).
+// ...and the forward's only in row tiles of this many rows, unless one small product takes the whole tile: a small
+// batch of small images ran faster as one blocked product a tile than as a few small ones (1x1 960->128@14 CL at
+// batch 1, 98-row tiles in products of 30 rows: 0.33 -> 0.26 ms, torch's 0.26; at batch 8, 784-row tiles, the small
+// products stay faster, 1.84 against 1.89 ms).
 constexpr int64_t kMinSmallForwardTile = 128;
 
 // The row tiles of the NHWC products: rows of the output at most kMaxColumnElems columns wide each, cut
@@ -697,7 +698,8 @@ at::Tensor conv_forward_nhwc(const at::Tensor& input_, const at::Tensor& weight_
     const int64_t small_rows = d.groups == 1 && !small_k
                                    ? small_product_rows<scalar_t>(g.out_channels, std::min(width, chunk))
                                    : 0;
-    const bool by_rows = small_rows >= kMinSmallForwardRows && tiles.size >= kMinSmallForwardTile;
+    const bool by_rows =
+        small_rows >= kMinSmallForwardRows && (tiles.size >= kMinSmallForwardTile || small_rows >= tiles.size);
     // (ATen's transposing copy: the element-by-element loop here was 16% of a 1x1 960->128@14's time at batch 1)
     const at::Tensor wt_t = by_rows ? weight.view({g.out_channels, width}).t().contiguous() : at::Tensor();
     const auto small_k_kernel = wide_vectors() ? small_k_rows<scalar_t, 64> : small_k_rows<scalar_t, 32>;
