@@ -1148,7 +1148,8 @@ void conv_backward_weight_cpu(at::Tensor& grad_weight, const at::Tensor& grad_ou
   const Blocking blocking = make_blocking(g, /*allow_tiles=*/true, /*cache_tiles=*/true);
   const int64_t slots =
       std::max<int64_t>(1, std::min({blocking.count, kMaxSlots, kMaxPartialElems / grad_weight.numel()}));
-  at::Tensor partial = at::zeros({slots, g.out_channels, d.k_per_group}, grad_weight.options());
+  // each slot's first product sets it (beta 0), the rest add to it: no zero-filled slots first
+  at::Tensor partial = at::empty({slots, g.out_channels, d.k_per_group}, grad_weight.options());
   parallel_tasks(slots, [&](int64_t begin, int64_t end) {
     const at::Tensor workspace = column_workspace(input, g, blocking);
     for (int64_t slot = begin; slot < end; ++slot) {
@@ -1159,7 +1160,7 @@ void conv_backward_weight_cpu(at::Tensor& grad_weight, const at::Tensor& grad_ou
         for (int64_t grp = 0; grp < d.groups; ++grp) {
           at::Tensor partial_g = partial[slot].narrow(0, grp * d.out_per_group, d.out_per_group);
           matmul(partial_g, grad_out.narrow(0, grp * d.out_per_group, d.out_per_group),
-                 columns.narrow(0, grp * d.k_per_group, d.k_per_group).t(), 1);
+                 columns.narrow(0, grp * d.k_per_group, d.k_per_group).t(), task == slot ? 0 : 1);
         }
       }
     }
@@ -1290,7 +1291,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
     }
   }
   if (mask[1]) {
-    grad_weight = at::zeros(weight_.sizes(), weight_.options());  // (C_out, C_in/g, KH, KW)
+    // (C_out, C_in/g, KH, KW): every entry written below, but for an empty batch or no input channels
+    grad_weight = g.empty() ? at::zeros(weight_.sizes(), weight_.options())
+                            : at::empty(weight_.sizes(), weight_.options());
     if (!g.empty() && is_depthwise(g)) {
       depthwise_backward_weight_cpu(grad_weight, grad_output, input_.contiguous(), g);
     } else if (!g.empty()) {
