@@ -45,6 +45,9 @@ CASES = [
     # a batch of one at 14x14: two tiles of 98 rows, each one blocked product (small products of 40 rows would cut
     # it in three)
     ConvCase(2, 1, 192, 128, (1, 1), (14, 14)),
+    # a batch of one: the input gradient's tasks split the input channels (two of 80 here), a product per tap
+    ConvCase(2, 1, 160, 24, (3, 3), (9, 8), stride=2, padding=1, dilation=(1, 2)),
+    ConvCase(2, 1, 12, 20, (5, 5), (7, 6), padding=2),
     # 7-wide depthwise kernels (depthwise_cpu.cpp's forward_nhwc_rows): ConvNeXt's 7x7 over zero-padded rows, a 3x7
     # with a stride, a 1x7 with a dilation (the runs that step through the row one tap at a time)
     ConvCase(2, 2, 20, 20, (7, 7), (16, 16), padding=3, groups=20),
@@ -127,6 +130,16 @@ def test_channels_last_gradcheck(case):
         (lambda x, w: tmg.functional.conv2d(x, w, None, **small.kwargs()))
     assert torch.autograd.gradcheck(fn, inputs)
     assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("stride, dilation", [(1, 1), (2, 1), (1, 2)], ids=str)
+def test_channels_last_batch_of_one_gradcheck(stride, dilation):
+    """A batch of one, whose input gradient's tasks split the input channels: gradcheck in float64."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 6, 7, 6, generator=g, dtype=torch.float64).contiguous(memory_format=CL).requires_grad_()
+    w = torch.randn(5, 6, 3, 3, generator=g, dtype=torch.float64).contiguous(memory_format=CL).requires_grad_()
+    fn = lambda x, w: tmg.functional.conv2d(x, w, None, stride=stride, padding=1, dilation=dilation)
+    assert torch.autograd.gradcheck(fn, (x, w))
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
