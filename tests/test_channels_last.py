@@ -48,6 +48,8 @@ CASES = [
     # a batch of one: the input gradient's tasks split the input channels (two of 80 here), a product per tap
     ConvCase(2, 1, 160, 24, (3, 3), (9, 8), stride=2, padding=1, dilation=(1, 2)),
     ConvCase(2, 1, 12, 20, (5, 5), (7, 6), padding=2),
+    # ...and the weight gradient's tasks split the columns' 1152 columns (two of 576)
+    ConvCase(2, 1, 128, 16, (3, 3), (20, 20), stride=2, padding=1),
     # 7-wide depthwise kernels (depthwise_cpu.cpp's forward_nhwc_rows): ConvNeXt's 7x7 over zero-padded rows, a 3x7
     # with a stride, a 1x7 with a dilation (the runs that step through the row one tap at a time)
     ConvCase(2, 2, 20, 20, (7, 7), (16, 16), padding=3, groups=20),

@@ -54,6 +54,7 @@ constexpr int64_t kMinCacheTileColumns = 512;   // ...unless that would make its
 constexpr int64_t kMaxPartialElems = 1 << 24;  // all partial weight gradients together
 constexpr int64_t kMaxSlots = 8;
 constexpr int64_t kMinWeightRows = 128;         // output channels per task of output_channel_split
+constexpr int64_t kMinColumnRows = 512;         // the columns' rows (taps of input channels) per weight-gradient task
 
 // Cuts `extent` items into pieces of `size` (the last may be shorter): `wanted` pieces of at least
 // `min_size` items if possible, else a power of two of them (so that 2, 4 or 8 threads share them evenly: 3 tiles
@@ -122,9 +123,11 @@ bool columns_fit_once(const Geometry& g) {
 // Whether the backward takes the whole batch as one block (columns_fit_once). Not a pointwise convolution of
 // images of at least kPointwiseInPlace positions: its GEMMs read grad_output and the input in place, image by
 // image, and are wide enough already, where one block would first gather both into copies (1x1 64->256 @56,
-// batch 8: 25 MB of grad_output copied, and the input gradient scattered back, 5x the time of the products).
+// batch 8: 25 MB of grad_output copied, and the input gradient scattered back, 5x the time of the products). A batch
+// of one is read in place either way, and there one block lets the tasks split the channels (1x1 256->1024@14 weight
+// gradient: 1.03 -> 0.55 ms, torch's 0.57; as one tile of one image it had been one task).
 bool whole_batch_backward(const Geometry& g) {
-  return columns_fit_once(g) && !(is_pointwise(g) && g.out_positions() >= kPointwiseInPlace);
+  return columns_fit_once(g) && !(is_pointwise(g) && g.out_positions() >= kPointwiseInPlace && g.batch > 1);
 }
 
 // The split of a product by channel, `per_group` of them in each of `groups` (output channels for the small-image
@@ -880,9 +883,17 @@ void conv_backward_weight_nhwc(scalar_t* gw, const scalar_t* go, const scalar_t*
   // (channel_split_pays for the forward). Interleaved on a 2-core Zen 4, weight gradient ours/torch, batch 8,
   // channel split -> row tiles: 1x1 144->24@56 1.44-1.52 -> 1.05-1.16, 1x1 32->16@112 2.22 -> 1.56, 1x1
   // 192->32@28 1.17 -> 1.05; 3x3 512@7 (7M elements against 21M) and 1x1 96->576@14 keep the channel split.
+  // A third way where all the columns fit: tasks split the columns' columns (the weight's taps of input channels),
+  // each packing its share of the columns and all of grad_output, as conv_backward_weight_small_cpu's. Only for
+  // im2col's columns: 3x3/2 128@56 at batch 1 (2 tasks of 576 columns, where 2 tasks of 64 output channels each
+  // packed all 1152) 1.33 -> 1.21 ms, torch's 1.26; but pointwise ones, whose columns are the input
+  // rows themselves, were as fast or slower (1x1 512->2048@7 0.57 -> 0.70-1.32 ms).
+  const Split column_split = channel_split(d.k_per_group, d.groups, kMinColumnRows);
   const int64_t by_channel = output_channel_split(g).count * rows * width + rows * g.out_channels;
+  const int64_t by_columns =
+      pointwise ? by_channel + 1 : rows * width + column_split.count * rows * g.out_channels;
   const int64_t by_tiles = rows * (width + g.out_channels) + 2 * slots * elems;
-  if (rows * width <= kMaxColumnElems && by_channel <= by_tiles) {
+  if (rows * width <= kMaxColumnElems && std::min(by_channel, by_columns) <= by_tiles) {
     at::Tensor all_columns;
     const scalar_t* cols = in;
     if (!pointwise) {
@@ -896,6 +907,15 @@ void conv_backward_weight_nhwc(scalar_t* gw, const scalar_t* go, const scalar_t*
         }
       });
       cols = c;
+    }
+    if (by_columns < by_channel) {
+      channel_tasks(d.k_per_group, d.groups, [&](int64_t grp, int64_t first, int64_t count) {
+        const int64_t column = first - grp * d.k_per_group;  // within the group's
+        gemm<scalar_t>(true, false, d.out_per_group, count, rows, scalar_t(1), go + grp * d.out_per_group,
+                       g.out_channels, cols + first, width, scalar_t(0),
+                       gw + grp * d.out_per_group * d.k_per_group + column, d.k_per_group);
+      }, kMinColumnRows);
+      return;
     }
     output_channel_tasks(g, [&](int64_t grp, int64_t first, int64_t count) {
       product(gw, cols, 0, rows, grp, first, count, scalar_t(0));
@@ -1163,7 +1183,6 @@ void conv_backward_input_cpu(at::Tensor& grad_input, const at::Tensor& grad_outp
 // 25.4 -> 23.0 ms, 3x3 256@14 19.4 -> 18.1, 3x3/2 128->256@28 9.2 -> 8.9, 3x3 512@7 and 1x1 2048->512@7 the same
 // (a Zen 4; tasks of 128 rows gave less). Each weight entry has the same terms either way; its bits may differ from
 // the channel split's (other shapes can take other BLAS kernels), never with the thread count.
-constexpr int64_t kMinColumnRows = 512;
 void conv_backward_weight_small_cpu(at::Tensor& grad_weight, const at::Tensor& grad_output, const at::Tensor& input,
                                     const Geometry& g) {
   const GroupDims d(g);
