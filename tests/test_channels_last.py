@@ -45,8 +45,10 @@ CASES = [
     # a batch of one at 14x14: two tiles of 98 rows, each one blocked product (small products of 40 rows would cut
     # it in three)
     ConvCase(2, 1, 192, 128, (1, 1), (14, 14)),
-    # a batch of one: the input gradient's tasks split the input channels (two of 80 here), a product per tap
+    # a batch of one: the input gradient's tasks split the input channels (two of 80 and of 16 here), a product per
+    # tap; with fewer than 32 channels one task of the whole image
     ConvCase(2, 1, 160, 24, (3, 3), (9, 8), stride=2, padding=1, dilation=(1, 2)),
+    ConvCase(2, 1, 32, 20, (5, 5), (7, 6), padding=2),
     ConvCase(2, 1, 12, 20, (5, 5), (7, 6), padding=2),
     # ...and the weight gradient's tasks split the columns' 1152 columns (two of 576)
     ConvCase(2, 1, 128, 16, (3, 3), (20, 20), stride=2, padding=1),
@@ -138,8 +140,8 @@ def test_channels_last_gradcheck(case):
 def test_channels_last_batch_of_one_gradcheck(stride, dilation):
     """A batch of one, whose input gradient's tasks split the input channels: gradcheck in float64."""
     g = torch.Generator().manual_seed(7)
-    x = torch.randn(1, 6, 7, 6, generator=g, dtype=torch.float64).contiguous(memory_format=CL).requires_grad_()
-    w = torch.randn(5, 6, 3, 3, generator=g, dtype=torch.float64).contiguous(memory_format=CL).requires_grad_()
+    x = torch.randn(1, 32, 5, 4, generator=g, dtype=torch.float64).contiguous(memory_format=CL).requires_grad_()
+    w = torch.randn(5, 32, 3, 3, generator=g, dtype=torch.float64).contiguous(memory_format=CL).requires_grad_()
     fn = lambda x, w: tmg.functional.conv2d(x, w, None, stride=stride, padding=1, dilation=dilation)
     assert torch.autograd.gradcheck(fn, (x, w))
 

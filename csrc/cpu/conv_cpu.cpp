@@ -55,6 +55,8 @@ constexpr int64_t kMaxPartialElems = 1 << 24;  // all partial weight gradients t
 constexpr int64_t kMaxSlots = 8;
 constexpr int64_t kMinWeightRows = 128;         // output channels per task of output_channel_split
 constexpr int64_t kMinColumnRows = 512;         // the columns' rows (taps of input channels) per weight-gradient task
+constexpr int64_t kMinChannelTaskChannels = 32;  // input channels from which a batch of one's NHWC input gradient
+                                                 // splits them (conv_backward_input_nhwc)
 
 // Cuts `extent` items into pieces of `size` (the last may be shorter): `wanted` pieces of at least
 // `min_size` items if possible, else a power of two of them (so that 2, 4 or 8 threads share them evenly: 3 tiles
@@ -124,10 +126,11 @@ bool columns_fit_once(const Geometry& g) {
 // images of at least kPointwiseInPlace positions: its GEMMs read grad_output and the input in place, image by
 // image, and are wide enough already, where one block would first gather both into copies (1x1 64->256 @56,
 // batch 8: 25 MB of grad_output copied, and the input gradient scattered back, 5x the time of the products). A batch
-// of one is read in place either way, and there one block lets the tasks split the channels (1x1 256->1024@14 weight
-// gradient: 1.03 -> 0.55 ms, torch's 0.57; as one tile of one image it had been one task).
+// of one is read in place either way: where its image is one tile of make_blocking's (one task), one block lets the
+// tasks split the channels (1x1 256->1024@14 weight gradient: 1.03 -> 0.55 ms, torch's 0.57).
 bool whole_batch_backward(const Geometry& g) {
-  return columns_fit_once(g) && !(is_pointwise(g) && g.out_positions() >= kPointwiseInPlace && g.batch > 1);
+  const bool one_tile = g.batch == 1 && g.out_positions() < 2 * kMinTileColumns;  // make_blocking's: one task
+  return columns_fit_once(g) && !(is_pointwise(g) && g.out_positions() >= kPointwiseInPlace && !one_tile);
 }
 
 // The split of a product by channel, `per_group` of them in each of `groups` (output channels for the small-image
@@ -803,10 +806,11 @@ void conv_backward_input_nhwc(scalar_t* gi, const scalar_t* go, const scalar_t* 
   const int64_t images = std::max<int64_t>(1, std::min({ceil_div(kBlockColumns, positions), g.batch / kMinBlocks,
                                                         kMaxColumnElems / (positions * width)}));
   const int64_t chunk = std::max<int64_t>(1, std::min(images * d.positions, kMaxColumnElems / width));
-  if (d.groups == 1 && ceil_div(g.batch, images) < 2) {
+  if (d.groups == 1 && ceil_div(g.batch, images) < 2 && g.in_channels >= kMinChannelTaskChannels) {
     // One task of whole images (a batch of one) would leave the other threads idle (3x3 512@7 at batch 1: 2.4x
     // torch's time): tasks take the input channels instead, each its channels' columns (a product per tap) added
-    // into its channels of the image, every element's terms in the order of the image tasks below.
+    // into its channels of the image, every element's terms in the order of the image tasks below. (With fewer
+    // channels, a ConvTranspose's few output channels, the products per tap would be a channel or two wide.)
     channel_tasks(g.in_channels, 1, [&](int64_t, int64_t c0, int64_t count) {
       const int64_t span = d.taps * count, rows = g.batch * d.positions;
       const int64_t step = std::max<int64_t>(1, std::min(rows, kMaxColumnElems / span));
