@@ -129,7 +129,7 @@ bool columns_fit_once(const Geometry& g) {
 // of one is read in place either way: where its image is one tile of make_blocking's (one task), one block lets the
 // tasks split the channels (1x1 256->1024@14 weight gradient: 1.03 -> 0.55 ms, torch's 0.57).
 bool whole_batch_backward(const Geometry& g) {
-  const bool one_tile = g.batch == 1 && g.out_positions() < 2 * kMinTileColumns;  // make_blocking's: one task
+  const bool one_tile = g.batch == 1 && make_blocking(g, /*allow_tiles=*/true).count < 2;
   return columns_fit_once(g) && !(is_pointwise(g) && g.out_positions() >= kPointwiseInPlace && !one_tile);
 }
 
@@ -509,32 +509,10 @@ void im2col_nhwc(scalar_t* cols, const scalar_t* input, const Geometry& g, int64
   }
 }
 
-// The mirror: positions [q0, q1) of one image's columns (row stride width) added into the image (H, W, C)
-// at the pixels they came from, in position order, then tap order (a run's taps touch distinct pixels, so
-// adding a run's stretch in one loop keeps every element's order of terms).
-template <typename scalar_t>
-void col2im_nhwc_add(scalar_t* image, const scalar_t* cols, const Geometry& g, int64_t q0, int64_t q1) {
-  const GroupDims d(g);
-  const int64_t width = g.in_channels * d.taps;
-  for (int64_t q = q0; q < q1; ++q) {
-    const scalar_t* row = cols + (q - q0) * width;
-    for_each_tap_run(g, q / g.out_w, q % g.out_w, [&](int64_t tap, int64_t pixel, int64_t count) {
-      if (pixel < 0) return;
-      if (d.groups == 1) {
-        add_into(image + pixel * g.in_channels, row + tap * g.in_channels, count * g.in_channels);
-        return;
-      }
-      for (int64_t k = 0; k < count; ++k) {
-        for (int64_t grp = 0; grp < d.groups; ++grp)
-          add_into(image + (pixel + k) * g.in_channels + grp * d.in_per_group,
-                   row + grp * d.k_per_group + (tap + k) * d.in_per_group, d.in_per_group);
-      }
-    });
-  }
-}
-
-// ...for one group's input channels [c0, c0 + count) alone, from columns holding only those: a row is taps × count.
-// Each element's terms in col2im_nhwc_add's order.
+// Positions [q0, q1) of one image's columns for input channels [c0, c0 + count) alone (one group: a row is
+// taps × count) added into the image (H, W, C) at the pixels they came from, in position order, then tap order (a
+// run's taps touch distinct pixels, so all channels' stretch of a run is added in one loop, keeping every element's
+// order of terms).
 template <typename scalar_t>
 void col2im_nhwc_add_channels(scalar_t* image, const scalar_t* cols, const Geometry& g, int64_t q0, int64_t q1,
                               int64_t c0, int64_t count) {
@@ -543,8 +521,32 @@ void col2im_nhwc_add_channels(scalar_t* image, const scalar_t* cols, const Geome
     const scalar_t* row = cols + (q - q0) * span;
     for_each_tap_run(g, q / g.out_w, q % g.out_w, [&](int64_t tap, int64_t pixel, int64_t run) {
       if (pixel < 0) return;
+      if (count == g.in_channels) {
+        add_into(image + pixel * count, row + tap * count, run * count);
+        return;
+      }
       for (int64_t k = 0; k < run; ++k)
         add_into(image + (pixel + k) * g.in_channels + c0, row + (tap + k) * count, count);
+    });
+  }
+}
+
+// The mirror of im2col_nhwc: positions [q0, q1) of one image's columns (row stride width) added into the image,
+// in col2im_nhwc_add_channels' order, every group's channels.
+template <typename scalar_t>
+void col2im_nhwc_add(scalar_t* image, const scalar_t* cols, const Geometry& g, int64_t q0, int64_t q1) {
+  const GroupDims d(g);
+  if (d.groups == 1) return col2im_nhwc_add_channels(image, cols, g, q0, q1, 0, g.in_channels);
+  const int64_t width = g.in_channels * d.taps;
+  for (int64_t q = q0; q < q1; ++q) {
+    const scalar_t* row = cols + (q - q0) * width;
+    for_each_tap_run(g, q / g.out_w, q % g.out_w, [&](int64_t tap, int64_t pixel, int64_t count) {
+      if (pixel < 0) return;
+      for (int64_t k = 0; k < count; ++k) {
+        for (int64_t grp = 0; grp < d.groups; ++grp)
+          add_into(image + (pixel + k) * g.in_channels + grp * d.in_per_group,
+                   row + grp * d.k_per_group + (tap + k) * d.in_per_group, d.in_per_group);
+      }
     });
   }
 }
@@ -764,6 +766,17 @@ at::Tensor conv_forward_nhwc(const at::Tensor& input_, const at::Tensor& weight_
 // grad_input: per group, grad_columns = grad_output rows @ weight rows, then added back into the pixels.
 // Pointwise, that product is the input gradient itself. Otherwise each task owns whole images (windows of
 // neighbouring positions overlap), whose positions it takes in chunks of at most kMaxColumnElems columns.
+// f(n, q0, q1, at) for each image n's share of rows [r0, r0 + m) of a batch's positions (`positions` an image):
+// its positions [q0, q1), the first of them at row r0 + at.
+template <typename F>
+void for_each_image_share(int64_t r0, int64_t m, int64_t positions, const F& f) {
+  for (int64_t r = r0; r < r0 + m;) {
+    const int64_t n = r / positions, q0 = r % positions, q1 = std::min(positions, q0 + r0 + m - r);
+    f(n, q0, q1, r - r0);
+    r += q1 - q0;
+  }
+}
+
 template <typename scalar_t>
 void conv_backward_input_nhwc(scalar_t* gi, const scalar_t* go, const scalar_t* wt, const Geometry& g) {
   const GroupDims d(g);
@@ -822,12 +835,10 @@ void conv_backward_input_nhwc(scalar_t* gi, const scalar_t* go, const scalar_t* 
         for (int64_t tap = 0; tap < d.taps; ++tap)
           gemm<scalar_t>(false, false, m, count, g.out_channels, scalar_t(1), go + r0 * g.out_channels, g.out_channels,
                          wt + tap * g.in_channels + c0, width, scalar_t(0), workspace.data() + tap * count, span);
-        for (int64_t r = r0; r < r0 + m;) {  // each image's share of these rows
-          const int64_t n = r / d.positions, q0 = r % d.positions, q1 = std::min(d.positions, q0 + r0 + m - r);
-          col2im_nhwc_add_channels(gi + n * g.in_h * g.in_w * g.in_channels, workspace.data() + (r - r0) * span, g,
-                                   q0, q1, c0, count);
-          r += q1 - q0;
-        }
+        for_each_image_share(r0, m, d.positions, [&](int64_t n, int64_t q0, int64_t q1, int64_t at) {
+          col2im_nhwc_add_channels(gi + n * g.in_h * g.in_w * g.in_channels, workspace.data() + at * span, g, q0, q1,
+                                   c0, count);
+        });
       }
     });
     return;
@@ -854,11 +865,9 @@ void conv_backward_input_nhwc(scalar_t* gi, const scalar_t* go, const scalar_t* 
                            wt + grp * d.out_per_group * d.k_per_group, d.k_per_group, scalar_t(0),
                            workspace.data() + grp * d.k_per_group, width);
         }
-        for (int64_t r = r0; r < r0 + m;) {  // each image's share of these rows
-          const int64_t n = r / d.positions, q0 = r % d.positions, q1 = std::min(d.positions, q0 + r0 + m - r);
-          col2im_nhwc_add(block + n * g.in_h * g.in_w * g.in_channels, workspace.data() + (r - r0) * width, g, q0, q1);
-          r += q1 - q0;
-        }
+        for_each_image_share(r0, m, d.positions, [&](int64_t n, int64_t q0, int64_t q1, int64_t at) {
+          col2im_nhwc_add(block + n * g.in_h * g.in_w * g.in_channels, workspace.data() + at * width, g, q0, q1);
+        });
       }
     }
   });
