@@ -245,10 +245,12 @@ _CL = {2: torch.channels_last, 3: torch.channels_last_3d}
 @pytest.mark.parametrize("dims", (1, 2, 3))
 @pytest.mark.parametrize("transposed", (False, True))
 @pytest.mark.parametrize("batch", (0, 2))
-def test_gradient_strides_through_autograd_grad_are_torchs(dims, transposed, batch):
+@pytest.mark.parametrize("grad_layout", ("contiguous", "channels_last"))
+def test_gradient_strides_through_autograd_grad_are_torchs(dims, transposed, batch, grad_layout):
     """torch.autograd.grad hands back the gradients as the backward laid them out (.backward() would re-lay them
     out like the leaves): ours must be laid out as torch's, for every input and weight layout, an empty batch
-    included (there torch's follow the input's and the weight's own strides, a permuted weight's too)."""
+    included (there torch's follow the input's and the weight's own strides, a permuted weight's too), whatever
+    the incoming gradient's layout (torch's ignore it; a transposed convolution's kernels start from it)."""
     name = f"conv_transpose{dims}d" if transposed else f"conv{dims}d"
     ours, theirs = getattr(tmg.functional, name), getattr(F, name)
     def channels_last(t):  # a 3-d tensor as torch's 1-d kernels see it: channels last, as the 4-d one of height 1
@@ -266,9 +268,59 @@ def test_gradient_strides_through_autograd_grad_are_torchs(dims, transposed, bat
         for fn in (theirs, ours):
             xs, ws = x.detach().requires_grad_(), w.detach().requires_grad_()
             y = fn(xs, ws)
-            gx, gw = torch.autograd.grad(y, (xs, ws), torch.ones(y.shape))
+            grad = torch.arange(y.numel(), dtype=y.dtype).reshape(y.shape).remainder(5)
+            grad = channels_last(grad) if grad_layout == "channels_last" else grad
+            gx, gw = torch.autograd.grad(y, (xs, ws), grad)
             strides.append((y.stride(), gx.stride(), gw.stride()))
         assert strides[1] == strides[0], (x_layout, w_layout, strides)
+
+
+@pytest.mark.parametrize("dims", (1, 2, 3))
+def test_max_pool_gradient_layout_follows_the_input_not_grad_output(dims):
+    """torch lays a max-pool's input gradient out as the input, whatever the incoming gradient's layout; the
+    kernels follow grad_output's, so the Function gives them one in the input's."""
+    pool, theirs = getattr(tf, f"max_pool{dims}d"), getattr(F, f"max_pool{dims}d")
+    def channels_last(t):
+        return t.transpose(1, 2).contiguous().transpose(1, 2) if dims == 1 else t.contiguous(memory_format=_CL[dims])
+    g = torch.Generator().manual_seed(dims)
+    for x_cl, grad_cl in itertools.product((False, True), repeat=2):
+        x = torch.randn(2, 3, *(6,) * dims, generator=g, dtype=torch.float64)
+        x = channels_last(x) if x_cl else x
+        results = []
+        for fn in (theirs, pool):
+            xs = x.detach().requires_grad_()
+            y = fn(xs, 2)
+            grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype)
+            (gx,) = torch.autograd.grad(y, xs, channels_last(grad) if grad_cl else grad)
+            results.append(gx)
+        assert results[1].stride() == results[0].stride(), (x_cl, grad_cl)
+        torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
+
+
+def test_unbatched_max_pool3d_of_a_channels_last_3d_slice_is_laid_out_as_torchs():
+    """torch pools an unbatched (C, D, H, W) input whose memory runs C, W, H, D (one image of a channels_last_3d
+    batch) in that layout, and every other layout it accepts contiguous. Every order of the four dimensions,
+    sizes of 1 included. (The input gradient's layout is not compared: torch's unbatched 3-d backward follows
+    the incoming gradient's, where its batched one follows the input's.)"""
+    checked = 0
+    for shape in [(4, 6, 7, 5), (4, 1, 7, 5), (3, 2, 2, 2)]:
+        for order in itertools.permutations(range(4)):
+            base = torch.randn(*[shape[d] for d in order], dtype=torch.float64)
+            x = base.permute([order.index(d) for d in range(4)])
+            for kernel in (1, 2):
+                try:
+                    y_t, i_t = F.max_pool3d(x, kernel, 1, return_indices=True)
+                except RuntimeError:  # torch refuses a 4-d channels-last one: "Unsupported memory format"
+                    continue
+                y_o, i_o = tf.max_pool3d(x, kernel, 1, return_indices=True)
+                assert (y_o.stride(), i_o.stride()) == (y_t.stride(), i_t.stride()), (shape, order, kernel)
+                assert torch.equal(y_o, y_t) and torch.equal(i_o, i_t)
+                xs = x.detach().requires_grad_()
+                (gx,) = torch.autograd.grad(tf.max_pool3d(xs, kernel, 1), xs, torch.ones(y_t.shape, dtype=x.dtype))
+                (gx_t,) = torch.autograd.grad(F.max_pool3d(xs, kernel, 1), xs, torch.ones(y_t.shape, dtype=x.dtype))
+                assert torch.equal(gx, gx_t)
+                checked += 1
+    assert checked > 100
 
 
 @pytest.mark.parametrize("x_cl, w_cl", [(True, False), (False, True), (True, True)])

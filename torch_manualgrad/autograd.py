@@ -238,16 +238,23 @@ def _in_layout_of(grads, input, weight, geometry):
         grad_input, grad_weight = grads
         return (None if grad_input is None else torch.empty_like(input).copy_(grad_input),
                 None if grad_weight is None else torch.empty_like(weight).copy_(grad_weight))
+    # Neither suggesting channels-last, torch's gradients are contiguous whatever grad_output's layout; the
+    # kernels' follow the tensor they start from, which for a transposed convolution's (ConvBackwardFunction)
+    # is its channels-last output gradient, say.
     if input.dim() == 3:  # 1-d: torch computes it on views of height 1, and as for its output only the weight counts
         if weight.dim() != 3 or not suggests_channels_last_as_2d(weight):
-            return grads
+            return _contiguous(grads)
         return tuple(_to_channels_last(g) if g is not None else g for g in grads)
     if not (_suggests_channels_last(input) or _suggests_channels_last(weight)):
-        return grads
+        return _contiguous(grads)
     stride, _padding, dilation, groups = geometry
     if not conv_keeps_channels_last(input, weight, stride, dilation, groups):
-        return tuple(g.contiguous() if g is not None else g for g in grads)
+        return _contiguous(grads)
     return tuple(_to_channels_last(g) if g is not None and g.dim() in (4, 5) else g for g in grads)
+
+
+def _contiguous(grads):
+    return tuple(g if g is None or g.is_contiguous() else g.contiguous() for g in grads)
 
 
 def _conv_grads(grad_output, input, weight, geometry, output_mask):
@@ -547,6 +554,10 @@ class MaxPoolFunction(_Function):
     def backward(ctx, grad_output, _grad_indices):
         if grad_output is None:  # only the indices were used
             return None, None, None, None, None, None, None
+        if not ctx.channels_last_input and grad_output.dim() > 3 and suggests_channels_last_as_2d(grad_output):
+            # torch lays the input's gradient out as the input, where the kernels follow grad_output's layout: a
+            # contiguous input's is computed from grad_output made contiguous, as torch's own backward does
+            grad_output = grad_output.contiguous()
         grad_input = _route_to_argmax(grad_output, _saved_indices(ctx), ctx.input_size, ctx.geometry)
         if ctx.channels_last_input and not inside_vmap():
             grad_input = _to_channels_last(grad_input)

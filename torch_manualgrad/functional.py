@@ -168,6 +168,13 @@ def _in_torchs_layout(output, channels_last, dims):
     return output
 
 
+def _unbatched_channels_last_3d(t):
+    """Whether torch's max_pool3d lays out the result of an unbatched (C, D, H, W) input channels-last, as the
+    slice of a channels_last_3d batch: when its memory runs C, W, H, D (sizes of 1 anywhere), unless it is
+    contiguous as well."""
+    return not t.is_contiguous() and t.unsqueeze(0).is_contiguous(memory_format=torch.channels_last_3d)
+
+
 def _pool_channels_last(input, dims, unbatched, with_indices):
     """Whether torch lays out this max-pool's output (and indices) channels-last: as the input suggests; an
     unbatched input never. A 1-d input is seen as height 1 where torch's max_pool1d goes through its 2-d kernel
@@ -177,7 +184,7 @@ def _pool_channels_last(input, dims, unbatched, with_indices):
         return False
     if dims == 1:
         return not unbatched and (with_indices or input.device.type != "cpu") and suggests_channels_last_as_2d(input)
-    return not unbatched and _suggests_channels_last(input)
+    return (not unbatched or dims == 3) and _suggests_channels_last(input)
 
 
 _ANY_AUTOCAST = getattr(torch._C, "_is_any_autocast_enabled", None)
@@ -514,6 +521,10 @@ def _max_pool(dims, op, input, kernel_size, stride, padding, dilation, ceil_mode
     padding = _expand(padding, dims, "padding", op)
     dilation = _expand(dilation, dims, "dilation", op)
     input, unbatched = _batched(op, input, dims)
+    if unbatched and dims == 3 and not inside_vmap() and _unbatched_channels_last_3d(input[0]):
+        # torch pools the slice of a channels_last_3d batch in that layout, and so does ours, given a batch of one
+        # whose strides say so (unsqueeze(0)'s N stride is C's span, which reads as contiguous): the same memory
+        input = _as_channels_last(input, 3)
     path = call_path(input)
     if path == FUNCTION:
         output, indices = MaxPoolFunction.apply(input, kernel_size, stride, padding, dilation, bool(ceil_mode), True)
