@@ -50,6 +50,9 @@ CASES = [
     ConvCase(2, 1, 160, 24, (3, 3), (9, 8), stride=2, padding=1, dilation=(1, 2)),
     ConvCase(2, 1, 32, 20, (5, 5), (7, 6), padding=2),
     ConvCase(2, 1, 12, 20, (5, 5), (7, 6), padding=2),
+    # ...and so for 3 or 5 image tasks where the input channels make pieces of 128 (two here)
+    ConvCase(2, 3, 256, 24, (3, 3), (7, 7), padding=1),
+    ConvCase(2, 5, 256, 16, (3, 3), (9, 8), stride=2, padding=1, bias=False),
     # ...and the weight gradient's tasks split the columns' 1152 columns (two of 576)
     ConvCase(2, 1, 128, 16, (3, 3), (20, 20), stride=2, padding=1),
     # 7-wide depthwise kernels (depthwise_cpu.cpp's forward_nhwc_rows): ConvNeXt's 7x7 over zero-padded rows, a 3x7

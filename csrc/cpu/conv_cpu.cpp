@@ -57,6 +57,7 @@ constexpr int64_t kMinWeightRows = 128;         // output channels per task of o
 constexpr int64_t kMinColumnRows = 512;         // the columns' rows (taps of input channels) per weight-gradient task
 constexpr int64_t kMinChannelTaskChannels = 32;  // input channels from which a batch of one's NHWC input gradient
                                                  // splits them (conv_backward_input_nhwc)
+constexpr int64_t kMinOddTaskChannels = 256;     // ...and a batch of an odd number of tasks under kMinTasks
 
 // Cuts `extent` items into pieces of `size` (the last may be shorter): `wanted` pieces of at least
 // `min_size` items if possible, else a power of two of them (so that 2, 4 or 8 threads share them evenly: 3 tiles
@@ -819,11 +820,18 @@ void conv_backward_input_nhwc(scalar_t* gi, const scalar_t* go, const scalar_t* 
   const int64_t images = std::max<int64_t>(1, std::min({ceil_div(kBlockColumns, positions), g.batch / kMinBlocks,
                                                         kMaxColumnElems / (positions * width)}));
   const int64_t chunk = std::max<int64_t>(1, std::min(images * d.positions, kMaxColumnElems / width));
-  if (d.groups == 1 && ceil_div(g.batch, images) < 2 && g.in_channels >= kMinChannelTaskChannels) {
+  const int64_t image_tasks = ceil_div(g.batch, images);
+  const bool odd_tasks = image_tasks % 2 == 1 && image_tasks < kMinTasks && g.in_channels >= kMinOddTaskChannels;
+  if (d.groups == 1 && (image_tasks == 1 ? g.in_channels >= kMinChannelTaskChannels : odd_tasks)) {
     // One task of whole images (a batch of one) would leave the other threads idle (3x3 512@7 at batch 1: 2.4x
     // torch's time): tasks take the input channels instead, each its channels' columns (a product per tap) added
     // into its channels of the image, every element's terms in the order of the image tasks below. (With fewer
     // channels, a ConvTranspose's few output channels, the products per tap would be a channel or two wide.)
+    // So do 3, 5 or 7 tasks, which 2 or 4 threads share unevenly, where the channels make pieces of 128 or more
+    // (2-core Zen 4, ms, image tasks -> channel tasks [torch]: 3x3 512@7 at batch 3 5.4 -> 4.0 [4.8], batch 5
+    // 8.9 -> 6.5 [6.7], batch 7 11.8 -> 8.9 [8.7]; 3x3/2 256->512@14 at batch 5 3.8 -> 3.1 [2.6]; the same bits.
+    // Narrower pieces lose: 3x3/2 128->256@28 at batch 3 2.3 -> 2.4, at 4-8 images 7-35% slower; and an even
+    // number of tasks gains nothing.)
     channel_tasks(g.in_channels, 1, [&](int64_t, int64_t c0, int64_t count) {
       const int64_t span = d.taps * count, rows = g.batch * d.positions;
       const int64_t step = std::max<int64_t>(1, std::min(rows, kMaxColumnElems / span));
