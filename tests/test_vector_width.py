@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import torch_manualgrad as tmg
+from common import ConvCase
 from test_bounded_memory import test_depthwise_nchw_gradients_match_torch  # noqa: F401
 from test_channels_last import (  # noqa: F401
     test_channels_last_bit_identical_across_thread_counts,
@@ -59,3 +60,33 @@ def test_small_k_forward_matches_torch_and_the_other_width(case, layout, vector_
     monkeypatch.setenv("TORCH_MANUALGRAD_VECTOR_BYTES", "64" if vector_bytes == 32 else "32")
     other = tmg.functional.conv2d(x, w, b, stride, padding)
     torch.testing.assert_close(outs[0], other, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("case", [
+    ConvCase(2, 2, 144, 160, (3, 3), (14, 14), stride=2, padding=1),  # 7x7 outputs, too many channels for via_nhwc
+    ConvCase(2, 1, 136, 136, (3, 3), (9, 11), stride=(1, 2), padding=(2, 1), dilation=(2, 1), bias=False),
+    ConvCase(3, 2, 4, 6, (3, 3, 3), (5, 6, 7), stride=2, padding=1),  # a small volume
+    ConvCase(1, 3, 8, 4, (5,), (30,), stride=2, padding=2),  # 15 outputs
+    ConvCase(2, 2, 136, 136, (3, 3), (40, 33), stride=2, padding=1),  # rows of 17: im2col's runs either way
+], ids=str)
+def test_small_image_columns_are_the_same_bits_either_way(case, vector_bytes, monkeypatch):
+    """NCHW im2col of small output images takes AVX-512 gathers where the CPU has them (conv_cpu.cpp, GatherPlan),
+    else runs of each output row: a copy either way, so the forward and the weight gradient are the same bits with
+    32-byte vectors as with 64, and as close to float64 as torch's."""
+    x, w, b = case.make_tensors("cpu", torch.float32, requires_grad=True, seed=11)
+    go = case.make_grad_output("cpu", torch.float32, seed=12)
+    conv, theirs = getattr(tmg.functional, f"conv{case.dim}d"), getattr(torch.nn.functional, f"conv{case.dim}d")
+    leaves = [t for t in (x, w, b) if t is not None]
+    def run():
+        y = conv(x, w, b, **case.kwargs())
+        return [y, *torch.autograd.grad(y, leaves, go)]
+    ours = run()
+    monkeypatch.setenv("TORCH_MANUALGRAD_VECTOR_BYTES", "64" if vector_bytes == 32 else "32")
+    assert all(torch.equal(a, o) for a, o in zip(ours, run()))
+    wide = [t.detach().double().requires_grad_() for t in leaves]
+    y64 = theirs(wide[0], wide[1], wide[2] if b is not None else None, **case.kwargs())
+    y32 = theirs(x, w, b, **case.kwargs())
+    for o, t, exact in zip(ours, [y32, *torch.autograd.grad(y32, leaves, go)],
+                           [y64, *torch.autograd.grad(y64, wide, go.double())]):
+        error, torch_error = ((o.double() - exact).norm() / exact.norm()).item(), ((t.double() - exact).norm() / exact.norm()).item()
+        assert error <= 4 * torch_error + 8 * torch.finfo(torch.float32).eps
