@@ -96,7 +96,7 @@ ANCHOR_CONV_CASES = [
     ConvCase(2, 1, 16, 48, (3, 3), (28, 28), padding=1),  # ...and a 3x3's cache tiles of that image
     # 3 images of one tile each: the forward cuts each into 2 tiles so that the tasks are even (even_tasks)
     ConvCase(2, 3, 64, 32, (1, 1), (14, 14)),
-    ConvCase(2, 3, 16, 24, (3, 3), (28, 27), stride=2, padding=1),
+    ConvCase(2, 3, 32, 160, (3, 3), (26, 26), stride=2, padding=1),  # ...of columns (tiles of 85 and 84 positions)
     ConvCase(2, 2, 16, 32, (3, 3), (20, 20), padding=1, groups=16),  # depthwise, multiplier 2
     ConvCase(2, 8, 64, 64, (3, 3), (7, 7), padding=1),  # small images: one-block backward
     ConvCase(2, 3, 16, 160, (3, 3), (9, 9), stride=2, padding=1),  # small images: one-block forward, channels split

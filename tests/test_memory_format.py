@@ -297,6 +297,28 @@ def test_max_pool_gradient_layout_follows_the_input_not_grad_output(dims):
         torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
 
 
+def test_layouts_with_sizes_of_1_as_torchs():
+    """Tensors whose sizes of 1 carry channels-last strides count as contiguous, yet suggest channels-last: an
+    unbatched (C, 1, 1, 1) max_pool3d input, a max-pool's incoming gradient of 1x1 outputs, a transposed
+    convolution's gradients at 1x1 inputs. torch's results then have its contiguous strides."""
+    x = torch.randn(64, dtype=torch.float64).as_strided((4, 1, 1, 1), (1, 4, 4, 4))
+    for ours, theirs in zip(tf.max_pool3d(x, 1, 1, return_indices=True), F.max_pool3d(x, 1, 1, return_indices=True)):
+        assert ours.stride() == theirs.stride() and torch.equal(ours, theirs)
+    x = torch.randn(2, 4, 2, 2, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(64, dtype=torch.float64).as_strided((2, 4, 1, 1), (4, 1, 4, 4))
+    (ours,), (theirs,) = (torch.autograd.grad(fn(x, 2), x, grad) for fn in (tf.max_pool2d, F.max_pool2d))
+    assert ours.stride() == theirs.stride() and torch.equal(ours, theirs)
+    x = torch.randn(2, 4, 1, 1, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 6, 3, 3, dtype=torch.float64, requires_grad=True)
+    results = []
+    for fn in (tf.conv_transpose2d, F.conv_transpose2d):
+        y = fn(x, w)
+        results.append(torch.autograd.grad(y, (x, w), y.detach().contiguous(memory_format=CL).mul(0).add(1)))
+    for ours, theirs in zip(*results):
+        assert ours.stride() == theirs.stride()
+        torch.testing.assert_close(ours, theirs)
+
+
 def test_unbatched_max_pool3d_of_a_channels_last_3d_slice_is_laid_out_as_torchs():
     """torch pools an unbatched (C, D, H, W) input whose memory runs C, W, H, D (one image of a channels_last_3d
     batch) in that layout, and every other layout it accepts contiguous. Every order of the four dimensions,

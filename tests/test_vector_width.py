@@ -67,6 +67,8 @@ def test_small_k_forward_matches_torch_and_the_other_width(case, layout, vector_
     ConvCase(2, 1, 136, 136, (3, 3), (9, 11), stride=(1, 2), padding=(2, 1), dilation=(2, 1), bias=False),
     ConvCase(3, 2, 4, 6, (3, 3, 3), (5, 6, 7), stride=2, padding=1),  # a small volume
     ConvCase(1, 3, 8, 4, (5,), (30,), stride=2, padding=2),  # 15 outputs
+    ConvCase(2, 3, 32, 160, (3, 3), (26, 26), stride=2, padding=1),  # forward tiles from mid-row (even_tasks)
+    ConvCase(2, 8, 32, 160, (3, 3), (14, 14), stride=2, padding=1),  # blocks of 2 images
     ConvCase(2, 2, 136, 136, (3, 3), (40, 33), stride=2, padding=1),  # rows of 17: im2col's runs either way
 ], ids=str)
 def test_small_image_columns_are_the_same_bits_either_way(case, vector_bytes, monkeypatch):

@@ -253,8 +253,28 @@ def _in_layout_of(grads, input, weight, geometry):
     return tuple(_to_channels_last(g) if g is not None and g.dim() in (4, 5) else g for g in grads)
 
 
+def _contiguous_strides(t):
+    """Whether t has torch's contiguous strides, those of sizes of 1 included: is_contiguous() ignores those, and a
+    gradient of (N, C, 1, 1) with strides (C, 1, C, C) would pass it while still suggesting channels-last."""
+    if not t.is_contiguous():
+        return False
+    if 1 not in t.shape and 0 not in t.shape:
+        return True
+    span = 1
+    for size, stride in zip(reversed(t.shape), reversed(t.stride())):
+        if stride != span:
+            return False
+        span *= max(size, 1)
+    return True
+
+
+def with_contiguous_strides(t):
+    """t, or a copy of it with torch's contiguous strides where it has others (_contiguous_strides)."""
+    return t if t is None or _contiguous_strides(t) else t.clone(memory_format=torch.contiguous_format)
+
+
 def _contiguous(grads):
-    return tuple(g if g is None or g.is_contiguous() else g.contiguous() for g in grads)
+    return tuple(with_contiguous_strides(g) for g in grads)
 
 
 def _conv_grads(grad_output, input, weight, geometry, output_mask):
@@ -557,7 +577,7 @@ class MaxPoolFunction(_Function):
         if not ctx.channels_last_input and grad_output.dim() > 3 and suggests_channels_last_as_2d(grad_output):
             # torch lays the input's gradient out as the input, where the kernels follow grad_output's layout: a
             # contiguous input's is computed from grad_output made contiguous, as torch's own backward does
-            grad_output = grad_output.contiguous()
+            grad_output = grad_output.clone(memory_format=torch.contiguous_format)
         grad_input = _route_to_argmax(grad_output, _saved_indices(ctx), ctx.input_size, ctx.geometry)
         if ctx.channels_last_input and not inside_vmap():
             grad_input = _to_channels_last(grad_input)

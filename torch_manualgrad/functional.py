@@ -26,7 +26,8 @@ from ._complex import complex_conv
 from ._ops import ops
 from .autograd import (BELOW, FUNCTION, OP, ConvBackwardFunction, ConvFunction, MaxPoolFunction,
                        _suggests_channels_last, below_autograd, call_path, channels_last_format,
-                       add_channel_bias, conv_keeps_channels_last, inside_vmap, suggests_channels_last_as_2d)
+                       add_channel_bias, conv_keeps_channels_last, inside_vmap, suggests_channels_last_as_2d,
+                       with_contiguous_strides)
 
 __all__ = ["conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "max_pool1d",
            "max_pool2d", "max_pool3d"]
@@ -177,14 +178,14 @@ def _unbatched_channels_last_3d(t):
 
 def _pool_channels_last(input, dims, unbatched, with_indices):
     """Whether torch lays out this max-pool's output (and indices) channels-last: as the input suggests; an
-    unbatched input never. A 1-d input is seen as height 1 where torch's max_pool1d goes through its 2-d kernel
+    unbatched input never (but one image of a channels_last_3d batch, which _max_pool sees first). A 1-d input is seen as height 1 where torch's max_pool1d goes through its 2-d kernel
     (indices wanted, a gradient to come, or not the CPU), an unbatched one as an unbatched 2-d input; its
     CPU-only path returns contiguous."""
     if inside_vmap():
         return False
     if dims == 1:
         return not unbatched and (with_indices or input.device.type != "cpu") and suggests_channels_last_as_2d(input)
-    return (not unbatched or dims == 3) and _suggests_channels_last(input)
+    return not unbatched and _suggests_channels_last(input)
 
 
 _ANY_AUTOCAST = getattr(torch._C, "_is_any_autocast_enabled", None)
@@ -521,7 +522,8 @@ def _max_pool(dims, op, input, kernel_size, stride, padding, dilation, ceil_mode
     padding = _expand(padding, dims, "padding", op)
     dilation = _expand(dilation, dims, "dilation", op)
     input, unbatched = _batched(op, input, dims)
-    if unbatched and dims == 3 and not inside_vmap() and _unbatched_channels_last_3d(input[0]):
+    slice_of_channels_last = unbatched and dims == 3 and not inside_vmap() and _unbatched_channels_last_3d(input[0])
+    if slice_of_channels_last:
         # torch pools the slice of a channels_last_3d batch in that layout, and so does ours, given a batch of one
         # whose strides say so (unsqueeze(0)'s N stride is C's span, which reads as contiguous): the same memory
         input = _as_channels_last(input, 3)
@@ -538,15 +540,20 @@ def _max_pool(dims, op, input, kernel_size, stride, padding, dilation, ceil_mode
     # (a jit trace takes OP on both of its runs, so it asks the same question on both: they must record the
     # same calls, and they name values by what the Python frames hold when a tensor is first read)
     with_indices = bool(return_indices) or path != BELOW
-    channels_last = _pool_channels_last(input, dims, unbatched, with_indices)
+    channels_last = slice_of_channels_last or _pool_channels_last(input, dims, unbatched, with_indices)
+    # (an unbatched input's batch of one may suggest channels-last through its sizes of 1 where torch's 4-d or
+    # 3-d input counts as contiguous: its results then get torch's contiguous strides)
+    strides_of_one = unbatched and not channels_last and not inside_vmap()
     if channels_last:
         output = _as_channels_last(output, dims)
     output = output.squeeze(0) if unbatched else output
+    output = with_contiguous_strides(output) if strides_of_one else output
     if not return_indices:
         return output
     if channels_last:
         indices = _as_channels_last(indices, dims)
-    return output, (indices.squeeze(0) if unbatched else indices)
+    indices = indices.squeeze(0) if unbatched else indices
+    return output, (with_contiguous_strides(indices) if strides_of_one else indices)
 
 
 def max_pool1d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):

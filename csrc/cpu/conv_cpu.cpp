@@ -34,6 +34,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -120,11 +121,11 @@ Blocking make_blocking(const Geometry& g, bool allow_tiles, bool cache_tiles = f
 
 // The forward's blocking with an even number of tasks where make_blocking's is odd and under 2 * kMinTasks: those
 // share unevenly among 2 or 4 threads, one image's product left for one thread at the end (1x1 512->1024@14 at
-// batch 3, one tile an image: 1.44x torch's time). Each image is then cut into twice the tiles, where they keep
+// batch 3, one tile an image: 1.44x torch's time). Each image of one tile is then cut into two, where they keep
 // kMinEvenTileColumns positions at least. Depends on shapes only.
 Blocking even_tasks(Blocking b, const Geometry& g) {
-  if (b.count % 2 == 0 || b.count >= 2 * kMinTasks || b.images != 1) return b;
-  const int64_t positions = GroupDims(g).positions, size = ceil_div(positions, 2 * b.tiles_per_image);
+  if (b.count % 2 == 0 || b.count >= 2 * kMinTasks || b.images != 1 || b.tiles_per_image != 1) return b;
+  const int64_t positions = GroupDims(g).positions, size = ceil_div(positions, 2);
   if (size < kMinEvenTileColumns) return b;
   b.tile = size;
   b.tiles_per_image = ceil_div(positions, size);
@@ -336,14 +337,16 @@ struct GatherPlan {
     last = n % 16 == 0 ? 0xFFFF : static_cast<uint16_t>((1u << (n % 16)) - 1);
     for (int64_t tap = 0; tap < taps; ++tap) {
       const int64_t kd = tap / (w.kernel_h * w.kernel_w), i = tap / w.kernel_w % w.kernel_h, j = tap % w.kernel_w;
+      int64_t ow = p0 % g.out_w, oh = p0 / g.out_w % g.out_h, od = p0 / g.out_w / g.out_h;  // position p0 + k's
       for (int64_t k = 0; k < n; ++k) {
-        const int64_t p = p0 + k, ow = p % g.out_w, oh = p / g.out_w % g.out_h, od = p / g.out_w / g.out_h;
         const int64_t id = od * w.stride_d - w.pad_d + kd * w.dilation_d;
         const int64_t ih = oh * w.stride_h - w.pad_h + i * w.dilation_h;
         const int64_t iw = ow * w.stride_w - w.pad_w + j * w.dilation_w;
-        if (id < 0 || id >= g.in_d || ih < 0 || ih >= g.in_h || iw < 0 || iw >= g.in_w) continue;
-        offsets[(tap * vectors) * 16 + k] = static_cast<int32_t>((id * g.in_h + ih) * g.in_w + iw);
-        inside[tap * vectors + k / 16] |= static_cast<uint16_t>(1u << (k % 16));
+        if (id >= 0 && id < g.in_d && ih >= 0 && ih < g.in_h && iw >= 0 && iw < g.in_w) {
+          offsets[(tap * vectors) * 16 + k] = static_cast<int32_t>((id * g.in_h + ih) * g.in_w + iw);
+          inside[tap * vectors + k / 16] |= static_cast<uint16_t>(1u << (k % 16));
+        }
+        if (++ow == g.out_w && (ow = 0, ++oh == g.out_h)) oh = 0, ++od;
       }
     }
   }
@@ -451,20 +454,22 @@ void scatter_block(at::Tensor& t, int64_t c0, const at::Tensor& matrix, const Bl
 
 // im2col of the block's images k0..k1-1, input channels [c0, c1), into their places in the block's columns
 // (in_channels*KH*KW, width), image k at column k * (p1 - p0).
+// (plan: the block's GatherPlan where gather_applies, made once for the calls of one im2col_batch; else made here)
 void im2col_images(at::Tensor& columns, const at::Tensor& input, const Block& blk, const Geometry& g, int64_t k0,
-                   int64_t k1, int64_t c0 = 0, int64_t c1 = -1) {
+                   int64_t k1, int64_t c0 = 0, int64_t c1 = -1, const GatherPlan* plan = nullptr) {
   const int64_t tile = blk.p1 - blk.p0;
   if (c1 < 0) c1 = g.in_channels;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "im2col", [&] {
     const scalar_t* images = input.const_data_ptr<scalar_t>();  // contiguous (N, C_in, ...)
     if (gather_applies<scalar_t>(g, blk.p0, blk.p1)) {
-      const GatherPlan plan(g, blk.p0, blk.p1);
+      const std::optional<GatherPlan> own = plan ? std::nullopt : std::optional<GatherPlan>(std::in_place, g, blk.p0, blk.p1);
+      const GatherPlan& gathers = plan ? *plan : *own;
       for (int64_t k = k0; k < k1; ++k)
         im2col_gather_avx512(reinterpret_cast<float*>(columns.data_ptr<scalar_t>()) + c0 * g.win.taps() * blk.width() +
                                  k * tile,
                              blk.width(),
                              reinterpret_cast<const float*>(images) + ((blk.n0 + k) * g.in_channels + c0) * g.in_positions(),
-                             c1 - c0, g.in_positions(), plan);
+                             c1 - c0, g.in_positions(), gathers);
       return;
     }
     for (int64_t k = k0; k < k1; ++k)
@@ -478,10 +483,12 @@ void im2col_images(at::Tensor& columns, const at::Tensor& input, const Block& bl
 constexpr int64_t kIm2colChannels = 8;  // channels per run: its rows stay in the L2 while every image adds its part
 void im2col_batch(at::Tensor& columns, const at::Tensor& input, const Block& all, const Geometry& g) {
   const int64_t runs = ceil_div(g.in_channels, kIm2colChannels);
+  const bool gathers = input.scalar_type() == at::kFloat && gather_applies<float>(g, all.p0, all.p1);
+  const std::optional<GatherPlan> plan = gathers ? std::optional<GatherPlan>(std::in_place, g, all.p0, all.p1) : std::nullopt;
   parallel_tasks(runs, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r)
       im2col_images(columns, input, all, g, 0, all.images, r * kIm2colChannels,
-                    std::min(g.in_channels, (r + 1) * kIm2colChannels));
+                    std::min(g.in_channels, (r + 1) * kIm2colChannels), plan ? &*plan : nullptr);
   });
 }
 
@@ -909,13 +916,15 @@ void conv_backward_input_nhwc(scalar_t* gi, const scalar_t* go, const scalar_t* 
                                                         kMaxColumnElems / (positions * width)}));
   const int64_t chunk = std::max<int64_t>(1, std::min(images * d.positions, kMaxColumnElems / width));
   const int64_t image_tasks = ceil_div(g.batch, images);
-  const bool odd_tasks = image_tasks % 2 == 1 && image_tasks < kMinTasks && g.in_channels >= kMinOddTaskChannels;
+  const bool odd_tasks = image_tasks % 2 == 1 && image_tasks < kMinTasks && g.in_channels >= kMinOddTaskChannels &&
+                         d.positions < kBlockColumns;
   if (d.groups == 1 && (image_tasks == 1 ? g.in_channels >= kMinChannelTaskChannels : odd_tasks)) {
     // One task of whole images (a batch of one) would leave the other threads idle (3x3 512@7 at batch 1: 2.4x
     // torch's time): tasks take the input channels instead, each its channels' columns (a product per tap) added
     // into its channels of the image, every element's terms in the order of the image tasks below. (With fewer
     // channels, a ConvTranspose's few output channels, the products per tap would be a channel or two wide.)
-    // So do 3, 5 or 7 tasks, which 2 or 4 threads share unevenly, where the channels make pieces of 128 or more
+    // So do 3, 5 or 7 tasks of small images, which 2 or 4 threads share unevenly, where the channels make pieces of
+    // 128 or more (fewer tasks than before, though, for 8 or more cores)
     // (2-core Zen 4, ms, image tasks -> channel tasks [torch]: 3x3 512@7 at batch 3 5.4 -> 4.0 [4.8], batch 5
     // 8.9 -> 6.5 [6.7], batch 7 11.8 -> 8.9 [8.7]; 3x3/2 256->512@14 at batch 5 3.8 -> 3.1 [2.6]; the same bits.
     // Narrower pieces lose: 3x3/2 128->256@28 at batch 3 2.3 -> 2.4, at 4-8 images 7-35% slower; and an even
