@@ -178,9 +178,9 @@ def _unbatched_channels_last_3d(t):
 
 def _pool_channels_last(input, dims, unbatched, with_indices):
     """Whether torch lays out this max-pool's output (and indices) channels-last: as the input suggests; an
-    unbatched input never (but one image of a channels_last_3d batch, which _max_pool sees first). A 1-d input is seen as height 1 where torch's max_pool1d goes through its 2-d kernel
-    (indices wanted, a gradient to come, or not the CPU), an unbatched one as an unbatched 2-d input; its
-    CPU-only path returns contiguous."""
+    unbatched input never (one image of a channels_last_3d batch aside, which _max_pool sees to). A 1-d input is
+    seen as height 1 where torch's max_pool1d goes through its 2-d kernel (indices wanted, a gradient to come, or
+    not the CPU), an unbatched one as an unbatched 2-d input; its CPU-only path returns contiguous."""
     if inside_vmap():
         return False
     if dims == 1:

@@ -462,14 +462,13 @@ void im2col_images(at::Tensor& columns, const at::Tensor& input, const Block& bl
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "im2col", [&] {
     const scalar_t* images = input.const_data_ptr<scalar_t>();  // contiguous (N, C_in, ...)
     if (gather_applies<scalar_t>(g, blk.p0, blk.p1)) {
-      const std::optional<GatherPlan> own = plan ? std::nullopt : std::optional<GatherPlan>(std::in_place, g, blk.p0, blk.p1);
-      const GatherPlan& gathers = plan ? *plan : *own;
+      std::optional<GatherPlan> own;
+      const GatherPlan& gathers = plan ? *plan : own.emplace(g, blk.p0, blk.p1);
+      float* first = reinterpret_cast<float*>(columns.data_ptr<scalar_t>()) + c0 * g.win.taps() * blk.width();
+      const float* image = reinterpret_cast<const float*>(images) + (blk.n0 * g.in_channels + c0) * g.in_positions();
       for (int64_t k = k0; k < k1; ++k)
-        im2col_gather_avx512(reinterpret_cast<float*>(columns.data_ptr<scalar_t>()) + c0 * g.win.taps() * blk.width() +
-                                 k * tile,
-                             blk.width(),
-                             reinterpret_cast<const float*>(images) + ((blk.n0 + k) * g.in_channels + c0) * g.in_positions(),
-                             c1 - c0, g.in_positions(), gathers);
+        im2col_gather_avx512(first + k * tile, blk.width(), image + k * g.in_channels * g.in_positions(), c1 - c0,
+                             g.in_positions(), gathers);
       return;
     }
     for (int64_t k = k0; k < k1; ++k)
@@ -483,8 +482,8 @@ void im2col_images(at::Tensor& columns, const at::Tensor& input, const Block& bl
 constexpr int64_t kIm2colChannels = 8;  // channels per run: its rows stay in the L2 while every image adds its part
 void im2col_batch(at::Tensor& columns, const at::Tensor& input, const Block& all, const Geometry& g) {
   const int64_t runs = ceil_div(g.in_channels, kIm2colChannels);
-  const bool gathers = input.scalar_type() == at::kFloat && gather_applies<float>(g, all.p0, all.p1);
-  const std::optional<GatherPlan> plan = gathers ? std::optional<GatherPlan>(std::in_place, g, all.p0, all.p1) : std::nullopt;
+  std::optional<GatherPlan> plan;
+  if (input.scalar_type() == at::kFloat && gather_applies<float>(g, all.p0, all.p1)) plan.emplace(g, all.p0, all.p1);
   parallel_tasks(runs, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r)
       im2col_images(columns, input, all, g, 0, all.images, r * kIm2colChannels,
@@ -924,8 +923,8 @@ void conv_backward_input_nhwc(scalar_t* gi, const scalar_t* go, const scalar_t* 
     // into its channels of the image, every element's terms in the order of the image tasks below. (With fewer
     // channels, a ConvTranspose's few output channels, the products per tap would be a channel or two wide.)
     // So do 3, 5 or 7 tasks of small images, which 2 or 4 threads share unevenly, where the channels make pieces of
-    // 128 or more (fewer tasks than before, though, for 8 or more cores)
-    // (2-core Zen 4, ms, image tasks -> channel tasks [torch]: 3x3 512@7 at batch 3 5.4 -> 4.0 [4.8], batch 5
+    // 128 or more (fewer tasks than before, though, for 8 or more cores;
+    // 2-core Zen 4, ms, image tasks -> channel tasks [torch]: 3x3 512@7 at batch 3 5.4 -> 4.0 [4.8], batch 5
     // 8.9 -> 6.5 [6.7], batch 7 11.8 -> 8.9 [8.7]; 3x3/2 256->512@14 at batch 5 3.8 -> 3.1 [2.6]; the same bits.
     // Narrower pieces lose: 3x3/2 128->256@28 at batch 3 2.3 -> 2.4, at 4-8 images 7-35% slower; and an even
     // number of tasks gains nothing.)
