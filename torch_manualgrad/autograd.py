@@ -577,7 +577,7 @@ class MaxPoolFunction(_Function):
         if not ctx.channels_last_input and grad_output.dim() > 3 and suggests_channels_last_as_2d(grad_output):
             # torch lays the input's gradient out as the input, where the kernels follow grad_output's layout: a
             # contiguous input's is computed from grad_output made contiguous, as torch's own backward does
-            grad_output = grad_output.clone(memory_format=torch.contiguous_format)
+            grad_output = with_contiguous_strides(grad_output)
         grad_input = _route_to_argmax(grad_output, _saved_indices(ctx), ctx.input_size, ctx.geometry)
         if ctx.channels_last_input and not inside_vmap():
             grad_input = _to_channels_last(grad_input)

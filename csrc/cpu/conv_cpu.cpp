@@ -346,16 +346,22 @@ struct GatherPlan {
           offsets[(tap * vectors) * 16 + k] = static_cast<int32_t>((id * g.in_h + ih) * g.in_w + iw);
           inside[tap * vectors + k / 16] |= static_cast<uint16_t>(1u << (k % 16));
         }
-        if (++ow == g.out_w && (ow = 0, ++oh == g.out_h)) oh = 0, ++od;
+        if (++ow < g.out_w) continue;  // the next position: along the row, else the next row, else the next plane
+        ow = 0;
+        if (++oh < g.out_h) continue;
+        oh = 0;
+        ++od;
       }
     }
   }
 };
 
-template <typename scalar_t>
-bool gather_applies(const Geometry& g, int64_t p0, int64_t p1) {
-  return std::is_same_v<scalar_t, float> && g.out_w <= kGatherWidth && p1 - p0 <= kGatherPositions &&
-         g.in_positions() <= std::numeric_limits<int32_t>::max() && wide_vectors() && cpu_has_avx512f();
+// The plan for positions [p0, p1) of this input's images where their columns are gathered, else none.
+std::optional<GatherPlan> gather_plan(const at::Tensor& input, const Geometry& g, int64_t p0, int64_t p1) {
+  if (input.scalar_type() != at::kFloat || g.out_w > kGatherWidth || p1 - p0 > kGatherPositions ||
+      g.in_positions() > std::numeric_limits<int32_t>::max() || !wide_vectors() || !cpu_has_avx512f())
+    return std::nullopt;
+  return GatherPlan(g, p0, p1);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -454,21 +460,21 @@ void scatter_block(at::Tensor& t, int64_t c0, const at::Tensor& matrix, const Bl
 
 // im2col of the block's images k0..k1-1, input channels [c0, c1), into their places in the block's columns
 // (in_channels*KH*KW, width), image k at column k * (p1 - p0).
-// (plan: the block's GatherPlan where gather_applies, made once for the calls of one im2col_batch; else made here)
+// (plan: the block's gather_plan, made once for the calls of one im2col_batch; else made here)
 void im2col_images(at::Tensor& columns, const at::Tensor& input, const Block& blk, const Geometry& g, int64_t k0,
-                   int64_t k1, int64_t c0 = 0, int64_t c1 = -1, const GatherPlan* plan = nullptr) {
+                   int64_t k1, int64_t c0 = 0, int64_t c1 = -1, const std::optional<GatherPlan>* plan = nullptr) {
   const int64_t tile = blk.p1 - blk.p0;
   if (c1 < 0) c1 = g.in_channels;
+  const std::optional<GatherPlan> own = plan ? std::nullopt : gather_plan(input, g, blk.p0, blk.p1);
+  const std::optional<GatherPlan>& gathers = plan ? *plan : own;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "im2col", [&] {
     const scalar_t* images = input.const_data_ptr<scalar_t>();  // contiguous (N, C_in, ...)
-    if (gather_applies<scalar_t>(g, blk.p0, blk.p1)) {
-      std::optional<GatherPlan> own;
-      const GatherPlan& gathers = plan ? *plan : own.emplace(g, blk.p0, blk.p1);
+    if (gathers) {  // float32
       float* first = reinterpret_cast<float*>(columns.data_ptr<scalar_t>()) + c0 * g.win.taps() * blk.width();
       const float* image = reinterpret_cast<const float*>(images) + (blk.n0 * g.in_channels + c0) * g.in_positions();
       for (int64_t k = k0; k < k1; ++k)
         im2col_gather_avx512(first + k * tile, blk.width(), image + k * g.in_channels * g.in_positions(), c1 - c0,
-                             g.in_positions(), gathers);
+                             g.in_positions(), *gathers);
       return;
     }
     for (int64_t k = k0; k < k1; ++k)
@@ -482,12 +488,11 @@ void im2col_images(at::Tensor& columns, const at::Tensor& input, const Block& bl
 constexpr int64_t kIm2colChannels = 8;  // channels per run: its rows stay in the L2 while every image adds its part
 void im2col_batch(at::Tensor& columns, const at::Tensor& input, const Block& all, const Geometry& g) {
   const int64_t runs = ceil_div(g.in_channels, kIm2colChannels);
-  std::optional<GatherPlan> plan;
-  if (input.scalar_type() == at::kFloat && gather_applies<float>(g, all.p0, all.p1)) plan.emplace(g, all.p0, all.p1);
+  const std::optional<GatherPlan> plan = gather_plan(input, g, all.p0, all.p1);
   parallel_tasks(runs, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r)
       im2col_images(columns, input, all, g, 0, all.images, r * kIm2colChannels,
-                    std::min(g.in_channels, (r + 1) * kIm2colChannels), plan ? &*plan : nullptr);
+                    std::min(g.in_channels, (r + 1) * kIm2colChannels), &plan);
   });
 }
 
