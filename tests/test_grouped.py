@@ -198,6 +198,34 @@ def test_grouped_channels_last_forward_and_input_gradient_are_the_nchw_bits(case
         assert torch.equal(a, e)
 
 
+@pytest.mark.parametrize("nan", [False, True], ids=["finite", "nan_in_one_group"])
+@pytest.mark.parametrize("case", [(2, 8, 4, 4, (3, 3), (13, 13), 1, 1, 1, True),  # blocks of 4 groups
+                                  (2, 4, 6, 6, (3, 3), (10, 11), 2, 1, 1, True),  # blocks of 2 (4 do not fill 3)
+                                  (3, 6, 2, 5, (3, 3), (9, 8), 1, 1, 1, True)],  # 3 groups fill a line of input
+                         ids=str)
+def test_grouped_channels_last_plane_kernels_are_the_nchw_bits(case, nan):
+    """Channels-last groups of fewer channels than a cache line take the plane kernels a block of groups a task
+    (whole lines copied and written), NCHW one group a task: each group's sums are the same, so all three results
+    are the same bits in either layout, also where one group's input holds a NaN (that group's weight gradient is
+    summed exactly, the others' as before)."""
+    x, w, b = _tensors(case, torch.float32, seed=3)
+    if nan:
+        x[1, case[2] + 1, 4, 5] = math.nan  # the second group's second channel
+    go = None
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        inputs = [t.contiguous(memory_format=layout) if t.dim() == 4 else t for t in (x, w, b)]
+        got, go = _run(tmg.functional.conv2d, case, *inputs, None if go is None else go.contiguous(memory_format=layout))
+        results.append(got)
+    for a, e in zip(results[1], results[0]):
+        assert torch.equal(a.isnan(), e.isnan())
+        assert torch.equal(a.nan_to_num(0, 0, 0), e.nan_to_num(0, 0, 0))
+    expected, _ = _run(F.conv2d, case, *(t.double() for t in (x, w, b)), go.double())
+    for a, e in zip(results[1], expected):
+        assert torch.equal(a.isnan(), e.isnan())
+        torch.testing.assert_close(a.double().nan_to_num(0, 0, 0), e.nan_to_num(0, 0, 0), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("case", CASES[:4] + CASES[-10:-1], ids=str)
 def test_grouped_float32_is_as_close_to_float64_as_torchs(case):
     """Our float32 output and gradients against the float64 truth: no more than twice torch's float32 error."""

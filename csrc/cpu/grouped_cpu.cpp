@@ -229,12 +229,10 @@ template <typename scalar_t>
 }
 
 // A band's phase planes for `channels` channels of one image (`image` points at its first channel): plane
-// (channel c, phase p) at planes + c * per_channel + p * size. Returns whether every value copied is finite, where
-// asked to check (the weight gradient), else true.
+// (channel c, phase p) at planes + c * per_channel + p * size.
 template <typename scalar_t>
-MANUALGRAD_VECTOR_CLONES bool build_planes(scalar_t* planes, const scalar_t* image, const Strides& s,
-                                           int64_t channels, const Geometry& g, const Planes& p, int64_t oh0,
-                                           bool check_finite) {
+MANUALGRAD_VECTOR_CLONES void build_planes(scalar_t* planes, const scalar_t* image, const Strides& s,
+                                           int64_t channels, const Geometry& g, const Planes& p, int64_t oh0) {
   const Window& w = g.win;
   const int64_t ld = p.per_channel();
   for (int64_t a = 0; a < w.stride_h; ++a) {
@@ -258,14 +256,16 @@ MANUALGRAD_VECTOR_CLONES bool build_planes(scalar_t* planes, const scalar_t* ima
       }
     }
   }
+  for (int64_t c = 0; c < channels; ++c)
+    for (int64_t ph = 0; ph < p.phases; ++ph)
+      std::fill_n(planes + c * ld + ph * p.size + p.height * p.pitch, p.size - p.height * p.pitch, scalar_t(0));
+}
+
+// Whether the planes of `images` images (each n values, `step` apart) are all finite, at this clone's width.
+template <typename scalar_t>
+MANUALGRAD_VECTOR_CLONES bool planes_finite(const scalar_t* planes, int64_t step, int64_t n, int64_t images) {
   bool finite = true;
-  for (int64_t c = 0; c < channels; ++c) {
-    for (int64_t ph = 0; ph < p.phases; ++ph) {
-      scalar_t* plane = planes + c * ld + ph * p.size;
-      if (check_finite) finite &= all_finite(plane, p.height * p.pitch);
-      std::fill_n(plane + p.height * p.pitch, p.size - p.height * p.pitch, scalar_t(0));
-    }
-  }
+  for (int64_t m = 0; m < images; ++m) finite &= all_finite(planes + m * step, n);
   return finite;
 }
 
@@ -367,29 +367,51 @@ MANUALGRAD_VECTOR_CLONES void forward_planes(scalar_t* out, int64_t ldo, int64_t
   }
 }
 
-// The forward of a grouped convolution g with weight rows wt (C_out, k) contiguous: tasks are (image, group, band).
+// The groups a task of forward_kernel takes together: where the input's and output's channels lie side by side
+// (channels-last) and a group's fill less than a 64-byte cache line, the fewest groups that fill one (a divisor of
+// the group count), else one. With one group a task, each task read and wrote a quarter of every line of an image
+// (4 channels a group) and the next three tasks the rest: the plane copy and the scatter waited on memory, 52% of
+// 128 over 32 groups at 56x56 channels-last (an Intel Xeon, one thread; the sums 15%).
+template <typename scalar_t>
+int64_t plane_groups(const Geometry& g, const Strides& si, const Strides& so) {
+  const GroupDims d(g);
+  constexpr int64_t line = 64 / sizeof(scalar_t);
+  if (si.c != 1 || so.c != 1 || d.in_per_group >= line || d.out_per_group >= line) return 1;
+  int64_t groups = ceil_div(line, std::min(d.in_per_group, d.out_per_group));
+  while (groups > 1 && d.groups % groups != 0) --groups;
+  return groups;
+}
+
+// The forward of a grouped convolution g with weight rows wt (C_out, k) contiguous: tasks are (image, block of
+// plane_groups groups, band), each group's sums as with one group a task (the same bits).
 template <typename scalar_t>
 void forward_kernel(scalar_t* out, const Strides& so, const scalar_t* in, const Strides& si, const scalar_t* wt,
                     const scalar_t* bias, const Geometry& g) {
   const GroupDims d(g);
   const int64_t chunk = forward_chunk<scalar_t>(d.k_per_group);
-  const Layout layout(g, Vec<scalar_t>::lanes);
+  const int64_t groups = plane_groups<scalar_t>(g, si, so), blocks = d.groups / groups;
+  const RowCost cost = plane_row_cost(g, Vec<scalar_t>::lanes);
+  const Layout layout(g, Vec<scalar_t>::lanes, even_bands(g.out_h, cost.per_row * groups, cost.reach, kMaxPlaneElems));
   const Bands& bands = layout.bands;
   const Planes& p = layout.planes;
   const std::vector<int64_t>& off = layout.offsets;
-  const int64_t ldo = p.grid_padded();
-  parallel_tasks(g.batch * d.groups * bands.count, [&](int64_t begin, int64_t end) {
-    aligned_vector<scalar_t> planes(d.in_per_group * p.per_channel()), tile(d.out_per_group * ldo);
+  const int64_t ldo = p.grid_padded(), in_step = d.in_per_group * p.per_channel(), out_step = d.out_per_group * ldo;
+  parallel_tasks(g.batch * blocks * bands.count, [&](int64_t begin, int64_t end) {
+    aligned_vector<scalar_t> planes(groups * in_step), tile(groups * out_step);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / (d.groups * bands.count), grp = task / bands.count % d.groups;
+      const int64_t n = task / (blocks * bands.count), grp0 = task / bands.count % blocks * groups;
       const int64_t oh0 = task % bands.count * bands.rows, rows = std::min(bands.rows, g.out_h - oh0);
-      build_planes(planes.data(), in + n * si.n + grp * d.in_per_group * si.c, si, d.in_per_group, g, p, oh0, false);
-      const int64_t oc0 = grp * d.out_per_group;
-      forward_planes(tile.data(), ldo, rows * p.pitch, planes.data(), off.data(), wt + oc0 * d.k_per_group,
-                     d.out_per_group, d.k_per_group, bias ? bias + oc0 : nullptr, chunk);
+      build_planes(planes.data(), in + n * si.n + grp0 * d.in_per_group * si.c, si, groups * d.in_per_group, g, p,
+                   oh0);
+      for (int64_t j = 0; j < groups; ++j) {
+        const int64_t oc0 = (grp0 + j) * d.out_per_group;
+        forward_planes(tile.data() + j * out_step, ldo, rows * p.pitch, planes.data() + j * in_step, off.data(),
+                       wt + oc0 * d.k_per_group, d.out_per_group, d.k_per_group, bias ? bias + oc0 : nullptr, chunk);
+      }
+      const int64_t oc0 = grp0 * d.out_per_group;
       for (int64_t i = 0; i < rows; ++i)
         scatter_rows(out + n * so.n + oc0 * so.c + (oh0 + i) * so.h, so.c, so.w, tile.data() + i * p.pitch, ldo,
-                     d.out_per_group, g.out_w);
+                     groups * d.out_per_group, g.out_w);
     }
   });
 }
@@ -519,9 +541,11 @@ MANUALGRAD_VECTOR_CLONES void grad_tile(scalar_t* tile, int64_t ld, int64_t coun
   }
 }
 
-// grad_weight gw: tasks are (group, block of output channels), each summing over every
-// band and chunk of images in order. A chunk holds as many images as fit kMaxPlaneElems twice over, so that the
-// lanes' sums are added up once per chunk, not once per small image.
+// grad_weight gw: tasks are (block of plane_groups groups, or one group and a block of its output channels), each
+// summing over every band and chunk of images in order. A chunk holds as many images as fit kMaxPlaneElems twice over
+// for one group, so that the lanes' sums are added up once per chunk, not once per small image; a block of groups
+// copies its chunk's planes and grad tiles together (whole cache lines of a channels-last tensor) and sums each group
+// as a task of one group would (the same bits).
 template <typename scalar_t>
 void weight_kernel(const WeightRef<scalar_t>& gw, const scalar_t* go, const Strides& sg, const scalar_t* in,
                    const Strides& si, const Geometry& g) {
@@ -532,40 +556,47 @@ void weight_kernel(const WeightRef<scalar_t>& gw, const scalar_t* go, const Stri
   const Planes& p = layout.planes;
   const std::vector<int64_t>& off = layout.offsets;
   const int64_t ldg = p.grid_padded();
-  const int64_t blocks = std::min(ceil_div(kMinWeightTasks, d.groups), ceil_div(d.out_per_group, O_MAX));
+  const int64_t groups = plane_groups<scalar_t>(g, si, sg);
+  const int64_t blocks = groups > 1 ? 1 : std::min(ceil_div(kMinWeightTasks, d.groups), ceil_div(d.out_per_group, O_MAX));
   const int64_t block = ceil_div(d.out_per_group, blocks);
   const int64_t plane_step = d.in_per_group * p.per_channel(), grad_step = block * ldg;
   const int64_t chunk = std::clamp<int64_t>(2 * kMaxPlaneElems / (plane_step + grad_step), 1, g.batch);
-  parallel_tasks(d.groups * blocks, [&](int64_t begin, int64_t end) {
-    aligned_vector<scalar_t> planes(chunk * plane_step), grad(chunk * grad_step);
-    std::vector<double> acc(block * d.k_per_group);
+  parallel_tasks(d.groups / groups * blocks, [&](int64_t begin, int64_t end) {
+    aligned_vector<scalar_t> planes(chunk * groups * plane_step), grad(chunk * groups * grad_step);
+    std::vector<double> acc(groups * block * d.k_per_group);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t grp = task / blocks, o_first = task % blocks * block;
-      const int64_t channels = std::min(block, d.out_per_group - o_first);
+      const int64_t grp0 = task / blocks * groups, o_first = task % blocks * block;
+      const int64_t channels = std::min(block, d.out_per_group - o_first);  // a group's (all of them where groups > 1)
       if (channels <= 0) continue;
-      const int64_t oc0 = grp * d.out_per_group + o_first;
+      const int64_t oc0 = grp0 * d.out_per_group + o_first;
       std::fill(acc.begin(), acc.end(), 0.0);
       for (int64_t band = 0; band < bands.count; ++band) {
         const int64_t oh0 = band * bands.rows, rows = std::min(bands.rows, g.out_h - oh0);
         const int64_t count = ceil_div(rows * p.pitch, L) * L;
         for (int64_t n0 = 0; n0 < g.batch; n0 += chunk) {
           const int64_t images = std::min(chunk, g.batch - n0);
-          bool finite = true;
           for (int64_t m = 0; m < images; ++m) {
             const int64_t n = n0 + m;
-            finite &= build_planes(planes.data() + m * plane_step, in + n * si.n + grp * d.in_per_group * si.c, si,
-                                   d.in_per_group, g, p, oh0, true);
-            grad_tile(grad.data() + m * grad_step, ldg, count, go + n * sg.n + oc0 * sg.c + oh0 * sg.h, sg, channels,
-                      rows, p.pitch, g.out_w);
+            build_planes(planes.data() + m * groups * plane_step, in + n * si.n + grp0 * d.in_per_group * si.c, si,
+                         groups * d.in_per_group, g, p, oh0);
+            grad_tile(grad.data() + m * groups * grad_step, ldg, count, go + n * sg.n + oc0 * sg.c + oh0 * sg.h, sg,
+                      groups * channels, rows, p.pitch, g.out_w);
           }
-          const WeightChunk<scalar_t> c{planes.data(), grad.data(), plane_step, grad_step, ldg, images, count};
-          if (finite) weight_planes(acc.data(), c, off.data(), channels, d.k_per_group);
-          else weight_planes_exact(acc.data(), c, off.data(), channels, d.k_per_group, p.pitch, rows, g.out_w);
+          for (int64_t j = 0; j < groups; ++j) {
+            const WeightChunk<scalar_t> c{planes.data() + j * plane_step, grad.data() + j * grad_step,
+                                          groups * plane_step, groups * grad_step, ldg, images, count};
+            const bool finite = planes_finite(c.planes, c.plane_step, plane_step, images);
+            double* a = acc.data() + j * block * d.k_per_group;
+            if (finite) weight_planes(a, c, off.data(), channels, d.k_per_group);
+            else weight_planes_exact(a, c, off.data(), channels, d.k_per_group, p.pitch, rows, g.out_w);
+          }
         }
       }
-      for (int64_t o = 0; o < channels; ++o)
-        gw.for_terms(oc0 + o, 0, d.k_per_group,
-                     [&](int64_t t, scalar_t& entry) { entry = static_cast<scalar_t>(acc[o * d.k_per_group + t]); });
+      for (int64_t j = 0; j < groups; ++j)
+        for (int64_t o = 0; o < channels; ++o)
+          gw.for_terms(oc0 + j * d.out_per_group + o, 0, d.k_per_group, [&](int64_t t, scalar_t& entry) {
+            entry = static_cast<scalar_t>(acc[(j * block + o) * d.k_per_group + t]);
+          });
     }
   });
 }
@@ -1539,8 +1570,7 @@ bool backward_input_rows_kernel(scalar_t* gi, const Strides& so, const scalar_t*
         if (!ph.layout || ph.fg.out_h <= u0) continue;
         const Planes& p = ph.layout->planes;
         const int64_t band_rows = std::min(u1, ph.fg.out_h) - u0;
-        build_planes(planes.data(), go + n * sg.n + grp * d.out_per_group * sg.c, sg, d.out_per_group, ph.fg, p, u0,
-                     false);
+        build_planes(planes.data(), go + n * sg.n + grp * d.out_per_group * sg.c, sg, d.out_per_group, ph.fg, p, u0);
         const int64_t k = GroupDims(ph.fg).k_per_group;  // the phase's terms: C_out/g channels × its taps
         forward_planes(tiles.data() + ph.tile, p.grid_padded(), band_rows * p.pitch, planes.data(),
                        ph.layout->offsets.data(), ph.wt.template const_data_ptr<scalar_t>() + grp * d.in_per_group * k,
