@@ -78,12 +78,9 @@ def use(choice):
 
 
 def blas():
-    """The CPU kernels' BLAS in words, e.g. 'OpenBLAS 0.3.34 (SkylakeX kernels)' or "torch's BLAS (MKL,
-    at::mm)"."""
-    name = _C._blas()
-    if name.startswith("torch's") and torch.backends.mkl.is_available():
-        name = "torch's BLAS (MKL, at::mm)"
-    return name
+    """The CPU kernels' BLAS in words: e.g. 'OpenBLAS 0.3.34 (SkylakeX kernels)', "torch's MKL (sgemm_, dgemm_)"
+    (the MKL inside libtorch_cpu, called directly) or "torch's BLAS (at::mm)"."""
+    return _C._blas()
 
 
 use(os.environ.get("TORCH_MANUALGRAD_BLAS", "auto").strip().lower() or "auto")
