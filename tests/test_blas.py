@@ -34,6 +34,15 @@ def _cpu_flags():
     return set()
 
 
+def _torchs_blas_name():
+    """What blas() says for torch's BLAS: its MKL called directly where libtorch_cpu itself exports MKL's
+    sgemm_ and MKL_Set_Num_Threads_Local (pip's torch, MKL linked in), else at::mm."""
+    lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+    if all(hasattr(lib, name) for name in ("MKL_Set_Num_Threads_Local", "sgemm_", "dgemm_")):
+        return "torch's MKL (sgemm_, dgemm_)"
+    return "torch's BLAS (at::mm)"
+
+
 def test_auto_takes_mkl_on_intel_and_openblas_elsewhere():
     """The Makefile installs scipy-openblas32; auto runs it except where torch's BLAS is MKL on an Intel CPU
     (MKL is faster there, and slower on AMD). Without the wheel the kernels would quietly run torch's BLAS."""
@@ -41,7 +50,7 @@ def test_auto_takes_mkl_on_intel_and_openblas_elsewhere():
         intel = "GenuineIntel" in f.read()
     if intel and torch.backends.mkl.is_available():
         assert _blas.auto_choice() == "torch"
-        assert _blas.blas() == "torch's MKL (sgemm_, dgemm_)", _blas.blas()
+        assert _blas.blas() == _torchs_blas_name(), _blas.blas()
     else:
         assert _blas.auto_choice() == "openblas"
         assert _blas.blas().startswith("OpenBLAS"), _blas.blas()
@@ -83,8 +92,7 @@ def test_the_users_openblas_settings_are_left_alone():
 
 def test_choice_by_environment_variable():
     code = "import torch_manualgrad; print(torch_manualgrad._blas.blas())"
-    torchs = "torch's MKL" if torch.backends.mkl.is_available() else "torch's BLAS"
-    for choice, expected in (("torch", torchs), ("openblas", "OpenBLAS")):
+    for choice, expected in (("torch", _torchs_blas_name()), ("openblas", "OpenBLAS")):
         env = dict(os.environ, TORCH_MANUALGRAD_BLAS=choice)
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0 and out.stdout.startswith(expected), (choice, out.stdout, out.stderr)

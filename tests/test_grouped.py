@@ -201,7 +201,10 @@ def test_grouped_channels_last_forward_and_input_gradient_are_the_nchw_bits(case
 @pytest.mark.parametrize("nan", [False, True], ids=["finite", "nan_in_one_group"])
 @pytest.mark.parametrize("case", [(2, 8, 4, 4, (3, 3), (13, 13), 1, 1, 1, True),  # blocks of 4 groups
                                   (2, 4, 6, 6, (3, 3), (10, 11), 2, 1, 1, True),  # blocks of 2 (4 do not fill 3)
-                                  (3, 6, 2, 5, (3, 3), (9, 8), 1, 1, 1, True)],  # all 6 groups: 8 would fill
+                                  (3, 6, 2, 5, (3, 3), (9, 8), 1, 1, 1, True),  # all 6 groups: 8 would fill
+                                  # few groups: the weight gradient's tasks split each group's output channels
+                                  # and sum the images in chunks (fewer than the batch), in either layout
+                                  (8, 4, 6, 6, (3, 3), (28, 28), 1, 1, 1, True)],
                          ids=str)
 def test_grouped_channels_last_plane_kernels_are_the_nchw_bits(case, nan):
     """Channels-last groups of fewer channels than a cache line take the plane kernels a block of groups a task

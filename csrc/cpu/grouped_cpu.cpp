@@ -51,6 +51,7 @@ constexpr int64_t kMaxTaskElems = 1 << 22;     // ...and never more than this, h
 constexpr int64_t kMaxChannelsPerGroup = 64;   // wider groups are products BLAS runs well
 constexpr int64_t kMinParallelGather = 1 << 15;  // weights gathered by one thread below this many elements
 constexpr int64_t kMinWeightTasks = 8;         // the weight gradient's tasks: groups × blocks of output channels
+constexpr int64_t kMaxWeightBlockElems = 1 << 18;  // ...and its copies of a block of groups' chunk, 1 MB of float32
 // Register blocks: output channels × vectors of q; 4 × 3 accumulators (and 3 + 1 operands) would take all of AVX2's
 // 16 registers. The weight gradient's blocks are output channels × terms: 4 × 3 on AVX2 too, where its 4 grad
 // vectors are 17 registers and GCC takes one of them from memory (1.5x 4 × 2's rate on a Zen 3; benchmarks/NOTES.md);
@@ -372,13 +373,16 @@ MANUALGRAD_VECTOR_CLONES void forward_planes(scalar_t* out, int64_t ldo, int64_t
 // the group count), else one. With one group a task, each task read and wrote a quarter of every line of an image
 // (4 channels a group) and the next three tasks the rest: the plane copy and the scatter waited on memory, 52% of
 // 128 over 32 groups at 56x56 channels-last (an Intel Xeon, one thread; the sums 15%).
+// (Never more than keep a task's planes and tile for one row within kMaxTaskElems, as one group's are: bounded.)
 template <typename scalar_t>
 int64_t plane_groups(const Geometry& g, const Strides& si, const Strides& so) {
   const GroupDims d(g);
   constexpr int64_t line = 64 / sizeof(scalar_t);
   if (si.c != 1 || so.c != 1 || d.in_per_group >= line || d.out_per_group >= line) return 1;
+  const Planes one = planes_for(g, 1, Vec<scalar_t>::lanes);
+  const int64_t per_group = d.in_per_group * one.per_channel() + d.out_per_group * one.grid_padded();
   int64_t groups = ceil_div(line, std::min(d.in_per_group, d.out_per_group));
-  while (groups > 1 && d.groups % groups != 0) --groups;
+  while (groups > 1 && (d.groups % groups != 0 || groups * per_group > kMaxTaskElems)) --groups;
   return groups;
 }
 
@@ -556,11 +560,16 @@ void weight_kernel(const WeightRef<scalar_t>& gw, const scalar_t* go, const Stri
   const Planes& p = layout.planes;
   const std::vector<int64_t>& off = layout.offsets;
   const int64_t ldg = p.grid_padded();
-  const int64_t groups = plane_groups<scalar_t>(g, si, sg);
-  const int64_t blocks = groups > 1 ? 1 : std::min(ceil_div(kMinWeightTasks, d.groups), ceil_div(d.out_per_group, O_MAX));
+  const int64_t blocks = std::min(ceil_div(kMinWeightTasks, d.groups), ceil_div(d.out_per_group, O_MAX));
   const int64_t block = ceil_div(d.out_per_group, blocks);
   const int64_t plane_step = d.in_per_group * p.per_channel(), grad_step = block * ldg;
   const int64_t chunk = std::clamp<int64_t>(2 * kMaxPlaneElems / (plane_step + grad_step), 1, g.batch);
+  // Blocks of groups only where a task already took whole groups, keeping kMinWeightTasks tasks and a task's copies
+  // within kMaxWeightBlockElems; the chunk stays one group's, so each group's sums are as before.
+  int64_t groups = blocks == 1 ? plane_groups<scalar_t>(g, si, sg) : 1;
+  while (groups > 1 && (d.groups % groups != 0 || d.groups / groups < std::min(kMinWeightTasks, d.groups) ||
+                        groups * chunk * (plane_step + grad_step) > kMaxWeightBlockElems))
+    --groups;
   parallel_tasks(d.groups / groups * blocks, [&](int64_t begin, int64_t end) {
     aligned_vector<scalar_t> planes(chunk * groups * plane_step), grad(chunk * groups * grad_step);
     std::vector<double> acc(groups * block * d.k_per_group);
