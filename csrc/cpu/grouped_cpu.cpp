@@ -373,15 +373,16 @@ MANUALGRAD_VECTOR_CLONES void forward_planes(scalar_t* out, int64_t ldo, int64_t
 // the group count), else one. With one group a task, each task read and wrote a quarter of every line of an image
 // (4 channels a group) and the next three tasks the rest: the plane copy and the scatter waited on memory, 52% of
 // 128 over 32 groups at 56x56 channels-last (an Intel Xeon, one thread; the sums 15%).
-// (Never more than keep a task's planes and tile for one row within kMaxTaskElems, as one group's are: bounded.)
+// (Never more than `limit`, nor more than keep a task's planes and tile for one row within kMaxTaskElems, as one
+// group's are: bounded.)
 template <typename scalar_t>
-int64_t plane_groups(const Geometry& g, const Strides& si, const Strides& so) {
+int64_t plane_groups(const Geometry& g, const Strides& si, const Strides& so, int64_t limit) {
   const GroupDims d(g);
   constexpr int64_t line = 64 / sizeof(scalar_t);
   if (si.c != 1 || so.c != 1 || d.in_per_group >= line || d.out_per_group >= line) return 1;
   const Planes one = planes_for(g, 1, Vec<scalar_t>::lanes);
   const int64_t per_group = d.in_per_group * one.per_channel() + d.out_per_group * one.grid_padded();
-  int64_t groups = ceil_div(line, std::min(d.in_per_group, d.out_per_group));
+  int64_t groups = std::max<int64_t>(1, std::min(limit, ceil_div(line, std::min(d.in_per_group, d.out_per_group))));
   while (groups > 1 && (d.groups % groups != 0 || groups * per_group > kMaxTaskElems)) --groups;
   return groups;
 }
@@ -393,7 +394,7 @@ void forward_kernel(scalar_t* out, const Strides& so, const scalar_t* in, const 
                     const scalar_t* bias, const Geometry& g) {
   const GroupDims d(g);
   const int64_t chunk = forward_chunk<scalar_t>(d.k_per_group);
-  const int64_t groups = plane_groups<scalar_t>(g, si, so), blocks = d.groups / groups;
+  const int64_t groups = plane_groups<scalar_t>(g, si, so, d.groups), blocks = d.groups / groups;
   const RowCost cost = plane_row_cost(g, Vec<scalar_t>::lanes);
   const Layout layout(g, Vec<scalar_t>::lanes, even_bands(g.out_h, cost.per_row * groups, cost.reach, kMaxPlaneElems));
   const Bands& bands = layout.bands;
@@ -566,10 +567,10 @@ void weight_kernel(const WeightRef<scalar_t>& gw, const scalar_t* go, const Stri
   const int64_t chunk = std::clamp<int64_t>(2 * kMaxPlaneElems / (plane_step + grad_step), 1, g.batch);
   // Blocks of groups only where a task already took whole groups, keeping kMinWeightTasks tasks and a task's copies
   // within kMaxWeightBlockElems; the chunk stays one group's, so each group's sums are as before.
-  int64_t groups = blocks == 1 ? plane_groups<scalar_t>(g, si, sg) : 1;
-  while (groups > 1 && (d.groups % groups != 0 || d.groups / groups < std::min(kMinWeightTasks, d.groups) ||
-                        groups * chunk * (plane_step + grad_step) > kMaxWeightBlockElems))
-    --groups;
+  const int64_t groups =
+      blocks == 1 ? plane_groups<scalar_t>(g, si, sg, std::min(d.groups / std::min(kMinWeightTasks, d.groups),
+                                                               kMaxWeightBlockElems / (chunk * (plane_step + grad_step))))
+                  : 1;
   parallel_tasks(d.groups / groups * blocks, [&](int64_t begin, int64_t end) {
     aligned_vector<scalar_t> planes(chunk * groups * plane_step), grad(chunk * groups * grad_step);
     std::vector<double> acc(groups * block * d.k_per_group);
