@@ -404,3 +404,71 @@ def test_channels_last_depthwise_7x7_is_the_nchw_bits_and_skips_padding_for_infi
     xo = torch.ones_like(x).contiguous(memory_format=CL)
     ours = tmg.functional.conv2d(xo, w.contiguous(memory_format=CL), b, 1, 3, 1, 20)
     assert torch.equal(ours, F.conv2d(xo, w, b, 1, 3, 1, 20)) and torch.isfinite(ours[..., 0, :]).all()
+
+
+# (channels, size, kernel, stride, padding, dilation): images of 1 MB and more in float32 (the weight gradient's
+# split by rows) whose first channels but 12 make less (its split by blocks of channels): 3x3 and 5x5 (their taps'
+# sums in registers), 7x7 and 1x5 (tap by tap), stride 2, dilation 2; channel tails of 4 and 8 past whole vectors.
+@pytest.mark.parametrize("case", [(64, 64, (3, 3), 1, (1, 1), 1), (72, 62, (5, 5), 2, (2, 2), 1),
+                                  (40, 90, (7, 7), 1, (3, 3), 1), (48, 76, (3, 3), 1, (2, 2), 2),
+                                  (36, 88, (1, 5), 1, (0, 2), 1)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_channels_last_depthwise_weight_gradient_splits_give_the_same_bits(case, dtype, restore_num_threads):
+    """The channels-last depthwise weight gradient: large images split the work by rows, every channel a task (each
+    row's terms kept and added in row order), small ones by blocks of channels. A channel's entries depend on its
+    own planes only, so they must be the same bits whichever split ran and however many channels lie beside it, at
+    every thread count; and torch's float64 values."""
+    c, size, k, s, p, d = case
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, c, size, size, generator=gen, dtype=dtype).contiguous(memory_format=CL)
+    w = torch.randn(c, 1, *k, generator=gen, dtype=dtype)
+    args = [s, s], list(p), [d, d]
+    go = torch.randn(F.conv2d(x, w, None, s, p, d, c).shape, generator=gen, dtype=dtype).contiguous(memory_format=CL)
+    gw = ops.conv_backward(go, x, w, *args, c, [False, True, False])[1]
+    for threads in (1, 3):
+        torch.set_num_threads(threads)
+        assert torch.equal(ops.conv_backward(go, x, w, *args, c, [False, True, False])[1], gw)
+    m = c - 12
+    few = ops.conv_backward(go[:, :m].contiguous(memory_format=CL), x[:, :m].contiguous(memory_format=CL), w[:m],
+                            *args, m, [False, True, False])[1]
+    assert torch.equal(few, gw[:m])
+    exact = torch.nn.grad.conv2d_weight(x.double(), w.shape, go.double(), s, p, d, c)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(gw.double(), exact, rtol=tol, atol=tol * exact.abs().max().item())
+
+
+# (size, kernel, stride, padding, dilation): 3x3/2 as MobileNet's, 5x5/2, stride 3 with a 2-wide kernel (columns no
+# tap sees), strides and dilations differing by dimension, padding past the kernel's reach.
+@pytest.mark.parametrize("case", [((9, 11), (3, 3), (2, 2), (1, 1), (1, 1)), ((10, 9), (5, 5), (2, 2), (2, 2), (1, 1)),
+                                  ((8, 13), (2, 2), (3, 3), (0, 1), (1, 1)),
+                                  ((12, 10), (3, 5), (2, 3), (2, 0), (2, 1)), ((7, 7), (3, 3), (2, 2), (3, 4), (1, 1))],
+                         ids=str)
+@pytest.mark.parametrize("vector_bytes", ["32", "64"])
+def test_channels_last_strided_depthwise_input_gradient_is_the_scatters_bits(case, vector_bytes, monkeypatch,
+                                                                              restore_num_threads):
+    """The strided channels-last depthwise input gradient gathers each pixel's terms (depthwise_cpu.cpp's
+    backward_input_nhwc_gather) in the order a scatter adds them: output by output, row then column, each product
+    rounded, then added to a sum starting at +0. Held bit for bit to that scatter written here with torch's float32
+    multiply and add, at 1 and 3 threads and both vector widths (20 channels: whole vectors and a tail)."""
+    monkeypatch.setenv("TORCH_MANUALGRAD_VECTOR_BYTES", vector_bytes)
+    size, k, s, p, d = case
+    gen = torch.Generator().manual_seed(8)
+    c = 20
+    x = torch.randn(2, c, *size, generator=gen).contiguous(memory_format=CL)
+    w = torch.randn(c, 1, *k, generator=gen)
+    go = torch.randn(F.conv2d(x, w, None, s, p, d, c).shape, generator=gen)
+    go[0, 3, 0, 0] = -0.0
+    expected = torch.zeros(x.shape)
+    for oh in range(go.shape[2]):
+        for ow in range(go.shape[3]):
+            for i in range(k[0]):
+                for j in range(k[1]):
+                    ih, iw = oh * s[0] - p[0] + i * d[0], ow * s[1] - p[1] + j * d[1]
+                    if 0 <= ih < size[0] and 0 <= iw < size[1]:
+                        expected[:, :, ih, iw] = expected[:, :, ih, iw] + w[:, 0, i, j] * go[:, :, oh, ow]
+    for threads in (1, 3):
+        torch.set_num_threads(threads)
+        gi = ops.conv_backward(go.contiguous(memory_format=CL), x, w, list(s), list(p), list(d), c,
+                               [True, False, False])[0]
+        assert gi.is_contiguous(memory_format=CL)
+        assert torch.equal(gi.view(torch.int32), expected.contiguous(memory_format=CL).view(torch.int32))

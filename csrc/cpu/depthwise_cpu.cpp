@@ -152,11 +152,12 @@ MANUALGRAD_VECTOR_CLONES void axpy_channels(scalar_t* __restrict out, const scal
 // it: starting from the bias, the float32 error was 1.06x torch's on 3x3 144@56, summing the taps first 0.8x). The same sums as
 // axpy_channels tap by tap, but each vector of channels stays in a register across the taps: the output is
 // stored once instead of loaded and stored per tap.
+// (Inlined into the vector clones that call it, at their width.)
 template <typename scalar_t>
-MANUALGRAD_VECTOR_CLONES void forward_nhwc_pixel(scalar_t* __restrict out, const scalar_t* __restrict image,
-                                                 const scalar_t* __restrict wt, const scalar_t* __restrict bias,
-                                                 const int64_t* __restrict pixels, const int64_t* __restrict taps,
-                                                 int64_t count, int64_t C) {
+__attribute__((always_inline)) inline void pixel_sums(scalar_t* __restrict out, const scalar_t* __restrict image,
+                                                      const scalar_t* __restrict wt, const scalar_t* __restrict bias,
+                                                      const int64_t* __restrict pixels, const int64_t* __restrict taps,
+                                                      int64_t count, int64_t C) {
   using vec = typename Vec<scalar_t>::type;
   constexpr int64_t L = Vec<scalar_t>::lanes;
   int64_t c = 0;
@@ -198,6 +199,29 @@ MANUALGRAD_VECTOR_CLONES void forward_nhwc_pixel(scalar_t* __restrict out, const
     for (int64_t k = 0; k < count; ++k) acc += wt[taps[k] * C + c] * image[pixels[k] * C + c];
     out[c] = bias ? acc + bias[c] : acc;
   }
+}
+
+template <typename scalar_t>
+MANUALGRAD_VECTOR_CLONES void forward_nhwc_pixel(scalar_t* __restrict out, const scalar_t* __restrict image,
+                                                 const scalar_t* __restrict wt, const scalar_t* __restrict bias,
+                                                 const int64_t* __restrict pixels, const int64_t* __restrict taps,
+                                                 int64_t count, int64_t C) {
+  pixel_sums(out, image, wt, bias, pixels, taps, count, C);
+}
+
+constexpr int64_t kGatherTaps = 49;    // kernels of at most this many taps gather the strided input gradient
+constexpr int64_t kGatherPixels = 32;  // pixels a call of gather_pixels
+
+// n consecutive pixels of the NHWC input gradient: pixel p's is the sum, for k < counts[p] in order, of the weights
+// of tap taps[p * kGatherTaps + k] times the gradient of output pixels[p * kGatherTaps + k] (pixel_sums).
+template <typename scalar_t>
+MANUALGRAD_VECTOR_CLONES void gather_pixels(scalar_t* __restrict out, const scalar_t* __restrict grad,
+                                            const scalar_t* __restrict wt, const int64_t* __restrict pixels,
+                                            const int64_t* __restrict taps, const int64_t* __restrict counts,
+                                            int64_t n, int64_t C) {
+  for (int64_t p = 0; p < n; ++p)
+    pixel_sums(out + p * C, grad, wt, static_cast<const scalar_t*>(nullptr), pixels + p * kGatherTaps,
+               taps + p * kGatherTaps, counts[p], C);
 }
 
 // The channels past the last whole vector of a run (forward_nhwc_run, forward_nhwc_rows): channel by channel, the
@@ -447,6 +471,17 @@ struct InteriorRuns {
   }
 };
 
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
+
+// ---- The channels-last weight gradient: fused where the CPU has FMA ----
+// Each entry's sum is a run of multiply-adds into one register lane or one scalar, and nothing else computes it
+// (the NCHW tiles call these too), so fusing changes no agreement between kernels; the VL clones fuse the 32-byte
+// vectors and the scalar channel tail as they do the 64-byte ones, so a channel's bits are the same in a vector
+// lane or the tail, at either width and any thread count. Unfused, its multiply and add were twice the
+// floating-point instructions of the sums, the kernel's bound on an Intel Xeon (two 512-bit pipes for both).
+
 // The NHWC weight gradient's share of output row oh of one image, for kernels of TAPS = 9 or 25 taps (InteriorRuns
 // enabled): acc[k * acc_stride + c] += the sum over the row's outputs of grad[ow*C + c] times the pixel tap k saw
 // there, for `cb` channels, formed in scalar_t in output order and added in double once per row and tap. A vector
@@ -456,7 +491,7 @@ struct InteriorRuns {
 // images. Interleaved on a 2-core Zen 4, batch 8, ours/torch: 3x3 over 384 channels at 14x14 1.82 -> 1.39, over
 // 960 at 7x7 2.16 -> 1.63; 56x56 and 5x5 kernels unchanged.)
 template <typename scalar_t, int TAPS>
-MANUALGRAD_VECTOR_CLONES void weight_nhwc_row(double* __restrict acc, int64_t acc_stride,
+MANUALGRAD_VECTOR_CLONES_VL void weight_nhwc_row(double* __restrict acc, int64_t acc_stride,
                                               const scalar_t* __restrict grad, const scalar_t* __restrict image,
                                               const Geometry& g, const InteriorRuns& runs, int64_t oh, int64_t cb,
                                               int64_t C) {
@@ -529,7 +564,7 @@ MANUALGRAD_VECTOR_CLONES void weight_nhwc_row(double* __restrict acc, int64_t ac
 // across the run) and then added to acc[c] in double. So each weight-gradient entry is, in double, the sum over
 // images and rows of its rows' sums, in a fixed order.
 template <typename scalar_t>
-MANUALGRAD_VECTOR_CLONES void dot_run_channels(double* __restrict acc, const scalar_t* __restrict grad,
+MANUALGRAD_VECTOR_CLONES_VL void dot_run_channels(double* __restrict acc, const scalar_t* __restrict grad,
                                                const scalar_t* __restrict in, int64_t count, int64_t in_step,
                                                int64_t cb, int64_t C) {
   using vec = typename Vec<scalar_t>::type;
@@ -551,9 +586,6 @@ MANUALGRAD_VECTOR_CLONES void dot_run_channels(double* __restrict acc, const sca
   }
 }
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC pop_options
-#endif
 
 constexpr int64_t kChunkSlots = 8192;    // input columns one chunk of output columns reaches, about
 constexpr int64_t kRingSlots = 1 << 17;  // elements of a task's ring of padded rows
@@ -930,7 +962,10 @@ void backward_weight_kernel(scalar_t* grad_weight, const scalar_t* grad_out, con
 // output pixel is its bias plus, tap by tap in order, the tap's weights times the pixel it sees, a whole
 // vector of channels at a time. Taps in the padding are skipped, as torch's kernels do.
 
-constexpr int64_t kChannelBlock = 32;  // channels per task of the NHWC weight gradient
+constexpr int64_t kChannelBlock = 32;        // channels per task of the NHWC weight gradient by blocks
+constexpr int64_t kRowsImageBytes = 1 << 20;  // ...which takes rows instead for images this large
+constexpr int64_t kRowTermElems = 1 << 17;    // a chunk of rows' terms (doubles) of the NHWC weight gradient by rows
+constexpr int64_t kSumGrain = 1 << 12;        // ...and the sums a task adds them to
 
 constexpr int64_t kPaddedBand = 8;           // output rows per task of forward_nhwc_padded
 constexpr int64_t kMaxPaddedElems = 1 << 20;  // ...whose zero-padded input rows stay within this many elements
@@ -1030,9 +1065,60 @@ void forward_nhwc_kernel(scalar_t* out, const scalar_t* in, const scalar_t* wt, 
 }
 
 // grad_input: each output pixel's gradient, times each tap's weights, added into the pixel the tap saw.
-// Tasks own whole images (windows overlap), and walk them in position order.
+// Kernels of at most kGatherTaps taps gather instead: each input pixel's sum over the taps that saw it, in the order
+// of their outputs (row, then column), as the scatter adds them to a zero, stored once; tasks are input rows.
+// The scatter's zero fill and its loads and stores of every pixel for each tap had taken 3.6 of 4 ms (3x3/2 over
+// 96 channels at 112x112, batch 8, one thread of an Intel Xeon; the rest of its 14 ms was the fresh output's page
+// faults, which torch's kernels meet too). Larger kernels keep the scatter: tasks own whole images (windows
+// overlap), and walk them in position order.
+template <typename scalar_t>
+void backward_input_nhwc_gather(scalar_t* gi, const scalar_t* go, const scalar_t* wt, const Geometry& g) {
+  const Window& w = g.win;
+  const int64_t C = g.in_channels;
+  at::parallel_for(0, g.batch * g.in_h, 1, [&](int64_t begin, int64_t end) {
+    int64_t pixels[kGatherPixels * kGatherTaps], taps[kGatherPixels * kGatherTaps], counts[kGatherPixels];
+    // for a chunk of columns, each column's kernel columns j and their output columns, the last j first (so its
+    // output columns ascending): shared by the task's rows, which take the chunk in turn
+    int64_t tap_columns[kGatherPixels * kGatherTaps], out_columns[kGatherPixels * kGatherTaps], reach_w[kGatherPixels];
+    for (int64_t iw0 = 0; iw0 < g.in_w; iw0 += kGatherPixels) {
+      const int64_t m = std::min(kGatherPixels, g.in_w - iw0);
+      for (int64_t p = 0; p < m; ++p) {
+        reach_w[p] = 0;
+        for (int64_t j = w.kernel_w - 1; j >= 0; --j) {
+          const int64_t t = iw0 + p + w.pad_w - j * w.dilation_w;
+          if (t < 0 || t % w.stride_w != 0 || t / w.stride_w >= g.out_w) continue;
+          tap_columns[p * kGatherTaps + reach_w[p]] = j;
+          out_columns[p * kGatherTaps + reach_w[p]++] = t / w.stride_w;
+        }
+      }
+      for (int64_t task = begin; task < end; ++task) {  // task = (n, ih)
+        const int64_t n = task / g.in_h, ih = task % g.in_h;
+        int64_t count_h = 0, kernel_rows[kGatherTaps], out_rows[kGatherTaps];  // (the same for row ih)
+        for (int64_t i = w.kernel_h - 1; i >= 0; --i) {
+          const int64_t t = ih + w.pad_h - i * w.dilation_h;
+          if (t < 0 || t % w.stride_h != 0 || t / w.stride_h >= g.out_h) continue;
+          kernel_rows[count_h] = i;
+          out_rows[count_h++] = (n * g.out_h + t / w.stride_h) * g.out_w;
+        }
+        for (int64_t p = 0; p < m; ++p) {
+          int64_t count = 0;
+          for (int64_t r = 0; r < count_h; ++r) {
+            for (int64_t k = 0; k < reach_w[p]; ++k) {
+              pixels[p * kGatherTaps + count] = out_rows[r] + out_columns[p * kGatherTaps + k];
+              taps[p * kGatherTaps + count++] = kernel_rows[r] * w.kernel_w + tap_columns[p * kGatherTaps + k];
+            }
+          }
+          counts[p] = count;
+        }
+        gather_pixels(gi + (task * g.in_w + iw0) * C, go, wt, pixels, taps, counts, m, C);
+      }
+    }
+  });
+}
+
 template <typename scalar_t>
 void backward_input_nhwc_kernel(scalar_t* gi, const scalar_t* go, const scalar_t* wt, const Geometry& g) {
+  if (g.win.kernel_h * g.win.kernel_w <= kGatherTaps) return backward_input_nhwc_gather(gi, go, wt, g);
   const int64_t C = g.in_channels;
   at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
@@ -1076,15 +1162,21 @@ void weight_row_terms(double* acc, int64_t acc_stride, const scalar_t* grad_row,
 }
 
 // grad_weight (KH·KW, C): per tap, the sum over every image and position of grad_output times the pixel the
-// tap saw, in double, in position order; tasks own blocks of kChannelBlock channels (the split is the
-// shapes', and each sum's order is the same for any split).
+// tap saw, in double: each output row's terms (weight_row_terms: a tap's sum over the row in scalar_t, in output
+// order) added in row order, the same sums in the same order however the work is split (a vector lane computes
+// what the scalar tail does). Two splits:
+// - blocks: tasks own blocks of kChannelBlock channels (or of 16, one vector, so that few channels still spread
+//   over the threads: MobileNet's 32 channels at 112x112, 96 and 144 at 56x56, 0.7-0.8x the time of blocks of 64
+//   on 2 threads of a Zen 4), each sweeping every row;
+// - rows (backward_weight_nhwc_rows): tasks own runs of whole rows, every channel.
+// A block reads 64-128 bytes of every pixel (576 bytes apart at 144 channels), which waits on memory once an
+// image no longer stays in the caches between blocks: 9 of 10 samples on two loads, and rows took 0.5-0.65x the
+// time (an Intel Xeon, 2 threads, batch 8, 3x3: 144 at 56x56, 96 at 112x112 stride 2, 144 at 56x56 stride 2).
+// Rows add each row's terms once more, in double, which costs more than it saves over small images (384 at
+// 14x14 1.4x the time, 240 at 28x28 1.1x; 192 at 28x28 and 32 at 112x112 the same): images of 1 MB and more.
 template <typename scalar_t>
-void backward_weight_nhwc_kernel(scalar_t* gw, const scalar_t* go, const scalar_t* in, const Geometry& g) {
+void backward_weight_nhwc_blocks(scalar_t* gw, const scalar_t* go, const scalar_t* in, const Geometry& g) {
   const int64_t C = g.in_channels, taps = g.win.kernel_h * g.win.kernel_w;
-  // Blocks of kChannelBlock channels when there are at least two per thread, else of 16 (one vector), so that
-  // few channels still spread over the threads (MobileNet's 32 channels at 112x112; 96 and 144 at 56x56: 0.7-0.8x
-  // the time of blocks of 64 on 2 threads). Each channel's sums are the same whatever block it is in (a vector
-  // lane computes exactly what the scalar loop does), so the results do not depend on the thread count.
   const int64_t per_block = ceil_div(C, kChannelBlock) >= 2 * at::get_num_threads() ? kChannelBlock : 16;
   const InteriorRuns runs(g, C);
   at::parallel_for(0, ceil_div(C, per_block), 1, [&](int64_t begin, int64_t end) {
@@ -1102,6 +1194,44 @@ void backward_weight_nhwc_kernel(scalar_t* gw, const scalar_t* go, const scalar_
         for (int64_t c = 0; c < cb; ++c) gw[tap * C + c0 + c] = static_cast<scalar_t>(acc[tap * kChannelBlock + c]);
     }
   });
+}
+
+// total[i] += part[i] for i < n.
+MANUALGRAD_VECTOR_CLONES void add_terms(double* __restrict total, const double* __restrict part, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) total[i] += part[i];
+}
+
+// The rows split: each task writes its rows' terms into their own slots, and a chunk of rows' terms is then added
+// to the sums in row order, a block of them a task.
+template <typename scalar_t>
+void backward_weight_nhwc_rows(scalar_t* gw, const scalar_t* go, const scalar_t* in, const Geometry& g) {
+  const int64_t C = g.in_channels, per_row = g.win.kernel_h * g.win.kernel_w * C, rows = g.batch * g.out_h;
+  const int64_t chunk = std::min(rows, std::max<int64_t>(1, kRowTermElems / std::max<int64_t>(1, per_row)));
+  const InteriorRuns runs(g, C);
+  std::vector<double> sums(per_row, 0.0), terms(chunk * per_row);
+  for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+    const int64_t count = std::min(chunk, rows - r0);
+    at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t n = (r0 + r) / g.out_h, oh = (r0 + r) % g.out_h;
+        double* t = terms.data() + r * per_row;
+        std::fill_n(t, per_row, 0.0);  // (taps whose kernel row misses the input add nothing)
+        weight_row_terms(t, C, go + (r0 + r) * g.out_w * C, in + n * g.in_h * g.in_w * C, g, runs, oh, C, C);
+      }
+    });
+    at::parallel_for(0, per_row, kSumGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = 0; r < count; ++r) add_terms(sums.data() + begin, terms.data() + r * per_row + begin, end - begin);
+    });
+  }
+  for (int64_t i = 0; i < per_row; ++i) gw[i] = static_cast<scalar_t>(sums[i]);
+}
+
+template <typename scalar_t>
+void backward_weight_nhwc_kernel(scalar_t* gw, const scalar_t* go, const scalar_t* in, const Geometry& g) {
+  if (g.in_h * g.in_w * g.in_channels * int64_t(sizeof(scalar_t)) >= kRowsImageBytes)
+    backward_weight_nhwc_rows(gw, go, in, g);
+  else
+    backward_weight_nhwc_blocks(gw, go, in, g);
 }
 
 
