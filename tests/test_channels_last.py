@@ -3,6 +3,8 @@ max_pool_*_nhwc): a channels-last input is computed in its own layout and the re
 channels-last. Values and gradients against torch's float64 results (max-pool: exactly torch's, indices
 included), gradcheck, the layouts against the fake kernels', bit-identical across thread counts and to
 the NCHW kernels' results."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -406,19 +408,24 @@ def test_channels_last_depthwise_7x7_is_the_nchw_bits_and_skips_padding_for_infi
     assert torch.equal(ours, F.conv2d(xo, w, b, 1, 3, 1, 20)) and torch.isfinite(ours[..., 0, :]).all()
 
 
-# (channels, size, kernel, stride, padding, dilation): images of 1 MB and more in float32 (the weight gradient's
-# split by rows) whose first channels but 12 make less (its split by blocks of channels): 3x3 and 5x5 (their taps'
-# sums in registers), 7x7 and 1x5 (tap by tap), stride 2, dilation 2; channel tails of 4 and 8 past whole vectors.
-@pytest.mark.parametrize("case", [(64, 64, (3, 3), 1, (1, 1), 1), (72, 62, (5, 5), 2, (2, 2), 1),
-                                  (40, 90, (7, 7), 1, (3, 3), 1), (48, 76, (3, 3), 1, (2, 2), 2),
-                                  (36, 88, (1, 5), 1, (0, 2), 1)], ids=str)
+# (channels, kernel, stride, padding, dilation): 3x3 and 5x5 (their taps' sums in registers), 7x7 and 1x5 (tap by
+# tap), stride 2, dilation 2; channel tails of 4 and 8 past whole vectors (the 12 channels left out, below).
+@pytest.mark.parametrize("case", [(64, (3, 3), 1, (1, 1), 1), (72, (5, 5), 2, (2, 2), 1), (40, (7, 7), 1, (3, 3), 1),
+                                  (48, (3, 3), 1, (2, 2), 2), (36, (1, 5), 1, (0, 2), 1)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_channels_last_depthwise_weight_gradient_splits_give_the_same_bits(case, dtype, restore_num_threads):
-    """The channels-last depthwise weight gradient: large images split the work by rows, every channel a task (each
-    row's terms kept and added in row order), small ones by blocks of channels. A channel's entries depend on its
-    own planes only, so they must be the same bits whichever split ran and however many channels lie beside it, at
-    every thread count; and torch's float64 values."""
-    c, size, k, s, p, d = case
+@pytest.mark.parametrize("vector_bytes", ["32", "64"])
+def test_channels_last_depthwise_weight_gradient_splits_give_the_same_bits(case, dtype, vector_bytes, monkeypatch,
+                                                                           restore_num_threads):
+    """The channels-last depthwise weight gradient: images of 1 MB and more split the work by rows, every channel a
+    task (each row's terms kept and added in row order), smaller ones by blocks of channels. A channel's entries
+    depend on its own planes only, so they must be the same bits whichever split ran (the image's first channels but
+    12 make less than 1 MB) and however many channels lie beside it, at every thread count and vector width; and
+    torch's float64 values."""
+    monkeypatch.setenv("TORCH_MANUALGRAD_VECTOR_BYTES", vector_bytes)
+    c, k, s, p, d = case
+    m = c - 12
+    size = math.ceil(math.sqrt(2**20 / (c * dtype.itemsize)))  # the smallest square image of 1 MB or more
+    assert m * size * size * dtype.itemsize < 2**20
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(2, c, size, size, generator=gen, dtype=dtype).contiguous(memory_format=CL)
     w = torch.randn(c, 1, *k, generator=gen, dtype=dtype)
@@ -428,7 +435,6 @@ def test_channels_last_depthwise_weight_gradient_splits_give_the_same_bits(case,
     for threads in (1, 3):
         torch.set_num_threads(threads)
         assert torch.equal(ops.conv_backward(go, x, w, *args, c, [False, True, False])[1], gw)
-    m = c - 12
     few = ops.conv_backward(go[:, :m].contiguous(memory_format=CL), x[:, :m].contiguous(memory_format=CL), w[:m],
                             *args, m, [False, True, False])[1]
     assert torch.equal(few, gw[:m])
@@ -449,15 +455,16 @@ def test_channels_last_strided_depthwise_input_gradient_is_the_scatters_bits(cas
     """The strided channels-last depthwise input gradient gathers each pixel's terms (depthwise_cpu.cpp's
     backward_input_nhwc_gather) in the order a scatter adds them: output by output, row then column, each product
     rounded, then added to a sum starting at +0. Held bit for bit to that scatter written here with torch's float32
-    multiply and add, at 1 and 3 threads and both vector widths (20 channels: whole vectors and a tail)."""
+    multiply and add, at 1 and 3 threads and both vector widths (36 channels: runs of four vectors, single vectors
+    and a tail of 4; a zero gradient of -0 at the first output, whose first pixel's sum is +0)."""
     monkeypatch.setenv("TORCH_MANUALGRAD_VECTOR_BYTES", vector_bytes)
     size, k, s, p, d = case
     gen = torch.Generator().manual_seed(8)
-    c = 20
+    c = 36
     x = torch.randn(2, c, *size, generator=gen).contiguous(memory_format=CL)
     w = torch.randn(c, 1, *k, generator=gen)
     go = torch.randn(F.conv2d(x, w, None, s, p, d, c).shape, generator=gen)
-    go[0, 3, 0, 0] = -0.0
+    go[0, :, 0, 0] = -0.0
     expected = torch.zeros(x.shape)
     for oh in range(go.shape[2]):
         for ow in range(go.shape[3]):

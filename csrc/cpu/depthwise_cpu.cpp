@@ -3,8 +3,8 @@
 //   forward:      out[n, oc]      = (sum over taps (i, j) of w[oc, i, j] × the input slice tap (i, j) sees) + bias[oc]
 //   grad_input:   grad_in[n, c]   = each tap adds w[oc, i, j] × grad_out[n, oc] back into its slice
 //   grad_weight:  grad_w[oc, i, j] = sum over images and positions of grad_out × the slice tap (i, j) saw
-// Each task owns its output planes (forward, grad_input) or output channels (grad_weight) and sums in a
-// fixed order, so results do not depend on the thread count.
+// Each task owns what it writes (output planes or rows, input-gradient rows, weight-gradient channels or one
+// row's terms) and every sum has a fixed order, so results do not depend on the thread count.
 // Taps that fall in the padding are skipped, as torch's kernels do (so an infinite weight or gradient
 // does not turn the border into NaN): time and memory follow the taps inside the input, not the padding,
 // stride or dilation. For speed, the forward and the weight gradient read each chunk of output columns'
@@ -40,8 +40,8 @@ namespace {
 // Each product is rounded before it is added (no fused multiply-add): otherwise the compiler fuses some
 // lanes of a loop and not others (the vector body, but not its remainder), and an output's bits would
 // depend on where its run of columns starts; unfused, they are the same for any run and on every CPU. (The
-// kernels after this region, weight_rows_in_registers among them, are fused where the CPU has FMA: whole
-// vectors only, so their bits too depend on the geometry alone.)
+// kernels after this region are fused where the CPU has FMA: weight_rows_in_registers whole vectors only, so its
+// bits too depend on the geometry alone; the channels-last weight gradient's vectors and scalar tail alike.)
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #elif defined(__GNUC__)
@@ -1226,9 +1226,14 @@ void backward_weight_nhwc_rows(scalar_t* gw, const scalar_t* go, const scalar_t*
   for (int64_t i = 0; i < per_row; ++i) gw[i] = static_cast<scalar_t>(sums[i]);
 }
 
+// Rows where an image is large and a chunk of rows gives every thread two tasks (else blocks, whose tasks are the
+// channels'): both give the same bits, so the choice may depend on the thread count.
 template <typename scalar_t>
 void backward_weight_nhwc_kernel(scalar_t* gw, const scalar_t* go, const scalar_t* in, const Geometry& g) {
-  if (g.in_h * g.in_w * g.in_channels * int64_t(sizeof(scalar_t)) >= kRowsImageBytes)
+  const int64_t per_row = std::max<int64_t>(1, g.win.kernel_h * g.win.kernel_w * g.in_channels);
+  const int64_t chunk = std::min(g.batch * g.out_h, kRowTermElems / per_row);
+  if (g.in_h * g.in_w * g.in_channels * int64_t(sizeof(scalar_t)) >= kRowsImageBytes &&
+      chunk >= 2 * at::get_num_threads())
     backward_weight_nhwc_rows(gw, go, in, g);
   else
     backward_weight_nhwc_blocks(gw, go, in, g);
