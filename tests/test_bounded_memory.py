@@ -434,8 +434,11 @@ TAP_ORDER_CASES = [
 
 @pytest.mark.parametrize("case", TAP_ORDER_CASES, ids=str)
 def test_depthwise_forward_adds_the_taps_in_order_then_the_bias(case):
-    """Every float32 output is +0, plus each tap's rounded product in row-major tap order (a tap in the padding adds
-    weight * 0), plus the bias: the sums a plain float32 loop over the taps makes, bit for bit."""
+    """Every float32 output is +0, plus each tap's product in row-major tap order (a tap in the padding adds
+    weight * 0), plus the bias: the sums a plain float32 loop over the taps makes, bit for bit. Each product and add
+    is one fused multiply-add on a CPU with FMA (AVX2 and up), rounded once: float64 holds the product exactly and
+    the sum before its rounding to float32 (whose double rounding would need a float64 sum to fall within 2^-29 of a
+    float32 midpoint, which these cases' do not); a product rounded, then added, elsewhere."""
     c, h, width, k, pad, dil, mult = case
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(2, c, h, width, generator=gen)
@@ -446,10 +449,12 @@ def test_depthwise_forward_adds_the_taps_in_order_then_the_bias(case):
     xp = F.pad(x, (pad, pad, pad, pad)).repeat_interleave(mult, dim=1)
     oh, ow = got.shape[-2:]
     want = torch.zeros_like(got)
+    fused = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
     for i in range(k):
         for j in range(k):
             tap = xp[..., i * dil : i * dil + oh, j * dil : j * dil + ow]
-            want = want + w[:, 0, i, j].view(1, -1, 1, 1) * tap
+            wt = w[:, 0, i, j].view(1, -1, 1, 1)
+            want = (want.double() + wt.double() * tap.double()).float() if fused else want + wt * tap
     want = want + b.view(1, -1, 1, 1)
     assert torch.equal(got, want)
 

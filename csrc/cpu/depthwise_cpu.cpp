@@ -37,21 +37,20 @@ namespace manualgrad {
 namespace MANUALGRAD_WIDTH {  // (vectorize.h: this copy's vector width)
 namespace {
 
-// Each product is rounded before it is added (no fused multiply-add): otherwise the compiler fuses some
-// lanes of a loop and not others (the vector body, but not its remainder), and an output's bits would
-// depend on where its run of columns starts; unfused, they are the same for any run and on every CPU. (The
-// kernels after this region are fused where the CPU has FMA: weight_rows_in_registers whole vectors only, so its
-// bits too depend on the geometry alone; the channels-last weight gradient's vectors and scalar tail alike.)
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#elif defined(__GNUC__)
-#pragma GCC push_options
-#pragma GCC optimize("fp-contract=off")
-#endif
+// The sums are fused multiply-adds where the CPU has FMA, in every kernel that computes a forward's outputs (and
+// so the stride-1 input gradient's): each is a VL clone (vectorize.h), or inlined into one, so that the 64-byte
+// vectors, the 32-byte ones (a loop's remainder among them) and the scalar channel tails all fuse, and an output's
+// bits are the same whichever kernel, run or lane computes it. The channel tails add their taps channel by channel
+// across a tap, never as a reduction over the taps: GCC vectorizes such a reduction as vector products added in
+// order one by one, unfused (float64 tails then differed from the lanes). (Compiled for avx512f alone, 32-byte
+// vectors could not fuse, and GCC fused a loop's vector body but not its remainder; so these sums had been
+// unfused, twice the floating-point instructions on an Intel Xeon's two 512-bit pipes.) The strided input
+// gradient's scatters and gather, and the NCHW weight gradient's dot_row, stay unfused (their region below): they
+// match no other kernel's bits, and the gather is held to the scatter's order in a test.
 
 // out[ow] += w * in[ow * stride] for ow < count: one tap across one output row.
 template <typename scalar_t>
-MANUALGRAD_VECTOR_CLONES void axpy_row(scalar_t* __restrict out, const scalar_t* __restrict in, scalar_t w,
+MANUALGRAD_VECTOR_CLONES_VL void axpy_row(scalar_t* __restrict out, const scalar_t* __restrict in, scalar_t w,
                                        int64_t count, int64_t stride) {
   if (stride == 1) {
     for (int64_t ow = 0; ow < count; ++ow) out[ow] += w * in[ow];
@@ -114,37 +113,11 @@ template <typename scalar_t, int R>
 // One output row (pair = false) or two sharing their kernel rows' weights (pair = true); the bias, if any, is added
 // to each sum last, as torch adds it.
 template <typename scalar_t>
-MANUALGRAD_VECTOR_CLONES void taps_row(scalar_t* const* out, const scalar_t* const* const* rows,
+MANUALGRAD_VECTOR_CLONES_VL void taps_row(scalar_t* const* out, const scalar_t* const* const* rows,
                                        const scalar_t* const* weights, int64_t nrows, int64_t ntaps, int64_t dilation,
                                        int64_t count, const scalar_t* bias, bool pair) {
   if (pair) taps_rows<scalar_t, 2>(out, rows, weights, nrows, ntaps, dilation, count, bias);
   else taps_rows<scalar_t, 1>(out, rows, weights, nrows, ntaps, dilation, count, bias);
-}
-
-// in[ow * stride] += w * out[ow]: the mirror of axpy_row, adding a tap's share back into its slice.
-template <typename scalar_t>
-MANUALGRAD_VECTOR_CLONES void scatter_row(scalar_t* __restrict in, const scalar_t* __restrict out, scalar_t w,
-                                          int64_t count, int64_t stride) {
-  for (int64_t ow = 0; ow < count; ++ow) in[ow * stride] += w * out[ow];
-}
-
-// acc[ow] += grad[ow] * in[ow * stride]: one partial sum per output column, added up at the end in a
-// fixed order (a single running sum would be a serial chain the compiler may not reorder).
-template <typename scalar_t>
-MANUALGRAD_VECTOR_CLONES void dot_row(scalar_t* __restrict acc, const scalar_t* __restrict grad,
-                                      const scalar_t* __restrict in, int64_t count, int64_t stride) {
-  if (stride == 1) {
-    for (int64_t ow = 0; ow < count; ++ow) acc[ow] += grad[ow] * in[ow];
-  } else {
-    for (int64_t ow = 0; ow < count; ++ow) acc[ow] += grad[ow] * in[ow * stride];
-  }
-}
-
-// Channel vectors of a channels-last pixel (the NHWC kernels below): out[c] += w[c] * in[c].
-template <typename scalar_t>
-MANUALGRAD_VECTOR_CLONES void axpy_channels(scalar_t* __restrict out, const scalar_t* __restrict in,
-                                            const scalar_t* __restrict w, int64_t count) {
-  for (int64_t c = 0; c < count; ++c) out[c] += w[c] * in[c];
 }
 
 // One output pixel of the NHWC forward, multiplier 1: out[c] = the sum, for k < count in order, of
@@ -194,47 +167,35 @@ __attribute__((always_inline)) inline void pixel_sums(scalar_t* __restrict out, 
     }
     std::memcpy(out + c, &acc, sizeof(vec));
   }
-  for (; c < C; ++c) {
-    scalar_t acc = 0;
-    for (int64_t k = 0; k < count; ++k) acc += wt[taps[k] * C + c] * image[pixels[k] * C + c];
-    out[c] = bias ? acc + bias[c] : acc;
-  }
+  // the channels past the last vector, side by side across each tap (channel_tail)
+  const int64_t n = C - c;
+  scalar_t acc[L] = {};
+  for (int64_t k = 0; k < count; ++k)
+    for (int64_t j = 0; j < n; ++j) acc[j] += wt[taps[k] * C + c + j] * image[pixels[k] * C + c + j];
+  for (int64_t j = 0; j < n; ++j) out[c + j] = bias ? acc[j] + bias[c + j] : acc[j];
 }
 
 template <typename scalar_t>
-MANUALGRAD_VECTOR_CLONES void forward_nhwc_pixel(scalar_t* __restrict out, const scalar_t* __restrict image,
+MANUALGRAD_VECTOR_CLONES_VL void forward_nhwc_pixel(scalar_t* __restrict out, const scalar_t* __restrict image,
                                                  const scalar_t* __restrict wt, const scalar_t* __restrict bias,
                                                  const int64_t* __restrict pixels, const int64_t* __restrict taps,
                                                  int64_t count, int64_t C) {
   pixel_sums(out, image, wt, bias, pixels, taps, count, C);
 }
 
-constexpr int64_t kGatherTaps = 49;    // kernels of at most this many taps gather the strided input gradient
-constexpr int64_t kGatherPixels = 32;  // pixels a call of gather_pixels
-
-// n consecutive pixels of the NHWC input gradient: pixel p's is the sum, for k < counts[p] in order, of the weights
-// of tap taps[p * kGatherTaps + k] times the gradient of output pixels[p * kGatherTaps + k] (pixel_sums).
+// The channels past the last whole vector of a run (forward_nhwc_run, forward_nhwc_rows), fewer than a vector: each
+// pixel's taps in order, then the bias, the tail's channels side by side (inlined into those clones: compiled apart,
+// for the baseline, it would not fuse).
 template <typename scalar_t>
-MANUALGRAD_VECTOR_CLONES void gather_pixels(scalar_t* __restrict out, const scalar_t* __restrict grad,
-                                            const scalar_t* __restrict wt, const int64_t* __restrict pixels,
-                                            const int64_t* __restrict taps, const int64_t* __restrict counts,
-                                            int64_t n, int64_t C) {
-  for (int64_t p = 0; p < n; ++p)
-    pixel_sums(out + p * C, grad, wt, static_cast<const scalar_t*>(nullptr), pixels + p * kGatherTaps,
-               taps + p * kGatherTaps, counts[p], C);
-}
-
-// The channels past the last whole vector of a run (forward_nhwc_run, forward_nhwc_rows): channel by channel, the
-// taps in order, then the bias.
-template <typename scalar_t>
-void channel_tail(scalar_t* out, const scalar_t* image, const scalar_t* wt, const scalar_t* bias, const int64_t* offset,
-                  int64_t taps, int64_t count, int64_t step, int64_t C, int64_t c0) {
-  for (int64_t c = c0; c < C; ++c) {
-    for (int64_t p = 0; p < count; ++p) {
-      scalar_t acc = 0;
-      for (int64_t k = 0; k < taps; ++k) acc += wt[k * C + c] * image[p * step + offset[k] + c];
-      out[p * C + c] = bias ? acc + bias[c] : acc;
-    }
+[[gnu::always_inline]] inline void channel_tail(scalar_t* out, const scalar_t* image, const scalar_t* wt,
+                                                const scalar_t* bias, const int64_t* offset, int64_t taps,
+                                                int64_t count, int64_t step, int64_t C, int64_t c0) {
+  const int64_t n = C - c0;
+  for (int64_t p = 0; p < count; ++p) {
+    scalar_t acc[Vec<scalar_t>::lanes] = {};
+    for (int64_t k = 0; k < taps; ++k)
+      for (int64_t c = 0; c < n; ++c) acc[c] += wt[k * C + c0 + c] * image[p * step + offset[k] + c0 + c];
+    for (int64_t c = 0; c < n; ++c) out[p * C + c0 + c] = bias ? acc[c] + bias[c0 + c] : acc[c];
   }
 }
 
@@ -244,7 +205,7 @@ void channel_tail(scalar_t* out, const scalar_t* image, const scalar_t* wt, cons
 // in registers across the run, so each tap costs one load instead of two (3x3 over 144 channels at 56x56,
 // channels-last: 0.55x the time).
 template <typename scalar_t, int TAPS>
-MANUALGRAD_VECTOR_CLONES void forward_nhwc_run(scalar_t* __restrict out, const scalar_t* __restrict image,
+MANUALGRAD_VECTOR_CLONES_VL void forward_nhwc_run(scalar_t* __restrict out, const scalar_t* __restrict image,
                                                const scalar_t* __restrict wt, const scalar_t* __restrict bias,
                                                const int64_t* __restrict offset, int64_t count, int64_t step,
                                                int64_t C) {
@@ -299,7 +260,7 @@ MANUALGRAD_VECTOR_CLONES void forward_nhwc_run(scalar_t* __restrict out, const s
 // run's (and forward_nhwc_pixel's). ConvNeXt-T's layers (with forward_nhwc_padded), 2-core Zen 4, batch 8,
 // ours/torch: 7x7 over 96 channels at 56x56 2.86 -> 1.25, 192 at 28x28 2.40 -> 1.25, 384 at 14x14 2.13 -> 1.70.
 template <typename scalar_t, int KW>
-MANUALGRAD_VECTOR_CLONES void forward_nhwc_rows(scalar_t* __restrict out, const scalar_t* __restrict image,
+MANUALGRAD_VECTOR_CLONES_VL void forward_nhwc_rows(scalar_t* __restrict out, const scalar_t* __restrict image,
                                                 const scalar_t* __restrict wt, const scalar_t* __restrict bias,
                                                 const int64_t* __restrict offset, int64_t kh, int64_t count,
                                                 int64_t step, int64_t C) {
@@ -423,7 +384,7 @@ __attribute__((always_inline)) inline void band_block(scalar_t* __restrict out, 
 }
 
 template <typename scalar_t>
-MANUALGRAD_VECTOR_CLONES void forward_band(scalar_t* __restrict out, const scalar_t* __restrict tile,
+MANUALGRAD_VECTOR_CLONES_VL void forward_band(scalar_t* __restrict out, const scalar_t* __restrict tile,
                                            const scalar_t* __restrict wt, const scalar_t* __restrict bias,
                                            const int64_t* __restrict offset, int64_t taps, int64_t count,
                                            const BandLayout& b) {
@@ -471,7 +432,59 @@ struct InteriorRuns {
   }
 };
 
-#if defined(__GNUC__) && !defined(__clang__)
+// ---- Unfused: each product rounded before it is added (the strided input gradient, the NCHW dot_row) ----
+#if defined(__clang__)
+#pragma clang fp contract(push)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+#endif
+
+// in[ow * stride] += w * out[ow]: the mirror of axpy_row, adding a tap's share back into its slice.
+template <typename scalar_t>
+MANUALGRAD_VECTOR_CLONES void scatter_row(scalar_t* __restrict in, const scalar_t* __restrict out, scalar_t w,
+                                          int64_t count, int64_t stride) {
+  for (int64_t ow = 0; ow < count; ++ow) in[ow * stride] += w * out[ow];
+}
+
+// acc[ow] += grad[ow] * in[ow * stride]: one partial sum per output column, added up at the end in a
+// fixed order (a single running sum would be a serial chain the compiler may not reorder).
+template <typename scalar_t>
+MANUALGRAD_VECTOR_CLONES void dot_row(scalar_t* __restrict acc, const scalar_t* __restrict grad,
+                                      const scalar_t* __restrict in, int64_t count, int64_t stride) {
+  if (stride == 1) {
+    for (int64_t ow = 0; ow < count; ++ow) acc[ow] += grad[ow] * in[ow];
+  } else {
+    for (int64_t ow = 0; ow < count; ++ow) acc[ow] += grad[ow] * in[ow * stride];
+  }
+}
+
+// Channel vectors of a channels-last pixel (the NHWC kernels below): out[c] += w[c] * in[c].
+template <typename scalar_t>
+MANUALGRAD_VECTOR_CLONES void axpy_channels(scalar_t* __restrict out, const scalar_t* __restrict in,
+                                            const scalar_t* __restrict w, int64_t count) {
+  for (int64_t c = 0; c < count; ++c) out[c] += w[c] * in[c];
+}
+
+constexpr int64_t kGatherTaps = 49;    // kernels of at most this many taps gather the strided input gradient
+constexpr int64_t kGatherPixels = 32;  // pixels a call of gather_pixels
+
+// n consecutive pixels of the NHWC input gradient: pixel p's is the sum, for k < counts[p] in order, of the weights
+// of tap taps[p * kGatherTaps + k] times the gradient of output pixels[p * kGatherTaps + k] (pixel_sums).
+template <typename scalar_t>
+MANUALGRAD_VECTOR_CLONES void gather_pixels(scalar_t* __restrict out, const scalar_t* __restrict grad,
+                                            const scalar_t* __restrict wt, const int64_t* __restrict pixels,
+                                            const int64_t* __restrict taps, const int64_t* __restrict counts,
+                                            int64_t n, int64_t C) {
+  for (int64_t p = 0; p < n; ++p)
+    pixel_sums(out + p * C, grad, wt, static_cast<const scalar_t*>(nullptr), pixels + p * kGatherTaps,
+               taps + p * kGatherTaps, counts[p], C);
+}
+
+#if defined(__clang__)
+#pragma clang fp contract(pop)
+#elif defined(__GNUC__)
 #pragma GCC pop_options
 #endif
 
@@ -544,19 +557,25 @@ MANUALGRAD_VECTOR_CLONES_VL void weight_nhwc_row(double* __restrict acc, int64_t
     for (int k = 0; k < TAPS; ++k)
       for (int64_t l = 0; l < L; ++l) acc[k * acc_stride + c + l] += double(sum[k][l]);
   }
-  for (; c < cb; ++c) {
-    scalar_t sum[TAPS] = {};
-    for (int64_t ow = 0; ow < g.out_w; ++ow) {
-      const scalar_t gv = grad[ow * C + c];
-      if (ow >= lo && ow < hi) {
-        const scalar_t* at = run + (ow - lo) * step + c;
-        for (int k = 0; k < TAPS; ++k) sum[k] += gv * at[off[k]];
-      } else {
-        edge_taps(ow, [&](int k, int64_t pixel) { sum[k] += gv * image[pixel * C + c]; });
-      }
+  // The channels past the last vector, side by side at each output (a sum over the row's outputs, channel by
+  // channel, is a reduction GCC may vectorize as products added one by one, unfused).
+  const int64_t n = cb - c;
+  if (n == 0) return;
+  scalar_t sum[TAPS][L] = {};
+  for (int64_t ow = 0; ow < g.out_w; ++ow) {
+    const scalar_t* gv = grad + ow * C + c;
+    if (ow >= lo && ow < hi) {
+      const scalar_t* at = run + (ow - lo) * step + c;
+      for (int k = 0; k < TAPS; ++k)
+        for (int64_t j = 0; j < n; ++j) sum[k][j] += gv[j] * at[off[k] + j];
+    } else {
+      edge_taps(ow, [&](int k, int64_t pixel) {
+        for (int64_t j = 0; j < n; ++j) sum[k][j] += gv[j] * image[pixel * C + c + j];
+      });
     }
-    for (int k = 0; k < TAPS; ++k) acc[k * acc_stride + c] += double(sum[k]);
   }
+  for (int k = 0; k < TAPS; ++k)
+    for (int64_t j = 0; j < n; ++j) acc[k * acc_stride + c + j] += double(sum[k][j]);
 }
 
 // One tap's share of the NHWC weight gradient over a run of one output row: for each of `cb` channels, the sum
@@ -579,11 +598,11 @@ MANUALGRAD_VECTOR_CLONES_VL void dot_run_channels(double* __restrict acc, const 
     }
     for (int64_t l = 0; l < L; ++l) acc[c + l] += double(sum[l]);
   }
-  for (; c < cb; ++c) {
-    scalar_t sum = 0;
-    for (int64_t k = 0; k < count; ++k) sum += grad[k * C + c] * in[k * in_step + c];
-    acc[c] += double(sum);
-  }
+  const int64_t n = cb - c;  // the channels past the last vector, side by side (weight_nhwc_row)
+  scalar_t sum[L] = {};
+  for (int64_t k = 0; k < count; ++k)
+    for (int64_t j = 0; j < n; ++j) sum[j] += grad[k * C + c + j] * in[k * in_step + c + j];
+  for (int64_t j = 0; j < n; ++j) acc[c + j] += double(sum[j]);
 }
 
 
