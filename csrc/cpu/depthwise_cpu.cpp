@@ -44,9 +44,10 @@ namespace {
 // across a tap, never as a reduction over the taps: GCC vectorizes such a reduction as vector products added in
 // order one by one, unfused (float64 tails then differed from the lanes). (Compiled for avx512f alone, 32-byte
 // vectors could not fuse, and GCC fused a loop's vector body but not its remainder; so these sums had been
-// unfused, twice the floating-point instructions on an Intel Xeon's two 512-bit pipes.) The strided input
-// gradient's scatters and gather, and the NCHW weight gradient's dot_row, stay unfused (their region below): they
-// match no other kernel's bits, and the gather is held to the scatter's order in a test.
+// unfused, twice the floating-point instructions on an Intel Xeon's two 512-bit pipes.) The input gradient's
+// scatters and gather (strides over 1, or padding past the kernel's reach), and the NCHW weight gradient's
+// dot_row, stay unfused (their region below): they match no other kernel's bits, and the gather is held to the
+// scatter's order in a test.
 
 // out[ow] += w * in[ow * stride] for ow < count: one tap across one output row.
 template <typename scalar_t>
@@ -432,9 +433,10 @@ struct InteriorRuns {
   }
 };
 
-// ---- Unfused: each product rounded before it is added (the strided input gradient, the NCHW dot_row) ----
+// ---- Unfused: each product rounded before it is added (the input gradient's scatters and gather, where it is not
+// a forward of grad_output; the NCHW dot_row) ----
 #if defined(__clang__)
-#pragma clang fp contract(push)
+#pragma float_control(push)
 #pragma clang fp contract(off)
 #elif defined(__GNUC__)
 #pragma GCC push_options
@@ -471,7 +473,9 @@ constexpr int64_t kGatherTaps = 49;    // kernels of at most this many taps gath
 constexpr int64_t kGatherPixels = 32;  // pixels a call of gather_pixels
 
 // n consecutive pixels of the NHWC input gradient: pixel p's is the sum, for k < counts[p] in order, of the weights
-// of tap taps[p * kGatherTaps + k] times the gradient of output pixels[p * kGatherTaps + k] (pixel_sums).
+// of tap taps[p * kGatherTaps + k] times the gradient of output pixels[p * kGatherTaps + k] (pixel_sums, unfused
+// here: GCC contracts, or not, by the function its code is inlined into; clang by where it is written, so a clang
+// build would fuse the gather as it does the forward).
 template <typename scalar_t>
 MANUALGRAD_VECTOR_CLONES void gather_pixels(scalar_t* __restrict out, const scalar_t* __restrict grad,
                                             const scalar_t* __restrict wt, const int64_t* __restrict pixels,
@@ -483,7 +487,7 @@ MANUALGRAD_VECTOR_CLONES void gather_pixels(scalar_t* __restrict out, const scal
 }
 
 #if defined(__clang__)
-#pragma clang fp contract(pop)
+#pragma float_control(pop)
 #elif defined(__GNUC__)
 #pragma GCC pop_options
 #endif
