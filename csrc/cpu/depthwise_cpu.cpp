@@ -1224,12 +1224,12 @@ MANUALGRAD_VECTOR_CLONES void add_terms(double* __restrict total, const double* 
   for (int64_t i = 0; i < n; ++i) total[i] += part[i];
 }
 
-// The rows split: each task writes its rows' terms into their own slots, and a chunk of rows' terms is then added
-// to the sums in row order, a block of them a task.
+// The rows split: each task writes its rows' terms into their own slots, and a chunk of `chunk` rows' terms (at
+// least one row) is then added to the sums in row order, a block of them a task.
 template <typename scalar_t>
-void backward_weight_nhwc_rows(scalar_t* gw, const scalar_t* go, const scalar_t* in, const Geometry& g) {
+void backward_weight_nhwc_rows(scalar_t* gw, const scalar_t* go, const scalar_t* in, const Geometry& g,
+                               int64_t chunk) {
   const int64_t C = g.in_channels, per_row = g.win.kernel_h * g.win.kernel_w * C, rows = g.batch * g.out_h;
-  const int64_t chunk = std::min(rows, std::max<int64_t>(1, kRowTermElems / std::max<int64_t>(1, per_row)));
   const InteriorRuns runs(g, C);
   std::vector<double> sums(per_row, 0.0), terms(chunk * per_row);
   for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
@@ -1257,7 +1257,7 @@ void backward_weight_nhwc_kernel(scalar_t* gw, const scalar_t* go, const scalar_
   const int64_t chunk = std::min(g.batch * g.out_h, kRowTermElems / per_row);
   if (g.in_h * g.in_w * g.in_channels * int64_t(sizeof(scalar_t)) >= kRowsImageBytes &&
       chunk >= 2 * at::get_num_threads())
-    backward_weight_nhwc_rows(gw, go, in, g);
+    backward_weight_nhwc_rows(gw, go, in, g, chunk);
   else
     backward_weight_nhwc_blocks(gw, go, in, g);
 }
