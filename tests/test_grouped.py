@@ -181,12 +181,9 @@ def test_grouped_channels_last_non_finite_values_give_torchs_nan_and_inf(stride,
             torch.testing.assert_close(a.double().nan_to_num(0, 0, 0), e.nan_to_num(0, 0, 0), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c[-1] and len(c[4]) == 2], ids=str)
-def test_grouped_channels_last_forward_and_input_gradient_are_the_nchw_bits(case):
-    """The pixel kernels add each output's terms in the order, and in the runs, the plane kernels do (a weight
-    vector times a broadcast input instead of a weight times an input vector): the same float32 bits in either
-    layout. (The weight gradients differ: the plane kernels add lanes, the pixel kernels images.)"""
-    x, w, b = _tensors(case, torch.float32, seed=2)
+def _output_and_input_gradient_in_both_layouts(case, x, w, b):
+    """Our 2-d output and input gradient with x and w NCHW, then channels-last (the same grad_output in each layout),
+    and that grad_output."""
     go = None
     results = []
     for layout in (torch.contiguous_format, torch.channels_last):
@@ -194,8 +191,40 @@ def test_grouped_channels_last_forward_and_input_gradient_are_the_nchw_bits(case
         (y, gx, _, _), go = _run(tmg.functional.conv2d, case, *inputs,
                                  None if go is None else go.contiguous(memory_format=layout))
         results.append((y, gx))
-    for a, e in zip(results[1], results[0]):
+    return results[0], results[1], go
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[-1] and len(c[4]) == 2], ids=str)
+def test_grouped_channels_last_forward_and_input_gradient_are_the_nchw_bits(case):
+    """The pixel kernels add each output's terms in the order, and in the runs, the plane kernels do (a weight
+    vector times a broadcast input instead of a weight times an input vector): the same float32 bits in either
+    layout. (The weight gradients differ: the plane kernels add lanes, the pixel kernels images.)"""
+    nchw, channels_last, _ = _output_and_input_gradient_in_both_layouts(case, *_tensors(case, torch.float32, seed=2))
+    for a, e in zip(channels_last, nchw):
         assert torch.equal(a, e)
+
+
+@pytest.mark.parametrize("vector_bytes", ["64", "32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("groups, per_group, stride", [(4, 16, 1), (4, 16, 2), (2, 32, 1), (8, 8, 1), (8, 8, 2)],
+                         ids=str)
+def test_grouped_channels_last_row_runs_are_the_nchw_bits(groups, per_group, stride, dtype, vector_bytes,
+                                                          monkeypatch):
+    """Where a task's input channels fill the planes (64 a pixel) and a group's output channels are one or two
+    vectors, the channels-last forward takes each output row in runs of up to 14 outputs (pixel_forward_rows): rows
+    of 1 to 45 outputs, so every run length, give the NCHW (plane kernels') bits for the forward and the input
+    gradient, and torch's values."""
+    monkeypatch.setenv("TORCH_MANUALGRAD_VECTOR_BYTES", vector_bytes)
+    for width in (*range(1, 16), 29, 45):
+        case = (2, groups, per_group, per_group, (3, 3), (3, stride * (width - 1) + 1), stride, 1, 1, True)
+        x, w, b = _tensors(case, dtype, seed=width)
+        nchw, channels_last, go = _output_and_input_gradient_in_both_layouts(case, x, w, b)
+        assert channels_last[0].shape[-1] == width
+        for a, e in zip(channels_last, nchw):
+            assert torch.equal(a, e)
+        expected, _ = _run(F.conv2d, case, *(t.double() for t in (x, w, b)), go.double())
+        for a, e in zip(channels_last, expected):
+            torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("nan", [False, True], ids=["finite", "nan_in_one_group"])
