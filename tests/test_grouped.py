@@ -4,6 +4,7 @@ values and gradients against torch in float64 across strides, paddings, dilation
 the non-finite cases where the planes' dropped columns would differ from torch's sums; float32 results against
 torch's; and the two layouts' forwards and input gradients bit for bit."""
 import math
+import os
 
 import pytest
 import torch
@@ -325,21 +326,32 @@ def _winograd_run(case, x, w, b, go=None, conv=tmg.functional.conv2d, dtype=torc
 
 
 @pytest.fixture
+def winograd_on(monkeypatch):
+    """The test runs with TORCH_MANUALGRAD_WINOGRAD=1: Winograd wherever it applies, also where this CPU's default
+    takes the pixel kernels' rows (channels-last forwards on Intel CPUs with AVX-512)."""
+    monkeypatch.setenv("TORCH_MANUALGRAD_WINOGRAD", "1")
+
+
+@pytest.fixture
 def winograd_off(monkeypatch):
     """Runs a function with TORCH_MANUALGRAD_WINOGRAD=0: the direct kernels."""
 
     def run(fn, *args, **kwargs):
+        before = os.environ.get("TORCH_MANUALGRAD_WINOGRAD")
         monkeypatch.setenv("TORCH_MANUALGRAD_WINOGRAD", "0")
         try:
             return fn(*args, **kwargs)
         finally:
-            monkeypatch.delenv("TORCH_MANUALGRAD_WINOGRAD")
+            if before is None:
+                monkeypatch.delenv("TORCH_MANUALGRAD_WINOGRAD")
+            else:
+                monkeypatch.setenv("TORCH_MANUALGRAD_WINOGRAD", before)
 
     return run
 
 
 @pytest.mark.parametrize("case", WINOGRAD_CASES, ids=str)
-def test_grouped_winograd_against_float64_and_the_direct_kernels(case, winograd_off):
+def test_grouped_winograd_against_float64_and_the_direct_kernels(case, winograd_on, winograd_off):
     """Forward and both gradients by Winograd where it applies: its sums regrouped, close to the direct kernels' but
     in other bits, within float32's rounding of the float64 truth."""
     x, w, b = _winograd_tensors(case)
@@ -358,7 +370,7 @@ def test_grouped_winograd_against_float64_and_the_direct_kernels(case, winograd_
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("where", ["input", "weight", "grad_output"])
-def test_grouped_winograd_values_that_are_not_finite_take_the_direct_sums(where, layout, winograd_off):
+def test_grouped_winograd_values_that_are_not_finite_take_the_direct_sums(where, layout, winograd_on, winograd_off):
     """An infinity spreads through the transforms (inf - inf) to outputs a direct sum keeps finite or infinite: a
     piece with a value that is not finite is the direct kernels' own, bit for bit, NaN and infinities where torch's
     float64 sums have them. (An infinite weight sends the input gradient to im2col: grouped_backward_input_applies.)"""
@@ -385,7 +397,7 @@ def test_grouped_winograd_values_that_are_not_finite_take_the_direct_sums(where,
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_grouped_winograd_takes_a_strided_input_gradients_3x3_phases(layout, winograd_off):
+def test_grouped_winograd_takes_a_strided_input_gradients_3x3_phases(layout, winograd_on, winograd_off):
     """A 5x5/2 layer's input gradient is a forward per phase of the input; the even-even phase's taps {4, 2, 0} in
     both dimensions make a 3x3 stride-1 forward over 15x15 outputs, which Winograd computes into the strided phase
     (the channels-last one; NCHW rows take the phases together, one kernel): float64's values, and in
@@ -409,7 +421,7 @@ def test_grouped_winograd_takes_a_strided_input_gradients_3x3_phases(layout, win
 
 
 @pytest.mark.parametrize("case", [WINOGRAD_CASES[0], WINOGRAD_CASES[2], WINOGRAD_CASES[3], WINOGRAD_CASES[5]], ids=str)
-def test_grouped_winograd_bit_identical_at_every_thread_count(case, restore_num_threads):
+def test_grouped_winograd_bit_identical_at_every_thread_count(case, restore_num_threads, winograd_on):
     x, w, b = _winograd_tensors(case, seed=6)
     results = []
     for threads in (1, 2, 3):
@@ -419,11 +431,15 @@ def test_grouped_winograd_bit_identical_at_every_thread_count(case, restore_num_
         assert all(torch.equal(a, e) for a, e in zip(results[0], other))
 
 
+@pytest.mark.parametrize("route", ["default", "winograd"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_grouped_winograd_error_no_worse_than_torchs(layout):
+def test_grouped_winograd_error_no_worse_than_torchs(layout, route, monkeypatch):
     """ResNeXt-50's 3x3 over 32 groups of 16 at 14x14, batch 8: forward and both gradients in float32 against the
     float64 truth, normwise, at most torch's float32 error; the weight gradient at most 1.25x it (on this seed torch's
-    channels-last one is 2.00e-7 relative, ours 1.98e-7, the direct kernels' 2.41e-7; torch's NCHW one 6.8e-7)."""
+    channels-last one is 2.00e-7 relative, ours 1.98e-7, the direct kernels' 2.41e-7; torch's NCHW one 6.8e-7). By
+    Winograd, and by what this CPU takes by default (on Intel's, the pixel kernels' rows for channels-last)."""
+    if route == "winograd":
+        monkeypatch.setenv("TORCH_MANUALGRAD_WINOGRAD", "1")
     case = (8, 32, 16, 16, (14, 14), 1, layout)
     x, w, b = _winograd_tensors(case, seed=8)
     truth, go = _winograd_run(case, x, w, b, None, F.conv2d, torch.float64)
@@ -432,3 +448,34 @@ def test_grouped_winograd_error_no_worse_than_torchs(layout):
     for i in (0, 1, 2):
         ours_err, torch_err = (ours[i].double() - truth[i]).norm(), (theirs[i].double() - truth[i]).norm()
         assert ours_err <= (1.25 if i == 2 else 1.0) * torch_err, (i, ours_err.item(), torch_err.item())
+
+
+def _cpu_is_intel_with_avx512():
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return False
+    return "GenuineIntel" in info and " avx512f" in info
+
+
+@pytest.mark.parametrize("case, rows_on_intel", [(WINOGRAD_CASES[1], True),
+                                                 ((1, 2, 32, 32, (14, 14), 1, "channels_last"), True),  # 2 vectors
+                                                 (WINOGRAD_CASES[2], False),  # 32 channels: a task's planes hold 64
+                                                 (WINOGRAD_CASES[6], False)],  # 4 vectors of output channels
+                         ids=str)
+def test_grouped_channels_last_forward_route_follows_the_cpu(case, rows_on_intel, winograd_off, monkeypatch):
+    """Channels-last forwards and input gradients that Winograd could take and the pixel kernels' rows could too (a
+    group's output channels one or two 64-byte vectors, 64 input channels side by side) go, by default, to those
+    rows on Intel CPUs with AVX-512 (the direct kernels' bits), to Winograd elsewhere (its bits); the weight
+    gradient stays Winograd's everywhere. TORCH_MANUALGRAD_WINOGRAD=1 gives Winograd all three."""
+    x, w, b = _winograd_tensors(case, seed=3)
+    default, go = _winograd_run(case, x, w, b)
+    direct, _ = winograd_off(_winograd_run, case, x, w, b, go)
+    monkeypatch.setenv("TORCH_MANUALGRAD_WINOGRAD", "1")
+    winograd, _ = _winograd_run(case, x, w, b, go)
+    rows = rows_on_intel and _cpu_is_intel_with_avx512() and os.environ.get("TORCH_MANUALGRAD_VECTOR_BYTES") != "32"
+    for i in (0, 1):
+        assert not torch.equal(winograd[i], direct[i]), i  # the two routes differ in bits here
+        assert torch.equal(default[i], direct[i] if rows else winograd[i]), i
+    assert torch.equal(default[2], winograd[2]) and not torch.equal(winograd[2], direct[2])

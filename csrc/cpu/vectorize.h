@@ -63,6 +63,21 @@ constexpr int kVectorRegisters = MANUALGRAD_VECTOR_BYTES == 64 ? 32 : 16;
 using MANUALGRAD_WIDTH::kVectorRegisters;
 using MANUALGRAD_WIDTH::Vec;
 
+// Whether this CPU is Intel's (asked once): kernels whose speed against another depends on how a CPU executes 64-byte
+// vectors (Intel's server cores: two full-width FMA units; AMD's Zen 4: 32-byte halves) choose by it where both
+// were measured.
+inline bool cpu_is_intel() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool intel = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel") != 0;
+  }();
+  return intel;
+#else
+  return false;
+#endif
+}
+
 // Whether this CPU has AVX-512F (asked once): what code written for it with intrinsics needs, whatever the settings.
 inline bool cpu_has_avx512f() {
 #if defined(__x86_64__) && defined(__GNUC__)

@@ -693,6 +693,11 @@ bool winograd_switched_off() {
   return choice && std::string(choice) == "0";
 }
 
+bool winograd_forced_on() {
+  const char* choice = std::getenv("TORCH_MANUALGRAD_WINOGRAD");
+  return choice && std::string(choice) == "1";
+}
+
 bool winograd_applies(const at::Tensor& input, const Geometry& g, bool backward) {
   const Window& w = g.win;
   if (winograd_switched_off()) return false;

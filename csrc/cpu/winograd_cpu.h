@@ -17,6 +17,9 @@ bool winograd_applies(const at::Tensor& input, const Geometry& g, bool backward)
 // Whether TORCH_MANUALGRAD_WINOGRAD=0 (read at each call) sends every Winograd layer, dense or grouped, to the
 // direct kernels.
 bool winograd_switched_off();
+// Whether TORCH_MANUALGRAD_WINOGRAD=1 (read at each call) gives Winograd every layer it applies to, also those a
+// CPU-dependent choice would send elsewhere (grouped_cpu.cpp's channels-last forwards on Intel CPUs).
+bool winograd_forced_on();
 
 // input (N, C_in, [D,] H, W) convolved with weight (C_out, C_in, [KD,] 3, 3), + bias if defined: the output, laid
 // out channels-last (ChannelsLast or ChannelsLast3d) or contiguous, whatever the input's layout. Undefined where
