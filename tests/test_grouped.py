@@ -42,6 +42,9 @@ CASES = [
     (2, 2, 5, 16, (3, 3), (9, 10), 1, 1, 1, True),
     (2, 2, 3, 8, (3, 3), (9, 10), 1, 1, 1, True),
     (2, 5, 16, 16, (3, 3), (12, 11), 2, 1, 1, True),  # strided: a task's 4 groups copied together, then 1
+    # strided 3x3 over 64 channels a task: the weight gradient by whole input channels (pixel_weight_taps), 27
+    # terms and 9, two vectors a group one after the other
+    (1, 4, 32, 32, (3, 3), (15, 17), 2, 1, 1, True),
     (1, 2, 4, 8, (3, 3), (8, 40), 1, 1, 1, True),  # one vector, few dropped columns: the forward's blocks by step
     (1, 2, 16, 16, (3, 3), (150, 40), 1, 1, 1, True),  # bands of rows
 ]

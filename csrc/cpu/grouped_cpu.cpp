@@ -951,6 +951,49 @@ template <typename scalar_t, int BYTES, int VB, int T>
       for (int64_t lane = 0; lane < N; ++lane) acc[t * ld + v * N + lane] += sum[t][v][lane];
 }
 
+// pixel_weight_block for the 9C terms of C whole input channels of a 3x3 kernel of dilation 1 in the plane, planes of
+// kPixelChannels channels a pixel and a stride of STRIDE in the plane (step STRIDE * kPixelChannels): term (c, kh, kw)
+// of the block reads row kh's pointer (from its first term's offset off[3 kh]) plus c + kw * kPixelChannels, a
+// constant, so 27 accumulators need three general registers, where 8 terms needed eight offsets. The same sums.
+template <typename scalar_t, int BYTES, int STRIDE, int C>
+[[gnu::always_inline]] inline void pixel_weight_taps(double* acc, int64_t ld, const scalar_t* grad, const Strides& sg,
+                                                     const scalar_t* x, int64_t pitch, int64_t rows, int64_t out_w,
+                                                     const int64_t* off) {
+  using vec = typename VecBytes<scalar_t, BYTES>::type;
+  constexpr int64_t N = VecBytes<scalar_t, BYTES>::lanes, CH = kPixelChannels, STEP = STRIDE * CH;
+  vec sum[C][3][3] = {};
+  for (int64_t i = 0; i < rows; ++i) {
+    const scalar_t* r0 = x + i * pitch * STEP + off[0];
+    const scalar_t* r1 = x + i * pitch * STEP + off[3];
+    const scalar_t* r2 = x + i * pitch * STEP + off[6];
+    const scalar_t* g = grad + i * sg.h;
+    for (int64_t ow = 0; ow < out_w; ++ow) {
+      vec gv;
+      load_vec(gv, g + ow * sg.w);
+      const int64_t q = ow * STEP;
+      for (int c = 0; c < C; ++c)
+        for (int kw = 0; kw < 3; ++kw) {
+          sum[c][0][kw] += r0[q + c + kw * CH] * gv;
+          sum[c][1][kw] += r1[q + c + kw * CH] * gv;
+          sum[c][2][kw] += r2[q + c + kw * CH] * gv;
+        }
+    }
+  }
+  for (int c = 0; c < C; ++c)
+    for (int kh = 0; kh < 3; ++kh)
+      for (int kw = 0; kw < 3; ++kw)
+        for (int64_t lane = 0; lane < N; ++lane) acc[(9 * c + 3 * kh + kw) * ld + lane] += sum[c][kh][kw][lane];
+}
+
+// Whether pixel_weight_planes takes pixel_weight_taps for geometry g with planes p: 0, else its stride (1 or 2).
+int pixel_weight_taps_stride(const Geometry& g, int64_t task_channels) {
+  const Window& w = g.win;
+  if (w.kernel_h != 3 || w.kernel_w != 3 || w.dilation_w != 1 || w.stride_h != w.stride_w ||
+      (w.stride_w != 1 && w.stride_w != 2) || task_channels != kPixelChannels)
+    return 0;
+  return static_cast<int>(w.stride_w);
+}
+
 // acc (k, channels) rows [t0, t1) += one image's band: grad (at its first output row and the group's first channel;
 // sg.c == 1) against its planes. One vector of channels takes 8 terms a block: with 12, their 12 offsets did not
 // fit the general registers beside the pointers, and GCC reloaded them from the stack for every multiply-add
@@ -959,9 +1002,28 @@ template <typename scalar_t, int BYTES>
 MANUALGRAD_VECTOR_CLONES_VL void pixel_weight_planes(double* acc, const scalar_t* grad, const Strides& sg,
                                                   const scalar_t* planes, int64_t step, int64_t pitch, int64_t rows,
                                                   int64_t out_w, const int64_t* off, int64_t channels, int64_t t0,
-                                                  int64_t t1) {
+                                                  int64_t t1, int taps_stride) {
   constexpr int64_t N = VecBytes<scalar_t, BYTES>::lanes;
   const int64_t vectors = channels / N;
+  if (taps_stride) {  // t0 and t1 whole channels (multiples of 9)
+    constexpr int C = kVectorRegisters >= 32 ? 3 : 1;
+    for (int64_t v = 0; v < vectors; ++v)
+      for (int64_t t = t0; t < t1;) {
+        double* a = acc + t * channels + v * N;
+        const scalar_t* gr = grad + v * N;
+        const bool three = C == 3 && t1 - t >= 27;
+        if (taps_stride == 1 && three)
+          pixel_weight_taps<scalar_t, BYTES, 1, C>(a, channels, gr, sg, planes, pitch, rows, out_w, off + t);
+        else if (taps_stride == 1)
+          pixel_weight_taps<scalar_t, BYTES, 1, 1>(a, channels, gr, sg, planes, pitch, rows, out_w, off + t);
+        else if (three)
+          pixel_weight_taps<scalar_t, BYTES, 2, C>(a, channels, gr, sg, planes, pitch, rows, out_w, off + t);
+        else
+          pixel_weight_taps<scalar_t, BYTES, 2, 1>(a, channels, gr, sg, planes, pitch, rows, out_w, off + t);
+        t += three ? 27 : 9;
+      }
+    return;
+  }
   for (int64_t v0 = 0; v0 < vectors;) {
     const bool two = vectors - v0 >= 2;
     for (int64_t t = t0; t < t1;) {
@@ -1005,7 +1067,9 @@ void pixel_weight_kernel(const WeightRef<scalar_t>& gw, const scalar_t* go, cons
   const GroupDims d(g);
   const int64_t step = g.win.stride_w * p.channels, k = d.k_per_group, entries = k * d.out_per_group;
   const int64_t group_blocks = ceil_div(d.groups, p.groups);
-  const int64_t terms = 24;  // a task's terms a multiple of pixel_weight_planes' blocks of 6 and of 8
+  const int taps_stride = pixel_weight_taps_stride(g, p.channels);
+  // a task's terms a multiple of pixel_weight_planes' blocks: of 6 and of 8 terms, or of 27 and 9 (whole channels)
+  const int64_t terms = taps_stride ? 27 : 24;
   const int64_t blocks = std::min(ceil_div(kMinWeightTasks, group_blocks), ceil_div(k, terms));
   const int64_t per_block = ceil_div(ceil_div(k, blocks), terms) * terms;
   parallel_tasks(group_blocks * blocks, [&](int64_t begin, int64_t end) {
@@ -1025,7 +1089,7 @@ void pixel_weight_kernel(const WeightRef<scalar_t>& gw, const scalar_t* go, cons
             pixel_weight_planes<scalar_t, BYTES>(acc.data() + gi * entries,
                                                  go + n * sg.n + oh0 * sg.h + (grp0 + gi) * d.out_per_group, sg,
                                                  planes.data() + gi * d.in_per_group, step, p.pitch, rows, g.out_w,
-                                                 p.offsets.data(), d.out_per_group, t0, t1);
+                                                 p.offsets.data(), d.out_per_group, t0, t1, taps_stride);
         }
       }
       for (int64_t gi = 0; gi < groups; ++gi)
