@@ -800,13 +800,6 @@ struct PixelOut {
   int64_t row, col, pitch, out_w, rows;
 };
 
-// One band of one group: its `channels` output channels at each of its outputs, from its planes (x at its first
-// input channel's) and its weight wt (k, channels), in blocks of kPixelBlock outputs (a block's lanes past the
-// band computed into a scratch slot). Where the grid's dropped columns are a tenth of it or more (2 of every 9 at
-// 7x7), or a run has more than one vector (6 outputs, pointers that stay in registers), the blocks take the real
-// outputs only, by pointer; else consecutive q of the grid by step, the dropped columns computed too.
-// (ResNeXt's 7x7 layers, 2 vectors: forward 0.83x the time; 14x14, 1 vector: 0.9x; 28x28, 1 vector by pointer:
-// 1.02-1.05x, hence the tenth.)
 // The most accumulators a run of pixel_forward_rows takes (and one register a vector of weights).
 constexpr int kRowRun = kVectorRegisters >= 32 ? 14 : 12;
 
@@ -842,8 +835,9 @@ template <typename scalar_t, int BYTES, int64_t STEP, int VB>
     }
 }
 
-// pixel_forward_rows where the step is a task's channels (kPixelChannels) at a stride of 1 or 2 and a group's
-// output channels are one vector, or two where there are registers for them. Returns whether it ran.
+// pixel_forward_rows where the step between outputs is kPixelChannels or twice it (a task's 64 channels at a stride
+// of 1 or 2, or fewer channels at a larger stride) and a group's output channels are one vector, or two where there
+// are registers for them. Returns whether it ran.
 template <typename scalar_t, int BYTES>
 [[gnu::always_inline]] inline bool pixel_forward_by_rows(scalar_t* out, const PixelOut& po, const scalar_t* x,
                                                          int64_t step, const int64_t* off, const scalar_t* wt,
@@ -866,6 +860,13 @@ template <typename scalar_t, int BYTES>
   return false;
 }
 
+// One band of one group: its `channels` output channels at each of its outputs, from its planes (x at its first
+// input channel's) and its weight wt (k, channels). By rows where pixel_forward_by_rows takes it; else in blocks of
+// kPixelBlock outputs (a block's lanes past the band computed into a scratch slot): where the grid's dropped columns
+// are a tenth of it or more (2 of every 9 at 7x7), or a run has more than one vector (6 outputs, pointers that stay
+// in registers), the blocks take the real outputs only, by pointer; else consecutive q of the grid by step, the
+// dropped columns computed too. (ResNeXt's 7x7 layers, 2 vectors: forward 0.83x the time; 14x14, 1 vector: 0.9x;
+// 28x28, 1 vector by pointer: 1.02-1.05x, hence the tenth.)
 template <typename scalar_t, int BYTES>
 MANUALGRAD_VECTOR_CLONES_VL void pixel_forward_planes(scalar_t* out, const PixelOut& po, scalar_t* scratch,
                                                    const scalar_t* x, int64_t step, const int64_t* off,
@@ -1561,9 +1562,8 @@ bool winograd_group_weight(const WeightRef<scalar_t>&, const scalar_t*, const St
   return false;
 }
 
-// The forward over geometry fg by whichever kernel suits the output's layout, with the weight of gather_weight.
-// Whether a forward over fg that Winograd could take goes to the pixel kernels' rows instead: on Intel CPUs with
-// 64-byte vectors, outputs channels-last (an Intel Xeon, 2 threads, batch 8, 512 g32 @14 channels-last, ms,
+// Whether a forward over fg that Winograd could take goes to the pixel kernels' rows instead: on Intel CPUs running
+// the 64-byte copy, outputs channels-last (an Intel Xeon, 2 threads, batch 8, 512 g32 @14 channels-last, ms,
 // Winograd -> rows [torch]: forward 1.40 -> 1.07 [0.80], input gradient 1.51 -> 1.07 [0.80]; NCHW, whose direct
 // kernels are the plane kernels, tied; the weight gradient stays Winograd's, 1.23 against 1.32). On a Zen 4, whose
 // FMA units take 32 bytes, Winograd's fewer products won by 10-25% (before the rows). TORCH_MANUALGRAD_WINOGRAD=1
@@ -1573,9 +1573,11 @@ bool pixel_rows_pay(const Geometry& fg, int64_t channel_stride) {
   const GroupDims d(fg);
   const int64_t n = VecBytes<float, 64>::lanes;
   return pixel_bytes<float>(fg, channel_stride) == 64 && (d.out_per_group == n || d.out_per_group == 2 * n) &&
-         kPixelChannels % d.in_per_group == 0 && d.groups * d.in_per_group >= kPixelChannels;  // (a task's 64)
+         kPixelChannels % d.in_per_group == 0 && d.groups * d.in_per_group >= kPixelChannels &&  // a task's 64
+         PixelLayout(fg, kPixelChannels / d.in_per_group).bounded(fg);
 }
 
+// The forward over geometry fg by whichever kernel suits the output's layout, with the weight of gather_weight.
 template <typename scalar_t>
 void forward_any(scalar_t* out, const Strides& so, const scalar_t* in, const Strides& si, const WeightRef<scalar_t>& w,
                  const WeightTaps& taps, const scalar_t* bias, const Geometry& fg, const at::TensorOptions& options) {

@@ -64,8 +64,8 @@ using MANUALGRAD_WIDTH::kVectorRegisters;
 using MANUALGRAD_WIDTH::Vec;
 
 // Whether this CPU is Intel's (asked once): kernels whose speed against another depends on how a CPU executes 64-byte
-// vectors (Intel's server cores: two full-width FMA units; AMD's Zen 4: 32-byte halves) choose by it where both
-// were measured.
+// vectors (the Intel Xeons measured: two full-width FMA units; AMD's Zen 4: 32-byte halves) choose by it where both
+// were measured. (A proxy: some Intel parts have one 512-bit FMA unit.)
 inline bool cpu_is_intel() {
 #if defined(__x86_64__) && defined(__GNUC__)
   static const bool intel = [] {

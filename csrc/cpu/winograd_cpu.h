@@ -17,8 +17,8 @@ bool winograd_applies(const at::Tensor& input, const Geometry& g, bool backward)
 // Whether TORCH_MANUALGRAD_WINOGRAD=0 (read at each call) sends every Winograd layer, dense or grouped, to the
 // direct kernels.
 bool winograd_switched_off();
-// Whether TORCH_MANUALGRAD_WINOGRAD=1 (read at each call) gives Winograd every layer it applies to, also those a
-// CPU-dependent choice would send elsewhere (grouped_cpu.cpp's channels-last forwards on Intel CPUs).
+// Whether TORCH_MANUALGRAD_WINOGRAD=1 (read at each call) gives Winograd the grouped layers a CPU-dependent choice
+// would send elsewhere (grouped_cpu.cpp's channels-last forwards on Intel CPUs); dense layers do not ask.
 bool winograd_forced_on();
 
 // input (N, C_in, [D,] H, W) convolved with weight (C_out, C_in, [KD,] 3, 3), + bias if defined: the output, laid
