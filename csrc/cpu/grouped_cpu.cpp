@@ -986,7 +986,8 @@ template <typename scalar_t, int BYTES, int STRIDE, int C>
         for (int64_t lane = 0; lane < N; ++lane) acc[(9 * c + 3 * kh + kw) * ld + lane] += sum[c][kh][kw][lane];
 }
 
-// Whether pixel_weight_planes takes pixel_weight_taps for geometry g with planes p: 0, else its stride (1 or 2).
+// Whether pixel_weight_planes takes pixel_weight_taps for geometry g over planes of task_channels channels a pixel:
+// 0, else its stride (1 or 2).
 int pixel_weight_taps_stride(const Geometry& g, int64_t task_channels) {
   const Window& w = g.win;
   if (w.kernel_h != 3 || w.kernel_w != 3 || w.dilation_w != 1 || w.stride_h != w.stride_w ||
@@ -1084,8 +1085,8 @@ void pixel_weight_kernel(const WeightRef<scalar_t>& gw, const scalar_t* go, cons
       for (int64_t band = 0; band < p.count; ++band) {
         const int64_t oh0 = band * p.rows, rows = std::min(p.rows, g.out_h - oh0);
         for (int64_t n = 0; n < g.batch; ++n) {
-          build_pixel_planes(planes.data(), in + n * si.n + grp0 * d.in_per_group * si.c, si, groups * d.in_per_group, g,
-                         p, oh0);
+          build_pixel_planes(planes.data(), in + n * si.n + grp0 * d.in_per_group * si.c, si, groups * d.in_per_group,
+                             g, p, oh0);
           for (int64_t gi = 0; gi < groups; ++gi)
             pixel_weight_planes<scalar_t, BYTES>(acc.data() + gi * entries,
                                                  go + n * sg.n + oh0 * sg.h + (grp0 + gi) * d.out_per_group, sg,
