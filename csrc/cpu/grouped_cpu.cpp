@@ -657,6 +657,11 @@ struct PixelLayout {
   bool bounded(const Geometry& g) const { return g.win.stride_h * size <= kMaxTaskElems; }
 };
 
+// The forward's layout: as many groups a task as fill kPixelChannels input channels, at least one.
+PixelLayout pixel_layout(const Geometry& fg) {
+  return PixelLayout(fg, std::max<int64_t>(1, kPixelChannels / GroupDims(fg).in_per_group));
+}
+
 // A band's planes for `count` input channels of one image (`image` points at the first): row phase a at
 // planes + a * size, pixel j of its row i at (i * width + j) * channels.
 template <typename scalar_t>
@@ -835,29 +840,34 @@ template <typename scalar_t, int BYTES, int64_t STEP, int VB>
     }
 }
 
-// pixel_forward_rows where the step between outputs is kPixelChannels or twice it (a task's 64 channels at a stride
-// of 1 or 2, or fewer channels at a larger stride) and a group's output channels are one vector, or two where there
-// are registers for them. Returns whether it ran.
+// Whether pixel_forward_by_rows takes a band: the step between outputs kPixelChannels or twice it (a task's 64
+// channels at a stride of 1 or 2, or fewer channels at a larger stride) and a group's output channels one vector, or
+// two where there are registers for them.
+template <typename scalar_t, int BYTES>
+constexpr bool pixel_rows_apply(int64_t step, int64_t channels) {
+  constexpr int64_t N = VecBytes<scalar_t, BYTES>::lanes;
+  return (step == kPixelChannels || step == 2 * kPixelChannels) &&
+         (channels == N || (kVectorRegisters >= 32 && channels == 2 * N));
+}
+
+// pixel_forward_rows where pixel_rows_apply. Returns whether it ran.
 template <typename scalar_t, int BYTES>
 [[gnu::always_inline]] inline bool pixel_forward_by_rows(scalar_t* out, const PixelOut& po, const scalar_t* x,
                                                          int64_t step, const int64_t* off, const scalar_t* wt,
                                                          int64_t channels, int64_t k, const scalar_t* bias,
                                                          int64_t chunk) {
   constexpr int64_t N = VecBytes<scalar_t, BYTES>::lanes, S = kPixelChannels;
-  if (step != S && step != 2 * S) return false;
+  if (!pixel_rows_apply<scalar_t, BYTES>(step, channels)) return false;
   if (channels == N) {
     if (step == S) pixel_forward_rows<scalar_t, BYTES, S, 1>(out, po, x, off, wt, k, bias, chunk);
     else pixel_forward_rows<scalar_t, BYTES, 2 * S, 1>(out, po, x, off, wt, k, bias, chunk);
     return true;
   }
   if constexpr (kVectorRegisters >= 32) {
-    if (channels == 2 * N) {
-      if (step == S) pixel_forward_rows<scalar_t, BYTES, S, 2>(out, po, x, off, wt, k, bias, chunk);
-      else pixel_forward_rows<scalar_t, BYTES, 2 * S, 2>(out, po, x, off, wt, k, bias, chunk);
-      return true;
-    }
+    if (step == S) pixel_forward_rows<scalar_t, BYTES, S, 2>(out, po, x, off, wt, k, bias, chunk);
+    else pixel_forward_rows<scalar_t, BYTES, 2 * S, 2>(out, po, x, off, wt, k, bias, chunk);
   }
-  return false;
+  return true;
 }
 
 // One band of one group: its `channels` output channels at each of its outputs, from its planes (x at its first
@@ -1571,11 +1581,9 @@ bool winograd_group_weight(const WeightRef<scalar_t>&, const scalar_t*, const St
 // keeps Winograd.
 bool pixel_rows_pay(const Geometry& fg, int64_t channel_stride) {
   if (MANUALGRAD_VECTOR_BYTES != 64 || !cpu_is_intel() || winograd_forced_on()) return false;
-  const GroupDims d(fg);
-  const int64_t n = VecBytes<float, 64>::lanes;
-  return pixel_bytes<float>(fg, channel_stride) == 64 && (d.out_per_group == n || d.out_per_group == 2 * n) &&
-         kPixelChannels % d.in_per_group == 0 && d.groups * d.in_per_group >= kPixelChannels &&  // a task's 64
-         PixelLayout(fg, kPixelChannels / d.in_per_group).bounded(fg);
+  if (pixel_bytes<float>(fg, channel_stride) != 64) return false;
+  const PixelLayout p = pixel_layout(fg);
+  return p.bounded(fg) && pixel_rows_apply<float, 64>(fg.win.stride_w * p.channels, GroupDims(fg).out_per_group);
 }
 
 // The forward over geometry fg by whichever kernel suits the output's layout, with the weight of gather_weight.
@@ -1590,7 +1598,7 @@ void forward_any(scalar_t* out, const Strides& so, const scalar_t* in, const Str
     }
   }
   if (const int bytes = pixel_bytes<scalar_t>(fg, so.c)) {
-    const PixelLayout p(fg, std::max<int64_t>(1, kPixelChannels / GroupDims(fg).in_per_group));
+    const PixelLayout p = pixel_layout(fg);
     if (p.bounded(fg)) {
       const at::Tensor wt = gather_weight(w, taps, fg, /*term_major=*/true, options);
       if (bytes == 64) return pixel_forward_kernel<scalar_t, 64>(out, so, in, si, wt.const_data_ptr<scalar_t>(), bias, fg, p);

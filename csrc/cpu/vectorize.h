@@ -63,33 +63,30 @@ constexpr int kVectorRegisters = MANUALGRAD_VECTOR_BYTES == 64 ? 32 : 16;
 using MANUALGRAD_WIDTH::kVectorRegisters;
 using MANUALGRAD_WIDTH::Vec;
 
-// Whether this CPU is Intel's (asked once): kernels whose speed against another depends on how a CPU executes 64-byte
-// vectors (the Intel Xeons measured: two full-width FMA units; AMD's Zen 4: 32-byte halves) choose by it where both
-// were measured. (A proxy: some Intel parts have one 512-bit FMA unit.)
-inline bool cpu_is_intel() {
+// What this CPU reports (asked once).
+struct CpuTraits {
+  bool intel;    // Intel's
+  bool avx512f;  // AVX-512F
+};
+inline const CpuTraits& cpu_traits() {
 #if defined(__x86_64__) && defined(__GNUC__)
-  static const bool intel = [] {
+  static const CpuTraits traits = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_is("intel") != 0;
+    return CpuTraits{__builtin_cpu_is("intel") != 0, __builtin_cpu_supports("avx512f") != 0};
   }();
-  return intel;
 #else
-  return false;
+  static const CpuTraits traits{false, false};
 #endif
+  return traits;
 }
 
-// Whether this CPU has AVX-512F (asked once): what code written for it with intrinsics needs, whatever the settings.
-inline bool cpu_has_avx512f() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  static const bool avx512 = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") != 0;
-  }();
-  return avx512;
-#else
-  return false;
-#endif
-}
+// Whether this CPU is Intel's: kernels whose speed against another depends on how a CPU executes 64-byte vectors
+// (the Intel Xeons measured: two full-width FMA units; AMD's Zen 4: 32-byte halves) choose by it where both were
+// measured. (A proxy: some Intel parts have one 512-bit FMA unit.)
+inline bool cpu_is_intel() { return cpu_traits().intel; }
+
+// Whether this CPU has AVX-512F: what code written for it with intrinsics needs, whatever the settings.
+inline bool cpu_has_avx512f() { return cpu_traits().avx512f; }
 
 // Whether this CPU takes the 64-byte copies of the kernels (it has AVX-512F) or the 32-byte ones.
 // TORCH_MANUALGRAD_VECTOR_BYTES=32 or 64, read at each call, overrides it (the tests run both on any CPU).

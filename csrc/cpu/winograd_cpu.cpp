@@ -688,15 +688,17 @@ bool winograd_weight_grad(at::Tensor& grad_weight, const float* input, const flo
 
 }  // namespace
 
-bool winograd_switched_off() {
+namespace {
+
+bool winograd_setting_is(const char* value) {
   const char* choice = std::getenv("TORCH_MANUALGRAD_WINOGRAD");
-  return choice && std::string(choice) == "0";
+  return choice && std::string(choice) == value;
 }
 
-bool winograd_forced_on() {
-  const char* choice = std::getenv("TORCH_MANUALGRAD_WINOGRAD");
-  return choice && std::string(choice) == "1";
-}
+}  // namespace
+
+bool winograd_switched_off() { return winograd_setting_is("0"); }
+bool winograd_forced_on() { return winograd_setting_is("1"); }
 
 bool winograd_applies(const at::Tensor& input, const Geometry& g, bool backward) {
   const Window& w = g.win;
