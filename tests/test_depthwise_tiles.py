@@ -154,3 +154,35 @@ def test_gradcheck_through_the_functional_api():
     b = torch.randn(9, generator=gen, dtype=torch.float64, requires_grad=True)
     from torch_manualgrad import functional
     assert torch.autograd.gradcheck(lambda *t: functional.conv2d(*t, padding=2, groups=9), (x, wt, b))
+
+
+# Channels-last tiles' rows (forward_band's row_block): every output width below kShortTileRows (blocks of 1 to 8
+# outputs), both 5- and 7-wide kernels, kernel rows partly or wholly in the padding (those rows are skipped), a
+# kernel-row dilation, and images shorter than the kernel.
+ROW_CASES = [(w, k, k // 2, 1, 5) for k in (5, 7) for w in range(1, 20)]
+ROW_CASES += [(9, 5, 6, 1, 3), (14, 7, 3, 2, 9), (12, 5, 1, 2, 9), (10, 7, 2, 2, 16), (7, 7, 5, 1, 2), (16, 5, 0, 1, 6),
+              (11, 7, 9, 1, 4)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_tile_rows_are_the_other_kernels_bits(dtype, vector_bytes):
+    """32 channels take the tiles (whole vectors), 31 the kernels that skip the padding tap by tap: the first 31
+    channels' forward and stride-1 input gradient are the same bits, in both layouts (the NCHW tiles share the rows)."""
+    gen = torch.Generator().manual_seed(9)
+    for width, k, pad_h, dil_h, height in ROW_CASES:
+        x = torch.randn(2, 32, height, width, generator=gen, dtype=dtype)
+        wt = torch.randn(32, 1, k, k, generator=gen, dtype=dtype)
+        b = torch.randn(32, generator=gen, dtype=dtype)
+        args = ([1, 1], [pad_h, k // 2], [dil_h, 1])
+        go = torch.randn(F.conv2d(x, wt, b, *args, 32).shape, generator=gen, dtype=dtype)
+        few = [t[:, :31].contiguous(memory_format=CL) for t in (x, go)] + [wt[:31].contiguous(memory_format=CL)]
+        out_few = ops.conv_forward(few[0], few[2], b[:31], *args, 31)
+        gi_few = ops.conv_backward(few[1], few[0], few[2], *args, 31, [True, False, False])[0]
+        torch.testing.assert_close(out_few, F.conv2d(x[:, :31], wt[:31], b[:31], *args, 31))
+        for layout in (CL, torch.contiguous_format):
+            xs, gos, ws = (t.contiguous(memory_format=layout) for t in (x, go, wt))
+            out = ops.conv_forward(xs, ws, b, *args, 32)
+            gi = ops.conv_backward(gos, xs, ws, *args, 32, [True, False, False])[0]
+            case = (width, k, pad_h, dil_h, height, layout)
+            assert torch.equal(out[:, :31], out_few), case
+            assert torch.equal(gi[:, :31], gi_few), case

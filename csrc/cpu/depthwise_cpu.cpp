@@ -345,10 +345,18 @@ MANUALGRAD_VECTOR_CLONES_VL void forward_nhwc_rows(scalar_t* __restrict out, con
 
 // Where forward_band reads and writes: output q of a band (its row r = q / out_w, column ow = q % out_w) reads the
 // tile at r * row_step + ow * col_step, tap k at offset[k] from there, and is written at out + q * out_step; tap k's
-// weights are at wt + k * w_step.
+// weights are at wt + k * w_step. kernel_w: 5 or 7 where a kernel row's taps are adjacent tile columns (offset[k + 1] =
+// offset[k] + col_step within a kernel row), else 0. For those, the tile's rows [real_lo, real_hi) hold input rows
+// and the others zeros; output row r's kernel row i reads tile row r * stride_h + i * dilation_h.
 struct BandLayout {
-  int64_t out_w, row_step, col_step, out_step, w_step;
+  int64_t out_w, row_step, col_step, out_step, w_step, kernel_w;
+  int64_t real_lo = 0, real_hi = 0, stride_h = 1, dilation_h = 1;
 };
+
+// BandLayout::kernel_w for a tile whose columns are col_step apart.
+int64_t adjacent_taps(const Window& w) {
+  return w.stride_w == 1 && w.dilation_w == 1 && (w.kernel_w == 5 || w.kernel_w == 7) ? w.kernel_w : 0;
+}
 
 // The outputs of a band of a tile (forward_tiles_kernel, forward_nhwc_tiles): `count` outputs of one vector of
 // channels each: out = the sum, for tap k < taps in order, of wt[k] * the tile's vector tap k sees, + bias.
@@ -384,11 +392,83 @@ __attribute__((always_inline)) inline void band_block(scalar_t* __restrict out, 
   for (int j = 0; j < P; ++j) std::memcpy(out + j * b.out_step, &acc[j], sizeof(vec));
 }
 
+// band_block's sums for P consecutive outputs of one row where the row's taps are KW adjacent columns (stride and
+// dilation 1 in the row): kernel row i's P + KW - 1 input vectors are loaded once each and held while its KW taps
+// go over the P sums, instead of one load per term (the Xeon's two 512-bit FMA pipes waited on the loads:
+// 10 loads per 8 multiply-adds). Each output's terms are added in band_block's order, so its bits.
+template <typename scalar_t, int P, int KW>
+__attribute__((always_inline)) inline void row_block(scalar_t* __restrict out, const scalar_t* __restrict at,
+                                                     const scalar_t* __restrict wt, const scalar_t* __restrict bias,
+                                                     const int64_t* __restrict offset, int64_t i_lo,
+                                                     int64_t i_hi, const BandLayout& b) {
+  using vec = typename Vec<scalar_t>::type;
+  vec acc[P], x[P + KW - 1], w;
+#pragma GCC unroll 8
+  for (int j = 0; j < P; ++j) acc[j] = vec{};
+  for (int64_t i = i_lo; i < i_hi; ++i) {
+    const scalar_t* row = at + offset[i * KW];
+    const scalar_t* wrow = wt + i * KW * b.w_step;
+#pragma GCC unroll 16
+    for (int m = 0; m < P - 1; ++m) load_vec(x[m], row + m * b.col_step);
+#pragma GCC unroll 8
+    for (int s = 0; s < KW; ++s) {
+      load_vec(x[s + P - 1], row + (s + P - 1) * b.col_step);
+      load_vec(w, wrow + s * b.w_step);
+#pragma GCC unroll 8
+      for (int j = 0; j < P; ++j) acc[j] += w * x[j + s];
+    }
+  }
+  if (bias) {
+    load_vec(w, bias);
+#pragma GCC unroll 8
+    for (int j = 0; j < P; ++j) acc[j] += w;
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < P; ++j) std::memcpy(out + j * b.out_step, &acc[j], sizeof(vec));
+}
+
+// Sums held per block: the registers hold P sums, P inputs and a weight (16 registers below 64-byte vectors).
+template <typename scalar_t>
+constexpr int kRowBlock = sizeof(typename Vec<scalar_t>::type) == 64 ? 8 : 6;
+
+// forward_band's outputs by row_block: each output row in near-equal blocks of at most kRowBlock.
+template <typename scalar_t, int KW>
+__attribute__((always_inline)) inline void forward_rows(scalar_t* __restrict out, const scalar_t* __restrict tile,
+                                                        const scalar_t* __restrict wt,
+                                                        const scalar_t* __restrict bias,
+                                                        const int64_t* __restrict offset, int64_t kernel_h,
+                                                        int64_t rows, const BandLayout& b) {
+  constexpr int64_t most = kRowBlock<scalar_t>;
+  const int64_t blocks = ceil_div(b.out_w, most), small = b.out_w / blocks, large = b.out_w % blocks;
+  for (int64_t r = 0; r < rows; ++r) {
+    // The kernel rows over real input rows: those in the padding would add weight x 0 = +-0 (no bits change).
+    const int64_t top = r * b.stride_h;
+    const int64_t i_lo = b.real_lo <= top ? 0 : ceil_div(b.real_lo - top, b.dilation_h);
+    const int64_t i_hi = b.real_hi <= top ? 0 : std::min(kernel_h, (b.real_hi - 1 - top) / b.dilation_h + 1);
+    for (int64_t k = 0, ow = 0; k < blocks; ++k) {
+      const int64_t n = small + (k < large);
+      scalar_t* o = out + (r * b.out_w + ow) * b.out_step;
+      const scalar_t* at = tile + r * b.row_step + ow * b.col_step;
+      switch (n) {
+#define MANUALGRAD_ROW_BLOCK(P) \
+  case P: row_block<scalar_t, P, KW>(o, at, wt, bias, offset, i_lo, i_hi, b); break;
+        MANUALGRAD_ROW_BLOCK(1) MANUALGRAD_ROW_BLOCK(2) MANUALGRAD_ROW_BLOCK(3) MANUALGRAD_ROW_BLOCK(4)
+        MANUALGRAD_ROW_BLOCK(5) MANUALGRAD_ROW_BLOCK(6) MANUALGRAD_ROW_BLOCK(7) MANUALGRAD_ROW_BLOCK(8)
+#undef MANUALGRAD_ROW_BLOCK
+      }
+      ow += n;
+    }
+  }
+}
+
 template <typename scalar_t>
 MANUALGRAD_VECTOR_CLONES_VL void forward_band(scalar_t* __restrict out, const scalar_t* __restrict tile,
                                            const scalar_t* __restrict wt, const scalar_t* __restrict bias,
                                            const int64_t* __restrict offset, int64_t taps, int64_t count,
                                            const BandLayout& b) {
+  // Rows of adjacent taps (kernel_w 5 or 7, the tiles' kernels) by row_block; count is then whole rows.
+  if (b.kernel_w == 5) return forward_rows<scalar_t, 5>(out, tile, wt, bias, offset, taps / 5, count / b.out_w, b);
+  if (b.kernel_w == 7) return forward_rows<scalar_t, 7>(out, tile, wt, bias, offset, taps / 7, count / b.out_w, b);
   int64_t q = 0, r = 0, ow = 0;
   const auto advance = [&](int64_t n) {
     q += n;
@@ -1279,12 +1359,14 @@ struct TilePlan {
   int64_t band = 1, bands = 1;  // output rows per task, and tasks per (image, channel block)
   int64_t tile_elems = 0;  // the tallest band's tile
   std::vector<int64_t> offset;  // tap (i, j)'s element offset in the tile from its output's first tap
-  // pixel: the elements of one tile column (its channels)
-  TilePlan(const Geometry& g, int64_t pixel) {
+  // pixel: the elements of one tile column (its channels); vectors: of those, the vectors computed one at a time,
+  // each reading its share of the tile (so the tile may be that many times kTileElems)
+  TilePlan(const Geometry& g, int64_t pixel, int64_t vectors = 1) {
     const Window& w = g.win;
     const int64_t span_h = (w.kernel_h - 1) * w.dilation_h, span_w = (w.kernel_w - 1) * w.dilation_w;
     tile_w = (g.out_w - 1) * w.stride_w + span_w + 1;
-    const int64_t rows = std::max<int64_t>(1, ((kTileElems / (tile_w * pixel)) - span_h - 1) / w.stride_h + 1);
+    const int64_t rows =
+        std::max<int64_t>(1, ((kTileElems * vectors / (tile_w * pixel)) - span_h - 1) / w.stride_h + 1);
     bands = ceil_div(g.out_h, std::min(rows, g.out_h));
     band = ceil_div(g.out_h, bands);  // cut evenly
     tile_elems = ((band - 1) * w.stride_h + span_h + 1) * tile_w * pixel;
@@ -1301,6 +1383,16 @@ struct TileTask {
       : n(task / (blocks * plan.bands)), block(task / plan.bands % blocks), oh0(task % plan.bands * plan.band),
         rows(std::min(plan.band, g.out_h - oh0)), ih0(oh0 * g.win.stride_h - g.win.pad_h),
         tile_h((rows - 1) * g.win.stride_h + (g.win.kernel_h - 1) * g.win.dilation_h + 1) {}
+  // forward_band's view of the tile: rows of `row` elements, columns of `pixel`.
+  BandLayout layout(const Geometry& g, int64_t row, int64_t pixel, int64_t out_step, int64_t w_step) const {
+    const Window& w = g.win;
+    BandLayout b{g.out_w, w.stride_h * row, w.stride_w * pixel, out_step, w_step, adjacent_taps(w)};
+    b.real_lo = std::max<int64_t>(0, -ih0);
+    b.real_hi = std::max(b.real_lo, std::min(tile_h, g.in_h - ih0));
+    b.stride_h = w.stride_h;
+    b.dilation_h = w.dilation_h;
+    return b;
+  }
 };
 
 // The tile's zeros: its rows outside the input, and the columns outside it of the others (`pixel` elements a
@@ -1421,7 +1513,7 @@ void forward_tiles_kernel(scalar_t* out, const scalar_t* in, const scalar_t* wt,
                        ih_lo * g.in_w, ih_hi * g.in_w);
       forward_band(outs.data(), tile.data(), wt + t.block * taps * L, bias ? bias + t.block * L : nullptr,
                    plan.offset.data(), taps, t.rows * g.out_w,
-                   BandLayout{g.out_w, w.stride_h * tile_w * L, w.stride_w * L, L, L});
+                   t.layout(g, tile_w * L, L, L, L));
       tile_to_planes(out + (t.n * C + c0) * out_plane + t.oh0 * g.out_w, out_plane, cb, outs.data(), t.rows * g.out_w);
     }
   });
@@ -1461,6 +1553,16 @@ MANUALGRAD_VECTOR_CLONES void pixels_to_tile(scalar_t* __restrict row, int64_t p
                                              int64_t count, int64_t C, int64_t cb) {
   using vec = typename Vec<scalar_t>::type;
   constexpr int64_t L = Vec<scalar_t>::lanes;
+  if (cb == kTileVectors * L) {  // the usual block, unrolled: GCC made the loop below a memcpy call per pixel
+    for (int64_t p = 0; p < count; ++p) {
+      vec x[kTileVectors];
+#pragma GCC unroll 4
+      for (int v = 0; v < kTileVectors; ++v) load_vec(x[v], src + p * C + v * L);
+#pragma GCC unroll 4
+      for (int v = 0; v < kTileVectors; ++v) std::memcpy(row + p * pixel + v * L, &x[v], sizeof(vec));
+    }
+    return;
+  }
   for (int64_t p = 0; p < count; ++p) {
     for (int64_t v = 0; v < cb; v += L) {
       vec x;
@@ -1476,7 +1578,7 @@ void forward_nhwc_tiles(scalar_t* out, const scalar_t* in, const scalar_t* wt, c
   const Window& w = g.win;
   const int64_t C = g.in_channels, CB = std::min(C, kTileVectors * L), blocks = ceil_div(C, CB);
   const int64_t taps = w.kernel_h * w.kernel_w;
-  const TilePlan plan(g, CB);
+  const TilePlan plan(g, CB, CB / Vec<scalar_t>::lanes);
   const int64_t tile_w = plan.tile_w;
   at::parallel_for(0, g.batch * blocks * plan.bands, 1, [&](int64_t begin, int64_t end) {
     aligned_vector<scalar_t> tile(plan.tile_elems);
@@ -1491,7 +1593,7 @@ void forward_nhwc_tiles(scalar_t* out, const scalar_t* in, const scalar_t* wt, c
       for (int64_t v = 0; v < cb; v += L)
         forward_band(out + ((t.n * g.out_h + t.oh0) * g.out_w) * C + c0 + v, tile.data() + v, wt + c0 + v,
                      bias ? bias + c0 + v : nullptr, plan.offset.data(), taps, t.rows * g.out_w,
-                     BandLayout{g.out_w, w.stride_h * tile_w * CB, w.stride_w * CB, C, C});
+                     t.layout(g, tile_w * CB, CB, C, C));
     }
   });
 }
