@@ -1,10 +1,11 @@
 """Depthwise convolutions on tiles (csrc/cpu/depthwise_cpu.cpp). NCHW: the forward, and the stride-1 input gradient
 as a forward of grad_output, on zero-padded channels-last tiles of a band of rows and one vector of channels; the
-weight gradient on whole-image tiles. Channels-last 5x5 and 7x7 kernels of stride 1 over short rows: the forward
-and the stride-1 input gradient on zero-padded tiles of a few vectors of channels. Held to torch's float64 values and our reference implementation, to the channels-last
-kernels' bits (the same sums in the same order), to the same bits at every thread count and at both vector widths'
-lanes, and to torch's NaN and infinity where the weights are not finite (the tiles' zero padding would turn inf x 0
-into NaN, so those layers keep the kernels that skip the padding)."""
+weight gradient on whole-image tiles. Channels-last 5x5 and 7x7 kernels of stride 1 over rows under 32 wide: the
+forward and the stride-1 input gradient on zero-padded tiles of a few vectors of channels. Held to torch's float64
+values and our reference implementation, to the channels-last kernels' bits (the same sums in the same order), to
+the same bits at every thread count and at both vector widths' lanes, and to torch's NaN and infinity where the
+weights are not finite (the tiles' zero padding would turn inf x 0 into NaN, so those layers keep the kernels that
+skip the padding)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -156,10 +157,10 @@ def test_gradcheck_through_the_functional_api():
     assert torch.autograd.gradcheck(lambda *t: functional.conv2d(*t, padding=2, groups=9), (x, wt, b))
 
 
-# Channels-last tiles' rows (forward_band's row_block): every output width below kShortTileRows (blocks of 1 to 8
-# outputs), both 5- and 7-wide kernels, kernel rows partly or wholly in the padding (those rows are skipped), a
-# kernel-row dilation, and images shorter than the kernel.
-ROW_CASES = [(w, k, k // 2, 1, 5) for k in (5, 7) for w in range(1, 20)]
+# The tiles' rows (forward_band's row_block): every output width below kShortTileRows (blocks of 1 to 8 outputs),
+# kernels 3, 5 and 7 wide (3x3 takes tiles in NCHW only), kernel rows partly or wholly in the padding (those rows are
+# skipped), a kernel-row dilation, and images shorter than the kernel.
+ROW_CASES = [(w, k, k // 2, 1, 5) for k in (3, 5, 7) for w in range(1, 32)]
 ROW_CASES += [(9, 5, 6, 1, 3), (14, 7, 3, 2, 9), (12, 5, 1, 2, 9), (10, 7, 2, 2, 16), (7, 7, 5, 1, 2), (16, 5, 0, 1, 6),
               (11, 7, 9, 1, 4)]
 

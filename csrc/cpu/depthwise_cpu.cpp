@@ -345,9 +345,9 @@ MANUALGRAD_VECTOR_CLONES_VL void forward_nhwc_rows(scalar_t* __restrict out, con
 
 // Where forward_band reads and writes: output q of a band (its row r = q / out_w, column ow = q % out_w) reads the
 // tile at r * row_step + ow * col_step, tap k at offset[k] from there, and is written at out + q * out_step; tap k's
-// weights are at wt + k * w_step. kernel_w: 5 or 7 where a kernel row's taps are adjacent tile columns (offset[k + 1] =
-// offset[k] + col_step within a kernel row), else 0. For those, the tile's rows [real_lo, real_hi) hold input rows
-// and the others zeros; output row r's kernel row i reads tile row r * stride_h + i * dilation_h.
+// weights are at wt + k * w_step. kernel_w: 3, 5 or 7 where a kernel row's taps are adjacent tile columns
+// (offset[k + 1] = offset[k] + col_step within a kernel row), else 0. For those, the tile's rows [real_lo, real_hi)
+// hold input rows and the others zeros; output row r's kernel row i reads tile row r * stride_h + i * dilation_h.
 struct BandLayout {
   int64_t out_w, row_step, col_step, out_step, w_step, kernel_w;
   int64_t real_lo = 0, real_hi = 0, stride_h = 1, dilation_h = 1;
@@ -355,7 +355,7 @@ struct BandLayout {
 
 // BandLayout::kernel_w for a tile whose columns are col_step apart.
 int64_t adjacent_taps(const Window& w) {
-  return w.stride_w == 1 && w.dilation_w == 1 && (w.kernel_w == 5 || w.kernel_w == 7) ? w.kernel_w : 0;
+  return w.stride_w == 1 && w.dilation_w == 1 && (w.kernel_w == 3 || w.kernel_w == 5 || w.kernel_w == 7) ? w.kernel_w : 0;
 }
 
 // The outputs of a band of a tile (forward_tiles_kernel, forward_nhwc_tiles): `count` outputs of one vector of
@@ -466,7 +466,8 @@ MANUALGRAD_VECTOR_CLONES_VL void forward_band(scalar_t* __restrict out, const sc
                                            const scalar_t* __restrict wt, const scalar_t* __restrict bias,
                                            const int64_t* __restrict offset, int64_t taps, int64_t count,
                                            const BandLayout& b) {
-  // Rows of adjacent taps (kernel_w 5 or 7, the tiles' kernels) by row_block; count is then whole rows.
+  // Rows of adjacent taps by row_block (3x3 in NCHW at least as fast); count is then whole rows.
+  if (b.kernel_w == 3) return forward_rows<scalar_t, 3>(out, tile, wt, bias, offset, taps / 3, count / b.out_w, b);
   if (b.kernel_w == 5) return forward_rows<scalar_t, 5>(out, tile, wt, bias, offset, taps / 5, count / b.out_w, b);
   if (b.kernel_w == 7) return forward_rows<scalar_t, 7>(out, tile, wt, bias, offset, taps / 7, count / b.out_w, b);
   int64_t q = 0, r = 0, ow = 0;
@@ -1528,9 +1529,12 @@ void forward_tiles_kernel(scalar_t* out, const scalar_t* in, const scalar_t* wt,
 // loads a term there, 1.125 in forward_band's blocks. Interleaved on a 2-core Zen 3, batch 8, forward ours/torch:
 // 5x5 1152@7 1.31 -> 1.03, 480@14 1.38 -> 1.01, 7x7 384@14 1.54 -> 0.88, 768@7 1.25 -> 1.01. 3x3 kernels, strides
 // over 1 and rows of 28 and more lost or tied (the copies cost what the kernels save: 3x3 672@14 1.03 -> 1.57).
+// Since forward_band's rows load each input once per kernel row (row_block), rows of 28 win on an Intel Xeon (2
+// threads, batch 8, ms against the other kernels [torch]: 5x5 240@28 0.60-0.62 against 0.71-0.73 [0.55], 7x7 192@28
+// 0.75-0.77 against 0.83-0.87 [0.70]) and rows of 56 still lose (7x7 96@56 1.64-1.78 against 1.43-1.48 [1.24-1.30]).
 // The channels must be whole vectors.
 constexpr int64_t kTileVectors = 4;
-constexpr int64_t kShortTileRows = 20;
+constexpr int64_t kShortTileRows = 32;
 
 bool tiles_fit(const Geometry& g) {
   // A band of one output row fits 4 tiles' room (each factor bounded first, so nothing overflows).
