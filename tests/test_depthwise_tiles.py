@@ -163,12 +163,15 @@ def test_gradcheck_through_the_functional_api():
 ROW_CASES = [(w, k, k // 2, 1, 5) for k in (3, 5, 7) for w in range(1, 32)]
 ROW_CASES += [(9, 5, 6, 1, 3), (14, 7, 3, 2, 9), (12, 5, 1, 2, 9), (10, 7, 2, 2, 16), (7, 7, 5, 1, 2), (16, 5, 0, 1, 6),
               (11, 7, 9, 1, 4)]
+# wider rows: channels-last 3x3 and 5x5 interiors by forward_nhwc_adjacent
+ROW_CASES += [(40, 5, 2, 1, 6), (57, 3, 1, 1, 4), (45, 5, 2, 2, 9), (33, 3, 0, 1, 3)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_tile_rows_are_the_other_kernels_bits(dtype, vector_bytes):
-    """32 channels take the tiles (whole vectors), 31 the kernels that skip the padding tap by tap: the first 31
-    channels' forward and stride-1 input gradient are the same bits, in both layouts (the NCHW tiles share the rows)."""
+    """The first 31 channels' forward and stride-1 input gradient are the same bits with 32 channels as with 31. With
+    32 (whole vectors) the tiles' rows compute them, or forward_nhwc_adjacent's; with 31, the last channels are the
+    scalar channel tail's, tap by tap, and the edges skip the padding. Both layouts (the NCHW tiles share the rows)."""
     gen = torch.Generator().manual_seed(9)
     for width, k, pad_h, dil_h, height in ROW_CASES:
         x = torch.randn(2, 32, height, width, generator=gen, dtype=dtype)

@@ -461,6 +461,24 @@ __attribute__((always_inline)) inline void forward_rows(scalar_t* __restrict out
   }
 }
 
+// forward_nhwc_run's outputs where a kernel row's KW taps are adjacent pixels (stride and dilation 1 in the row):
+// each vector of channels' run by forward_rows, which loads each input vector once per kernel row and keeps 8 sums
+// in flight (forward_nhwc_run keeps the weights in registers but loads an input per term, 4 sums at a time). The same
+// sums in the same order, so its bits.
+template <typename scalar_t, int KW>
+MANUALGRAD_VECTOR_CLONES_VL void forward_nhwc_adjacent(scalar_t* __restrict out, const scalar_t* __restrict image,
+                                                    const scalar_t* __restrict wt, const scalar_t* __restrict bias,
+                                                    const int64_t* __restrict offset, int64_t kernel_h,
+                                                    int64_t count, int64_t C) {
+  constexpr int64_t L = Vec<scalar_t>::lanes;
+  BandLayout b{count, 0, C, C, C, KW};
+  b.real_hi = kernel_h;  // every kernel row inside
+  int64_t c = 0;
+  for (; c + L <= C; c += L)
+    forward_rows<scalar_t, KW>(out + c, image + c, wt + c, bias ? bias + c : nullptr, offset, kernel_h, 1, b);
+  channel_tail(out, image, wt, bias, offset, kernel_h * KW, count, C, C, c);
+}
+
 template <typename scalar_t>
 MANUALGRAD_VECTOR_CLONES_VL void forward_band(scalar_t* __restrict out, const scalar_t* __restrict tile,
                                            const scalar_t* __restrict wt, const scalar_t* __restrict bias,
@@ -1148,6 +1166,10 @@ void forward_nhwc_kernel(scalar_t* out, const scalar_t* in, const scalar_t* wt, 
           if (runs.rows) {
             forward_nhwc_rows<scalar_t, 7>(o, image + first * C, wt, bias, runs.offset.data(), g.win.kernel_h, count,
                                            step, C);
+          } else if (adjacent_taps(g.win) == 3 && taps == 9) {
+            forward_nhwc_adjacent<scalar_t, 3>(o, image + first * C, wt, bias, runs.offset.data(), 3, count, C);
+          } else if (adjacent_taps(g.win) == 5 && taps == 25) {
+            forward_nhwc_adjacent<scalar_t, 5>(o, image + first * C, wt, bias, runs.offset.data(), 5, count, C);
           } else if (taps == 9) {
             forward_nhwc_run<scalar_t, 9>(o, image + first * C, wt, bias, runs.offset.data(), count, step, C);
           } else {
