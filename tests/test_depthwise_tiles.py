@@ -163,8 +163,10 @@ def test_gradcheck_through_the_functional_api():
 ROW_CASES = [(w, k, k // 2, 1, 5) for k in (3, 5, 7) for w in range(1, 32)]
 ROW_CASES += [(9, 5, 6, 1, 3), (14, 7, 3, 2, 9), (12, 5, 1, 2, 9), (10, 7, 2, 2, 16), (7, 7, 5, 1, 2), (16, 5, 0, 1, 6),
               (11, 7, 9, 1, 4)]
-# wider rows: channels-last 3x3 and 5x5 interiors by forward_nhwc_adjacent
-ROW_CASES += [(40, 5, 2, 1, 6), (57, 3, 1, 1, 4), (45, 5, 2, 2, 9), (33, 3, 0, 1, 3)]
+# wider rows: channels-last 3x3 and 5x5 interiors, and 7x7 on zero-padded bands or (less padding in the row: a
+# sixth entry) their interiors, by forward_nhwc_adjacent
+ROW_CASES += [(40, 5, 2, 1, 6), (57, 3, 1, 1, 4), (45, 5, 2, 2, 9), (33, 3, 0, 1, 3), (40, 7, 3, 1, 8), (35, 7, 0, 1, 9),
+              (40, 7, 3, 1, 8, 0), (30, 7, 2, 1, 9, 1)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -173,11 +175,11 @@ def test_tile_rows_are_the_other_kernels_bits(dtype, vector_bytes):
     32 (whole vectors) the tiles' rows compute them, or forward_nhwc_adjacent's; with 31, the last channels are the
     scalar channel tail's, tap by tap, and the edges skip the padding. Both layouts (the NCHW tiles share the rows)."""
     gen = torch.Generator().manual_seed(9)
-    for width, k, pad_h, dil_h, height in ROW_CASES:
+    for width, k, pad_h, dil_h, height, *pad_w in ROW_CASES:
         x = torch.randn(2, 32, height, width, generator=gen, dtype=dtype)
         wt = torch.randn(32, 1, k, k, generator=gen, dtype=dtype)
         b = torch.randn(32, generator=gen, dtype=dtype)
-        args = ([1, 1], [pad_h, k // 2], [dil_h, 1])
+        args = ([1, 1], [pad_h, pad_w[0] if pad_w else k // 2], [dil_h, 1])
         go = torch.randn(F.conv2d(x, wt, b, *args, 32).shape, generator=gen, dtype=dtype)
         few = [t[:, :31].contiguous(memory_format=CL) for t in (x, go)] + [wt[:31].contiguous(memory_format=CL)]
         out_few = ops.conv_forward(few[0], few[2], b[:31], *args, 31)

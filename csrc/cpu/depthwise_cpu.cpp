@@ -469,14 +469,15 @@ template <typename scalar_t, int KW>
 MANUALGRAD_VECTOR_CLONES_VL void forward_nhwc_adjacent(scalar_t* __restrict out, const scalar_t* __restrict image,
                                                     const scalar_t* __restrict wt, const scalar_t* __restrict bias,
                                                     const int64_t* __restrict offset, int64_t kernel_h,
-                                                    int64_t count, int64_t C) {
+                                                    int64_t count, int64_t C, int64_t rows = 1, int64_t row_step = 0) {
   constexpr int64_t L = Vec<scalar_t>::lanes;
-  BandLayout b{count, 0, C, C, C, KW};
-  b.real_hi = kernel_h;  // every kernel row inside
+  BandLayout b{count, row_step, C, C, C, KW};
+  b.real_hi = rows - 1 + kernel_h;  // every kernel row inside
   int64_t c = 0;
   for (; c + L <= C; c += L)
-    forward_rows<scalar_t, KW>(out + c, image + c, wt + c, bias ? bias + c : nullptr, offset, kernel_h, 1, b);
-  channel_tail(out, image, wt, bias, offset, kernel_h * KW, count, C, C, c);
+    forward_rows<scalar_t, KW>(out + c, image + c, wt + c, bias ? bias + c : nullptr, offset, kernel_h, rows, b);
+  for (int64_t r = 0; r < rows; ++r)
+    channel_tail(out + r * count * C, image + r * row_step, wt, bias, offset, kernel_h * KW, count, C, C, c);
 }
 
 template <typename scalar_t>
@@ -1131,9 +1132,8 @@ void forward_nhwc_padded(scalar_t* out, const scalar_t* in, const scalar_t* wt, 
         std::copy_n(image + ih * g.in_w * C, g.in_w * C, row + w.pad_w * C);
         std::fill_n(row + (w.pad_w + g.in_w) * C, w.pad_w * C, scalar_t(0));
       }
-      for (int64_t r = 0; r < count; ++r)
-        forward_nhwc_rows<scalar_t, 7>(out + ((n * g.out_h + oh0 + r) * g.out_w) * C, rows.data() + r * width * C, wt,
-                                       bias, offset.data(), w.kernel_h, g.out_w, C, C);
+      forward_nhwc_adjacent<scalar_t, 7>(out + ((n * g.out_h + oh0) * g.out_w) * C, rows.data(), wt, bias,
+                                         offset.data(), w.kernel_h, g.out_w, C, count, width * C);
     }
   });
 }
@@ -1163,7 +1163,10 @@ void forward_nhwc_kernel(scalar_t* out, const scalar_t* in, const scalar_t* wt, 
         if (row_runs && ow == runs.ow_lo) {
           scalar_t* o = out + (row * g.out_w + ow) * C;
           const int64_t count = runs.ow_hi - runs.ow_lo, step = g.win.stride_w * C;
-          if (runs.rows) {
+          if (runs.rows && adjacent_taps(g.win) == 7) {
+            forward_nhwc_adjacent<scalar_t, 7>(o, image + first * C, wt, bias, runs.offset.data(), g.win.kernel_h,
+                                               count, C);
+          } else if (runs.rows) {
             forward_nhwc_rows<scalar_t, 7>(o, image + first * C, wt, bias, runs.offset.data(), g.win.kernel_h, count,
                                            step, C);
           } else if (adjacent_taps(g.win) == 3 && taps == 9) {
