@@ -62,6 +62,29 @@ def test_small_k_forward_matches_torch_and_the_other_width(case, layout, vector_
     torch.testing.assert_close(outs[0], other, rtol=2e-6, atol=2e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("k, stride, padding, size", [(3, 2, 1, 37), (3, 1, 1, 20), (7, 2, 3, 41), (5, 3, 0, 30)], ids=str)
+def test_small_k_pixel_blocks_are_the_same_bits(k, stride, padding, size, dtype, restore_num_threads):
+    """Up to two vectors of outputs (a 3x3 stem's 32) run 8 pixels at a time, more run 4: the same terms in the same
+    order, so the first outputs of a wider layer are the narrow layer's bits (and the image's edges, one pixel at a
+    time from an im2col row, too), at every thread count."""
+    gen = torch.Generator().manual_seed(13)
+    lanes = 16 if dtype == torch.float32 else 8  # 64-byte vectors; with 32-byte ones both layers take the 4
+    x = torch.randn(3, 3, size, size + 3, generator=gen, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(3 * lanes, 3, k, k, generator=gen, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    b = torch.randn(3 * lanes, generator=gen, dtype=dtype)
+    wide = tmg.functional.conv2d(x, w, b, stride, padding)
+    exact = torch.nn.functional.conv2d(x.double(), w.double(), b.double(), stride, padding)
+    tol = 1e-4 if dtype == torch.float32 else 1e-11  # sums of 27-147 terms of size ~1
+    torch.testing.assert_close(wide.double(), exact, rtol=tol, atol=tol)
+    for threads in (1, 3):
+        torch.set_num_threads(threads)
+        for outs in (2 * lanes, lanes, lanes - 3):
+            narrow = tmg.functional.conv2d(x, w[:outs].contiguous(memory_format=torch.channels_last), b[:outs], stride,
+                                           padding)
+            assert torch.equal(narrow, wide[:, :outs]), (outs, threads)
+
+
 @pytest.mark.parametrize("case", [
     ConvCase(2, 2, 144, 160, (3, 3), (14, 14), stride=2, padding=1),  # 7x7 outputs, too many channels for via_nhwc
     ConvCase(2, 1, 136, 136, (3, 3), (9, 11), stride=(1, 2), padding=(2, 1), dilation=(2, 1), bias=False),

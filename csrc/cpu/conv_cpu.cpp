@@ -704,11 +704,17 @@ template <typename scalar_t, int BYTES, int R>
                                                   const int64_t* off, const scalar_t* wt, int64_t o, int64_t o_pad,
                                                   int64_t k, const scalar_t* bias, int64_t chunk) {
   constexpr int64_t L = VecBytes<scalar_t, BYTES>::lanes;
-  constexpr int V = BYTES == 64 ? 4 : 2;
+  constexpr int V = (BYTES == 64 ? 4 : 2) / (R > 4 ? 2 : 1);  // R x V sums within the registers
   int64_t c = 0;
   for (; c + V * L <= o; c += V * L)
     small_k_block<scalar_t, BYTES, R, V>(out + c, ldo, x, ldx, off, wt + c, o_pad, k, bias ? bias + c : nullptr,
                                          chunk);
+  // Two vectors left (32 channels of float, the 3x3 stems of MobileNetV2 and EfficientNet): R x 2 sums in flight, where
+  // two blocks of R x 1 left the FMA pipes waiting on each sum's previous term.
+  if constexpr (V > 2)
+    for (; c + 2 * L <= o; c += 2 * L)
+      small_k_block<scalar_t, BYTES, R, 2>(out + c, ldo, x, ldx, off, wt + c, o_pad, k, bias ? bias + c : nullptr,
+                                           chunk);
   for (; c + L <= o; c += L)
     small_k_block<scalar_t, BYTES, R, 1>(out + c, ldo, x, ldx, off, wt + c, o_pad, k, bias ? bias + c : nullptr,
                                          chunk);
@@ -731,12 +737,18 @@ MANUALGRAD_VECTOR_CLONES_VL void small_k_rows(scalar_t* out, const scalar_t* in,
   const Window& w = g.win;
   const int64_t C = g.in_channels, k = C * w.kernel_h * w.kernel_w, o = g.out_channels;
   const int64_t span_h = (w.kernel_h - 1) * w.dilation_h, span_w = (w.kernel_w - 1) * w.dilation_w;
+  // Up to two vectors of outputs (the 3x3 stems' 32 channels): 8 pixels at a time, so that 16 sums are in flight.
+  const bool few_outputs = o <= 2 * VecBytes<scalar_t, BYTES>::lanes;
   for (int64_t r = r0; r < r1;) {
     const int64_t n = r / (g.out_h * g.out_w), oh = r / g.out_w % g.out_h, ow = r % g.out_w;
     const int64_t ih = oh * w.stride_h - w.pad_h, iw = ow * w.stride_w - w.pad_w;
     // (written so that no sum can overflow, whatever the padding and dilation)
-    if (r + 4 <= r1 && ow + 4 <= g.out_w && ih >= 0 && span_h < g.in_h - ih && iw >= 0 && span_w < g.in_w - iw &&
-        (g.in_w - 1 - iw - span_w) / w.stride_w >= 3) {
+    const bool inside = ih >= 0 && span_h < g.in_h - ih && iw >= 0 && span_w < g.in_w - iw;
+    if (few_outputs && r + 8 <= r1 && ow + 8 <= g.out_w && inside && (g.in_w - 1 - iw - span_w) / w.stride_w >= 7) {
+      small_k_pixels<scalar_t, BYTES, 8>(out + r * o, o, in + ((n * g.in_h + ih) * g.in_w + iw) * C, w.stride_w * C,
+                                         interior, wt, o, o_pad, k, bias, chunk);
+      r += 8;
+    } else if (r + 4 <= r1 && ow + 4 <= g.out_w && inside && (g.in_w - 1 - iw - span_w) / w.stride_w >= 3) {
       small_k_pixels<scalar_t, BYTES, 4>(out + r * o, o, in + ((n * g.in_h + ih) * g.in_w + iw) * C, w.stride_w * C,
                                          interior, wt, o, o_pad, k, bias, chunk);
       r += 4;
