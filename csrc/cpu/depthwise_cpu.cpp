@@ -353,7 +353,8 @@ struct BandLayout {
   int64_t real_lo = 0, real_hi = 0, stride_h = 1, dilation_h = 1;
 };
 
-// BandLayout::kernel_w for a tile whose columns are col_step apart.
+// The kernel's width where a kernel row's taps are adjacent columns and so are the outputs (stride and dilation 1 in
+// the row) and row_block has it (3, 5, 7), else 0: BandLayout::kernel_w.
 int64_t adjacent_taps(const Window& w) {
   return w.stride_w == 1 && w.dilation_w == 1 && (w.kernel_w == 3 || w.kernel_w == 5 || w.kernel_w == 7) ? w.kernel_w : 0;
 }
@@ -461,10 +462,11 @@ __attribute__((always_inline)) inline void forward_rows(scalar_t* __restrict out
   }
 }
 
-// forward_nhwc_run's outputs where a kernel row's KW taps are adjacent pixels (stride and dilation 1 in the row):
-// each vector of channels' run by forward_rows, which loads each input vector once per kernel row and keeps 8 sums
-// in flight (forward_nhwc_run keeps the weights in registers but loads an input per term, 4 sums at a time). The same
-// sums in the same order, so its bits.
+// forward_nhwc_run's outputs where a kernel row's KW taps are adjacent pixels (stride and dilation 1 in the row), and
+// forward_nhwc_padded's: `rows` runs of `count` outputs, their first taps row_step apart in the input, the outputs
+// contiguous. Each vector of channels by forward_rows, which loads each input vector once per kernel row and keeps 8
+// sums in flight (forward_nhwc_run keeps the weights in registers but loads an input per term, 4 sums at a time;
+// forward_nhwc_rows a kernel row's weights). The same sums in the same order, so their bits.
 template <typename scalar_t, int KW>
 MANUALGRAD_VECTOR_CLONES_VL void forward_nhwc_adjacent(scalar_t* __restrict out, const scalar_t* __restrict image,
                                                     const scalar_t* __restrict wt, const scalar_t* __restrict bias,
