@@ -69,7 +69,8 @@ def test_small_k_pixel_blocks_are_the_same_bits(k, stride, padding, size, dtype,
     order, so the first outputs of a wider layer are the narrow layer's bits (and the image's edges, one pixel at a
     time from an im2col row, too), at every thread count."""
     gen = torch.Generator().manual_seed(13)
-    lanes = 16 if dtype == torch.float32 else 8  # 64-byte vectors; with 32-byte ones both layers take the 4
+    # a 64-byte vector's lanes: 3 vectors step 4 pixels, 2 or fewer 8 (with 32-byte vectors, up to 16 channels step 8)
+    lanes = 16 if dtype == torch.float32 else 8
     x = torch.randn(3, 3, size, size + 3, generator=gen, dtype=dtype).contiguous(memory_format=torch.channels_last)
     w = torch.randn(3 * lanes, 3, k, k, generator=gen, dtype=dtype).contiguous(memory_format=torch.channels_last)
     b = torch.randn(3 * lanes, generator=gen, dtype=dtype)
