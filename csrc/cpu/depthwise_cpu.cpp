@@ -356,7 +356,8 @@ struct BandLayout {
 // The kernel's width where a kernel row's taps are adjacent columns and so are the outputs (stride and dilation 1 in
 // the row) and row_block has it (3, 5, 7), else 0: BandLayout::kernel_w.
 int64_t adjacent_taps(const Window& w) {
-  return w.stride_w == 1 && w.dilation_w == 1 && (w.kernel_w == 3 || w.kernel_w == 5 || w.kernel_w == 7) ? w.kernel_w : 0;
+  const bool row_block_has = w.kernel_w == 3 || w.kernel_w == 5 || w.kernel_w == 7;
+  return w.stride_w == 1 && w.dilation_w == 1 && row_block_has ? w.kernel_w : 0;
 }
 
 // The outputs of a band of a tile (forward_tiles_kernel, forward_nhwc_tiles): `count` outputs of one vector of
@@ -1153,6 +1154,7 @@ void forward_nhwc_kernel(scalar_t* out, const scalar_t* in, const scalar_t* wt, 
     return forward_nhwc_tiles(out, in, wt, bias, g);
   if (padded_rows_apply(g) && all_finite(wt, taps * C)) return forward_nhwc_padded(out, in, wt, bias, g);
   const InteriorRuns runs(g, C);  // the outputs whose taps all lie inside: forward_nhwc_run
+  const int64_t adjacent = adjacent_taps(g.win);  // ...or forward_nhwc_adjacent, where a kernel row's taps are adjacent
   // Tasks own output rows (n, oh), so each output is computed whole by one task in one order.
   at::parallel_for(0, g.batch * g.out_h, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> pixels(taps), inside(taps);  // the taps of one output pixel that lie inside the input
@@ -1165,15 +1167,15 @@ void forward_nhwc_kernel(scalar_t* out, const scalar_t* in, const scalar_t* wt, 
         if (row_runs && ow == runs.ow_lo) {
           scalar_t* o = out + (row * g.out_w + ow) * C;
           const int64_t count = runs.ow_hi - runs.ow_lo, step = g.win.stride_w * C;
-          if (runs.rows && adjacent_taps(g.win) == 7) {
+          if (runs.rows && adjacent == 7) {
             forward_nhwc_adjacent<scalar_t, 7>(o, image + first * C, wt, bias, runs.offset.data(), g.win.kernel_h,
                                                count, C);
           } else if (runs.rows) {
             forward_nhwc_rows<scalar_t, 7>(o, image + first * C, wt, bias, runs.offset.data(), g.win.kernel_h, count,
                                            step, C);
-          } else if (adjacent_taps(g.win) == 3 && taps == 9) {
+          } else if (adjacent == 3 && taps == 9) {
             forward_nhwc_adjacent<scalar_t, 3>(o, image + first * C, wt, bias, runs.offset.data(), 3, count, C);
-          } else if (adjacent_taps(g.win) == 5 && taps == 25) {
+          } else if (adjacent == 5 && taps == 25) {
             forward_nhwc_adjacent<scalar_t, 5>(o, image + first * C, wt, bias, runs.offset.data(), 5, count, C);
           } else if (taps == 9) {
             forward_nhwc_run<scalar_t, 9>(o, image + first * C, wt, bias, runs.offset.data(), count, step, C);
